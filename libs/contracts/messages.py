@@ -1,0 +1,171 @@
+"""Messages between the fabric's services, as msgspec Structs (JSON on the wire).
+
+Rules that keep rolling upgrades safe (see msgspec's schema-evolution guide):
+new fields get defaults, a field is never retyped, unknown fields are ignored, and a
+missing required field is a decode error that names its path. `v` is bumped only for
+a change old readers cannot survive.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+__all__ = [
+    "Tier",
+    "ModelState",
+    "NodeHeartbeat",
+    "GenerateRequest",
+    "CancelRequest",
+    "Accepted",
+    "Alive",
+    "Started",
+    "Tokens",
+    "Finished",
+    "Failed",
+    "StreamEvent",
+    "AutoscalerDecision",
+]
+
+Tier = Literal["sram", "hbm", "ddr", "loading", "cold"]
+NonNegInt = Annotated[int, Meta(ge=0)]
+NonNegFloat = Annotated[float, Meta(ge=0.0)]
+
+
+class ModelState(Struct, kw_only=True):
+    """Where one model of a node's bundle lives right now."""
+
+    name: str
+    version: str = "v1"
+    tier: Tier = "ddr"
+    in_flight: NonNegInt = 0
+
+
+class NodeHeartbeat(Struct, kw_only=True):
+    """A node's periodic report: what is hot on it, how loaded it is, whether it takes work.
+
+    The router places by it (a node silent for 3 intervals is out of rotation) and the
+    autoscaler scales by it, so it carries everything both need and nothing per request.
+    """
+
+    v: int = 1
+    node_id: str
+    role: Literal["decode", "prefill"] = "decode"
+    deployment: str = ""
+    region: str = "local"
+    residency: str = ""
+    profile: str = ""
+    host: str = ""
+    pid: int = 0
+    started_at: float = 0.0
+    sent_at: float = 0.0
+    interval_s: Annotated[float, Meta(gt=0.0)] = 1.0
+    seq: NonNegInt = 0
+    models: list[ModelState] = []
+    queue_depth: NonNegInt = 0
+    running: NonNegInt = 0
+    max_batch: NonNegInt = 0
+    kv_usage: NonNegFloat = 0.0
+    prefix_cache_blocks: NonNegInt = 0
+    recent_prefix_hashes: list[int] = []
+    cordoned: bool = False
+    draining: bool = False
+
+
+class GenerateRequest(Struct, kw_only=True):
+    """Router -> node: generate for one request; the stream goes to the message's reply subject."""
+
+    v: int = 1
+    request_id: str
+    model: str
+    version: str = "v1"
+    prompt_token_ids: list[int]
+    max_tokens: Annotated[int, Meta(ge=0)]
+    seed: int = 0
+    temperature: NonNegFloat = 1.0
+    ignore_eos: bool = False
+    stop: list[str] = []
+    tenant: str = ""
+    session_id: str = ""
+    attempt: Annotated[int, Meta(ge=1)] = 1
+
+
+class CancelRequest(Struct, kw_only=True):
+    request_id: str
+
+
+# The token stream a node sends back is a tagged union: one decoder, then `match`.
+
+
+class Accepted(Struct, tag="accepted", kw_only=True):
+    """The node has the request queued; from here on, silence means the node is gone."""
+
+    request_id: str
+    node_id: str
+    queue_depth: NonNegInt = 0
+
+
+class Alive(Struct, tag="alive", kw_only=True):
+    """Keep-alive while a request waits or prefills, so a dead node is noticed in time."""
+
+    request_id: str
+
+
+class Started(Struct, tag="started", kw_only=True):
+    """The request entered a batch: how long it queued and where its model was found."""
+
+    request_id: str
+    queue_time: NonNegFloat = 0.0
+    tier: Tier = "hbm"
+    switch_seconds: NonNegFloat = 0.0
+    prefix_hit_tokens: NonNegInt = 0
+
+
+class Tokens(Struct, tag="tokens", kw_only=True):
+    request_id: str
+    index: NonNegInt
+    token_ids: list[int]
+    text: str
+
+
+class Finished(Struct, tag="finished", kw_only=True):
+    request_id: str
+    finish_reason: Literal["stop", "length", "prefill", "cancelled"]
+    prompt_tokens: NonNegInt
+    completion_tokens: NonNegInt
+    cached_tokens: NonNegInt = 0
+
+
+class Failed(Struct, tag="failed", kw_only=True):
+    """The node could not serve the request. `retryable` says another node might."""
+
+    request_id: str
+    code: str
+    message: str
+    retryable: bool = False
+
+
+StreamEvent = Accepted | Alive | Started | Tokens | Finished | Failed
+
+
+class AutoscalerDecision(Struct, kw_only=True):
+    """One autoscaling decision with the inputs that led to it (explainability)."""
+
+    v: int = 1
+    deployment: str
+    at: float
+    current_replicas: NonNegInt
+    desired_replicas: NonNegInt
+    reason: str
+    inputs: dict[str, float] = {}
+
+
+# Built once, reused everywhere (msgspec perf tip): encoders/decoders are not free to make.
+encoder = msgspec.json.Encoder()
+heartbeat_decoder = msgspec.json.Decoder(NodeHeartbeat)
+generate_decoder = msgspec.json.Decoder(GenerateRequest)
+cancel_decoder = msgspec.json.Decoder(CancelRequest)
+stream_decoder: msgspec.json.Decoder[StreamEvent] = msgspec.json.Decoder(StreamEvent)
+decision_decoder = msgspec.json.Decoder(AutoscalerDecision)

@@ -1,0 +1,105 @@
+"""Every NATS subject, KV bucket and service name the fabric uses, and nothing else.
+
+Subjects follow `tierflow.<area>.<verb>[.<id>]`. Nothing outside this module spells a
+subject: a grep for "tierflow." in services/ should find only imports of these names.
+Ids that end up inside a subject (node ids, router ids, request ids) must be single
+subject tokens; `check_token` is the one place that rule is enforced.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = [
+    "NODE_HEARTBEATS",
+    "REGISTRY_BUCKET",
+    "REGISTRY_EVENTS",
+    "AUTOSCALER_DECISIONS",
+    "SERVICE_NAMES",
+    "SERVICE_INFO",
+    "check_token",
+    "node_heartbeat",
+    "node_generate",
+    "node_cancel",
+    "prefill_run",
+    "router_streams",
+    "router_stream",
+    "model_key",
+    "deployment_key",
+    "MODEL_KEYS",
+    "DEPLOYMENT_KEYS",
+]
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def check_token(value: str, what: str) -> str:
+    """Return `value` if it can stand as one subject token, else raise ValueError."""
+    if not _TOKEN.match(value):
+        raise ValueError(
+            f"{what} {value!r} must be 1-128 characters of letters, digits, '-' or '_' "
+            "(it becomes part of a NATS subject)"
+        )
+    return value
+
+
+# Nodes announce themselves (hotness, load, health) on heartbeats.
+NODE_HEARTBEATS: Final = "tierflow.node.heartbeat.*"
+
+
+def node_heartbeat(node_id: str) -> str:
+    return f"tierflow.node.heartbeat.{node_id}"
+
+
+def node_generate(node_id: str) -> str:
+    """A decode node's generate endpoint; the reply subject receives the token stream."""
+    return f"tierflow.node.generate.{node_id}"
+
+
+def node_cancel(node_id: str) -> str:
+    """Fire-and-forget cancellation of a request on a node (the client went away)."""
+    return f"tierflow.node.cancel.{node_id}"
+
+
+def prefill_run(node_id: str) -> str:
+    return f"tierflow.prefill.run.{node_id}"
+
+
+def router_streams(router_id: str) -> str:
+    """The one wildcard subscription a router holds for all of its reply streams."""
+    return f"tierflow.router.stream.{router_id}.*"
+
+
+def router_stream(router_id: str, request_id: str) -> str:
+    return f"tierflow.router.stream.{router_id}.{request_id}"
+
+
+REGISTRY_EVENTS: Final = "tierflow.registry.changed"
+AUTOSCALER_DECISIONS: Final = "tierflow.autoscaler.decision"
+
+# JetStream KV: bucket names may not contain dots; keys may.
+REGISTRY_BUCKET: Final = "tierflow-registry"
+MODEL_KEYS: Final = "model.>"
+DEPLOYMENT_KEYS: Final = "deployment.>"
+
+
+def model_key(name: str) -> str:
+    return f"model.{name}"
+
+
+def deployment_key(name: str) -> str:
+    return f"deployment.{name}"
+
+
+# The nats.micro discovery subject (defined by the NATS micro protocol, not by us).
+SERVICE_INFO: Final = "$SRV.INFO"
+
+# nats.micro service names: `tierflow status` discovers services by these.
+SERVICE_NAMES: Final = {
+    "router": "tierflow-router",
+    "model-registry": "tierflow-model-registry",
+    "autoscaler": "tierflow-autoscaler",
+    "prefill-node": "tierflow-prefill-node",
+    "decode-node": "tierflow-decode-node",
+}

@@ -1,0 +1,76 @@
+"""What a node serves: its deployment's bundle, read from the registry's KV bucket.
+
+A node is started with only a deployment name; the registry is the one place that says
+which models (and versions and configurations) that deployment bundles. The node waits
+for the record to exist, so nodes may start before the registry has applied its fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+
+from tierflow.contracts import registry, subjects
+from tierflow.rdu import BundleModel, DeploymentConfig, HardwareProfile, load_catalog, load_profiles
+from tierflow.runtime.kv import open_bucket
+
+__all__ = ["fetch_deployment", "build_bundle", "resolve_profile"]
+
+log = logging.getLogger(__name__)
+
+
+async def _get(js: JetStreamContext, key: str) -> bytes | None:
+    try:
+        kv = await open_bucket(js, subjects.REGISTRY_BUCKET)
+        return (await kv.get(key)).value
+    except (BucketNotFoundError, KeyNotFoundError):
+        return None
+
+
+async def fetch_deployment(js: JetStreamContext, name: str, stopping: asyncio.Event, *, timeout: float = 60.0) -> registry.DeploymentRecord:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await _get(js, subjects.deployment_key(name))
+        if value is not None:
+            return registry.deployment_decoder.decode(value)
+        if stopping.is_set() or loop.time() > deadline:
+            raise LookupError(f"deployment {name!r} is not in the registry (apply a fleet file that declares it)")
+        log.info("waiting for deployment %r in the registry", name)
+        await asyncio.sleep(0.5)
+
+
+async def build_bundle(js: JetStreamContext, deployment: registry.DeploymentRecord) -> list[BundleModel]:
+    """The emulator's view of the bundle: catalog specs and parsed configurations."""
+    catalog = load_catalog(None)
+    bundle = []
+    for entry in deployment.models:
+        value = await _get(js, subjects.model_key(entry.model))
+        if value is None:
+            raise LookupError(f"deployment {deployment.name!r} bundles {entry.model!r}, which is not registered")
+        record = registry.model_decoder.decode(value)
+        version = next((v for v in record.versions if v.version == entry.version), None)
+        if version is None:
+            raise LookupError(f"model {entry.model!r} has no version {entry.version!r}")
+        spec = catalog.get(version.catalog or entry.model)
+        if spec is None:
+            raise LookupError(f"model {entry.model!r} version {entry.version!r} names catalog entry {version.catalog!r}, which the emulator does not know")
+        # The API name is what requests carry; the catalog entry only supplies the shape.
+        bundle.append(BundleModel(spec=_renamed(spec, entry.model), config=DeploymentConfig.parse(entry.config), version=entry.version))
+    return bundle
+
+
+def _renamed(spec: object, name: str) -> object:
+    import msgspec
+
+    return msgspec.structs.replace(spec, name=name)  # type: ignore[type-var]
+
+
+def resolve_profile(name: str) -> HardwareProfile:
+    profiles = load_profiles(None)
+    if name not in profiles:
+        raise LookupError(f"hardware profile {name!r} is unknown; known: {', '.join(sorted(profiles))}")
+    return profiles[name]

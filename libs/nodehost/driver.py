@@ -1,0 +1,187 @@
+"""Drives a pure `NodeEngine` in real time and turns its events into reply streams.
+
+The engine says when it next has work (`next_event_time`); the driver sleeps until then
+or until a request arrives, calls `advance(now)`, and publishes what happened. Tokens
+emitted in one advance for the same request go out as one message, so a driver that
+falls behind catches up in fewer, larger messages instead of queueing more of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from tierflow.contracts import messages
+from tierflow.rdu import (
+    EngineRequest,
+    NodeEngine,
+    RequestFinished,
+    RequestRejected,
+    RequestStarted,
+    TokenGenerated,
+)
+from tierflow.runtime.clock import Clock
+
+__all__ = ["EngineDriver", "Publish"]
+
+log = logging.getLogger(__name__)
+Publish = Callable[[str, bytes], Awaitable[None]]
+_encode = messages.encoder.encode
+
+
+@dataclass(slots=True)
+class _Stream:
+    reply: str
+    model: str
+    received_at: float
+    last_sent: float
+    started: bool = False
+    first_token_at: float = 0.0
+    tokens: int = 0
+    queue_time: float = 0.0
+    tier: str = ""
+    prefix_hit_tokens: int = 0
+
+
+class EngineDriver:
+    def __init__(
+        self,
+        engine: NodeEngine,
+        clock: Clock,
+        publish: Publish,
+        node_id: str,
+        *,
+        keepalive_interval: float = 0.25,
+        on_finished: Callable[[str, "_Stream", messages.Finished, float], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self._clock = clock
+        self._publish = publish
+        self._node_id = node_id
+        self._keepalive = keepalive_interval
+        self._streams: dict[str, _Stream] = {}
+        self._wake = asyncio.Event()
+        self._on_finished = on_finished
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def submit(self, request: messages.GenerateRequest, reply: str) -> None:
+        """Queue a request, or answer at once with why it cannot be served."""
+        now = self._clock.monotonic()
+        if request.request_id in self._streams:
+            await self._publish(reply, _encode(messages.Failed(request_id=request.request_id, code="duplicate_request", message="a request with this id is already in flight on this node", retryable=False)))
+            return
+        try:
+            self.engine.submit(
+                EngineRequest(
+                    request_id=request.request_id,
+                    model=request.model,
+                    prompt_token_ids=request.prompt_token_ids,
+                    max_tokens=request.max_tokens,
+                    seed=request.seed,
+                    ignore_eos=request.ignore_eos,
+                ),
+                now,
+            )
+        except RequestRejected as rejected:
+            retryable = rejected.code in ("queue_full", "model_not_in_bundle", "draining")
+            await self._publish(reply, _encode(messages.Failed(request_id=request.request_id, code=rejected.code, message=rejected.message, retryable=retryable)))
+            return
+        self._streams[request.request_id] = _Stream(reply=reply, model=request.model, received_at=now, last_sent=now)
+        await self._publish(reply, _encode(messages.Accepted(request_id=request.request_id, node_id=self._node_id, queue_depth=self.engine.snapshot(now).queue_depth)))
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.engine.cancel(request_id, self._clock.monotonic())
+            self._wake.set()
+
+    async def fail_all(self, code: str, message: str, *, retryable: bool) -> None:
+        """Tell every requester this node will not finish its request (shutdown)."""
+        now = self._clock.monotonic()
+        for request_id, stream in list(self._streams.items()):
+            self.engine.cancel(request_id, now)
+            await self._publish(stream.reply, _encode(messages.Failed(request_id=request_id, code=code, message=message, retryable=retryable and not stream.started)))
+        self._streams.clear()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            now = self._clock.monotonic()
+            await self._dispatch(self.engine.advance(now), now)
+            await self._keep_alive(now)
+            due = self.engine.next_event_time()
+            wait = self._keepalive if due is None else min(self._keepalive, max(0.0, due - self._clock.monotonic()))
+            if wait > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(0)  # let NATS I/O run between back-to-back steps
+
+    async def _dispatch(self, events: list[object], now: float) -> None:
+        pending_tokens: dict[str, tuple[int, list[int], list[str]]] = {}
+        for event in events:
+            if isinstance(event, TokenGenerated):
+                stream = self._streams.get(event.request_id)
+                if stream is None:
+                    continue
+                if stream.tokens == 0:
+                    stream.first_token_at = event.time
+                stream.tokens += 1
+                batch = pending_tokens.get(event.request_id)
+                if batch is None:
+                    pending_tokens[event.request_id] = (event.index, [event.token_id], [event.text])
+                else:
+                    batch[1].append(event.token_id)
+                    batch[2].append(event.text)
+                continue
+            # Flush tokens before a lifecycle event of the same request keeps order.
+            request_id = getattr(event, "request_id", "")
+            if request_id in pending_tokens:
+                await self._flush_tokens(request_id, pending_tokens.pop(request_id), now)
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if isinstance(event, RequestStarted):
+                stream.started = True
+                stream.queue_time = event.queue_time
+                stream.tier = event.tier
+                stream.prefix_hit_tokens = event.prefix_hit_tokens
+                msg: messages.StreamEvent = messages.Started(request_id=request_id, queue_time=event.queue_time, tier=event.tier, switch_seconds=event.switch_seconds, prefix_hit_tokens=event.prefix_hit_tokens)
+            elif isinstance(event, RequestFinished):
+                del self._streams[request_id]
+                msg = messages.Finished(
+                    request_id=request_id,
+                    finish_reason=event.finish_reason,
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    cached_tokens=event.cached_prompt_tokens,
+                )
+                if self._on_finished is not None:
+                    self._on_finished(request_id, stream, msg, event.time)
+            else:
+                continue
+            stream.last_sent = now
+            await self._publish(stream.reply, _encode(msg))
+        for request_id, batch in pending_tokens.items():
+            await self._flush_tokens(request_id, batch, now)
+
+    async def _flush_tokens(self, request_id: str, batch: tuple[int, list[int], list[str]], now: float) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        stream.last_sent = now
+        index, token_ids, texts = batch
+        await self._publish(stream.reply, _encode(messages.Tokens(request_id=request_id, index=index, token_ids=token_ids, text="".join(texts))))
+
+    async def _keep_alive(self, now: float) -> None:
+        for request_id, stream in self._streams.items():
+            if now - stream.last_sent >= self._keepalive:
+                stream.last_sent = now
+                await self._publish(stream.reply, _encode(messages.Alive(request_id=request_id)))

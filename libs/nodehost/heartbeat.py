@@ -1,0 +1,73 @@
+"""A node's heartbeat: the engine's snapshot, published every interval.
+
+The router places by it and the autoscaler scales by it; a node that stops sending it
+is out of rotation after three intervals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NATS
+
+from tierflow.contracts import messages, subjects
+from tierflow.rdu import NodeEngine
+from tierflow.runtime.clock import Clock
+
+__all__ = ["NodeIdentity", "heartbeat_message", "heartbeat_loop"]
+
+
+@dataclass(slots=True)
+class NodeIdentity:
+    node_id: str
+    role: str
+    deployment: str
+    region: str
+    residency: str
+    profile: str
+    started_at: float = field(default_factory=time.time)
+    cordoned: bool = False
+    draining: bool = False
+
+
+def heartbeat_message(identity: NodeIdentity, engine: NodeEngine, clock: Clock, seq: int, interval: float) -> messages.NodeHeartbeat:
+    snap = engine.snapshot(clock.monotonic())
+    return messages.NodeHeartbeat(
+        node_id=identity.node_id,
+        role=identity.role,  # type: ignore[arg-type]
+        deployment=identity.deployment,
+        region=identity.region,
+        residency=identity.residency,
+        profile=identity.profile,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        started_at=identity.started_at,
+        sent_at=clock.now(),
+        interval_s=interval,
+        seq=seq,
+        models=[messages.ModelState(name=m.name, version=m.version, tier=m.tier, in_flight=m.in_flight) for m in snap.models],
+        queue_depth=snap.queue_depth,
+        running=snap.running,
+        max_batch=snap.max_batch,
+        kv_usage=snap.kv_usage,
+        prefix_cache_blocks=snap.prefix_cache_blocks,
+        recent_prefix_hashes=list(snap.recent_prefix_hashes),
+        cordoned=identity.cordoned,
+        draining=identity.draining,
+    )
+
+
+async def heartbeat_loop(nc: NATS, identity: NodeIdentity, engine: NodeEngine, clock: Clock, interval: float, stopping: asyncio.Event) -> None:
+    subject = subjects.node_heartbeat(identity.node_id)
+    seq = 0
+    while not stopping.is_set():
+        seq += 1
+        await nc.publish(subject, messages.encoder.encode(heartbeat_message(identity, engine, clock, seq, interval)))
+        try:
+            await asyncio.wait_for(stopping.wait(), timeout=interval)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,144 @@
+"""Everything a node process does, for either role (decode or prefill).
+
+Requests arrive on the node's subject and go into the pure emulator; its tokens stream
+back to the reply subject. On SIGTERM the node stops taking work, says so in its
+heartbeat, lets in-flight requests finish for a grace period, and fails the rest as
+retryable (the router retries those that had no token yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import msgspec
+
+from tierflow.contracts import messages, subjects
+from tierflow.nodehost.bundle import build_bundle, fetch_deployment, resolve_profile
+from tierflow.nodehost.driver import EngineDriver
+from tierflow.nodehost.heartbeat import NodeIdentity, heartbeat_loop
+from tierflow.nodehost.metrics import NodeMetrics
+from tierflow.nodehost.settings import NodeSettings
+from tierflow.rdu import NodeEngine
+from tierflow.runtime import discovery
+from tierflow.runtime.clock import WallClock
+from tierflow.runtime.service import ServiceContext, connect_nats
+from tierflow.runtime.tracing import extract_context, tracer
+
+__all__ = ["NodeSettings", "serve_node"]
+
+
+log = logging.getLogger(__name__)
+
+
+
+async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, subject: str, service: str) -> None:
+    """Everything a node does, for either role; only the subject and role differ."""
+    nc = await connect_nats(settings.nats_url, f"tierflow-{role}-{settings.node_id}", stopping=ctx.stopping)
+    js = nc.jetstream()
+    deployment = await fetch_deployment(js, settings.deployment, ctx.stopping)
+    profile_name = settings.profile or deployment.profile
+    bundle = await build_bundle(js, deployment)
+    clock = WallClock()
+    engine = NodeEngine(resolve_profile(profile_name), bundle, now=clock.monotonic(), preload=[b.spec.name for b in bundle])
+    identity = NodeIdentity(
+        node_id=settings.node_id, role=role, deployment=deployment.name,
+        region=settings.region or deployment.region, residency=deployment.residency, profile=profile_name,
+    )
+    metrics = NodeMetrics()
+    spans = tracer("tierflow.node")
+
+    def record(request_id: str, stream: object, finished: messages.Finished, at: float) -> None:
+        s = stream  # a driver _Stream
+        model = s.model  # type: ignore[attr-defined]
+        labels = (settings.node_id, model)
+        ttft = s.first_token_at - s.received_at if s.tokens else 0.0  # type: ignore[attr-defined]
+        decode_time = at - s.first_token_at if s.tokens > 1 else 0.0  # type: ignore[attr-defined]
+        metrics.queue_time.labels(*labels).observe(s.queue_time)  # type: ignore[attr-defined]
+        if s.tokens:  # type: ignore[attr-defined]
+            metrics.ttft.labels(*labels).observe(ttft)
+        metrics.prompt_tokens.labels(*labels).inc(finished.prompt_tokens)
+        metrics.generation_tokens.labels(*labels).inc(finished.completion_tokens)
+        metrics.prefix_cache_queries.labels(*labels).inc(finished.prompt_tokens)
+        metrics.prefix_cache_hits.labels(*labels).inc(finished.cached_tokens)
+        metrics.requests.labels(*labels, finished.finish_reason).inc()
+        metrics.loads.labels(*labels, s.tier or "hbm").inc()  # type: ignore[attr-defined]
+        log.info(
+            "served",
+            extra={"fields": {
+                "request_id": request_id, "node": settings.node_id, "model": model,
+                "decode_queue_time": round(s.queue_time, 6), "time_to_first_token": round(ttft, 6),  # type: ignore[attr-defined]
+                "completion_tokens_per_sec": round((finished.completion_tokens - 1) / decode_time, 2) if decode_time > 0 else 0.0,
+                "prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
+                "cached_tokens": finished.cached_tokens, "tier": s.tier, "finish_reason": finished.finish_reason,  # type: ignore[attr-defined]
+            }},
+        )
+
+    driver = EngineDriver(engine, clock, nc.publish, settings.node_id, keepalive_interval=settings.keepalive_interval, on_finished=record)
+
+    async def on_generate(msg: object) -> None:
+        reply = msg.reply  # type: ignore[attr-defined]
+        if not reply:
+            return
+        try:
+            request = messages.generate_decoder.decode(msg.data)  # type: ignore[attr-defined]
+        except msgspec.DecodeError as exc:
+            await nc.publish(reply, messages.encoder.encode(messages.Failed(request_id="", code="bad_request", message=f"undecodable generate request: {exc}")))
+            return
+        with spans.start_as_current_span("node.generate", context=extract_context(msg.headers)) as span:  # type: ignore[attr-defined]
+            span.set_attribute("gen_ai.operation.name", "text_completion")
+            span.set_attribute("gen_ai.request.model", request.model)
+            span.set_attribute("gen_ai.usage.input_tokens", len(request.prompt_token_ids))
+            span.set_attribute("tierflow.node", settings.node_id)
+            span.set_attribute("tierflow.request_id", request.request_id)
+            await driver.submit(request, reply)
+
+    async def on_cancel(msg: object) -> None:
+        try:
+            driver.cancel(messages.cancel_decoder.decode(msg.data).request_id)  # type: ignore[attr-defined]
+        except msgspec.DecodeError:
+            pass
+
+    def update_gauges() -> None:
+        snap = engine.snapshot(clock.monotonic())
+        metrics.requests_running.labels(settings.node_id).set(snap.running)
+        metrics.requests_waiting.labels(settings.node_id).set(snap.queue_depth)
+        metrics.kv_cache_usage.labels(settings.node_id).set(snap.kv_usage)
+        for m in snap.models:
+            for tier in ("hbm", "ddr", "loading", "cold"):
+                metrics.model_tier.labels(settings.node_id, m.name, tier).set(1.0 if m.tier == tier else 0.0)
+
+    async def gauges_loop() -> None:
+        while not ctx.stopping.is_set():
+            update_gauges()
+            try:
+                await asyncio.wait_for(ctx.stopping.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    gen_sub = await nc.subscribe(subject, cb=on_generate)
+    cancel_sub = await nc.subscribe(subjects.node_cancel(settings.node_id), cb=on_cancel)
+    micro = await discovery.register(nc, service, settings.node_id, deployment=deployment.name, region=identity.region, profile=profile_name)
+    engine_stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(driver.run(engine_stop), name="engine"),
+        asyncio.create_task(heartbeat_loop(nc, identity, engine, clock, settings.heartbeat_interval, engine_stop), name="heartbeat"),
+        asyncio.create_task(gauges_loop(), name="gauges"),
+    ]
+    log.info("node %s serving %s on %s (%s)", settings.node_id, [b.spec.name for b in bundle], profile_name, role)
+    await ctx.stopping.wait()
+
+    # Drain: stop taking work, announce it, let in-flight requests finish, fail the rest.
+    await gen_sub.unsubscribe()
+    identity.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.drain_grace
+    while driver.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await driver.fail_all("node_shutdown", f"node {settings.node_id} is shutting down", retryable=True)
+    engine_stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel_sub.unsubscribe()
+    await micro.stop()
+    await nc.drain()
+
+

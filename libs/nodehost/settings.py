@@ -1,0 +1,22 @@
+"""A node's configuration, the same for decode and prefill nodes (flags and TIERFLOW_* variables)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta, Struct
+
+__all__ = ["NodeSettings"]
+
+NodeId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+
+class NodeSettings(Struct, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    node_id: NodeId = "decode-1"
+    deployment: str = "default"
+    region: str = ""          # empty: the deployment's region
+    profile: str = ""         # empty: the deployment's hardware profile
+    heartbeat_interval: Annotated[float, Meta(gt=0)] = 1.0
+    keepalive_interval: Annotated[float, Meta(gt=0)] = 0.25
+    drain_grace: Annotated[float, Meta(ge=0)] = 10.0
+

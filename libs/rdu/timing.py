@@ -1,0 +1,274 @@
+"""The timing model: how long a pass, a decode step, a switch or a load takes.
+
+A model, not a lookup table. Every duration comes from bytes, FLOPs and link rates of a
+`HardwareProfile` and the architecture of a `ModelSpec`; only the handful of efficiency
+parameters at the bottom of the profile are fitted.
+
+Physics
+-------
+* **One forward pass** over `batch` sequences, `q` new tokens each, with `C` context
+  tokens summed over the batch, is a roofline: the slower of
+
+  - memory: weights read + KV read, at sockets × HBM bandwidth × `hbm_efficiency`. A
+    batch reads the weights once. An MoE pass reads shared weights plus the routed
+    experts its ``batch × q`` tokens pick: expected coverage ``1 - (1 - k/E)^n``;
+  - compute: ``2 × active_params`` FLOPs per token plus ``4 × layers × heads × head_dim``
+    per (query, context) pair for attention, at sockets × BF16 FLOP/s ×
+    `compute_efficiency`;
+
+  plus a latency floor per layer, ``layers × layer_overhead_s`` (tensor-parallel
+  collectives and synchronisation across sockets), and ``moe_layers × moe_dispatch_s``
+  (the all-to-all that routes tokens to experts and back).
+* **Prefill** is a forward pass over the prompt's uncached tokens; prefix-cache hits are
+  neither computed nor attended from scratch (their KV is only read).
+* **Decode** is memory-bound: one pass per token at small batch. With speculative
+  decoding (profile `spec_acceptance` α set and the model has a `draft`), a round is
+  ``k`` draft passes plus one target pass verifying ``k + 1`` tokens, and yields
+  ``(1 - α^(k+1)) / (1 - α)`` tokens per sequence on average. ``k`` is chosen to
+  maximise tokens per second (0 = plain decode), as a deployment would tune it.
+* **Switch** (DDR -> HBM) moves the resident weights (target + draft) at the profile's
+  switch bandwidth: sockets × DDR->HBM DMA on an RDU, the host link on a GPU node.
+  **Cold load** adds host storage -> DDR first.
+
+Calibration (`tierflow.rdu.calibrate`)
+--------------------------------------
+Four free parameters, shared by every model on the SN40L profiles, are fitted to five
+published single-user decode speeds on 16 sockets (Llama-3.1-8B, -70B, -405B, DeepSeek-R1,
+gpt-oss-120b): `hbm_efficiency`, `layer_overhead_s`, `moe_dispatch_s` and
+`spec_acceptance`. The sixth figure, model switching 15× faster than a DGX H100, is
+predicted with no fitted parameter: it follows from the published link rates (>1 TB/s
+DDR->HBM on the node vs ~64 GB/s PCIe). `compute_efficiency` (0.5) is an assumption: no
+public figure isolates prefill. Single-user speed is measured at a 1,024-token context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Final
+
+import msgspec
+
+from .catalog import ModelSpec
+from .hardware import HardwareProfile
+
+__all__ = [
+    "CALIBRATION_CONTEXT",
+    "SpecPlan",
+    "spec_enabled",
+    "resident_bytes",
+    "weights_read_bytes",
+    "forward_time",
+    "prefill_time",
+    "spec_plan",
+    "decode_step_time",
+    "decode_tokens_per_second",
+    "switch_time",
+    "storage_load_time",
+    "cold_load_time",
+    "kv_bytes",
+    "kv_write_time",
+    "kv_transfer_time",
+    "DecodeCostModel",
+]
+
+CALIBRATION_CONTEXT: Final = 1024
+
+
+class SpecPlan(msgspec.Struct, frozen=True):
+    """How a decode round runs: `draft_tokens` (0 = plain decode) and what it yields."""
+
+    draft_tokens: int
+    tokens_per_round: float  # per sequence, on average
+    round_seconds: float
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.round_seconds / self.tokens_per_round
+
+
+def spec_enabled(spec: ModelSpec, profile: HardwareProfile) -> bool:
+    return profile.spec_acceptance is not None and spec.draft is not None
+
+
+def resident_bytes(spec: ModelSpec, profile: HardwareProfile) -> float:
+    """Bytes of HBM the model's weights occupy when served: target plus draft if speculating."""
+    draft = spec.draft.weight_bytes if spec.draft is not None and spec_enabled(spec, profile) else 0.0
+    return spec.weight_bytes + draft
+
+
+def weights_read_bytes(spec: ModelSpec, tokens: int) -> float:
+    """Weight bytes one pass over `tokens` tokens reads (all of them once, for a dense model)."""
+    if not spec.num_experts:
+        return spec.weight_bytes
+    routed = spec.routed_params
+    shared = spec.active_params - routed * spec.experts_per_token / spec.num_experts
+    coverage = 1.0 - (1.0 - spec.experts_per_token / spec.num_experts) ** max(tokens, 1)
+    return (shared + routed * coverage) * spec.bytes_per_param
+
+
+def _rate(bandwidth: float, efficiency: float) -> float:
+    return bandwidth * efficiency
+
+
+def _pass_coeffs(
+    spec: ModelSpec, profile: HardwareProfile, batch: int, q: int
+) -> tuple[float, float, float, float, float]:
+    """(mem_s, mem_s per context token, compute_s, compute_s per context token, overhead_s)."""
+    n = batch * q
+    bw = _rate(profile.node_hbm_bw, profile.hbm_efficiency)
+    fl = _rate(profile.node_flops, profile.compute_efficiency)
+    return (
+        weights_read_bytes(spec, n) / bw,
+        spec.kv_bytes_per_token / bw,
+        2.0 * spec.active_params * n / fl,
+        spec.attn_flops_per_pair * q / fl,
+        spec.num_layers * profile.layer_overhead_s + spec.moe_layers * profile.moe_dispatch_s,
+    )
+
+
+def _eval(coeffs: tuple[float, float, float, float, float], context_tokens: float) -> float:
+    a, c, f, g, o = coeffs
+    mem = a + c * context_tokens
+    comp = f + g * context_tokens
+    return (mem if mem > comp else comp) + o
+
+
+def forward_time(
+    spec: ModelSpec,
+    profile: HardwareProfile,
+    *,
+    batch: int = 1,
+    tokens_per_seq: int = 1,
+    context_tokens: int = 0,
+) -> float:
+    """One forward pass: roofline of weight+KV reads vs FLOPs, plus per-layer latency."""
+    return _eval(_pass_coeffs(spec, profile, batch, tokens_per_seq), context_tokens)
+
+
+def prefill_time(
+    spec: ModelSpec, profile: HardwareProfile, segments: Iterable[tuple[int, int]]
+) -> float:
+    """One batched prefill pass; `segments` are (new_tokens, cached_tokens) per request.
+
+    Cached (prefix-hit) tokens cost only the read of their KV as attention context.
+    """
+    new_total = 0
+    pairs = 0.0
+    cached_total = 0
+    for new, cached in segments:
+        new_total += new
+        cached_total += cached
+        pairs += new * cached + new * (new + 1) / 2
+    if new_total == 0:
+        return 0.0
+    bw = _rate(profile.node_hbm_bw, profile.hbm_efficiency)
+    fl = _rate(profile.node_flops, profile.compute_efficiency)
+    mem = (weights_read_bytes(spec, new_total) + spec.kv_bytes_per_token * (cached_total + new_total)) / bw
+    comp = (2.0 * spec.active_params * new_total + spec.attn_flops_per_pair * pairs) / fl
+    overhead = spec.num_layers * profile.layer_overhead_s + spec.moe_layers * profile.moe_dispatch_s
+    return max(mem, comp) + overhead
+
+
+def _expected_tokens(alpha: float, k: int) -> float:
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def spec_plan(
+    spec: ModelSpec, profile: HardwareProfile, *, batch: int = 1, context_tokens: int = 0
+) -> SpecPlan:
+    """The best decode round for this batch: plain, or speculative with the best k."""
+    best = SpecPlan(0, 1.0, forward_time(spec, profile, batch=batch, context_tokens=context_tokens))
+    alpha = profile.spec_acceptance
+    draft = spec.draft
+    if alpha is None or draft is None:
+        return best
+    draft_step = forward_time(draft, profile, batch=batch, context_tokens=context_tokens)
+    for k in range(1, profile.spec_max_draft + 1):
+        target = forward_time(spec, profile, batch=batch, tokens_per_seq=k + 1, context_tokens=context_tokens)
+        plan = SpecPlan(k, _expected_tokens(alpha, k), target + k * draft_step)
+        if plan.seconds_per_token < best.seconds_per_token:
+            best = plan
+    return best
+
+
+def decode_step_time(
+    spec: ModelSpec, profile: HardwareProfile, *, batch: int = 1, context_tokens: int = 0
+) -> float:
+    """Seconds per generated token per sequence, for a batch of `batch` sequences."""
+    return spec_plan(spec, profile, batch=batch, context_tokens=context_tokens).seconds_per_token
+
+
+def decode_tokens_per_second(
+    spec: ModelSpec, profile: HardwareProfile, context_tokens: int = CALIBRATION_CONTEXT
+) -> float:
+    """Single-user decode speed: the figure vendors publish."""
+    step = decode_step_time(spec, profile, batch=1, context_tokens=context_tokens)
+    return math.inf if step == 0 else 1.0 / step
+
+
+def switch_time(spec: ModelSpec, profile: HardwareProfile) -> float:
+    """DDR -> HBM copy of the resident weights."""
+    return resident_bytes(spec, profile) / profile.switch_bw
+
+
+def storage_load_time(spec: ModelSpec, profile: HardwareProfile) -> float:
+    """Host storage -> DDR of the resident weights (first half of a cold load)."""
+    return resident_bytes(spec, profile) / profile.storage_bw
+
+
+def cold_load_time(spec: ModelSpec, profile: HardwareProfile) -> float:
+    """Storage -> DDR, then DDR -> HBM."""
+    return storage_load_time(spec, profile) + switch_time(spec, profile)
+
+
+def kv_bytes(spec: ModelSpec, tokens: int) -> int:
+    return spec.kv_bytes_per_token * tokens
+
+
+def kv_write_time(spec: ModelSpec, profile: HardwareProfile, tokens: int) -> float:
+    """Writing `tokens` tokens of KV that arrived from elsewhere into HBM."""
+    return kv_bytes(spec, tokens) / _rate(profile.node_hbm_bw, profile.hbm_efficiency)
+
+
+def kv_transfer_time(spec: ModelSpec, profile: HardwareProfile, tokens: int) -> float:
+    """Shipping `tokens` tokens of KV to another node (disaggregated prefill -> decode)."""
+    return kv_bytes(spec, tokens) / profile.internode_bw
+
+
+class DecodeCostModel:
+    """Decode step time for one model, cheap enough to call once per batch step.
+
+    The speculative draft length is chosen once per batch size at a reference context of
+    `CALIBRATION_CONTEXT` tokens per sequence (a deployment compiles a fixed k; it does
+    not re-tune it every step); the step time then tracks the live context exactly.
+    """
+
+    __slots__ = ("_spec", "_profile", "_plans")
+
+    def __init__(self, spec: ModelSpec, profile: HardwareProfile) -> None:
+        self._spec = spec
+        self._profile = profile
+        self._plans: dict[int, tuple[tuple[float, ...], tuple[float, ...] | None, int, float]] = {}
+
+    def _plan(self, batch: int) -> tuple[tuple[float, ...], tuple[float, ...] | None, int, float]:
+        plan = spec_plan(self._spec, self._profile, batch=batch, context_tokens=batch * CALIBRATION_CONTEXT)
+        k = plan.draft_tokens
+        target = _pass_coeffs(self._spec, self._profile, batch, k + 1)
+        draft = None
+        if k and self._spec.draft is not None:
+            draft = _pass_coeffs(self._spec.draft, self._profile, batch, 1)
+        entry = (target, draft, k, 1.0 / plan.tokens_per_round)
+        self._plans[batch] = entry
+        return entry
+
+    def draft_tokens(self, batch: int) -> int:
+        return (self._plans.get(batch) or self._plan(batch))[2]
+
+    def step_seconds(self, batch: int, context_tokens: float) -> float:
+        """Seconds for every sequence in the batch to gain one token (on average)."""
+        target, draft, k, per_round = self._plans.get(batch) or self._plan(batch)
+        t = _eval(target, context_tokens)  # type: ignore[arg-type]
+        if draft is not None:
+            t += k * _eval(draft, context_tokens)  # type: ignore[arg-type]
+        return t * per_round

@@ -1,0 +1,71 @@
+"""The fabric's error hierarchy, and the one place wire errors map to it.
+
+    TierflowError               code, message, http_status, retryable
+    ├── InvalidRequest          400: the caller must change the request
+    ├── Unauthenticated         401
+    ├── ModelNotFound           404
+    ├── RateLimited             429 (+ retry_after)
+    ├── NoCapacity              503: nothing can serve it now (no node, residency boundary)
+    └── NodeFailure             502/503: a node failed or vanished while serving
+
+The router turns these into OpenAI error bodies and gRPC status codes; nodes send
+them as `messages.Failed` with the same `code`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TierflowError",
+    "InvalidRequest",
+    "Unauthenticated",
+    "ModelNotFound",
+    "RateLimited",
+    "NoCapacity",
+    "NodeFailure",
+]
+
+
+class TierflowError(Exception):
+    http_status = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+        self.retryable = retryable
+
+
+class InvalidRequest(TierflowError):
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthenticated(TierflowError):
+    http_status = 401
+    error_type = "authentication_error"
+
+
+class ModelNotFound(TierflowError):
+    http_status = 404
+    error_type = "invalid_request_error"
+
+
+class RateLimited(TierflowError):
+    http_status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = "rate_limit_exceeded") -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class NoCapacity(TierflowError):
+    http_status = 503
+    error_type = "service_unavailable"
+
+
+class NodeFailure(TierflowError):
+    http_status = 502
+    error_type = "node_failure"

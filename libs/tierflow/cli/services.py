@@ -1,0 +1,81 @@
+"""`tierflow <service>` commands, generated from each service's typed Settings.
+
+One place for each fact: a service's configuration is its `Settings` Struct (in the
+service's light `settings` module). Each field becomes a `--flag` (snake_case ->
+kebab-case) with the field's default and a `TIERFLOW_<FIELD>` environment variable;
+msgspec then validates the whole object, so a bad value is refused, naming the flag,
+before anything starts. The service module itself (grpc, nats, ...) is imported only
+when its command runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import msgspec
+import typer
+
+from tierflow.runtime.service import run_service
+
+__all__ = ["SERVICES", "add_service_commands"]
+
+# command -> package holding `settings.Settings` and `main.main(ctx, settings)`
+SERVICES = {
+    "router": "tierflow.services.router",
+    "model-registry": "tierflow.services.model_registry",
+    "autoscaler": "tierflow.services.autoscaler",
+    "prefill-node": "tierflow.services.prefill_node",
+    "decode-node": "tierflow.services.decode_node",
+}
+_SCALARS = (int, float, bool, str)
+
+
+def _scalar(annotation: Any) -> type:
+    """The plain type behind Annotated[...] / Optional[...] (typer needs a plain one)."""
+    base = annotation
+    while typing.get_origin(base) is typing.Annotated:
+        base = typing.get_args(base)[0]
+    if isinstance(base, types.UnionType) or typing.get_origin(base) is typing.Union:
+        args = [a for a in typing.get_args(base) if a is not type(None)]
+        base = args[0] if len(args) == 1 else str
+    return base if base in _SCALARS else str
+
+
+def _command(name: str, package: str) -> Callable[..., None]:
+    settings_cls: type[msgspec.Struct] = importlib.import_module(f"{package}.settings").Settings
+    hints = typing.get_type_hints(settings_cls, include_extras=True)
+    params = []
+    for field in msgspec.structs.fields(settings_cls):
+        flag = "--" + field.name.replace("_", "-")
+        option = typer.Option(flag, envvar=f"TIERFLOW_{field.name.upper()}")
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=Annotated[_scalar(hints[field.name]), option]))
+    params.append(inspect.Parameter("metrics_port", inspect.Parameter.KEYWORD_ONLY, default=0,
+                                    annotation=Annotated[int, typer.Option(envvar="TIERFLOW_METRICS_PORT", help="Prometheus /metrics port (0: off)")]))
+    params.append(inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info",
+                                    annotation=Annotated[str, typer.Option(envvar="TIERFLOW_LOG_LEVEL")]))
+
+    def run(**values: Any) -> None:
+        metrics_port = values.pop("metrics_port")
+        log_level = values.pop("log_level")
+        try:
+            settings = msgspec.convert(values, settings_cls)
+        except msgspec.ValidationError as exc:
+            raise typer.BadParameter(str(exc).replace("`$.", "`--").replace("_", "-")) from None
+        main = importlib.import_module(f"{package}.main").main
+        instance = str(values.get("node_id") or values.get("router_id") or "")
+        run_service(name, lambda ctx: main(ctx, settings), instance=instance, log_level=log_level, metrics_port=metrics_port)
+
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__name__ = name.replace("-", "_")
+    run.__doc__ = f"Run the {name} service (one process)."
+    return run
+
+
+def add_service_commands(app: typer.Typer) -> None:
+    for name, package in SERVICES.items():
+        app.command(name, rich_help_panel="Services")(_command(name, package))

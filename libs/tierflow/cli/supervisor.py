@@ -1,0 +1,308 @@
+"""A small asyncio supervisor for local child processes.
+
+Why: `tierflow up` runs NATS plus five kinds of services as separate processes, and the
+autoscaler's local actuator will start and stop node processes the same way. Both need
+the same few guarantees, and nothing more:
+
+- each child's stdout+stderr is appended to its own log file (with a header per start);
+- no child outlives the supervisor, even one that is SIGKILLed: on Linux each child
+  asks the kernel for SIGTERM when its parent dies (`prctl(PR_SET_PDEATHSIG)`);
+- children run in their own session, so a Ctrl-C in the terminal reaches only the
+  supervisor, which then stops them in a defined order;
+- stopping is SIGTERM, a grace period, then SIGKILL (to the child's process group);
+- a child that exits without being asked to is reported (name, exit code, last log
+  lines) through `next_exit()` and an optional callback.
+
+Caveat: PR_SET_PDEATHSIG fires when the *thread* that forked the child exits. Start
+children from the thread that runs the event loop for the life of the supervisor (the
+normal case) and it is the same as the process dying.
+
+No timing policy lives here besides `grace`; everything waits on asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import datetime
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Child", "ChildExit", "ProcessSpec", "Supervisor", "die_with_parent_preexec", "read_log_tail"]
+
+_log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """What to run.
+
+    `env` is *added to* the supervisor's own environment (None: inherit it unchanged),
+    because a child that loses PATH or the venv's variables fails in confusing ways.
+    """
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] | None
+    log_path: Path
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("ProcessSpec.name must not be empty")
+        if not self.argv:
+            raise ValueError(f"ProcessSpec {self.name!r}: argv must not be empty")
+
+
+@dataclass(frozen=True)
+class ChildExit:
+    """A child that exited without being asked to."""
+
+    name: str
+    pid: int
+    returncode: int
+    log_path: Path
+    log_tail: list[str]
+
+    def describe(self) -> str:
+        """Human-readable report: who, how, and what it said last."""
+        if self.returncode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-self.returncode).name}"
+            except ValueError:
+                how = f"was killed by signal {-self.returncode}"
+        else:
+            how = f"exited with code {self.returncode}"
+        head = f"{self.name} (pid {self.pid}) {how}"
+        if not self.log_tail:
+            return f"{head}; its log {self.log_path} is empty"
+        body = "\n".join(f"  | {line}" for line in self.log_tail)
+        return f"{head}; last {len(self.log_tail)} lines of {self.log_path}:\n{body}"
+
+
+def die_with_parent_preexec(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child receive `sig` when its parent dies (Linux only).
+
+    libc is loaded now, in the parent, so the forked child only makes the call. If the
+    parent already died between fork() and prctl(), the child signals itself, closing
+    the race. Returns None where prctl does not exist.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    signum = int(sig)
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signum)
+
+    return preexec
+
+
+def read_log_tail(path: Path, lines: int = TAIL_LINES, *, start: int = 0, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last `lines` lines of `path` written at or after byte offset `start`.
+
+    `start` lets a report skip what earlier runs appended to the same log.
+    """
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            begin = max(start, size - max_bytes)
+            file.seek(begin)
+            data = file.read()
+    except OSError:
+        return []
+    text = data.decode("utf-8", "replace").splitlines()
+    if begin > start and text:
+        text = text[1:]  # the first line was cut in the middle
+    return text[-lines:] if lines > 0 else []
+
+
+class Child:
+    """A started child, as the supervisor tracks it. Read-only for callers."""
+
+    def __init__(self, spec: ProcessSpec, proc: asyncio.subprocess.Process, log_offset: int) -> None:
+        self.spec = spec
+        self._proc = proc
+        self._log_offset = log_offset
+        self.stopping = False
+        self.watcher: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        """The spec's name (unique among live children)."""
+        return self.spec.name
+
+    @property
+    def pid(self) -> int:
+        """OS process id."""
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running; negative N means killed by signal N."""
+        return self._proc.returncode
+
+    @property
+    def process(self) -> asyncio.subprocess.Process:
+        """The asyncio process handle."""
+        return self._proc
+
+    def log_tail(self, lines: int = TAIL_LINES) -> list[str]:
+        """Last lines this run of the child wrote to its log."""
+        return read_log_tail(self.spec.log_path, lines, start=self._log_offset)
+
+    def __repr__(self) -> str:
+        return f"Child(name={self.name!r}, pid={self.pid}, returncode={self.returncode})"
+
+
+class Supervisor:
+    """Starts, watches and stops children. Use as `async with Supervisor() as sup:`.
+
+    `on_exit` is called (in the event loop) for every unexpected exit, in addition to
+    `next_exit()` returning it; exceptions from it are logged, not raised.
+    """
+
+    def __init__(self, *, on_exit: Callable[[ChildExit], None] | None = None, tail_lines: int = TAIL_LINES) -> None:
+        self._children: dict[str, Child] = {}
+        self._exits: asyncio.Queue[ChildExit] = asyncio.Queue()
+        self._on_exit = on_exit
+        self._tail_lines = tail_lines
+
+    @property
+    def children(self) -> list[Child]:
+        """Tracked children in start order (an unexpectedly exited one stays until stopped or replaced)."""
+        return list(self._children.values())
+
+    def get(self, name: str) -> Child:
+        """The child called `name`; KeyError if none."""
+        return self._children[name]
+
+    async def start(self, spec: ProcessSpec) -> Child:
+        """Spawn `spec` and start watching it.
+
+        A name may be reused once its previous holder has exited; starting a second live
+        child with the same name is a ValueError.
+        """
+        old = self._children.get(spec.name)
+        if old is not None:
+            if old.returncode is None:
+                raise ValueError(f"a child named {spec.name!r} is already running (pid {old.pid})")
+            if old.watcher is not None:
+                await old.watcher
+            del self._children[spec.name]
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = None if spec.env is None else {**os.environ, **spec.env}
+        with open(spec.log_path, "ab") as log:
+            offset = log.seek(0, os.SEEK_END)
+            stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            log.write(f"--- {stamp} tierflow supervisor starts {spec.name}: {shlex.join(spec.argv)}\n".encode())
+            log.flush()
+            proc = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent_preexec(),
+            )
+        child = Child(spec, proc, offset)
+        child.watcher = asyncio.ensure_future(self._watch(child))
+        self._children[spec.name] = child
+        _log.debug("started %s (pid %d)", spec.name, proc.pid)
+        return child
+
+    async def next_exit(self) -> ChildExit:
+        """Wait for the next child that exits without being asked to (queued, none lost)."""
+        return await self._exits.get()
+
+    async def stop(self, *names: str, grace: float = 5.0) -> None:
+        """Stop the named children concurrently (SIGTERM, `grace` s, SIGKILL) and forget them."""
+        children = [self._children[name] for name in names if name in self._children]
+        await asyncio.gather(*(self._stop_one(child, grace) for child in children))
+
+    async def stop_all(self, grace: float = 5.0) -> None:
+        """Stop every child in reverse start order, one at a time.
+
+        Sequential on purpose: a child is never signalled while one started after it is
+        still alive, so dependencies (NATS started first) outlive their dependants.
+        Each child gets its own `grace` before SIGKILL.
+        """
+        for child in reversed(list(self._children.values())):
+            await self._stop_one(child, grace)
+
+    def kill_all(self) -> None:
+        """SIGKILL every live child now (for a second Ctrl-C); `stop_all` still reaps them."""
+        for child in self._children.values():
+            child.stopping = True
+            self._kill(child)
+
+    async def __aenter__(self) -> Supervisor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop_all()
+
+    async def _stop_one(self, child: Child, grace: float) -> None:
+        child.stopping = True
+        proc = child.process
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                _log.warning("%s (pid %d) ignored SIGTERM for %.1fs; sending SIGKILL", child.name, child.pid, grace)
+                self._kill(child)
+                await proc.wait()
+        if child.watcher is not None:
+            await child.watcher
+        if self._children.get(child.name) is child:
+            del self._children[child.name]
+
+    @staticmethod
+    def _kill(child: Child) -> None:
+        """SIGKILL the child's process group (its own session), so helpers it spawned go too."""
+        if child.returncode is not None:
+            return
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # unreaped, so the group id is still ours
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError):
+                child.process.kill()
+
+    async def _watch(self, child: Child) -> None:
+        returncode = await child.process.wait()
+        if child.stopping:
+            return
+        event = ChildExit(
+            name=child.name,
+            pid=child.pid,
+            returncode=returncode,
+            log_path=child.spec.log_path,
+            log_tail=child.log_tail(self._tail_lines),
+        )
+        _log.debug("unexpected exit: %s", event.describe())
+        self._exits.put_nowait(event)
+        if self._on_exit is not None:
+            try:
+                self._on_exit(event)
+            except Exception:
+                _log.exception("on_exit callback failed for %s", child.name)

@@ -1,0 +1,115 @@
+"""The gRPC front door: tierflow.v1.Inference, plus the standard health and reflection services.
+
+Same request path as the HTTP API (the Dispatcher); errors map to gRPC status codes
+the way the OpenAI surface maps them to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+
+from tierflow.contracts import messages
+from tierflow.runtime.clock import Clock
+from tierflow.runtime.errors import InvalidRequest, TierflowError
+from tierflow.runtime.grpc_server import start_grpc_server
+from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
+from tierflow.services.router.metrics import RouterMetrics
+from tierflow.tokenizer import encode, render_chat
+from tierflow.v1 import inference_pb2 as pb
+from tierflow.v1 import inference_pb2_grpc as pb_grpc
+
+__all__ = ["start_grpc", "STATUS_BY_HTTP"]
+
+STATUS_BY_HTTP = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, dispatcher: Dispatcher, clock: Clock, metrics: RouterMetrics) -> None:
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._metrics = metrics
+
+    def _params(self, request: pb.GenerateRequest, request_id: str) -> GenerateParams:
+        which = request.WhichOneof("input")
+        if which == "prompt":
+            prompt_ids = encode(request.prompt)
+        elif which == "messages":
+            if not request.messages.messages:
+                raise InvalidRequest("messages must not be empty", param="messages")
+            prompt_ids = encode(render_chat([(m.role, m.content) for m in request.messages.messages]))
+        else:
+            raise InvalidRequest("set either prompt or messages", param="input")
+        if not request.model:
+            raise InvalidRequest("model is required", param="model")
+        return GenerateParams(
+            request_id=request_id, model=request.model, prompt_token_ids=prompt_ids,
+            max_tokens=request.max_tokens or None, api="grpc",
+            seed=request.seed if request.HasField("seed") else None,
+            temperature=request.temperature if request.HasField("temperature") else 1.0,
+            ignore_eos=request.ignore_eos, session_id=request.session_id or request.user,
+        )
+
+    async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[messages.Tokens | messages.Finished, RequestRecord]]:
+        request_id = f"gen-{uuid.uuid4().hex}"
+        record = RequestRecord(request_id=request_id, api="grpc", arrived=self._clock.monotonic(), stream=True)
+        self._metrics.in_flight.inc()
+        try:
+            events = self._dispatcher.generate(self._params(request, request_id), record)
+            async with aclosing(events):
+                async for event in events:
+                    yield event, record
+        except TierflowError as exc:
+            record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+            await context.abort(STATUS_BY_HTTP.get(exc.http_status, grpc.StatusCode.INTERNAL), exc.message)
+        except BaseException:
+            record.outcome, record.status = "cancelled", 499
+            raise
+        finally:
+            self._metrics.in_flight.dec()
+            finish_record(record, self._metrics, self._clock)
+
+    @staticmethod
+    def _usage(record: RequestRecord) -> pb.Usage:
+        return pb.Usage(
+            prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+            total_tokens=record.prompt_tokens + record.completion_tokens, cached_tokens=record.prefix_hit_tokens,
+        )
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        async for event, record in self._events(request, context):
+            if type(event) is messages.Tokens:
+                yield pb.GenerateResponse(id=record.request_id, model=record.model, text=event.text, token_ids=event.token_ids, node_id=record.node, model_version=record.version)
+            else:
+                yield pb.GenerateResponse(id=record.request_id, model=record.model, finish_reason=event.finish_reason, usage=self._usage(record), node_id=record.node, model_version=record.version)
+
+    async def GenerateUnary(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        texts: list[str] = []
+        ids: list[int] = []
+        final: RequestRecord | None = None
+        finish = ""
+        async for event, record in self._events(request, context):
+            final = record
+            if type(event) is messages.Tokens:
+                texts.append(event.text)
+                ids.extend(event.token_ids)
+            else:
+                finish = event.finish_reason
+        assert final is not None  # _events yields Finished or aborts
+        return pb.GenerateResponse(id=final.request_id, model=final.model, text="".join(texts), token_ids=ids, finish_reason=finish, usage=self._usage(final), node_id=final.node, model_version=final.version)
+
+
+async def start_grpc(dispatcher: Dispatcher, clock: Clock, metrics: RouterMetrics, host: str, port: int) -> grpc.aio.Server:
+    servicer = InferenceServicer(dispatcher, clock, metrics)
+    name = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+    return await start_grpc_server(lambda server: pb_grpc.add_InferenceServicer_to_server(servicer, server), [name], host, port)

@@ -1,0 +1,632 @@
+"""The router's HTTP/1.1 front door: one ``asyncio.Protocol`` over the httptools C parser.
+
+Why not aiohttp: the router is the fabric's hot path and aiohttp spends ~50 µs of CPU
+per request on layers we do not use (middlewares, multidict, a StreamReader per body).
+Here a request costs one parser feed, one ``Request`` object, one task and one
+``transport.write``; everything that can be computed once is (status lines, the
+constant headers, the ``Date`` header, which a per-server ticker refreshes once a second).
+``loadtest/http_layer.py`` measures the difference.
+
+Layers::
+
+    serve() -> _Server            an AbstractServer that also knows its live connections
+                 └ _ServerState   handler, limits, Date header, the 1 Hz ticker (idle sweep)
+                 └ _Connection    one per socket: parse -> queue -> one handler task -> write
+
+Semantics worth knowing:
+
+* Keep-alive and pipelining: requests are parsed as bytes arrive and queued; one task
+  answers them in order, one at a time.  HTTP/1.0 closes unless it asked for keep-alive.
+* A client EOF is a disconnect (as Go's net/http and uvicorn treat it): the handler task
+  is cancelled, which closes a streaming generator, so the router cancels upstream work.
+* Errors before a handler runs (400, 413, 431) answer in the OpenAI error shape and close
+  the connection, after answering every request queued before the bad one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from urllib.parse import unquote
+
+import httptools
+import msgspec
+
+__all__ = ["Handler", "Request", "Response", "StreamingResponse", "serve", "shutdown"]
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT: float = 75.0
+"""Seconds a keep-alive connection may sit idle (or a slow reader stall a response)."""
+
+_TICK = 1.0  # ticker period: Date refresh; the idle sweep runs every _SWEEP_EVERY ticks
+_SWEEP_EVERY = 5
+_LINGER = 2.0  # after an error response, drain the client's unread body this long
+_MAX_PIPELINE = 32  # queued requests per connection before we stop reading the socket
+_MAX_HEADER_BYTES = 64 << 10  # request line + headers; llhttp itself has no limit
+
+# ---------------------------------------------------------------- built once, at import
+_STATUS_LINES: dict[int, bytes] = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1")) for s in HTTPStatus
+}
+_NO_BODY_STATUSES = frozenset({204, 304} | set(range(100, 200)))
+_CONNECTION_CLOSE = b"connection: close\r\n"
+_CONNECTION_KEEP_ALIVE = b"connection: keep-alive\r\n"  # only HTTP/1.0 needs to be told
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_METHODS: dict[bytes, str] = {
+    m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD")
+}
+_COMMON_HEADERS = (
+    "host", "user-agent", "accept", "accept-encoding", "accept-language", "authorization",
+    "connection", "content-length", "content-type", "expect", "transfer-encoding",
+    "x-request-id", "traceparent", "tracestate", "openai-organization", "openai-project",
+)
+_HEADER_NAMES: dict[bytes, str] = {
+    spelling.encode(): name
+    for name in _COMMON_HEADERS
+    for spelling in (name, name.title(), name.upper())
+}
+_ERRORS = msgspec.json.Encoder()
+
+
+def _error_body(message: str, kind: str = "invalid_request_error") -> bytes:
+    """An OpenAI-shaped error document, so SDK clients surface our message verbatim."""
+    return _ERRORS.encode(
+        {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    )
+
+
+def _header_line(name: str, value: str) -> bytes:
+    """One ``name: value`` line; CR/LF are refused so a handler cannot split the response."""
+    line = f"{name}: {value}"
+    if "\r" in line or "\n" in line:
+        raise ValueError(f"CR/LF in response header {name!r}")
+    return line.encode("latin-1") + b"\r\n"
+
+
+def _http_date() -> bytes:
+    """The ``Date`` header line; the one wall-clock read here, made once a second."""
+    return b"date: " + formatdate(time.time(), usegmt=True).encode("ascii") + b"\r\n"
+
+
+# ------------------------------------------------------------------------------ the API
+class Request:
+    """One parsed request, built once by the protocol; handlers only read it."""
+
+    __slots__ = ("method", "path", "query", "headers", "body", "peer")
+
+    def __init__(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, peer: str
+    ) -> None:
+        self.method = method
+        self.path = path  # percent-decoded, without the query string
+        self.query = query  # raw, "" if none
+        self.headers = headers  # lower-cased names; the last repeat wins
+        self.body = body
+        self.peer = peer  # "ip:port" ("[ip6]:port")
+
+    def __repr__(self) -> str:
+        return f"Request({self.method} {self.path!r} from {self.peer}, {len(self.body)} B)"
+
+
+class Response(msgspec.Struct, gc=False):
+    """A complete response, sent with ``Content-Length`` in one write.
+
+    ``gc=False``: it holds only bytes/str/ints, so the collector need not track it.
+    """
+
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class StreamingResponse(msgspec.Struct):
+    """A response whose body is written chunk by chunk (``Transfer-Encoding: chunked``)
+    as the iterator yields, which is what Server-Sent Events need."""
+
+    status: int
+    chunks: AsyncIterator[bytes]
+    content_type: str = "text/event-stream"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
+
+_INTERNAL_ERROR = Response(500, _error_body("internal server error", "server_error"))
+
+
+# ----------------------------------------------------------------------------- serving
+class _ServerState:
+    """Everything one ``serve()`` call shares among its connections."""
+
+    def __init__(self, handler: Handler, max_body: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.handler = handler
+        self.max_body = max_body
+        self.loop = loop
+        self.context = contextvars.copy_context()  # each request task runs in a copy
+        self.connections: set[_Connection] = set()
+        self.orphans: set[asyncio.Task[None]] = set()  # cancelled tasks still unwinding
+        self.date = _http_date()
+        self.content_types: dict[str, bytes] = {}
+        self.ticks = 0
+        self.draining = False
+        self.all_closed: asyncio.Future[None] | None = None
+        self.is_serving: Callable[[], bool] = lambda: True
+        self.timer: asyncio.TimerHandle | None = loop.call_later(_TICK, self.tick)
+
+    def tick(self) -> None:
+        """Refresh ``Date`` and, every few seconds, close idle or stalled connections."""
+        self.date = _http_date()
+        self.ticks += 1
+        if self.ticks % _SWEEP_EVERY == 0:
+            for conn in list(self.connections):
+                conn.sweep(self.ticks)
+        if self.is_serving() or self.connections:
+            self.timer = self.loop.call_later(_TICK, self.tick)
+        else:
+            self.timer = None
+
+    def content_type_header(self, content_type: str) -> bytes:
+        """``content-type`` lines are few and repeat, so each is encoded once per server."""
+        line = self.content_types.get(content_type)
+        if line is None:
+            line = _header_line("content-type", content_type)
+            if len(self.content_types) < 64:
+                self.content_types[content_type] = line
+        return line
+
+    def forget(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self.all_closed is not None and not self.all_closed.done():
+            self.all_closed.set_result(None)
+
+
+class _Server(asyncio.AbstractServer):
+    """The listening server plus the connection registry ``shutdown()`` needs (asyncio's
+    and uvloop's ``wait_closed`` do not wait for connections on Python 3.11)."""
+
+    def __init__(self, inner: asyncio.AbstractServer, state: _ServerState) -> None:
+        self._inner = inner
+        self.state = state
+        state.is_serving = inner.is_serving
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._inner.sockets)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Stop accepting; open connections live on until idle (see ``shutdown``)."""
+        self._inner.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._inner.get_loop()
+
+    def is_serving(self) -> bool:
+        return self._inner.is_serving()
+
+    async def start_serving(self) -> None:
+        await self._inner.start_serving()
+
+    async def serve_forever(self) -> None:
+        await self._inner.serve_forever()
+
+    async def wait_closed(self) -> None:
+        await self._inner.wait_closed()
+
+
+async def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    max_body_bytes: int = 8 << 20,
+    backlog: int = 2048,
+    reuse_port: bool = False,
+) -> asyncio.AbstractServer:
+    """Listen on ``host:port`` and answer every request with ``handler``; returns once
+    listening (port 0 picks a free port: read it from ``server.sockets``)."""
+    loop = asyncio.get_running_loop()
+    state = _ServerState(handler, max_body_bytes, loop)
+    try:
+        inner = await loop.create_server(
+            lambda: _Connection(state), host, port, backlog=backlog, reuse_port=reuse_port
+        )
+    except BaseException:
+        if state.timer is not None:
+            state.timer.cancel()
+        raise
+    return _Server(inner, state)
+
+
+async def shutdown(server: asyncio.AbstractServer, grace: float) -> None:
+    """Stop accepting, let in-flight requests finish for up to ``grace`` seconds (idle
+    connections close at once, busy ones after their last queued response), then abort
+    what is left and wait for its handler tasks to unwind."""
+    server.close()
+    if not isinstance(server, _Server):
+        await server.wait_closed()
+        return
+    state = server.state
+    state.draining = True
+    for conn in list(state.connections):
+        conn.drain()
+    await _wait_for_connections(state, grace)
+    for conn in list(state.connections):
+        conn.abort()
+    if state.orphans:  # bounded: a handler may swallow its cancellation
+        await asyncio.wait(set(state.orphans), timeout=1.0)
+    await _wait_for_connections(state, 1.0)  # connection_lost() follows abort() next tick
+    if state.timer is not None:
+        state.timer.cancel()
+        state.timer = None
+    await server.wait_closed()
+
+
+async def _wait_for_connections(state: _ServerState, timeout: float) -> None:
+    if not state.connections:
+        return
+    if state.all_closed is None or state.all_closed.done():
+        state.all_closed = state.loop.create_future()
+    try:
+        await asyncio.wait_for(asyncio.shield(state.all_closed), timeout)
+    except TimeoutError:
+        pass
+
+
+# -------------------------------------------------------------------------- protocol
+_QueueItem = tuple[Request | Response, bool, bool]  # (request or error, keep_alive, http10)
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing with a 4xx answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: httptools calls the ``on_*`` methods while ``data_received``
+    feeds it; complete requests queue up and ``_run`` answers them one at a time."""
+
+    __slots__ = (
+        "_state", "_loop", "_transport", "_parser", "_peer", "_url", "_headers", "_body",
+        "_body_size", "_header_bytes", "_in_message", "_keep_alive", "_http10", "_queue",
+        "_task", "_busy", "_done_reading", "_reading_paused", "_closing", "_write_paused",
+        "_drain_waiter", "_paused_tick", "_last_tick", "_continue_pending", "_linger",
+    )
+
+    def __init__(self, state: _ServerState) -> None:
+        self._state = state
+        self._loop = state.loop
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
+        self._parser = httptools.HttpRequestParser(self)
+        self._peer = ""
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._header_bytes = 0
+        self._in_message = False
+        self._keep_alive = True
+        self._http10 = False
+        self._queue: deque[_QueueItem] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._busy = False
+        self._done_reading = False  # no more requests will be parsed on this connection
+        self._reading_paused = False
+        self._closing = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._paused_tick = 0
+        self._last_tick = state.ticks
+        self._continue_pending = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    # -- transport callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # always a stream transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:  # a streamed first token must not wait on Nagle + delayed ACK
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # not TCP (a Unix socket in some test setup)
+                pass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            host = peer[0]
+            self._peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        self._state.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._state.forget(self)
+        if self._linger is not None:
+            self._linger.cancel()
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()  # the handler (or its stream) sees CancelledError and cleans up
+            self._state.orphans.add(task)
+            task.add_done_callback(self._state.orphans.discard)
+        self._task = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._paused_tick = self._state.ticks
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done_reading:
+            return  # after Connection: close, an error, or while lingering: discard
+        self._last_tick = self._state.ticks
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # We do not switch protocols: answer the request, then close.
+            self._done_reading = True
+            if self._queue:
+                request, _, http10 = self._queue.pop()
+                self._queue.append((request, False, http10))
+        except httptools.HttpParserError as exc:
+            if not self._done_reading:  # llhttp also objects to bytes after "close"
+                reject = exc.__context__
+                if isinstance(reject, _Reject):
+                    status, message = reject.status, str(reject)
+                else:
+                    status, message = 400, f"malformed HTTP request: {exc}"
+                self._queue.append((Response(status, _error_body(message)), False, False))
+                self._done_reading = True
+        if self._queue and not self._busy:
+            self._dispatch()
+        elif self._done_reading and not self._busy:
+            self._close()  # e.g. an upgrade request that never completed
+
+    # -- parser callbacks
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > _MAX_HEADER_BYTES:
+            raise _Reject(431, "request headers too large")
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+        self._headers[key] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._keep_alive = parser.should_keep_alive()
+        self._http10 = parser.get_http_version() == "1.0"
+        headers = self._headers
+        length = headers.get("content-length")
+        if length is not None and int(length) > self._state.max_body:
+            raise _Reject(413, f"request body exceeds {self._state.max_body} bytes")
+        expect = headers.get("expect")
+        if expect is not None and expect.lower() == "100-continue" and not self._http10:
+            if self._busy or self._queue:
+                self._continue_pending = True  # sent once earlier responses are out
+            else:
+                self._transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self._state.max_body:
+            raise _Reject(413, f"request body exceeds {self._state.max_body} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        url = self._url
+        if url.startswith(b"/"):
+            raw_path, _, raw_query = url.partition(b"?")
+        elif url == b"*":
+            raw_path, raw_query = url, b""
+        else:  # absolute-form, as sent to proxies
+            parsed = httptools.parse_url(url)
+            raw_path, raw_query = parsed.path or b"/", parsed.query or b""
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        parts = self._body
+        body = b"" if not parts else parts[0] if len(parts) == 1 else b"".join(parts)
+        method = self._parser.get_method()
+        request = Request(
+            _METHODS.get(method) or method.decode("ascii"),
+            path,
+            raw_query.decode("latin-1"),
+            self._headers,
+            body,
+            self._peer,
+        )
+        self._queue.append((request, self._keep_alive, self._http10))
+        self._in_message = False
+        self._continue_pending = False  # the body is here; no need to invite it
+        if not self._keep_alive:
+            self._done_reading = True
+        if len(self._queue) >= _MAX_PIPELINE and not self._reading_paused:
+            self._transport.pause_reading()
+            self._reading_paused = True
+
+    # -- answering
+    def _dispatch(self) -> None:
+        self._busy = True
+        self._task = self._loop.create_task(self._run(), context=self._state.context.copy())
+
+    async def _run(self) -> None:
+        """Answer the head of the queue; then hand over to a fresh task for the next one,
+        so that context variables a handler sets do not leak into the next request."""
+        item, keep_alive, http10 = self._queue.popleft()
+        if self._reading_paused and len(self._queue) < _MAX_PIPELINE // 2:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        if type(item) is Response:  # a 4xx decided by the parser
+            self._write(item, False, False)
+            self._close(linger=True)
+            return
+        assert isinstance(item, Request)
+        keep = keep_alive
+        try:
+            response = await self._state.handler(item)
+            # Decided now, not before the handler: shutdown may have begun meanwhile.
+            if (self._done_reading or self._state.draining) and not self._queue:
+                keep = False
+            if isinstance(response, StreamingResponse):
+                keep = await self._stream(response, keep, http10)
+            else:
+                self._write(response, keep, http10)
+        except Exception:
+            log.exception("handler failed on %s %s", item.method, item.path)
+            self._write(_INTERNAL_ERROR, keep, http10)
+        if self._write_paused and not self._closing:
+            await self._drain()
+        self._busy = False
+        self._task = None
+        self._last_tick = self._state.ticks  # idle time counts from the last answer
+        if self._closing:
+            return
+        if not keep:
+            self._close()
+        elif self._queue:
+            self._dispatch()
+        elif self._continue_pending:
+            self._continue_pending = False
+            self._transport.write(_CONTINUE)
+        elif (self._done_reading or self._state.draining) and not self._in_message:
+            self._close()
+
+    def _head(self, status: int, content_type: str, extra: tuple[tuple[str, str], ...]) -> list[bytes]:
+        line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+        head = [line, self._state.date, self._state.content_type_header(content_type)]
+        for name, value in extra:
+            head.append(_header_line(name, value))
+        return head
+
+    def _write(self, response: Response, keep: bool, http10: bool) -> None:
+        """Render and send a complete response in one write (raises before writing
+        anything, so a bad header still becomes a clean 500)."""
+        if not isinstance(response, Response):
+            raise TypeError(f"handler returned {type(response).__name__}, not a Response")
+        head = self._head(response.status, response.content_type, response.headers)
+        body = response.body
+        if response.status in _NO_BODY_STATUSES:
+            body = b""
+        else:
+            head.append(b"content-length: %d\r\n" % len(body))
+        if not keep:
+            head.append(_CONNECTION_CLOSE)
+        elif http10:
+            head.append(_CONNECTION_KEEP_ALIVE)
+        head.append(b"\r\n")
+        if len(body) < 65536:
+            head.append(body)
+            self._transport.write(b"".join(head))
+        else:  # do not copy a large body just to save one write
+            self._transport.writelines((b"".join(head), body))
+
+    async def _stream(self, response: StreamingResponse, keep: bool, http10: bool) -> bool:
+        """Send each chunk as soon as it is yielded, waiting while the client's socket
+        is full; returns whether the connection may be reused."""
+        chunks = response.chunks
+        transport = self._transport
+        try:
+            head = self._head(response.status, response.content_type, response.headers)
+            if http10:  # no chunked coding in HTTP/1.0: the body ends at close
+                keep = False
+            else:
+                head.append(_CHUNKED)
+            if not keep:
+                head.append(_CONNECTION_CLOSE)
+            head.append(b"\r\n")
+            transport.write(b"".join(head))
+            try:
+                async for chunk in chunks:
+                    if not chunk:
+                        continue  # an empty chunk would end the body
+                    transport.write(chunk if http10 else b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    if self._write_paused:
+                        await self._drain()
+            except Exception:
+                # Headers are out: the only honest signal left is an unterminated body.
+                log.exception("stream failed on status %d", response.status)
+                self._close()
+                return False
+            if not http10:
+                transport.write(_LAST_CHUNK)
+            return keep
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()  # runs the generator's finally, even when we were cancelled
+
+    async def _drain(self) -> None:
+        waiter = self._drain_waiter = self._loop.create_future()
+        await waiter  # resume_writing() sets it; connection_lost() cancels our task
+
+    # -- closing
+    def _close(self, linger: bool = False) -> None:
+        """Close after flushing.  With ``linger``, half-close and discard input for a
+        moment first: closing with an unread request body in the kernel sends RST, which
+        can destroy the error response before the client reads it."""
+        if self._closing:
+            return
+        self._closing = True
+        self._done_reading = True
+        transport = self._transport
+        if self._reading_paused:
+            transport.resume_reading()
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            self._linger = self._loop.call_later(_LINGER, transport.close)
+        else:
+            transport.close()
+
+    def drain(self) -> None:
+        """Shutdown began: idle connections close now, busy ones after their last answer."""
+        if not self._busy and not self._queue and not self._in_message:
+            self._close()
+
+    def abort(self) -> None:
+        """The grace period is over: cancel the handler and drop the socket."""
+        self._closing = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            self._state.orphans.add(self._task)
+            self._task.add_done_callback(self._state.orphans.discard)
+        self._task = None
+        self._transport.abort()
+
+    def sweep(self, ticks: int) -> None:
+        """Close a connection idle for IDLE_TIMEOUT, or one whose reader stalled a
+        response that long (else a client that stops reading pins a handler forever)."""
+        if self._busy:
+            if self._write_paused and ticks - self._paused_tick >= IDLE_TIMEOUT:
+                log.info("aborting %s: client stopped reading", self._peer)
+                self.abort()
+        elif ticks - self._last_tick >= IDLE_TIMEOUT and not self._queue:
+            self._close()

@@ -1,0 +1,100 @@
+"""The router service: the fabric's front door (OpenAI HTTP + gRPC).
+
+It keeps two caches fed from NATS — nodes from their heartbeats, models and
+deployments from the registry's KV bucket — and routes each request over NATS to a
+node chosen from them. It holds no state that must survive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+import msgspec
+
+from tierflow.contracts import messages, registry, subjects
+from tierflow.runtime import discovery
+from tierflow.runtime.clock import WallClock
+from tierflow.runtime.kv import follow
+from tierflow.runtime.service import ServiceContext, connect_nats
+from tierflow.services.router.dispatch import Dispatcher
+from tierflow.services.router.grpc_api import start_grpc
+from tierflow.services.router.http_server import serve, shutdown
+from tierflow.services.router.metrics import RouterMetrics
+from tierflow.services.router.openai_api import OpenAIApi
+from tierflow.services.router.settings import Settings
+from tierflow.services.router.state import ModelTable, NodeTable
+from tierflow.services.router.transport import NatsNodeTransport
+
+__all__ = ["Settings", "main"]
+
+log = logging.getLogger(__name__)
+
+
+
+async def main(ctx: ServiceContext, settings: Settings) -> None:
+    router_id = subjects.check_token(settings.router_id or f"r{uuid.uuid4().hex[:12]}", "router id")
+    nc = await connect_nats(settings.nats_url, f"tierflow-router-{router_id}", stopping=ctx.stopping)
+    clock = WallClock()
+    nodes = NodeTable()
+    models = ModelTable()
+    metrics = RouterMetrics()
+
+    async def on_heartbeat(msg: object) -> None:
+        try:
+            nodes.apply(messages.heartbeat_decoder.decode(msg.data), clock.monotonic())  # type: ignore[attr-defined]
+        except msgspec.DecodeError as exc:
+            log.warning("bad heartbeat on %s: %s", msg.subject, exc)  # type: ignore[attr-defined]
+
+    def on_put(key: str, value: bytes, revision: int) -> None:
+        try:
+            if key.startswith("model."):
+                models.put_model(registry.model_decoder.decode(value))
+            elif key.startswith("deployment."):
+                models.put_deployment(registry.deployment_decoder.decode(value))
+        except msgspec.DecodeError as exc:
+            log.warning("bad registry record %s: %s", key, exc)
+
+    def on_delete(key: str) -> None:
+        kind, _, name = key.partition(".")
+        if kind == "model":
+            models.delete_model(name)
+        elif kind == "deployment":
+            models.delete_deployment(name)
+
+    transport = NatsNodeTransport(nc, router_id, liveness_timeout=settings.liveness_timeout)
+    await transport.start()
+    await nc.subscribe(subjects.NODE_HEARTBEATS, cb=on_heartbeat)
+    watch = asyncio.create_task(
+        follow(nc.jetstream(), subjects.REGISTRY_BUCKET, ">", on_put=on_put, on_delete=on_delete, stopping=ctx.stopping),
+        name="registry-watch",
+    )
+
+    async def housekeeping() -> None:
+        while not ctx.stopping.is_set():
+            now = clock.monotonic()
+            nodes.forget_dead(now)
+            metrics.nodes.set(len(nodes.live(now)))
+            try:
+                await asyncio.wait_for(ctx.stopping.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    chores = asyncio.create_task(housekeeping(), name="housekeeping")
+    dispatcher = Dispatcher(nodes, models, transport, clock, metrics, max_attempts=settings.max_attempts)
+    api = OpenAIApi(dispatcher, models, nodes, clock, metrics, nats_connected=lambda: nc.is_connected)
+    http = await serve(api.handle, settings.http_host, settings.http_port)
+    grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port)
+    micro = await discovery.register(
+        nc, "router", router_id,
+        http=f"http://{settings.http_host}:{settings.http_port}", grpc=f"{settings.grpc_host}:{settings.grpc_port}",
+    )
+    log.info("router %s: OpenAI on http://%s:%d/v1, gRPC on %s:%d", router_id, settings.http_host, settings.http_port, settings.grpc_host, settings.grpc_port)
+    await ctx.stopping.wait()
+
+    await asyncio.gather(shutdown(http, settings.drain_grace), grpc_server.stop(grace=settings.drain_grace))
+    watch.cancel()
+    chores.cancel()
+    await asyncio.gather(watch, chores, return_exceptions=True)
+    await micro.stop()
+    await nc.drain()

@@ -1,0 +1,32 @@
+"""Router metrics: the client's view of latency, with vLLM's names under `tierflow_`.
+
+Labels are bounded: model and version come from the registry, node from heartbeats,
+tenant from configuration; nothing per request or per user ends up in a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["RouterMetrics"]
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw = {"registry": registry} if registry is not None else {}
+        labels = ("model", "version", "tenant")
+        self.ttft = Histogram("tierflow_time_to_first_token_seconds", "Time to first token seen by the client", labels, buckets=_TTFT_BUCKETS, **kw)
+        self.itl = Histogram("tierflow_inter_token_latency_seconds", "Time between streamed tokens", labels, buckets=_ITL_BUCKETS, **kw)
+        self.e2e = Histogram("tierflow_e2e_request_latency_seconds", "Request latency end to end", labels, buckets=_E2E_BUCKETS, **kw)
+        self.requests = Counter("tierflow_requests", "Requests answered, by outcome", (*labels, "outcome"), **kw)
+        self.errors = Counter("tierflow_request_errors", "Requests that failed, by error type", ("model", "type"), **kw)
+        self.prompt_tokens = Counter("tierflow_router_prompt_tokens", "Prompt tokens of served requests", labels, **kw)
+        self.completion_tokens = Counter("tierflow_router_generation_tokens", "Tokens streamed to clients", labels, **kw)
+        self.retries = Counter("tierflow_router_retries", "Attempts moved to another node before the first token", ("model", "reason"), **kw)
+        self.routing = Counter("tierflow_routing_decisions", "Placement decisions by node and the tier the model was in", ("model", "node", "tier"), **kw)
+        self.in_flight = Gauge("tierflow_router_requests_in_flight", "Requests the router is serving now", **kw)
+        self.nodes = Gauge("tierflow_router_live_nodes", "Decode nodes heard from within 3 heartbeats", **kw)

@@ -1,0 +1,310 @@
+"""The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models.
+
+Streaming answers wait for the first token before sending headers, so every failure
+that happens before any output (unknown model, no capacity, all nodes failed) gets its
+real HTTP status; a failure after the first token arrives as an SSE `error` event,
+which the official client raises as an APIError instead of hanging.
+
+Per-token work is kept small: the JSON around a streamed token is built once per request
+(`_ChunkFormat`), and only the token text is encoded per chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from tierflow.contracts import messages
+from tierflow.runtime.clock import Clock
+from tierflow.runtime.errors import InvalidRequest, ModelNotFound, RateLimited, TierflowError
+from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
+from tierflow.services.router.http_server import Request, Response, StreamingResponse
+from tierflow.services.router.metrics import RouterMetrics
+from tierflow.services.router.openai_schema import ChatCompletionRequest, CompletionRequest, chat_decoder, completion_decoder
+from tierflow.services.router.state import ModelTable, NodeTable
+from tierflow.tokenizer import encode, render_chat
+
+__all__ = ["OpenAIApi", "error_response"]
+
+log = logging.getLogger(__name__)
+_encode = msgspec.json.encode
+_PATH_IN_ERROR = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_DONE = b"data: [DONE]\n\n"
+
+
+def error_response(exc: TierflowError) -> Response:
+    body = _encode({"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}})
+    headers: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, RateLimited) or exc.http_status in (429, 503):
+        headers = (("retry-after", str(max(1, round(getattr(exc, "retry_after", 1.0))))),)
+    return Response(exc.http_status, body, headers=headers)
+
+
+def _invalid_body(exc: msgspec.MsgspecError) -> InvalidRequest:
+    text = str(exc)
+    if isinstance(exc, msgspec.ValidationError):
+        missing = _MISSING_FIELD.search(text)
+        where = _PATH_IN_ERROR.search(text)
+        if missing:
+            parent = where.group(1) if where else ""
+            param = f"{parent}.{missing.group(1)}" if parent else missing.group(1)
+            return InvalidRequest(f"'{param}' is a required property: {text}", param=param)
+        param = where.group(1) if where else None
+        return InvalidRequest(f"Invalid value for '{param}': {text}" if param else text, param=param)
+    return InvalidRequest(f"The request body is not valid JSON: {text}")
+
+
+class _ChunkFormat:
+    """Pre-rendered JSON around a streamed chunk: only the text is encoded per token."""
+
+    __slots__ = ("_head", "_tail", "_usage_field")
+
+    def __init__(self, obj: str, request_id: str, created: int, model: str, chat: bool, include_usage: bool) -> None:
+        self._usage_field = include_usage
+        prefix = f'data: {{"id":"{request_id}","object":"{obj}","created":{created},"model":{_encode(model).decode()},"choices":[{{"index":0,'
+        self._head = (prefix + ('"delta":{"content":' if chat else '"text":')).encode()
+        self._tail = (('},' if chat else ',') + '"logprobs":null,"finish_reason":null}]' + (',"usage":null' if include_usage else "") + "}\n\n").encode()
+
+    def text(self, text: str) -> bytes:
+        return self._head + _encode(text) + self._tail
+
+
+class OpenAIApi:
+    def __init__(self, dispatcher: Dispatcher, models: ModelTable, nodes: NodeTable, clock: Clock, metrics: RouterMetrics, *, nats_connected: Any) -> None:
+        self._dispatcher = dispatcher
+        self._models = models
+        self._nodes = nodes
+        self._clock = clock
+        self._metrics = metrics
+        self._nats_connected = nats_connected  # () -> bool
+        self._routes = {
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/completions"): self._completions,
+            ("GET", "/v1/models"): self._list_models,
+            ("GET", "/health"): self._health,
+            ("GET", "/metrics"): self._prometheus,
+        }
+
+    async def handle(self, request: Request) -> Response | StreamingResponse:
+        route = self._routes.get((request.method, request.path))
+        if route is not None:
+            return await route(request)
+        if request.method == "GET" and request.path.startswith("/v1/models/"):
+            return self._get_model(request.path[len("/v1/models/"):])
+        if any(path == request.path for _, path in self._routes):
+            allowed = ", ".join(m for m, p in self._routes if p == request.path)
+            return error_response(_MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}"))
+        return error_response(_NotFound(f"no route {request.method} {request.path}; the API is under /v1 (chat/completions, completions, models)"))
+
+    # ----------------------------------------------------------------- generation
+
+    async def _chat(self, request: Request) -> Response | StreamingResponse:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: Request) -> Response | StreamingResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: Request, *, chat: bool) -> Response | StreamingResponse:
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        record = RequestRecord(request_id=request_id, api="chat" if chat else "completions", arrived=self._clock.monotonic())
+        try:
+            body = self._parse(request.body, chat)
+            record.stream = body.stream
+            params = self._params(body, request_id, chat, request)
+            events = self._dispatcher.generate(params, record)
+            self._metrics.in_flight.inc()
+            if body.stream:
+                return await self._stream(events, body, record, chat)
+            return await self._complete(events, body, record, chat)
+        except TierflowError as exc:
+            record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+            finish_record(record, self._metrics, self._clock)
+            return error_response(exc)
+
+    def _parse(self, raw: bytes, chat: bool) -> ChatCompletionRequest | CompletionRequest:
+        if not raw:
+            raise InvalidRequest("The request body is empty; send a JSON object")
+        try:
+            body = chat_decoder.decode(raw) if chat else completion_decoder.decode(raw)
+        except msgspec.MsgspecError as exc:
+            raise _invalid_body(exc) from None
+        if body.stream_options is not None and not body.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+        return body
+
+    def _params(self, body: ChatCompletionRequest | CompletionRequest, request_id: str, chat: bool, request: Request) -> GenerateParams:
+        if isinstance(body, ChatCompletionRequest):
+            prompt_ids = encode(render_chat([(m.role, m.text()) for m in body.messages]))
+            max_tokens = body.max_completion_tokens or body.max_tokens
+        else:
+            try:
+                prompt = body.prompt_input()
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="prompt") from None
+            prompt_ids = encode(prompt) if isinstance(prompt, str) else prompt
+            max_tokens = body.max_tokens
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        session = request.headers.get("x-session-id") or body.user or ""
+        return GenerateParams(
+            request_id=request_id, model=body.model, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
+            api="chat" if chat else "completions", seed=body.seed,
+            temperature=body.temperature if body.temperature is not None else 1.0,
+            ignore_eos=body.ignore_eos, stop=stop, session_id=session,
+        )
+
+    def _usage(self, record: RequestRecord) -> dict[str, Any]:
+        return {
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "total_tokens": record.prompt_tokens + record.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": record.prefix_hit_tokens},
+        }
+
+    async def _complete(self, events: AsyncIterator[messages.Tokens | messages.Finished], body: Any, record: RequestRecord, chat: bool) -> Response:
+        parts: list[str] = []
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    if type(event) is messages.Tokens:
+                        parts.append(event.text)
+        except TierflowError as exc:
+            record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+            return error_response(exc)
+        except BaseException:
+            record.outcome, record.status = "cancelled", 499
+            raise
+        finally:
+            self._metrics.in_flight.dec()
+            finish_record(record, self._metrics, self._clock)
+        text = "".join(parts)
+        created = int(time.time())
+        if chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": record.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": record.finish_reason}
+            obj = "text_completion"
+        payload = {
+            "id": record.request_id, "object": obj, "created": created, "model": body.model,
+            "system_fingerprint": f"tierflow-{record.version}", "choices": [choice], "usage": self._usage(record),
+        }
+        return Response(200, _encode(payload), headers=(("x-request-id", record.request_id), ("x-tierflow-node", record.node)))
+
+    async def _stream(self, events: AsyncIterator[messages.Tokens | messages.Finished], body: Any, record: RequestRecord, chat: bool) -> Response | StreamingResponse:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        created = int(time.time())
+        fmt = _ChunkFormat("chat.completion.chunk" if chat else "text_completion", record.request_id, created, body.model, chat, include_usage)
+        # Wait for the first event before committing to a 200: errors before output keep their status.
+        try:
+            first = await anext(events)
+        except TierflowError as exc:
+            self._metrics.in_flight.dec()
+            await events.aclose()
+            record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+            finish_record(record, self._metrics, self._clock)
+            return error_response(exc)
+        except BaseException:
+            self._metrics.in_flight.dec()
+            await events.aclose()
+            record.outcome, record.status = "cancelled", 499
+            finish_record(record, self._metrics, self._clock)
+            raise
+
+        def frame(obj: dict[str, Any]) -> bytes:
+            return b"data: " + _encode(obj) + b"\n\n"
+
+        def final_chunk(finish_reason: str) -> bytes:
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+            if chat:
+                choice["delta"] = {}
+            else:
+                choice["text"] = ""
+            obj: dict[str, Any] = {"id": record.request_id, "object": fmt_obj, "created": created, "model": body.model, "choices": [choice]}
+            if include_usage:
+                obj["usage"] = None
+            return frame(obj)
+
+        fmt_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async with aclosing(events):
+                    if chat:
+                        role: dict[str, Any] = {"id": record.request_id, "object": fmt_obj, "created": created, "model": body.model,
+                                                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+                        if include_usage:
+                            role["usage"] = None
+                        yield frame(role)
+                    event: messages.Tokens | messages.Finished = first
+                    while True:
+                        if type(event) is messages.Tokens:
+                            yield fmt.text(event.text)
+                        else:
+                            yield final_chunk(record.finish_reason)
+                            if include_usage:
+                                yield frame({"id": record.request_id, "object": fmt_obj, "created": created, "model": body.model, "choices": [], "usage": self._usage(record)})
+                            yield _DONE
+                            return
+                        event = await anext(events)
+            except TierflowError as exc:
+                record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+                yield frame({"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}})
+            except BaseException:
+                record.outcome, record.status = "cancelled", 499
+                raise
+            finally:
+                self._metrics.in_flight.dec()
+                finish_record(record, self._metrics, self._clock)
+
+        headers = (("cache-control", "no-cache"), ("x-request-id", record.request_id), ("x-tierflow-node", record.node))
+        return StreamingResponse(200, chunks(), headers=headers)
+
+    # ----------------------------------------------------------------- catalog & ops
+
+    def _model_obj(self, name: str) -> dict[str, Any]:
+        route = self._models.routes[name]
+        return {"id": name, "object": "model", "created": int(route.created_at), "owned_by": "tierflow", "max_model_len": route.max_context}
+
+    async def _list_models(self, request: Request) -> Response:
+        data = [self._model_obj(name) for name in sorted(self._models.routes)]
+        return Response(200, _encode({"object": "list", "data": data}))
+
+    def _get_model(self, name: str) -> Response:
+        if name not in self._models.routes:
+            return error_response(ModelNotFound(f"The model `{name}` does not exist or is not deployed.", param="model", code="model_not_found"))
+        return Response(200, _encode(self._model_obj(name)))
+
+    async def _health(self, request: Request) -> Response:
+        now = self._clock.monotonic()
+        live = self._nodes.live(now)
+        connected = bool(self._nats_connected())
+        ok = connected and bool(live)
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "nats": "connected" if connected else "disconnected",
+            "nodes": len(live),
+            "models": len(self._models.routes),
+        }
+        return Response(200 if ok else 503, _encode(body))
+
+    async def _prometheus(self, request: Request) -> Response:
+        return Response(200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+
+
+class _NotFound(TierflowError):
+    http_status = 404
+    error_type = "invalid_request_error"
+
+
+class _MethodNotAllowed(TierflowError):
+    http_status = 405
+    error_type = "invalid_request_error"

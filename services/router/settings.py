@@ -1,0 +1,23 @@
+"""The router's configuration: every field is a `tierflow router --flag` and a TIERFLOW_* variable."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta, Struct
+
+__all__ = ["Settings"]
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+class Settings(Struct, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    http_host: str = "127.0.0.1"
+    http_port: Port = 8000
+    grpc_host: str = "127.0.0.1"
+    grpc_port: Port = 50051
+    router_id: str = ""  # empty: a fresh id per process (each router has its own reply subjects)
+    liveness_timeout: Annotated[float, Meta(gt=0)] = 1.5
+    max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
+    drain_grace: Annotated[float, Meta(ge=0)] = 5.0
+

@@ -1,0 +1,118 @@
+"""The router's port to the nodes (`NodeTransport`) and its NATS adapter.
+
+All reply streams of one router arrive on a single wildcard subscription and are
+demultiplexed by request id into per-request queues: one subscription per process,
+not one per request (the pattern of nats-py's own request mux, extended to streams).
+
+A stream ends in one of three ways the caller can tell apart: the node's `Finished`,
+the node's `Failed`, or `NodeLost` (nobody listens on the node's subject, or the node
+fell silent longer than the liveness timeout: keep-alives come every 250 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Protocol
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from tierflow.contracts import messages, subjects
+
+__all__ = ["NodeLost", "NodeStream", "NodeTransport", "NatsNodeTransport"]
+
+_decode_event = messages.stream_decoder.decode
+_encode = messages.encoder.encode
+
+
+class NodeLost(Exception):
+    """The node did not answer, or stopped answering, on this request's stream."""
+
+    def __init__(self, node_id: str, reason: str) -> None:
+        super().__init__(f"node {node_id}: {reason}")
+        self.node_id = node_id
+        self.reason = reason
+
+
+class NodeStream(Protocol):
+    node_id: str
+
+    async def next(self) -> messages.StreamEvent: ...
+    async def cancel(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class NodeTransport(Protocol):
+    async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None) -> NodeStream: ...
+
+
+class _NatsStream:
+    __slots__ = ("node_id", "_request_id", "_key", "_queue", "_owner", "_timeout", "_closed")
+
+    def __init__(self, owner: "NatsNodeTransport", node_id: str, request_id: str, key: str, timeout: float) -> None:
+        self.node_id = node_id
+        self._request_id = request_id
+        self._key = key
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._owner = owner
+        self._timeout = timeout
+        self._closed = False
+
+    async def next(self) -> messages.StreamEvent:
+        try:
+            msg = await asyncio.wait_for(self._queue.get(), self._timeout)
+        except asyncio.TimeoutError:
+            raise NodeLost(self.node_id, f"silent for {self._timeout:.2f}s") from None
+        if not msg.data:
+            headers = msg.headers or {}
+            if headers.get("Status") == "503":
+                raise NodeLost(self.node_id, "no longer listening (no responders)")
+            raise NodeLost(self.node_id, f"empty message, status {headers.get('Status')!r}")
+        try:
+            return _decode_event(msg.data)
+        except msgspec.DecodeError as exc:
+            raise NodeLost(self.node_id, f"undecodable stream message: {exc}") from None
+
+    async def cancel(self) -> None:
+        """Tell the node to stop working on the request (the client went away)."""
+        if not self._closed:
+            await self._owner._nc.publish(subjects.node_cancel(self.node_id), _encode(messages.CancelRequest(request_id=self._request_id)))
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._owner._streams.pop(self._key, None)
+
+
+class NatsNodeTransport:
+    def __init__(self, nc: NATS, router_id: str, *, liveness_timeout: float = 1.5) -> None:
+        self._nc = nc
+        self._router_id = router_id
+        self._liveness_timeout = liveness_timeout
+        self._streams: dict[str, _NatsStream] = {}
+        self._prefix_len = len(subjects.router_stream(router_id, ""))
+
+    async def start(self) -> None:
+        await self._nc.subscribe(subjects.router_streams(self._router_id), cb=self._on_message)
+
+    async def _on_message(self, msg: Msg) -> None:
+        stream = self._streams.get(msg.subject[self._prefix_len:])
+        if stream is not None:
+            stream._queue.put_nowait(msg)
+
+    async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None) -> _NatsStream:
+        # Each attempt has its own reply subject: a slow first node that wakes up after
+        # the retry went elsewhere can never interleave its tokens into the new stream.
+        key = f"{request.request_id}_{request.attempt}"
+        stream = _NatsStream(self, node_id, request.request_id, key, self._liveness_timeout)
+        self._streams[key] = stream
+        await self._nc.publish(
+            subjects.node_generate(node_id),
+            _encode(request),
+            reply=subjects.router_stream(self._router_id, key),
+            headers=dict(headers) if headers else None,
+        )
+        return stream

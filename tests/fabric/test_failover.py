@@ -1,0 +1,155 @@
+"""A decode node dying mid-request: retried before the first token, a clear error after it.
+
+Runs its own `tierflow up` (it kills nodes) with a 405B model, whose prefill on the
+emulator takes long enough to kill the serving node between dispatch and first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import nats
+import openai
+import pytest
+
+from tierflow.contracts import messages, subjects
+
+from ..conftest import Fabric, start_fabric
+
+pytestmark = pytest.mark.fabric
+
+MODEL = "llama-3.1-405b"
+LONG_PROMPT = "Summarize the quarterly report. " * 700  # ~4,200 tokens: a slow prefill
+
+
+@pytest.fixture(scope="module")
+def big_fabric(tmp_path_factory: pytest.TempPathFactory):
+    from ..conftest import REPO
+
+    running = start_fabric(tmp_path_factory.mktemp("failover"), "--fleet", str(REPO / "tests/fleets/failover.yaml"), "--deployment", "big", "--prefill-nodes", "0")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+class NodeWatch:
+    """Learns node pids from heartbeats and sees which node each request is sent to."""
+
+    def __init__(self, nats_url: str) -> None:
+        self.pids: dict[str, int] = {}
+        self.dispatched: list[str] = []
+        self.first_dispatch = threading.Event()
+        self._url = nats_url
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    async def _run(self) -> None:
+        nc = await nats.connect(self._url)
+        self._stop = asyncio.Event()
+
+        async def beat(msg) -> None:
+            hb = messages.heartbeat_decoder.decode(msg.data)
+            self.pids[hb.node_id] = hb.pid
+
+        async def dispatched(msg) -> None:
+            self.dispatched.append(msg.subject.rsplit(".", 1)[1])
+            self.first_dispatch.set()
+
+        await nc.subscribe(subjects.NODE_HEARTBEATS, cb=beat)
+        await nc.subscribe(subjects.node_generate("*"), cb=dispatched)
+        self._ready.set()
+        await self._stop.wait()
+        await nc.close()
+
+    def wait_for_nodes(self, n: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.pids) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.pids) >= n, self.pids
+
+    def close(self) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def _wait_live_nodes(fabric: Fabric, n: int, timeout: float = 30.0) -> None:
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{fabric.host}:{fabric.http_port}/health", timeout=2) as r:
+                if json.loads(r.read())["nodes"] >= n:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"fabric did not get back to {n} live nodes")
+
+
+def test_node_killed_before_first_token_is_retried_on_the_other(big_fabric: Fabric) -> None:
+    watch = NodeWatch(big_fabric.nats_url)
+    try:
+        watch.wait_for_nodes(2)
+        client = openai.OpenAI(base_url=big_fabric.base_url, api_key="k", max_retries=0, timeout=60)
+        result: dict = {}
+
+        def call() -> None:
+            try:
+                stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=8, seed=1, stream=True)
+                result["text"] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            except Exception as exc:  # surfaced by the assertion below
+                result["error"] = exc
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert watch.first_dispatch.wait(20), "the request never reached a node"
+        victim = watch.dispatched[0]
+        _kill(watch.pids[victim])
+        caller.join(60)
+        assert not caller.is_alive(), "the client hung"
+        assert "error" not in result, result.get("error")
+        assert result["text"], "no tokens after the retry"
+        assert len(watch.dispatched) >= 2 and watch.dispatched[1] != victim, watch.dispatched
+    finally:
+        watch.close()
+
+
+def test_node_killed_after_first_token_gives_a_clear_error(big_fabric: Fabric) -> None:
+    _wait_live_nodes(big_fabric, 1)
+    watch = NodeWatch(big_fabric.nats_url)
+    try:
+        watch.wait_for_nodes(1)
+        client = openai.OpenAI(base_url=big_fabric.base_url, api_key="k", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Write a long story."}], max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+        )
+        started = time.monotonic()
+        got = 0
+        with pytest.raises(openai.APIError) as err:
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    got += 1
+                    if got == 1:
+                        node = watch.dispatched[-1]
+                        _kill(watch.pids[node])
+        assert got >= 1
+        assert time.monotonic() - started < 20, "the error took too long: the client was left hanging"
+        assert "lost" in str(err.value.message) or "incomplete" in str(err.value.message)
+    finally:
+        watch.close()
