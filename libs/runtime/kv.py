@@ -17,7 +17,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-__all__ = ["open_bucket", "follow"]
+__all__ = ["open_bucket", "follow", "snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,24 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False
         if not create:
             raise
         return await js.create_key_value(KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE))
+
+
+async def snapshot(kv: KeyValue, keys: str = ">") -> list[KeyValue.Entry]:
+    """The latest live entry of every key matching `keys` (a subject pattern), in one pass.
+
+    (nats-py's `keys(filters=...)` matches filters as substrings and then needs a `get`
+    per key; a watch over the pattern returns values and revisions at once.)
+    """
+    watcher = await kv.watch(keys, ignore_deletes=True)
+    entries = []
+    try:
+        while True:
+            entry = await watcher.updates(timeout=5.0)
+            if entry is None:
+                return entries
+            entries.append(entry)
+    finally:
+        await watcher.stop()
 
 
 OnPut = Callable[[str, bytes, int], Awaitable[None] | None]

@@ -14,6 +14,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tierflow.contracts import registry, subjects
+from tierflow.runtime.kv import snapshot
 
 __all__ = ["RegistryStore", "Change", "Conflict"]
 
@@ -62,17 +63,9 @@ class RegistryStore:
     async def put_deployment(self, record: registry.DeploymentRecord) -> Change:
         return await self._put("deployment", record.name, subjects.deployment_key(record.name), _encode(record))
 
-    async def _list(self, prefix: str) -> list[tuple[bytes, int]]:
-        try:
-            keys = await self._kv.keys(filters=[prefix])
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
-            return []
-        out = []
-        for key in sorted(keys):
-            value, revision = await self._get(key)
-            if value is not None:
-                out.append((value, revision))
-        return out
+    async def _list(self, pattern: str) -> list[tuple[bytes, int]]:
+        entries = sorted(await snapshot(self._kv, pattern), key=lambda e: e.key)
+        return [(e.value, e.revision or 0) for e in entries if e.value]
 
     async def models(self) -> list[tuple[registry.ModelRecord, int]]:
         return [(registry.model_decoder.decode(v), r) for v, r in await self._list(subjects.MODEL_KEYS)]

@@ -31,9 +31,10 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import unquote
 
 import httptools
@@ -295,6 +296,37 @@ class _Reject(Exception):
         self.status = status
 
 
+class _Resume:
+    """Finish awaiting an awaitable whose first step ``_stream`` took by hand (to learn
+    whether it would wait); this is PEP 380's expansion of ``yield from``, so the task
+    sees the same futures, cancellations and results as with a plain ``await``."""
+
+    __slots__ = ("_step", "_suspended_on")
+
+    def __init__(self, step: Generator[Any, Any, Any], suspended_on: Any) -> None:
+        self._step = step
+        self._suspended_on = suspended_on
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        step, value = self._step, self._suspended_on
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                step.close()
+                raise
+            except BaseException as exc:  # CancelledError above all: pass it in
+                try:
+                    value = step.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    value = step.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: httptools calls the ``on_*`` methods while ``data_received``
     feeds it; complete requests queue up and ``_run`` answers them one at a time."""
@@ -520,7 +552,10 @@ class _Connection(asyncio.Protocol):
         elif (self._done_reading or self._state.draining) and not self._in_message:
             self._close()
 
-    def _head(self, status: int, content_type: str, extra: tuple[tuple[str, str], ...]) -> list[bytes]:
+    def _head(
+        self, status: int, content_type: str, extra: tuple[tuple[str, str], ...]
+    ) -> list[bytes]:
+        """Status line, Date and content-type (all cached), then the handler's headers."""
         line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
         head = [line, self._state.date, self._state.content_type_header(content_type)]
         for name, value in extra:
@@ -550,8 +585,15 @@ class _Connection(asyncio.Protocol):
             self._transport.writelines((b"".join(head), body))
 
     async def _stream(self, response: StreamingResponse, keep: bool, http10: bool) -> bool:
-        """Send each chunk as soon as it is yielded, waiting while the client's socket
-        is full; returns whether the connection may be reused."""
+        """Send the chunks as the iterator yields them, waiting while the client's socket
+        is full; returns whether the connection may be reused.
+
+        Chunks are written the moment the iterator is about to wait (or 64 KiB pile up),
+        so no chunk ever waits on a later event, which is what SSE needs; chunks yielded
+        without waiting in between share one write (hyper flushes the same way, when the
+        body stream returns Pending) instead of costing a syscall each.  The head waits
+        with them, so an iterator that fails at once still gets a clean 500.
+        """
         chunks = response.chunks
         transport = self._transport
         try:
@@ -563,21 +605,49 @@ class _Connection(asyncio.Protocol):
             if not keep:
                 head.append(_CONNECTION_CLOSE)
             head.append(b"\r\n")
-            transport.write(b"".join(head))
+            out = [b"".join(head)]
+            pending = 0
+            sent = False
+            next_chunk = chunks.__anext__
             try:
-                async for chunk in chunks:
-                    if not chunk:
-                        continue  # an empty chunk would end the body
-                    transport.write(chunk if http10 else b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                while True:
                     if self._write_paused:
                         await self._drain()
+                    step = next_chunk().__await__()
+                    try:
+                        suspended_on = step.send(None)
+                    except StopIteration as ready:  # yielded without waiting
+                        chunk = ready.value
+                    except StopAsyncIteration:
+                        break
+                    else:  # about to wait: flush what we have, then wait with it
+                        if out:
+                            transport.write(b"".join(out))
+                            out, pending, sent = [], 0, True
+                        try:
+                            chunk = await _Resume(step, suspended_on)
+                        except StopAsyncIteration:
+                            break
+                    if not chunk:
+                        continue  # an empty chunk would end the body
+                    out.append(chunk if http10 else b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    pending += len(chunk)
+                    if pending >= 65536:
+                        transport.write(b"".join(out))
+                        out, pending, sent = [], 0, True
             except Exception:
-                # Headers are out: the only honest signal left is an unterminated body.
                 log.exception("stream failed on status %d", response.status)
+                if not sent:
+                    self._write(_INTERNAL_ERROR, keep, http10)
+                    return keep
+                # Headers are out: the only honest signal left is an unterminated body.
+                if out:
+                    transport.write(b"".join(out))
                 self._close()
                 return False
             if not http10:
-                transport.write(_LAST_CHUNK)
+                out.append(_LAST_CHUNK)
+            transport.write(b"".join(out))
             return keep
         finally:
             aclose = getattr(chunks, "aclose", None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from tierflow.contracts import messages, registry
 from tierflow.placement import NodeView
+from tierflow.rdu.deployment import DeploymentConfig
 
 __all__ = ["NodeTable", "ModelTable", "ModelRoute"]
 
@@ -133,9 +134,9 @@ class ModelTable:
 
 
 def _seq_len(config: str) -> int:
-    """The sequence length of a configuration name like `ss8192-bs4` (0 if unparsable)."""
-    head = config.split("-", 1)[0]
+    """The sequence length of a configuration name like `ss8192-bs4` (0 if malformed:
+    the registry validates configurations, so a malformed one here serves nothing)."""
     try:
-        return int(head[2:]) if head.startswith("ss") else 0
+        return DeploymentConfig.parse(config).seq_len
     except ValueError:
         return 0

@@ -18,8 +18,6 @@ import pytest
 
 from tierflow.contracts import messages, subjects
 
-from ..conftest import Fabric, start_fabric
-
 pytestmark = pytest.mark.fabric
 
 MODEL = "llama-3.1-405b"
@@ -27,10 +25,8 @@ LONG_PROMPT = "Summarize the quarterly report. " * 700  # ~4,200 tokens: a slow 
 
 
 @pytest.fixture(scope="module")
-def big_fabric(tmp_path_factory: pytest.TempPathFactory):
-    from ..conftest import REPO
-
-    running = start_fabric(tmp_path_factory.mktemp("failover"), "--fleet", str(REPO / "tests/fleets/failover.yaml"), "--deployment", "big", "--prefill-nodes", "0")
+def big_fabric(tmp_path_factory: pytest.TempPathFactory, fabric_factory, repo_root):
+    running = fabric_factory(tmp_path_factory.mktemp("failover"), "--fleet", str(repo_root / "tests/fleets/failover.yaml"), "--deployment", "big", "--prefill-nodes", "0")
     try:
         yield running
     finally:
@@ -86,7 +82,7 @@ def _kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def _wait_live_nodes(fabric: Fabric, n: int, timeout: float = 30.0) -> None:
+def _wait_live_nodes(fabric, n: int, timeout: float = 30.0) -> None:
     import json
     import urllib.request
 
@@ -102,7 +98,7 @@ def _wait_live_nodes(fabric: Fabric, n: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"fabric did not get back to {n} live nodes")
 
 
-def test_node_killed_before_first_token_is_retried_on_the_other(big_fabric: Fabric) -> None:
+def test_node_killed_before_first_token_is_retried_on_the_other(big_fabric) -> None:
     watch = NodeWatch(big_fabric.nats_url)
     try:
         watch.wait_for_nodes(2)
@@ -130,7 +126,7 @@ def test_node_killed_before_first_token_is_retried_on_the_other(big_fabric: Fabr
         watch.close()
 
 
-def test_node_killed_after_first_token_gives_a_clear_error(big_fabric: Fabric) -> None:
+def test_node_killed_after_first_token_gives_a_clear_error(big_fabric) -> None:
     _wait_live_nodes(big_fabric, 1)
     watch = NodeWatch(big_fabric.nats_url)
     try:

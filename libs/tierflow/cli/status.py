@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import urlsplit
 from typing import Annotated
 
 import msgspec
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from tierflow.contracts import messages, registry, subjects
 from tierflow.runtime.discovery import ServiceInfo, discover
+from tierflow.runtime.kv import snapshot
 
 __all__ = ["status", "collect_status", "FabricStatus"]
 
@@ -37,10 +39,18 @@ class FabricStatus(msgspec.Struct):
 
 
 async def collect_status(nats_url: str, *, listen: float = 1.2) -> FabricStatus:
+    async def quiet(exc: Exception) -> None:  # the one clear message below is enough
+        pass
+
+    url = urlsplit(nats_url)
     try:
-        nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
-    except Exception as exc:
-        raise ConnectionError(f"cannot reach NATS at {nats_url} ({exc}); is the fabric up? start it with `make up`") from None
+        # Probe the port first: nats-py keeps retrying a refused first connection.
+        _, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222), 2.0)
+        writer.close()
+        nc = await asyncio.wait_for(nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet), 5.0)
+    except (OSError, asyncio.TimeoutError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer"
+        raise ConnectionError(f"cannot reach NATS at {nats_url} ({reason}); is the fabric up? Start it with `make up`") from None
     try:
         beats: dict[str, messages.NodeHeartbeat] = {}
 
@@ -57,14 +67,8 @@ async def collect_status(nats_url: str, *, listen: float = 1.2) -> FabricStatus:
         deployments: list[registry.DeploymentRecord] = []
         try:
             kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
-            for key in sorted(await kv.keys()):
-                value = (await kv.get(key)).value
-                if value is None:
-                    continue
-                if key.startswith("model."):
-                    models.append(registry.model_decoder.decode(value))
-                elif key.startswith("deployment."):
-                    deployments.append(registry.deployment_decoder.decode(value))
+            models = [registry.model_decoder.decode(e.value) for e in await snapshot(kv, subjects.MODEL_KEYS) if e.value]
+            deployments = [registry.deployment_decoder.decode(e.value) for e in await snapshot(kv, subjects.DEPLOYMENT_KEYS) if e.value]
         except Exception:  # no bucket / no keys yet: the registry has not applied a fleet
             pass
         services = await services_task

@@ -1,0 +1,574 @@
+"""`NodeEngine`: one node as a discrete-event state machine.
+
+The chip runs one thing at a time: a weight load, a batched prefill, or one decode step
+of one model's running batch (it executes one model's graph at a time). The engine
+commits to the next piece of work when the chip frees up, stamps events with the time
+that work ends, and hands them out from `advance(now)`. It never reads a clock: the
+decode-node shell drives it with wall time, the simulator with virtual time, and the
+results do not depend on how often `advance` is called, because work only ever considers
+requests that had arrived when it started.
+
+Scheduling, per model, is continuous batching under the deployment's batch limit:
+waiting requests are admitted FCFS (prefill first, like vLLM's default), their first
+token comes out of the prefill, then the batch decodes a step at a time. KV is reserved
+for prompt + max_tokens on admission, so admitted requests never get preempted.
+
+Across models the chip is time-sliced round-robin (`time_slice` seconds per turn while
+others wait). Turning to a model whose weights are in DDR (or in storage) first runs the
+load, which takes real time, evicting the coldest idle models if HBM is short; a model
+with requests in flight is never evicted. Admission is FCFS across models too: once a
+model cannot get HBM (for weights or KV), models whose oldest waiter is younger stop
+admitting, so they drain and it gets its turn instead of starving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Final, Literal
+
+from tierflow.tokenizer import OUTPUT_VOCAB, decode_output
+
+from .catalog import ModelSpec
+from .deployment import DeploymentConfig
+from .events import (
+    BundleModel,
+    EngineEvent,
+    EngineRequest,
+    EngineSnapshot,
+    ModelState,
+    RequestFinished,
+    RequestRejected,
+    RequestStarted,
+    TierCounts,
+    TokenGenerated,
+)
+from .hardware import HardwareProfile
+from .kvcache import DEFAULT_BLOCK_SIZE, KVAllocation, KVCache, hashes_from_packed, pack_tokens
+from .memory import TransferLedger, WeightTiers
+from .outputs import completion_tokens, output_plan
+from .timing import DecodeCostModel, prefill_time, resident_bytes
+
+__all__ = ["NodeEngine"]
+
+_WAITING: Final = 0
+_PREFILLING: Final = 1
+_RUNNING: Final = 2
+_DONE: Final = 3
+
+_LOAD: Final = 0
+_PREFILL: Final = 1
+_DECODE: Final = 2
+
+
+class _Req:
+    __slots__ = ("id", "model", "prompt_len", "max_tokens", "arrival", "target", "reason",
+                 "key", "tokens", "generated", "alloc", "hashes", "prefilled", "state", "hit_tokens")  # fmt: skip
+
+    def __init__(self, rid: str, model: _Model, prompt_len: int, max_tokens: int, arrival: float,
+                 target: int, reason: Literal["stop", "length", "prefill"], key: int,
+                 hashes: list[int], prefilled: bool) -> None:  # fmt: skip
+        self.id = rid
+        self.model = model
+        self.prompt_len = prompt_len
+        self.max_tokens = max_tokens
+        self.arrival = arrival
+        self.target = target
+        self.reason: Literal["stop", "length", "prefill"] = reason
+        self.key = key
+        self.tokens: list[int] = []
+        self.generated = 0
+        self.alloc: KVAllocation | None = None
+        self.hashes = hashes
+        self.prefilled = prefilled
+        self.state = _WAITING
+        self.hit_tokens = 0
+
+
+class _Model:
+    __slots__ = ("index", "name", "version", "spec", "config", "cost", "block_bytes", "max_batch",
+                 "resident", "waiting", "running", "ctx_sum", "load_source", "load_start",
+                 "load_end", "blocked_since", "kv_blocked_epoch")  # fmt: skip
+
+    def __init__(self, index: int, bundle: BundleModel, profile: HardwareProfile, block_size: int) -> None:
+        self.index = index
+        self.name = bundle.spec.name
+        self.version = bundle.version
+        self.spec: ModelSpec = bundle.spec
+        self.config: DeploymentConfig = bundle.config
+        self.cost = DecodeCostModel(bundle.spec, profile)
+        self.block_bytes = bundle.spec.kv_bytes_per_token * block_size
+        self.max_batch = bundle.config.batch_size
+        self.resident = math.ceil(resident_bytes(bundle.spec, profile))
+        self.waiting: deque[_Req] = deque()
+        self.running: list[_Req] = []
+        self.ctx_sum = 0  # prompt + generated tokens over the running batch
+        self.load_source: Literal["ddr", "cold"] = "ddr"
+        self.load_start = -math.inf
+        self.load_end: float | None = None
+        self.blocked_since: float | None = None  # arrival of a waiter denied HBM (weights or KV)
+        self.kv_blocked_epoch = -1  # KV release epoch at which its head last failed to fit
+
+
+class _Work:
+    __slots__ = ("kind", "model", "start", "end", "batch")
+
+    def __init__(self, kind: int, model: _Model, start: float, end: float, batch: list[_Req]) -> None:
+        self.kind = kind
+        self.model = model
+        self.start = start
+        self.end = end
+        self.batch = batch
+
+
+class NodeEngine:
+    """One node serving a bundle of models. Pure: every call takes `now` in seconds."""
+
+    def __init__(
+        self,
+        profile: HardwareProfile,
+        bundle: Sequence[BundleModel],
+        *,
+        now: float,
+        preload: Sequence[str] = (),
+        max_queue: int = 1024,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        ddr_resident: Sequence[str] | None = None,
+        kv_cache_fraction: float = 0.25,
+        ddr_kv_cache_bytes: int | None = None,
+        time_slice: float = 0.05,
+        max_prefill_tokens: int = 16384,
+        hotness_half_life: float = 300.0,
+        recent_hashes: int = 256,
+    ) -> None:
+        """`preload`: models already in HBM; `ddr_resident`: models already in DDR (default:
+        the whole bundle; the rest start cold, in host storage). `kv_cache_fraction` of HBM
+        is the KV pool; `ddr_kv_cache_bytes` bounds KV spilled to DDR (default 2x the pool).
+        """
+        if not bundle:
+            raise ValueError("bundle is empty: a node serves at least one model")
+        if max_queue < 0 or max_prefill_tokens <= 0 or time_slice <= 0 or block_size <= 0:
+            raise ValueError("max_queue >= 0, and max_prefill_tokens, time_slice, block_size > 0")
+        if not 0 < kv_cache_fraction < 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1), got {kv_cache_fraction}")
+        names = [b.spec.name for b in bundle]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"bundle lists {', '.join(dupes)} more than once")
+        for group, label in ((preload, "preload"), (ddr_resident or (), "ddr_resident")):
+            unknown = [n for n in group if n not in names]
+            if unknown:
+                raise ValueError(f"{label} names models not in the bundle: {', '.join(unknown)}")
+
+        self._profile = profile
+        self._bundle = tuple(bundle)
+        self._block_size = block_size
+        self._max_queue = max_queue
+        self._time_slice = time_slice
+        self._max_prefill_tokens = max_prefill_tokens
+        self._ledger = TransferLedger()
+        kv_hbm = int(profile.hbm_capacity * kv_cache_fraction)
+        weights_hbm = profile.hbm_capacity - kv_hbm
+        ddr_kv = 2 * kv_hbm if ddr_kv_cache_bytes is None else ddr_kv_cache_bytes
+        ddr_kv = max(0, min(ddr_kv, profile.ddr_capacity // 2))
+        self._weights = WeightTiers(
+            hbm_capacity=weights_hbm,
+            ddr_capacity=profile.ddr_capacity - ddr_kv,
+            switch_bw=profile.switch_bw,
+            storage_bw=profile.storage_bw,
+            ledger=self._ledger,
+            half_life_s=hotness_half_life,
+        )
+        self._kv = KVCache(
+            block_size=block_size,
+            hbm_bytes=kv_hbm,
+            ddr_bytes=ddr_kv,
+            copy_bw=profile.switch_bw,
+            ledger=self._ledger,
+            recent_limit=recent_hashes,
+        )
+        self._models = [_Model(i, b, profile, block_size) for i, b in enumerate(bundle)]
+        self._by_name = {m.name: m for m in self._models}
+        in_ddr = set(names if ddr_resident is None else ddr_resident) | set(preload)
+        for m in self._models:
+            self._validate_model(m, weights_hbm, kv_hbm)
+            tier = "hbm" if m.name in preload else "ddr" if m.name in in_ddr else "cold"
+            self._weights.add(m.name, m.resident, tier=tier)
+
+        self._texts = tuple(decode_output([i]) for i in range(len(OUTPUT_VOCAB)))
+        self._requests: dict[str, _Req] = {}
+        self._n_waiting = 0
+        self._n_admitted = 0
+        self._kv_epoch = 0
+        self._pending: _Work | None = None
+        self._free_at = now
+        self._busy = 0.0
+        self._clock = now
+        self._current: _Model | None = None
+        self._slice_end = now
+
+    def _validate_model(self, m: _Model, weights_hbm: int, kv_hbm: int) -> None:
+        gb = 1e9
+        if m.config.seq_len > m.spec.max_context:
+            raise ValueError(
+                f"{m.name}: deployment {m.config} has sequence length {m.config.seq_len},"
+                f" above the model's maximum context of {m.spec.max_context} tokens"
+            )
+        if m.resident > weights_hbm:
+            raise ValueError(
+                f"{m.name} needs {m.resident / gb:.1f} GB of HBM for weights; {self._profile.name}"
+                f" has {weights_hbm / gb:.1f} GB after reserving {kv_hbm / gb:.1f} GB for the KV"
+                " cache (use a larger profile or a smaller kv_cache_fraction)"
+            )
+        seq_bytes = math.ceil(m.config.seq_len / self._block_size) * m.block_bytes
+        if seq_bytes > kv_hbm:
+            raise ValueError(
+                f"{m.name}: one {m.config.seq_len}-token sequence needs {seq_bytes / gb:.1f} GB of"
+                f" KV, more than the {kv_hbm / gb:.1f} GB KV pool (raise kv_cache_fraction)"
+            )
+
+    # ------------------------------------------------------------------ public surface
+    @property
+    def profile(self) -> HardwareProfile:
+        return self._profile
+
+    @property
+    def bundle(self) -> tuple[BundleModel, ...]:
+        return self._bundle
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    def submit(self, request: EngineRequest, now: float) -> None:
+        """Queue a request. Raises RequestRejected; never truncates a request silently."""
+        rid = request.request_id
+        if rid in self._requests:
+            raise RequestRejected("duplicate_request", f"request id {rid!r} is already in flight on this node")
+        m = self._by_name.get(request.model)
+        if m is None:
+            raise RequestRejected(
+                "model_not_in_bundle",
+                f"model {request.model!r} is not served by this node (bundle:"
+                f" {', '.join(self._by_name)}); route it to a node that serves it",
+            )
+        prompt = request.prompt_token_ids
+        n = len(prompt)
+        if n == 0:
+            raise RequestRejected("invalid_request", "prompt_token_ids is empty; send at least one token")
+        if request.max_tokens < 0:
+            raise RequestRejected("invalid_request", f"max_tokens must be >= 0, got {request.max_tokens}")
+        seq_len = m.config.seq_len
+        if n + request.max_tokens > seq_len:
+            room = seq_len - n
+            advice = (f"set max_tokens to at most {room}" if room > 0
+                      else f"shorten the prompt below {seq_len} tokens")  # fmt: skip
+            raise RequestRejected(
+                "context_length_exceeded",
+                f"prompt ({n} tokens) + max_tokens ({request.max_tokens}) = {n + request.max_tokens}"
+                f" tokens exceeds {m.name}'s sequence length of {seq_len} in deployment"
+                f" {m.config}; {advice}",
+            )
+        if self._n_waiting >= self._max_queue:
+            raise RequestRejected(
+                "queue_full", f"{self._n_waiting} requests already waiting (limit {self._max_queue}); retry later"
+            )
+        try:
+            packed = pack_tokens(prompt)
+        except ValueError as err:
+            raise RequestRejected("invalid_request", f"prompt_token_ids: {err}") from None
+        natural, key = output_plan(m.name, request.seed, packed)
+        max_tokens = request.max_tokens
+        reason: Literal["stop", "length", "prefill"]
+        if max_tokens == 0:
+            target, reason = 0, "prefill"
+        elif not request.ignore_eos and natural <= max_tokens:
+            target, reason = natural, "stop"
+        else:
+            target, reason = max_tokens, "length"
+        r = _Req(rid, m, n, max_tokens, now, target, reason, key,
+                 hashes_from_packed(packed, self._block_size), request.prefilled)  # fmt: skip
+        m.waiting.append(r)
+        self._requests[rid] = r
+        self._n_waiting += 1
+        self._clock = max(self._clock, now)
+
+    def cancel(self, request_id: str, now: float) -> None:
+        """The client went away: drop it from the queue or free its batch slot and KV."""
+        r = self._requests.pop(request_id, None)
+        if r is None:
+            return
+        m = r.model
+        if r.state == _WAITING:
+            m.waiting.remove(r)
+            self._n_waiting -= 1
+            m.blocked_since = None  # recomputed at the next decision
+        else:
+            if r.state == _RUNNING:
+                m.running.remove(r)
+                m.ctx_sum -= r.prompt_len + r.generated
+            self._release(r)
+        r.state = _DONE
+        self._clock = max(self._clock, now)
+
+    def next_event_time(self) -> float | None:
+        """When `advance` next has something to do; None when idle."""
+        if self._pending is not None:
+            return self._pending.end
+        return self._next_start()
+
+    def advance(self, now: float) -> list[EngineEvent]:
+        """Run all work due up to `now`; return what happened, in time order."""
+        events: list[EngineEvent] = []
+        while True:
+            work = self._pending
+            if work is not None:
+                if work.end > now:
+                    break
+                self._pending = None
+                self._free_at = work.end
+                self._busy += work.end - work.start
+                self._complete(work, events)
+            start = self._next_start()
+            if start is None or start > now:
+                break
+            self._begin(start, events)
+        self._clock = max(self._clock, now)
+        return events
+
+    def snapshot(self, now: float) -> EngineSnapshot:
+        w, kv = self._weights, self._kv
+        models = [
+            ModelState(
+                name=m.name,
+                version=m.version,
+                tier=w.tier(m.name),
+                weight_bytes=m.resident,
+                in_flight=w.pins(m.name),
+                last_used=w.last_used(m.name),
+                queued=len(m.waiting),
+                max_batch=m.max_batch,
+                config=str(m.config),
+            )
+            for m in self._models
+        ]
+        return EngineSnapshot(
+            time=now,
+            profile=self._profile.name,
+            models=models,
+            queue_depth=self._n_waiting,
+            running=self._n_admitted,
+            max_batch=sum(m.max_batch for m in self._models),
+            kv_usage=kv.usage,
+            prefix_cache_blocks=TierCounts(hbm=kv.hbm_blocks, ddr=kv.ddr_blocks),
+            prefix_cache_queries=kv.query_tokens,
+            prefix_cache_hits=kv.hit_tokens,
+            bytes_moved=self._ledger.bytes_moved(),
+            transfer_seconds=self._ledger.seconds(),
+            recent_prefix_hashes=kv.recent_hashes(),
+            block_size=self._block_size,
+            current_model=self._current.name if self._current is not None else None,
+            busy_until=self._pending.end if self._pending is not None else None,
+            busy_seconds=self._busy,
+        )
+
+    # ------------------------------------------------------------------ scheduling
+    def _next_start(self) -> float | None:
+        if self._n_admitted:
+            return self._free_at
+        earliest = min((m.waiting[0].arrival for m in self._models if m.waiting), default=None)
+        if earliest is None:
+            return None
+        return max(self._free_at, earliest)
+
+    def _kv_args(self, r: _Req) -> tuple[int, int]:
+        bs = self._block_size
+        return -(-(r.prompt_len + r.max_tokens) // bs), (r.prompt_len - 1) // bs
+
+    def _fair(self, m: _Model, head: _Req) -> bool:
+        """FCFS across models: no admitting ahead of an older waiter denied HBM elsewhere."""
+        for other in self._models:
+            since = other.blocked_since
+            if since is not None and other is not m and since < head.arrival:
+                return False
+        return True
+
+    def _admissible(self, m: _Model, t: float) -> bool:
+        """Can `m` (weights in HBM) admit its head request at `t`?"""
+        if not m.waiting or len(m.running) >= m.max_batch:
+            return False
+        head = m.waiting[0]
+        if head.arrival > t or m.kv_blocked_epoch == self._kv_epoch or not self._fair(m, head):
+            return False
+        total, max_hits = self._kv_args(head)
+        if self._kv.fits(m.name, m.block_bytes, head.hashes, total, max_hit_blocks=max_hits):
+            return True
+        m.kv_blocked_epoch = self._kv_epoch
+        if m.blocked_since is None:
+            m.blocked_since = head.arrival
+        return False
+
+    def _runnable(self, m: _Model, t: float) -> bool:
+        if self._weights.tier(m.name) == "hbm":
+            return bool(m.running) or self._admissible(m, t)
+        if not m.waiting or m.waiting[0].arrival > t:
+            return False
+        if self._weights.plan_load(m.name, t) is None:
+            if m.blocked_since is None:
+                m.blocked_since = m.waiting[0].arrival
+            return False
+        return self._fair(m, m.waiting[0])
+
+    def _choose(self, t: float) -> _Model:
+        cur = self._current
+        if cur is not None and t < self._slice_end and self._runnable(cur, t):
+            return cur
+        n = len(self._models)
+        first = cur.index + 1 if cur is not None else 0
+        for j in range(n):
+            m = self._models[(first + j) % n]
+            if self._runnable(m, t):
+                self._current = m
+                self._slice_end = t + self._time_slice
+                return m
+        raise RuntimeError("scheduler invariant broken: requests are pending but no model can run")
+
+    def _begin(self, t: float, events: list[EngineEvent]) -> None:
+        m = self._current
+        if m is not None and m.running and t < self._slice_end:
+            head = m.waiting[0] if m.waiting else None
+            if head is None or head.arrival > t or len(m.running) >= m.max_batch:
+                # The common case, once per decode step: the same batch takes another step.
+                dt = m.cost.step_seconds(len(m.running), m.ctx_sum)
+                self._pending = _Work(_DECODE, m, t, t + dt, m.running)
+                return
+        m = self._choose(t)
+        if self._weights.tier(m.name) != "hbm":
+            plan = self._weights.begin_load(m.name, t)
+            m.load_source, m.load_start, m.load_end = plan.source, t, t + plan.seconds
+            m.blocked_since = None
+            self._slice_end = m.load_end + self._time_slice
+            self._pending = _Work(_LOAD, m, t, m.load_end, [])
+            return
+        batch = self._admit(m, t, events) if self._admissible(m, t) else []
+        if batch:
+            self._pending = _Work(_PREFILL, m, t, t + self._prefill_seconds(m, batch), batch)
+        elif not m.running:
+            raise RuntimeError(f"scheduler invariant broken: {m.name} was chosen with nothing to do")
+        else:
+            dt = m.cost.step_seconds(len(m.running), m.ctx_sum)
+            self._pending = _Work(_DECODE, m, t, t + dt, m.running)
+
+    def _admit(self, m: _Model, t: float, events: list[EngineEvent]) -> list[_Req]:
+        batch: list[_Req] = []
+        budget = self._max_prefill_tokens
+        room = m.max_batch - len(m.running)
+        weights = self._weights
+        while room and m.waiting:
+            r = m.waiting[0]
+            if r.arrival > t or (batch and r.prompt_len > budget) or not self._fair(m, r):
+                break
+            total, max_hits = self._kv_args(r)
+            alloc = self._kv.allocate(m.name, m.block_bytes, r.hashes, total, max_hit_blocks=max_hits)
+            if alloc is None:
+                m.kv_blocked_epoch = self._kv_epoch
+                m.blocked_since = r.arrival
+                break
+            m.blocked_since = None
+            m.waiting.popleft()
+            self._n_waiting -= 1
+            self._n_admitted += 1
+            room -= 1
+            r.alloc = alloc
+            r.state = _PREFILLING
+            r.hit_tokens = alloc.hit_blocks * self._block_size
+            budget -= r.prompt_len - r.hit_tokens
+            weights.pin(m.name)
+            batch.append(r)
+            if m.load_end is not None and r.arrival < m.load_end:
+                tier, switch = m.load_source, m.load_end - max(m.load_start, r.arrival)
+            else:
+                tier, switch = "hbm", 0.0
+            events.append(RequestStarted(r.id, t, t - r.arrival, tier, switch, r.hit_tokens))
+        if batch:
+            weights.touch(m.name, t)
+        return batch
+
+    def _prefill_seconds(self, m: _Model, batch: list[_Req]) -> float:
+        segments = []
+        copies = 0.0
+        written = 0
+        for r in batch:
+            copies += r.alloc.seconds  # type: ignore[union-attr]
+            new = r.prompt_len - r.hit_tokens
+            if r.prefilled:
+                written += new
+            else:
+                segments.append((new, r.hit_tokens))
+        profile = self._profile
+        write_bw = profile.node_hbm_bw * profile.hbm_efficiency
+        copies += self._ledger.charge("net", "hbm", written * m.spec.kv_bytes_per_token, write_bw)
+        return prefill_time(m.spec, profile, segments) + copies
+
+    # ------------------------------------------------------------------ completion
+    def _complete(self, work: _Work, events: list[EngineEvent]) -> None:
+        m = work.model
+        if work.kind == _LOAD:
+            self._weights.finish_load(m.name)
+        elif work.kind == _PREFILL:
+            self._finish_prefill(m, work, events)
+        else:
+            self._decode(m, work.end, events)
+
+    def _finish_prefill(self, m: _Model, work: _Work, events: list[EngineEvent]) -> None:
+        t = work.end
+        texts = self._texts
+        vocab = len(texts)
+        for r in work.batch:
+            if r.state == _DONE:  # cancelled while its prompt was being computed
+                continue
+            self._kv.commit(r.alloc)  # type: ignore[arg-type]
+            if r.target == 0:
+                self._finish(r, t, events)
+                continue
+            r.tokens = completion_tokens(r.key, r.target, vocab)
+            tok = r.tokens[0]
+            events.append(TokenGenerated(r.id, t, 0, tok, texts[tok]))
+            r.generated = 1
+            if r.target == 1:
+                self._finish(r, t, events)
+            else:
+                r.state = _RUNNING
+                m.running.append(r)
+                m.ctx_sum += r.prompt_len + 1
+
+    def _decode(self, m: _Model, t: float, events: list[EngineEvent]) -> None:
+        texts = self._texts
+        append = events.append
+        done: list[_Req] = []
+        for r in m.running:
+            i = r.generated
+            tok = r.tokens[i]
+            append(TokenGenerated(r.id, t, i, tok, texts[tok]))
+            r.generated = i = i + 1
+            if i >= r.target:
+                done.append(r)
+        m.ctx_sum += len(m.running)
+        if done:
+            for r in done:
+                m.ctx_sum -= r.prompt_len + r.generated
+                self._finish(r, t, events)
+            m.running = [r for r in m.running if r.state == _RUNNING]
+
+    def _finish(self, r: _Req, t: float, events: list[EngineEvent]) -> None:
+        events.append(RequestFinished(r.id, t, r.reason, r.prompt_len, r.generated, r.hit_tokens))
+        del self._requests[r.id]
+        self._release(r)
+        r.state = _DONE
+
+    def _release(self, r: _Req) -> None:
+        self._kv.release(r.alloc)  # type: ignore[arg-type]
+        self._kv_epoch += 1
+        self._n_admitted -= 1
+        self._weights.unpin(r.model.name)

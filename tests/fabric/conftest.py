@@ -1,0 +1,105 @@
+"""Fixtures for whole-fabric tests: `tierflow up` run as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tierflow.runtime.nats_server import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Fabric:
+    """A running `tierflow up`: its ports, its data dir and its process."""
+
+    process: subprocess.Popen[str]
+    host: str
+    http_port: int
+    grpc_port: int
+    registry_grpc_port: int
+    nats_port: int
+    data_dir: Path
+    ready_line: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}/v1"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://{self.host}:{self.nats_port}"
+
+    def log(self, name: str) -> str:
+        path = self.data_dir / "logs" / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise
+        return self.process.returncode
+
+
+def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0) -> Fabric:
+    """`tierflow up` on free ports; returns once it printed its ready line."""
+    ports = {name: free_port() for name in ("http", "grpc", "registry", "nats", "monitor")}
+    metrics_base = free_port()
+    argv = [
+        sys.executable, "-m", "tierflow", "up",
+        "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+        "--registry-grpc-port", str(ports["registry"]), "--nats-port", str(ports["nats"]),
+        "--nats-monitor-port", str(ports["monitor"]), "--metrics-base-port", str(metrics_base),
+        "--data-dir", str(data_dir), "--ready-timeout", str(ready_timeout), *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + ready_timeout + 10
+    lines: list[str] = []
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "tierflow is up" in line:
+            os.set_blocking(process.stdout.fileno(), False)
+            return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], ports["nats"], data_dir, line.strip())
+    process.kill()
+    raise RuntimeError("tierflow up did not become ready:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="session")
+def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
+    """The README's fabric (`tierflow up` with the example fleet), shared by the session."""
+    running = start_fabric(tmp_path_factory.mktemp("fabric"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+
+
+@pytest.fixture(scope="session")
+def fabric_factory() -> Callable[..., Fabric]:
+    """`start_fabric` for tests that need a fabric of their own (they kill parts of it)."""
+    return start_fabric
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
