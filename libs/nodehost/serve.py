@@ -18,7 +18,7 @@ from tierflow.nodehost.driver import EngineDriver
 from tierflow.nodehost.heartbeat import NodeIdentity, heartbeat_loop
 from tierflow.nodehost.metrics import NodeMetrics
 from tierflow.nodehost.settings import NodeSettings
-from tierflow.rdu import NodeEngine
+from tierflow.rdu import NodeEngine, hbm_preload
 from tierflow.runtime import discovery
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.service import ServiceContext, connect_nats
@@ -39,7 +39,12 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     profile_name = settings.profile or deployment.profile
     bundle = await build_bundle(js, deployment)
     clock = WallClock()
-    engine = NodeEngine(resolve_profile(profile_name), bundle, now=clock.monotonic(), preload=[b.spec.name for b in bundle])
+    profile = resolve_profile(profile_name)
+    engine = NodeEngine(
+        profile, bundle, now=clock.monotonic(),
+        preload=hbm_preload(profile, bundle) if settings.preload == "hbm" else (),
+        ddr_resident=[] if settings.preload == "cold" else None,
+    )
     identity = NodeIdentity(
         node_id=settings.node_id, role=role, deployment=deployment.name,
         region=settings.region or deployment.region, residency=deployment.residency, profile=profile_name,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
@@ -19,4 +19,8 @@ class NodeSettings(Struct, kw_only=True):
     heartbeat_interval: Annotated[float, Meta(gt=0)] = 1.0
     keepalive_interval: Annotated[float, Meta(gt=0)] = 0.25
     drain_grace: Annotated[float, Meta(ge=0)] = 10.0
+    # Where the bundle's weights are when the node starts: "hbm" = all in DDR and as many
+    # as fit in HBM (hot at once); "ddr" = all in DDR (first use of each costs a switch);
+    # "cold" = in host storage (first use costs a load into DDR, then the switch).
+    preload: Literal["hbm", "ddr", "cold"] = "hbm"
 

@@ -16,14 +16,23 @@ clock, sleeps or does I/O. Modules, one job each:
 """
 
 from .calibrate import CalibrationRow, calibration_rows, fit_parameters
-from .catalog import BUILTIN_MODELS, ModelSpec, load_catalog, model_from_dict
+from .catalog import (
+    BUILTIN_MODELS,
+    DTYPE_BYTES,
+    ModelSpec,
+    gqa_kv_bytes_per_token,
+    load_catalog,
+    mla_kv_bytes_per_token,
+    model_from_dict,
+)
 from .deployment import DeploymentConfig
-from .engine import NodeEngine
+from .engine import NodeEngine, hbm_preload
 from .events import (
     BundleModel,
     EngineEvent,
     EngineRequest,
     EngineSnapshot,
+    FinishReason,
     ModelState,
     RequestFinished,
     RequestRejected,
@@ -32,15 +41,19 @@ from .events import (
     TokenGenerated,
 )
 from .hardware import BUILTIN_PROFILES, HardwareProfile, load_profiles, profile_from_dict
-from .kvcache import DEFAULT_BLOCK_SIZE, block_hashes
-from .memory import TransferLedger, WeightTiers
+from .kvcache import DEFAULT_BLOCK_SIZE, KVCache, block_hashes
+from .memory import LoadPlan, TransferLedger, WeightTiers
 from .timing import (
+    SpecPlan,
     cold_load_time,
     decode_step_time,
     decode_tokens_per_second,
     forward_time,
     kv_transfer_time,
+    kv_write_time,
     prefill_time,
+    resident_bytes,
+    spec_plan,
     switch_time,
 )
 
@@ -53,25 +66,35 @@ __all__ = [
     # catalog
     "ModelSpec",
     "BUILTIN_MODELS",
+    "DTYPE_BYTES",
+    "gqa_kv_bytes_per_token",
+    "mla_kv_bytes_per_token",
     "model_from_dict",
     "load_catalog",
     # deployment
     "DeploymentConfig",
     # timing
+    "SpecPlan",
+    "spec_plan",
     "forward_time",
     "prefill_time",
     "decode_step_time",
     "decode_tokens_per_second",
+    "resident_bytes",
     "switch_time",
     "cold_load_time",
+    "kv_write_time",
     "kv_transfer_time",
-    # memory and KV
+    # memory tiers and KV cache
     "TransferLedger",
+    "LoadPlan",
     "WeightTiers",
+    "KVCache",
     "DEFAULT_BLOCK_SIZE",
     "block_hashes",
     # engine
     "NodeEngine",
+    "hbm_preload",
     "BundleModel",
     "EngineRequest",
     "RequestRejected",
@@ -79,6 +102,7 @@ __all__ = [
     "RequestStarted",
     "TokenGenerated",
     "RequestFinished",
+    "FinishReason",
     "EngineSnapshot",
     "ModelState",
     "TierCounts",

@@ -24,6 +24,7 @@ fields; `dtype` fills `bytes_per_param`, GQA numbers fill `kv_bytes_per_token`, 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -38,15 +39,17 @@ __all__ = [
     "load_catalog",
 ]
 
-DTYPE_BYTES: Final[Mapping[str, float]] = {
-    "fp32": 4.0,
-    "bf16": 2.0,
-    "fp16": 2.0,
-    "fp8": 1.0,
-    "int8": 1.0,
-    "int4": 0.5,
-    "mxfp4": 4.25 / 8,  # 4-bit elements + one 8-bit scale per 32-element block
-}
+DTYPE_BYTES: Final[Mapping[str, float]] = MappingProxyType(
+    {
+        "fp32": 4.0,
+        "bf16": 2.0,
+        "fp16": 2.0,
+        "fp8": 1.0,
+        "int8": 1.0,
+        "int4": 0.5,
+        "mxfp4": 4.25 / 8,  # 4-bit elements + one 8-bit scale per 32-element block
+    }
+)
 
 _PosInt = Annotated[int, msgspec.Meta(gt=0)]
 _NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -85,12 +88,15 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 )
             if not 0 < self.moe_layers <= self.num_layers:
                 raise ValueError(
-                    f"moe_layers must be in 1..num_layers ({self.num_layers}), got {self.moe_layers}"
+                    f"moe_layers must be in 1..num_layers ({self.num_layers}),"
+                    f" got {self.moe_layers}"
                 )
         elif self.experts_per_token or self.moe_layers:
             raise ValueError("experts_per_token/moe_layers set on a dense model (num_experts is 0)")
         elif self.active_params != self.total_params:
-            raise ValueError("a dense model (num_experts 0) must have active_params == total_params")
+            raise ValueError(
+                "a dense model (num_experts 0) must have active_params == total_params"
+            )
         if self.draft is not None and self.draft.draft is not None:
             raise ValueError(f"draft model {self.draft.name!r} must not have a draft of its own")
 
@@ -116,67 +122,112 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return 4 * self.num_layers * self.num_heads * self.head_dim
 
 
-def gqa_kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per_elem: float = 2) -> int:
+def gqa_kv_bytes_per_token(
+    layers: int, kv_heads: int, head_dim: int, bytes_per_elem: float = 2
+) -> int:
     """K and V for every layer and KV head."""
     return round(layers * kv_heads * head_dim * 2 * bytes_per_elem)
 
 
-def mla_kv_bytes_per_token(layers: int, kv_lora_rank: int, rope_dim: int, bytes_per_elem: float = 2) -> int:
+def mla_kv_bytes_per_token(
+    layers: int, kv_lora_rank: int, rope_dim: int, bytes_per_elem: float = 2
+) -> int:
     """Multi-head latent attention caches one latent + one RoPE key per layer."""
     return round(layers * (kv_lora_rank + rope_dim) * bytes_per_elem)
 
 
-def _llama(name: str, params: int, layers: int, hidden: int, heads: int, head_dim: int,
-           draft: ModelSpec | None = None) -> ModelSpec:
+def _llama(
+    name: str,
+    params: int,
+    layers: int,
+    hidden: int,
+    heads: int,
+    head_dim: int,
+    draft: ModelSpec | None = None,
+) -> ModelSpec:
     return ModelSpec(
-        name=name, total_params=params, active_params=params, bytes_per_param=2.0,
-        num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=8,
-        head_dim=head_dim, kv_bytes_per_token=gqa_kv_bytes_per_token(layers, 8, head_dim),
-        max_context=131072, dtype="bf16", draft=draft,
-    )  # fmt: skip
+        name=name,
+        total_params=params,
+        active_params=params,
+        bytes_per_param=2.0,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=8,
+        head_dim=head_dim,
+        kv_bytes_per_token=gqa_kv_bytes_per_token(layers, 8, head_dim),
+        max_context=131072,
+        dtype="bf16",
+        draft=draft,
+    )
 
 
 def _deepseek(name: str) -> ModelSpec:
     # 61 layers (3 dense + 58 MoE), 256 routed experts of which 8 per token + 1 shared,
     # FP8 weights as released, MLA with kv_lora_rank 512 and a 64-dim RoPE key.
     return ModelSpec(
-        name=name, total_params=671_000_000_000, active_params=37_000_000_000,
-        bytes_per_param=1.0, dtype="fp8", num_layers=61, hidden_size=7168, num_heads=128,
-        num_kv_heads=128, head_dim=128, kv_bytes_per_token=mla_kv_bytes_per_token(61, 512, 64),
-        max_context=131072, num_experts=256, experts_per_token=8, moe_layers=58,
-    )  # fmt: skip
+        name=name,
+        total_params=671_000_000_000,
+        active_params=37_000_000_000,
+        bytes_per_param=1.0,
+        dtype="fp8",
+        num_layers=61,
+        hidden_size=7168,
+        num_heads=128,
+        num_kv_heads=128,
+        head_dim=128,
+        kv_bytes_per_token=mla_kv_bytes_per_token(61, 512, 64),
+        max_context=131072,
+        num_experts=256,
+        experts_per_token=8,
+        moe_layers=58,
+    )
 
 
 def _gpt_oss(name: str, total: int, active: int, layers: int, experts: int) -> ModelSpec:
     # MXFP4 checkpoint; 64 query heads and 8 KV heads of 64 dims; every layer is MoE, top-4.
     # (Half the layers use a 128-token sliding window; their KV is counted in full here.)
     return ModelSpec(
-        name=name, total_params=total, active_params=active, bytes_per_param=DTYPE_BYTES["mxfp4"],
-        dtype="mxfp4", num_layers=layers, hidden_size=2880, num_heads=64, num_kv_heads=8,
-        head_dim=64, kv_bytes_per_token=gqa_kv_bytes_per_token(layers, 8, 64),
-        max_context=131072, num_experts=experts, experts_per_token=4, moe_layers=layers,
-    )  # fmt: skip
+        name=name,
+        total_params=total,
+        active_params=active,
+        bytes_per_param=DTYPE_BYTES["mxfp4"],
+        dtype="mxfp4",
+        num_layers=layers,
+        hidden_size=2880,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=64,
+        kv_bytes_per_token=gqa_kv_bytes_per_token(layers, 8, 64),
+        max_context=131072,
+        num_experts=experts,
+        experts_per_token=4,
+        moe_layers=layers,
+    )
 
 
 _LLAMA_1B: Final = _llama("llama-3.2-1b", 1_235_814_400, 16, 2048, 32, 64)
 
-BUILTIN_MODELS: Final[Mapping[str, ModelSpec]] = {
-    m.name: m
-    for m in (
-        _LLAMA_1B,
-        _llama("llama-3.1-8b", 8_030_261_248, 32, 4096, 32, 128),
-        _llama("llama-3.1-70b", 70_553_706_496, 80, 8192, 64, 128, draft=_LLAMA_1B),
-        _llama("llama-3.1-405b", 405_853_388_800, 126, 16384, 128, 128, draft=_LLAMA_1B),
-        _deepseek("deepseek-r1"),
-        _deepseek("deepseek-v3"),
-        _gpt_oss("gpt-oss-120b", 116_830_000_000, 5_130_000_000, 36, 128),
-        _gpt_oss("gpt-oss-20b", 20_910_000_000, 3_610_000_000, 24, 32),
-    )
-}
+BUILTIN_MODELS: Final[Mapping[str, ModelSpec]] = MappingProxyType(
+    {
+        m.name: m
+        for m in (
+            _LLAMA_1B,
+            _llama("llama-3.1-8b", 8_030_261_248, 32, 4096, 32, 128),
+            _llama("llama-3.1-70b", 70_553_706_496, 80, 8192, 64, 128, draft=_LLAMA_1B),
+            _llama("llama-3.1-405b", 405_853_388_800, 126, 16384, 128, 128, draft=_LLAMA_1B),
+            _deepseek("deepseek-r1"),
+            _deepseek("deepseek-v3"),
+            _gpt_oss("gpt-oss-120b", 116_830_000_000, 5_130_000_000, 36, 128),
+            _gpt_oss("gpt-oss-20b", 20_910_000_000, 3_610_000_000, 24, 32),
+        )
+    }
+)
 
 
-def model_from_dict(d: Mapping[str, Any], *, name: str | None = None,
-                    known: Mapping[str, ModelSpec] | None = None) -> ModelSpec:
+def model_from_dict(
+    d: Mapping[str, Any], *, name: str | None = None, known: Mapping[str, ModelSpec] | None = None
+) -> ModelSpec:
     """A ModelSpec from config data; a ValueError names the model and the bad field.
 
     Conveniences: `dtype` alone sets `bytes_per_param`; without `kv_bytes_per_token` it is
@@ -211,10 +262,15 @@ def model_from_dict(d: Mapping[str, Any], *, name: str | None = None,
                 f" (missing: {', '.join(missing)})"
             )
         if kv_dtype not in DTYPE_BYTES:
-            raise ValueError(f"model {label!r}: field 'kv_dtype' is {kv_dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+            raise ValueError(
+                f"model {label!r}: field 'kv_dtype' is {kv_dtype!r};"
+                f" use one of {', '.join(DTYPE_BYTES)}"
+            )
         try:
             data["kv_bytes_per_token"] = gqa_kv_bytes_per_token(
-                int(data["num_layers"]), int(data["num_kv_heads"]), int(data["head_dim"]),
+                int(data["num_layers"]),
+                int(data["num_kv_heads"]),
+                int(data["head_dim"]),
                 DTYPE_BYTES[kv_dtype],
             )
         except (TypeError, ValueError):

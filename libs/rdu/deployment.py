@@ -46,7 +46,9 @@ class DeploymentConfig(msgspec.Struct, frozen=True):
     def parse(cls, name: str) -> DeploymentConfig:
         """Parse a config name; a ValueError says what is wrong and shows the format."""
         if not isinstance(name, str):
-            raise ValueError(f"deployment config must be a string ({_EXAMPLES}), got {type(name).__name__}")
+            raise ValueError(
+                f"deployment config must be a string ({_EXAMPLES}), got {type(name).__name__}"
+            )
         m = _NAME.fullmatch(name.strip())
         if m is None:
             raise ValueError(
@@ -55,7 +57,9 @@ class DeploymentConfig(msgspec.Struct, frozen=True):
             )
         ss, bs = int(m["ss"]), int(m["bs"])
         if ss <= 0 or bs <= 0:
-            raise ValueError(f"deployment config {name!r}: sequence length and batch size must be >= 1")
+            raise ValueError(
+                f"deployment config {name!r}: sequence length and batch size must be >= 1"
+            )
         if m["lo"] is None:
             return cls(seq_len=ss, batch_size=bs, static_batch=bs)
         lo, hi = int(m["lo"]), int(m["hi"])

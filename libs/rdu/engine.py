@@ -63,12 +63,37 @@ _DECODE: Final = 2
 
 
 class _Req:
-    __slots__ = ("id", "model", "prompt_len", "max_tokens", "arrival", "target", "reason",
-                 "key", "tokens", "generated", "alloc", "hashes", "prefilled", "state", "hit_tokens")  # fmt: skip
+    __slots__ = (
+        "id",
+        "model",
+        "prompt_len",
+        "max_tokens",
+        "arrival",
+        "target",
+        "reason",
+        "key",
+        "tokens",
+        "generated",
+        "alloc",
+        "hashes",
+        "prefilled",
+        "state",
+        "hit_tokens",
+    )
 
-    def __init__(self, rid: str, model: _Model, prompt_len: int, max_tokens: int, arrival: float,
-                 target: int, reason: Literal["stop", "length", "prefill"], key: int,
-                 hashes: list[int], prefilled: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        rid: str,
+        model: _Model,
+        prompt_len: int,
+        max_tokens: int,
+        arrival: float,
+        target: int,
+        reason: Literal["stop", "length", "prefill"],
+        key: int,
+        hashes: list[int],
+        prefilled: bool,
+    ) -> None:
         self.id = rid
         self.model = model
         self.prompt_len = prompt_len
@@ -87,11 +112,29 @@ class _Req:
 
 
 class _Model:
-    __slots__ = ("index", "name", "version", "spec", "config", "cost", "block_bytes", "max_batch",
-                 "resident", "waiting", "running", "ctx_sum", "load_source", "load_start",
-                 "load_end", "blocked_since", "kv_blocked_epoch")  # fmt: skip
+    __slots__ = (
+        "index",
+        "name",
+        "version",
+        "spec",
+        "config",
+        "cost",
+        "block_bytes",
+        "max_batch",
+        "resident",
+        "waiting",
+        "running",
+        "ctx_sum",
+        "load_source",
+        "load_start",
+        "load_end",
+        "blocked_since",
+        "kv_blocked_epoch",
+    )
 
-    def __init__(self, index: int, bundle: BundleModel, profile: HardwareProfile, block_size: int) -> None:
+    def __init__(
+        self, index: int, bundle: BundleModel, profile: HardwareProfile, block_size: int
+    ) -> None:
         self.index = index
         self.name = bundle.spec.name
         self.version = bundle.version
@@ -114,12 +157,34 @@ class _Model:
 class _Work:
     __slots__ = ("kind", "model", "start", "end", "batch")
 
-    def __init__(self, kind: int, model: _Model, start: float, end: float, batch: list[_Req]) -> None:
+    def __init__(
+        self, kind: int, model: _Model, start: float, end: float, batch: list[_Req]
+    ) -> None:
         self.kind = kind
         self.model = model
         self.start = start
         self.end = end
         self.batch = batch
+
+
+DEFAULT_KV_CACHE_FRACTION: Final = 0.25
+
+
+def hbm_preload(profile: HardwareProfile, bundle: Sequence[BundleModel], *, kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION) -> list[str]:
+    """The bundle's models that fit in HBM together, taken in bundle order.
+
+    What a node loads into HBM at start when it wants to be hot at once: as much of
+    its bundle as the weights part of HBM (all but the KV pool) holds; the rest stays
+    in DDR and costs a switch on first use.
+    """
+    room = profile.hbm_capacity - int(profile.hbm_capacity * kv_cache_fraction)
+    chosen = []
+    for entry in bundle:
+        size = math.ceil(resident_bytes(entry.spec, profile))
+        if size <= room:
+            chosen.append(entry.spec.name)
+            room -= size
+    return chosen
 
 
 class NodeEngine:
@@ -135,7 +200,7 @@ class NodeEngine:
         max_queue: int = 1024,
         block_size: int = DEFAULT_BLOCK_SIZE,
         ddr_resident: Sequence[str] | None = None,
-        kv_cache_fraction: float = 0.25,
+        kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION,
         ddr_kv_cache_bytes: int | None = None,
         time_slice: float = 0.05,
         max_prefill_tokens: int = 16384,
@@ -193,8 +258,10 @@ class NodeEngine:
         in_ddr = set(names if ddr_resident is None else ddr_resident) | set(preload)
         for m in self._models:
             self._validate_model(m, weights_hbm, kv_hbm)
-            tier = "hbm" if m.name in preload else "ddr" if m.name in in_ddr else "cold"
-            self._weights.add(m.name, m.resident, tier=tier)
+            where: Literal["hbm", "ddr", "cold"] = (
+                "hbm" if m.name in preload else "ddr" if m.name in in_ddr else "cold"
+            )
+            self._weights.add(m.name, m.resident, tier=where)
 
         self._texts = tuple(decode_output([i]) for i in range(len(OUTPUT_VOCAB)))
         self._requests: dict[str, _Req] = {}
@@ -204,7 +271,6 @@ class NodeEngine:
         self._pending: _Work | None = None
         self._free_at = now
         self._busy = 0.0
-        self._clock = now
         self._current: _Model | None = None
         self._slice_end = now
 
@@ -242,10 +308,16 @@ class NodeEngine:
         return self._block_size
 
     def submit(self, request: EngineRequest, now: float) -> None:
-        """Queue a request. Raises RequestRejected; never truncates a request silently."""
+        """Queue a request that arrived at `now`.
+
+        Raises RequestRejected (codes: context_length_exceeded, model_not_in_bundle,
+        queue_full, invalid_request, duplicate_request); never truncates silently.
+        """
         rid = request.request_id
         if rid in self._requests:
-            raise RequestRejected("duplicate_request", f"request id {rid!r} is already in flight on this node")
+            raise RequestRejected(
+                "duplicate_request", f"request id {rid!r} is already in flight on this node"
+            )
         m = self._by_name.get(request.model)
         if m is None:
             raise RequestRejected(
@@ -256,23 +328,33 @@ class NodeEngine:
         prompt = request.prompt_token_ids
         n = len(prompt)
         if n == 0:
-            raise RequestRejected("invalid_request", "prompt_token_ids is empty; send at least one token")
+            raise RequestRejected(
+                "invalid_request", "prompt_token_ids is empty; send at least one token"
+            )
         if request.max_tokens < 0:
-            raise RequestRejected("invalid_request", f"max_tokens must be >= 0, got {request.max_tokens}")
+            raise RequestRejected(
+                "invalid_request", f"max_tokens must be >= 0, got {request.max_tokens}"
+            )
         seq_len = m.config.seq_len
         if n + request.max_tokens > seq_len:
             room = seq_len - n
-            advice = (f"set max_tokens to at most {room}" if room > 0
-                      else f"shorten the prompt below {seq_len} tokens")  # fmt: skip
+            advice = (
+                f"set max_tokens to at most {room}"
+                if room > 0
+                else f"shorten the prompt below {seq_len} tokens"
+            )
             raise RequestRejected(
                 "context_length_exceeded",
-                f"prompt ({n} tokens) + max_tokens ({request.max_tokens}) = {n + request.max_tokens}"
+                f"prompt ({n} tokens) + max_tokens ({request.max_tokens})"
+                f" = {n + request.max_tokens}"
                 f" tokens exceeds {m.name}'s sequence length of {seq_len} in deployment"
                 f" {m.config}; {advice}",
             )
         if self._n_waiting >= self._max_queue:
             raise RequestRejected(
-                "queue_full", f"{self._n_waiting} requests already waiting (limit {self._max_queue}); retry later"
+                "queue_full",
+                f"{self._n_waiting} requests already waiting (limit {self._max_queue});"
+                " retry later",
             )
         try:
             packed = pack_tokens(prompt)
@@ -287,15 +369,28 @@ class NodeEngine:
             target, reason = natural, "stop"
         else:
             target, reason = max_tokens, "length"
-        r = _Req(rid, m, n, max_tokens, now, target, reason, key,
-                 hashes_from_packed(packed, self._block_size), request.prefilled)  # fmt: skip
+        r = _Req(
+            rid,
+            m,
+            n,
+            max_tokens,
+            now,
+            target,
+            reason,
+            key,
+            hashes_from_packed(packed, self._block_size),
+            request.prefilled,
+        )
         m.waiting.append(r)
         self._requests[rid] = r
         self._n_waiting += 1
-        self._clock = max(self._clock, now)
 
     def cancel(self, request_id: str, now: float) -> None:
-        """The client went away: drop it from the queue or free its batch slot and KV."""
+        """The client went away: drop it from the queue or free its batch slot and KV.
+
+        Emits no event (the caller already knows); unknown or finished ids are ignored.
+        A step already under way finishes, but produces nothing more for this request.
+        """
         r = self._requests.pop(request_id, None)
         if r is None:
             return
@@ -310,7 +405,6 @@ class NodeEngine:
                 m.ctx_sum -= r.prompt_len + r.generated
             self._release(r)
         r.state = _DONE
-        self._clock = max(self._clock, now)
 
     def next_event_time(self) -> float | None:
         """When `advance` next has something to do; None when idle."""
@@ -324,17 +418,20 @@ class NodeEngine:
         while True:
             work = self._pending
             if work is not None:
-                if work.end > now:
+                end = work.end
+                if end > now:
                     break
                 self._pending = None
-                self._free_at = work.end
-                self._busy += work.end - work.start
-                self._complete(work, events)
-            start = self._next_start()
+                self._free_at = end
+                self._busy += end - work.start
+                if work.kind == _DECODE:
+                    self._decode(work.model, end, events)
+                else:
+                    self._complete(work, events)
+            start = self._free_at if self._n_admitted else self._next_start()
             if start is None or start > now:
                 break
             self._begin(start, events)
-        self._clock = max(self._clock, now)
         return events
 
     def snapshot(self, now: float) -> EngineSnapshot:
@@ -350,6 +447,7 @@ class NodeEngine:
                 queued=len(m.waiting),
                 max_batch=m.max_batch,
                 config=str(m.config),
+                recent_prefix_hashes=kv.recent_hashes(m.name),
             )
             for m in self._models
         ]
@@ -455,7 +553,9 @@ class NodeEngine:
         if batch:
             self._pending = _Work(_PREFILL, m, t, t + self._prefill_seconds(m, batch), batch)
         elif not m.running:
-            raise RuntimeError(f"scheduler invariant broken: {m.name} was chosen with nothing to do")
+            raise RuntimeError(
+                f"scheduler invariant broken: {m.name} was chosen with nothing to do"
+            )
         else:
             dt = m.cost.step_seconds(len(m.running), m.ctx_sum)
             self._pending = _Work(_DECODE, m, t, t + dt, m.running)
@@ -470,7 +570,9 @@ class NodeEngine:
             if r.arrival > t or (batch and r.prompt_len > budget) or not self._fair(m, r):
                 break
             total, max_hits = self._kv_args(r)
-            alloc = self._kv.allocate(m.name, m.block_bytes, r.hashes, total, max_hit_blocks=max_hits)
+            alloc = self._kv.allocate(
+                m.name, m.block_bytes, r.hashes, total, max_hit_blocks=max_hits
+            )
             if alloc is None:
                 m.kv_blocked_epoch = self._kv_epoch
                 m.blocked_since = r.arrival
@@ -486,10 +588,10 @@ class NodeEngine:
             budget -= r.prompt_len - r.hit_tokens
             weights.pin(m.name)
             batch.append(r)
+            tier: Literal["hbm", "ddr", "cold"] = "hbm"
+            switch = 0.0
             if m.load_end is not None and r.arrival < m.load_end:
                 tier, switch = m.load_source, m.load_end - max(m.load_start, r.arrival)
-            else:
-                tier, switch = "hbm", 0.0
             events.append(RequestStarted(r.id, t, t - r.arrival, tier, switch, r.hit_tokens))
         if batch:
             weights.touch(m.name, t)
@@ -544,13 +646,15 @@ class NodeEngine:
                 m.ctx_sum += r.prompt_len + 1
 
     def _decode(self, m: _Model, t: float, events: list[EngineEvent]) -> None:
+        """One token for every running request: the per-token hot path, kept minimal."""
         texts = self._texts
         append = events.append
+        token = TokenGenerated
         done: list[_Req] = []
         for r in m.running:
             i = r.generated
             tok = r.tokens[i]
-            append(TokenGenerated(r.id, t, i, tok, texts[tok]))
+            append(token(r.id, t, i, tok, texts[tok]))
             r.generated = i = i + 1
             if i >= r.target:
                 done.append(r)

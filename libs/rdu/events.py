@@ -105,6 +105,7 @@ class ModelState(msgspec.Struct, frozen=True):
     queued: int = 0
     max_batch: int = 0
     config: str = ""
+    recent_prefix_hashes: list[int] = []  # this model's most recently used, newest first
 
 
 class TierCounts(msgspec.Struct, frozen=True):
@@ -127,7 +128,9 @@ class EngineSnapshot(msgspec.Struct, frozen=True):
     prefix_cache_hits: int  # of which found in the cache
     bytes_moved: dict[str, int]  # per tier pair, e.g. "ddr->hbm"
     transfer_seconds: dict[str, float]  # time charged for those bytes
-    recent_prefix_hashes: list[int]  # most recently used block hashes, newest first
+    # most recently used block hashes over all models, newest first; `block_hashes` does
+    # not depend on the model, so per-model lists are in `models[i].recent_prefix_hashes`
+    recent_prefix_hashes: list[int]
     block_size: int
     current_model: str | None = None
     busy_until: float | None = None  # end of the work the chip is committed to

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -66,9 +67,12 @@ class HardwareProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # -- fitted or assumed efficiency parameters (see module docstring) --
     hbm_efficiency: _Fraction = 0.8  # fraction of peak HBM bandwidth a decode pass reaches
     compute_efficiency: _Fraction = 0.5  # fraction of peak FLOP/s a compute-bound pass reaches
+    step_overhead_s: _NonNeg = 0.0  # per forward pass: launch, sampling, host round trip
     layer_overhead_s: _NonNeg = 0.0  # per layer per forward pass: collectives + sync
     moe_dispatch_s: _NonNeg = 0.0  # extra per MoE layer per pass: token dispatch + combine
-    spec_acceptance: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None  # None: no spec decode
+    spec_acceptance: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = (
+        None  # None: no spec decode
+    )
     spec_max_draft: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8  # longest draft chain considered
 
     # -- node aggregates the timing model uses --
@@ -117,77 +121,83 @@ _SN40L_SOCKET: Final[dict[str, Any]] = {
     "weights_path": "ddr",
     "hbm_efficiency": 0.872,
     "compute_efficiency": 0.5,  # assumed: no published figure isolates prefill
+    "step_overhead_s": 0.0,  # fitting it too drives it to 0: the per-layer term covers it
     "layer_overhead_s": 11.1e-6,
     "moe_dispatch_s": 30.8e-6,
     "spec_acceptance": 0.798,
 }
 
-BUILTIN_PROFILES: Final[Mapping[str, HardwareProfile]] = {
-    "sn40l-8": HardwareProfile(name="sn40l-8", sockets=8, **_SN40L_SOCKET),
-    "sn40l-16": HardwareProfile(name="sn40l-16", sockets=16, **_SN40L_SOCKET),
-    # SN50: ESTIMATES, not published specifications. Assumed one generation on from
-    # SN40L: same SRAM, HBM3E (96 GiB at ~3.2 TB/s), 2 TiB DDR at ~300 GB/s, ~1.1 PFLOP/s
-    # BF16, a faster DDR->HBM DMA; SN40L's fitted efficiencies carried over unchanged.
-    "sn50-16": HardwareProfile(
-        name="sn50-16",
-        sockets=16,
-        **{
-            **_SN40L_SOCKET,
-            "hbm_bytes": 96 * GiB,
-            "hbm_bw": 3.2 * _TB,
-            "ddr_bytes": 2048 * GiB,
-            "ddr_bw": 300 * _GB,
-            "flops": 1100e12,
-            "ddr_hbm_bw": 96 * _GB,
-            "internode_bw": 200 * _GB,
-        },
-    ),
-    # DGX H100: 8 x (80 GB HBM3 at 3.35 TB/s, 989 dense BF16 TFLOP/s). 2 TB host DRAM is
-    # the "DDR" tier; weights come over the host link (~64 GB/s per direction), which is
-    # the path the published 15x switching comparison measures. Efficiencies here are
-    # assumptions typical of TP=8 serving (about 80% of HBM peak, ~15 us of NCCL
-    # all-reduce + launch per layer), not fitted: no H100 figure is a calibration target.
-    "h100-8x": HardwareProfile(
-        name="h100-8x",
-        sockets=8,
-        sram_bytes=50 * (1 << 20),
-        hbm_bytes=80 * 10**9,
-        ddr_bytes=250 * 10**9,
-        hbm_bw=3.35 * _TB,
-        ddr_bw=100 * _GB,
-        flops=989e12,
-        ddr_hbm_bw=8 * _GB,
-        storage_bw=25 * _GB,
-        host_link_bw=64 * _GB,
-        internode_bw=400 * _GB,
-        weights_path="host_link",
-        hbm_efficiency=0.8,
-        compute_efficiency=0.6,
-        layer_overhead_s=15e-6,
-        moe_dispatch_s=30e-6,
-        spec_acceptance=None,
-    ),
-    # Zero time everywhere, SN40L-16 capacities: measures the fabric's own overhead.
-    "zero": HardwareProfile(
-        name="zero",
-        sockets=16,
-        sram_bytes=520 * (1 << 20),
-        hbm_bytes=64 * GiB,
-        ddr_bytes=1536 * GiB,
-        hbm_bw=_INF,
-        ddr_bw=_INF,
-        flops=_INF,
-        ddr_hbm_bw=_INF,
-        storage_bw=_INF,
-        host_link_bw=_INF,
-        internode_bw=_INF,
-        hbm_efficiency=1.0,
-        compute_efficiency=1.0,
-        layer_overhead_s=0.0,
-        moe_dispatch_s=0.0,
-        spec_acceptance=None,
-    ),
-}
+BUILTIN_PROFILES: Final[Mapping[str, HardwareProfile]] = MappingProxyType(
+    {
+        "sn40l-8": HardwareProfile(name="sn40l-8", sockets=8, **_SN40L_SOCKET),
+        "sn40l-16": HardwareProfile(name="sn40l-16", sockets=16, **_SN40L_SOCKET),
+        # SN50: ESTIMATES, not published specifications. Assumed one generation on from
+        # SN40L: same SRAM, HBM3E (96 GiB at ~3.2 TB/s), 2 TiB DDR at ~300 GB/s, ~1.1 PFLOP/s
+        # BF16, a faster DDR->HBM DMA; SN40L's fitted efficiencies carried over unchanged.
+        "sn50-16": HardwareProfile(
+            name="sn50-16",
+            sockets=16,
+            **{
+                **_SN40L_SOCKET,
+                "hbm_bytes": 96 * GiB,
+                "hbm_bw": 3.2 * _TB,
+                "ddr_bytes": 2048 * GiB,
+                "ddr_bw": 300 * _GB,
+                "flops": 1100e12,
+                "ddr_hbm_bw": 96 * _GB,
+                "internode_bw": 200 * _GB,
+            },
+        ),
+        # DGX H100: 8 x (80 GB HBM3 at 3.35 TB/s, 989 dense BF16 TFLOP/s). 2 TB host DRAM is
+        # the "DDR" tier; weights come over the host link (~64 GB/s per direction), which is
+        # the path the published 15x switching comparison measures. Efficiencies here are
+        # assumptions typical of TP=8 serving (about 80% of HBM peak, ~50 us of sampling
+        # and scheduling per step, ~15 us of NCCL all-reduce + launch per layer), not
+        # fitted: no H100 figure is a calibration target.
+        "h100-8x": HardwareProfile(
+            name="h100-8x",
+            sockets=8,
+            sram_bytes=50 * (1 << 20),
+            hbm_bytes=80 * 10**9,
+            ddr_bytes=250 * 10**9,
+            hbm_bw=3.35 * _TB,
+            ddr_bw=100 * _GB,
+            flops=989e12,
+            ddr_hbm_bw=8 * _GB,
+            storage_bw=25 * _GB,
+            host_link_bw=64 * _GB,
+            internode_bw=400 * _GB,
+            weights_path="host_link",
+            hbm_efficiency=0.8,
+            compute_efficiency=0.6,
+            step_overhead_s=50e-6,
+            layer_overhead_s=15e-6,
+            moe_dispatch_s=30e-6,
+            spec_acceptance=None,
+        ),
+        # Zero time everywhere, SN40L-16 capacities: measures the fabric's own overhead.
+        "zero": HardwareProfile(
+            name="zero",
+            sockets=16,
+            sram_bytes=520 * (1 << 20),
+            hbm_bytes=64 * GiB,
+            ddr_bytes=1536 * GiB,
+            hbm_bw=_INF,
+            ddr_bw=_INF,
+            flops=_INF,
+            ddr_hbm_bw=_INF,
+            storage_bw=_INF,
+            host_link_bw=_INF,
+            internode_bw=_INF,
+            hbm_efficiency=1.0,
+            compute_efficiency=1.0,
+            step_overhead_s=0.0,
+            layer_overhead_s=0.0,
+            moe_dispatch_s=0.0,
+            spec_acceptance=None,
+        ),
+    }
+)
 
 
 def _validation_error(kind: str, key: str, err: msgspec.ValidationError) -> ValueError:
@@ -231,7 +241,9 @@ def _profile_from_dict(
         raise _validation_error("hardware profile", label, err) from None
 
 
-def load_profiles(extra: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, HardwareProfile]:
+def load_profiles(
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, HardwareProfile]:
     """Built-in profiles plus `extra` (name -> fields), later entries may `base` on earlier."""
     profiles: dict[str, HardwareProfile] = dict(BUILTIN_PROFILES)
     for key, fields in (extra or {}).items():

@@ -7,7 +7,7 @@ The router calls `block_hashes` too, to score a node's prefix overlap, so it is
 deterministic across processes (BLAKE2b over little-endian uint32 token ids; never
 Python's per-process salted `hash`).
 
-Per model, since one model's KV means nothing to another. A request's allocation is
+Blocks are per model, since one model's KV means nothing to another. A request's allocation is
 reserved up front for prompt + max_tokens (TensorRT-LLM's "guaranteed no evict" policy:
 admitted requests are never preempted). Hit blocks are shared and pinned; the rest is
 private until the prompt is computed, when its full blocks join the cache (`commit`).
@@ -89,8 +89,17 @@ class _Block:
 class KVAllocation:
     """One request's KV: shared (hit or committed) blocks plus private bytes."""
 
-    __slots__ = ("model", "block_bytes", "blocks", "pending", "private_bytes", "hit_blocks",
-                 "ddr_hit_blocks", "seconds", "released")  # fmt: skip
+    __slots__ = (
+        "model",
+        "block_bytes",
+        "blocks",
+        "pending",
+        "private_bytes",
+        "hit_blocks",
+        "ddr_hit_blocks",
+        "seconds",
+        "released",
+    )
 
     def __init__(self, model: str, block_bytes: int) -> None:
         self.model = model
@@ -129,7 +138,8 @@ class KVCache:
         self._copy_bw = copy_bw
         self._ledger = ledger
         self._blocks: dict[tuple[str, int], _Block] = {}
-        self._hbm_lru: OrderedDict[tuple[str, int], _Block] = OrderedDict()  # unpinned, oldest first
+        # unpinned cached blocks in HBM, and every block in DDR; oldest first
+        self._hbm_lru: OrderedDict[tuple[str, int], _Block] = OrderedDict()
         self._ddr_lru: OrderedDict[tuple[str, int], _Block] = OrderedDict()
         self.hbm_used = 0  # every HBM byte: pinned, cached-unpinned, private
         self.hbm_evictable = 0  # bytes in _hbm_lru
@@ -138,8 +148,8 @@ class KVCache:
         self.query_tokens = 0
         self.hit_tokens = 0
         self._recent_limit = recent_limit
-        self._recent: dict[str, OrderedDict[int, int]] = {}  # per model: hash -> use sequence
-        self._seq = 0
+        self._recent: dict[str, OrderedDict[int, None]] = {}  # per model, oldest first
+        self._recent_all: OrderedDict[int, None] = OrderedDict()
 
     # -- inspection --
     @property
@@ -153,32 +163,25 @@ class KVCache:
 
     def recent_hashes(self, model: str | None = None) -> list[int]:
         """The `recent_limit` most recently used block hashes, newest first (all models, or one)."""
-        if model is not None:
-            return list(reversed(self._recent.get(model, {})))
-        stamped = sorted(((seq, h) for od in self._recent.values() for h, seq in od.items()), reverse=True)
-        out: list[int] = []
-        seen: set[int] = set()
-        for _, h in stamped:
-            if h not in seen:
-                seen.add(h)
-                out.append(h)
-                if len(out) == self._recent_limit:
-                    break
-        return out
+        if model is None:
+            return list(reversed(self._recent_all))
+        return list(reversed(self._recent.get(model, ())))
 
     def _touch(self, model: str, hashes: Sequence[int]) -> None:
-        od = self._recent.get(model)
-        if od is None:
-            od = self._recent[model] = OrderedDict()
-        seq = self._seq
-        for h in hashes:
-            seq += 1
-            if h in od:
-                od.move_to_end(h)
-            od[h] = seq
-        self._seq = seq
-        for _ in range(len(od) - self._recent_limit):
-            od.popitem(last=False)
+        # Per model and over all models: a touch per prompt block is cheap, and it keeps
+        # snapshots (taken as often as requests arrive) free of any merging.
+        per_model = self._recent.get(model)
+        if per_model is None:
+            per_model = self._recent[model] = OrderedDict()
+        limit = self._recent_limit
+        for od in (per_model, self._recent_all):
+            for h in hashes:
+                if h in od:
+                    od.move_to_end(h)
+                else:
+                    od[h] = None
+            for _ in range(len(od) - limit):
+                od.popitem(last=False)
 
     # -- allocation --
     def _lookup(
@@ -196,7 +199,9 @@ class KVCache:
             hits.append(b)
         return hits
 
-    def _shortfall(self, hits: list[_Block], block_bytes: int, total_blocks: int) -> tuple[int, int] | None:
+    def _shortfall(
+        self, hits: list[_Block], block_bytes: int, total_blocks: int
+    ) -> tuple[int, int] | None:
         """(HBM bytes the allocation needs, HBM bytes free now), or None if out of reach."""
         hbm_hit_bytes = 0
         reclaimable_hits = 0
@@ -212,9 +217,14 @@ class KVCache:
         return need, free
 
     def fits(
-        self, model: str, block_bytes: int, hashes: Sequence[int], total_blocks: int, *,
+        self,
+        model: str,
+        block_bytes: int,
+        hashes: Sequence[int],
+        total_blocks: int,
+        *,
         max_hit_blocks: int | None = None,
-    ) -> bool:  # fmt: skip
+    ) -> bool:
         """Whether `allocate` with these arguments would succeed now. Changes nothing."""
         hits = self._lookup(model, hashes, total_blocks, max_hit_blocks)
         return self._shortfall(hits, block_bytes, total_blocks) is not None

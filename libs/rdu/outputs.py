@@ -43,4 +43,5 @@ def completion_tokens(key: int, n: int, vocab_size: int) -> list[int]:
     if n <= 0:
         return []
     raw = np.random.PCG64(key).random_raw(n)
-    return ((raw >> _SHIFT) % np.uint64(vocab_size)).tolist()
+    tokens: list[int] = ((raw >> _SHIFT) % np.uint64(vocab_size)).tolist()
+    return tokens

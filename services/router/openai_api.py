@@ -63,6 +63,17 @@ def _invalid_body(exc: msgspec.MsgspecError) -> InvalidRequest:
     return InvalidRequest(f"The request body is not valid JSON: {text}")
 
 
+def _record_headers(record: RequestRecord) -> tuple[tuple[str, str], ...]:
+    """Where the request ran, for clients and load generators: node, model version, tier."""
+    return (
+        ("x-request-id", record.request_id),
+        ("x-tierflow-node", record.node),
+        ("x-tierflow-model-version", record.version),
+        ("x-tierflow-tier", record.tier),
+        ("x-tierflow-attempts", str(len(record.nodes_tried))),
+    )
+
+
 class _ChunkFormat:
     """Pre-rendered JSON around a streamed chunk: only the text is encoded per token."""
 
@@ -197,7 +208,7 @@ class OpenAIApi:
             "id": record.request_id, "object": obj, "created": created, "model": body.model,
             "system_fingerprint": f"tierflow-{record.version}", "choices": [choice], "usage": self._usage(record),
         }
-        return Response(200, _encode(payload), headers=(("x-request-id", record.request_id), ("x-tierflow-node", record.node)))
+        return Response(200, _encode(payload), headers=_record_headers(record))
 
     async def _stream(self, events: AsyncIterator[messages.Tokens | messages.Finished], body: Any, record: RequestRecord, chat: bool) -> Response | StreamingResponse:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -265,7 +276,7 @@ class OpenAIApi:
                 self._metrics.in_flight.dec()
                 finish_record(record, self._metrics, self._clock)
 
-        headers = (("cache-control", "no-cache"), ("x-request-id", record.request_id), ("x-tierflow-node", record.node))
+        headers = (("cache-control", "no-cache"), *_record_headers(record))
         return StreamingResponse(200, chunks(), headers=headers)
 
     # ----------------------------------------------------------------- catalog & ops

@@ -55,7 +55,7 @@ class Fabric:
         return self.process.returncode
 
 
-def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0) -> Fabric:
+def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0, env: dict[str, str] | None = None) -> Fabric:
     """`tierflow up` on free ports; returns once it printed its ready line."""
     ports = {name: free_port() for name in ("http", "grpc", "registry", "nats", "monitor")}
     metrics_base = free_port()
@@ -66,7 +66,7 @@ def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0) -> Fa
         "--nats-monitor-port", str(ports["monitor"]), "--metrics-base-port", str(metrics_base),
         "--data-dir", str(data_dir), "--ready-timeout", str(ready_timeout), *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     deadline = time.monotonic() + ready_timeout + 10
     lines: list[str] = []
     assert process.stdout is not None

@@ -10,7 +10,9 @@ from tierflow.rdu.calibrate import TOLERANCE, calibration_rows
 
 __all__ = ["app"]
 
-app = typer.Typer(help="The RDU emulator: calibration against published figures.", no_args_is_help=True)
+app = typer.Typer(
+    help="The RDU emulator: calibration against published figures.", no_args_is_help=True
+)
 
 
 @app.callback()
@@ -34,8 +36,14 @@ def calibrate() -> None:
         emulated = f"{r.emulated:,.1f} {r.unit}"
         if r.detail:
             emulated += f"\n[dim]{r.detail}[/dim]"
-        table.add_row(r.figure, f"{r.published} {r.unit}", emulated, f"{r.relative_error:+.1%}",
-                      "fit" if r.fitted else "predicted", ok)  # fmt: skip
+        table.add_row(
+            r.figure,
+            f"{r.published} {r.unit}",
+            emulated,
+            f"{r.relative_error:+.1%}",
+            "fit" if r.fitted else "predicted",
+            ok,
+        )
     console = Console()
     console.print(table)
     console.print(

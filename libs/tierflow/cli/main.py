@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import typer
 
+from tierflow.cli.emulator import app as emulator_app
 from tierflow.cli.services import add_service_commands
 from tierflow.cli.status import status
 from tierflow.cli.up import up
@@ -25,12 +26,7 @@ app = typer.Typer(
 )
 app.command("up", help="Run the whole fabric locally: NATS, the five services and emulated nodes.")(up)
 app.command("status", help="Show services, nodes and models of a running fabric.")(status)
-try:
-    from tierflow.cli.emulator import app as emulator_app
-
-    app.add_typer(emulator_app, name="emulator", help="The RDU emulator: calibration against published figures.")
-except ImportError:  # pragma: no cover - the emulator CLI lands with libs/rdu
-    pass
+app.add_typer(emulator_app, name="emulator", help="The RDU emulator: calibration against published figures.")
 
 
 add_service_commands(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 from typer.testing import CliRunner
 
 import tierflow.cli.emulator as cli
@@ -18,7 +19,7 @@ def test_calibrate_prints_every_figure_and_exits_zero() -> None:
     assert "switch speed-up" in result.output
 
 
-def test_calibrate_exits_one_when_a_figure_is_off(monkeypatch) -> None:  # noqa: ANN001
+def test_calibrate_exits_one_when_a_figure_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
     slow = dict(BUILTIN_PROFILES)
     slow["sn40l-16"] = msgspec.structs.replace(slow["sn40l-16"], hbm_efficiency=0.3)
     monkeypatch.setattr(cli, "calibration_rows", lambda: calibration_rows(slow))

@@ -52,7 +52,9 @@ def test_all_builtin_profiles_exist() -> None:
 def test_profile_from_dict_round_trips_and_can_base_on_a_builtin() -> None:
     src = msgspec.to_builtins(BUILTIN_PROFILES["sn40l-16"])
     assert profile_from_dict(src) == BUILTIN_PROFILES["sn40l-16"]
-    profiles = load_profiles({"half": {"base": "sn40l-16", "sockets": 8}, "half-fast": {"base": "half", "hbm_bw": 2e12}})
+    profiles = load_profiles(
+        {"half": {"base": "sn40l-16", "sockets": 8}, "half-fast": {"base": "half", "hbm_bw": 2e12}}
+    )
     assert profiles["half"].sockets == 8 and profiles["half"].name == "half"
     assert profiles["half-fast"].sockets == 8 and profiles["half-fast"].hbm_bw == 2e12
     assert isinstance(profiles["sn40l-16"], HardwareProfile)
@@ -90,26 +92,54 @@ def test_catalog_architecture_numbers() -> None:
     oss = m["gpt-oss-120b"]
     assert oss.bytes_per_param == pytest.approx(0.53, abs=0.01)
     assert oss.weight_bytes == pytest.approx(62e9, rel=0.05)
-    assert {"llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "deepseek-r1", "deepseek-v3",
-            "gpt-oss-120b", "gpt-oss-20b"} <= set(m)  # fmt: skip
+    assert {
+        "llama-3.1-8b",
+        "llama-3.1-70b",
+        "llama-3.1-405b",
+        "deepseek-r1",
+        "deepseek-v3",
+        "gpt-oss-120b",
+        "gpt-oss-20b",
+    } <= set(m)
 
 
 def test_moe_routed_params_reproduce_active_params() -> None:
     for spec in BUILTIN_MODELS.values():
         if spec.is_moe:
-            shared = spec.active_params - spec.routed_params * spec.experts_per_token / spec.num_experts
+            shared = (
+                spec.active_params - spec.routed_params * spec.experts_per_token / spec.num_experts
+            )
             assert 0 < shared < spec.active_params
 
 
 def test_bring_your_own_checkpoint() -> None:
-    catalog = load_catalog({
-        "my-7b": {"total_params": 7_000_000_000, "num_layers": 32, "hidden_size": 4096, "num_heads": 32,
-                  "num_kv_heads": 8, "head_dim": 128, "max_context": 32768, "dtype": "fp8",
-                  "draft": "llama-3.2-1b"},
-        "my-moe": {"total_params": 30_000_000_000, "active_params": 3_000_000_000, "num_layers": 48,
-                   "hidden_size": 2048, "num_heads": 32, "num_kv_heads": 4, "head_dim": 128,
-                   "max_context": 32768, "num_experts": 128, "experts_per_token": 8},
-    })  # fmt: skip
+    catalog = load_catalog(
+        {
+            "my-7b": {
+                "total_params": 7_000_000_000,
+                "num_layers": 32,
+                "hidden_size": 4096,
+                "num_heads": 32,
+                "num_kv_heads": 8,
+                "head_dim": 128,
+                "max_context": 32768,
+                "dtype": "fp8",
+                "draft": "llama-3.2-1b",
+            },
+            "my-moe": {
+                "total_params": 30_000_000_000,
+                "active_params": 3_000_000_000,
+                "num_layers": 48,
+                "hidden_size": 2048,
+                "num_heads": 32,
+                "num_kv_heads": 4,
+                "head_dim": 128,
+                "max_context": 32768,
+                "num_experts": 128,
+                "experts_per_token": 8,
+            },
+        }
+    )
     mine = catalog["my-7b"]
     assert mine.bytes_per_param == 1.0 and mine.kv_bytes_per_token == 32 * 8 * 128 * 4
     assert mine.draft == BUILTIN_MODELS["llama-3.2-1b"]
@@ -129,7 +159,14 @@ def test_bring_your_own_checkpoint() -> None:
     ],
 )
 def test_bad_models_name_the_field(fields: dict, message: str) -> None:
-    base = {"num_layers": 2, "hidden_size": 8, "num_heads": 2, "num_kv_heads": 1, "head_dim": 4, "max_context": 64}
+    base = {
+        "num_layers": 2,
+        "hidden_size": 8,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "head_dim": 4,
+        "max_context": 64,
+    }
     with pytest.raises(ValueError, match=message) as info:
         model_from_dict({**base, **fields}, name="custom")
     assert "custom" in str(info.value)
@@ -149,8 +186,21 @@ def test_deployment_names_parse_and_round_trip(name: str, seq_len: int, batch: i
     assert DeploymentConfig.parse(str(cfg)) == cfg
 
 
-@pytest.mark.parametrize("bad", ["", "ss8192", "bs4-ss8192", "ss0-bs4", "ss8192-bs0", "ss8192-bs4-cb8-2",
-                                 "ss8192-bs8-cb2-4", "ss8192-bs4-cb0-4", "ss8k-bs4", "ss8192-bs4 extra"])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "ss8192",
+        "bs4-ss8192",
+        "ss0-bs4",
+        "ss8192-bs0",
+        "ss8192-bs4-cb8-2",
+        "ss8192-bs8-cb2-4",
+        "ss8192-bs4-cb0-4",
+        "ss8k-bs4",
+        "ss8192-bs4 extra",
+    ],
+)
 def test_malformed_deployment_names_explain_the_format(bad: str) -> None:
     with pytest.raises(ValueError, match=r"ss8192-bs4|cb|>= 1|1 <= min") as info:
         DeploymentConfig.parse(bad)

@@ -19,10 +19,18 @@ BS = 4
 COPY_BW = 1e9
 
 
-def cache(hbm_blocks: int = 8, ddr_blocks: int = 4, block_bytes: int = 100) -> tuple[KVCache, TransferLedger]:
+def cache(
+    hbm_blocks: int = 8, ddr_blocks: int = 4, block_bytes: int = 100
+) -> tuple[KVCache, TransferLedger]:
     ledger = TransferLedger()
-    kv = KVCache(block_size=BS, hbm_bytes=hbm_blocks * block_bytes, ddr_bytes=ddr_blocks * block_bytes,
-                 copy_bw=COPY_BW, ledger=ledger, recent_limit=5)  # fmt: skip
+    kv = KVCache(
+        block_size=BS,
+        hbm_bytes=hbm_blocks * block_bytes,
+        ddr_bytes=ddr_blocks * block_bytes,
+        copy_bw=COPY_BW,
+        ledger=ledger,
+        recent_limit=5,
+    )
     return kv, ledger
 
 
@@ -45,10 +53,15 @@ def test_block_hashes_are_the_same_in_every_process() -> None:
     tokens = list(range(1000, 1100))
     code = f"from tierflow.rdu import block_hashes; print(block_hashes({tokens!r}, 16))"
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
         for seed in ("1", "2")
-    }  # fmt: skip
+    }
     assert outs == {str(block_hashes(tokens, 16))}
 
 
@@ -97,7 +110,7 @@ def test_lru_blocks_spill_to_ddr_and_a_ddr_hit_costs_the_copy_back() -> None:
 
 
 def test_allocation_that_cannot_fit_changes_nothing() -> None:
-    kv, ledger = cache(hbm_blocks=4)
+    kv, _ = cache(hbm_blocks=4)
     held = kv.allocate("m", 100, [], 3)
     assert held is not None
     before = (kv.hbm_used, kv.hbm_evictable, kv.ddr_used, kv.query_tokens)
@@ -137,8 +150,13 @@ class KVMachine(RuleBasedStateMachine):
         self.block_bytes = {"m1": 100, "m2": 150}
         self.live: list[KVAllocation] = []
 
-    @rule(model=st.sampled_from(["m1", "m2"]), prefix=st.integers(0, 2), length=st.integers(1, 5),
-          extra=st.integers(0, 3), commit=st.booleans())  # fmt: skip
+    @rule(
+        model=st.sampled_from(["m1", "m2"]),
+        prefix=st.integers(0, 2),
+        length=st.integers(1, 5),
+        extra=st.integers(0, 3),
+        commit=st.booleans(),
+    )
     def allocate(self, model: str, prefix: int, length: int, extra: int, commit: bool) -> None:
         tokens = [prefix] * (BS * length)  # prompts share prefixes by construction
         hashes = block_hashes(tokens, BS)
@@ -166,7 +184,7 @@ class KVMachine(RuleBasedStateMachine):
     def blocks_in_use_stay_in_hbm_and_the_books_balance(self) -> None:
         kv = self.kv
         in_use = sum(a.nbytes for a in self.live)
-        blocks = list(kv._blocks.values())  # noqa: SLF001 - auditing the internals
+        blocks = list(kv._blocks.values())  # auditing the internals
         assert all(b.in_hbm for a in self.live for b in a.blocks)
         assert all(b.refs > 0 for a in self.live for b in a.blocks)
         shared_hbm = sum(b.nbytes for b in blocks if b.in_hbm)

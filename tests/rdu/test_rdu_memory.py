@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from tierflow.rdu.memory import TransferLedger, WeightTiers
 
@@ -15,8 +15,14 @@ SWITCH_BW, STORAGE_BW = 1e12, 25e9
 
 def tiers(hbm: int = 100 * GB, ddr: int = 300 * GB) -> tuple[WeightTiers, TransferLedger]:
     ledger = TransferLedger()
-    w = WeightTiers(hbm_capacity=hbm, ddr_capacity=ddr, switch_bw=SWITCH_BW, storage_bw=STORAGE_BW,
-                    ledger=ledger, half_life_s=60.0)  # fmt: skip
+    w = WeightTiers(
+        hbm_capacity=hbm,
+        ddr_capacity=ddr,
+        switch_bw=SWITCH_BW,
+        storage_bw=STORAGE_BW,
+        ledger=ledger,
+        half_life_s=60.0,
+    )
     return w, ledger
 
 
@@ -25,7 +31,11 @@ def test_switch_from_ddr_costs_the_copy_and_cold_adds_storage() -> None:
     w.add("warm", 16 * GB, tier="ddr")
     w.add("cold", 16 * GB, tier="cold")
     warm = w.begin_load("warm", 0.0)
-    assert (warm.source, warm.storage_seconds, warm.copy_seconds) == ("ddr", 0.0, 16 * GB / SWITCH_BW)
+    assert (warm.source, warm.storage_seconds, warm.copy_seconds) == (
+        "ddr",
+        0.0,
+        16 * GB / SWITCH_BW,
+    )
     cold = w.begin_load("cold", 0.0)
     assert cold.source == "cold" and cold.storage_seconds == pytest.approx(16 * GB / STORAGE_BW)
     assert ledger.bytes_moved() == {"ddr->hbm": 32 * GB, "storage->ddr": 16 * GB}
@@ -86,7 +96,7 @@ class WeightTierMachine(RuleBasedStateMachine):
         self.names: list[str] = []
         self.expected = {"ddr->hbm": 0, "storage->ddr": 0}
         self.now = 0.0
-        for i, (size, tier) in enumerate(zip(sizes, tiers_)):
+        for i, (size, tier) in enumerate(zip(sizes, tiers_, strict=False)):
             try:
                 self.w.add(f"m{i}", size * GB, tier=tier)  # type: ignore[arg-type]
             except ValueError:
@@ -152,7 +162,9 @@ TestWeightTierMachine.settings = settings(max_examples=100, stateful_step_count=
 
 @given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.floats(0, 1000)), max_size=30))
 @settings(max_examples=50, deadline=None)
-def test_hotness_is_never_negative_and_orders_evictions_deterministically(uses: list[tuple[str, float]]) -> None:
+def test_hotness_is_never_negative_and_orders_evictions_deterministically(
+    uses: list[tuple[str, float]],
+) -> None:
     w, _ = tiers(hbm=45 * GB)
     for name in "abc":
         w.add(name, 20 * GB, tier="hbm" if name != "c" else "ddr")

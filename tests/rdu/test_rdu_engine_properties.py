@@ -36,7 +36,9 @@ arrival = st.tuples(
 )
 
 
-@given(st.lists(arrival, min_size=1, max_size=25), st.sampled_from(["ss4096-bs4", "ss4096-bs1-cb2-16"]))
+@given(
+    st.lists(arrival, min_size=1, max_size=25), st.sampled_from(["ss4096-bs4", "ss4096-bs1-cb2-16"])
+)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_traffic_keeps_every_invariant(arrivals: list, config: str) -> None:
     cfg = DeploymentConfig.parse(config)
@@ -106,8 +108,12 @@ def test_random_traffic_keeps_every_invariant(arrivals: list, config: str) -> No
             assert len(fins) == 1 and len(starts) == 1 and fins[0].completion_tokens == len(toks)
     # every byte moved is paid for in time, at the bandwidth of its path
     moved, seconds = final.bytes_moved, final.transfer_seconds
-    rates = {"ddr->hbm": TIGHT.switch_bw, "hbm->ddr": TIGHT.switch_bw, "storage->ddr": TIGHT.storage_bw,
-             "net->hbm": TIGHT.node_hbm_bw * TIGHT.hbm_efficiency}  # fmt: skip
+    rates = {
+        "ddr->hbm": TIGHT.switch_bw,
+        "hbm->ddr": TIGHT.switch_bw,
+        "storage->ddr": TIGHT.storage_bw,
+        "net->hbm": TIGHT.node_hbm_bw * TIGHT.hbm_efficiency,
+    }
     for pair, nbytes in moved.items():
         assert seconds[pair] == pytest.approx(nbytes / rates[pair])
     assert sum(seconds.values()) <= final.busy_seconds + 1e-9

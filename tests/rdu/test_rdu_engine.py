@@ -6,6 +6,7 @@ import ast
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -18,6 +19,7 @@ from tierflow.rdu import (
     EngineEvent,
     EngineRequest,
     EngineSnapshot,
+    HardwareProfile,
     NodeEngine,
     RequestFinished,
     RequestRejected,
@@ -35,15 +37,25 @@ SN40L = BUILTIN_PROFILES["sn40l-16"]
 TIGHT = load_profiles({"tight": {"base": "sn40l-16", "hbm_bytes": 12 * 2**30}})["tight"]
 
 
-def make(*names: str, profile: object = SN40L, config: str = "ss8192-bs4", **kw: object) -> NodeEngine:
+def make(
+    *names: str, profile: HardwareProfile = SN40L, config: str = "ss8192-bs4", **kw: Any
+) -> NodeEngine:
     cfg = DeploymentConfig.parse(config)
     bundle = [BundleModel(BUILTIN_MODELS[n], cfg) for n in names]
-    return NodeEngine(profile, bundle, now=0.0, **kw)  # type: ignore[arg-type]
+    return NodeEngine(profile, bundle, now=0.0, **kw)
 
 
-def req(rid: str, model: str = M8B, prompt: Sequence[int] | int = 100, max_tokens: int = 16, **kw: object) -> EngineRequest:
+def req(
+    rid: str,
+    model: str = M8B,
+    prompt: Sequence[int] | int = 100,
+    max_tokens: int = 16,
+    **kw: Any,
+) -> EngineRequest:
     tokens = list(range(prompt)) if isinstance(prompt, int) else list(prompt)
-    return EngineRequest(request_id=rid, model=model, prompt_token_ids=tokens, max_tokens=max_tokens, **kw)  # type: ignore[arg-type]
+    return EngineRequest(
+        request_id=rid, model=model, prompt_token_ids=tokens, max_tokens=max_tokens, **kw
+    )
 
 
 def drain(e: NodeEngine, until: float = math.inf) -> list[EngineEvent]:
@@ -58,7 +70,7 @@ def of(events: Sequence[EngineEvent], kind: type, rid: str | None = None) -> lis
     return [ev for ev in events if type(ev) is kind and (rid is None or ev.request_id == rid)]
 
 
-def one(events: Sequence[EngineEvent], kind: type, rid: str):  # noqa: ANN201
+def one(events: Sequence[EngineEvent], kind: type, rid: str) -> Any:
     (ev,) = of(events, kind, rid)
     return ev
 
@@ -93,15 +105,22 @@ def test_natural_length_stops_and_max_tokens_cuts() -> None:
     stops = [ev for rid, ev in done.items() if rid.startswith("r")]
     assert {ev.finish_reason for ev in stops} == {"stop"}
     assert len({ev.completion_tokens for ev in stops}) > 5  # lengths vary with the prompt
-    assert (done["eos-ignored"].finish_reason, done["eos-ignored"].completion_tokens) == ("length", 40)
+    assert (done["eos-ignored"].finish_reason, done["eos-ignored"].completion_tokens) == (
+        "length",
+        40,
+    )
     for rid, fin in done.items():
         indices = [ev.index for ev in of(events, TokenGenerated, rid)]
         assert indices == list(range(fin.completion_tokens))
 
 
 def test_results_do_not_depend_on_how_often_advance_is_called() -> None:
-    arrivals = [(0.0, req("a", M8B, 500, 30)), (0.01, req("b", M70B, 800, 20)),
-                (0.02, req("c", M8B, 500, 25)), (0.3, req("d", M70B, 900, 10))]  # fmt: skip
+    arrivals = [
+        (0.0, req("a", M8B, 500, 30)),
+        (0.01, req("b", M70B, 800, 20)),
+        (0.02, req("c", M8B, 500, 25)),
+        (0.3, req("d", M70B, 900, 10)),
+    ]
 
     def fine() -> list[EngineEvent]:
         e, out = make(M8B, M70B), []
@@ -159,7 +178,9 @@ def test_switching_between_models_that_cannot_share_hbm_pays_each_time() -> None
         t = events[-1].time
     assert tiers == ["ddr"] * 4
     moved = e.snapshot(t).bytes_moved["ddr->hbm"]
-    assert moved == 2 * (e.snapshot(t).models[0].weight_bytes + e.snapshot(t).models[1].weight_bytes)
+    assert moved == 2 * (
+        e.snapshot(t).models[0].weight_bytes + e.snapshot(t).models[1].weight_bytes
+    )
 
 
 def test_a_model_with_requests_in_flight_is_never_evicted() -> None:
@@ -204,6 +225,9 @@ def test_a_repeated_system_prompt_hits_the_cache_and_cuts_ttft() -> None:
     snap = e.snapshot(20.0)
     assert snap.prefix_cache_hits == hit and snap.prefix_cache_queries >= 2 * hit
     assert set(block_hashes(system, e.block_size)) <= set(snap.recent_prefix_hashes)
+    assert snap.models[0].recent_prefix_hashes[: len(snap.recent_prefix_hashes)] == (
+        snap.recent_prefix_hashes
+    )
     assert snap.prefix_cache_blocks.hbm >= 3000 // e.block_size
 
 
@@ -220,7 +244,9 @@ def test_prefill_only_and_prefilled_requests() -> None:
     e2.submit(req("decode", M70B, 2000, max_tokens=8, prefilled=True), 0.0)
     events = drain(e2)
     assert ttft(events, "decode", 0.0) < normal_ttft / 10  # only the KV write into HBM
-    assert e2.snapshot(1.0).bytes_moved["net->hbm"] == 2000 * BUILTIN_MODELS[M70B].kv_bytes_per_token
+    assert (
+        e2.snapshot(1.0).bytes_moved["net->hbm"] == 2000 * BUILTIN_MODELS[M70B].kv_bytes_per_token
+    )
 
 
 # -- limits and rejections ------------------------------------------------------------
@@ -362,7 +388,17 @@ def test_snapshot_and_events_encode_as_wire_messages() -> None:
 
 def test_the_library_is_pure() -> None:
     """No I/O, no event loop, no clock: the shells bring those."""
-    banned = {"asyncio", "nats", "grpc", "socket", "subprocess", "time", "datetime", "threading", "os"}
+    banned = {
+        "asyncio",
+        "nats",
+        "grpc",
+        "socket",
+        "subprocess",
+        "time",
+        "datetime",
+        "threading",
+        "os",
+    }
     root = Path(__file__).resolve().parents[2] / "libs" / "rdu"
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
