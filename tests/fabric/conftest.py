@@ -66,20 +66,19 @@ def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0, env: 
         "--nats-monitor-port", str(ports["monitor"]), "--metrics-base-port", str(metrics_base),
         "--data-dir", str(data_dir), "--ready-timeout", str(ready_timeout), *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    # Output goes to a file, not a pipe: nobody reads a pipe after start-up, and a full
+    # pipe would block `tierflow up` the moment it reports a child's exit.
+    out_path = data_dir / "up.out"
+    with open(out_path, "w") as out:
+        process = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     deadline = time.monotonic() + ready_timeout + 10
-    lines: list[str] = []
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "tierflow is up" in line:
-            os.set_blocking(process.stdout.fileno(), False)
-            return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], ports["nats"], data_dir, line.strip())
+    while time.monotonic() < deadline and process.poll() is None:
+        for line in out_path.read_text().splitlines():
+            if "tierflow is up" in line:
+                return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], ports["nats"], data_dir, line.strip())
+        time.sleep(0.1)
     process.kill()
-    raise RuntimeError("tierflow up did not become ready:\n" + "".join(lines))
+    raise RuntimeError("tierflow up did not become ready:\n" + out_path.read_text())
 
 
 @pytest.fixture(scope="session")
