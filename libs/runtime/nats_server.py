@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.metadata
 import os
 import shutil
@@ -33,10 +32,11 @@ import socket
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from tierflow.runtime.processes import die_with_parent_preexec
 
 __all__ = [
     "HEALTHZ_PATH",
@@ -58,7 +58,6 @@ BINARY_ENV_VAR = "TIERFLOW_NATS_SERVER"
 # 200 only once JetStream is enabled and ready, which is what every tierflow service needs.
 HEALTHZ_PATH = "/healthz?js-enabled-only=true"
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class NatsServerError(RuntimeError):
@@ -301,30 +300,6 @@ async def wait_until_ready(config: NatsServerConfig, timeout: float = 10.0, *, i
 # --------------------------------------------------------------------------- process
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` asking Linux to SIGTERM the server when we die (even by SIGKILL).
-
-    Why: a test run or `tierflow up` that is killed hard must not leave a nats-server
-    holding the port. libc is loaded here, in the parent, so the child only calls into it.
-    (tierflow.cli.supervisor has the same helper; runtime must not import the CLI.)
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:  # the parent died between fork() and prctl()
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
-
-
 class NatsServerProcess:
     """One nats-server child: `start()`, `wait_ready()`, `stop()`; or `async with`.
 
@@ -367,7 +342,7 @@ class NatsServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent_preexec(),
             )
 
     async def wait_ready(self, timeout: float = 10.0) -> None:

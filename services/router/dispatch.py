@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -74,6 +73,13 @@ class RequestRecord:
     decode_queue_time: float = 0.0
     time_to_first_token: float = 0.0
     e2e: float = 0.0
+
+    def failed(self, exc: TierflowError) -> None:
+        self.outcome, self.status, self.error = "error", exc.http_status, exc.code or exc.error_type
+
+    def cancelled(self) -> None:
+        """The client went away (HTTP has no status for it; 499 is nginx's convention)."""
+        self.outcome, self.status = "cancelled", 499
 
     def emit(self) -> None:
         decode_time = self.e2e - self.time_to_first_token

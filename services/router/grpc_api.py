@@ -70,10 +70,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 async for event in events:
                     yield event, record
         except TierflowError as exc:
-            record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+            record.failed(exc)
             await context.abort(STATUS_BY_HTTP.get(exc.http_status, grpc.StatusCode.INTERNAL), exc.message)
         except BaseException:
-            record.outcome, record.status = "cancelled", 499
+            record.cancelled()
             raise
         finally:
             self._metrics.in_flight.dec()

@@ -137,7 +137,7 @@ class OpenAIApi:
                 return await self._stream(events, body, record, chat)
             return await self._complete(events, body, record, chat)
         except TierflowError as exc:
-            record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+            record.failed(exc)
             finish_record(record, self._metrics, self._clock)
             return error_response(exc)
 
@@ -188,10 +188,10 @@ class OpenAIApi:
                     if type(event) is messages.Tokens:
                         parts.append(event.text)
         except TierflowError as exc:
-            record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+            record.failed(exc)
             return error_response(exc)
         except BaseException:
-            record.outcome, record.status = "cancelled", 499
+            record.cancelled()
             raise
         finally:
             self._metrics.in_flight.dec()
@@ -220,13 +220,13 @@ class OpenAIApi:
         except TierflowError as exc:
             self._metrics.in_flight.dec()
             await events.aclose()
-            record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+            record.failed(exc)
             finish_record(record, self._metrics, self._clock)
             return error_response(exc)
         except BaseException:
             self._metrics.in_flight.dec()
             await events.aclose()
-            record.outcome, record.status = "cancelled", 499
+            record.cancelled()
             finish_record(record, self._metrics, self._clock)
             raise
 
@@ -267,10 +267,10 @@ class OpenAIApi:
                             return
                         event = await anext(events)
             except TierflowError as exc:
-                record.outcome, record.status, record.error = "error", exc.http_status, exc.code or exc.error_type
+                record.failed(exc)
                 yield frame({"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}})
             except BaseException:
-                record.outcome, record.status = "cancelled", 499
+                record.cancelled()
                 raise
             finally:
                 self._metrics.in_flight.dec()

@@ -24,23 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import datetime
 import logging
 import os
 import shlex
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Child", "ChildExit", "ProcessSpec", "Supervisor", "die_with_parent_preexec", "read_log_tail"]
+from tierflow.runtime.processes import die_with_parent_preexec
+
+__all__ = ["Child", "ChildExit", "ProcessSpec", "Supervisor", "read_log_tail"]
 
 _log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 TAIL_LINES = 20
 
 
@@ -88,31 +87,6 @@ class ChildExit:
             return f"{head}; its log {self.log_path} is empty"
         body = "\n".join(f"  | {line}" for line in self.log_tail)
         return f"{head}; last {len(self.log_tail)} lines of {self.log_path}:\n{body}"
-
-
-def die_with_parent_preexec(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
-    """A `preexec_fn` that makes the child receive `sig` when its parent dies (Linux only).
-
-    libc is loaded now, in the parent, so the forked child only makes the call. If the
-    parent already died between fork() and prctl(), the child signals itself, closing
-    the race. Returns None where prctl does not exist.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    signum = int(sig)
-
-    def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signum)
-
-    return preexec
 
 
 def read_log_tail(path: Path, lines: int = TAIL_LINES, *, start: int = 0, max_bytes: int = 64 * 1024) -> list[str]:
