@@ -27,6 +27,8 @@ __all__ = [
     "router_stream",
     "model_key",
     "deployment_key",
+    "bundle_key",
+    "BUNDLE_KEYS",
     "MODEL_KEYS",
     "DEPLOYMENT_KEYS",
 ]
@@ -82,10 +84,15 @@ AUTOSCALER_DECISIONS: Final = "tierflow.autoscaler.decision"
 REGISTRY_BUCKET: Final = "tierflow-registry"
 MODEL_KEYS: Final = "model.>"
 DEPLOYMENT_KEYS: Final = "deployment.>"
+BUNDLE_KEYS: Final = "bundle.>"
 
 
 def model_key(name: str) -> str:
     return f"model.{name}"
+
+
+def bundle_key(name: str) -> str:
+    return f"bundle.{name}"
 
 
 def deployment_key(name: str) -> str:
