@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["NodeMetrics"]
 
@@ -10,19 +10,17 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0
 
 
 class NodeMetrics:
-    """Created once per process (prometheus-client metrics are process-global)."""
-
-    def __init__(self) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         labels = ("node", "model")
-        self.requests_running = Gauge("tierflow_num_requests_running", "Requests in a running batch", ("node",))
-        self.requests_waiting = Gauge("tierflow_num_requests_waiting", "Requests queued on the node", ("node",))
-        self.kv_cache_usage = Gauge("tierflow_kv_cache_usage_perc", "KV-cache usage, 0..1", ("node",))
-        self.prefix_cache_hits = Counter("tierflow_prefix_cache_hits", "Prompt tokens served from the prefix cache", labels)
-        self.prefix_cache_queries = Counter("tierflow_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels)
-        self.model_tier = Gauge("tierflow_model_tier", "1 for the tier each model is in on this node", ("node", "model", "tier"))
-        self.queue_time = Histogram("tierflow_request_queue_time_seconds", "Time queued on the node before entering a batch", labels, buckets=_LATENCY_BUCKETS)
-        self.ttft = Histogram("tierflow_node_time_to_first_token_seconds", "Node-side time to first token", labels, buckets=_LATENCY_BUCKETS)
-        self.prompt_tokens = Counter("tierflow_prompt_tokens", "Prompt tokens processed", labels)
-        self.generation_tokens = Counter("tierflow_generation_tokens", "Tokens generated", labels)
-        self.requests = Counter("tierflow_node_requests", "Requests finished on the node", (*labels, "finish_reason"))
-        self.loads = Counter("tierflow_model_loads", "Requests that found their model in each tier", (*labels, "tier"))
+        self.requests_running = Gauge("tierflow_num_requests_running", "Requests in a running batch", ("node",), registry=registry)
+        self.requests_waiting = Gauge("tierflow_num_requests_waiting", "Requests queued on the node", ("node",), registry=registry)
+        self.kv_cache_usage = Gauge("tierflow_kv_cache_usage_perc", "KV-cache usage, 0..1", ("node",), registry=registry)
+        self.prefix_cache_hits = Counter("tierflow_prefix_cache_hits", "Prompt tokens served from the prefix cache", labels, registry=registry)
+        self.prefix_cache_queries = Counter("tierflow_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels, registry=registry)
+        self.model_tier = Gauge("tierflow_model_tier", "1 for the tier each model is in on this node", ("node", "model", "tier"), registry=registry)
+        self.queue_time = Histogram("tierflow_request_queue_time_seconds", "Time queued on the node before entering a batch", labels, buckets=_LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram("tierflow_node_time_to_first_token_seconds", "Node-side time to first token", labels, buckets=_LATENCY_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter("tierflow_prompt_tokens", "Prompt tokens processed", labels, registry=registry)
+        self.generation_tokens = Counter("tierflow_generation_tokens", "Tokens generated", labels, registry=registry)
+        self.requests = Counter("tierflow_node_requests", "Requests finished on the node", (*labels, "finish_reason"), registry=registry)
+        self.loads = Counter("tierflow_model_loads", "Requests that found their model in each tier", (*labels, "tier"), registry=registry)

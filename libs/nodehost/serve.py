@@ -49,7 +49,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         node_id=settings.node_id, role=role, deployment=deployment.name,
         region=settings.region or deployment.region, residency=deployment.residency, profile=profile_name,
     )
-    metrics = NodeMetrics()
+    metrics = NodeMetrics(ctx.metrics)
     spans = tracer("tierflow.node")
 
     def record(request_id: str, stream: object, finished: messages.Finished, at: float) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client as NATS
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
 
 from tierflow.runtime.logs import configure_logging
 from tierflow.runtime.tracing import configure_tracing
@@ -26,11 +27,22 @@ __all__ = ["ServiceContext", "run_service", "connect_nats"]
 log = logging.getLogger(__name__)
 
 
+def _service_registry() -> CollectorRegistry:
+    """A metrics registry per service, not prometheus-client's global one: two services
+    in one process (tests, the simulator) must not collide on metric names."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
 @dataclass
 class ServiceContext:
     service: str
     instance: str
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics: CollectorRegistry = field(default_factory=_service_registry)
 
 
 async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = None, connect_timeout: float = 30.0) -> NATS:
@@ -75,11 +87,9 @@ async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = 
             delay = min(delay * 2, 1.0)
 
 
-def _start_metrics(port: int) -> None:
+def _start_metrics(port: int, registry: CollectorRegistry) -> None:
     if port > 0:
-        from prometheus_client import start_http_server
-
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr="127.0.0.1", registry=registry)
         log.info("metrics on http://127.0.0.1:%d/metrics", port)
 
 
@@ -100,7 +110,7 @@ def run_service(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, ctx.stopping.set)
-        _start_metrics(metrics_port)
+        _start_metrics(metrics_port, ctx.metrics)
         log.info("starting %s %s", service, ctx.instance)
         await main(ctx)
         log.info("stopped %s %s", service, ctx.instance)

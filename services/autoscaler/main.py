@@ -32,8 +32,8 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     clock = WallClock()
     beats: dict[str, tuple[float, messages.NodeHeartbeat]] = {}
     deployments: dict[str, registry.DeploymentRecord] = {}
-    decisions = Counter("tierflow_autoscaler_decisions", "Scaling decisions by direction", ("deployment", "direction"))
-    desired_gauge = Gauge("tierflow_autoscaler_desired_replicas", "Replicas the policy asks for", ("deployment",))
+    decisions = Counter("tierflow_autoscaler_decisions", "Scaling decisions by direction", ("deployment", "direction"), registry=ctx.metrics)
+    desired_gauge = Gauge("tierflow_autoscaler_desired_replicas", "Replicas the policy asks for", ("deployment",), registry=ctx.metrics)
 
     async def on_heartbeat(msg: object) -> None:
         try:

@@ -38,7 +38,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     clock = WallClock()
     nodes = NodeTable()
     models = ModelTable()
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(ctx.metrics)
 
     async def on_heartbeat(msg: object) -> None:
         try:
@@ -82,7 +82,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
 
     chores = asyncio.create_task(housekeeping(), name="housekeeping")
     dispatcher = Dispatcher(nodes, models, transport, clock, metrics, max_attempts=settings.max_attempts)
-    api = OpenAIApi(dispatcher, models, nodes, clock, metrics, nats_connected=lambda: nc.is_connected)
+    api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
     http = await serve(api.handle, settings.http_host, settings.http_port)
     grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port)
     micro = await discovery.register(

@@ -16,8 +16,8 @@ _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 1
 
 
 class RouterMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        kw = {"registry": registry} if registry is not None else {}
+    def __init__(self, registry: CollectorRegistry) -> None:
+        kw = {"registry": registry}
         labels = ("model", "version", "tenant")
         self.ttft = Histogram("tierflow_time_to_first_token_seconds", "Time to first token seen by the client", labels, buckets=_TTFT_BUCKETS, **kw)
         self.itl = Histogram("tierflow_inter_token_latency_seconds", "Time between streamed tokens", labels, buckets=_ITL_BUCKETS, **kw)

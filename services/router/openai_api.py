@@ -20,7 +20,7 @@ from contextlib import aclosing
 from typing import Any
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tierflow.contracts import messages
 from tierflow.runtime.clock import Clock
@@ -90,12 +90,16 @@ class _ChunkFormat:
 
 
 class OpenAIApi:
-    def __init__(self, dispatcher: Dispatcher, models: ModelTable, nodes: NodeTable, clock: Clock, metrics: RouterMetrics, *, nats_connected: Any) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, models: ModelTable, nodes: NodeTable, clock: Clock, metrics: RouterMetrics,
+        registry: CollectorRegistry, *, nats_connected: Any,
+    ) -> None:
         self._dispatcher = dispatcher
         self._models = models
         self._nodes = nodes
         self._clock = clock
         self._metrics = metrics
+        self._registry = registry
         self._nats_connected = nats_connected  # () -> bool
         self._routes = {
             ("POST", "/v1/chat/completions"): self._chat,
@@ -308,7 +312,7 @@ class OpenAIApi:
         return Response(200 if ok else 503, _encode(body))
 
     async def _prometheus(self, request: Request) -> Response:
-        return Response(200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+        return Response(200, generate_latest(self._registry), content_type=CONTENT_TYPE_LATEST)
 
 
 class _NotFound(TierflowError):
