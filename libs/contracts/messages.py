@@ -27,6 +27,8 @@ __all__ = [
     "Failed",
     "StreamEvent",
     "AutoscalerDecision",
+    "NodeCommand",
+    "NodeCommandReply",
 ]
 
 Tier = Literal["sram", "hbm", "ddr", "loading", "cold"]
@@ -150,6 +152,21 @@ class Failed(Struct, tag="failed", kw_only=True):
 StreamEvent = Accepted | Alive | Started | Tokens | Finished | Failed
 
 
+class NodeCommand(Struct, kw_only=True):
+    """Server management. cordon: take no new work; drain: cordon and let in-flight work
+    finish (the heartbeat then shows `draining` with nothing running: safe to stop)."""
+
+    action: Literal["cordon", "uncordon", "drain", "status"]
+
+
+class NodeCommandReply(Struct, kw_only=True):
+    node_id: str
+    cordoned: bool
+    draining: bool
+    in_flight: NonNegInt
+    error: str = ""
+
+
 class AutoscalerDecision(Struct, kw_only=True):
     """One autoscaling decision with the inputs that led to it (explainability)."""
 
@@ -169,3 +186,5 @@ generate_decoder = msgspec.json.Decoder(GenerateRequest)
 cancel_decoder = msgspec.json.Decoder(CancelRequest)
 stream_decoder: msgspec.json.Decoder[StreamEvent] = msgspec.json.Decoder(StreamEvent)
 decision_decoder = msgspec.json.Decoder(AutoscalerDecision)
+command_decoder = msgspec.json.Decoder(NodeCommand)
+command_reply_decoder = msgspec.json.Decoder(NodeCommandReply)

@@ -22,6 +22,7 @@ __all__ = [
     "node_heartbeat",
     "node_generate",
     "node_cancel",
+    "node_control",
     "prefill_run",
     "router_streams",
     "router_stream",
@@ -62,6 +63,11 @@ def node_generate(node_id: str) -> str:
 def node_cancel(node_id: str) -> str:
     """Fire-and-forget cancellation of a request on a node (the client went away)."""
     return f"tierflow.node.cancel.{node_id}"
+
+
+def node_control(node_id: str) -> str:
+    """Request/reply: cordon, uncordon or drain one node (the CLI and the autoscaler)."""
+    return f"tierflow.node.control.{node_id}"
 
 
 def prefill_run(node_id: str) -> str:

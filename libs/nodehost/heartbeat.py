@@ -61,13 +61,19 @@ def heartbeat_message(identity: NodeIdentity, engine: NodeEngine, clock: Clock, 
     )
 
 
-async def heartbeat_loop(nc: NATS, identity: NodeIdentity, engine: NodeEngine, clock: Clock, interval: float, stopping: asyncio.Event) -> None:
+async def heartbeat_loop(
+    nc: NATS, identity: NodeIdentity, engine: NodeEngine, clock: Clock, interval: float, stopping: asyncio.Event, beat_now: asyncio.Event
+) -> None:
+    """Beat every `interval`, and at once when `beat_now` is set (a state change the
+    router must see before it places the next request)."""
     subject = subjects.node_heartbeat(identity.node_id)
     seq = 0
     while not stopping.is_set():
         seq += 1
+        beat_now.clear()
         await nc.publish(subject, messages.encoder.encode(heartbeat_message(identity, engine, clock, seq, interval)))
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=interval)
-        except asyncio.TimeoutError:
-            pass
+        stop = asyncio.ensure_future(stopping.wait())
+        now = asyncio.ensure_future(beat_now.wait())
+        await asyncio.wait((stop, now), timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        now.cancel()

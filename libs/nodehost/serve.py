@@ -13,7 +13,9 @@ import logging
 import msgspec
 
 from tierflow.contracts import messages, subjects
-from tierflow.nodehost.bundle import build_bundle, fetch_deployment, resolve_profile
+from tierflow.nodehost.control import add_control_endpoint
+from tierflow.nodehost.bundle import build_bundle, fetch_deployment
+from tierflow.nodehost.profiles import resolve_profile
 from tierflow.nodehost.driver import EngineDriver
 from tierflow.nodehost.heartbeat import NodeIdentity, heartbeat_loop
 from tierflow.nodehost.metrics import NodeMetrics
@@ -39,7 +41,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     profile_name = settings.profile or deployment.profile
     bundle = await build_bundle(js, deployment)
     clock = WallClock()
-    profile = resolve_profile(profile_name)
+    profile = resolve_profile(profile_name, settings.profiles)
     engine = NodeEngine(
         profile, bundle, now=clock.monotonic(),
         preload=hbm_preload(profile, bundle) if settings.preload == "hbm" else (),
@@ -89,6 +91,9 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         except msgspec.DecodeError as exc:
             await nc.publish(reply, messages.encoder.encode(messages.Failed(request_id="", code="bad_request", message=f"undecodable generate request: {exc}")))
             return
+        if identity.cordoned:  # sent before the router saw the cordon: let it go elsewhere
+            await nc.publish(reply, messages.encoder.encode(messages.Failed(request_id=request.request_id, code="node_cordoned", message=f"node {settings.node_id} is cordoned", retryable=True)))
+            return
         with spans.start_as_current_span("node.generate", context=extract_context(msg.headers)) as span:  # type: ignore[attr-defined]
             span.set_attribute("gen_ai.operation.name", "text_completion")
             span.set_attribute("gen_ai.request.model", request.model)
@@ -123,10 +128,12 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     gen_sub = await nc.subscribe(subject, cb=on_generate)
     cancel_sub = await nc.subscribe(subjects.node_cancel(settings.node_id), cb=on_cancel)
     micro = await discovery.register(nc, service, settings.node_id, deployment=deployment.name, region=identity.region, profile=profile_name)
+    beat_now = asyncio.Event()
+    await add_control_endpoint(micro, identity, driver, beat_now)
     engine_stop = asyncio.Event()
     tasks = [
         asyncio.create_task(driver.run(engine_stop), name="engine"),
-        asyncio.create_task(heartbeat_loop(nc, identity, engine, clock, settings.heartbeat_interval, engine_stop), name="heartbeat"),
+        asyncio.create_task(heartbeat_loop(nc, identity, engine, clock, settings.heartbeat_interval, engine_stop, beat_now), name="heartbeat"),
         asyncio.create_task(gauges_loop(), name="gauges"),
     ]
     log.info("node %s serving %s on %s (%s)", settings.node_id, [b.spec.name for b in bundle], profile_name, role)
@@ -134,7 +141,8 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
 
     # Drain: stop taking work, announce it, let in-flight requests finish, fail the rest.
     await gen_sub.unsubscribe()
-    identity.draining = True
+    identity.cordoned = identity.draining = True
+    beat_now.set()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.drain_grace
     while driver.in_flight and loop.time() < deadline:

@@ -16,6 +16,7 @@ class NodeSettings(Struct, kw_only=True):
     deployment: str = "default"
     region: str = ""          # empty: the deployment's region
     profile: str = ""         # empty: the deployment's hardware profile
+    profiles: str = ""        # a YAML file of extra hardware profiles (see tierflow.nodehost.profiles)
     heartbeat_interval: Annotated[float, Meta(gt=0)] = 1.0
     keepalive_interval: Annotated[float, Meta(gt=0)] = 0.25
     drain_grace: Annotated[float, Meta(ge=0)] = 10.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,3 +37,32 @@ def test_status_without_a_fabric_fails_clearly() -> None:
     out = _status(f"nats://127.0.0.1:{free_port()}")
     assert out.returncode != 0
     assert "not running" in out.stdout + out.stderr
+
+
+def test_cordon_takes_a_node_out_of_rotation_and_uncordon_puts_it_back(fabric) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=fabric.base_url, api_key="k", max_retries=0)
+
+    def nodes_used(n: int) -> set[str]:
+        used = set()
+        for i in range(n):
+            raw = client.completions.with_raw_response.create(model="llama-3.1-8b", prompt=f"where {i}", max_tokens=1)
+            used.add(raw.headers["x-tierflow-node"])
+        return used
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "COLUMNS": "200"}  # rich wraps tables at 80 columns without a terminal
+        return subprocess.run([sys.executable, "-m", "tierflow", "nodes", *args, "--nats-url", fabric.nats_url], capture_output=True, text=True, timeout=30, env=env)
+
+    out = cli("cordon", "decode-0")
+    try:
+        assert out.returncode == 0 and "decode-0: cordoned" in out.stdout, out.stdout + out.stderr
+        assert nodes_used(8) == {"decode-1"}
+        listing = cli("list")
+        assert "cordoned" in listing.stdout
+    finally:
+        back = cli("uncordon", "decode-0")
+    assert back.returncode == 0 and "decode-0: ready" in back.stdout
+    assert nodes_used(8) == {"decode-0", "decode-1"}
+    assert cli("cordon", "no-such-node").returncode == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import typer
 
 from tierflow.cli.emulator import app as emulator_app
+from tierflow.cli.nodes import app as nodes_app
 from tierflow.cli.services import add_service_commands
 from tierflow.cli.status import status
 from tierflow.cli.up import up
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.command("up", help="Run the whole fabric locally: NATS, the five services and emulated nodes.")(up)
 app.command("status", help="Show services, nodes and models of a running fabric.")(status)
+app.add_typer(nodes_app, name="nodes")
 app.add_typer(emulator_app, name="emulator", help="The RDU emulator: calibration against published figures.")
 
 

@@ -22,7 +22,7 @@ from tierflow.contracts import messages, registry, subjects
 from tierflow.runtime.discovery import ServiceInfo, discover
 from tierflow.runtime.kv import snapshot
 
-__all__ = ["status", "collect_status", "FabricStatus"]
+__all__ = ["status", "collect_status", "render_nodes", "FabricStatus"]
 
 ESSENTIAL = ("router", "model-registry")
 
@@ -79,6 +79,17 @@ async def collect_status(nats_url: str, *, listen: float = 1.2) -> FabricStatus:
         await nc.close()
 
 
+def render_nodes(st: FabricStatus, console: Console) -> None:
+    t = Table(title="nodes")
+    for col in ("node", "role", "deployment", "region", "profile", "models (tier)", "queue", "running", "kv", "state"):
+        t.add_column(col)
+    for n in st.nodes:
+        models = ", ".join(f"{m.name} ({m.tier})" for m in n.models)
+        state = "cordoned" if n.cordoned else "draining" if n.draining else "ready"
+        t.add_row(n.node_id, n.role, n.deployment, n.region, n.profile, models, str(n.queue_depth), f"{n.running}/{n.max_batch}", f"{n.kv_usage:.0%}", state)
+    console.print(t)
+
+
 def _render(st: FabricStatus, console: Console) -> None:
     now = time.time()
     t = Table(title="services")
@@ -89,14 +100,7 @@ def _render(st: FabricStatus, console: Console) -> None:
         endpoints = " ".join(v for k, v in sorted(s.metadata.items()) if k in ("http", "grpc"))
         t.add_row(s.name.removeprefix("tierflow-"), s.metadata.get("instance", s.id), s.metadata.get("pid", ""), f"{now - started:.0f}s", endpoints)
     console.print(t)
-    t = Table(title="nodes")
-    for col in ("node", "role", "deployment", "region", "profile", "models (tier)", "queue", "running", "kv", "state"):
-        t.add_column(col)
-    for n in st.nodes:
-        models = ", ".join(f"{m.name} ({m.tier})" for m in n.models)
-        state = "cordoned" if n.cordoned else "draining" if n.draining else "ready"
-        t.add_row(n.node_id, n.role, n.deployment, n.region, n.profile, models, str(n.queue_depth), f"{n.running}/{n.max_batch}", f"{n.kv_usage:.0%}", state)
-    console.print(t)
+    render_nodes(st, console)
     t = Table(title="models")
     for col in ("model", "versions", "default", "traffic", "deployments"):
         t.add_column(col)
