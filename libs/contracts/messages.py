@@ -92,6 +92,9 @@ class GenerateRequest(Struct, kw_only=True):
     tenant: str = ""
     session_id: str = ""
     attempt: Annotated[int, Meta(ge=1)] = 1
+    # Disaggregated serving: the prefill node that computed this prompt's KV. The decode
+    # node then skips prefill and pays the KV transfer over the inter-node link instead.
+    kv_source: str = ""
 
 
 class CancelRequest(Struct, kw_only=True):

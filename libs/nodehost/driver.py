@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tierflow.contracts import messages
 from tierflow.rdu import (
     EngineRequest,
+    kv_transfer_time,
     NodeEngine,
     RequestFinished,
     RequestRejected,
@@ -70,34 +71,59 @@ class EngineDriver:
         return len(self._streams)
 
     async def submit(self, request: messages.GenerateRequest, reply: str) -> None:
-        """Queue a request, or answer at once with why it cannot be served."""
+        """Queue a request, or answer at once with why it cannot be served.
+
+        A request whose KV was computed by a prefill node (`kv_source`) first waits for
+        that KV to cross the link between the nodes, at the profile's inter-node
+        bandwidth; the engine then charges only its write into HBM.
+        """
         now = self._clock.monotonic()
         if request.request_id in self._streams:
             await self._publish(reply, _encode(messages.Failed(request_id=request.request_id, code="duplicate_request", message="a request with this id is already in flight on this node", retryable=False)))
             return
-        try:
-            self.engine.submit(
-                EngineRequest(
-                    request_id=request.request_id,
-                    model=request.model,
-                    prompt_token_ids=request.prompt_token_ids,
-                    max_tokens=request.max_tokens,
-                    seed=request.seed,
-                    ignore_eos=request.ignore_eos,
-                ),
-                now,
-            )
-        except RequestRejected as rejected:
-            retryable = rejected.code in ("queue_full", "model_not_in_bundle", "draining")
-            await self._publish(reply, _encode(messages.Failed(request_id=request.request_id, code=rejected.code, message=rejected.message, retryable=retryable)))
+        engine_request = EngineRequest(
+            request_id=request.request_id,
+            model=request.model,
+            prompt_token_ids=request.prompt_token_ids,
+            max_tokens=request.max_tokens,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+            prefilled=bool(request.kv_source),
+        )
+        transfer = self._kv_transfer_seconds(request) if request.kv_source else 0.0
+        if transfer <= 0 and not await self._admit(engine_request, reply, now):
             return
         self._streams[request.request_id] = _Stream(reply=reply, model=request.model, received_at=now, last_sent=now)
-        await self._publish(reply, _encode(messages.Accepted(request_id=request.request_id, node_id=self._node_id, queue_depth=self.engine.snapshot(now).queue_depth)))
+        await self._publish(reply, _encode(messages.Accepted(request_id=request.request_id, node_id=self._node_id)))
+        if transfer > 0:
+            asyncio.get_running_loop().call_later(transfer, lambda: asyncio.ensure_future(self._admit_arrived(engine_request, reply)))
         self._wake.set()
+
+    def _kv_transfer_seconds(self, request: messages.GenerateRequest) -> float:
+        spec = next((b.spec for b in self.engine.bundle if b.spec.name == request.model), None)
+        return kv_transfer_time(spec, self.engine.profile, len(request.prompt_token_ids)) if spec is not None else 0.0
+
+    async def _admit(self, engine_request: EngineRequest, reply: str, now: float) -> bool:
+        try:
+            self.engine.submit(engine_request, now)
+        except RequestRejected as rejected:
+            retryable = rejected.code in ("queue_full", "model_not_in_bundle", "draining")
+            await self._publish(reply, _encode(messages.Failed(request_id=engine_request.request_id, code=rejected.code, message=rejected.message, retryable=retryable)))
+            return False
+        return True
+
+    async def _admit_arrived(self, engine_request: EngineRequest, reply: str) -> None:
+        """The transferred KV has arrived: the request joins the engine now (if still wanted)."""
+        if engine_request.request_id not in self._streams:
+            return  # cancelled while its KV was in transit
+        if await self._admit(engine_request, reply, self._clock.monotonic()):
+            self._wake.set()
+        else:
+            self._streams.pop(engine_request.request_id, None)
 
     def cancel(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:
-            self.engine.cancel(request_id, self._clock.monotonic())
+            self.engine.cancel(request_id, self._clock.monotonic())  # a no-op if it never reached the engine
             self._wake.set()
 
     async def fail_all(self, code: str, message: str, *, retryable: bool) -> None:
