@@ -1,0 +1,294 @@
+"""Tenants: who is calling (API key), what they may use, where their requests may run, how fast.
+
+Configuration (the router's YAML; `TenantDirectory.from_config` takes the parsed mapping):
+
+    tenants:
+      - name: acme                    # a metric label: letters, digits, '.', '_', '-'
+        api_keys:                     # plain keys, or "sha256:<hex>" digests of them
+          - sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+        allowed_models: [llama-3.1-8b, llama-3.1-70b]   # empty or absent: every model
+        regions: [eu-west, eu-central]                  # empty or absent: any region
+        residency: eu                 # only nodes tagged with exactly this residency
+        rate_limit_rps: 20            # requests per second (token bucket) ...
+        burst: 40                     # ... with this bucket size (default: max(1, rate))
+        token_quota: 5000000          # prompt + completion tokens per window ...
+        quota_window_s: 86400         # ... of this length (default: one day)
+        workload: interactive         # default workload class: interactive | batch
+      - name: research
+        api_keys: [sk-research-local]
+        workload: batch
+    anonymous_tenant: null            # a tenant name for requests without an API key
+
+Residency and regions become a `Boundary`, which placement enforces fail-closed.
+Rate limits and quotas are per router process: with N routers a tenant gets up to N
+times its rate (state in a shared store is a later step). Reloading the configuration
+starts every bucket and quota afresh.
+
+`hash_api_key(key)` gives the "sha256:..." form, so configuration need not hold secrets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta
+
+from tierflow.placement.request import ANYWHERE, Boundary, RequestWorkload
+
+__all__ = [
+    "TenantPolicy",
+    "Tenant",
+    "TenantDirectory",
+    "TenantConfigError",
+    "RateLimiter",
+    "TokenQuota",
+    "hash_api_key",
+]
+
+_DIGEST_PREFIX: Final = "sha256:"
+_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class TenantConfigError(ValueError):
+    """The `tenants:` configuration is invalid; the message names the entry and the field."""
+
+
+class TenantPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One tenant's configuration entry, as written (see the module docstring)."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=_NAME_PATTERN)]
+    api_keys: list[Annotated[str, Meta(min_length=1)]] = []
+    allowed_models: list[Annotated[str, Meta(min_length=1)]] = []
+    regions: list[Annotated[str, Meta(min_length=1)]] = []
+    residency: Annotated[str, Meta(min_length=1)] | None = None
+    rate_limit_rps: Annotated[float, Meta(gt=0.0)] | None = None
+    burst: Annotated[float, Meta(ge=1.0)] | None = None
+    token_quota: Annotated[int, Meta(gt=0)] | None = None
+    quota_window_s: Annotated[float, Meta(gt=0.0)] = 86400.0
+    workload: RequestWorkload | None = None
+
+
+def hash_api_key(key: str) -> str:
+    """The "sha256:<hex>" form of an API key, for configuration files."""
+    return _DIGEST_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _key_digest(entry: str, where: str) -> bytes:
+    if entry.startswith(_DIGEST_PREFIX):
+        hexdigest = entry[len(_DIGEST_PREFIX) :]
+        try:
+            digest = bytes.fromhex(hexdigest)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise TenantConfigError(f"{where}: a 'sha256:' key must be followed by 64 hex digits")
+        return digest
+    return hashlib.sha256(entry.encode()).digest()
+
+
+class RateLimiter:
+    """A token bucket: `rate` tokens a second, at most `burst` saved up. Pure: `now` is passed in.
+
+    Starts full, so a tenant's first `burst` requests pass at once. Time running
+    backwards (a caller mixing clocks) refills nothing rather than raising.
+    """
+
+    __slots__ = ("rate", "burst", "_tokens", "_at")
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        if not rate > 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        self.rate = float(rate)
+        self.burst = float(burst) if burst is not None else max(1.0, self.rate)
+        if self.burst < 1.0:
+            raise ValueError(f"burst must be at least 1, got {burst}")
+        self._tokens = self.burst
+        self._at: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self._at is None:
+            self._at = now
+        elif now > self._at:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+
+    def acquire(self, now: float, cost: float = 1.0) -> float:
+        """Take `cost` tokens if there are enough: returns 0.0 (admitted), else the seconds
+        until there would be (the request is not admitted and nothing is taken)."""
+        if cost > self.burst:
+            raise ValueError(f"cost {cost} exceeds the bucket size {self.burst}: it could never pass")
+        self._refill(now)
+        if self._tokens >= cost:
+            self._tokens -= cost
+            return 0.0
+        return (cost - self._tokens) / self.rate
+
+    def available(self, now: float) -> float:
+        """Tokens in the bucket at `now` (for status pages and tests)."""
+        self._refill(now)
+        return self._tokens
+
+
+class TokenQuota:
+    """Tokens per fixed window (window k covers [k*window_s, (k+1)*window_s)). Pure: `now` is passed in.
+
+    The router checks `retry_after` before a request and `charge`s the request's real
+    prompt + completion tokens after it, so the request that crosses the limit completes
+    and the next one is refused: a quota is a budget, not a hard cap per token. Pass wall
+    time (`Clock.now()`) for windows aligned to the epoch, e.g. to UTC days.
+    """
+
+    __slots__ = ("limit", "window_s", "_window", "_used")
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        if limit <= 0 or not window_s > 0:
+            raise ValueError(f"limit and window_s must be positive, got {limit} and {window_s}")
+        self.limit = limit
+        self.window_s = float(window_s)
+        self._window = -math.inf
+        self._used = 0
+
+    def _roll(self, now: float) -> None:
+        window = math.floor(now / self.window_s)
+        if window > self._window:
+            self._window, self._used = window, 0
+
+    def used(self, now: float) -> int:
+        self._roll(now)
+        return self._used
+
+    def remaining(self, now: float) -> int:
+        self._roll(now)
+        return max(0, self.limit - self._used)
+
+    def retry_after(self, now: float) -> float:
+        """0.0 when tokens remain in this window; otherwise the seconds until the next one."""
+        self._roll(now)
+        if self._used < self.limit:
+            return 0.0
+        return (self._window + 1) * self.window_s - now
+
+    def charge(self, now: float, tokens: int) -> None:
+        if tokens < 0:
+            raise ValueError(f"tokens must not be negative, got {tokens}")
+        self._roll(now)
+        self._used += tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """A configured tenant, ready for the request path: its boundary and model set are built
+    once here. `limiter` and `quota` are mutable counters owned by this tenant (None: no limit)."""
+
+    policy: TenantPolicy
+    boundary: Boundary
+    models: frozenset[str] | None  # None: every model
+    limiter: RateLimiter | None
+    quota: TokenQuota | None
+
+    @classmethod
+    def from_policy(cls, policy: TenantPolicy) -> Tenant:
+        boundary = (
+            Boundary(regions=frozenset(policy.regions) if policy.regions else None, residency=policy.residency)
+            if policy.regions or policy.residency
+            else ANYWHERE
+        )
+        return cls(
+            policy=policy,
+            boundary=boundary,
+            models=frozenset(policy.allowed_models) if policy.allowed_models else None,
+            limiter=RateLimiter(policy.rate_limit_rps, policy.burst) if policy.rate_limit_rps else None,
+            quota=TokenQuota(policy.token_quota, policy.quota_window_s) if policy.token_quota else None,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def workload(self) -> RequestWorkload | None:
+        return self.policy.workload
+
+    def allows_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+class TenantDirectory:
+    """All tenants, looked up by API key. Built once from configuration; read per request."""
+
+    __slots__ = ("tenants", "anonymous", "_by_digest")
+
+    def __init__(self, tenants: Sequence[Tenant], *, anonymous: str | None = None) -> None:
+        self.tenants: dict[str, Tenant] = {}
+        self._by_digest: dict[bytes, tuple[bytes, Tenant]] = {}
+        for i, tenant in enumerate(tenants):
+            where = f"tenants[{i}] ({tenant.name!r})"
+            if tenant.name in self.tenants:
+                raise TenantConfigError(f"{where}: duplicate tenant name")
+            self.tenants[tenant.name] = tenant
+            for j, key in enumerate(tenant.policy.api_keys):
+                digest = _key_digest(key, f"{where}.api_keys[{j}]")
+                held = self._by_digest.get(digest)
+                if held is not None:
+                    # Never echo the key: configuration errors end up in logs.
+                    raise TenantConfigError(
+                        f"{where}.api_keys[{j}]: the same key is already a key of tenant {held[1].name!r}"
+                    )
+                self._by_digest[digest] = (digest, tenant)
+        if anonymous is not None and anonymous not in self.tenants:
+            raise TenantConfigError(f"anonymous_tenant: no tenant is named {anonymous!r}")
+        self.anonymous: Tenant | None = self.tenants[anonymous] if anonymous is not None else None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TenantDirectory:
+        """From a configuration mapping with a `tenants:` list (see the module docstring).
+
+        Every error is a `TenantConfigError` naming the entry and field, e.g.
+        "tenants[1] ('acme'): Expected `float` > 0.0 - at `$.rate_limit_rps`".
+        """
+        unknown = set(config) - {"tenants", "anonymous_tenant"}
+        if unknown:
+            raise TenantConfigError(f"unknown key(s) beside 'tenants': {', '.join(sorted(map(str, unknown)))}")
+        entries = config.get("tenants") or []
+        if not isinstance(entries, list):
+            raise TenantConfigError(f"'tenants' must be a list of tenant entries, not {type(entries).__name__}")
+        tenants = []
+        for i, entry in enumerate(entries):
+            label = f"tenants[{i}]"
+            if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+                label += f" ({entry['name']!r})"
+            try:
+                policy = msgspec.convert(entry, TenantPolicy)
+            except msgspec.ValidationError as exc:
+                raise TenantConfigError(f"{label}: {exc}") from None
+            if policy.burst is not None and policy.rate_limit_rps is None:
+                raise TenantConfigError(f"{label}: 'burst' needs 'rate_limit_rps'")
+            tenants.append(Tenant.from_policy(policy))
+        anonymous = config.get("anonymous_tenant")
+        if anonymous is not None and not isinstance(anonymous, str):
+            raise TenantConfigError(f"anonymous_tenant must be a tenant name, not {type(anonymous).__name__}")
+        return cls(tenants, anonymous=anonymous)
+
+    def authenticate(self, api_key: str | None) -> Tenant | None:
+        """The tenant an API key belongs to, or None; no key at all gives the anonymous tenant.
+
+        The lookup is by the key's SHA-256 digest, and the digest is compared with
+        `hmac.compare_digest`: any timing difference depends on the digest, which an
+        attacker cannot steer toward a valid key one character at a time.
+        """
+        if not api_key:
+            return self.anonymous
+        digest = hashlib.sha256(api_key.encode()).digest()
+        held = self._by_digest.get(digest)
+        if held is None or not hmac.compare_digest(held[0], digest):
+            return None
+        return held[1]
+
+    def get(self, name: str) -> Tenant | None:
+        return self.tenants.get(name)
