@@ -43,6 +43,12 @@ class ModelState(Struct, kw_only=True):
     version: str = "v1"
     tier: Tier = "ddr"
     in_flight: NonNegInt = 0
+    queued: NonNegInt = 0
+    max_batch: NonNegInt = 0
+    # This model's most recently used prompt-block hashes: block hashes do not depend on
+    # the model, so a node-wide list would make a prompt cached for one model look cached
+    # for every model of the bundle.
+    recent_prefix_hashes: list[int] = []
 
 
 class NodeHeartbeat(Struct, kw_only=True):
@@ -72,6 +78,7 @@ class NodeHeartbeat(Struct, kw_only=True):
     kv_usage: NonNegFloat = 0.0
     prefix_cache_blocks: NonNegInt = 0
     recent_prefix_hashes: list[int] = []
+    block_size: Annotated[int, Meta(gt=0)] = 64  # tokens per KV block: the router hashes prompts alike
     cordoned: bool = False
     draining: bool = False
 

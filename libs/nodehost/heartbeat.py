@@ -49,13 +49,20 @@ def heartbeat_message(identity: NodeIdentity, engine: NodeEngine, clock: Clock, 
         sent_at=clock.now(),
         interval_s=interval,
         seq=seq,
-        models=[messages.ModelState(name=m.name, version=m.version, tier=m.tier, in_flight=m.in_flight) for m in snap.models],
+        models=[
+            messages.ModelState(
+                name=m.name, version=m.version, tier=m.tier, in_flight=m.in_flight, queued=m.queued,
+                max_batch=m.max_batch, recent_prefix_hashes=list(m.recent_prefix_hashes),
+            )
+            for m in snap.models
+        ],
+        block_size=snap.block_size,
         queue_depth=snap.queue_depth,
         running=snap.running,
         max_batch=snap.max_batch,
         kv_usage=snap.kv_usage,
         prefix_cache_blocks=snap.prefix_cache_blocks.hbm + snap.prefix_cache_blocks.ddr,
-        recent_prefix_hashes=list(snap.recent_prefix_hashes),
+        # node-wide list left empty: the per-model lists above say the same, more precisely
         cordoned=identity.cordoned,
         draining=identity.draining,
     )

@@ -126,7 +126,10 @@ class NodeView:
         slots: dict[str, ModelSlot] = {}
         versions: dict[tuple[str, str], ModelSlot] = {}
         for m in hb.models:
-            slot = ModelSlot(name=m.name, version=m.version, tier=m.tier, in_flight=m.in_flight)
+            slot = ModelSlot(
+                name=m.name, version=m.version, tier=m.tier, in_flight=m.in_flight, queued=m.queued,
+                prefix_hashes=frozenset(m.recent_prefix_hashes) if m.recent_prefix_hashes else None,
+            )
             versions[(m.name, m.version)] = slot
             held = slots.get(m.name)
             if held is None or TIER_RANK.get(m.tier, 9) < TIER_RANK.get(held.tier, 9):
