@@ -1,10 +1,14 @@
-"""The request path inside the router: resolve the model, place, stream, retry.
+"""The request path inside the router: admit the tenant, resolve the model, place, stream, retry.
 
 `Dispatcher.generate` is what both front doors (OpenAI HTTP and gRPC) call. It yields
 the node's `Tokens` and finally its `Finished`; every failure is a `TierflowError` the
 front door renders in its own protocol. Failures before the first token move the
 request to the next node (the node is marked suspect); after the first token the
 client has seen output, so it gets a clear error instead of a silent replay.
+
+Disaggregated deployments take one more hop: a prefill node of the same deployment
+computes the prompt's KV (max_tokens = 0), then the decode node is told where the KV
+comes from and pays its transfer instead of the prefill.
 """
 
 from __future__ import annotations
@@ -12,18 +16,28 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from opentelemetry.trace import Status, StatusCode
 
 from tierflow.contracts import messages
-from tierflow.placement.basic import rank_least_loaded
+from tierflow.placement import (
+    ANYWHERE,
+    NoEligibleNode,
+    PlacementPolicy,
+    PlacementRequest,
+    SessionTable,
+    Tenant,
+    TenantDirectory,
+    session_key,
+)
+from tierflow.rdu.kvcache import block_hashes
 from tierflow.runtime.clock import Clock
-from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, TierflowError
+from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, RateLimited, TierflowError, Unauthenticated
 from tierflow.runtime.tracing import inject_headers, tracer
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.services.router.state import ModelRoute, ModelTable, NodeTable
-from tierflow.services.router.transport import NodeLost, NodeTransport
+from tierflow.services.router.transport import NodeLost, NodeStream, NodeTransport
 
 __all__ = ["Dispatcher", "GenerateParams", "RequestRecord", "finish_record"]
 
@@ -41,12 +55,14 @@ class GenerateParams:
     prompt_token_ids: list[int]
     max_tokens: int | None
     api: str  # "chat" | "completions" | "grpc"
+    tenant: Tenant | None = None
     seed: int | None = None
     temperature: float = 1.0
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
-    tenant: str = "default"
-    session_id: str = ""
+    session_header: str = ""
+    user: str = ""
+    workload: str | None = None  # "interactive" | "batch" | None (the tenant's default)
 
 
 @dataclass(slots=True)
@@ -57,11 +73,15 @@ class RequestRecord:
     api: str
     model: str = ""
     version: str = ""
-    tenant: str = "default"
+    tenant: str = "anonymous"
     node: str = ""
+    prefill_node: str = ""
     nodes_tried: list[str] = field(default_factory=list)
+    placement: str = ""
     tier: str = ""
     prefix_hit_tokens: int = 0
+    session: str = ""
+    session_nodes: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = ""
@@ -88,14 +108,20 @@ class RequestRecord:
             "request",
             extra={"fields": {
                 "request_id": self.request_id, "api": self.api, "model": self.model, "model_version": self.version,
-                "tenant": self.tenant, "node": self.node, "nodes_tried": self.nodes_tried, "attempts": len(self.nodes_tried),
-                "tier": self.tier, "prefix_hit_tokens": self.prefix_hit_tokens, "prompt_tokens": self.prompt_tokens,
+                "tenant": self.tenant, "node": self.node, "prefill_node": self.prefill_node, "nodes_tried": self.nodes_tried,
+                "attempts": len(self.nodes_tried), "placement": self.placement, "tier": self.tier,
+                "prefix_hit": self.prefix_hit_tokens > 0, "prefix_hit_tokens": self.prefix_hit_tokens,
+                "session_nodes": self.session_nodes, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason, "stream": self.stream,
                 "outcome": self.outcome, "status": self.status, "error": self.error,
                 "decode_queue_time": round(self.decode_queue_time, 6), "time_to_first_token": round(self.time_to_first_token, 6),
                 "e2e_latency": round(self.e2e, 6), "completion_tokens_per_sec": round(tps, 2),
             }},
         )
+
+
+class _Retry(Exception):
+    """This attempt failed before any output; try another node."""
 
 
 class Dispatcher:
@@ -107,6 +133,9 @@ class Dispatcher:
         clock: Clock,
         metrics: RouterMetrics,
         *,
+        policy: PlacementPolicy,
+        tenants: TenantDirectory,
+        sessions: SessionTable,
         max_attempts: int = 3,
         seed: int | None = None,
     ) -> None:
@@ -115,15 +144,40 @@ class Dispatcher:
         self._transport = transport
         self._clock = clock
         self._metrics = metrics
+        self._policy = policy
+        self._tenants = tenants
+        self._sessions = sessions
         self._max_attempts = max_attempts
         self._rng = random.Random(seed)
-        self._turn = 0
 
-    def resolve(self, model: str) -> ModelRoute:
+    # ------------------------------------------------------------------ admission
+
+    def authenticate(self, api_key: str | None) -> Tenant:
+        tenant = self._tenants.authenticate(api_key)
+        if tenant is None:
+            raise Unauthenticated(
+                "Incorrect API key provided." if api_key else "Missing API key: send it as `Authorization: Bearer <key>`.",
+                code="invalid_api_key",
+            )
+        return tenant
+
+    def resolve(self, model: str, tenant: Tenant | None = None) -> ModelRoute:
         route = self._models.routes.get(model)
-        if route is None:
+        if route is None or (tenant is not None and not tenant.allows_model(model)):
             raise ModelNotFound(f"The model `{model}` does not exist or is not deployed.", param="model", code="model_not_found")
         return route
+
+    def _admit(self, tenant: Tenant | None, now: float) -> None:
+        if tenant is None:
+            return
+        if tenant.limiter is not None:
+            wait = tenant.limiter.acquire(now)
+            if wait > 0:
+                raise RateLimited(f"Rate limit reached for tenant {tenant.name!r}; retry after {wait:.2f}s.", retry_after=wait)
+        if tenant.quota is not None:
+            wait = tenant.quota.retry_after(now)
+            if wait > 0:
+                raise RateLimited(f"Token quota exhausted for tenant {tenant.name!r}; it renews in {wait:.0f}s.", retry_after=wait, code="insufficient_quota")
 
     def _limit_tokens(self, route: ModelRoute, params: GenerateParams) -> int:
         n_prompt = len(params.prompt_token_ids)
@@ -139,13 +193,28 @@ class Dispatcher:
             )
         return max_tokens
 
+    # ------------------------------------------------------------------ the request
+
     async def generate(self, params: GenerateParams, record: RequestRecord) -> AsyncIterator[messages.Tokens | messages.Finished]:
         """Stream one request's tokens, retrying on another node until the first token."""
-        route = self.resolve(params.model)
+        tenant = params.tenant
+        record.tenant = tenant.name if tenant is not None else "anonymous"
+        route = self.resolve(params.model, tenant)
         max_tokens = self._limit_tokens(route, params)
+        self._admit(tenant, self._clock.monotonic())
         version = route.pick_version(self._rng)
         record.model, record.version, record.prompt_tokens = params.model, version, len(params.prompt_token_ids)
-        labels = (params.model, version, params.tenant)
+        session = session_key(record.tenant, params.session_header or None, params.user or None) if (params.session_header or params.user) else ""
+        record.session = session
+        placement = PlacementRequest(
+            model=params.model,
+            version=version,
+            prompt_hashes=block_hashes(params.prompt_token_ids, self._nodes.block_size),
+            session_id=session,
+            affinity_node=self._sessions.last_node(session) if session else None,
+            boundary=tenant.boundary if tenant is not None else ANYWHERE,
+            workload=params.workload or (tenant.workload if tenant is not None else None),  # type: ignore[arg-type]
+        )
         span_name = f"{'chat' if params.api == 'chat' else 'text_completion'} {params.model}"
         with _spans.start_as_current_span(span_name) as span:
             span.set_attribute("gen_ai.operation.name", "chat" if params.api == "chat" else "text_completion")
@@ -153,105 +222,176 @@ class Dispatcher:
             span.set_attribute("gen_ai.request.max_tokens", max_tokens)
             span.set_attribute("gen_ai.usage.input_tokens", len(params.prompt_token_ids))
             span.set_attribute("tierflow.request_id", params.request_id)
+            span.set_attribute("tierflow.tenant", record.tenant)
             try:
-                async for event in self._attempts(params, record, version, max_tokens, labels):
+                async for event in self._attempts(params, record, placement, route, max_tokens):
                     yield event
-                span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
-                span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
-                span.set_attribute("tierflow.node", record.node)
-                span.set_attribute("tierflow.tier", record.tier)
             except TierflowError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.message))
                 raise
+            span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
+            span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
+            span.set_attribute("tierflow.node", record.node)
+            span.set_attribute("tierflow.tier", record.tier)
+        if tenant is not None and tenant.quota is not None:
+            tenant.quota.charge(self._clock.monotonic(), record.prompt_tokens + record.completion_tokens)
+        if session:
+            record.session_nodes = self._sessions.touch(session, record.node)
 
-    async def _attempts(
-        self, params: GenerateParams, record: RequestRecord, version: str, max_tokens: int, labels: tuple[str, str, str]
-    ) -> AsyncIterator[messages.Tokens | messages.Finished]:
-        clock = self._clock
-        tried: set[str] = set()
-        last_failure = ""
-        for attempt in range(1, self._max_attempts + 1):
-            now = clock.monotonic()
-            self._turn += 1
-            ranked = [n for n in rank_least_loaded(self._nodes.views, params.model, now, turn=self._turn) if n not in tried]
-            if not ranked:
+    def _place(self, placement: PlacementRequest, route: ModelRoute, tried: set[str], last_failure: str) -> tuple[str, str, PlacementRequest]:
+        """The next node to try, its placement reason, and the request (version may fall back)."""
+        while True:
+            try:
+                ranked = self._policy.rank(self._nodes.index().serving(placement.model), replace(placement, exclude=frozenset(tried)), self._clock.monotonic(), limit=1)
+                choice = ranked.best
+                return choice.node_id, choice.reason, placement
+            except NoEligibleNode as none:
+                if none.code == "version_not_served" and placement.version != route.default_version:
+                    # A canary version with no live node: its traffic goes to the stable version.
+                    placement = replace(placement, version=route.default_version)
+                    continue
                 if tried:
                     raise NodeFailure(
-                        f"model {params.model!r} failed on {', '.join(sorted(tried))} before producing output ({last_failure}), "
-                        "and no other node can take it now; retry shortly",
+                        f"model {placement.model!r} failed on {', '.join(sorted(tried))} before producing output ({last_failure}), "
+                        f"and no other node can take it now: {none.reason}",
                         code="no_healthy_node", retryable=True,
-                    )
-                raise NoCapacity(f"no node serving model {params.model!r} is available right now; retry shortly", code="no_capacity")
-            node_id = ranked[0]
+                    ) from None
+                raise NoCapacity(none.reason, code=none.code) from None
+
+    async def _attempts(
+        self, params: GenerateParams, record: RequestRecord, placement: PlacementRequest, route: ModelRoute, max_tokens: int
+    ) -> AsyncIterator[messages.Tokens | messages.Finished]:
+        tried: set[str] = set()
+        last_failure = ""
+        overloaded = 0
+        for attempt in range(1, self._max_attempts + 1):
+            node_id, reason, placement = self._place(placement, route, tried, last_failure)
+            record.version = placement.version or record.version
             tried.add(node_id)
             record.nodes_tried.append(node_id)
+            record.node, record.placement = node_id, reason
+            self._metrics.routing.labels(params.model, reason).inc()
             self._nodes.note_dispatch(node_id)
             request = messages.GenerateRequest(
-                request_id=params.request_id, model=params.model, version=version,
+                request_id=params.request_id, model=params.model, version=record.version,
                 prompt_token_ids=params.prompt_token_ids, max_tokens=max_tokens,
                 seed=params.seed if params.seed is not None else self._rng.getrandbits(31), temperature=params.temperature,
-                ignore_eos=params.ignore_eos, stop=params.stop, tenant=params.tenant,
-                session_id=params.session_id, attempt=attempt,
+                ignore_eos=params.ignore_eos, stop=params.stop, tenant=record.tenant,
+                session_id=record.session, attempt=attempt,
             )
-            stream = await self._transport.open(node_id, request, inject_headers({}))
-            record.node = node_id
-            got_tokens = False
-            finished = False
-            last_token_at = 0.0
             try:
-                while True:
-                    try:
-                        event = await stream.next()
-                    except NodeLost as lost:
-                        self._nodes.mark_suspect(node_id, clock.monotonic())
-                        if got_tokens:
-                            raise NodeFailure(
-                                f"node {node_id} was lost after streaming {record.completion_tokens} tokens ({lost.reason}); "
-                                "the response is incomplete, retry the request",
-                                code="node_lost",
-                            ) from None
-                        last_failure = lost.reason
-                        self._metrics.retries.labels(params.model, "node_lost").inc()
-                        break
-                    if type(event) is messages.Tokens:
-                        t = clock.monotonic()
-                        if not got_tokens:
-                            got_tokens = True
-                            record.time_to_first_token = t - record.arrived
-                            self._metrics.ttft.labels(*labels).observe(record.time_to_first_token)
-                        else:
-                            self._metrics.itl.labels(*labels).observe((t - last_token_at) / len(event.token_ids))
-                        last_token_at = t
-                        record.completion_tokens += len(event.token_ids)
-                        yield event
-                    elif type(event) is messages.Finished:
-                        finished = True
-                        record.finish_reason = event.finish_reason
-                        record.prompt_tokens = event.prompt_tokens
-                        record.completion_tokens = event.completion_tokens
-                        record.prefix_hit_tokens = event.cached_tokens
-                        self._metrics.prompt_tokens.labels(*labels).inc(event.prompt_tokens)
-                        self._metrics.completion_tokens.labels(*labels).inc(event.completion_tokens)
-                        yield event
-                        return
-                    elif type(event) is messages.Started:
-                        record.decode_queue_time = event.queue_time
-                        record.tier = event.tier
-                        self._metrics.routing.labels(params.model, node_id, event.tier).inc()
-                    elif type(event) is messages.Failed:
-                        if event.code in _CLIENT_ERRORS:
-                            raise InvalidRequest(event.message, code=event.code)
-                        if got_tokens or not event.retryable:
-                            raise NodeFailure(f"node {node_id} failed the request: {event.message}", code=event.code)
-                        last_failure = f"{event.code}: {event.message}"
-                        self._metrics.retries.labels(params.model, event.code).inc()
-                        break
-                    # Accepted and Alive only prove the node is still there.
-            finally:
-                if finished:
-                    stream.close()
-                else:
-                    await stream.cancel()  # client gone, error, or retry: free the node's slot
+                node = self._nodes.get(node_id)
+                deployment = self._models.deployment(node.deployment) if node is not None else None
+                if deployment is not None and deployment.mode == "disaggregated":
+                    request.kv_source = await self._prefill(request, deployment.name, placement, record)
+                async for event in self._stream(node_id, request, record, params):
+                    yield event
+                return
+            except _Retry as retry:
+                last_failure = str(retry)
+                if "queue_full" in last_failure:
+                    overloaded += 1
+        if overloaded == len(tried):
+            raise RateLimited(f"every node serving {params.model!r} is at capacity; retry shortly", retry_after=1.0, code="overloaded")
+        raise NodeFailure(
+            f"model {params.model!r} failed on {', '.join(record.nodes_tried)} before producing output ({last_failure}); retry the request",
+            code="no_healthy_node", retryable=True,
+        )
+
+    async def _prefill(self, request: messages.GenerateRequest, deployment: str, placement: PlacementRequest, record: RequestRecord) -> str:
+        """Run the prompt on a prefill node of the deployment; return that node's id."""
+        now = self._clock.monotonic()
+        candidates = [n for n in self._nodes.prefill_nodes(deployment) if n.takes_work(now)]
+        if not candidates:
+            raise _Retry(f"no live prefill node in deployment {deployment!r}")
+        try:
+            ranked = self._policy.rank(candidates, replace(placement, exclude=frozenset()), now, limit=1)
+        except NoEligibleNode as none:
+            raise _Retry(none.reason) from None
+        node_id = ranked.best.node_id
+        record.prefill_node = node_id
+        stream = await self._transport.open(node_id, replace(request, max_tokens=0), inject_headers({}), role="prefill")
+        finished = False
+        try:
+            while True:
+                try:
+                    event = await stream.next()
+                except NodeLost as lost:
+                    self._nodes.mark_suspect(node_id, self._clock.monotonic())
+                    raise _Retry(f"prefill node {node_id}: {lost.reason}") from None
+                if type(event) is messages.Finished:
+                    finished = True
+                    record.prefix_hit_tokens = event.cached_tokens
+                    return node_id
+                if type(event) is messages.Failed:
+                    if event.code in _CLIENT_ERRORS:
+                        raise InvalidRequest(event.message, code=event.code)
+                    raise _Retry(f"prefill node {node_id}: {event.code}: {event.message}")
+        finally:
+            if finished:
+                stream.close()
+            else:
+                await stream.cancel()
+
+    async def _stream(self, node_id: str, request: messages.GenerateRequest, record: RequestRecord, params: GenerateParams) -> AsyncIterator[messages.Tokens | messages.Finished]:
+        clock = self._clock
+        labels = (params.model, record.version, record.tenant)
+        stream: NodeStream = await self._transport.open(node_id, request, inject_headers({}))
+        got_tokens = False
+        finished = False
+        last_token_at = 0.0
+        try:
+            while True:
+                try:
+                    event = await stream.next()
+                except NodeLost as lost:
+                    self._nodes.mark_suspect(node_id, clock.monotonic())
+                    if got_tokens:
+                        raise NodeFailure(
+                            f"node {node_id} was lost after streaming {record.completion_tokens} tokens ({lost.reason}); "
+                            "the response is incomplete, retry the request",
+                            code="node_lost",
+                        ) from None
+                    self._metrics.retries.labels(params.model, "node_lost").inc()
+                    raise _Retry(lost.reason) from None
+                if type(event) is messages.Tokens:
+                    t = clock.monotonic()
+                    if not got_tokens:
+                        got_tokens = True
+                        record.time_to_first_token = t - record.arrived
+                        self._metrics.ttft.labels(*labels).observe(record.time_to_first_token)
+                    else:
+                        self._metrics.itl.labels(*labels).observe((t - last_token_at) / len(event.token_ids))
+                    last_token_at = t
+                    record.completion_tokens += len(event.token_ids)
+                    yield event
+                elif type(event) is messages.Finished:
+                    finished = True
+                    record.finish_reason = event.finish_reason
+                    record.prompt_tokens = event.prompt_tokens
+                    record.completion_tokens = event.completion_tokens
+                    record.prefix_hit_tokens = max(record.prefix_hit_tokens, event.cached_tokens)
+                    self._metrics.prompt_tokens.labels(*labels).inc(event.prompt_tokens)
+                    self._metrics.completion_tokens.labels(*labels).inc(event.completion_tokens)
+                    yield event
+                    return
+                elif type(event) is messages.Started:
+                    record.decode_queue_time = event.queue_time
+                    record.tier = event.tier
+                    self._metrics.tiers.labels(params.model, event.tier).inc()
+                elif type(event) is messages.Failed:
+                    if event.code in _CLIENT_ERRORS:
+                        raise InvalidRequest(event.message, code=event.code)
+                    if got_tokens or not event.retryable:
+                        raise NodeFailure(f"node {node_id} failed the request: {event.message}", code=event.code)
+                    self._metrics.retries.labels(params.model, event.code).inc()
+                    raise _Retry(f"{event.code}: {event.message}")
+                # Accepted and Alive only prove the node is still there.
+        finally:
+            if finished:
+                stream.close()
+            else:
+                await stream.cancel()  # client gone, error, or retry: free the node's slot
 
 
 def finish_record(record: RequestRecord, metrics: RouterMetrics, clock: Clock) -> None:

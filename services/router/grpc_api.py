@@ -16,6 +16,7 @@ from tierflow.contracts import messages
 from tierflow.runtime.clock import Clock
 from tierflow.runtime.errors import InvalidRequest, TierflowError
 from tierflow.runtime.grpc_server import start_grpc_server
+from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.tokenizer import encode, render_chat
@@ -57,7 +58,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             max_tokens=request.max_tokens or None, api="grpc",
             seed=request.seed if request.HasField("seed") else None,
             temperature=request.temperature if request.HasField("temperature") else 1.0,
-            ignore_eos=request.ignore_eos, session_id=request.session_id or request.user,
+            ignore_eos=request.ignore_eos, session_header=request.session_id, user=request.user,
         )
 
     async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[messages.Tokens | messages.Finished, RequestRecord]]:
@@ -65,7 +66,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         record = RequestRecord(request_id=request_id, api="grpc", arrived=self._clock.monotonic(), stream=True)
         self._metrics.in_flight.inc()
         try:
-            events = self._dispatcher.generate(self._params(request, request_id), record)
+            metadata = dict(context.invocation_metadata() or ())
+            tenant = self._dispatcher.authenticate(bearer_token(metadata.get("authorization")))
+            params = self._params(request, request_id)
+            params.tenant = tenant
+            events = self._dispatcher.generate(params, record)
             async with aclosing(events):
                 async for event in events:
                     yield event, record

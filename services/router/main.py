@@ -17,6 +17,8 @@ from tierflow.runtime import discovery
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.kv import follow
 from tierflow.runtime.service import ServiceContext, connect_nats
+from tierflow.placement import SessionTable
+from tierflow.services.router.config import load_router_config
 from tierflow.services.router.dispatch import Dispatcher
 from tierflow.services.router.grpc_api import start_grpc
 from tierflow.services.router.http_server import serve, shutdown
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 async def main(ctx: ServiceContext, settings: Settings) -> None:
     router_id = subjects.check_token(settings.router_id or f"r{uuid.uuid4().hex[:12]}", "router id")
     nc = await connect_nats(settings.nats_url, f"tierflow-router-{router_id}", stopping=ctx.stopping)
+    config = load_router_config(settings.config, policy_override=settings.placement_policy)  # refuse to start on a bad file
     clock = WallClock()
     nodes = NodeTable()
     models = ModelTable()
@@ -42,7 +45,8 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
 
     async def on_heartbeat(msg: object) -> None:
         try:
-            nodes.apply(messages.heartbeat_decoder.decode(msg.data), clock.monotonic())  # type: ignore[attr-defined]
+            hb = messages.heartbeat_decoder.decode(msg.data)  # type: ignore[attr-defined]
+            nodes.apply(hb, clock.monotonic(), workload=models.workload(hb.deployment))
         except msgspec.DecodeError as exc:
             log.warning("bad heartbeat on %s: %s", msg.subject, exc)  # type: ignore[attr-defined]
 
@@ -81,7 +85,11 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
                 pass
 
     chores = asyncio.create_task(housekeeping(), name="housekeeping")
-    dispatcher = Dispatcher(nodes, models, transport, clock, metrics, max_attempts=settings.max_attempts)
+    dispatcher = Dispatcher(
+        nodes, models, transport, clock, metrics,
+        policy=config.policy, tenants=config.tenants, sessions=SessionTable(settings.session_capacity),
+        max_attempts=settings.max_attempts,
+    )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
     http = await serve(api.handle, settings.http_host, settings.http_port)
     grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port)

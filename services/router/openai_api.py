@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from tierflow.contracts import messages
 from tierflow.runtime.clock import Clock
 from tierflow.runtime.errors import InvalidRequest, ModelNotFound, RateLimited, TierflowError
+from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.http_server import Request, Response, StreamingResponse
 from tierflow.services.router.metrics import RouterMetrics
@@ -71,6 +72,7 @@ def _record_headers(record: RequestRecord) -> tuple[tuple[str, str], ...]:
         ("x-tierflow-model-version", record.version),
         ("x-tierflow-tier", record.tier),
         ("x-tierflow-attempts", str(len(record.nodes_tried))),
+        ("x-tierflow-placement", record.placement),
     )
 
 
@@ -134,7 +136,9 @@ class OpenAIApi:
         try:
             body = self._parse(request.body, chat)
             record.stream = body.stream
+            tenant = self._dispatcher.authenticate(bearer_token(request.headers.get("authorization")))
             params = self._params(body, request_id, chat, request)
+            params.tenant = tenant
             events = self._dispatcher.generate(params, record)
             self._metrics.in_flight.inc()
             if body.stream:
@@ -168,12 +172,15 @@ class OpenAIApi:
             prompt_ids = encode(prompt) if isinstance(prompt, str) else prompt
             max_tokens = body.max_tokens
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        session = request.headers.get("x-session-id") or body.user or ""
+        workload = request.headers.get("x-tierflow-workload") or None
+        if workload not in (None, "interactive", "batch"):
+            raise InvalidRequest("x-tierflow-workload must be 'interactive' or 'batch'", param="x-tierflow-workload")
         return GenerateParams(
             request_id=request_id, model=body.model, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
             api="chat" if chat else "completions", seed=body.seed,
             temperature=body.temperature if body.temperature is not None else 1.0,
-            ignore_eos=body.ignore_eos, stop=stop, session_id=session,
+            ignore_eos=body.ignore_eos, stop=stop, session_header=request.headers.get("x-session-id", ""),
+            user=body.user or "", workload=workload,
         )
 
     def _usage(self, record: RequestRecord) -> dict[str, Any]:

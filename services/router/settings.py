@@ -20,4 +20,10 @@ class Settings(Struct, kw_only=True):
     liveness_timeout: Annotated[float, Meta(gt=0)] = 1.5
     max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
     drain_grace: Annotated[float, Meta(ge=0)] = 5.0
+    # A YAML file with `tenants:` / `anonymous_tenant:` (tierflow.placement.tenants) and
+    # `placement:` (policy and weights). Without one, every caller is the open tenant
+    # "anonymous" and placement is hotness-aware with default weights.
+    config: str = ""
+    placement_policy: str = ""  # overrides the file's placement policy (hotness, round-robin, least-loaded, random)
+    session_capacity: Annotated[int, Meta(gt=0)] = 100_000
 

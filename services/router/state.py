@@ -1,7 +1,8 @@
 """What the router knows of the fabric: nodes (from heartbeats) and models (from the registry).
 
-Both tables are caches fed by NATS; placement reads immutable `NodeView` snapshots of
-them, so a heartbeat arriving mid-decision cannot change the decision under it.
+Both tables are caches fed by NATS. Placement reads immutable `NodeView`s grouped in a
+`FleetIndex`, rebuilt lazily (at most once per request after a change, not once per
+heartbeat), so a heartbeat arriving mid-decision cannot change the decision under it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import random
 from dataclasses import dataclass, replace
 
 from tierflow.contracts import messages, registry
-from tierflow.placement import NodeView
+from tierflow.placement import FleetIndex, NodeView
 from tierflow.rdu.deployment import DeploymentConfig
 
 __all__ = ["NodeTable", "ModelTable", "ModelRoute"]
@@ -18,59 +19,68 @@ __all__ = ["NodeTable", "ModelTable", "ModelRoute"]
 
 class NodeTable:
     def __init__(self, *, suspect_seconds: float = 3.0) -> None:
-        self._nodes: dict[str, NodeView] = {}
+        self._decode: dict[str, NodeView] = {}
+        self._prefill: dict[str, NodeView] = {}
         self._started: dict[str, float] = {}
         self._suspect_seconds = suspect_seconds
-        self.views: tuple[NodeView, ...] = ()
+        self._index: FleetIndex | None = None
+        self.block_size = 64  # the nodes' KV block size: prompts are hashed alike
 
-    def apply(self, hb: messages.NodeHeartbeat, now: float) -> None:
-        if hb.role != "decode":
-            return
-        previous = self._nodes.get(hb.node_id)
+    def apply(self, hb: messages.NodeHeartbeat, now: float, *, workload: str = "bundle") -> None:
+        table = self._decode if hb.role == "decode" else self._prefill
+        previous = table.get(hb.node_id)
         suspect_until = previous.suspect_until if previous else 0.0
         if self._started.get(hb.node_id) != hb.started_at:  # a restarted node starts with a clean slate
             suspect_until = 0.0
             self._started[hb.node_id] = hb.started_at
-        self._nodes[hb.node_id] = NodeView(
-            node_id=hb.node_id,
-            models=frozenset(m.name for m in hb.models),
-            tiers={m.name: m.tier for m in hb.models},
-            region=hb.region,
-            residency=hb.residency,
-            queue_depth=hb.queue_depth,
-            running=hb.running,
-            max_batch=hb.max_batch,
-            last_seen=now,
-            interval_s=hb.interval_s,
-            cordoned=hb.cordoned,
-            draining=hb.draining,
-            suspect_until=suspect_until,
-        )
-        self.views = tuple(self._nodes.values())
+        table[hb.node_id] = NodeView.from_heartbeat(hb, now, workload=workload, suspect_until=suspect_until)
+        self.block_size = hb.block_size
+        if table is self._decode:
+            self._index = None
+
+    def index(self) -> FleetIndex:
+        if self._index is None:
+            self._index = FleetIndex.build(self._decode.values())
+        return self._index
+
+    @property
+    def views(self) -> tuple[NodeView, ...]:
+        return tuple(self._decode.values())
+
+    def get(self, node_id: str) -> NodeView | None:
+        return self._decode.get(node_id)
+
+    def prefill_nodes(self, deployment: str) -> list[NodeView]:
+        return [n for n in self._prefill.values() if n.deployment == deployment]
+
+    def _replace(self, node_id: str, **changes: object) -> None:
+        for table in (self._decode, self._prefill):
+            node = table.get(node_id)
+            if node is not None:
+                table[node_id] = replace(node, **changes)  # type: ignore[arg-type]
+                if table is self._decode:
+                    self._index = None
 
     def mark_suspect(self, node_id: str, now: float) -> None:
         """A node failed a request: keep new work off it until it proves alive again."""
-        node = self._nodes.get(node_id)
-        if node is not None:
-            self._nodes[node_id] = replace(node, suspect_until=now + self._suspect_seconds)
-            self.views = tuple(self._nodes.values())
+        self._replace(node_id, suspect_until=now + self._suspect_seconds)
 
     def note_dispatch(self, node_id: str) -> None:
         """Count a request against a node until its next heartbeat reports real load."""
-        node = self._nodes.get(node_id)
+        node = self._decode.get(node_id) or self._prefill.get(node_id)
         if node is not None:
-            self._nodes[node_id] = replace(node, queue_depth=node.queue_depth + 1)
-            self.views = tuple(self._nodes.values())
+            self._replace(node_id, queue_depth=node.queue_depth + 1)
 
     def live(self, now: float) -> list[NodeView]:
-        return [n for n in self._nodes.values() if n.is_live(now)]
+        return [n for n in self._decode.values() if n.is_live(now)]
 
     def forget_dead(self, now: float, *, after_beats: float = 30.0) -> None:
-        dead = [k for k, n in self._nodes.items() if not n.is_live(now, after_beats)]
-        for k in dead:
-            del self._nodes[k]
-        if dead:
-            self.views = tuple(self._nodes.values())
+        for table in (self._decode, self._prefill):
+            dead = [k for k, n in table.items() if not n.is_live(now, after_beats)]
+            for k in dead:
+                del table[k]
+            if dead and table is self._decode:
+                self._index = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +128,13 @@ class ModelTable:
     def delete_deployment(self, name: str) -> None:
         self._deployments.pop(name, None)
         self._rebuild()
+
+    def deployment(self, name: str) -> registry.DeploymentRecord | None:
+        return self._deployments.get(name)
+
+    def workload(self, deployment: str) -> str:
+        dep = self._deployments.get(deployment)
+        return dep.workload if dep is not None else "bundle"
 
     def _rebuild(self) -> None:
         context: dict[str, int] = {}

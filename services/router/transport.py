@@ -45,7 +45,7 @@ class NodeStream(Protocol):
 
 
 class NodeTransport(Protocol):
-    async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None) -> NodeStream: ...
+    async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None, *, role: str = "decode") -> NodeStream: ...
 
 
 class _NatsStream:
@@ -103,14 +103,14 @@ class NatsNodeTransport:
         if stream is not None:
             stream._queue.put_nowait(msg)
 
-    async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None) -> _NatsStream:
+    async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None, *, role: str = "decode") -> _NatsStream:
         # Each attempt has its own reply subject: a slow first node that wakes up after
         # the retry went elsewhere can never interleave its tokens into the new stream.
         key = f"{request.request_id}_{request.attempt}"
         stream = _NatsStream(self, node_id, request.request_id, key, self._liveness_timeout)
         self._streams[key] = stream
         await self._nc.publish(
-            subjects.node_generate(node_id),
+            subjects.node_generate(node_id) if role == "decode" else subjects.prefill_run(node_id),
             _encode(request),
             reply=subjects.router_stream(self._router_id, key),
             headers=dict(headers) if headers else None,

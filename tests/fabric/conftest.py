@@ -55,10 +55,32 @@ class Fabric:
         return self.process.returncode
 
 
+def _free_port_run(n: int) -> int:
+    """The first of `n` consecutive free ports (`tierflow up` hands out metrics ports in a run)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no run of {n} free ports")
+
+
 def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0, env: dict[str, str] | None = None) -> Fabric:
     """`tierflow up` on free ports; returns once it printed its ready line."""
+    metrics_base = _free_port_run(12)
     ports = {name: free_port() for name in ("http", "grpc", "registry", "nats", "monitor")}
-    metrics_base = free_port()
     argv = [
         sys.executable, "-m", "tierflow", "up",
         "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),

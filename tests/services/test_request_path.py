@@ -85,7 +85,7 @@ async def test_metrics_count_the_requests_sent(path) -> None:
     client, contexts = path
 
     def router_count() -> float:
-        return contexts["router"].metrics.get_sample_value("tierflow_e2e_request_latency_seconds_count", {"model": "gpt-oss-20b", "version": "v1", "tenant": "default"}) or 0.0
+        return contexts["router"].metrics.get_sample_value("tierflow_e2e_request_latency_seconds_count", {"model": "gpt-oss-20b", "version": "v1", "tenant": "anonymous"}) or 0.0
 
     def node_count() -> float:
         return contexts["node"].metrics.get_sample_value("tierflow_node_requests_total", {"node": "inproc-0", "model": "gpt-oss-20b", "finish_reason": "length"}) or 0.0

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry
 from tierflow.contracts import messages, registry
 from tierflow.runtime.clock import VirtualClock
 from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure
+from tierflow.placement import LeastLoaded, SessionTable
+from tierflow.services.router.config import load_router_config
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.services.router.state import ModelTable, NodeTable
@@ -47,7 +49,7 @@ class ScriptedTransport:
         self.behaviour = behaviour
         self.opened: list[tuple[str, messages.GenerateRequest, ScriptedStream]] = []
 
-    async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None) -> ScriptedStream:
+    async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None, *, role: str = "decode") -> ScriptedStream:
         stream = ScriptedStream(node_id, self.behaviour[node_id](request))
         self.opened.append((node_id, request, stream))
         return stream
@@ -84,7 +86,11 @@ def _setup(behaviour: dict[str, Callable[[messages.GenerateRequest], Script]]) -
     models.put_model(registry.ModelRecord(name="m", versions=[registry.ModelVersionRecord(version="v1")], default_version="v1"))
     models.put_deployment(registry.DeploymentRecord(name="d", bundle="b", models=[registry.BundleEntry(model="m", version="v1", config="ss1024-bs4")]))
     transport = ScriptedTransport(behaviour)
-    return Dispatcher(nodes, models, transport, clock, RouterMetrics(CollectorRegistry()), seed=0), transport, nodes
+    dispatcher = Dispatcher(
+        nodes, models, transport, clock, RouterMetrics(CollectorRegistry()),
+        policy=LeastLoaded(), tenants=load_router_config("").tenants, sessions=SessionTable(100), seed=0,
+    )
+    return dispatcher, transport, nodes
 
 
 async def _run(dispatcher: Dispatcher, **kw: object) -> tuple[list[messages.Tokens | messages.Finished], RequestRecord]:

@@ -1,0 +1,57 @@
+"""The router's configuration file: tenants and placement, validated as a whole at start.
+
+A router that cannot understand its configuration refuses to start, with the problem
+named; it never serves with a half-read tenant list (that would open or close the wrong
+doors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from tierflow.placement import PlacementConfig, PlacementPolicy, TenantDirectory, TenantPolicy, Tenant
+
+__all__ = ["RouterConfig", "load_router_config"]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    tenants: TenantDirectory
+    policy: PlacementPolicy
+
+
+class _OpenDirectory(TenantDirectory):
+    """No tenants configured: everyone, with any key or none, is the open tenant
+    "anonymous" (so OpenAI clients that insist on an api_key work unchanged)."""
+
+    def authenticate(self, api_key: str | None) -> Tenant | None:
+        return self.anonymous
+
+
+def _open_directory() -> TenantDirectory:
+    anonymous = Tenant.from_policy(TenantPolicy(name="anonymous"))
+    return _OpenDirectory([anonymous], anonymous="anonymous")
+
+
+def load_router_config(path: str, *, policy_override: str = "") -> RouterConfig:
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = msgspec.yaml.decode(Path(path).read_bytes(), type=dict[str, Any]) or {}
+        except OSError as exc:
+            raise ValueError(f"cannot read router config {path}: {exc.strerror}") from None
+        except msgspec.MsgspecError as exc:
+            raise ValueError(f"router config {path}: {exc}") from None
+    unknown = set(raw) - {"tenants", "anonymous_tenant", "placement"}
+    if unknown:
+        raise ValueError(f"router config {path}: unknown section(s) {', '.join(sorted(unknown))}; expected tenants, anonymous_tenant, placement")
+    tenant_section = {k: raw[k] for k in ("tenants", "anonymous_tenant") if k in raw}
+    tenants = TenantDirectory.from_config(tenant_section) if tenant_section.get("tenants") else _open_directory()
+    placement = dict(raw.get("placement") or {})
+    if policy_override:
+        placement["policy"] = policy_override
+    return RouterConfig(tenants=tenants, policy=PlacementConfig.from_config(placement).build())
