@@ -9,6 +9,7 @@ tuned one at a time; a weight of 0 turns its term off. Lower cost ranks first.
          + occupancy* running / batch size * full_batch_seconds
          + kv       * kv_usage * full_kv_seconds
          + workload * mismatch * workload_mismatch_seconds
+         + contention * contention_seconds  (other models of the bundle have work on the node)
          - prefix   * leading cached prompt blocks * prefix_block_seconds
          - affinity * affinity_seconds              (the node this session used last)
 
@@ -66,8 +67,15 @@ class PlacementWeights(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     full_batch_seconds: Seconds = 0.2  # a full batch decodes slower than an empty one
     full_kv_seconds: Seconds = 0.5  # at 100 % KV usage a request may wait for blocks to free
     prefix_block_seconds: Seconds = 0.005  # prefill saved per cached prompt block
-    affinity_seconds: Seconds = 0.5  # warm state a heartbeat does not show (KV beyond the recent list)
+    # Warm state a heartbeat does not show (KV beyond the recent list). Kept small: the
+    # prefix term already rewards a session's cached history, and a large bonus pins a
+    # session to a node that must switch models for every step of a multi-model flow.
+    affinity_seconds: Seconds = 0.1
     workload_mismatch_seconds: Seconds = 2.0  # interactive on high-throughput or batch on high-interactivity
+    # A node runs one model's batch at a time: a request for a model while another model
+    # of the bundle has work there waits for that model's turn and, when HBM is short,
+    # for the weights to be switched back and forth. About one switch of a large model.
+    contention_seconds: Seconds = 0.3
     # -- weights
     tier: Weight = 1.0
     queue: Weight = 1.0
@@ -76,6 +84,7 @@ class PlacementWeights(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     prefix: Weight = 1.0
     affinity: Weight = 1.0
     workload: Weight = 1.0
+    contention: Weight = 1.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> PlacementWeights:
@@ -139,6 +148,7 @@ class HotnessAware:
             w.kv * w.full_kv_seconds,
             w.prefix * w.prefix_block_seconds,
             w.affinity * w.affinity_seconds,
+            w.contention * w.contention_seconds,
         )
         self._turn = 0
 
@@ -150,7 +160,7 @@ class HotnessAware:
         n = len(candidates)
         if not n:
             raise diagnose(nodes, request, now)
-        kq, ko, kk, kp, ka = self._k
+        kq, ko, kk, kp, ka, kc = self._k
         tier_cost, unknown, switch_cost = self._tier_cost, self._unknown_tier, self._switch_cost
         tier_w = self.weights.tier
         wl_cost = self._workload_cost.get(request.workload) if request.workload else None
@@ -166,6 +176,8 @@ class HotnessAware:
             else:
                 cost = tier_w * switch_cost(node, slot)
             cost += kq * node.backlog + ko * node.occupancy + kk * node.kv_usage
+            if node.running + node.queue_depth > slot.in_flight + slot.queued:
+                cost += kc  # another model of the bundle has work here
             if wl_cost is not None:
                 cost += wl_cost.get(node.workload, 0.0)
             blocks = 0

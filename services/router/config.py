@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from tierflow.placement import PlacementConfig, PlacementPolicy, TenantDirectory, TenantPolicy, Tenant
+from tierflow.placement import PlacementConfig, PlacementPolicy, SwitchCost, Tenant, TenantDirectory, TenantPolicy
 
 __all__ = ["RouterConfig", "load_router_config"]
 
@@ -37,7 +37,7 @@ def _open_directory() -> TenantDirectory:
     return _OpenDirectory([anonymous], anonymous="anonymous")
 
 
-def load_router_config(path: str, *, policy_override: str = "") -> RouterConfig:
+def load_router_config(path: str, *, policy_override: str = "", switch_cost: SwitchCost | None = None) -> RouterConfig:
     raw: dict[str, Any] = {}
     if path:
         try:
@@ -54,4 +54,4 @@ def load_router_config(path: str, *, policy_override: str = "") -> RouterConfig:
     placement = dict(raw.get("placement") or {})
     if policy_override:
         placement["policy"] = policy_override
-    return RouterConfig(tenants=tenants, policy=PlacementConfig.from_config(placement).build())
+    return RouterConfig(tenants=tenants, policy=PlacementConfig.from_config(placement).build(switch_cost=switch_cost))

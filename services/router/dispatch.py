@@ -233,10 +233,15 @@ class Dispatcher:
             span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
             span.set_attribute("tierflow.node", record.node)
             span.set_attribute("tierflow.tier", record.tier)
+
+    def _settle(self, params: GenerateParams, record: RequestRecord) -> None:
+        """Book-keeping once the node says it finished, before the caller sees `Finished`
+        (a front door stops iterating at `Finished`, so nothing after it would run)."""
+        tenant = params.tenant
         if tenant is not None and tenant.quota is not None:
             tenant.quota.charge(self._clock.monotonic(), record.prompt_tokens + record.completion_tokens)
-        if session:
-            record.session_nodes = self._sessions.touch(session, record.node)
+        if record.session:
+            record.session_nodes = self._sessions.touch(record.session, record.node)
 
     def _place(self, placement: PlacementRequest, route: ModelRoute, tried: set[str], last_failure: str) -> tuple[str, str, PlacementRequest]:
         """The next node to try, its placement reason, and the request (version may fall back)."""
@@ -271,7 +276,7 @@ class Dispatcher:
             record.nodes_tried.append(node_id)
             record.node, record.placement = node_id, reason
             self._metrics.routing.labels(params.model, reason).inc()
-            self._nodes.note_dispatch(node_id)
+            self._nodes.note_dispatch(node_id, params.model)
             request = messages.GenerateRequest(
                 request_id=params.request_id, model=params.model, version=record.version,
                 prompt_token_ids=params.prompt_token_ids, max_tokens=max_tokens,
@@ -373,6 +378,7 @@ class Dispatcher:
                     record.prefix_hit_tokens = max(record.prefix_hit_tokens, event.cached_tokens)
                     self._metrics.prompt_tokens.labels(*labels).inc(event.prompt_tokens)
                     self._metrics.completion_tokens.labels(*labels).inc(event.completion_tokens)
+                    self._settle(params, record)
                     yield event
                     return
                 elif type(event) is messages.Started:

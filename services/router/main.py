@@ -37,10 +37,11 @@ log = logging.getLogger(__name__)
 async def main(ctx: ServiceContext, settings: Settings) -> None:
     router_id = subjects.check_token(settings.router_id or f"r{uuid.uuid4().hex[:12]}", "router id")
     nc = await connect_nats(settings.nats_url, f"tierflow-router-{router_id}", stopping=ctx.stopping)
-    config = load_router_config(settings.config, policy_override=settings.placement_policy)  # refuse to start on a bad file
     clock = WallClock()
     nodes = NodeTable()
     models = ModelTable()
+    # A bad configuration file stops the router here, with the problem named.
+    config = load_router_config(settings.config, policy_override=settings.placement_policy, switch_cost=models.switch_cost)
     metrics = RouterMetrics(ctx.metrics)
 
     async def on_heartbeat(msg: object) -> None:

@@ -11,7 +11,8 @@ import random
 from dataclasses import dataclass, replace
 
 from tierflow.contracts import messages, registry
-from tierflow.placement import FleetIndex, NodeView
+from tierflow.placement import FleetIndex, ModelSlot, NodeView
+from tierflow.rdu import cold_load_time, load_catalog, load_profiles, model_from_dict, switch_time
 from tierflow.rdu.deployment import DeploymentConfig
 
 __all__ = ["NodeTable", "ModelTable", "ModelRoute"]
@@ -65,11 +66,21 @@ class NodeTable:
         """A node failed a request: keep new work off it until it proves alive again."""
         self._replace(node_id, suspect_until=now + self._suspect_seconds)
 
-    def note_dispatch(self, node_id: str) -> None:
-        """Count a request against a node until its next heartbeat reports real load."""
+    def note_dispatch(self, node_id: str, model: str) -> None:
+        """What a dispatch will do to a node, until its next heartbeat says what it did:
+        one more request queued, and the model brought into HBM. Without this, every
+        decision within a heartbeat interval sees the same stale node and herds."""
         node = self._decode.get(node_id) or self._prefill.get(node_id)
-        if node is not None:
+        if node is None:
+            return
+        slot = node.slots.get(model)
+        if slot is None:
             self._replace(node_id, queue_depth=node.queue_depth + 1)
+            return
+        hot = replace(slot, tier="hbm", queued=slot.queued + 1)
+        slots = {**node.slots, model: hot}
+        versions = {key: (replace(s, tier="hbm", queued=s.queued + 1) if key[0] == model else s) for key, s in node.versions.items()}
+        self._replace(node_id, queue_depth=node.queue_depth + 1, slots=slots, versions=versions)
 
     def live(self, now: float) -> list[NodeView]:
         return [n for n in self._decode.values() if n.is_live(now)]
@@ -106,12 +117,23 @@ class ModelRoute:
 
 
 class ModelTable:
-    """Models that are registered *and* deployed; only those are served and listed."""
+    """Models that are registered *and* deployed; only those are served and listed.
+
+    It also knows what bringing a model into HBM costs on each deployment's hardware
+    (the emulator's own timing model over the model's shape and the profile's links), which
+    hotness-aware placement uses instead of one guess for every model (`switch_cost`).
+    """
+
+    # Used when a model's shape or a deployment's profile is unknown here.
+    FALLBACK_SECONDS = {"hbm": 0.0, "sram": 0.0, "ddr": 0.2, "loading": 0.5, "cold": 6.0}
 
     def __init__(self) -> None:
         self._models: dict[str, registry.ModelRecord] = {}
         self._deployments: dict[str, registry.DeploymentRecord] = {}
         self.routes: dict[str, ModelRoute] = {}
+        self._tier_seconds: dict[tuple[str, str], dict[str, float]] = {}
+        self._catalog = load_catalog(None)
+        self._profiles = load_profiles(None)
 
     def put_model(self, record: registry.ModelRecord) -> None:
         self._models[record.name] = record
@@ -132,6 +154,29 @@ class ModelTable:
     def deployment(self, name: str) -> registry.DeploymentRecord | None:
         return self._deployments.get(name)
 
+    def switch_cost(self, node: NodeView, slot: ModelSlot) -> float:
+        """Seconds until `slot`'s model can run on `node` (placement's `SwitchCost`)."""
+        seconds = self._tier_seconds.get((node.deployment, slot.name), self.FALLBACK_SECONDS)
+        return seconds.get(slot.tier, self.FALLBACK_SECONDS["cold"])
+
+    def _costs(self, dep: registry.DeploymentRecord) -> None:
+        profile = self._profiles.get(dep.profile)
+        for entry in dep.models:
+            model = self._models.get(entry.model)
+            version = next((v for v in model.versions if v.version == entry.version), None) if model else None
+            spec = None
+            if version is not None:
+                try:
+                    spec = model_from_dict(version.spec, name=entry.model) if version.spec else self._catalog.get(version.catalog or entry.model)
+                except ValueError:
+                    spec = None
+            if profile is None or spec is None:
+                continue
+            switch = switch_time(spec, profile)
+            self._tier_seconds[(dep.name, entry.model)] = {
+                "hbm": 0.0, "sram": 0.0, "ddr": switch, "loading": switch, "cold": cold_load_time(spec, profile),
+            }
+
     def workload(self, deployment: str) -> str:
         dep = self._deployments.get(deployment)
         return dep.workload if dep is not None else "bundle"
@@ -148,6 +193,9 @@ class ModelTable:
             weights = tuple((v, w) for v, w in sorted(m.traffic.items()) if w > 0) or ((m.default_version, 1.0),)
             routes[name] = ModelRoute(name=name, default_version=m.default_version, weights=weights, max_context=context[name], created_at=m.created_at)
         self.routes = routes
+        self._tier_seconds = {}
+        for dep in self._deployments.values():
+            self._costs(dep)
 
 
 def _seq_len(config: str) -> int:

@@ -87,7 +87,7 @@ def test_workload_class_prefers_its_deployments(workload: str, expected: list[st
 def test_weights_change_the_ranking() -> None:
     busy_hot, idle_ddr = _node("busy-hot", queue=8), _node("idle-ddr", tier="ddr")
     assert _order([busy_hot, idle_ddr]) == ["idle-ddr", "busy-hot"]
-    no_queue = HotnessAware(PlacementWeights(queue=0.0))
+    no_queue = HotnessAware(PlacementWeights(queue=0.0, contention=0.0))
     assert _order([busy_hot, idle_ddr], policy=no_queue) == ["busy-hot", "idle-ddr"]
 
     long_prompt = block_hashes(list(range(64 * 60)), 64)
@@ -110,8 +110,16 @@ def test_a_switch_cost_estimate_replaces_the_tier_table() -> None:
 def test_cost_is_in_seconds() -> None:
     w = PlacementWeights()
     placement = HotnessAware(w).rank([_node("a", tier="ddr", queue=4, running=2, kv=0.5)], PlacementRequest(model="m"), 0.0)
-    expected = w.ddr_seconds + 1.0 * w.batch_turn_seconds + 0.5 * w.full_batch_seconds + 0.5 * w.full_kv_seconds
+    # the node's queue is not this model's (its slot has none): another model has work there
+    expected = w.ddr_seconds + 1.0 * w.batch_turn_seconds + 0.5 * w.full_batch_seconds + 0.5 * w.full_kv_seconds + w.contention_seconds
     assert placement.best.score == pytest.approx(expected)
+
+
+def test_a_node_busy_with_another_model_costs_a_turn() -> None:
+    busy_other = _node("busy-other", running=2)  # two requests running, none of them for "m"
+    idle = _node("idle", tier="ddr")
+    assert _order([busy_other, idle]) == ["idle", "busy-other"]
+    assert _order([busy_other, idle], policy=HotnessAware(PlacementWeights(contention=0.0, occupancy=0.0))) == ["busy-other", "idle"]
 
 
 def test_limit_returns_the_best_few_of_the_same_order() -> None:
