@@ -1,25 +1,29 @@
-"""The fleet file: models, bundles and deployments declared in YAML and kept in git.
+"""Fleet files: read, check, and say what is wrong with them, all at once and by path.
 
-Parsing is strict (unknown keys are typos, and a typo in a fleet file must not pass
-silently); every problem is reported with its path, all at once, so a person fixes the
-file in one go. Cross-references (a bundle naming an unknown model, ...) are checked
-after the shapes.
+A fleet file is checked in two passes, both pure. First its shape: every item of every
+section is decoded on its own, so each malformed item is reported (msgspec stops at the
+first error of a document, which would make a person fix a file one typo per run).
+Then, when the shapes are right, every rule of `rules.check_state` over the records the
+file turns into on its own, each problem pointing at the file (`$.deployments[1].mode`).
+The registry checks the file once more against what it already holds (see
+`service.RegistryService.apply`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Any
 
 import msgspec
-from msgspec import Meta, Struct
 
-from tierflow.contracts.registry import BundleEntry, DeploymentRecord, ModelRecord, ModelVersionRecord
+from tierflow.services.model_registry.desired import to_records
+from tierflow.services.model_registry.rules import Locator, Problem, RegistryLocator, RuleContext, check_state, format_problems
+from tierflow.services.model_registry.schema import SECTIONS, Fleet
 
-__all__ = ["Fleet", "FleetError", "load_fleet", "parse_fleet", "to_records"]
+__all__ = ["Fleet", "FleetError", "FleetLocator", "load_fleet", "parse_fleet", "decode_fleet", "check_fleet", "read_fleet_file", "to_records"]
 
-Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$")]
-KeyName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
 class FleetError(ValueError):
@@ -30,141 +34,90 @@ class FleetError(ValueError):
         self.problems = problems
 
 
-class VersionSpec(Struct, forbid_unknown_fields=True):
-    version: Annotated[str, Meta(min_length=1, max_length=64)]
-    catalog: str = ""
-    checkpoint: str = ""
+class FleetLocator:
+    """Paths into the fleet file for records it declares; registry paths for the rest."""
+
+    def __init__(self, fleet: Fleet, fallback: Locator | None = None) -> None:
+        self._fallback = fallback or RegistryLocator()
+        self._index: dict[tuple[str, str], int] = {}
+        self._versions: dict[tuple[str, str], int] = {}
+        for section, items in (("model", fleet.models), ("bundle", fleet.bundles), ("deployment", fleet.deployments)):
+            for i, item in enumerate(items):
+                self._index.setdefault((section, item.name), i)
+        for m in fleet.models:
+            for k, v in enumerate(m.versions):
+                self._versions.setdefault((m.name, v.version), k)
+
+    def path(self, problem: Problem) -> str:
+        i = self._index.get((problem.kind, problem.name))
+        if i is None:
+            return self._fallback.path(problem)
+        base = f"$.{problem.kind}s[{i}]"
+        if problem.version is not None:
+            k = self._versions.get((problem.name, problem.version))
+            base += f".versions[{k}]" if k is not None else f".versions[{problem.version}]"
+        return base + problem.field
 
 
-class ModelSpec(Struct, forbid_unknown_fields=True):
-    name: Name
-    versions: Annotated[list[VersionSpec], Meta(min_length=1)]
-    default_version: str | None = None
-    traffic: dict[str, Annotated[float, Meta(ge=0.0)]] = {}
-    description: str = ""
+def _shape_problem(prefix: str, exc: msgspec.ValidationError) -> str:
+    m = _AT.match(str(exc))
+    assert m is not None  # the pattern matches any string
+    return f"{prefix}{m['path'] or ''}: {m['msg']}"
 
 
-class BundleModelSpec(Struct, forbid_unknown_fields=True):
-    model: Name
-    version: str | None = None
-    config: str = "ss8192-bs4"
-
-
-class BundleSpec(Struct, forbid_unknown_fields=True):
-    name: KeyName
-    models: Annotated[list[BundleModelSpec], Meta(min_length=1)]
-
-
-class DeploymentSpec(Struct, forbid_unknown_fields=True):
-    name: KeyName
-    bundle: KeyName
-    replicas: Annotated[int, Meta(ge=0)] = 1
-    min_replicas: Annotated[int, Meta(ge=0)] | None = None
-    max_replicas: Annotated[int, Meta(ge=0)] | None = None
-    region: str = "local"
-    residency: str = ""
-    profile: str = "sn40l-16"
-    mode: Literal["aggregated", "disaggregated"] = "aggregated"
-    prefill_replicas: Annotated[int, Meta(ge=0)] = 0
-
-
-class Fleet(Struct, forbid_unknown_fields=True):
-    models: list[ModelSpec] = []
-    bundles: list[BundleSpec] = []
-    deployments: list[DeploymentSpec] = []
-
-
-def parse_fleet(text: str | bytes, *, source: str = "fleet file") -> Fleet:
+def decode_fleet(text: str | bytes, *, source: str = "fleet file") -> Fleet:
+    """The file's structs; FleetError lists every malformed item (and duplicate name)."""
     try:
-        fleet = msgspec.yaml.decode(text, type=Fleet)
-    except msgspec.ValidationError as exc:
-        raise FleetError([f"{source}: {exc}"]) from None
+        doc: Any = msgspec.yaml.decode(text)
     except msgspec.DecodeError as exc:
         raise FleetError([f"{source}: not valid YAML: {exc}"]) from None
-    problems = _check_references(fleet)
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise FleetError([f"$: {source} must be a mapping with models, bundles and deployments, got {type(doc).__name__}"])
+    problems = [f"$.{key}: unknown section (expected one of: {', '.join(SECTIONS)})" for key in doc if key not in SECTIONS]
+    sections: dict[str, list[Any]] = {}
+    for section, item_type in SECTIONS.items():
+        items = doc.get(section) or []
+        if not isinstance(items, list):
+            problems.append(f"$.{section}: expected a list, got {type(items).__name__}")
+            continue
+        decoded = []
+        for i, item in enumerate(items):
+            try:
+                decoded.append(msgspec.convert(item, item_type))
+            except msgspec.ValidationError as exc:
+                problems.append(_shape_problem(f"$.{section}[{i}]", exc))
+        names = [d.name for d in decoded]
+        problems += [f"$.{section}: the name {n!r} is declared twice" for n in sorted({n for n in names if names.count(n) > 1})]
+        sections[section] = decoded
+    if problems:
+        raise FleetError(problems)
+    return Fleet(**sections)
+
+
+def check_fleet(fleet: Fleet, ctx: RuleContext | None = None) -> list[str]:
+    """Every rule broken by the file on its own, by path into the file."""
+    problems: list[Problem] = check_state(to_records(fleet), ctx or RuleContext.builtin())
+    return format_problems(problems, FleetLocator(fleet))
+
+
+def parse_fleet(text: str | bytes, *, source: str = "fleet file", ctx: RuleContext | None = None) -> Fleet:
+    """A fleet that is well formed and consistent on its own, else FleetError with every problem."""
+    fleet = decode_fleet(text, source=source)
+    problems = check_fleet(fleet, ctx)
     if problems:
         raise FleetError(problems)
     return fleet
 
 
-def load_fleet(path: str | Path) -> Fleet:
+def read_fleet_file(path: str | Path) -> bytes:
     p = Path(path)
     try:
-        text = p.read_bytes()
+        return p.read_bytes()
     except OSError as exc:
         raise FleetError([f"{p}: cannot read: {exc.strerror}"]) from None
-    return parse_fleet(text, source=str(p))
 
 
-def _duplicates(names: list[str]) -> set[str]:
-    seen: set[str] = set()
-    return {n for n in names if n in seen or seen.add(n)}  # type: ignore[func-returns-value]
-
-
-def _check_references(fleet: Fleet) -> list[str]:
-    problems: list[str] = []
-    for kind, items in (("models", fleet.models), ("bundles", fleet.bundles), ("deployments", fleet.deployments)):
-        for dup in sorted(_duplicates([i.name for i in items])):
-            problems.append(f"$.{kind}: the name {dup!r} is declared twice")
-    versions = {m.name: {v.version for v in m.versions} for m in fleet.models}
-    for i, model in enumerate(fleet.models):
-        known = versions[model.name]
-        if model.default_version is not None and model.default_version not in known:
-            problems.append(f"$.models[{i}].default_version: {model.default_version!r} is not one of {sorted(known)}")
-        for version in model.traffic:
-            if version not in known:
-                problems.append(f"$.models[{i}].traffic: version {version!r} is not one of {sorted(known)}")
-        if model.traffic and sum(model.traffic.values()) <= 0:
-            problems.append(f"$.models[{i}].traffic: weights must not all be zero")
-    bundles = {b.name for b in fleet.bundles}
-    for i, bundle in enumerate(fleet.bundles):
-        for j, entry in enumerate(bundle.models):
-            path = f"$.bundles[{i}].models[{j}]"
-            if entry.model not in versions:
-                problems.append(f"{path}.model: {entry.model!r} is not declared under models")
-            elif entry.version is not None and entry.version not in versions[entry.model]:
-                problems.append(f"{path}.version: {entry.version!r} is not a version of {entry.model!r}")
-    for i, dep in enumerate(fleet.deployments):
-        path = f"$.deployments[{i}]"
-        if dep.bundle not in bundles:
-            problems.append(f"{path}.bundle: {dep.bundle!r} is not declared under bundles")
-        lo = dep.min_replicas if dep.min_replicas is not None else min(dep.replicas, 1)
-        hi = dep.max_replicas if dep.max_replicas is not None else max(dep.replicas, 1)
-        if not lo <= dep.replicas <= hi:
-            problems.append(f"{path}.replicas: {dep.replicas} is outside min_replicas..max_replicas ({lo}..{hi})")
-    return problems
-
-
-def to_records(fleet: Fleet) -> tuple[list[ModelRecord], list[DeploymentRecord]]:
-    """The KV records a (validated) fleet turns into."""
-    models = [
-        ModelRecord(
-            name=m.name,
-            versions=[ModelVersionRecord(version=v.version, catalog=v.catalog or m.name, checkpoint=v.checkpoint) for v in m.versions],
-            default_version=m.default_version or m.versions[-1].version,
-            traffic=dict(m.traffic),
-            description=m.description,
-        )
-        for m in fleet.models
-    ]
-    defaults = {m.name: m.default_version for m in models}
-    bundles = {b.name: b for b in fleet.bundles}
-    deployments = []
-    for d in fleet.deployments:
-        bundle = bundles[d.bundle]
-        deployments.append(
-            DeploymentRecord(
-                name=d.name,
-                bundle=d.bundle,
-                models=[BundleEntry(model=e.model, version=e.version or defaults[e.model], config=e.config) for e in bundle.models],
-                replicas=d.replicas,
-                min_replicas=d.min_replicas if d.min_replicas is not None else min(d.replicas, 1),
-                max_replicas=d.max_replicas if d.max_replicas is not None else max(d.replicas, 1),
-                region=d.region,
-                residency=d.residency,
-                profile=d.profile,
-                mode=d.mode,
-                prefill_replicas=d.prefill_replicas,
-            )
-        )
-    return models, deployments
+def load_fleet(path: str | Path, *, ctx: RuleContext | None = None) -> Fleet:
+    return parse_fleet(read_fleet_file(path), source=str(path), ctx=ctx)

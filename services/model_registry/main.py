@@ -1,51 +1,84 @@
-"""The model-registry service: owns models, versions, bundles and deployments.
+"""The model-registry service: owns models, versions, bundles, deployments and traffic.
 
-On start it applies the fleet file it was given (idempotent: unchanged records are not
-rewritten), then serves the gRPC admin API. State lives in JetStream KV, never here,
-so the process can be killed and restarted at will.
+`bootstrap` wires the pieces (KV store, event publisher, clock, metrics) into a
+`RegistryService`; `main` applies the fleet file it was given (idempotent: unchanged
+records are not rewritten, so a restart announces nothing), then serves the gRPC admin
+API. State lives in JetStream KV, never here: the process can be killed and restarted
+at will.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import msgspec
+from nats.aio.client import Client as NATS
 
 from tierflow.contracts import registry, subjects
+from tierflow.rdu import load_catalog, load_profiles
 from tierflow.runtime import discovery
+from tierflow.runtime.clock import Clock, WallClock
 from tierflow.runtime.kv import open_bucket
 from tierflow.runtime.service import ServiceContext, connect_nats
-from tierflow.services.model_registry.fleet import load_fleet, to_records
+from tierflow.services.model_registry.fleet import read_fleet_file
 from tierflow.services.model_registry.grpc_api import start_grpc
+from tierflow.services.model_registry.metrics import RegistryMetrics
+from tierflow.services.model_registry.plan import summary
+from tierflow.services.model_registry.rules import RuleContext
+from tierflow.services.model_registry.service import RegistryService
 from tierflow.services.model_registry.settings import Settings
-from tierflow.services.model_registry.store import Change, RegistryStore
+from tierflow.services.model_registry.store import RegistryStore
 
-__all__ = ["Settings", "main"]
+__all__ = ["Settings", "main", "bootstrap", "rule_context"]
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
 
 
+async def bootstrap(
+    nc: NATS, metrics: RegistryMetrics, *, clock: Clock | None = None, rules: RuleContext | None = None, attempts: int = 10
+) -> RegistryService:
+    """The registry over `nc`'s JetStream: bucket made if missing, events on REGISTRY_EVENTS."""
+    store = RegistryStore(await open_bucket(nc.jetstream(), subjects.REGISTRY_BUCKET, create=True))
 
-async def apply_records(store: RegistryStore, nc: object, models: list[registry.ModelRecord], deployments: list[registry.DeploymentRecord]) -> list[Change]:
-    changes = [await store.put_model(m) for m in models] + [await store.put_deployment(d) for d in deployments]
-    for change in changes:
-        if change.op != "unchanged":
-            event = registry.RegistryEvent(kind=change.kind, name=change.name, op="put", revision=change.revision)
-            await nc.publish(subjects.REGISTRY_EVENTS, _encode(event))  # type: ignore[attr-defined]
-    return changes
+    async def publish(event: registry.RegistryEvent) -> None:
+        # Flushed, so the event is on the server before the admin call that made it returns.
+        await nc.publish(subjects.REGISTRY_EVENTS, _encode(event))
+        await nc.flush(timeout=2)
+
+    return RegistryService(store, publish, clock or WallClock(), metrics, rules=rules, attempts=attempts)
+
+
+def rule_context(profiles_file: str) -> RuleContext:
+    """What fleets are checked against: the emulator's catalog, and the built-in hardware
+    profiles plus those of `profiles_file` (YAML: name -> HardwareProfile fields)."""
+    extra = None
+    if profiles_file:
+        try:
+            extra = msgspec.yaml.decode(Path(profiles_file).read_bytes(), type=dict[str, dict[str, Any]])
+        except OSError as exc:
+            raise ValueError(f"cannot read hardware profiles file {profiles_file}: {exc.strerror}") from None
+        except msgspec.MsgspecError as exc:
+            raise ValueError(f"hardware profiles file {profiles_file}: {exc}") from None
+    return RuleContext(catalog=load_catalog(None), profiles=frozenset(load_profiles(extra)))
 
 
 async def main(ctx: ServiceContext, settings: Settings) -> None:
     nc = await connect_nats(settings.nats_url, "tierflow-model-registry", stopping=ctx.stopping)
-    js = nc.jetstream()
-    store = RegistryStore(await open_bucket(js, subjects.REGISTRY_BUCKET, create=True))
-    if settings.fleet:
-        fleet = load_fleet(settings.fleet)  # a bad file stops the service with every problem listed
-        changes = await apply_records(store, nc, *to_records(fleet))
-        summary = {op: sum(c.op == op for c in changes) for op in ("create", "update", "unchanged")}
-        log.info("applied fleet %s", settings.fleet, extra={"fields": summary})
-    server = await start_grpc(store, settings.grpc_host, settings.grpc_port)
+    clock = WallClock()
+    metrics = RegistryMetrics(ctx.metrics)
+    try:
+        service = await bootstrap(nc, metrics, clock=clock, rules=rule_context(settings.profiles), attempts=settings.write_attempts)
+        if settings.fleet:
+            # A bad file stops the service with every problem listed.
+            changes = await service.apply(read_fleet_file(settings.fleet), source=settings.fleet)
+            log.info("applied fleet %s", settings.fleet, extra={"fields": {"fleet": settings.fleet, **summary(changes)}})
+    except BaseException:
+        await nc.close()
+        raise
+    server = await start_grpc(service, clock, metrics, settings.grpc_host, settings.grpc_port)
     micro = await discovery.register(nc, "model-registry", ctx.instance, grpc=f"{settings.grpc_host}:{settings.grpc_port}")
     log.info("model registry serving gRPC on %s:%d", settings.grpc_host, settings.grpc_port)
     await ctx.stopping.wait()

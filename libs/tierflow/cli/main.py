@@ -12,8 +12,10 @@ import typer
 
 from tierflow.cli.emulator import app as emulator_app
 from tierflow.cli.nodes import app as nodes_app
+from tierflow.cli.registry_cli import add_registry_commands
 from tierflow.cli.services import add_service_commands
 from tierflow.cli.status import status
+from tierflow.cli.top import top
 from tierflow.cli.up import up
 
 __all__ = ["app", "main"]
@@ -27,11 +29,13 @@ app = typer.Typer(
 )
 app.command("up", help="Run the whole fabric locally: NATS, the five services and emulated nodes.")(up)
 app.command("status", help="Show services, nodes and models of a running fabric.")(status)
+app.command("top", help="Live view of nodes, models, tiers, queues and rates.")(top)
 app.add_typer(nodes_app, name="nodes")
 app.add_typer(emulator_app, name="emulator", help="The RDU emulator: calibration against published figures.")
 
 
 add_service_commands(app)
+add_registry_commands(app)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atierflow/v1/registry.proto\x12\x0btierflow.v1\"D\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12\x12\n\ncheckpoint\x18\x03 \x01(\t\"0\n\rTrafficWeight\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\xaf\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.tierflow.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\x12+\n\x07traffic\x18\x04 \x03(\x0b\x32\x1a.tierflow.v1.TrafficWeight\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x03\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.tierflow.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x0b\x42undleModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x03 \x01(\t\"\xe6\x01\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.tierflow.v1.BundleModel\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x14\n\x0cmin_replicas\x18\x05 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x06 \x01(\r\x12\x0e\n\x06region\x18\x07 \x01(\t\x12\x11\n\tresidency\x18\x08 \x01(\t\x12\x0f\n\x07profile\x18\t \x01(\t\x12\x0c\n\x04mode\x18\n \x01(\t\x12\x10\n\x08revision\x18\x0b \x01(\x03\"\x18\n\x16ListDeploymentsRequest\"G\n\x17ListDeploymentsResponse\x12,\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x17.tierflow.v1.Deployment2\xfa\x01\n\rModelRegistry\x12M\n\nListModels\x12\x1e.tierflow.v1.ListModelsRequest\x1a\x1f.tierflow.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1c.tierflow.v1.GetModelRequest\x1a\x12.tierflow.v1.Model\x12\\\n\x0fListDeployments\x12#.tierflow.v1.ListDeploymentsRequest\x1a$.tierflow.v1.ListDeploymentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atierflow/v1/registry.proto\x12\x0btierflow.v1\"|\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12\x12\n\ncheckpoint\x18\x03 \x01(\t\x12\x0f\n\x07\x63onfigs\x18\x04 \x03(\t\x12\x11\n\tspec_json\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\"0\n\rTrafficWeight\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\xe9\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.tierflow.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\x12+\n\x07traffic\x18\x04 \x03(\x0b\x32\x1a.tierflow.v1.TrafficWeight\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12\x10\n\x08owned_by\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nupdated_at\x18\t \x01(\x01\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.tierflow.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x0b\x42undleModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x03 \x01(\t\"R\n\x06\x42undle\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06models\x18\x02 \x03(\x0b\x32\x18.tierflow.v1.BundleModel\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x14\n\x12ListBundlesRequest\";\n\x13ListBundlesResponse\x12$\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x13.tierflow.v1.Bundle\"\x92\x02\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.tierflow.v1.BundleModel\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x14\n\x0cmin_replicas\x18\x05 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x06 \x01(\r\x12\x0e\n\x06region\x18\x07 \x01(\t\x12\x11\n\tresidency\x18\x08 \x01(\t\x12\x0f\n\x07profile\x18\t \x01(\t\x12\x0c\n\x04mode\x18\n \x01(\t\x12\x10\n\x08revision\x18\x0b \x01(\x03\x12\x10\n\x08workload\x18\x0c \x01(\t\x12\x18\n\x10prefill_replicas\x18\r \x01(\r\"\x18\n\x16ListDeploymentsRequest\"G\n\x17ListDeploymentsResponse\x12,\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x17.tierflow.v1.Deployment\"R\n\x0c\x41pplyRequest\x12\x12\n\nfleet_yaml\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\r\n\x05prune\x18\x03 \x01(\x08\x12\x0e\n\x06source\x18\x04 \x01(\t\"@\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x10\n\x08old_json\x18\x02 \x01(\t\x12\x10\n\x08new_json\x18\x03 \x01(\t\"l\n\x06\x43hange\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12(\n\x06\x66ields\x18\x04 \x03(\x0b\x32\x18.tierflow.v1.FieldChange\x12\x10\n\x08revision\x18\x05 \x01(\x03\"X\n\rApplyResponse\x12$\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x13.tierflow.v1.Change\x12\x10\n\x08problems\x18\x02 \x03(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"[\n\x0eRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"K\n\x0ePromoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\";\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x03\"j\n\x11SetTrafficRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x07traffic\x18\x02 \x03(\x0b\x32\x1a.tierflow.v1.TrafficWeight\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\"n\n\x16\x41\x64\x64ModelVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.tierflow.v1.ModelVersion\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\x32\xd0\x05\n\rModelRegistry\x12M\n\nListModels\x12\x1e.tierflow.v1.ListModelsRequest\x1a\x1f.tierflow.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1c.tierflow.v1.GetModelRequest\x1a\x12.tierflow.v1.Model\x12\\\n\x0fListDeployments\x12#.tierflow.v1.ListDeploymentsRequest\x1a$.tierflow.v1.ListDeploymentsResponse\x12P\n\x0bListBundles\x12\x1f.tierflow.v1.ListBundlesRequest\x1a .tierflow.v1.ListBundlesResponse\x12>\n\x05\x41pply\x12\x19.tierflow.v1.ApplyRequest\x1a\x1a.tierflow.v1.ApplyResponse\x12:\n\x07Rollout\x12\x1b.tierflow.v1.RolloutRequest\x1a\x12.tierflow.v1.Model\x12:\n\x07Promote\x12\x1b.tierflow.v1.PromoteRequest\x1a\x12.tierflow.v1.Model\x12<\n\x08Rollback\x12\x1c.tierflow.v1.RollbackRequest\x1a\x12.tierflow.v1.Model\x12@\n\nSetTraffic\x12\x1e.tierflow.v1.SetTrafficRequest\x1a\x12.tierflow.v1.Model\x12J\n\x0f\x41\x64\x64ModelVersion\x12#.tierflow.v1.AddModelVersionRequest\x1a\x12.tierflow.v1.Modelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,49 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierflow.v1.registry_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELVERSION']._serialized_start=43
-  _globals['_MODELVERSION']._serialized_end=111
-  _globals['_TRAFFICWEIGHT']._serialized_start=113
-  _globals['_TRAFFICWEIGHT']._serialized_end=161
-  _globals['_MODEL']._serialized_start=164
-  _globals['_MODEL']._serialized_end=339
-  _globals['_LISTMODELSREQUEST']._serialized_start=341
-  _globals['_LISTMODELSREQUEST']._serialized_end=360
-  _globals['_LISTMODELSRESPONSE']._serialized_start=362
-  _globals['_LISTMODELSRESPONSE']._serialized_end=418
-  _globals['_GETMODELREQUEST']._serialized_start=420
-  _globals['_GETMODELREQUEST']._serialized_end=451
-  _globals['_BUNDLEMODEL']._serialized_start=453
-  _globals['_BUNDLEMODEL']._serialized_end=514
-  _globals['_DEPLOYMENT']._serialized_start=517
-  _globals['_DEPLOYMENT']._serialized_end=747
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=749
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=773
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=775
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=846
-  _globals['_MODELREGISTRY']._serialized_start=849
-  _globals['_MODELREGISTRY']._serialized_end=1099
+  _globals['_MODELVERSION']._serialized_end=167
+  _globals['_TRAFFICWEIGHT']._serialized_start=169
+  _globals['_TRAFFICWEIGHT']._serialized_end=217
+  _globals['_MODEL']._serialized_start=220
+  _globals['_MODEL']._serialized_end=453
+  _globals['_LISTMODELSREQUEST']._serialized_start=455
+  _globals['_LISTMODELSREQUEST']._serialized_end=474
+  _globals['_LISTMODELSRESPONSE']._serialized_start=476
+  _globals['_LISTMODELSRESPONSE']._serialized_end=532
+  _globals['_GETMODELREQUEST']._serialized_start=534
+  _globals['_GETMODELREQUEST']._serialized_end=565
+  _globals['_BUNDLEMODEL']._serialized_start=567
+  _globals['_BUNDLEMODEL']._serialized_end=628
+  _globals['_BUNDLE']._serialized_start=630
+  _globals['_BUNDLE']._serialized_end=712
+  _globals['_LISTBUNDLESREQUEST']._serialized_start=714
+  _globals['_LISTBUNDLESREQUEST']._serialized_end=734
+  _globals['_LISTBUNDLESRESPONSE']._serialized_start=736
+  _globals['_LISTBUNDLESRESPONSE']._serialized_end=795
+  _globals['_DEPLOYMENT']._serialized_start=798
+  _globals['_DEPLOYMENT']._serialized_end=1072
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1074
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1098
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1100
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1171
+  _globals['_APPLYREQUEST']._serialized_start=1173
+  _globals['_APPLYREQUEST']._serialized_end=1255
+  _globals['_FIELDCHANGE']._serialized_start=1257
+  _globals['_FIELDCHANGE']._serialized_end=1321
+  _globals['_CHANGE']._serialized_start=1323
+  _globals['_CHANGE']._serialized_end=1431
+  _globals['_APPLYRESPONSE']._serialized_start=1433
+  _globals['_APPLYRESPONSE']._serialized_end=1521
+  _globals['_ROLLOUTREQUEST']._serialized_start=1523
+  _globals['_ROLLOUTREQUEST']._serialized_end=1614
+  _globals['_PROMOTEREQUEST']._serialized_start=1616
+  _globals['_PROMOTEREQUEST']._serialized_end=1691
+  _globals['_ROLLBACKREQUEST']._serialized_start=1693
+  _globals['_ROLLBACKREQUEST']._serialized_end=1752
+  _globals['_SETTRAFFICREQUEST']._serialized_start=1754
+  _globals['_SETTRAFFICREQUEST']._serialized_end=1860
+  _globals['_ADDMODELVERSIONREQUEST']._serialized_start=1862
+  _globals['_ADDMODELVERSIONREQUEST']._serialized_end=1972
+  _globals['_MODELREGISTRY']._serialized_start=1975
+  _globals['_MODELREGISTRY']._serialized_end=2695
 # @@protoc_insertion_point(module_scope)

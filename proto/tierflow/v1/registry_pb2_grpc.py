@@ -49,6 +49,41 @@ class ModelRegistryStub:
                 request_serializer=tierflow_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
                 response_deserializer=tierflow_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
                 _registered_method=True)
+        self.ListBundles = channel.unary_unary(
+                '/tierflow.v1.ModelRegistry/ListBundles',
+                request_serializer=tierflow_dot_v1_dot_registry__pb2.ListBundlesRequest.SerializeToString,
+                response_deserializer=tierflow_dot_v1_dot_registry__pb2.ListBundlesResponse.FromString,
+                _registered_method=True)
+        self.Apply = channel.unary_unary(
+                '/tierflow.v1.ModelRegistry/Apply',
+                request_serializer=tierflow_dot_v1_dot_registry__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=tierflow_dot_v1_dot_registry__pb2.ApplyResponse.FromString,
+                _registered_method=True)
+        self.Rollout = channel.unary_unary(
+                '/tierflow.v1.ModelRegistry/Rollout',
+                request_serializer=tierflow_dot_v1_dot_registry__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=tierflow_dot_v1_dot_registry__pb2.Model.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/tierflow.v1.ModelRegistry/Promote',
+                request_serializer=tierflow_dot_v1_dot_registry__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=tierflow_dot_v1_dot_registry__pb2.Model.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/tierflow.v1.ModelRegistry/Rollback',
+                request_serializer=tierflow_dot_v1_dot_registry__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=tierflow_dot_v1_dot_registry__pb2.Model.FromString,
+                _registered_method=True)
+        self.SetTraffic = channel.unary_unary(
+                '/tierflow.v1.ModelRegistry/SetTraffic',
+                request_serializer=tierflow_dot_v1_dot_registry__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=tierflow_dot_v1_dot_registry__pb2.Model.FromString,
+                _registered_method=True)
+        self.AddModelVersion = channel.unary_unary(
+                '/tierflow.v1.ModelRegistry/AddModelVersion',
+                request_serializer=tierflow_dot_v1_dot_registry__pb2.AddModelVersionRequest.SerializeToString,
+                response_deserializer=tierflow_dot_v1_dot_registry__pb2.Model.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -72,6 +107,55 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBundles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Apply(self, request, context):
+        """Apply a fleet file. An invalid file is not an RPC error: the response lists every
+        problem by path and nothing of the file is written. Idempotent: the same file twice
+        changes nothing the second time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollout(self, request, context):
+        """Traffic: one KV write each, so routers watching the bucket follow within a second.
+        canary {default: 100-w, version: w}; w=100 cuts over
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """make a version the default; clears the split
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """clear the split: all traffic to the default
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTraffic(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddModelVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +173,41 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.ListDeployments,
                     request_deserializer=tierflow_dot_v1_dot_registry__pb2.ListDeploymentsRequest.FromString,
                     response_serializer=tierflow_dot_v1_dot_registry__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'ListBundles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBundles,
+                    request_deserializer=tierflow_dot_v1_dot_registry__pb2.ListBundlesRequest.FromString,
+                    response_serializer=tierflow_dot_v1_dot_registry__pb2.ListBundlesResponse.SerializeToString,
+            ),
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=tierflow_dot_v1_dot_registry__pb2.ApplyRequest.FromString,
+                    response_serializer=tierflow_dot_v1_dot_registry__pb2.ApplyResponse.SerializeToString,
+            ),
+            'Rollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollout,
+                    request_deserializer=tierflow_dot_v1_dot_registry__pb2.RolloutRequest.FromString,
+                    response_serializer=tierflow_dot_v1_dot_registry__pb2.Model.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=tierflow_dot_v1_dot_registry__pb2.PromoteRequest.FromString,
+                    response_serializer=tierflow_dot_v1_dot_registry__pb2.Model.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=tierflow_dot_v1_dot_registry__pb2.RollbackRequest.FromString,
+                    response_serializer=tierflow_dot_v1_dot_registry__pb2.Model.SerializeToString,
+            ),
+            'SetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraffic,
+                    request_deserializer=tierflow_dot_v1_dot_registry__pb2.SetTrafficRequest.FromString,
+                    response_serializer=tierflow_dot_v1_dot_registry__pb2.Model.SerializeToString,
+            ),
+            'AddModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddModelVersion,
+                    request_deserializer=tierflow_dot_v1_dot_registry__pb2.AddModelVersionRequest.FromString,
+                    response_serializer=tierflow_dot_v1_dot_registry__pb2.Model.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +291,195 @@ class ModelRegistry:
             '/tierflow.v1.ModelRegistry/ListDeployments',
             tierflow_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
             tierflow_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBundles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierflow.v1.ModelRegistry/ListBundles',
+            tierflow_dot_v1_dot_registry__pb2.ListBundlesRequest.SerializeToString,
+            tierflow_dot_v1_dot_registry__pb2.ListBundlesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierflow.v1.ModelRegistry/Apply',
+            tierflow_dot_v1_dot_registry__pb2.ApplyRequest.SerializeToString,
+            tierflow_dot_v1_dot_registry__pb2.ApplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierflow.v1.ModelRegistry/Rollout',
+            tierflow_dot_v1_dot_registry__pb2.RolloutRequest.SerializeToString,
+            tierflow_dot_v1_dot_registry__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierflow.v1.ModelRegistry/Promote',
+            tierflow_dot_v1_dot_registry__pb2.PromoteRequest.SerializeToString,
+            tierflow_dot_v1_dot_registry__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierflow.v1.ModelRegistry/Rollback',
+            tierflow_dot_v1_dot_registry__pb2.RollbackRequest.SerializeToString,
+            tierflow_dot_v1_dot_registry__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierflow.v1.ModelRegistry/SetTraffic',
+            tierflow_dot_v1_dot_registry__pb2.SetTrafficRequest.SerializeToString,
+            tierflow_dot_v1_dot_registry__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierflow.v1.ModelRegistry/AddModelVersion',
+            tierflow_dot_v1_dot_registry__pb2.AddModelVersionRequest.SerializeToString,
+            tierflow_dot_v1_dot_registry__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,
