@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 __all__ = ["open_bucket", "follow", "snapshot"]
@@ -32,22 +32,27 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False
         return await js.create_key_value(KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE))
 
 
-async def snapshot(kv: KeyValue, keys: str = ">") -> list[KeyValue.Entry]:
-    """The latest live entry of every key matching `keys` (a subject pattern), in one pass.
+async def snapshot(js: JetStreamContext, bucket: str, keys: str = ">") -> list[KeyValue.Entry]:
+    """The latest live entry of every key matching `keys` (a subject pattern), complete.
 
-    (nats-py's `keys(filters=...)` matches filters as substrings and then needs a `get`
-    per key; a watch over the pattern returns values and revisions at once.)
+    The key list comes from the server (the KV stream's per-subject state), then each key
+    is read: exact, unlike a watch, whose end-of-snapshot marker nats-py can deliver
+    before entries it has already received. (nats-py's `keys(filters=...)` matches
+    filters as substrings.) Costs one request per key: for registry-sized buckets.
     """
-    watcher = await kv.watch(keys, ignore_deletes=True)
-    entries = []
     try:
-        while True:
-            entry = await watcher.updates(timeout=5.0)
-            if entry is None:
-                return entries
-            entries.append(entry)
-    finally:
-        await watcher.stop()
+        info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{keys}")
+    except NotFoundError:
+        return []
+    kv = await js.key_value(bucket)
+    prefix = len(f"$KV.{bucket}.")
+    entries = []
+    for subject in sorted(info.state.subjects or {}):
+        try:
+            entries.append(await kv.get(subject[prefix:]))
+        except (KeyDeletedError, KeyNotFoundError):
+            continue  # a delete or purge marker is the latest message of that key
+    return entries
 
 
 OnPut = Callable[[str, bytes, int], Awaitable[None] | None]

@@ -66,9 +66,9 @@ async def collect_status(nats_url: str, *, listen: float = 1.2) -> FabricStatus:
         models: list[registry.ModelRecord] = []
         deployments: list[registry.DeploymentRecord] = []
         try:
-            kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
-            models = [registry.model_decoder.decode(e.value) for e in await snapshot(kv, subjects.MODEL_KEYS) if e.value]
-            deployments = [registry.deployment_decoder.decode(e.value) for e in await snapshot(kv, subjects.DEPLOYMENT_KEYS) if e.value]
+            js = nc.jetstream()
+            models = [registry.model_decoder.decode(e.value) for e in await snapshot(js, subjects.REGISTRY_BUCKET, subjects.MODEL_KEYS) if e.value]
+            deployments = [registry.deployment_decoder.decode(e.value) for e in await snapshot(js, subjects.REGISTRY_BUCKET, subjects.DEPLOYMENT_KEYS) if e.value]
         except Exception:  # no bucket / no keys yet: the registry has not applied a fleet
             pass
         services = await services_task
