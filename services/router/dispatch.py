@@ -18,6 +18,7 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
+import msgspec
 from opentelemetry.trace import Status, StatusCode
 
 from tierflow.contracts import messages
@@ -315,7 +316,7 @@ class Dispatcher:
             raise _Retry(none.reason) from None
         node_id = ranked.best.node_id
         record.prefill_node = node_id
-        stream = await self._transport.open(node_id, replace(request, max_tokens=0), inject_headers({}), role="prefill")
+        stream = await self._transport.open(node_id, msgspec.structs.replace(request, max_tokens=0), inject_headers({}), role="prefill")
         finished = False
         try:
             while True:
