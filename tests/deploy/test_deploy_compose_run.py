@@ -1,0 +1,194 @@
+"""Run the tierflow services of docker-compose.yml as local processes, and use them.
+
+No Docker engine here, so the containers' commands run as they are written, with only
+what a container would get from its surroundings translated: the NATS URL (one local
+nats-server instead of the cluster), listen hosts (loopback instead of 0.0.0.0),
+ports (free ones, since all containers would share this machine), and the paths of
+mounted volumes. Every flag stays. Then the stack must answer an OpenAI client, and
+every target in deploy/prometheus/prometheus.yml must serve /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from deploy_checks import DEPLOY, REPO, compose_argv, compose_tierflow_services, load_compose, option_value
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from tierflow.runtime.nats_server import NatsServerConfig, free_port, http_get, wait_until_ready
+
+pytestmark = pytest.mark.fabric
+
+PORT_FLAGS = ("--http-port", "--grpc-port", "--metrics-port")
+HOST_FLAGS = ("--http-host", "--grpc-host")
+# Container-only environment: there is no collector to send spans to here.
+DROP_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT",)
+
+
+@dataclass
+class LocalStack:
+    """The compose services as processes: container (host, port) -> local port, and logs."""
+
+    ports: dict[tuple[str, int], int] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def local(self, service: str, port: int) -> int:
+        return self.ports[(service, port)]
+
+    def tails(self) -> str:
+        out = []
+        for name, path in self.logs.items():
+            lines = path.read_text(errors="replace").splitlines()[-8:] if path.exists() else []
+            code = self.processes[name].poll()
+            out.append(f"--- {name} ({'running' if code is None else f'exited {code}'})\n" + "\n".join(lines))
+        return "\n".join(out)
+
+
+def translate(name: str, svc: dict[str, Any], nats_url: str, stack: LocalStack) -> list[str]:
+    """The container's argv with only host-specific values replaced (see module docstring)."""
+    argv = compose_argv(svc)
+    mounts = {m.split(":")[1]: DEPLOY / m.split(":")[0] for m in svc.get("volumes", []) if m.startswith("./")}
+    out = []
+    for i, arg in enumerate(argv):
+        flag = argv[i - 1] if i else ""
+        if flag == "--nats-url":
+            arg = nats_url
+        elif flag in HOST_FLAGS and arg == "0.0.0.0":
+            arg = "127.0.0.1"
+        elif flag in PORT_FLAGS and int(arg) > 0:
+            stack.ports[(name, int(arg))] = local = free_port()
+            arg = str(local)
+        elif arg in mounts:
+            arg = str(mounts[arg].resolve())
+        out.append(arg)
+    if argv[0] == "router" and int(option_value(argv, "--metrics-port") or 0) == 0:
+        http = int(option_value(argv, "--http-port") or 8000)
+        stack.ports[(name, http)] = int(option_value(out, "--http-port") or 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nats_for_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private JetStream server: the registry writes the example fleet into it."""
+    root = tmp_path_factory.mktemp("compose-nats")
+    config = NatsServerConfig(store_dir=root / "store", port=free_port(), monitor_port=free_port(), name="compose-run")
+    config.store_dir.mkdir(parents=True)
+    with open(root / "nats.log", "wb") as log:
+        server = subprocess.Popen(config.argv(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(wait_until_ready(config, 15))
+        yield config.url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(nats_for_stack: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    compose = load_compose()
+    logs = tmp_path_factory.mktemp("compose-logs")
+    stack = LocalStack()
+    env_base = {k: v for k, v in os.environ.items() if not k.startswith(("TIERFLOW_", "OTEL_"))}
+    try:
+        for name, svc in compose_tierflow_services(compose).items():
+            argv = [sys.executable, "-m", "tierflow", *translate(name, svc, nats_for_stack, stack)]
+            env = {**env_base, **{k: str(v) for k, v in (svc.get("environment") or {}).items() if k not in DROP_ENV}, "PYTHONUNBUFFERED": "1"}
+            stack.logs[name] = logs / f"{name}.log"
+            with open(stack.logs[name], "wb") as log:
+                stack.processes[name] = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        yield stack
+    finally:
+        for proc in stack.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in stack.processes.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    reply = asyncio.run(http_get("127.0.0.1", port, path, timeout=2.0))
+    return reply.status, reply.body
+
+
+def _wait_ready(stack: LocalStack, router_port: int, decode_nodes: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        dead = [n for n, p in stack.processes.items() if p.poll() is not None]
+        assert not dead, f"{dead} exited:\n{stack.tails()}"
+        try:
+            status, body = _get(router_port, "/health")
+            last = f"{status} {body[:200]!r}"
+            if status == 200 and json.loads(body).get("nodes", 0) >= decode_nodes:
+                return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    pytest.fail(f"the compose services never became ready (router /health: {last}):\n{stack.tails()}")
+
+
+def test_compose_commands_run_serve_and_expose_metrics(stack: LocalStack) -> None:
+    import openai
+
+    compose = load_compose()
+    services = compose_tierflow_services(compose)
+    router_http = int(option_value(compose_argv(services["router"]), "--http-port") or 8000)
+    router_port = stack.local("router", router_http)
+    decode = sum(compose_argv(s)[0] == "decode-node" for s in services.values())
+    _wait_ready(stack, router_port, decode)
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{router_port}/v1", api_key="compose", max_retries=0)
+    models = {m.id for m in client.models.list()}
+    assert {"llama-3.1-8b", "gpt-oss-20b"} <= models
+    for i in range(3):
+        r = client.chat.completions.create(model="llama-3.1-8b", messages=[{"role": "user", "content": f"compose {i}"}], max_tokens=4,
+                                           extra_body={"ignore_eos": True})  # fmt: skip
+        assert r.usage is not None and r.usage.completion_tokens == 4
+
+    # Every Prometheus target of the compose stack answers, and the counts add up
+    # (scraped until they do: a node counts a request as it sends the last event).
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    deadline = time.monotonic() + 5.0
+    while True:
+        served = _scrape_targets(config, stack)
+        e2e = sum(s.value for s in served["router"] if s.name == "tierflow_e2e_request_latency_seconds_count")
+        node_requests = sum(s.value for name in services for s in served[name] if s.name == "tierflow_node_requests_total")
+        if (e2e, node_requests) == (3, 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert set(served) == set(services), "every tierflow service is a Prometheus target"
+    assert (e2e, node_requests) == (3, 3)
+    for name in services:
+        assert any(s.name == "process_cpu_seconds_total" for s in served[name]), f"{name} serves no process metrics"
+
+
+def _scrape_targets(config: dict[str, Any], stack: LocalStack) -> dict[str, list[Sample]]:
+    """Samples of every tierflow target in prometheus.yml, by compose service name."""
+    served: dict[str, list[Sample]] = {}
+    for job in config["scrape_configs"]:
+        if not job["job_name"].startswith("tierflow-"):
+            continue
+        for target in (t for sc in job["static_configs"] for t in sc["targets"]):
+            host, port = target.rsplit(":", 1)
+            status, body = _get(stack.local(host, int(port)), job.get("metrics_path", "/metrics"))
+            assert status == 200, f"{job['job_name']} {target}: HTTP {status}"
+            served[host] = [s for f in text_string_to_metric_families(body.decode()) for s in f.samples]
+    return served

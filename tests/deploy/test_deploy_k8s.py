@@ -1,0 +1,264 @@
+"""The Kubernetes manifests: schema-valid, consistent with each other, and runnable commands.
+
+Schema: kubernetes-validate ships the Kubernetes OpenAPI schemas as JSON files inside
+its wheel, so it validates offline; strict mode also refuses unknown fields (a
+misspelt `readinessProbe` key would otherwise be dropped silently by the API server).
+When `kubectl` is installed, the kustomize build is rendered and validated as well.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from deploy_checks import DEPLOY, container_env, k8s_documents, option_value, pod_spec, tierflow_command_problems
+
+from tierflow.runtime.nats_server import find_nats_server_binary
+
+K8S_VERSION = "1.30"  # the oldest minor still in upstream support when these were written
+DOCS = k8s_documents()
+
+
+def _objects(kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for _, doc in DOCS if doc["kind"] == kind}
+
+
+def _tierflow_containers() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for _, doc in DOCS:
+        spec = pod_spec(doc)
+        for container in spec["containers"] if spec else []:
+            if container["image"].split(":")[0] == "tierflow":
+                out.append((doc["metadata"]["name"], container))
+    return out
+
+
+def _validate(doc: dict[str, Any]) -> str | None:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return f"{doc['kind']}/{doc['metadata']['name']}: at {'.'.join(map(str, exc.path))}: {exc.message}"
+    return None
+
+
+def test_every_manifest_matches_the_kubernetes_schema() -> None:
+    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (bundles the Kubernetes schemas)")
+    assert len(DOCS) >= 20
+    problems = [p for _, doc in DOCS if (p := _validate(doc))]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_schema_check_catches_a_misspelt_field() -> None:
+    pytest.importorskip("kubernetes_validate")
+    router = _objects("Deployment")["router"]
+    broken = yaml.safe_load(yaml.safe_dump(router))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGets"] = {"path": "/health"}
+    assert _validate(broken)
+
+
+def test_every_object_is_named_and_labelled() -> None:
+    for path, doc in DOCS:
+        assert doc.get("apiVersion") and doc.get("kind"), path
+        assert doc["metadata"].get("name"), path
+        if doc["kind"] != "Namespace":
+            assert "namespace" not in doc["metadata"], f"{path}: the namespace comes from kustomization.yaml"
+        assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "tierflow", f"{path}: {doc['kind']}/{doc['metadata']['name']}"
+
+
+def test_workload_selectors_match_their_pod_labels_and_services_find_pods() -> None:
+    pods = {}
+    for _, doc in DOCS:
+        if pod_spec(doc) is not None:
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items(), doc["metadata"]["name"]
+            pods[doc["metadata"]["name"]] = doc
+    for name, svc in _objects("Service").items():
+        matches = [p for p in pods.values() if svc["spec"]["selector"].items() <= p["spec"]["template"]["metadata"]["labels"].items()]
+        assert matches, f"Service {name} selects no pods"
+        for port in svc["spec"]["ports"]:
+            named = {p["name"] for m in matches for c in pod_spec(m)["containers"] for p in c.get("ports", [])}  # type: ignore[index]
+            assert port["targetPort"] in named, f"Service {name}: targetPort {port['targetPort']} is no container port"
+
+
+def test_every_tierflow_container_runs_a_valid_command() -> None:
+    containers = _tierflow_containers()
+    assert sorted(c["args"][0] for _, c in containers) == ["autoscaler", "decode-node", "model-registry", "prefill-node", "router"]
+    problems = []
+    for name, container in containers:
+        assert "command" not in container, f"{name}: keep the image's ENTRYPOINT (tierflow); pass `args`"
+        problems += [f"{name}: {p}" for p in tierflow_command_problems([str(a) for a in container["args"]], container_env(container))]
+    assert not problems, "\n".join(problems)
+
+
+def test_probes_and_scrape_annotations_use_the_ports_the_commands_open() -> None:
+    workloads = _objects("Deployment")
+    for name, container in _tierflow_containers():
+        args = [str(a) for a in container["args"]]
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        annotations = workloads[name]["spec"]["template"]["metadata"]["annotations"]
+        metrics = int(option_value(args, "--metrics-port") or 0) or int(option_value(args, "--http-port") or 0)
+        assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == metrics, name
+        assert metrics in ports.values(), f"{name}: metrics port {metrics} is not a declared container port"
+        for flag in ("--http-host", "--grpc-host"):
+            if flag in args:
+                assert option_value(args, flag) == "0.0.0.0", f"{name}: {flag} must accept traffic from outside the pod"
+        assert container_env(container)["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
+        if name == "router":
+            probe = container["readinessProbe"]["httpGet"]
+            assert probe["path"] == "/health" and ports[probe["port"]] == int(option_value(args, "--http-port") or 0)
+        if name == "model-registry":
+            assert container["readinessProbe"]["grpc"]["port"] == int(option_value(args, "--grpc-port") or 0)
+            mount = next(m for m in container["volumeMounts"] if m["name"] == "fleet")
+            assert option_value(args, "--fleet") == f"{mount['mountPath']}/fleet.yaml"
+
+
+def test_node_ids_come_from_the_pod_name() -> None:
+    for name, container in _tierflow_containers():
+        if container["args"][0].endswith("-node"):
+            env = {e["name"]: e for e in container["env"]}
+            assert env["TIERFLOW_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", name
+            assert "--node-id" not in container["args"], f"{name}: replicas would share one node id"
+
+
+def _fleet_deployments() -> list[dict[str, Any]]:
+    return yaml.safe_load((DEPLOY / "examples" / "fleet.yaml").read_text())["deployments"]
+
+
+def test_node_pools_are_deployments_the_kubernetes_actuator_finds() -> None:
+    """Names, replicas and grace periods as services/autoscaler/kubernetes.py expects them."""
+    from tierflow.services.autoscaler.kubernetes import kube_name
+    from tierflow.services.autoscaler.settings import Settings
+
+    template = Settings().kube_name_template
+    workloads = _objects("Deployment")
+    pools = {"decode": "decode-node", "prefill": "prefill-node"}
+    for dep in _fleet_deployments():
+        for pool, service in pools.items():
+            name = kube_name(template, dep["name"], pool)
+            assert name in workloads, f"no Deployment {name} for pool {pool} of fleet deployment {dep['name']!r}"
+            spec = workloads[name]["spec"]
+            container = spec["template"]["spec"]["containers"][0]
+            args = [str(a) for a in container["args"]]
+            assert args[0] == service and option_value(args, "--deployment") == dep["name"]
+            drain = float(option_value(args, "--drain-grace") or 10)
+            assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > drain, f"{name}: a removed node must finish its streams"
+            if pool == "decode":
+                assert dep["min_replicas"] <= spec["replicas"] <= dep["max_replicas"]
+                assert spec["replicas"] == dep["replicas"]
+
+
+def test_the_autoscaler_may_scale_the_pools_and_pick_the_pod_removed() -> None:
+    from tierflow.services.autoscaler.kubernetes import kube_name
+    from tierflow.services.autoscaler.settings import Settings
+
+    autoscaler = _objects("Deployment")["autoscaler"]
+    container = autoscaler["spec"]["template"]["spec"]["containers"][0]
+    assert container_env(container).get("TIERFLOW_ACTUATOR") == "kubernetes" or option_value(container["args"], "--actuator") == "kubernetes"
+    account = autoscaler["spec"]["template"]["spec"]["serviceAccountName"]
+    assert account in _objects("ServiceAccount")
+    binding = next(b for b in _objects("RoleBinding").values() if any(s["name"] == account for s in b["subjects"]))
+    rules = _objects("Role")[binding["roleRef"]["name"]]["rules"]
+
+    def allowed(group: str, resource: str, verb: str, name: str) -> bool:
+        return any(
+            group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] and name in r.get("resourceNames", [name])
+            for r in rules
+        )
+
+    template = Settings().kube_name_template
+    for dep in _fleet_deployments():
+        for pool in ("decode", "prefill"):
+            name = kube_name(template, dep["name"], pool)
+            assert allowed("apps", "deployments/scale", "get", name) and allowed("apps", "deployments/scale", "patch", name), name
+    assert allowed("", "pods", "patch", "decode-pod"), "the actuator annotates the drained pod with a deletion cost"
+
+
+def test_nats_is_a_three_server_jetstream_cluster() -> None:
+    nats = _objects("StatefulSet")["nats"]
+    assert nats["spec"]["replicas"] == 3
+    assert nats["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    headless = _objects("Service")[nats["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"]
+    conf = DEPLOY / "k8s" / "nats.conf"
+    routes = set(re.findall(r"nats-route://([\w.-]+):6222", conf.read_text()))
+    assert routes == {f"nats-{i}.{nats['spec']['serviceName']}" for i in range(3)}
+    out = subprocess.run([str(find_nats_server_binary()), "-c", str(conf), "-t"], capture_output=True, text=True, timeout=30, env={**os.environ, "SERVER_NAME": "nats-0"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "jetstream" in conf.read_text()
+
+
+# --------------------------------------------------------------------------- kustomize
+
+
+def _kustomization() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+
+
+def test_kustomization_lists_every_manifest_and_generates_every_configmap_used() -> None:
+    kz = _kustomization()
+    listed = {DEPLOY / r for r in kz["resources"]}
+    assert listed == set((DEPLOY / "k8s").glob("*.yaml")), "every manifest in deploy/k8s is applied, and nothing else"
+    generated = set()
+    for gen in kz["configMapGenerator"]:
+        generated.add(gen["name"])
+        for entry in gen["files"]:
+            source = entry.split("=", 1)[-1]
+            assert (DEPLOY / source).is_file(), f"{gen['name']}: {source} not found"
+            assert (DEPLOY / source).resolve().is_relative_to(DEPLOY.resolve()), "kustomize only reads below its root"
+    used = set()
+    for _, doc in DOCS:
+        spec = pod_spec(doc)
+        for volume in spec.get("volumes", []) if spec else []:
+            if "configMap" in volume:
+                used.add(volume["configMap"]["name"])
+                for item in volume["configMap"].get("items", []):
+                    gen = next(g for g in kz["configMapGenerator"] if g["name"] == volume["configMap"]["name"])
+                    assert any(f.startswith(item["key"] + "=") for f in gen["files"])
+    assert used <= generated, f"ConfigMaps used but not generated: {sorted(used - generated)}"
+    assert kz["namespace"] == next(iter(_objects("Namespace")))
+
+
+def test_kustomize_build_renders_and_validates(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed; the kustomization was checked structurally above")
+    out = subprocess.run([kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert len(rendered) == len(DOCS) + len(_kustomization()["configMapGenerator"])
+    assert all(d["metadata"].get("namespace") == "tierflow" for d in rendered if d["kind"] != "Namespace")
+    fleet = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tierflow-fleet"))
+    assert fleet["data"]["fleet.yaml"] == (DEPLOY / "examples" / "fleet.yaml").read_text()
+    try:
+        import kubernetes_validate  # noqa: F401
+    except ImportError:
+        return  # the schema test above reports the missing package
+    problems = [p for d in rendered if (p := _validate(d))]
+    assert not problems, "\n".join(problems)
+
+
+def test_prometheus_k8s_config_passes_promtool(tmp_path: Path) -> None:
+    """Debian's promtool is built without Kubernetes discovery; then the discovery block is
+    swapped for a static one so the relabelling (the part that can be wrong) is still checked."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    path = DEPLOY / "prometheus" / "prometheus-k8s.yml"
+    out = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 and "kubernetes_sd_configs not found" in out.stdout + out.stderr:
+        config = yaml.safe_load(path.read_text())
+        for job in config["scrape_configs"]:
+            if job.pop("kubernetes_sd_configs", None) is not None:
+                job["static_configs"] = [{"targets": ["10.0.0.7:9100"]}]
+        path = tmp_path / "prometheus-k8s.yml"
+        path.write_text(yaml.safe_dump(config))
+        out = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
