@@ -11,24 +11,29 @@ profile may start from a built-in one with `base:` and override only what differ
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from tierflow.rdu import HardwareProfile, load_profiles
 
-__all__ = ["resolve_profile"]
+__all__ = ["read_profiles_file", "resolve_profile"]
+
+
+def read_profiles_file(path: str) -> dict[str, dict[str, Any]] | None:
+    """The file's profiles (name -> fields), None without a file; ValueError names the problem."""
+    if not path:
+        return None
+    try:
+        return msgspec.yaml.decode(Path(path).read_bytes(), type=dict[str, dict[str, Any]])
+    except OSError as exc:
+        raise ValueError(f"cannot read hardware profiles file {path}: {exc.strerror}") from None
+    except msgspec.MsgspecError as exc:
+        raise ValueError(f"hardware profiles file {path}: {exc}") from None
 
 
 def resolve_profile(name: str, profiles_file: str = "") -> HardwareProfile:
-    extra = None
-    if profiles_file:
-        try:
-            extra = msgspec.yaml.decode(Path(profiles_file).read_bytes(), type=dict[str, dict])
-        except OSError as exc:
-            raise LookupError(f"cannot read hardware profiles file {profiles_file}: {exc.strerror}") from None
-        except msgspec.MsgspecError as exc:
-            raise LookupError(f"hardware profiles file {profiles_file}: {exc}") from None
-    profiles = load_profiles(extra)
+    profiles = load_profiles(read_profiles_file(profiles_file))
     if name not in profiles:
         raise LookupError(f"hardware profile {name!r} is unknown; known: {', '.join(sorted(profiles))}")
     return profiles[name]

@@ -11,25 +11,35 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NotFoundError, ServerError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 __all__ = ["open_bucket", "follow", "snapshot"]
 
 log = logging.getLogger(__name__)
+_REPLICAS_NEED_CLUSTER = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
 
 
-async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False, history: int = 10) -> KeyValue:
+async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False, history: int = 10, replicas: int = 1) -> KeyValue:
     """The bucket; with create=True it is made (file storage) when missing."""
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
         if not create:
             raise
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE))
+        config = KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas)
+        try:
+            return await js.create_key_value(config)
+        except ServerError as exc:
+            if replicas <= 1 or exc.err_code != _REPLICAS_NEED_CLUSTER:
+                raise
+            # A single server (a laptop, a test) cannot keep copies: say so, keep one.
+            log.warning("NATS is not clustered: bucket %s gets 1 replica instead of %d", bucket, replicas)
+            return await js.create_key_value(replace(config, replicas=1))
 
 
 async def snapshot(js: JetStreamContext, bucket: str, keys: str = ">") -> list[KeyValue.Entry]:

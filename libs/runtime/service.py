@@ -87,10 +87,10 @@ async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = 
             delay = min(delay * 2, 1.0)
 
 
-def _start_metrics(port: int, registry: CollectorRegistry) -> None:
+def _start_metrics(host: str, port: int, registry: CollectorRegistry) -> None:
     if port > 0:
-        start_http_server(port, addr="127.0.0.1", registry=registry)
-        log.info("metrics on http://127.0.0.1:%d/metrics", port)
+        start_http_server(port, addr=host, registry=registry)
+        log.info("metrics on http://%s:%d/metrics", host, port)
 
 
 def run_service(
@@ -100,6 +100,7 @@ def run_service(
     instance: str = "",
     log_level: str = "info",
     metrics_port: int = 0,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     """Run one service to completion under uvloop; exit cleanly on SIGTERM/SIGINT."""
     configure_logging(service, log_level)
@@ -110,7 +111,7 @@ def run_service(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, ctx.stopping.set)
-        _start_metrics(metrics_port, ctx.metrics)
+        _start_metrics(metrics_host, metrics_port, ctx.metrics)
         log.info("starting %s %s", service, ctx.instance)
         await main(ctx)
         log.info("stopped %s %s", service, ctx.instance)

@@ -10,8 +10,6 @@ at will.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -20,6 +18,7 @@ from tierflow.contracts import registry, subjects
 from tierflow.rdu import load_catalog, load_profiles
 from tierflow.runtime import discovery
 from tierflow.runtime.clock import Clock, WallClock
+from tierflow.nodehost.profiles import read_profiles_file
 from tierflow.runtime.kv import open_bucket
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.services.model_registry.fleet import read_fleet_file
@@ -38,10 +37,11 @@ _encode = msgspec.json.Encoder().encode
 
 
 async def bootstrap(
-    nc: NATS, metrics: RegistryMetrics, *, clock: Clock | None = None, rules: RuleContext | None = None, attempts: int = 10
+    nc: NATS, metrics: RegistryMetrics, *, clock: Clock | None = None, rules: RuleContext | None = None, attempts: int = 10,
+    kv_replicas: int = 1,
 ) -> RegistryService:
     """The registry over `nc`'s JetStream: bucket made if missing, events on REGISTRY_EVENTS."""
-    store = RegistryStore(await open_bucket(nc.jetstream(), subjects.REGISTRY_BUCKET, create=True))
+    store = RegistryStore(await open_bucket(nc.jetstream(), subjects.REGISTRY_BUCKET, create=True, replicas=kv_replicas))
 
     async def publish(event: registry.RegistryEvent) -> None:
         # Flushed, so the event is on the server before the admin call that made it returns.
@@ -54,15 +54,7 @@ async def bootstrap(
 def rule_context(profiles_file: str) -> RuleContext:
     """What fleets are checked against: the emulator's catalog, and the built-in hardware
     profiles plus those of `profiles_file` (YAML: name -> HardwareProfile fields)."""
-    extra = None
-    if profiles_file:
-        try:
-            extra = msgspec.yaml.decode(Path(profiles_file).read_bytes(), type=dict[str, dict[str, Any]])
-        except OSError as exc:
-            raise ValueError(f"cannot read hardware profiles file {profiles_file}: {exc.strerror}") from None
-        except msgspec.MsgspecError as exc:
-            raise ValueError(f"hardware profiles file {profiles_file}: {exc}") from None
-    return RuleContext(catalog=load_catalog(None), profiles=frozenset(load_profiles(extra)))
+    return RuleContext(catalog=load_catalog(None), profiles=frozenset(load_profiles(read_profiles_file(profiles_file))))
 
 
 async def main(ctx: ServiceContext, settings: Settings) -> None:
@@ -70,7 +62,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     clock = WallClock()
     metrics = RegistryMetrics(ctx.metrics)
     try:
-        service = await bootstrap(nc, metrics, clock=clock, rules=rule_context(settings.profiles), attempts=settings.write_attempts)
+        service = await bootstrap(nc, metrics, clock=clock, rules=rule_context(settings.profiles), attempts=settings.write_attempts, kv_replicas=settings.kv_replicas)
         if settings.fleet:
             # A bad file stops the service with every problem listed.
             changes = await service.apply(read_fleet_file(settings.fleet), source=settings.fleet)

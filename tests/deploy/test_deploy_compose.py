@@ -252,18 +252,9 @@ def test_the_copied_files_are_enough_to_build_the_package(tmp_path: Path) -> Non
     assert "tierflow = tierflow.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
-# --------------------------------------------------------------------------- known gap
+# --------------------------------------------------------------------------- reachability
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the runtime binds /metrics to 127.0.0.1 (libs/runtime/service.py, _start_metrics), so Prometheus in "
-        "another container or pod cannot scrape model-registry, autoscaler or the nodes. Needs a --metrics-host "
-        "option (TIERFLOW_METRICS_HOST); then pass `--metrics-host 0.0.0.0` in docker-compose.yml and deploy/k8s "
-        "and drop this mark."
-    ),
-)
 def test_metrics_listen_where_prometheus_can_reach_them(compose: dict[str, Any]) -> None:
     commands = [compose_argv(svc) for svc in compose_tierflow_services(compose).values()]
     for _, doc in k8s_documents():

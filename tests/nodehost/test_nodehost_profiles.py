@@ -20,7 +20,7 @@ def test_builtin_and_user_profiles(tmp_path: pathlib.Path) -> None:
 def test_unknown_profile_and_bad_file_are_clear(tmp_path: pathlib.Path) -> None:
     with pytest.raises(LookupError, match="known: .*sn40l-16"):
         resolve_profile("nope")
-    with pytest.raises(LookupError, match="cannot read"):
+    with pytest.raises(ValueError, match="cannot read"):
         resolve_profile("x", str(tmp_path / "missing.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("p:\n  base: sn40l-16\n  sockets: many\n")

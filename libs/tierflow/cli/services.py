@@ -56,11 +56,14 @@ def _command(name: str, package: str) -> Callable[..., None]:
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=Annotated[_scalar(hints[field.name]), option]))
     params.append(inspect.Parameter("metrics_port", inspect.Parameter.KEYWORD_ONLY, default=0,
                                     annotation=Annotated[int, typer.Option(envvar="TIERFLOW_METRICS_PORT", help="Prometheus /metrics port (0: off)")]))
+    params.append(inspect.Parameter("metrics_host", inspect.Parameter.KEYWORD_ONLY, default="127.0.0.1",
+                                    annotation=Annotated[str, typer.Option(envvar="TIERFLOW_METRICS_HOST", help="Address /metrics listens on (0.0.0.0 in containers)")]))
     params.append(inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info",
                                     annotation=Annotated[str, typer.Option(envvar="TIERFLOW_LOG_LEVEL")]))
 
     def run(**values: Any) -> None:
         metrics_port = values.pop("metrics_port")
+        metrics_host = values.pop("metrics_host")
         log_level = values.pop("log_level")
         try:
             settings = msgspec.convert(values, settings_cls)
@@ -68,7 +71,7 @@ def _command(name: str, package: str) -> Callable[..., None]:
             raise typer.BadParameter(str(exc).replace("`$.", "`--").replace("_", "-")) from None
         main = importlib.import_module(f"{package}.main").main
         instance = str(values.get("node_id") or values.get("router_id") or "")
-        run_service(name, lambda ctx: main(ctx, settings), instance=instance, log_level=log_level, metrics_port=metrics_port)
+        run_service(name, lambda ctx: main(ctx, settings), instance=instance, log_level=log_level, metrics_port=metrics_port, metrics_host=metrics_host)
 
     run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run.__name__ = name.replace("-", "_")
