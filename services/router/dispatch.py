@@ -271,7 +271,12 @@ class Dispatcher:
         last_failure = ""
         overloaded = 0
         for attempt in range(1, self._max_attempts + 1):
-            node_id, reason, placement = self._place(placement, route, tried, last_failure)
+            try:
+                node_id, reason, placement = self._place(placement, route, tried, last_failure)
+            except NodeFailure:
+                if tried and overloaded == len(tried):
+                    break  # every node that could serve it is full: that is back-pressure, not failure
+                raise
             record.version = placement.version or record.version
             tried.add(node_id)
             record.nodes_tried.append(node_id)

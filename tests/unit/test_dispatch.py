@@ -149,3 +149,21 @@ async def test_unknown_model_no_nodes_and_context_limits() -> None:
     dispatcher, _, _ = _setup({})
     with pytest.raises(NoCapacity):
         await _run(dispatcher)
+
+
+async def test_every_node_full_is_429_not_a_failure() -> None:
+    from tierflow.runtime.errors import RateLimited
+
+    dispatcher, transport, _ = _setup({"a": rejects("queue_full", True), "b": rejects("queue_full", True)})
+    with pytest.raises(RateLimited) as err:
+        await _run(dispatcher)
+    assert err.value.http_status == 429 and err.value.retry_after >= 1 and len(transport.opened) == 2
+
+
+async def test_the_session_and_placement_are_recorded() -> None:
+    dispatcher, _, _ = _setup({"a": ok(1), "b": ok(1)})
+    params = GenerateParams(request_id="r", model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, api="chat", user="agent-7")
+    for expected_nodes in (1, 1):
+        record = RequestRecord(request_id="r", api="chat", arrived=100.0)
+        [e async for e in dispatcher.generate(params, record)]
+        assert record.session and record.session_nodes == expected_nodes and record.placement == "least-loaded"
