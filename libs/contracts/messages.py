@@ -29,6 +29,9 @@ __all__ = [
     "AutoscalerDecision",
     "NodeCommand",
     "NodeCommandReply",
+    "SupervisorCommand",
+    "SupervisedNode",
+    "SupervisorReply",
 ]
 
 Tier = Literal["sram", "hbm", "ddr", "loading", "cold"]
@@ -81,6 +84,17 @@ class NodeHeartbeat(Struct, kw_only=True):
     block_size: Annotated[int, Meta(gt=0)] = 64  # tokens per KV block: the router hashes prompts alike
     cordoned: bool = False
     draining: bool = False
+    # What the autoscaler scales on besides queue and batch (added with defaults; old
+    # nodes simply report none of it). Latencies are the node's own view over its last
+    # `latency_window_s`: TTFT from arrival on the node to the first token (a prefill
+    # node: to its KV being ready), ITL between consecutive tokens of a request. None
+    # means no sample in the window (no traffic), which is not the same as fast.
+    ttft_p95: NonNegFloat | None = None
+    itl_p95: NonNegFloat | None = None
+    latency_samples: NonNegInt = 0
+    latency_window_s: NonNegFloat = 0.0
+    in_flight: NonNegInt = 0  # requests the node holds (queued, running, or waiting for their KV)
+    queued_prompt_tokens: NonNegInt = 0  # prompt tokens of requests not started yet
 
 
 class GenerateRequest(Struct, kw_only=True):
@@ -178,7 +192,12 @@ class NodeCommandReply(Struct, kw_only=True):
 
 
 class AutoscalerDecision(Struct, kw_only=True):
-    """One autoscaling decision with the inputs that led to it (explainability)."""
+    """One autoscaling decision with the inputs that led to it (explainability).
+
+    One per pool per tick, holds included. `signal` names what decided (a signal such as
+    "utilization", "queue", "ttft", "itl", "prompt_tokens", or "bounds", "stale",
+    "none"); `inputs` has every number the policy looked at (missing ones are absent).
+    """
 
     v: int = 1
     deployment: str
@@ -187,6 +206,41 @@ class AutoscalerDecision(Struct, kw_only=True):
     desired_replicas: NonNegInt
     reason: str
     inputs: dict[str, float] = {}
+    pool: Literal["decode", "prefill"] = "decode"
+    action: Literal["up", "down", "hold"] = "hold"
+    signal: str = ""
+    actuator: str = ""  # who carries it out: "local", "kubernetes", "virtual", "none" (advisory)
+    victims: list[str] = []  # on scale-down: the nodes being cordoned, drained and stopped
+
+
+class SupervisorCommand(Struct, kw_only=True):
+    """To the local supervisor (`tierflow up`): start a node process, stop one, or list them.
+
+    start: a `role` node for `deployment` (next free node id and metrics port; the node
+    takes region and residency from the deployment, or `region` when given). stop: the
+    node `node_id` (SIGTERM: it stops taking work and drains before exiting).
+    """
+
+    action: Literal["start", "stop", "list"]
+    role: Literal["decode", "prefill"] = "decode"
+    deployment: str = ""
+    region: str = ""
+    node_id: str = ""
+
+
+class SupervisedNode(Struct, kw_only=True):
+    node_id: str
+    role: Literal["decode", "prefill"]
+    deployment: str
+    pid: NonNegInt = 0
+    metrics_port: NonNegInt = 0
+
+
+class SupervisorReply(Struct, kw_only=True):
+    ok: bool = True
+    error: str = ""
+    node_id: str = ""
+    nodes: list[SupervisedNode] = []
 
 
 # Built once, reused everywhere (msgspec perf tip): encoders/decoders are not free to make.
@@ -198,3 +252,5 @@ stream_decoder: msgspec.json.Decoder[StreamEvent] = msgspec.json.Decoder(StreamE
 decision_decoder = msgspec.json.Decoder(AutoscalerDecision)
 command_decoder = msgspec.json.Decoder(NodeCommand)
 command_reply_decoder = msgspec.json.Decoder(NodeCommandReply)
+supervisor_command_decoder = msgspec.json.Decoder(SupervisorCommand)
+supervisor_reply_decoder = msgspec.json.Decoder(SupervisorReply)

@@ -16,6 +16,7 @@ __all__ = [
     "REGISTRY_BUCKET",
     "REGISTRY_EVENTS",
     "AUTOSCALER_DECISIONS",
+    "SUPERVISOR_CONTROL",
     "SERVICE_NAMES",
     "SERVICE_INFO",
     "check_token",
@@ -85,6 +86,9 @@ def router_stream(router_id: str, request_id: str) -> str:
 
 REGISTRY_EVENTS: Final = "tierflow.registry.changed"
 AUTOSCALER_DECISIONS: Final = "tierflow.autoscaler.decision"
+# Request/reply to the local process supervisor (`tierflow up`): start/stop/list node
+# processes. The autoscaler's local actuator is its client.
+SUPERVISOR_CONTROL: Final = "tierflow.supervisor.control"
 
 # JetStream KV: bucket names may not contain dots; keys may.
 REGISTRY_BUCKET: Final = "tierflow-registry"

@@ -4,12 +4,16 @@ The engine says when it next has work (`next_event_time`); the driver sleeps unt
 or until a request arrives, calls `advance(now)`, and publishes what happened. Tokens
 emitted in one advance for the same request go out as one message, so a driver that
 falls behind catches up in fewer, larger messages instead of queueing more of them.
+
+It also keeps the node's own latency view (p95 TTFT and inter-token latency over a
+sliding window, `load_report`) that the heartbeat carries to the autoscaler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -24,8 +28,9 @@ from tierflow.rdu import (
     TokenGenerated,
 )
 from tierflow.runtime.clock import Clock
+from tierflow.scaling.window import RollingQuantile
 
-__all__ = ["EngineDriver", "Publish"]
+__all__ = ["EngineDriver", "LoadReport", "Publish", "driver_of"]
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], Awaitable[None]]
@@ -44,6 +49,32 @@ class _Stream:
     queue_time: float = 0.0
     tier: str = ""
     prefix_hit_tokens: int = 0
+    prompt_tokens: int = 0  # to prefill here (0 when a prefill node already did it)
+    last_token_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What the heartbeat adds to the engine's snapshot for the autoscaler."""
+
+    ttft_p95: float | None
+    itl_p95: float | None
+    latency_samples: int
+    latency_window: float
+    in_flight: int
+    queued_prompt_tokens: int
+
+
+# The heartbeat is handed the engine, not the driver (tierflow.nodehost.serve wires
+# them separately), so each driver registers itself against its engine here. Weak on
+# both sides: it keeps neither alive, and two nodes in one process never mix.
+_DRIVERS: weakref.WeakKeyDictionary[NodeEngine, weakref.ref[EngineDriver]] = weakref.WeakKeyDictionary()
+
+
+def driver_of(engine: NodeEngine) -> EngineDriver | None:
+    """The driver running `engine`, if one does."""
+    ref = _DRIVERS.get(engine)
+    return ref() if ref is not None else None
 
 
 class EngineDriver:
@@ -56,6 +87,7 @@ class EngineDriver:
         *,
         keepalive_interval: float = 0.25,
         on_finished: Callable[[str, "_Stream", messages.Finished, float], None] | None = None,
+        latency_window: float = 10.0,
     ) -> None:
         self.engine = engine
         self._clock = clock
@@ -65,10 +97,24 @@ class EngineDriver:
         self._streams: dict[str, _Stream] = {}
         self._wake = asyncio.Event()
         self._on_finished = on_finished
+        self._ttft = RollingQuantile(latency_window)
+        self._itl = RollingQuantile(latency_window)
+        _DRIVERS[engine] = weakref.ref(self)
 
     @property
     def in_flight(self) -> int:
         return len(self._streams)
+
+    def load_report(self, now: float) -> LoadReport:
+        """p95 latencies over the window ending at `now`, and the work this node holds."""
+        return LoadReport(
+            ttft_p95=self._ttft.value(now),
+            itl_p95=self._itl.value(now),
+            latency_samples=self._ttft.count(now),
+            latency_window=self._ttft.window,
+            in_flight=len(self._streams),
+            queued_prompt_tokens=sum(s.prompt_tokens for s in self._streams.values() if not s.started),
+        )
 
     async def submit(self, request: messages.GenerateRequest, reply: str) -> None:
         """Queue a request, or answer at once with why it cannot be served.
@@ -93,7 +139,10 @@ class EngineDriver:
         transfer = self._kv_transfer_seconds(request) if request.kv_source else 0.0
         if transfer <= 0 and not await self._admit(engine_request, reply, now):
             return
-        self._streams[request.request_id] = _Stream(reply=reply, model=request.model, received_at=now, last_sent=now)
+        self._streams[request.request_id] = _Stream(
+            reply=reply, model=request.model, received_at=now, last_sent=now,
+            prompt_tokens=0 if request.kv_source else len(request.prompt_token_ids),
+        )
         await self._publish(reply, _encode(messages.Accepted(request_id=request.request_id, node_id=self._node_id)))
         if transfer > 0:
             asyncio.get_running_loop().call_later(transfer, lambda: asyncio.ensure_future(self._admit_arrived(engine_request, reply)))
@@ -159,6 +208,10 @@ class EngineDriver:
                     continue
                 if stream.tokens == 0:
                     stream.first_token_at = event.time
+                    self._ttft.observe(event.time, max(0.0, event.time - stream.received_at))
+                else:
+                    self._itl.observe(event.time, max(0.0, event.time - stream.last_token_at))
+                stream.last_token_at = event.time
                 stream.tokens += 1
                 batch = pending_tokens.get(event.request_id)
                 if batch is None:
@@ -182,6 +235,8 @@ class EngineDriver:
                 msg: messages.StreamEvent = messages.Started(request_id=request_id, queue_time=event.queue_time, tier=event.tier, switch_seconds=event.switch_seconds, prefix_hit_tokens=event.prefix_hit_tokens)
             elif isinstance(event, RequestFinished):
                 del self._streams[request_id]
+                if stream.tokens == 0 and event.finish_reason == "prefill":  # a prefill node's "first token": its KV
+                    self._ttft.observe(event.time, max(0.0, event.time - stream.received_at))
                 msg = messages.Finished(
                     request_id=request_id,
                     finish_reason=event.finish_reason,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client as NATS
 
 from tierflow.contracts import messages, subjects
+from tierflow.nodehost.driver import EngineDriver, driver_of
 from tierflow.rdu import NodeEngine
 from tierflow.runtime.clock import Clock
 
@@ -34,8 +35,14 @@ class NodeIdentity:
     draining: bool = False
 
 
-def heartbeat_message(identity: NodeIdentity, engine: NodeEngine, clock: Clock, seq: int, interval: float) -> messages.NodeHeartbeat:
-    snap = engine.snapshot(clock.monotonic())
+def heartbeat_message(
+    identity: NodeIdentity, engine: NodeEngine, clock: Clock, seq: int, interval: float, driver: EngineDriver | None = None
+) -> messages.NodeHeartbeat:
+    """The engine's snapshot plus, when a driver runs the engine, its latency and load report."""
+    now = clock.monotonic()
+    snap = engine.snapshot(now)
+    driver = driver if driver is not None else driver_of(engine)
+    report = driver.load_report(now) if driver is not None else None
     return messages.NodeHeartbeat(
         node_id=identity.node_id,
         role=identity.role,  # type: ignore[arg-type]
@@ -65,6 +72,12 @@ def heartbeat_message(identity: NodeIdentity, engine: NodeEngine, clock: Clock, 
         # node-wide list left empty: the per-model lists above say the same, more precisely
         cordoned=identity.cordoned,
         draining=identity.draining,
+        ttft_p95=report.ttft_p95 if report else None,
+        itl_p95=report.itl_p95 if report else None,
+        latency_samples=report.latency_samples if report else 0,
+        latency_window_s=report.latency_window if report else 0.0,
+        in_flight=report.in_flight if report else snap.running + snap.queue_depth,
+        queued_prompt_tokens=report.queued_prompt_tokens if report else 0,
     )
 
 

@@ -1,15 +1,69 @@
-"""The autoscaler's configuration (flags and TIERFLOW_* variables)."""
+"""The autoscaler's configuration (flags and TIERFLOW_* variables).
+
+The policy's knobs are the fields of `tierflow.scaling.ScalingConfig` under the same
+names (`--ttft-slo`, `--stable-window`, ... / `TIERFLOW_TTFT_SLO`, ...); `scaling()`
+hands them to the pure policy, and a bad combination is refused when the settings are
+read, naming the fields. The rest belongs to the shell: how often to tick, which
+actuator carries decisions out, and how long a drain or a start may take.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
+import msgspec
 from msgspec import Meta, Struct
 
-__all__ = ["Settings"]
+from tierflow.scaling import ScalingConfig
+
+__all__ = ["Settings", "ActuatorName"]
+
+ActuatorName = Literal["local", "kubernetes", "none"]
+Seconds = Annotated[float, Meta(ge=0)]
+PositiveSeconds = Annotated[float, Meta(gt=0)]
+
+_POLICY_FIELDS = tuple(f.name for f in msgspec.structs.fields(ScalingConfig))
+
 
 class Settings(Struct, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
-    interval: Annotated[float, Meta(gt=0)] = 5.0
-    target_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.7
+    interval: PositiveSeconds = 5.0  # seconds between two policy ticks
+    # local: ask `tierflow up` to start/stop node processes; kubernetes: scale Deployments
+    # through the API; none: publish decisions only (advisory).
+    actuator: ActuatorName = "none"
 
+    # -- the policy (tierflow.scaling.ScalingConfig; defaults are its defaults) --
+    target_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.7
+    target_queue_per_replica: Annotated[float, Meta(gt=0)] = 4.0
+    target_prompt_tokens_per_replica: Annotated[int, Meta(gt=0)] = 16384
+    ttft_slo: Seconds = 2.0
+    itl_slo: Seconds = 0.1
+    latency_headroom: Annotated[float, Meta(gt=0, le=1)] = 0.8
+    panic_window: Seconds = 10.0
+    stable_window: PositiveSeconds = 300.0
+    cooldown_up: Seconds = 10.0
+    cooldown_down: Seconds = 60.0
+    max_step_up: Annotated[int, Meta(ge=1)] = 4
+    max_step_down: Annotated[int, Meta(ge=1)] = 1
+    max_signal_age: PositiveSeconds = 15.0
+
+    # -- the shell --
+    drain_timeout: PositiveSeconds = 600.0  # wait this long for a cordoned node to empty, then stop it anyway
+    start_timeout: PositiveSeconds = 120.0  # a started node not heard by then no longer counts as starting
+    actuation_timeout: PositiveSeconds = 30.0  # one call to the supervisor or the Kubernetes API
+
+    # -- the Kubernetes actuator --
+    kube_api_url: str = ""  # empty: in-cluster, https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
+    kube_namespace: str = ""  # empty: the service account's namespace
+    kube_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    kube_ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    kube_name_template: str = "tierflow-{deployment}-{pool}"
+
+    def __post_init__(self) -> None:
+        self.scaling()  # cross-field rules of the policy, checked when the settings are read
+        if "{deployment}" not in self.kube_name_template or "{pool}" not in self.kube_name_template:
+            raise ValueError("kube_name_template must contain {deployment} and {pool}")
+
+    def scaling(self) -> ScalingConfig:
+        """The policy's share of the settings."""
+        return ScalingConfig(**{name: getattr(self, name) for name in _POLICY_FIELDS})

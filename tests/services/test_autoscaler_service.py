@@ -162,23 +162,27 @@ async def test_every_tick_publishes_a_decision_holds_included(harness_factory) -
     assert all(d.reason and "ready" in d.inputs for d in h.mine())
 
 
-async def test_stale_heartbeats_never_scale_down(harness_factory) -> None:
-    """Idle nodes that went quiet: nothing is removed, however long the autoscaler waits."""
+@pytest.mark.parametrize("beat_interval", [1.0, 10.0], ids=["silent", "live-but-stale"])
+async def test_stale_heartbeats_never_scale_down(harness_factory, beat_interval: float) -> None:
+    """Idle nodes that went quiet: nothing is removed, however long the autoscaler waits.
+    With a 1 s heartbeat they drop out of the pool (nothing to go on); with a 10 s one they
+    still count as live, but their figures are older than max_signal_age (stale)."""
     clock = VirtualClock(1000.0)
     h: Harness = await harness_factory(["n0", "n1", "n2"], clock=clock, run=False, max_signal_age=2.0, stable_window=5.0)
     for node_id in ("n0", "n1", "n2"):
-        await h.beat(node_id, interval=1.0)
+        await h.beat(node_id, interval=beat_interval)
     await h.wait_for(lambda: len(h.service.fleet.live_ids(h.deployment, "decode", clock.monotonic())) == 3)
-    for _ in range(30):  # 60 virtual seconds of silence, far past the stable window
+    for _ in range(12):  # 24 virtual seconds of silence, far past the stable window
         clock.advance(2.0)
         decisions = await h.service.autoscaler.tick()
         mine = next(d for d in decisions if d.deployment == h.deployment)
         assert [p.action for p in mine.pools] == ["hold"], mine
+    assert mine.pools[0].signal == ("none" if beat_interval == 1.0 else "stale")
     assert not [c for c in h.actuator.calls if c[0] == "stop" and c[1] == h.deployment]
     # ...while the same idle nodes, heard all along, are scaled down after the stable window
     for _ in range(10):
         for node_id in ("n0", "n1", "n2"):
-            await h.beat(node_id, interval=1.0)
+            await h.beat(node_id, interval=beat_interval)
         await asyncio.sleep(0.05)
         clock.advance(1.0)
         await h.service.autoscaler.tick()

@@ -14,6 +14,12 @@ If a child dies before the fabric is ready, or the ready timeout passes: report 
 its log tail, stop everything, exit 1. After ready, losing NATS, the router or the
 registry is fatal the same way; losing a node or the autoscaler is reported and the rest
 keeps running (the fabric is built to survive that).
+
+`tierflow up` owns the node processes, so it is also the other end of the autoscaler's
+local actuator: it answers `subjects.SUPERVISOR_CONTROL` (start a decode/prefill node
+for a deployment with the next free node id and metrics port, stop a named node, list
+them). The autoscaler runs with `--actuator local` by default (`tierflow up --actuator none`
+makes its decisions advisory).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import socket
 import sys
@@ -29,9 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
+import msgspec
 import typer
+from nats import connect as nats_connect
+from nats.aio.client import Client as NATS
 
 from tierflow.cli.supervisor import ChildExit, ProcessSpec, Supervisor
+from tierflow.contracts import messages, subjects
 from tierflow.runtime.nats_server import (
     NatsServerConfig,
     NatsServerNotFound,
@@ -41,7 +52,9 @@ from tierflow.runtime.nats_server import (
     wait_until_ready,
 )
 
-__all__ = ["ESSENTIAL", "UpConfig", "preflight", "run_up", "service_specs", "up"]
+__all__ = ["ESSENTIAL", "NodeLauncher", "SupervisorControl", "UpConfig", "preflight", "run_up", "service_specs", "up"]
+
+_log = logging.getLogger(__name__)
 
 NATS_NAME = "nats"
 # Children whose loss makes the fabric useless; anything else is reported and tolerated.
@@ -50,6 +63,10 @@ STOP_GRACE = 5.0
 HEALTH_POLL_INTERVAL = 0.25
 # Extra environment for services: unbuffered so log files (and death reports) are current.
 SERVICE_ENV = {"PYTHONUNBUFFERED": "1"}
+# A node asked to stop drains first (its --drain-grace, 10 s by default); then SIGKILL.
+NODE_STOP_GRACE = 15.0
+ACTUATORS = ("local", "none")
+NODE_COMMANDS = {"decode": "decode-node", "prefill": "prefill-node"}
 
 
 class FabricNotReady(Exception):
@@ -73,14 +90,22 @@ class UpConfig:
     deployment: str = "default"
     metrics_base_port: int = 9100
     ready_timeout: float = 60.0
+    actuator: str = "local"
 
     def __post_init__(self) -> None:
+        if self.actuator not in ACTUATORS:
+            raise ValueError(f"actuator must be one of {', '.join(ACTUATORS)}, got {self.actuator!r}")
         if self.decode_nodes < 1:
             raise ValueError("at least one decode node is needed")
         if self.prefill_nodes < 0:
             raise ValueError("prefill node count cannot be negative")
         if self.ready_timeout <= 0:
             raise ValueError("ready timeout must be positive")
+
+    @property
+    def static_metrics_ports(self) -> int:
+        """Metrics ports the services started at once take (registry, autoscaler, nodes)."""
+        return 2 + self.prefill_nodes + self.decode_nodes
 
     @property
     def logs_dir(self) -> Path:
@@ -116,15 +141,17 @@ def service_specs(config: UpConfig, *, python: str = sys.executable) -> list[Pro
     metrics = iter(range(config.metrics_base_port, 65536))
     fleet = str(config.fleet.resolve())
 
-    def spec(name: str, *args: str) -> ProcessSpec:
-        return ProcessSpec(name, [python, "-m", "tierflow", *args], dict(SERVICE_ENV), config.logs_dir / f"{name}.log")
+    def spec(name: str, *args: str, env: dict[str, str] | None = None) -> ProcessSpec:
+        return ProcessSpec(name, [python, "-m", "tierflow", *args], {**SERVICE_ENV, **(env or {})}, config.logs_dir / f"{name}.log")
 
     specs = [
         spec("model-registry", "model-registry", "--nats-url", nats_url, "--grpc-port", str(config.registry_grpc_port),
              "--fleet", fleet, "--metrics-port", str(next(metrics))),
         spec("router", "router", "--nats-url", nats_url, "--http-host", config.host, "--http-port", str(config.http_port),
              "--grpc-port", str(config.grpc_port), "--metrics-port", "0"),
-        spec("autoscaler", "autoscaler", "--nats-url", nats_url, "--metrics-port", str(next(metrics))),
+        # The actuator goes by environment, not flag: the flags are the service contract.
+        spec("autoscaler", "autoscaler", "--nats-url", nats_url, "--metrics-port", str(next(metrics)),
+             env={"TIERFLOW_ACTUATOR": config.actuator}),
     ]  # fmt: skip
     for i in range(config.prefill_nodes):
         specs.append(spec(f"prefill-{i}", "prefill-node", "--nats-url", nats_url, "--node-id", f"prefill-{i}",
@@ -144,7 +171,7 @@ def _listen_ports(config: UpConfig) -> list[tuple[str, int]]:
         ("NATS (--nats-port)", config.nats_port),
         ("NATS monitoring (--nats-monitor-port)", config.nats_monitor_port),
     ]
-    n_metrics = 2 + config.prefill_nodes + config.decode_nodes
+    n_metrics = config.static_metrics_ports
     ports += [(f"metrics (--metrics-base-port +{i})", config.metrics_base_port + i) for i in range(n_metrics)]
     return ports
 
@@ -269,6 +296,158 @@ async def _shutdown(supervisor: Supervisor, grace: float) -> None:
     await supervisor.stop_all(grace=grace)
 
 
+def _node_of(spec: ProcessSpec) -> messages.SupervisedNode | None:
+    """The node a service spec runs, read off its argv (None for any other service)."""
+    argv = spec.argv
+    role = next((r for r, command in NODE_COMMANDS.items() if command in argv), None)
+    if role is None:
+        return None
+
+    def flag(name: str, default: str) -> str:
+        try:
+            return argv[argv.index(name) + 1]
+        except (ValueError, IndexError):
+            return default
+
+    port = flag("--metrics-port", "0")
+    return messages.SupervisedNode(
+        node_id=flag("--node-id", spec.name), role=role, deployment=flag("--deployment", "default"),  # type: ignore[arg-type]
+        metrics_port=int(port) if port.isdigit() else 0,
+    )
+
+
+class NodeLauncher:
+    """Starts and stops node processes on request: the far end of the local actuator.
+
+    New nodes get the next node id of their role (`decode-2`, `decode-3`, ...; never
+    reused, so a stopped node's last heartbeat cannot be mistaken for a new one) and the
+    next free metrics port after the ones `service_specs` handed out. Only nodes can be
+    stopped this way, never NATS, the router or the registry.
+    """
+
+    def __init__(self, config: UpConfig, supervisor: Supervisor, specs: list[ProcessSpec], *, python: str = sys.executable) -> None:
+        self._config = config
+        self._supervisor = supervisor
+        self._python = python
+        self._nodes: dict[str, messages.SupervisedNode] = {}
+        for spec in specs:
+            node = _node_of(spec)
+            if node is not None:
+                self._nodes[spec.name] = node
+        self._next_index = {"decode": config.decode_nodes, "prefill": config.prefill_nodes}
+        self._next_port = config.metrics_base_port + config.static_metrics_ports
+        self.closing = False
+
+    def nodes(self) -> list[messages.SupervisedNode]:
+        """Node processes that are running now."""
+        live = {c.name: c.pid for c in self._supervisor.children if c.returncode is None}
+        return [msgspec.structs.replace(n, pid=live[name]) for name, n in self._nodes.items() if name in live]
+
+    def _next_id(self, role: str) -> str:
+        taken = {c.name for c in self._supervisor.children} | set(self._nodes)
+        while True:
+            node_id = f"{role}-{self._next_index[role]}"
+            self._next_index[role] += 1
+            if node_id not in taken:
+                return node_id
+
+    def _next_metrics_port(self) -> int:
+        used = {n.metrics_port for n in self._nodes.values()}
+        while self._next_port < 65536:
+            port = self._next_port
+            self._next_port += 1
+            if port not in used and _port_problem(self._config.host, port) is None:
+                return port
+        raise RuntimeError("no free metrics port left")
+
+    async def start(self, role: str, deployment: str, region: str = "") -> messages.SupervisedNode:
+        if self.closing:
+            raise RuntimeError("tierflow up is stopping")
+        if role not in NODE_COMMANDS:
+            raise ValueError(f"unknown node role {role!r}")
+        if not deployment:
+            raise ValueError("a node needs a deployment")
+        node_id, port = self._next_id(role), self._next_metrics_port()
+        args = [NODE_COMMANDS[role], "--nats-url", self._config.nats().url, "--node-id", node_id, "--deployment", deployment]
+        if region:
+            args += ["--region", region]
+        args += ["--metrics-port", str(port)]
+        spec = ProcessSpec(node_id, [self._python, "-m", "tierflow", *args], dict(SERVICE_ENV), self._config.logs_dir / f"{node_id}.log")
+        child = await self._supervisor.start(spec)
+        node = messages.SupervisedNode(node_id=node_id, role=role, deployment=deployment, pid=child.pid, metrics_port=port)  # type: ignore[arg-type]
+        self._nodes[node_id] = node
+        _log.info("started node %s for %s (pid %d)", node_id, deployment, child.pid)
+        return node
+
+    async def stop(self, node_id: str) -> None:
+        """SIGTERM (the node drains), `NODE_STOP_GRACE`, then SIGKILL."""
+        if node_id not in self._nodes:
+            raise KeyError(f"{node_id!r} is not a node this supervisor runs")
+        await self._supervisor.stop(node_id, grace=NODE_STOP_GRACE)
+        _log.info("stopped node %s", node_id)
+
+    async def handle(self, command: messages.SupervisorCommand) -> messages.SupervisorReply:
+        """One control command, answered (errors too: the caller gets a reason, never silence)."""
+        try:
+            if command.action == "start":
+                node = await self.start(command.role, command.deployment, command.region)
+                return messages.SupervisorReply(node_id=node.node_id, nodes=self.nodes())
+            if command.action == "stop":
+                await self.stop(command.node_id)
+                return messages.SupervisorReply(node_id=command.node_id, nodes=self.nodes())
+            return messages.SupervisorReply(nodes=self.nodes())
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError's str() adds quotes
+            return messages.SupervisorReply(ok=False, error=str(message), node_id=command.node_id)
+
+
+class SupervisorControl:
+    """`subjects.SUPERVISOR_CONTROL`, answered for a `NodeLauncher` on its own connection.
+
+    A plain request/reply subscription rather than a nats.micro service: `tierflow up`
+    is not a fabric service, and `tierflow status` lists every micro service as one.
+    Each request runs in its own task, so a slow stop never delays a list or a start.
+    """
+
+    def __init__(self, launcher: NodeLauncher) -> None:
+        self._launcher = launcher
+        self._nc: NATS | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, url: str) -> None:
+        async def quiet(*_: object) -> None:
+            pass
+
+        nc = await nats_connect(url, name="tierflow-up", connect_timeout=2, allow_reconnect=True,
+                                max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=quiet)  # fmt: skip
+        self._nc = nc
+
+        async def answer(msg: Any) -> None:
+            try:
+                command = messages.supervisor_command_decoder.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                reply = messages.SupervisorReply(ok=False, error=f"undecodable supervisor command: {exc}")
+            else:
+                reply = await self._launcher.handle(command)
+            if msg.reply and not nc.is_closed:
+                await nc.publish(msg.reply, messages.encoder.encode(reply))
+
+        async def on_message(msg: Any) -> None:
+            task = asyncio.ensure_future(answer(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        await nc.subscribe(subjects.SUPERVISOR_CONTROL, cb=on_message)
+
+    async def close(self) -> None:
+        self._launcher.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
+
+
 async def run_up(
     config: UpConfig,
     stop: asyncio.Event,
@@ -301,6 +480,7 @@ async def run_up(
     supervisor = supervisor if supervisor is not None else Supervisor()
     exit_task: asyncio.Future[ChildExit] = asyncio.ensure_future(supervisor.next_exit())
     stop_task = asyncio.ensure_future(stop.wait())
+    control = SupervisorControl(NodeLauncher(config, supervisor, services))
 
     def died(prefix: str) -> int:
         print(f"tierflow up: {prefix}{exit_task.result().describe()}", file=err)
@@ -318,6 +498,10 @@ async def run_up(
             return died("before the fabric was ready, ")
         if outcome == "stop":
             return 0
+        try:
+            await control.start(nats.url)
+        except Exception as exc:  # nats-py raises several unrelated types here
+            print(f"tierflow up: cannot answer {subjects.SUPERVISOR_CONTROL} ({exc}); the autoscaler cannot start or stop nodes", file=err)
 
         for spec in services:
             try:
@@ -349,6 +533,7 @@ async def run_up(
     finally:
         for task in (exit_task, stop_task):
             task.cancel()
+        await control.close()
         await _shutdown(supervisor, grace)
 
 
@@ -402,8 +587,11 @@ def up(
     deployment: Annotated[str, typer.Option(help="Bundle deployment the decode nodes serve.")] = "default",
     metrics_base_port: Annotated[int, typer.Option(help="First /metrics port; each non-router service takes the next.")] = 9100,
     ready_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the fabric to answer /health.")] = 60.0,
+    actuator: Annotated[str, typer.Option(help="How the autoscaler acts: local (starts and stops node processes here) or none (advisory).")] = "local",
 ) -> None:
     """Start NATS and every tierflow service locally; stop them all on Ctrl-C."""
+    if actuator not in ACTUATORS:
+        raise typer.BadParameter(f"must be one of {', '.join(ACTUATORS)}, not {actuator!r}", param_hint="--actuator")
     config = UpConfig(
         host=host,
         http_port=http_port,
@@ -418,6 +606,7 @@ def up(
         deployment=deployment,
         metrics_base_port=metrics_base_port,
         ready_timeout=ready_timeout,
+        actuator=actuator,
     )
     problems = preflight(config)
     if problems:

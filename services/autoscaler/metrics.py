@@ -1,0 +1,25 @@
+"""The autoscaler's Prometheus metrics (in the service's own CollectorRegistry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["AutoscalerMetrics"]
+
+
+class AutoscalerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "tierflow_autoscaler_decisions", "Scaling decisions (holds included) by pool, action and deciding signal",
+            ("deployment", "pool", "action", "signal"), registry=registry,
+        )  # fmt: skip
+        self.current = Gauge("tierflow_autoscaler_current_replicas", "Ready plus starting replicas", ("deployment", "pool"), registry=registry)
+        self.desired = Gauge("tierflow_autoscaler_desired_replicas", "Replicas the policy asks for", ("deployment", "pool"), registry=registry)
+        self.actuations = Counter(
+            "tierflow_autoscaler_actuations", "Actuator calls by operation (start, stop, drain, reclaim) and outcome",
+            ("deployment", "pool", "operation", "outcome"), registry=registry,
+        )  # fmt: skip
+        self.drain_seconds = Histogram(
+            "tierflow_autoscaler_drain_seconds", "Cordon to empty, per removed node", ("deployment", "pool"),
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=registry,
+        )  # fmt: skip
