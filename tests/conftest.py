@@ -65,3 +65,15 @@ async def nats_client(nats_url: str) -> AsyncIterator[NatsClient]:
 
 
 # --- end NATS --------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def private_nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A JetStream server of the module's own, for tests that apply fleets to the registry
+    bucket (the session server's bucket is shared by other tests' expectations)."""
+    from tierflow.runtime.nats_server import NatsServerConfig, NatsServerProcess, free_port
+
+    root = tmp_path_factory.mktemp("nats-private")
+    config = NatsServerConfig(store_dir=root / "store", port=free_port(), monitor_port=free_port(), name="tierflow-test-private")
+    async with NatsServerProcess(config, root / "nats-server.log") as server:
+        yield server.url

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from tierflow.rdu import (
 from tierflow.runtime.clock import Clock
 from tierflow.scaling.window import RollingQuantile
 
-__all__ = ["EngineDriver", "LoadReport", "Publish", "driver_of"]
+__all__ = ["EngineDriver", "LoadReport", "Publish"]
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], Awaitable[None]]
@@ -65,18 +64,6 @@ class LoadReport:
     queued_prompt_tokens: int
 
 
-# The heartbeat is handed the engine, not the driver (tierflow.nodehost.serve wires
-# them separately), so each driver registers itself against its engine here. Weak on
-# both sides: it keeps neither alive, and two nodes in one process never mix.
-_DRIVERS: weakref.WeakKeyDictionary[NodeEngine, weakref.ref[EngineDriver]] = weakref.WeakKeyDictionary()
-
-
-def driver_of(engine: NodeEngine) -> EngineDriver | None:
-    """The driver running `engine`, if one does."""
-    ref = _DRIVERS.get(engine)
-    return ref() if ref is not None else None
-
-
 class EngineDriver:
     def __init__(
         self,
@@ -87,6 +74,7 @@ class EngineDriver:
         *,
         keepalive_interval: float = 0.25,
         on_finished: Callable[[str, "_Stream", messages.Finished, float], None] | None = None,
+        on_switch: Callable[[], None] | None = None,
         latency_window: float = 10.0,
     ) -> None:
         self.engine = engine
@@ -99,7 +87,7 @@ class EngineDriver:
         self._on_finished = on_finished
         self._ttft = RollingQuantile(latency_window)
         self._itl = RollingQuantile(latency_window)
-        _DRIVERS[engine] = weakref.ref(self)
+        self._on_switch = on_switch
 
     @property
     def in_flight(self) -> int:
@@ -228,6 +216,8 @@ class EngineDriver:
             if stream is None:
                 continue
             if isinstance(event, RequestStarted):
+                if event.tier != "hbm" and self._on_switch is not None:
+                    self._on_switch()  # weights move (and others may be evicted): tell the router now
                 stream.started = True
                 stream.queue_time = event.queue_time
                 stream.tier = event.tier

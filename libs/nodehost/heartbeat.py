@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client as NATS
 
 from tierflow.contracts import messages, subjects
-from tierflow.nodehost.driver import EngineDriver, driver_of
-from tierflow.rdu import NodeEngine
+from tierflow.nodehost.driver import EngineDriver
 from tierflow.runtime.clock import Clock
 
 __all__ = ["NodeIdentity", "heartbeat_message", "heartbeat_loop"]
@@ -35,14 +34,11 @@ class NodeIdentity:
     draining: bool = False
 
 
-def heartbeat_message(
-    identity: NodeIdentity, engine: NodeEngine, clock: Clock, seq: int, interval: float, driver: EngineDriver | None = None
-) -> messages.NodeHeartbeat:
-    """The engine's snapshot plus, when a driver runs the engine, its latency and load report."""
+def heartbeat_message(identity: NodeIdentity, driver: EngineDriver, clock: Clock, seq: int, interval: float) -> messages.NodeHeartbeat:
+    """The engine's snapshot plus the driver's latency and load report."""
     now = clock.monotonic()
-    snap = engine.snapshot(now)
-    driver = driver if driver is not None else driver_of(engine)
-    report = driver.load_report(now) if driver is not None else None
+    snap = driver.engine.snapshot(now)
+    report = driver.load_report(now)
     return messages.NodeHeartbeat(
         node_id=identity.node_id,
         role=identity.role,  # type: ignore[arg-type]
@@ -72,17 +68,17 @@ def heartbeat_message(
         # node-wide list left empty: the per-model lists above say the same, more precisely
         cordoned=identity.cordoned,
         draining=identity.draining,
-        ttft_p95=report.ttft_p95 if report else None,
-        itl_p95=report.itl_p95 if report else None,
-        latency_samples=report.latency_samples if report else 0,
-        latency_window_s=report.latency_window if report else 0.0,
-        in_flight=report.in_flight if report else snap.running + snap.queue_depth,
-        queued_prompt_tokens=report.queued_prompt_tokens if report else 0,
+        ttft_p95=report.ttft_p95,
+        itl_p95=report.itl_p95,
+        latency_samples=report.latency_samples,
+        latency_window_s=report.latency_window,
+        in_flight=report.in_flight,
+        queued_prompt_tokens=report.queued_prompt_tokens,
     )
 
 
 async def heartbeat_loop(
-    nc: NATS, identity: NodeIdentity, engine: NodeEngine, clock: Clock, interval: float, stopping: asyncio.Event, beat_now: asyncio.Event
+    nc: NATS, identity: NodeIdentity, driver: EngineDriver, clock: Clock, interval: float, stopping: asyncio.Event, beat_now: asyncio.Event
 ) -> None:
     """Beat every `interval`, and at once when `beat_now` is set (a state change the
     router must see before it places the next request)."""
@@ -91,7 +87,7 @@ async def heartbeat_loop(
     while not stopping.is_set():
         seq += 1
         beat_now.clear()
-        await nc.publish(subject, messages.encoder.encode(heartbeat_message(identity, engine, clock, seq, interval)))
+        await nc.publish(subject, messages.encoder.encode(heartbeat_message(identity, driver, clock, seq, interval)))
         stop = asyncio.ensure_future(stopping.wait())
         now = asyncio.ensure_future(beat_now.wait())
         await asyncio.wait((stop, now), timeout=interval, return_when=asyncio.FIRST_COMPLETED)

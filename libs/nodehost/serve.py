@@ -80,7 +80,11 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
             }},
         )
 
-    driver = EngineDriver(engine, clock, nc.publish, settings.node_id, keepalive_interval=settings.keepalive_interval, on_finished=record)
+    beat_now = asyncio.Event()
+    driver = EngineDriver(
+        engine, clock, nc.publish, settings.node_id,
+        keepalive_interval=settings.keepalive_interval, on_finished=record, on_switch=beat_now.set,
+    )
 
     async def on_generate(msg: object) -> None:
         reply = msg.reply  # type: ignore[attr-defined]
@@ -128,12 +132,11 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     gen_sub = await nc.subscribe(subject, cb=on_generate)
     cancel_sub = await nc.subscribe(subjects.node_cancel(settings.node_id), cb=on_cancel)
     micro = await discovery.register(nc, service, settings.node_id, deployment=deployment.name, region=identity.region, profile=profile_name)
-    beat_now = asyncio.Event()
     await add_control_endpoint(micro, identity, driver, beat_now)
     engine_stop = asyncio.Event()
     tasks = [
         asyncio.create_task(driver.run(engine_stop), name="engine"),
-        asyncio.create_task(heartbeat_loop(nc, identity, engine, clock, settings.heartbeat_interval, engine_stop, beat_now), name="heartbeat"),
+        asyncio.create_task(heartbeat_loop(nc, identity, driver, clock, settings.heartbeat_interval, engine_stop, beat_now), name="heartbeat"),
         asyncio.create_task(gauges_loop(), name="gauges"),
     ]
     log.info("node %s serving %s on %s (%s)", settings.node_id, [b.spec.name for b in bundle], profile_name, role)

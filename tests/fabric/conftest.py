@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     """The README's fabric (`tierflow up` with the example fleet), shared by the session."""
-    running = start_fabric(tmp_path_factory.mktemp("fabric"), cwd=REPO)
+    # --actuator none: the shared fabric keeps its two nodes for the whole session (the
+    # autoscaler would give one back when idle); autoscaling has its own fabric tests.
+    running = start_fabric(tmp_path_factory.mktemp("fabric"), "--actuator", "none", cwd=REPO)
     try:
         yield running
     finally:

@@ -11,7 +11,7 @@ import asyncio
 import msgspec
 
 from tierflow.contracts import messages
-from tierflow.nodehost.driver import EngineDriver, driver_of
+from tierflow.nodehost.driver import EngineDriver
 from tierflow.nodehost.heartbeat import NodeIdentity, heartbeat_message
 from tierflow.rdu import BUILTIN_MODELS, BUILTIN_PROFILES, BundleModel, DeploymentConfig, NodeEngine
 from tierflow.runtime.clock import WallClock
@@ -32,15 +32,14 @@ async def test_heartbeat_carries_p95_ttft_itl_in_flight_and_queued_prompt_tokens
 
     driver = EngineDriver(engine, clock, publish, "n0", latency_window=30.0)
     identity = NodeIdentity(node_id="n0", role="decode", deployment="d", region="local", residency="", profile="sn40l-16")
-    assert driver_of(engine) is driver
 
-    idle = heartbeat_message(identity, engine, clock, 1, 1.0)
+    idle = heartbeat_message(identity, driver, clock, 1, 1.0)
     assert (idle.ttft_p95, idle.itl_p95, idle.latency_samples, idle.in_flight) == (None, None, 0, 0)
 
     for i in range(6):  # more than the batch of 4: two wait with their prompts queued
         request = messages.GenerateRequest(request_id=f"r{i}", model="llama-3.1-8b", prompt_token_ids=list(range(300)), max_tokens=24, ignore_eos=True)
         await driver.submit(request, f"reply.{i}")
-    queued = heartbeat_message(identity, engine, clock, 2, 1.0)
+    queued = heartbeat_message(identity, driver, clock, 2, 1.0)
     assert queued.in_flight == 6 and queued.queued_prompt_tokens == 6 * 300
 
     stop = asyncio.Event()
@@ -51,7 +50,7 @@ async def test_heartbeat_carries_p95_ttft_itl_in_flight_and_queued_prompt_tokens
     stop.set()
     await runner
 
-    beat = heartbeat_message(identity, engine, clock, 3, 1.0)
+    beat = heartbeat_message(identity, driver, clock, 3, 1.0)
     assert beat.latency_samples == 6 and beat.latency_window_s == 30.0
     assert beat.ttft_p95 is not None and beat.itl_p95 is not None
     assert 0 < beat.itl_p95 < beat.ttft_p95 < 5  # the queued two waited for a whole batch

@@ -24,7 +24,8 @@ MODEL = "llama-3.1-70b"
 
 
 @pytest.fixture(scope="module")
-async def disagg(nats_url: str):
+async def disagg(private_nats_url: str):
+    nats_url = private_nats_url
     ctxs: dict[str, ServiceContext] = {}
     tasks = []
 

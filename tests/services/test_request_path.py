@@ -31,7 +31,8 @@ SPANS = InMemorySpanExporter()
 
 
 @pytest.fixture(scope="module")
-async def path(nats_url: str):
+async def path(private_nats_url: str):
+    nats_url = private_nats_url
     set_span_processor(SimpleSpanProcessor(SPANS))
     contexts = {name: ServiceContext(service=name, instance=name) for name in ("registry", "node", "router")}
     http_port = free_port()
