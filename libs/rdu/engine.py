@@ -205,6 +205,7 @@ class NodeEngine:
         time_slice: float = 0.05,
         max_prefill_tokens: int = 16384,
         hotness_half_life: float = 300.0,
+        switch_patience: float = 0.5,
         recent_hashes: int = 256,
     ) -> None:
         """`preload`: models already in HBM; `ddr_resident`: models already in DDR (default:
@@ -231,6 +232,7 @@ class NodeEngine:
         self._block_size = block_size
         self._max_queue = max_queue
         self._time_slice = time_slice
+        self._switch_patience = switch_patience
         self._max_prefill_tokens = max_prefill_tokens
         self._ledger = TransferLedger()
         kv_hbm = int(profile.hbm_capacity * kv_cache_fraction)
@@ -519,18 +521,37 @@ class NodeEngine:
         return self._fair(m, m.waiting[0])
 
     def _choose(self, t: float) -> _Model:
+        """The model to run next: the current one until its slice ends, then, in rotation,
+        one whose weights are already in HBM; a model that must be switched in goes first
+        only once its oldest request has waited `switch_patience` (or nothing hot has work).
+
+        Plain rotation would alternate between two models that do not fit in HBM together,
+        paying a DDR->HBM copy every time slice: a node thrashing on its own queue.
+        """
         cur = self._current
         if cur is not None and t < self._slice_end and self._runnable(cur, t):
             return cur
         n = len(self._models)
         first = cur.index + 1 if cur is not None else 0
+        hot = cold = None
         for j in range(n):
             m = self._models[(first + j) % n]
-            if self._runnable(m, t):
-                self._current = m
-                self._slice_end = t + self._time_slice
-                return m
-        raise RuntimeError("scheduler invariant broken: requests are pending but no model can run")
+            if not self._runnable(m, t):
+                continue
+            if self._weights.tier(m.name) == "hbm":
+                hot = hot or m
+            elif m.waiting and t - m.waiting[0].arrival >= self._switch_patience:
+                hot = None
+                cold = m
+                break
+            else:
+                cold = cold or m
+        chosen = hot or cold
+        if chosen is None:
+            raise RuntimeError("scheduler invariant broken: requests are pending but no model can run")
+        self._current = chosen
+        self._slice_end = t + self._time_slice
+        return chosen
 
     def _begin(self, t: float, events: list[EngineEvent]) -> None:
         m = self._current

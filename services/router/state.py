@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 
 from tierflow.contracts import messages, registry
 from tierflow.placement import FleetIndex, ModelSlot, NodeView
-from tierflow.rdu import cold_load_time, load_catalog, load_profiles, model_from_dict, switch_time
+from tierflow.rdu import cold_load_time, load_catalog, load_profiles, model_from_dict, resident_bytes, switch_time
+from tierflow.rdu.engine import DEFAULT_KV_CACHE_FRACTION
 from tierflow.rdu.deployment import DeploymentConfig
 
 __all__ = ["NodeTable", "ModelTable", "ModelRoute"]
@@ -132,6 +133,8 @@ class ModelTable:
         self._deployments: dict[str, registry.DeploymentRecord] = {}
         self.routes: dict[str, ModelRoute] = {}
         self._tier_seconds: dict[tuple[str, str], dict[str, float]] = {}
+        self._resident: dict[tuple[str, str], float] = {}  # (deployment, model) -> bytes in HBM when served
+        self._weights_room: dict[str, float] = {}  # deployment -> HBM bytes for weights
         self._catalog = load_catalog(None)
         self._profiles = load_profiles(None)
 
@@ -155,9 +158,25 @@ class ModelTable:
         return self._deployments.get(name)
 
     def switch_cost(self, node: NodeView, slot: ModelSlot) -> float:
-        """Seconds until `slot`'s model can run on `node` (placement's `SwitchCost`)."""
-        seconds = self._tier_seconds.get((node.deployment, slot.name), self.FALLBACK_SECONDS)
-        return seconds.get(slot.tier, self.FALLBACK_SECONDS["cold"])
+        """Seconds until `slot`'s model can run on `node` (placement's `SwitchCost`).
+
+        Bringing a model in when HBM is full also evicts a hot one, which some later
+        request pays to bring back: that is counted too (the cheapest model to reload),
+        so placement does not trade one switch now for a cascade of them.
+        """
+        dep = node.deployment
+        seconds = self._tier_seconds.get((dep, slot.name), self.FALLBACK_SECONDS)
+        cost = seconds.get(slot.tier, self.FALLBACK_SECONDS["cold"])
+        if slot.tier in ("hbm", "sram"):
+            return cost
+        room = self._weights_room.get(dep)
+        need = self._resident.get((dep, slot.name))
+        if room is None or need is None:
+            return cost
+        hot = [s.name for s in node.slots.values() if s.name != slot.name and s.tier in ("hbm", "sram", "loading")]
+        if sum(self._resident.get((dep, name), 0.0) for name in hot) + need > room:
+            cost += min((self._tier_seconds.get((dep, name), self.FALLBACK_SECONDS)["ddr"] for name in hot), default=0.0)
+        return cost
 
     def _costs(self, dep: registry.DeploymentRecord) -> None:
         profile = self._profiles.get(dep.profile)
@@ -173,6 +192,8 @@ class ModelTable:
             if profile is None or spec is None:
                 continue
             switch = switch_time(spec, profile)
+            self._resident[(dep.name, entry.model)] = resident_bytes(spec, profile)
+            self._weights_room[dep.name] = profile.hbm_capacity * (1 - DEFAULT_KV_CACHE_FRACTION)
             self._tier_seconds[(dep.name, entry.model)] = {
                 "hbm": 0.0, "sram": 0.0, "ddr": switch, "loading": switch, "cold": cold_load_time(spec, profile),
             }
@@ -193,7 +214,7 @@ class ModelTable:
             weights = tuple((v, w) for v, w in sorted(m.traffic.items()) if w > 0) or ((m.default_version, 1.0),)
             routes[name] = ModelRoute(name=name, default_version=m.default_version, weights=weights, max_context=context[name], created_at=m.created_at)
         self.routes = routes
-        self._tier_seconds = {}
+        self._tier_seconds, self._resident, self._weights_room = {}, {}, {}
         for dep in self._deployments.values():
             self._costs(dep)
 
