@@ -282,7 +282,8 @@ class Dispatcher:
             record.nodes_tried.append(node_id)
             record.node, record.placement = node_id, reason
             self._metrics.routing.labels(params.model, reason).inc()
-            self._nodes.note_dispatch(node_id, params.model)
+            view = self._nodes.get(node_id)
+            self._nodes.note_dispatch(node_id, params.model, evicts=self._models.eviction_victim(view, params.model) if view else None)
             request = messages.GenerateRequest(
                 request_id=params.request_id, model=params.model, version=record.version,
                 prompt_token_ids=params.prompt_token_ids, max_tokens=max_tokens,

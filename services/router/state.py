@@ -67,10 +67,11 @@ class NodeTable:
         """A node failed a request: keep new work off it until it proves alive again."""
         self._replace(node_id, suspect_until=now + self._suspect_seconds)
 
-    def note_dispatch(self, node_id: str, model: str) -> None:
+    def note_dispatch(self, node_id: str, model: str, *, evicts: str | None = None) -> None:
         """What a dispatch will do to a node, until its next heartbeat says what it did:
-        one more request queued, and the model brought into HBM. Without this, every
-        decision within a heartbeat interval sees the same stale node and herds."""
+        one more request queued, the model brought into HBM and, when HBM is full, the
+        model it will likely push out (`evicts`) back in DDR. Without this, every decision
+        within a heartbeat interval sees the same stale node and herds onto it."""
         node = self._decode.get(node_id) or self._prefill.get(node_id)
         if node is None:
             return
@@ -78,9 +79,16 @@ class NodeTable:
         if slot is None:
             self._replace(node_id, queue_depth=node.queue_depth + 1)
             return
-        hot = replace(slot, tier="hbm", queued=slot.queued + 1)
-        slots = {**node.slots, model: hot}
-        versions = {key: (replace(s, tier="hbm", queued=s.queued + 1) if key[0] == model else s) for key, s in node.versions.items()}
+
+        def predicted(s: ModelSlot) -> ModelSlot:
+            if s.name == model:
+                return replace(s, tier="hbm", queued=s.queued + 1)
+            if s.name == evicts:
+                return replace(s, tier="ddr")
+            return s
+
+        slots = {name: predicted(s) for name, s in node.slots.items()}
+        versions = {key: predicted(s) for key, s in node.versions.items()}
         self._replace(node_id, queue_depth=node.queue_depth + 1, slots=slots, versions=versions)
 
     def live(self, now: float) -> list[NodeView]:
@@ -197,6 +205,19 @@ class ModelTable:
             self._tier_seconds[(dep.name, entry.model)] = {
                 "hbm": 0.0, "sram": 0.0, "ddr": switch, "loading": switch, "cold": cold_load_time(spec, profile),
             }
+
+    def eviction_victim(self, node: NodeView, model: str) -> str | None:
+        """The hot model that bringing `model` into HBM on `node` would likely push out:
+        none when it is hot already or fits beside the others; else the idlest hot one."""
+        slot = node.slots.get(model)
+        dep = node.deployment
+        room, need = self._weights_room.get(dep), self._resident.get((dep, model))
+        if slot is None or slot.tier in ("hbm", "sram") or room is None or need is None:
+            return None
+        hot = [s for s in node.slots.values() if s.name != model and s.tier in ("hbm", "sram")]
+        if sum(self._resident.get((dep, s.name), 0.0) for s in hot) + need <= room:
+            return None
+        return min(hot, key=lambda s: (s.in_flight + s.queued, self._resident.get((dep, s.name), 0.0))).name if hot else None
 
     def workload(self, deployment: str) -> str:
         dep = self._deployments.get(deployment)
