@@ -1,8 +1,9 @@
 """OpenTelemetry setup and W3C trace-context propagation over NATS headers.
 
 Spans follow the GenAI semantic conventions (`gen_ai.*` attributes). Export is OTLP when
-`OTEL_EXPORTER_OTLP_ENDPOINT` is set (and the `otlp` extra is installed); otherwise spans
-are created (so context still propagates) but not exported. Tests install their own
+`OTEL_EXPORTER_OTLP_ENDPOINT` is set (and the `otlp` extra is installed), and JSON lines
+per process under `TIERFLOW_TRACE_DIR` when that is set; otherwise spans are created (so
+context still propagates) but not exported. Tests install their own
 in-memory exporter through `set_span_processor`.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -37,8 +39,22 @@ def configure_tracing(service: str) -> TracerProvider:
             _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         except ImportError:
             log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but the otlp extra is missing: pip install 'tierflow[otlp]'")
+    trace_dir = os.environ.get("TIERFLOW_TRACE_DIR")
+    if trace_dir:
+        _provider.add_span_processor(_file_processor(Path(trace_dir), service))
     trace.set_tracer_provider(_provider)
     return _provider
+
+
+def _file_processor(directory: Path, service: str) -> SpanProcessor:
+    """Spans as JSON lines in DIR/<service>-<pid>.jsonl: traces without a collector, for
+    tests across processes and for a quick look on a laptop."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    directory.mkdir(parents=True, exist_ok=True)
+    sink = open(directory / f"{service}-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+    exporter = ConsoleSpanExporter(out=sink, formatter=lambda span: span.to_json(indent=None) + "\n")
+    return BatchSpanProcessor(exporter, schedule_delay_millis=200)
 
 
 def set_span_processor(processor: SpanProcessor) -> None:
