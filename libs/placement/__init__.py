@@ -14,6 +14,8 @@ the router, in tests and in the virtual-time fleet simulator.
 - `baselines`: `RoundRobin`, `LeastLoaded`, `Random`; `registry`: `POLICIES` by name.
 - `tenants`: API keys -> `Tenant` (models, boundary, rate limit, token quota).
 - `sessions`: `SessionTable`, the bounded session -> nodes map.
+- `tables`: `NodeTable` (views from heartbeats, plus what a dispatch will do until the
+  next one) and `ModelTable` (served models, traffic splits, switch costs per deployment).
 
 Per request the router: authenticates (`TenantDirectory.authenticate`), checks the
 tenant's model, rate limit and quota, hashes the prompt once (`rdu.block_hashes`), looks
@@ -29,6 +31,7 @@ from tierflow.placement.registry import POLICIES, PlacementConfig, PolicyFactory
 from tierflow.placement.request import ANYWHERE, Boundary, PlacementRequest, RequestWorkload
 from tierflow.placement.scoring import HotnessAware, PlacementWeights, SwitchCost
 from tierflow.placement.sessions import SessionInfo, SessionTable, session_key
+from tierflow.placement.tables import ModelRoute, ModelTable, NodeTable
 from tierflow.placement.tenants import (
     RateLimiter,
     Tenant,
@@ -83,6 +86,9 @@ __all__ = [
     "RateLimiter",
     "TokenQuota",
     "hash_api_key",
+    "NodeTable",
+    "ModelTable",
+    "ModelRoute",
     "SessionInfo",
     "SessionTable",
     "session_key",

@@ -37,7 +37,7 @@ from tierflow.runtime.clock import Clock
 from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, RateLimited, TierflowError, Unauthenticated
 from tierflow.runtime.tracing import inject_headers, tracer
 from tierflow.services.router.metrics import RouterMetrics
-from tierflow.services.router.state import ModelRoute, ModelTable, NodeTable
+from tierflow.placement.tables import ModelRoute, ModelTable, NodeTable
 from tierflow.services.router.transport import NodeLost, NodeStream, NodeTransport
 
 __all__ = ["Dispatcher", "GenerateParams", "RequestRecord", "finish_record"]

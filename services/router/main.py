@@ -25,7 +25,7 @@ from tierflow.services.router.http_server import serve, shutdown
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.services.router.openai_api import OpenAIApi
 from tierflow.services.router.settings import Settings
-from tierflow.services.router.state import ModelTable, NodeTable
+from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.services.router.transport import NatsNodeTransport
 
 __all__ = ["Settings", "main"]

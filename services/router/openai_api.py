@@ -31,7 +31,7 @@ from tierflow.services.router.dispatch import Dispatcher, GenerateParams, Reques
 from tierflow.services.router.http_server import Request, Response, StreamingResponse
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.services.router.openai_schema import ChatCompletionRequest, CompletionRequest, chat_decoder, completion_decoder
-from tierflow.services.router.state import ModelTable, NodeTable
+from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.tokenizer import encode, render_chat
 
 __all__ = ["OpenAIApi", "error_response"]

@@ -62,7 +62,7 @@ def test_cordoned_draining_suspect_take_no_work() -> None:
 
 
 def test_router_keywords_still_build_a_view() -> None:
-    """services/router/state.py builds views with models/tiers until it moves to from_heartbeat."""
+    """the router's NodeTable (placement/tables.py) builds views with models/tiers until it moves to from_heartbeat."""
     view = NodeView(
         node_id="a", models=frozenset({"m"}), tiers={"m": "hbm"}, region="r", residency="",
         queue_depth=1, running=0, max_batch=4, last_seen=1.0, interval_s=1.0,

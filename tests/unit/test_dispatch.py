@@ -18,7 +18,7 @@ from tierflow.placement import LeastLoaded, SessionTable
 from tierflow.services.router.config import load_router_config
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord
 from tierflow.services.router.metrics import RouterMetrics
-from tierflow.services.router.state import ModelTable, NodeTable
+from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.services.router.transport import NodeLost
 
 Script = list[messages.StreamEvent | NodeLost]

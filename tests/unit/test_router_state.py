@@ -6,7 +6,7 @@ import random
 
 from tierflow.contracts import messages, registry
 from tierflow.placement.basic import rank_least_loaded
-from tierflow.services.router.state import ModelTable, NodeTable
+from tierflow.placement.tables import ModelTable, NodeTable
 
 
 def _beat(node: str, *, queue: int = 0, running: int = 0, models: tuple[str, ...] = ("m",), started: float = 1.0, draining: bool = False) -> messages.NodeHeartbeat:

@@ -1,6 +1,8 @@
-"""What the router knows of the fabric: nodes (from heartbeats) and models (from the registry).
+"""What a router (or the fleet simulator) knows of the fabric: nodes (from heartbeats) and models (from the registry).
 
-Both tables are caches fed by NATS. Placement reads immutable `NodeView`s grouped in a
+Both tables are pure caches: the router feeds them from NATS (heartbeats, registry
+watches), the simulator from its virtual nodes, so both place with the same bookkeeping
+(`NodeTable.note_dispatch`) and the same switch costs (`ModelTable.switch_cost`). Placement reads immutable `NodeView`s grouped in a
 `FleetIndex`, rebuilt lazily (at most once per request after a change, not once per
 heartbeat), so a heartbeat arriving mid-decision cannot change the decision under it.
 """
