@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, replace
 
 from tierflow.contracts import messages, registry
-from tierflow.placement import FleetIndex, ModelSlot, NodeView
+from tierflow.placement.view import FleetIndex, ModelSlot, NodeView
 from tierflow.rdu import cold_load_time, load_catalog, load_profiles, model_from_dict, resident_bytes, switch_time
 from tierflow.rdu.engine import DEFAULT_KV_CACHE_FRACTION
 from tierflow.rdu.deployment import DeploymentConfig
