@@ -3,6 +3,8 @@
     tierflow up                     the whole fabric on this machine (NATS + 5 services + nodes)
     tierflow status                 services, nodes and models of a running fabric
     tierflow emulator calibrate     emulated vs published speeds
+    tierflow loadtest run SPEC      drive the live fabric with a workload; JSON report + PNG plots
+    tierflow sim SPEC               the same workload on a simulated fleet, in virtual time
     tierflow <service> [--flags]    one service process (router, model-registry, ...)
 """
 
@@ -11,9 +13,11 @@ from __future__ import annotations
 import typer
 
 from tierflow.cli.emulator import app as emulator_app
+from tierflow.cli.loadtest import app as loadtest_app
 from tierflow.cli.nodes import app as nodes_app
 from tierflow.cli.registry_cli import add_registry_commands
 from tierflow.cli.services import add_service_commands
+from tierflow.cli.sim import sim
 from tierflow.cli.status import status
 from tierflow.cli.top import top
 from tierflow.cli.up import up
@@ -31,6 +35,8 @@ app.command("up", help="Run the whole fabric locally: NATS, the five services an
 app.command("status", help="Show services, nodes and models of a running fabric.")(status)
 app.command("top", help="Live view of nodes, models, tiers, queues and rates.")(top)
 app.add_typer(nodes_app, name="nodes")
+app.add_typer(loadtest_app, name="loadtest", help="Drive the live fabric with a workload spec; compare reports.")
+app.command("sim", help="Simulate a workload on a fleet in virtual time (no NATS, no sleeping).")(sim)
 app.add_typer(emulator_app, name="emulator", help="The RDU emulator: calibration against published figures.")
 
 

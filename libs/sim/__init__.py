@@ -1,0 +1,1 @@
+"""tierflow.sim: the virtual-time fleet simulator (being built)."""
