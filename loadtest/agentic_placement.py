@@ -11,7 +11,7 @@ The same workload (same seed) runs twice in one invocation, each against a fresh
 that found their model cold (not in HBM), client-side TTFT p50/p99, prefix-cache hit
 share, and nodes touched per session; then the ratios round-robin / hotness-aware.
 
-    .venv/bin/python loadtest/agentic_placement.py [--sessions 32 --concurrency 8]
+    .venv/bin/python loadtest/agentic_placement.py [--sessions 64 --concurrency 8]
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ SYSTEM = {
     role: f"You are the {role} of a software agent team. " + f"Follow the {role} playbook to the letter. " * 40
     for role in set(FLOW)
 }
+# Placement weights are configuration; this workload's outputs are short (24 tokens, about
+# 0.4 s of decode for a 70B model here), so a queue one batch deep waits about that long,
+# not the default's 2 s (sized for chat answers of a few hundred tokens).
+ROUTER_CONFIG = """\
+placement:
+  weights:
+    batch_turn_seconds: 0.5
+"""
 TOPICS = ("billing service", "search index", "mobile app", "data pipeline", "auth gateway", "reporting tool", "chat widget", "payments API")
 
 
@@ -49,6 +57,8 @@ class Step:
     node: str
     cached: int
     prompt: int
+    started: float
+    placement: str
 
 
 @dataclass
@@ -81,7 +91,7 @@ async def session(client: openai.AsyncOpenAI, sid: int, rng: random.Random, run:
             return
         h = raw.headers
         run.steps.append(Step(sid, role, ttft or 0.0, h["x-tierflow-tier"], h["x-tierflow-node"],
-                              usage.prompt_tokens_details.cached_tokens if usage else 0, usage.prompt_tokens if usage else 0))
+                              usage.prompt_tokens_details.cached_tokens if usage else 0, usage.prompt_tokens if usage else 0, started, h.get("x-tierflow-placement", "")))
         history.append({"role": "assistant", "content": "".join(text)})
         history.append({"role": "user", "content": f"Next, the {role} result above is input for the next step."})
 
@@ -121,25 +131,28 @@ def summarize(run: Run) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=32)
+    parser.add_argument("--sessions", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--policies", default="hotness,round-robin")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    results = {}
+    results, runs = {}, {}
     for policy in args.policies.split(","):
         with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "router.yaml"
+            config.write_text(ROUTER_CONFIG)
             fabric = start_fabric(
                 Path(tmp), "--fleet", str(HERE / "fleets/agentic.yaml"), "--deployment", "agents",
-                "--decode-nodes", "4", "--prefill-nodes", "0", env={"TIERFLOW_PLACEMENT_POLICY": policy},
+                "--decode-nodes", "4", "--prefill-nodes", "0", env={"TIERFLOW_PLACEMENT_POLICY": policy, "TIERFLOW_CONFIG": str(config)},
             )  # fmt: skip
             try:
                 run = asyncio.run(drive(fabric.base_url, policy, args.sessions, args.concurrency, args.seed, args.max_tokens))
             finally:
                 fabric.stop()
         results[policy] = summarize(run)
+        runs[policy] = run
     cols = ("requests", "errors", "cold_share", "ttft_p50_ms", "ttft_p99_ms", "prefix_hit_share", "nodes_per_session", "wall_s")
     print(f"agentic workload: {args.sessions} sessions x {len(FLOW)} steps ({' -> '.join(FLOW)}), {args.concurrency} at a time")
     print(f"{'policy':<14}" + "".join(f"{c:>18}" for c in cols))
@@ -151,7 +164,7 @@ def main() -> None:
         print(f"round-robin / hotness-aware: cold share {ratio('cold_share'):.2f}x, TTFT p99 {ratio('ttft_p99_ms'):.2f}x, "
               f"TTFT p50 {ratio('ttft_p50_ms'):.2f}x, nodes per session {ratio('nodes_per_session'):.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"summary": results, "steps": {p: [vars(s) for s in r.steps] for p, r in runs.items()}}, indent=2))
 
 
 if __name__ == "__main__":

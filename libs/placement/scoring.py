@@ -5,7 +5,7 @@ to something with a meaning (roughly: extra time to first token) and the weights
 tuned one at a time; a weight of 0 turns its term off. Lower cost ranks first.
 
     cost = tier     * seconds until the model can run (0 in HBM, switch in DDR, load if cold)
-         + queue    * backlog (queued / batch size) * batch_turn_seconds
+         + queue    * batches of this model's work ahead beyond its batch * batch_turn_seconds
          + occupancy* running / batch size * full_batch_seconds
          + kv       * kv_usage * full_kv_seconds
          + workload * mismatch * workload_mismatch_seconds
@@ -175,7 +175,12 @@ class HotnessAware:
                 cost = tier_cost.get(slot.tier, unknown)
             else:
                 cost = tier_w * switch_cost(node, slot)
-            cost += kq * node.backlog + ko * node.occupancy + kk * node.kv_usage
+            batch = slot.max_batch
+            if batch:  # continuous batching is per model: wait only for this model's batch to have room
+                cost += kq * max(0, slot.queued + slot.in_flight + 1 - batch) / batch
+            else:
+                cost += kq * node.backlog
+            cost += ko * node.occupancy + kk * node.kv_usage
             if node.running + node.queue_depth > slot.in_flight + slot.queued:
                 cost += kc  # another model of the bundle has work here
             if wl_cost is not None:

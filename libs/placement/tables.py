@@ -10,6 +10,7 @@ heartbeat), so a heartbeat arriving mid-decision cannot change the decision unde
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 from tierflow.contracts import messages, registry
@@ -69,10 +70,10 @@ class NodeTable:
         """A node failed a request: keep new work off it until it proves alive again."""
         self._replace(node_id, suspect_until=now + self._suspect_seconds)
 
-    def note_dispatch(self, node_id: str, model: str, *, evicts: str | None = None) -> None:
+    def note_dispatch(self, node_id: str, model: str, *, evicts: Collection[str] = ()) -> None:
         """What a dispatch will do to a node, until its next heartbeat says what it did:
         one more request queued, the model brought into HBM and, when HBM is full, the
-        model it will likely push out (`evicts`) back in DDR. Without this, every decision
+        models it may push out (`evicts`, see `ModelTable.at_risk`) back in DDR. Without this, every decision
         within a heartbeat interval sees the same stale node and herds onto it."""
         node = self._decode.get(node_id) or self._prefill.get(node_id)
         if node is None:
@@ -85,7 +86,7 @@ class NodeTable:
         def predicted(s: ModelSlot) -> ModelSlot:
             if s.name == model:
                 return replace(s, tier="hbm", queued=s.queued + 1)
-            if s.name == evicts:
+            if s.name in evicts:
                 return replace(s, tier="ddr")
             return s
 
@@ -138,7 +139,9 @@ class ModelTable:
     # Used when a model's shape or a deployment's profile is unknown here.
     FALLBACK_SECONDS = {"hbm": 0.0, "sram": 0.0, "ddr": 0.2, "loading": 0.5, "cold": 6.0}
 
-    def __init__(self) -> None:
+    def __init__(self, *, drain_seconds: float = 2.0) -> None:
+        # About one request's decode: what a switch waits per batch of the victim's work.
+        self.drain_seconds = drain_seconds
         self._models: dict[str, registry.ModelRecord] = {}
         self._deployments: dict[str, registry.DeploymentRecord] = {}
         self.routes: dict[str, ModelRoute] = {}
@@ -170,23 +173,34 @@ class ModelTable:
     def switch_cost(self, node: NodeView, slot: ModelSlot) -> float:
         """Seconds until `slot`'s model can run on `node` (placement's `SwitchCost`).
 
-        Bringing a model in when HBM is full also evicts a hot one, which some later
-        request pays to bring back: that is counted too (the cheapest model to reload),
-        so placement does not trade one switch now for a cascade of them.
+        Bringing a model in when HBM is full also evicts a hot one, and that is not free:
+        the engine never evicts a model with requests in flight, so the switch first waits
+        for the victim's batch to drain (`drain_seconds` per batch of its work), and the
+        victim's next request pays to bring it back. Both are counted, so placement queues
+        behind a hot model rather than start a ping-pong of switches on a full node.
         """
         dep = node.deployment
         seconds = self._tier_seconds.get((dep, slot.name), self.FALLBACK_SECONDS)
         cost = seconds.get(slot.tier, self.FALLBACK_SECONDS["cold"])
         if slot.tier in ("hbm", "sram"):
             return cost
-        room = self._weights_room.get(dep)
-        need = self._resident.get((dep, slot.name))
-        if room is None or need is None:
-            return cost
-        hot = [s.name for s in node.slots.values() if s.name != slot.name and s.tier in ("hbm", "sram", "loading")]
-        if sum(self._resident.get((dep, name), 0.0) for name in hot) + need > room:
-            cost += min((self._tier_seconds.get((dep, name), self.FALLBACK_SECONDS)["ddr"] for name in hot), default=0.0)
+        victim = self._victim(node, slot.name)
+        if victim is not None:
+            reload = self._tier_seconds.get((dep, victim.name), self.FALLBACK_SECONDS)["ddr"]
+            cost += reload + self.drain_seconds * (victim.in_flight + victim.queued) / max(1, victim.max_batch)
         return cost
+
+    def _victim(self, node: NodeView, model: str) -> ModelSlot | None:
+        """The hot model that bringing `model` into HBM would push out: None when it fits
+        beside the others (or sizes are unknown); else the idlest, then the smallest."""
+        dep = node.deployment
+        room, need = self._weights_room.get(dep), self._resident.get((dep, model))
+        if room is None or need is None:
+            return None
+        hot = [s for s in node.slots.values() if s.name != model and s.tier in ("hbm", "sram", "loading")]
+        if not hot or sum(self._resident.get((dep, s.name), 0.0) for s in hot) + need <= room:
+            return None
+        return min(hot, key=lambda s: (s.in_flight + s.queued, self._resident.get((dep, s.name), 0.0)))
 
     def _costs(self, dep: registry.DeploymentRecord) -> None:
         profile = self._profiles.get(dep.profile)
@@ -208,18 +222,23 @@ class ModelTable:
                 "hbm": 0.0, "sram": 0.0, "ddr": switch, "loading": switch, "cold": cold_load_time(spec, profile),
             }
 
-    def eviction_victim(self, node: NodeView, model: str) -> str | None:
-        """The hot model that bringing `model` into HBM on `node` would likely push out:
-        none when it is hot already or fits beside the others; else the idlest hot one."""
+    def at_risk(self, node: NodeView, model: str) -> tuple[str, ...]:
+        """The hot models that bringing `model` into HBM on `node` may push out, for
+        `NodeTable.note_dispatch` to mark out of HBM until the node's next heartbeat.
+
+        The engine picks its victim when the switch happens (the coldest idle model then),
+        not when the router dispatches, so predicting one victim sends the others' requests
+        to a node about to evict them. Every idle hot model is at risk (or the idlest one
+        when none is idle): requests for them go where they are safely hot instead.
+        """
         slot = node.slots.get(model)
-        dep = node.deployment
-        room, need = self._weights_room.get(dep), self._resident.get((dep, model))
-        if slot is None or slot.tier in ("hbm", "sram") or room is None or need is None:
-            return None
-        hot = [s for s in node.slots.values() if s.name != model and s.tier in ("hbm", "sram")]
-        if sum(self._resident.get((dep, s.name), 0.0) for s in hot) + need <= room:
-            return None
-        return min(hot, key=lambda s: (s.in_flight + s.queued, self._resident.get((dep, s.name), 0.0))).name if hot else None
+        if slot is None or slot.tier in ("hbm", "sram"):
+            return ()
+        victim = self._victim(node, model)
+        if victim is None:
+            return ()
+        idle = tuple(s.name for s in node.slots.values() if s.name != model and s.tier in ("hbm", "sram") and not s.in_flight + s.queued)
+        return idle or (victim.name,)
 
     def workload(self, deployment: str) -> str:
         dep = self._deployments.get(deployment)

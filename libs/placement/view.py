@@ -47,6 +47,7 @@ class ModelSlot:
     tier: str = "ddr"  # "sram" | "hbm" | "ddr" | "loading" | "cold"
     in_flight: int = 0
     queued: int = 0
+    max_batch: int = 0  # this model's batch limit on the node (0 = unknown)
     # This model's recently cached prompt blocks, when the node reports them per model;
     # None falls back to the node's set (over all models: a prompt cached for one model
     # then looks cached for another, since block hashes do not depend on the model).
@@ -127,7 +128,7 @@ class NodeView:
         versions: dict[tuple[str, str], ModelSlot] = {}
         for m in hb.models:
             slot = ModelSlot(
-                name=m.name, version=m.version, tier=m.tier, in_flight=m.in_flight, queued=m.queued,
+                name=m.name, version=m.version, tier=m.tier, in_flight=m.in_flight, queued=m.queued, max_batch=m.max_batch,
                 prefix_hashes=frozenset(m.recent_prefix_hashes) if m.recent_prefix_hashes else None,
             )
             versions[(m.name, m.version)] = slot

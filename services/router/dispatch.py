@@ -283,7 +283,7 @@ class Dispatcher:
             record.node, record.placement = node_id, reason
             self._metrics.routing.labels(params.model, reason).inc()
             view = self._nodes.get(node_id)
-            self._nodes.note_dispatch(node_id, params.model, evicts=self._models.eviction_victim(view, params.model) if view else None)
+            self._nodes.note_dispatch(node_id, params.model, evicts=self._models.at_risk(view, params.model) if view else ())
             request = messages.GenerateRequest(
                 request_id=params.request_id, model=params.model, version=record.version,
                 prompt_token_ids=params.prompt_token_ids, max_tokens=max_tokens,
