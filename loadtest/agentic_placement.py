@@ -37,14 +37,6 @@ SYSTEM = {
     role: f"You are the {role} of a software agent team. " + f"Follow the {role} playbook to the letter. " * 40
     for role in set(FLOW)
 }
-# Placement weights are configuration; this workload's outputs are short (24 tokens, about
-# 0.4 s of decode for a 70B model here), so a queue one batch deep waits about that long,
-# not the default's 2 s (sized for chat answers of a few hundred tokens).
-ROUTER_CONFIG = """\
-placement:
-  weights:
-    batch_turn_seconds: 0.5
-"""
 TOPICS = ("billing service", "search index", "mobile app", "data pipeline", "auth gateway", "reporting tool", "chat widget", "payments API")
 
 
@@ -141,11 +133,9 @@ def main() -> None:
     results, runs = {}, {}
     for policy in args.policies.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            config = Path(tmp) / "router.yaml"
-            config.write_text(ROUTER_CONFIG)
             fabric = start_fabric(
                 Path(tmp), "--fleet", str(HERE / "fleets/agentic.yaml"), "--deployment", "agents",
-                "--decode-nodes", "4", "--prefill-nodes", "0", env={"TIERFLOW_PLACEMENT_POLICY": policy, "TIERFLOW_CONFIG": str(config)},
+                "--decode-nodes", "4", "--prefill-nodes", "0", env={"TIERFLOW_PLACEMENT_POLICY": policy},
             )  # fmt: skip
             try:
                 run = asyncio.run(drive(fabric.base_url, policy, args.sessions, args.concurrency, args.seed, args.max_tokens))
@@ -160,7 +150,7 @@ def main() -> None:
         print(f"{policy:<14}" + "".join(f"{r[c]:>18.3f}" if isinstance(r[c], float) else f"{r[c]:>18}" for c in cols))
     if {"hotness", "round-robin"} <= results.keys():
         h, rr = results["hotness"], results["round-robin"]
-        ratio = lambda k: rr[k] / h[k] if h[k] else float("inf")  # noqa: E731
+        ratio = lambda k: rr[k] / h[k] if h[k] else float("inf")  # noqa: E731  (inf: hotness found none cold)
         print(f"round-robin / hotness-aware: cold share {ratio('cold_share'):.2f}x, TTFT p99 {ratio('ttft_p99_ms'):.2f}x, "
               f"TTFT p50 {ratio('ttft_p50_ms'):.2f}x, nodes per session {ratio('nodes_per_session'):.2f}x")
     if args.json:

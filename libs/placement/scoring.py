@@ -15,7 +15,9 @@ tuned one at a time; a weight of 0 turns its term off. Lower cost ranks first.
 
 The seconds until the model can run come from the weights' per-tier figures, or from a
 `switch_cost(node, slot)` callable given to `HotnessAware` when the caller knows better
-(the simulator knows each model's size and each profile's bandwidths).
+(the router's and the simulator's `ModelTable` know each model's size and each profile's
+bandwidths). Likewise `batch_turn(model)` replaces `batch_turn_seconds` with the decode
+time measured on the model's finished requests.
 
 Weights are configuration, e.g. in the router's YAML:
 
@@ -41,13 +43,17 @@ from tierflow.placement.policy import Choice, Placement, check_limit
 from tierflow.placement.request import PlacementRequest
 from tierflow.placement.view import ModelSlot, NodeView
 
-__all__ = ["PlacementWeights", "HotnessAware", "SwitchCost"]
+__all__ = ["PlacementWeights", "HotnessAware", "SwitchCost", "BatchTurn"]
 
 Seconds = Annotated[float, Meta(ge=0.0)]
 Weight = Annotated[float, Meta(ge=0.0)]
 
 SwitchCost = Callable[[NodeView, ModelSlot], float]
 """Estimated seconds until `slot`'s model can run on `node` (0 when it is in HBM)."""
+
+BatchTurn = Callable[[str], "float | None"]
+"""Measured seconds a request of the model waits per batch of work ahead of it (about one
+request's decode); None when unknown, and `PlacementWeights.batch_turn_seconds` applies."""
 
 
 class PlacementWeights(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -129,12 +135,15 @@ class HotnessAware:
 
     name = "hotness"
 
-    __slots__ = ("weights", "_switch_cost", "_tier_cost", "_unknown_tier", "_workload_cost", "_turn", "_k")
+    __slots__ = ("weights", "_switch_cost", "_batch_turn", "_tier_cost", "_unknown_tier", "_workload_cost", "_turn", "_k")
 
-    def __init__(self, weights: PlacementWeights | None = None, *, switch_cost: SwitchCost | None = None) -> None:
+    def __init__(
+        self, weights: PlacementWeights | None = None, *, switch_cost: SwitchCost | None = None, batch_turn: BatchTurn | None = None
+    ) -> None:
         w = weights or PlacementWeights()
         self.weights = w
         self._switch_cost = switch_cost
+        self._batch_turn = batch_turn
         self._tier_cost = {t: w.tier * s for t, s in w.tier_seconds().items()}
         self._unknown_tier = w.tier * w.cold_seconds
         self._workload_cost = {
@@ -161,6 +170,10 @@ class HotnessAware:
         if not n:
             raise diagnose(nodes, request, now)
         kq, ko, kk, kp, ka, kc = self._k
+        if self._batch_turn is not None:
+            measured = self._batch_turn(request.model)  # once per decision: every candidate serves this model
+            if measured is not None:
+                kq = self.weights.queue * measured
         tier_cost, unknown, switch_cost = self._tier_cost, self._unknown_tier, self._switch_cost
         tier_w = self.weights.tier
         wl_cost = self._workload_cost.get(request.workload) if request.workload else None

@@ -139,9 +139,14 @@ class ModelTable:
     # Used when a model's shape or a deployment's profile is unknown here.
     FALLBACK_SECONDS = {"hbm": 0.0, "sram": 0.0, "ddr": 0.2, "loading": 0.5, "cold": 6.0}
 
+    # How much each finished request moves a model's decode-time estimate.
+    DECODE_EWMA_ALPHA = 0.1
+
     def __init__(self, *, drain_seconds: float = 2.0) -> None:
-        # About one request's decode: what a switch waits per batch of the victim's work.
+        # About one request's decode: what a switch waits per batch of the victim's work,
+        # until requests of the victim's model have been observed (`observe_decode`).
         self.drain_seconds = drain_seconds
+        self._decode_s: dict[str, float] = {}
         self._models: dict[str, registry.ModelRecord] = {}
         self._deployments: dict[str, registry.DeploymentRecord] = {}
         self.routes: dict[str, ModelRoute] = {}
@@ -187,8 +192,24 @@ class ModelTable:
         victim = self._victim(node, slot.name)
         if victim is not None:
             reload = self._tier_seconds.get((dep, victim.name), self.FALLBACK_SECONDS)["ddr"]
-            cost += reload + self.drain_seconds * (victim.in_flight + victim.queued) / max(1, victim.max_batch)
+            drain = self._decode_s.get(victim.name, self.drain_seconds)
+            cost += reload + drain * (victim.in_flight + victim.queued) / max(1, victim.max_batch)
         return cost
+
+    def observe_decode(self, model: str, seconds: float) -> None:
+        """A finished request of `model` decoded for `seconds` (first token to last).
+
+        What a request waits for a slot in a full batch, or for a busy model to drain
+        before it can be switched out, is about one such decode; it depends on how long
+        the workload's answers are, which no fixed setting knows, so it is measured.
+        """
+        held = self._decode_s.get(model)
+        self._decode_s[model] = seconds if held is None else held + self.DECODE_EWMA_ALPHA * (seconds - held)
+
+    def batch_turn(self, model: str) -> float | None:
+        """Seconds a request of `model` waits per batch of work ahead of it (placement's
+        `BatchTurn`); None until a request of the model has been observed."""
+        return self._decode_s.get(model)
 
     def _victim(self, node: NodeView, model: str) -> ModelSlot | None:
         """The hot model that bringing `model` into HBM would push out: None when it fits

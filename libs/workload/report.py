@@ -46,7 +46,7 @@ __all__ = [
     "load_report",
 ]
 
-REPORT_FORMAT = "tierflow.workload.report/1"
+REPORT_FORMAT = "tierflow-workload-report/1"
 HOT_TIERS = frozenset({"hbm", "sram"})  # a model found here needed no load or switch
 PERCENTILES = (50.0, 95.0, 99.0)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from tierflow.placement import PlacementConfig, PlacementPolicy, SwitchCost, Tenant, TenantDirectory, TenantPolicy
+from tierflow.placement import BatchTurn, PlacementConfig, PlacementPolicy, SwitchCost, Tenant, TenantDirectory, TenantPolicy
 
 __all__ = ["RouterConfig", "load_router_config"]
 
@@ -37,7 +37,9 @@ def _open_directory() -> TenantDirectory:
     return _OpenDirectory([anonymous], anonymous="anonymous")
 
 
-def load_router_config(path: str, *, policy_override: str = "", switch_cost: SwitchCost | None = None) -> RouterConfig:
+def load_router_config(
+    path: str, *, policy_override: str = "", switch_cost: SwitchCost | None = None, batch_turn: BatchTurn | None = None
+) -> RouterConfig:
     raw: dict[str, Any] = {}
     if path:
         try:
@@ -54,4 +56,4 @@ def load_router_config(path: str, *, policy_override: str = "", switch_cost: Swi
     placement = dict(raw.get("placement") or {})
     if policy_override:
         placement["policy"] = policy_override
-    return RouterConfig(tenants=tenants, policy=PlacementConfig.from_config(placement).build(switch_cost=switch_cost))
+    return RouterConfig(tenants=tenants, policy=PlacementConfig.from_config(placement).build(switch_cost=switch_cost, batch_turn=batch_turn))

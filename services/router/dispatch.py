@@ -243,6 +243,9 @@ class Dispatcher:
             tenant.quota.charge(self._clock.monotonic(), record.prompt_tokens + record.completion_tokens)
         if record.session:
             record.session_nodes = self._sessions.touch(record.session, record.node)
+        if record.completion_tokens > 1 and record.time_to_first_token > 0:
+            decode = self._clock.monotonic() - record.arrived - record.time_to_first_token
+            self._models.observe_decode(record.model, decode)
 
     def _place(self, placement: PlacementRequest, route: ModelRoute, tried: set[str], last_failure: str) -> tuple[str, str, PlacementRequest]:
         """The next node to try, its placement reason, and the request (version may fall back)."""

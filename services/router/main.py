@@ -41,7 +41,9 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     nodes = NodeTable()
     models = ModelTable()
     # A bad configuration file stops the router here, with the problem named.
-    config = load_router_config(settings.config, policy_override=settings.placement_policy, switch_cost=models.switch_cost)
+    config = load_router_config(
+        settings.config, policy_override=settings.placement_policy, switch_cost=models.switch_cost, batch_turn=models.batch_turn
+    )
     metrics = RouterMetrics(ctx.metrics)
 
     async def on_heartbeat(msg: object) -> None:

@@ -88,3 +88,24 @@ def test_nodes_start_with_different_models_hot() -> None:
     # Two 70B models fit beside the KV pool; each node starts the fit at its own model.
     assert preloads == [["planner", "coder"], ["coder", "reasoner"], ["reasoner", "summarizer"], ["summarizer", "planner"]]
     assert {m for p in preloads for m in p} == set(MODELS)  # every model starts hot somewhere
+
+
+def test_queue_and_drain_are_priced_by_the_measured_decode_time() -> None:
+    """Short answers make a queue cheap and a switch dear: the estimates follow what the
+    model's finished requests took, not the 2 s default sized for long answers."""
+    models, nodes = _models(), NodeTable()
+    nodes.apply(_beat("n", {"planner": 2, "coder": 2, "reasoner": 4}), now=0.0)
+    view = nodes.get("n")
+    assert view is not None and models.batch_turn("coder") is None
+    before = models.switch_cost(view, view.slots["summarizer"])
+    for seconds in (0.4, 0.4, 0.4):
+        models.observe_decode("planner", seconds)
+        models.observe_decode("coder", seconds)
+    assert models.batch_turn("planner") == 0.4
+    # The idlest victim (planner or coder: 2 of a 4-batch) now drains in 0.2 s, not 1 s.
+    assert abs(before - models.switch_cost(view, view.slots["summarizer"]) - 0.8) < 1e-9
+    policy = HotnessAware(PlacementWeights(contention=0.0, occupancy=0.0), batch_turn=models.batch_turn)
+    nodes.apply(_beat("full", {"planner": 4}), now=0.0)
+    nodes.apply(_beat("free", {}), now=0.0)
+    ranked = policy.rank([nodes.get("full"), nodes.get("free")], PlacementRequest(model="planner"), 1.0)  # type: ignore[list-item]
+    assert abs(ranked.choices[1].score - ranked.choices[0].score - 0.4 / 4) < 1e-9
