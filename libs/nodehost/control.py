@@ -18,7 +18,7 @@ from nats.micro.service import Service
 
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.driver import EngineDriver
-from tierflow.nodehost.heartbeat import NodeIdentity
+from tierflow.nodehost.beat import NodeIdentity
 
 __all__ = ["add_control_endpoint"]
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tierflow.contracts import messages
+from tierflow.nodehost.beat import LoadReport
 from tierflow.rdu import (
     EngineRequest,
     kv_transfer_time,
@@ -50,18 +51,6 @@ class _Stream:
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0  # to prefill here (0 when a prefill node already did it)
     last_token_at: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class LoadReport:
-    """What the heartbeat adds to the engine's snapshot for the autoscaler."""
-
-    ttft_p95: float | None
-    itl_p95: float | None
-    latency_samples: int
-    latency_window: float
-    in_flight: int
-    queued_prompt_tokens: int
 
 
 class EngineDriver:

@@ -1,7 +1,8 @@
 """A node's heartbeat: the engine's snapshot, published every interval.
 
 The router places by it and the autoscaler scales by it; a node that stops sending it
-is out of rotation after three intervals.
+is out of rotation after three intervals. What it says is `beat.build_heartbeat` (pure,
+shared with the fleet simulator); this module adds the process's side and the loop.
 """
 
 from __future__ import annotations
@@ -9,71 +10,23 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
-from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
 
 from tierflow.contracts import messages, subjects
+from tierflow.nodehost.beat import NodeIdentity, build_heartbeat
 from tierflow.nodehost.driver import EngineDriver
 from tierflow.runtime.clock import Clock
 
 __all__ = ["NodeIdentity", "heartbeat_message", "heartbeat_loop"]
 
 
-@dataclass(slots=True)
-class NodeIdentity:
-    node_id: str
-    role: str
-    deployment: str
-    region: str
-    residency: str
-    profile: str
-    started_at: float = field(default_factory=time.time)
-    cordoned: bool = False
-    draining: bool = False
-
-
 def heartbeat_message(identity: NodeIdentity, driver: EngineDriver, clock: Clock, seq: int, interval: float) -> messages.NodeHeartbeat:
-    """The engine's snapshot plus the driver's latency and load report."""
+    """This process's heartbeat now: `build_heartbeat` over the engine and the driver."""
     now = clock.monotonic()
-    snap = driver.engine.snapshot(now)
-    report = driver.load_report(now)
-    return messages.NodeHeartbeat(
-        node_id=identity.node_id,
-        role=identity.role,  # type: ignore[arg-type]
-        deployment=identity.deployment,
-        region=identity.region,
-        residency=identity.residency,
-        profile=identity.profile,
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        started_at=identity.started_at,
-        sent_at=clock.now(),
-        interval_s=interval,
-        seq=seq,
-        models=[
-            messages.ModelState(
-                name=m.name, version=m.version, tier=m.tier, in_flight=m.in_flight, queued=m.queued,
-                max_batch=m.max_batch, recent_prefix_hashes=list(m.recent_prefix_hashes),
-            )
-            for m in snap.models
-        ],
-        block_size=snap.block_size,
-        queue_depth=snap.queue_depth,
-        running=snap.running,
-        max_batch=snap.max_batch,
-        kv_usage=snap.kv_usage,
-        prefix_cache_blocks=snap.prefix_cache_blocks.hbm + snap.prefix_cache_blocks.ddr,
-        # node-wide list left empty: the per-model lists above say the same, more precisely
-        cordoned=identity.cordoned,
-        draining=identity.draining,
-        ttft_p95=report.ttft_p95,
-        itl_p95=report.itl_p95,
-        latency_samples=report.latency_samples,
-        latency_window_s=report.latency_window,
-        in_flight=report.in_flight,
-        queued_prompt_tokens=report.queued_prompt_tokens,
+    return build_heartbeat(
+        identity, driver.engine.snapshot(now), driver.load_report(now),
+        seq=seq, interval=interval, sent_at=clock.now(), host=socket.gethostname(), pid=os.getpid(),
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+
 import msgspec
 
 from tierflow.contracts import messages, subjects
@@ -17,10 +19,12 @@ from tierflow.nodehost.control import add_control_endpoint
 from tierflow.nodehost.bundle import build_bundle, fetch_deployment
 from tierflow.nodehost.profiles import resolve_profile
 from tierflow.nodehost.driver import EngineDriver
-from tierflow.nodehost.heartbeat import NodeIdentity, heartbeat_loop
+from tierflow.nodehost.beat import NodeIdentity
+from tierflow.nodehost.heartbeat import heartbeat_loop
 from tierflow.nodehost.metrics import NodeMetrics
 from tierflow.nodehost.settings import NodeSettings
-from tierflow.rdu import NodeEngine, hbm_preload
+from tierflow.nodehost.preload import preload_models
+from tierflow.rdu import NodeEngine
 from tierflow.runtime import discovery
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.service import ServiceContext, connect_nats
@@ -44,12 +48,13 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     profile = resolve_profile(profile_name, settings.profiles)
     engine = NodeEngine(
         profile, bundle, now=clock.monotonic(),
-        preload=hbm_preload(profile, bundle) if settings.preload == "hbm" else (),
+        preload=preload_models(profile, bundle, settings.node_id) if settings.preload == "hbm" else (),
         ddr_resident=[] if settings.preload == "cold" else None,
     )
     identity = NodeIdentity(
         node_id=settings.node_id, role=role, deployment=deployment.name,
         region=settings.region or deployment.region, residency=deployment.residency, profile=profile_name,
+        started_at=time.time(),
     )
     metrics = NodeMetrics(ctx.metrics)
     spans = tracer("tierflow.node")

@@ -19,11 +19,23 @@ load, which takes real time, evicting the coldest idle models if HBM is short; a
 with requests in flight is never evicted. Admission is FCFS across models too: once a
 model cannot get HBM (for weights or KV), models whose oldest waiter is younger stop
 admitting, so they drain and it gets its turn instead of starving.
+
+Fast mode (`token_events=False`), for the fleet simulator, which needs each request's
+start and finish but not its tokens: no `TokenGenerated` events, no token ids drawn, and
+a batch decodes as one *run* of many steps, one piece of work up to the first step
+boundary where the step-by-step engine could decide anything but "the same batch takes
+another step" (a request finishes, the time slice ends while another model has work, the
+model's waiting head arrives and might be admitted). Arrivals are not known in advance,
+so a `submit` or `cancel` during a run cuts it at the first boundary the step-by-step
+engine would have seen it at. Step ends are summed exactly as step by step, so both modes
+emit the same `RequestStarted` and `RequestFinished` events and pass through the same
+snapshots.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Sequence
 from typing import Final, Literal
@@ -60,6 +72,7 @@ _DONE: Final = 3
 _LOAD: Final = 0
 _PREFILL: Final = 1
 _DECODE: Final = 2
+_RUN: Final = 3  # fast mode: many decode steps of one batch
 
 
 class _Req:
@@ -118,6 +131,7 @@ class _Model:
         "version",
         "spec",
         "config",
+        "config_name",
         "cost",
         "block_bytes",
         "max_batch",
@@ -140,6 +154,7 @@ class _Model:
         self.version = bundle.version
         self.spec: ModelSpec = bundle.spec
         self.config: DeploymentConfig = bundle.config
+        self.config_name = str(bundle.config)
         self.cost = DecodeCostModel(bundle.spec, profile)
         self.block_bytes = bundle.spec.kv_bytes_per_token * block_size
         self.max_batch = bundle.config.batch_size
@@ -165,6 +180,32 @@ class _Work:
         self.start = start
         self.end = end
         self.batch = batch
+
+
+class _Run(_Work):
+    """Decode steps of one batch back to back (fast mode): `ends[i]` ends step i.
+
+    `seen` is the latest time `advance` ran to: the step-by-step engine has already begun
+    every step starting by then, so news can only reach the first boundary after it.
+    `renew`: no other model had work, so a time slice ending inside the run just starts
+    another (`_choose` picks the same model again and changes nothing else).
+    """
+
+    __slots__ = ("ends", "seen", "renew")
+
+    def __init__(self, model: _Model, start: float, ends: list[float], renew: bool) -> None:
+        super().__init__(_RUN, model, start, ends[-1], model.running)
+        self.ends = ends
+        self.seen = start
+        self.renew = renew
+
+    def cut(self, not_before: float) -> None:
+        """End at the first boundary after `seen` and at or after `not_before`."""
+        ends = self.ends
+        i = max(bisect_right(ends, self.seen), bisect_left(ends, not_before))
+        if i < len(ends) - 1:
+            del ends[i + 1 :]
+            self.end = ends[i]
 
 
 DEFAULT_KV_CACHE_FRACTION: Final = 0.25
@@ -207,10 +248,13 @@ class NodeEngine:
         hotness_half_life: float = 300.0,
         switch_patience: float = 0.5,
         recent_hashes: int = 256,
+        token_events: bool = True,
     ) -> None:
         """`preload`: models already in HBM; `ddr_resident`: models already in DDR (default:
         the whole bundle; the rest start cold, in host storage). `kv_cache_fraction` of HBM
         is the KV pool; `ddr_kv_cache_bytes` bounds KV spilled to DDR (default 2x the pool).
+        `token_events=False` is fast mode (see the module docstring): same starts, finishes
+        and snapshots, no tokens.
         """
         if not bundle:
             raise ValueError("bundle is empty: a node serves at least one model")
@@ -257,6 +301,7 @@ class NodeEngine:
         )
         self._models = [_Model(i, b, profile, block_size) for i, b in enumerate(bundle)]
         self._by_name = {m.name: m for m in self._models}
+        self._max_batch = sum(m.max_batch for m in self._models)
         in_ddr = set(names if ddr_resident is None else ddr_resident) | set(preload)
         for m in self._models:
             self._validate_model(m, weights_hbm, kv_hbm)
@@ -265,7 +310,10 @@ class NodeEngine:
             )
             self._weights.add(m.name, m.resident, tier=where)
 
-        self._texts = tuple(decode_output([i]) for i in range(len(OUTPUT_VOCAB)))
+        self._token_events = token_events
+        self._texts = (
+            tuple(decode_output([i]) for i in range(len(OUTPUT_VOCAB))) if token_events else ()
+        )
         self._requests: dict[str, _Req] = {}
         self._n_waiting = 0
         self._n_admitted = 0
@@ -358,12 +406,28 @@ class NodeEngine:
                 f"{self._n_waiting} requests already waiting (limit {self._max_queue});"
                 " retry later",
             )
-        try:
-            packed = pack_tokens(prompt)
-        except ValueError as err:
-            raise RequestRejected("invalid_request", f"prompt_token_ids: {err}") from None
-        natural, key = output_plan(m.name, request.seed, packed)
         max_tokens = request.max_tokens
+        bs = self._block_size
+        hashes = request.prompt_block_hashes
+        # The prompt's bytes feed its block hashes, unless the caller brings them, and the
+        # completion's draw, unless no token ids are drawn and its length is already fixed.
+        draws = max_tokens > 0 and (self._token_events or not request.ignore_eos)
+        packed = b""
+        if hashes is None or draws:
+            try:
+                packed = pack_tokens(prompt)
+            except ValueError as err:
+                raise RequestRejected("invalid_request", f"prompt_token_ids: {err}") from None
+        if hashes is None:
+            hashes = hashes_from_packed(packed, bs)
+        elif len(hashes) != n // bs:
+            raise RequestRejected(
+                "invalid_request",
+                f"prompt_block_hashes has {len(hashes)} hashes but a {n}-token prompt has"
+                f" {n // bs} full blocks of {bs} tokens; send"
+                f" tierflow.rdu.block_hashes(prompt_token_ids, {bs}) or nothing",
+            )
+        natural, key = output_plan(m.name, request.seed, packed) if draws else (0, 0)
         reason: Literal["stop", "length", "prefill"]
         if max_tokens == 0:
             target, reason = 0, "prefill"
@@ -371,18 +435,14 @@ class NodeEngine:
             target, reason = natural, "stop"
         else:
             target, reason = max_tokens, "length"
-        r = _Req(
-            rid,
-            m,
-            n,
-            max_tokens,
-            now,
-            target,
-            reason,
-            key,
-            hashes_from_packed(packed, self._block_size),
-            request.prefilled,
-        )
+        run = self._pending
+        if type(run) is _Run:
+            if run.model is m:
+                if not m.waiting and len(m.running) < m.max_batch:
+                    run.cut(now)  # it is the new head: admissible from the next step
+            elif run.renew:
+                run.cut(max(now, self._slice_end))  # the slice no longer renews unseen
+        r = _Req(rid, m, n, max_tokens, now, target, reason, key, hashes, request.prefilled)
         m.waiting.append(r)
         self._requests[rid] = r
         self._n_waiting += 1
@@ -396,6 +456,9 @@ class NodeEngine:
         r = self._requests.pop(request_id, None)
         if r is None:
             return
+        run = self._pending
+        if type(run) is _Run:
+            run.cut(-math.inf)  # freed KV, a slot or a queue place: decide at the next step
         m = r.model
         if r.state == _WAITING:
             m.waiting.remove(r)
@@ -428,15 +491,28 @@ class NodeEngine:
                 self._busy += end - work.start
                 if work.kind == _DECODE:
                     self._decode(work.model, end, events)
+                elif work.kind == _RUN:
+                    self._finish_run(work, events)  # type: ignore[arg-type]
                 else:
                     self._complete(work, events)
             start = self._free_at if self._n_admitted else self._next_start()
             if start is None or start > now:
                 break
             self._begin(start, events)
+        run = self._pending
+        if type(run) is _Run and now > run.seen:
+            run.seen = now
         return events
 
     def snapshot(self, now: float) -> EngineSnapshot:
+        work = self._pending
+        busy_until = None if work is None else work.end
+        busy = self._busy
+        if type(work) is _Run:  # report the step under way, as the step-by-step engine does
+            i = bisect_right(work.ends, work.seen)
+            busy_until = work.ends[i]
+            if i:
+                busy += work.ends[i - 1] - work.start
         w, kv = self._weights, self._kv
         models = [
             ModelState(
@@ -448,7 +524,7 @@ class NodeEngine:
                 last_used=w.last_used(m.name),
                 queued=len(m.waiting),
                 max_batch=m.max_batch,
-                config=str(m.config),
+                config=m.config_name,
                 recent_prefix_hashes=kv.recent_hashes(m.name),
             )
             for m in self._models
@@ -459,7 +535,7 @@ class NodeEngine:
             models=models,
             queue_depth=self._n_waiting,
             running=self._n_admitted,
-            max_batch=sum(m.max_batch for m in self._models),
+            max_batch=self._max_batch,
             kv_usage=kv.usage,
             prefix_cache_blocks=TierCounts(hbm=kv.hbm_blocks, ddr=kv.ddr_blocks),
             prefix_cache_queries=kv.query_tokens,
@@ -469,8 +545,8 @@ class NodeEngine:
             recent_prefix_hashes=kv.recent_hashes(),
             block_size=self._block_size,
             current_model=self._current.name if self._current is not None else None,
-            busy_until=self._pending.end if self._pending is not None else None,
-            busy_seconds=self._busy,
+            busy_until=busy_until,
+            busy_seconds=busy,
         )
 
     # ------------------------------------------------------------------ scheduling
@@ -559,8 +635,7 @@ class NodeEngine:
             head = m.waiting[0] if m.waiting else None
             if head is None or head.arrival > t or len(m.running) >= m.max_batch:
                 # The common case, once per decode step: the same batch takes another step.
-                dt = m.cost.step_seconds(len(m.running), m.ctx_sum)
-                self._pending = _Work(_DECODE, m, t, t + dt, m.running)
+                self._pending = self._decode_work(m, t)
                 return
         m = self._choose(t)
         if self._weights.tier(m.name) != "hbm":
@@ -578,8 +653,39 @@ class NodeEngine:
                 f"scheduler invariant broken: {m.name} was chosen with nothing to do"
             )
         else:
-            dt = m.cost.step_seconds(len(m.running), m.ctx_sum)
-            self._pending = _Work(_DECODE, m, t, t + dt, m.running)
+            self._pending = self._decode_work(m, t)
+
+    def _decode_work(self, m: _Model, t: float) -> _Work:
+        if not self._token_events:
+            return self._run(m, t)
+        dt = m.cost.step_seconds(len(m.running), m.ctx_sum)
+        return _Work(_DECODE, m, t, t + dt, m.running)
+
+    def _run(self, m: _Model, t: float) -> _Run:
+        """Fast mode: the batch's steps up to the first boundary that needs a decision.
+
+        Inside the run every boundary is one where `_begin` would take its first branch,
+        or pass through `_choose` and `_admissible` without changing anything: the head
+        has not arrived yet, or the batch is full, or the head is refused for a reason no
+        step can change (no KV room since the last release, or an older waiter elsewhere).
+        """
+        running = m.running
+        steps = min([r.target - r.generated for r in running])
+        until = math.inf
+        head = m.waiting[0] if m.waiting else None
+        if (
+            head is not None
+            and len(running) < m.max_batch
+            and m.kv_blocked_epoch != self._kv_epoch
+            and self._fair(m, head)
+        ):
+            until = head.arrival
+        # no other model has work (nothing is prefilling while a batch decodes)
+        renew = self._n_waiting == len(m.waiting) and self._n_admitted == len(running)
+        if not renew and self._slice_end < until:
+            until = self._slice_end
+        ends = m.cost.step_ends(len(running), m.ctx_sum, t, steps, until)
+        return _Run(m, t, ends, renew)
 
     def _admit(self, m: _Model, t: float, events: list[EngineEvent]) -> list[_Req]:
         batch: list[_Req] = []
@@ -655,9 +761,10 @@ class NodeEngine:
             if r.target == 0:
                 self._finish(r, t, events)
                 continue
-            r.tokens = completion_tokens(r.key, r.target, vocab)
-            tok = r.tokens[0]
-            events.append(TokenGenerated(r.id, t, 0, tok, texts[tok]))
+            if self._token_events:
+                r.tokens = completion_tokens(r.key, r.target, vocab)
+                tok = r.tokens[0]
+                events.append(TokenGenerated(r.id, t, 0, tok, texts[tok]))
             r.generated = 1
             if r.target == 1:
                 self._finish(r, t, events)
@@ -684,6 +791,31 @@ class NodeEngine:
             for r in done:
                 m.ctx_sum -= r.prompt_len + r.generated
                 self._finish(r, t, events)
+            m.running = [r for r in m.running if r.state == _RUNNING]
+
+    def _finish_run(self, run: _Run, events: list[EngineEvent]) -> None:
+        """Every request still in the batch gained one token per step of the run."""
+        m = run.model
+        ends = run.ends
+        steps = len(ends)
+        if run.renew:  # replay the slices that ended inside the run, as `_choose` renews them
+            inner = steps - 1
+            slice_end, ts = self._slice_end, self._time_slice
+            i = bisect_left(ends, slice_end, 0, inner)
+            while i < inner:
+                slice_end = ends[i] + ts
+                i = bisect_left(ends, slice_end, i + 1, inner)
+            self._slice_end = slice_end
+        done: list[_Req] = []
+        for r in m.running:
+            r.generated += steps
+            if r.generated >= r.target:
+                done.append(r)
+        m.ctx_sum += steps * len(m.running)
+        if done:
+            for r in done:
+                m.ctx_sum -= r.prompt_len + r.generated
+                self._finish(r, run.end, events)
             m.running = [r for r in m.running if r.state == _RUNNING]
 
     def _finish(self, r: _Req, t: float, events: list[EngineEvent]) -> None:

@@ -44,6 +44,14 @@ class BundleModel(msgspec.Struct, frozen=True):
 
 
 class EngineRequest(msgspec.Struct):
+    """One request to a node.
+
+    `prompt_block_hashes`: the prompt's `tierflow.rdu.block_hashes` at the engine's block
+    size, for a caller that already computed them (placement scores prefix overlap with
+    them): the engine then does not hash the prompt again. It trusts them and checks only
+    their count; in fast mode with `ignore_eos` it then never reads the token ids at all.
+    """
+
     request_id: str
     model: str
     prompt_token_ids: list[int]
@@ -51,6 +59,7 @@ class EngineRequest(msgspec.Struct):
     seed: int = 0
     ignore_eos: bool = False
     prefilled: bool = False  # KV arrived from a prefill node: charge only its write into HBM
+    prompt_block_hashes: list[int] | None = None
 
 
 class RequestRejected(Exception):

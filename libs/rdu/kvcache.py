@@ -7,7 +7,10 @@ The router calls `block_hashes` too, to score a node's prefix overlap, so it is
 deterministic across processes (BLAKE2b over little-endian uint32 token ids; never
 Python's per-process salted `hash`).
 
-Blocks are per model, since one model's KV means nothing to another. A request's allocation is
+Blocks are per model, since one model's KV means nothing to another: a block is keyed by
+its hash XOR a salt per model (one int, cheaper than a (model, hash) pair in a dict of
+~10^5 blocks), so two models share a key only if 64-bit hashes collide, the same odds a
+prefix match already rests on. A request's allocation is
 reserved up front for prompt + max_tokens (TensorRT-LLM's "guaranteed no evict" policy:
 admitted requests are never preempted). Hit blocks are shared and pinned; the rest is
 private until the prompt is computed, when its full blocks join the cache (`commit`).
@@ -25,7 +28,11 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from hashlib import blake2b
+from itertools import chain
 from typing import Final
+
+import msgspec
+import numpy as np
 
 from .memory import TransferLedger
 
@@ -39,6 +46,7 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK_SIZE: Final = 64
+_MERGE_AFTER: Final = 64  # uses logged per list before a merge bounds the log
 _ROOT: Final = bytes(8)
 
 
@@ -55,17 +63,26 @@ def pack_tokens(token_ids: Sequence[int]) -> bytes:
     return packed.tobytes()
 
 
+_HASHER: Final = blake2b(digest_size=8)  # copied per block: cheaper than a new one
+
+
 def hashes_from_packed(packed: bytes, block_size: int) -> list[int]:
     """`block_hashes` of already packed token ids (4 bytes each)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     step = 4 * block_size
-    out: list[int] = []
+    view = memoryview(packed)
+    new = _HASHER.copy
+    digests: list[bytes] = []
     prev = _ROOT
     for start in range(0, len(packed) - step + 1, step):
-        prev = blake2b(prev + packed[start : start + step], digest_size=8).digest()
-        out.append(int.from_bytes(prev, "little"))
-    return out
+        h = new()
+        h.update(prev)
+        h.update(view[start : start + step])
+        prev = h.digest()
+        digests.append(prev)
+    hashes: list[int] = np.frombuffer(b"".join(digests), dtype="<u8").tolist()
+    return hashes
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
@@ -76,14 +93,18 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
     return hashes_from_packed(pack_tokens(token_ids), block_size)
 
 
-class _Block:
-    __slots__ = ("key", "nbytes", "in_hbm", "refs")
+class _Block(msgspec.Struct, gc=False):
+    """One cached block. A node holds ~10^5 of them: a struct the garbage collector never
+    tracks (it can hold no cycle) keeps them out of every collection pass."""
 
-    def __init__(self, key: tuple[str, int], nbytes: int) -> None:
-        self.key = key
-        self.nbytes = nbytes
-        self.in_hbm = True
-        self.refs = 1
+    key: int  # hash ^ model salt
+    nbytes: int
+    in_hbm: bool = True
+    refs: int = 1
+
+
+# (hashes looked up, (model, total_blocks, max_hit_blocks), the blocks found)
+_Lookup = tuple[Sequence[int], tuple[str, int, int | None], list[_Block]]
 
 
 class KVAllocation:
@@ -137,10 +158,12 @@ class KVCache:
         self.ddr_capacity = ddr_bytes
         self._copy_bw = copy_bw
         self._ledger = ledger
-        self._blocks: dict[tuple[str, int], _Block] = {}
-        # unpinned cached blocks in HBM, and every block in DDR; oldest first
-        self._hbm_lru: OrderedDict[tuple[str, int], _Block] = OrderedDict()
-        self._ddr_lru: OrderedDict[tuple[str, int], _Block] = OrderedDict()
+        self._salts: dict[str, int] = {}
+        self._last_lookup: _Lookup | None = None
+        self._blocks: dict[int, _Block] = {}
+        # unpinned cached blocks in HBM, and every block in DDR; least recently used first
+        self._hbm_lru: OrderedDict[int, _Block] = OrderedDict()
+        self._ddr_lru: OrderedDict[int, _Block] = OrderedDict()
         self.hbm_used = 0  # every HBM byte: pinned, cached-unpinned, private
         self.hbm_evictable = 0  # bytes in _hbm_lru
         self.ddr_used = 0
@@ -148,8 +171,10 @@ class KVCache:
         self.query_tokens = 0
         self.hit_tokens = 0
         self._recent_limit = recent_limit
-        self._recent: dict[str, OrderedDict[int, None]] = {}  # per model, oldest first
-        self._recent_all: OrderedDict[int, None] = OrderedDict()
+        # Per model, and over all models (key None): newest first as of the last merge, and
+        # the hashes used since, oldest batch first.
+        self._recent: dict[str | None, list[int]] = {}
+        self._touched: dict[str | None, list[Sequence[int]]] = {}
 
     # -- inspection --
     @property
@@ -162,41 +187,67 @@ class KVCache:
         return (self.hbm_used - self.hbm_evictable) / self.hbm_capacity
 
     def recent_hashes(self, model: str | None = None) -> list[int]:
-        """The `recent_limit` most recently used block hashes, newest first (all models, or one)."""
-        if model is None:
-            return list(reversed(self._recent_all))
-        return list(reversed(self._recent.get(model, ())))
+        """The `recent_limit` most recently used block hashes, newest first (all models, or one).
+
+        The same list object comes back until a block is used again: do not modify it.
+        """
+        if self._touched.get(model):
+            self._merge(model)
+        return self._recent.get(model, [])
 
     def _touch(self, model: str, hashes: Sequence[int]) -> None:
-        # Per model and over all models: a touch per prompt block is cheap, and it keeps
-        # snapshots (taken as often as requests arrive) free of any merging.
-        per_model = self._recent.get(model)
-        if per_model is None:
-            per_model = self._recent[model] = OrderedDict()
-        limit = self._recent_limit
-        for od in (per_model, self._recent_all):
-            for h in hashes:
-                if h in od:
-                    od.move_to_end(h)
-                else:
-                    od[h] = None
-            for _ in range(len(od) - limit):
-                od.popitem(last=False)
+        """Note a use of these blocks (in order); the lists are merged when asked for.
+
+        Every request uses its prompt's blocks twice (lookup, commit), while snapshots ask
+        for the lists about once a second: logging here and merging there is the cheap
+        side, and the log is merged early when it grows, to bound it.
+        """
+        for scope in (model, None):
+            log = self._touched.get(scope)
+            if log is None:
+                log = self._touched[scope] = []
+            log.append(hashes)
+            if len(log) > _MERGE_AFTER:
+                self._merge(scope)
+
+    def _merge(self, scope: str | None) -> None:
+        log = self._touched.pop(scope)
+        # newest first; dict.fromkeys keeps each hash's first, i.e. latest, position
+        fresh = dict.fromkeys(chain.from_iterable(map(reversed, reversed(log))))
+        merged = list(fresh)
+        merged += [h for h in self._recent.get(scope, ()) if h not in fresh]
+        del merged[self._recent_limit :]
+        self._recent[scope] = merged
 
     # -- allocation --
+    def _salt(self, model: str) -> int:
+        salt = self._salts.get(model)
+        if salt is None:
+            digest = blake2b(model.encode(), digest_size=8, person=b"kv-salt").digest()
+            salt = self._salts[model] = int.from_bytes(digest, "little")
+        return salt
+
     def _lookup(
         self, model: str, hashes: Sequence[int], total_blocks: int, max_hit_blocks: int | None
     ) -> list[_Block]:
+        # `fits` then `allocate` with the same arguments (a scheduler's check, then its
+        # admission) walk the chain once: the walk is kept until the blocks change.
+        args = (model, total_blocks, max_hit_blocks)
+        last = self._last_lookup
+        if last is not None and last[0] is hashes and last[1] == args:
+            return last[2]
         limit = min(len(hashes), total_blocks)
         if max_hit_blocks is not None:
             limit = min(limit, max_hit_blocks)
         hits: list[_Block] = []
-        blocks = self._blocks
+        get = self._blocks.get
+        salt = self._salt(model)
         for h in hashes[:limit]:
-            b = blocks.get((model, h))
+            b = get(h ^ salt)
             if b is None:
                 break
             hits.append(b)
+        self._last_lookup = (hashes, args, hits)
         return hits
 
     def _shortfall(
@@ -249,6 +300,7 @@ class KVCache:
         if shortfall is None:
             return None
         need, free = shortfall
+        self._last_lookup = None  # the hits become the allocation's; evictions may follow
 
         alloc = KVAllocation(model, block_bytes)
         ddr_hits = []
@@ -280,47 +332,54 @@ class KVCache:
         self.query_tokens += len(hashes) * self.block_size
         self.hit_tokens += len(hits) * self.block_size
         if hits:
-            self._touch(model, [b.key[1] for b in hits])
+            self._touch(model, hashes[: len(hits)])
         return alloc
 
     def _evict(self, nbytes: int) -> float:
         """Free at least `nbytes` of HBM by spilling LRU unpinned blocks to DDR."""
-        freed = 0
-        spilled = 0
+        pop_hbm = self._hbm_lru.popitem
+        pop_ddr = self._ddr_lru.popitem
+        ddr_lru, blocks = self._ddr_lru, self._blocks
+        ddr_capacity, ddr_used = self.ddr_capacity, self.ddr_used
+        freed = spilled = evicted = 0
         while freed < nbytes:
-            key, b = self._hbm_lru.popitem(last=False)
-            self.hbm_evictable -= b.nbytes
-            self.hbm_used -= b.nbytes
-            self.hbm_blocks -= 1
-            freed += b.nbytes
-            if b.nbytes > self.ddr_capacity:
-                del self._blocks[key]
+            key, b = pop_hbm(last=False)
+            size = b.nbytes
+            freed += size
+            evicted += 1
+            if size > ddr_capacity:
+                del blocks[key]
                 continue
-            while self.ddr_used + b.nbytes > self.ddr_capacity:
-                old_key, old = self._ddr_lru.popitem(last=False)
-                self.ddr_used -= old.nbytes
-                del self._blocks[old_key]
+            while ddr_used + size > ddr_capacity:
+                old_key, old = pop_ddr(last=False)
+                ddr_used -= old.nbytes
+                del blocks[old_key]
             b.in_hbm = False
-            self._ddr_lru[key] = b
-            self.ddr_used += b.nbytes
-            spilled += b.nbytes
+            ddr_lru[key] = b
+            ddr_used += size
+            spilled += size
+        self.ddr_used = ddr_used
+        self.hbm_evictable -= freed
+        self.hbm_used -= freed
+        self.hbm_blocks -= evicted
         return self._ledger.charge("hbm", "ddr", spilled, self._copy_bw)
 
     def commit(self, alloc: KVAllocation) -> None:
         """The prompt is computed: its full blocks become shareable cache entries."""
         if alloc.released:
             return
+        self._last_lookup = None  # new blocks: a kept walk may stop short
         model, bb = alloc.model, alloc.block_bytes
+        blocks, owned = self._blocks, alloc.blocks
+        salt = self._salt(model)
         added = []
         for h in alloc.pending:
-            key = (model, h)
-            if key in self._blocks:  # someone cached it meanwhile: ours stays private
-                continue
-            b = _Block(key, bb)
-            self._blocks[key] = b
-            alloc.blocks.append(b)
-            alloc.private_bytes -= bb
-            added.append(h)
+            key = h ^ salt
+            if key not in blocks:  # else someone cached it meanwhile: ours stays private
+                blocks[key] = b = _Block(key, bb)
+                owned.append(b)
+                added.append(h)
+        alloc.private_bytes -= bb * len(added)
         self.hbm_blocks += len(added)
         alloc.pending = []
         if added:
@@ -331,11 +390,14 @@ class KVCache:
         if alloc.released:
             return
         alloc.released = True
+        lru = self._hbm_lru
+        freed = 0
         for b in reversed(alloc.blocks):  # tail first, so it is evicted before its prefix
             b.refs -= 1
-            if b.refs == 0:
-                self._hbm_lru[b.key] = b
-                self.hbm_evictable += b.nbytes
+            if not b.refs:
+                lru[b.key] = b
+                freed += b.nbytes
+        self.hbm_evictable += freed
         self.hbm_used -= alloc.private_bytes
         alloc.blocks = []
         alloc.private_bytes = 0

@@ -58,6 +58,7 @@ from collections.abc import Iterable
 from typing import Final
 
 import msgspec
+import numpy as np
 
 from .catalog import ModelSpec
 from .hardware import HardwareProfile
@@ -83,6 +84,8 @@ __all__ = [
 ]
 
 CALIBRATION_CONTEXT: Final = 1024
+# Below about this many steps a Python loop beats NumPy's fixed cost per call (~15 us).
+_LOOP_STEPS: Final = 64
 
 
 class SpecPlan(msgspec.Struct, frozen=True):
@@ -303,3 +306,86 @@ class DecodeCostModel:
             mem, comp = a + c * context_tokens, f + g * context_tokens
             t += k * ((mem if mem > comp else comp) + o)
         return t * per_round
+
+    def step_ends(
+        self,
+        batch: int,
+        context_tokens: int,
+        start: float,
+        steps: int,
+        until: float = math.inf,
+    ) -> list[float]:
+        """End times of up to `steps` back-to-back steps of a fixed batch from `start`,
+        stopping after the first end at or past `until`.
+
+        Each step gives every sequence one token, so the context grows by `batch` a step.
+        The ends are summed one step at a time (``end += step_seconds(...)``), in the same
+        order and with the same operations as a step-by-step caller, so they are
+        bit-identical to it: a short run in a Python loop, the rest vectorised (a NumPy
+        cumulative sum is the same left-to-right sum).
+        """
+        target, draft, k, per_round = self._plans.get(batch) or self._plan(batch)
+        a, c, f, g, o = target
+        a2, c2, f2, g2, o2 = draft if draft is not None else (0.0, 0.0, 0.0, 0.0, 0.0)
+        ends: list[float] = []
+        append = ends.append
+        end = start
+        ctx = context_tokens
+        head = min(steps, _LOOP_STEPS)
+        last = ctx + batch * (head - 1)
+        # Both sides of each roofline grow with the context, and rounding keeps that order:
+        # if the memory side at the first step beats the compute side at the last, it wins
+        # every step in between, and the loop can skip the comparison (decode's usual case).
+        memory_bound = a + c * ctx > f + g * last
+        if memory_bound and draft is None:
+            for _ in range(head):
+                end += ((a + c * ctx) + o) * per_round
+                append(end)
+                if end >= until:
+                    return ends
+                ctx += batch
+        elif memory_bound and a2 + c2 * ctx > f2 + g2 * last:
+            for _ in range(head):
+                end += ((a + c * ctx) + o + k * ((a2 + c2 * ctx) + o2)) * per_round
+                append(end)
+                if end >= until:
+                    return ends
+                ctx += batch
+        else:
+            for _ in range(head):
+                mem, comp = a + c * ctx, f + g * ctx
+                x = (mem if mem > comp else comp) + o
+                if draft is not None:
+                    mem, comp = a2 + c2 * ctx, f2 + g2 * ctx
+                    x += k * ((mem if mem > comp else comp) + o2)
+                end += x * per_round
+                append(end)
+                if end >= until:
+                    return ends
+                ctx += batch
+        left = steps - head
+        while left > 0:
+            # Steps only get longer as the context grows, so at the last step's length
+            # this many reach `until` (+2 for rounding); a short count is looped again.
+            n = left
+            last_step = end - (ends[-2] if len(ends) > 1 else start)
+            if until < math.inf and last_step > 0:
+                n = min(n, int((until - end) / last_step) + 2)
+            ctxs = np.arange(n, dtype=np.float64) * batch + ctx
+            acc = np.empty(n + 1)
+            acc[0] = end
+            x = np.maximum(a + c * ctxs, f + g * ctxs) + o
+            if draft is not None:
+                x += k * (np.maximum(a2 + c2 * ctxs, f2 + g2 * ctxs) + o2)
+            np.multiply(x, per_round, out=acc[1:])
+            np.cumsum(acc, out=acc)
+            run = acc[1:]
+            stop = int(np.searchsorted(run, until))
+            if stop < n:
+                ends.extend(run[: stop + 1].tolist())
+                return ends
+            ends.extend(run.tolist())
+            end = ends[-1]
+            ctx += n * batch
+            left -= n
+        return ends

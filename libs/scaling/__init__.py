@@ -2,6 +2,7 @@
 
     tick(state, snapshot, now, config) -> (state, Decision)     tierflow.scaling.machine
     choose_victims(nodes, n) -> [node_id]                        tierflow.scaling.victims
+    FleetView (heartbeats -> snapshots), pool_bounds             tierflow.scaling.fleet
     recommend_by_utilization(load)                               the baseline signal alone
 
 Nothing here reads a clock, sleeps or does I/O; the autoscaler service feeds snapshots
@@ -9,6 +10,7 @@ and carries out decisions, the simulator does the same in virtual time.
 """
 
 from tierflow.scaling.config import PoolBounds, ScalingConfig
+from tierflow.scaling.fleet import FleetView, pool_bounds
 from tierflow.scaling.machine import Decision, DeploymentState, PoolDecision, PoolState, tick, tick_pool
 from tierflow.scaling.signals import POOL_SIGNALS, SIGNALS, Ask, evaluate, signals_for
 from tierflow.scaling.snapshot import DeploymentSnapshot, Mode, Pool, PoolSnapshot
@@ -22,6 +24,7 @@ __all__ = [
     "DeploymentLoad",
     "DeploymentSnapshot",
     "DeploymentState",
+    "FleetView",
     "Mode",
     "NodeLoad",
     "POOL_SIGNALS",
@@ -36,6 +39,7 @@ __all__ = [
     "ScalingConfig",
     "choose_victims",
     "evaluate",
+    "pool_bounds",
     "quantile",
     "recommend_by_utilization",
     "signals_for",

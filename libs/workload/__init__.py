@@ -14,6 +14,15 @@ diurnal) and what counts as good service (SLOs). Everything here is pure and see
     compare_table(a, b) -> rich Table                  compare     (two reports side by side, B/A ratios)
     write_plots(report, directory) -> list[Path]       plots       (PNG timelines; matplotlib imported only here)
 
+Production traces are a workload too (Mooncake, Azure LLM inference, BurstGPT, and the
+fabric's own request log), replayed through the same plans and reports:
+
+    load_trace(path, format=None) -> Trace              traces       (whole file read first; TraceError names file:line: field)
+    plan_replay(trace, spec, options) -> Replay         replay       (one plan per request; window, speed, rate scale, model mapping)
+    TracePrompt, prompt_token_ids(prompt)               trace_text   (exact input tokens; shared hash_ids -> shared text)
+    TraceSummary, prefix_reuse(...)                     trace_stats  (trace vs sent vs measured; reuse with an unbounded cache)
+    export_router_log(lines) -> Export                  trace_export (the router's request records as a tierflow trace)
+
 Beyond reading and writing files (specs, reports, plots), one module does I/O:
 `live.run_live(plans, base_url=...) -> LiveRun`, the load generator's shell, sleeps and
 runs the plans against an OpenAI-compatible endpoint, recording every call.

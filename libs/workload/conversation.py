@@ -12,6 +12,10 @@ boundary: a token holding the newline is whitespace only, and `<` is not whitesp
 optional space before a symbol is a space, never a newline). So the ids of a chat are
 the ids of each message, each tokenized as if followed by `<`, then the cue's ids; a
 property test checks this against `encode(render_chat(...))` over random conversations.
+
+A trace row's task (`SessionPlan.task_prompt`) comes with its ids already known
+(`trace_text.message_ids`: one lookup per word), and its text is only built if a live
+call asks for the messages: a simulation of a trace never renders text at all.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from __future__ import annotations
 import functools
 
 from tierflow.tokenizer import encode, render_chat
-from tierflow.workload.sessions import CallPlan, ToolPlan
+from tierflow.workload.sessions import CallPlan, SessionPlan, ToolPlan
+from tierflow.workload.trace_text import TracePrompt, message_ids, prompt_text
 
 __all__ = ["Conversation"]
 
@@ -49,9 +54,24 @@ class Conversation:
     def __init__(self, task_text: str) -> None:
         self._messages: list[tuple[str, str]] = [("user", task_text)]
         self._ids: list[int] = list(_message_ids("user", task_text))
+        self._unrendered: TracePrompt | None = None  # a trace task whose text is not built yet
+
+    @classmethod
+    def for_plan(cls, plan: SessionPlan) -> Conversation:
+        """The conversation `plan` starts with: its task text, or its trace row's prompt."""
+        if plan.task_prompt is None:
+            return cls(plan.task_text)
+        conversation = cls.__new__(cls)
+        conversation._messages = [("user", "")]
+        conversation._ids = message_ids(plan.task_prompt)
+        conversation._unrendered = plan.task_prompt
+        return conversation
 
     def messages(self, system_text: str) -> list[dict[str, str]]:
         """The chat of the next call (a fresh list): the system prompt when set, the task, the history."""
+        if self._unrendered is not None:
+            self._messages[0] = ("user", prompt_text(self._unrendered))
+            self._unrendered = None
         head = [{"role": "system", "content": system_text}] if system_text else []
         return head + [{"role": role, "content": content} for role, content in self._messages]
 

@@ -114,7 +114,7 @@ class _Driver:
     async def _session(self, plan: SessionPlan) -> None:
         self.max_start_lag_s = max(self.max_start_lag_s, self._now() - plan.start)
         self.progress.sessions_started += 1
-        conversation = Conversation(plan.task_text)
+        conversation = Conversation.for_plan(plan)
         for position, step in enumerate(plan.steps):
             if position and plan.think_s:
                 await asyncio.sleep(plan.think_s)
@@ -131,7 +131,7 @@ class _Driver:
 
     async def _call(self, plan: SessionPlan, step: CallPlan, conversation: Conversation) -> tuple[RequestRecord, str]:
         record = RequestRecord(
-            request_id=f"{plan.session_id}-{step.index}", session_id=plan.session_id, tenant=plan.tenant, flow=plan.flow,
+            request_id=f"{plan.session_id}-{step.index}", session_id=plan.session_key, tenant=plan.tenant, flow=plan.flow,
             step=step.index, model=step.model, sent_at=self._now(), prompt_tokens=conversation.prompt_tokens(step.system_text),
         )  # fmt: skip
         self.progress.in_flight += 1
@@ -141,7 +141,7 @@ class _Driver:
         try:
             raw = await self._clients[plan.api_key].chat.completions.with_raw_response.create(
                 model=step.model, messages=conversation.messages(step.system_text), max_tokens=step.max_tokens,  # type: ignore[arg-type]
-                stream=True, stream_options={"include_usage": True}, user=plan.session_id,
+                stream=True, stream_options={"include_usage": True}, user=plan.session_key,
                 extra_body={"ignore_eos": True}, extra_headers={"x-tierflow-workload": plan.workload} if plan.workload else None,
             )  # fmt: skip
             record.request_id = raw.headers.get("x-request-id") or record.request_id
@@ -210,7 +210,7 @@ async def run_live(
     """Run every plan against `base_url` (e.g. http://127.0.0.1:8000/v1); one RequestRecord per call sent.
 
     Record times are seconds since the run's start. Calls are streamed chat completions
-    with `ignore_eos` (exactly `max_tokens` come out), `user` = the session id (the router
+    with `ignore_eos` (exactly `max_tokens` come out), `user` = the plan's session (the router
     keeps a session on its node) and the tenant's api key; the tier and node come from the
     router's `x-tierflow-tier` / `x-tierflow-node` headers, cached tokens from the usage.
     No retries: a 429 or 503 is recorded as `rejected`, anything else that fails as `error`.

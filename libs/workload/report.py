@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from tierflow.workload.records import RequestRecord
 from tierflow.workload.spec import Slo
+from tierflow.workload.trace_stats import TraceSummary, measured_stats
 
 __all__ = [
     "REPORT_FORMAT",
@@ -76,6 +77,11 @@ DEFINITIONS: dict[str, str] = {
     "the last one possibly shorter",
     "fleet": "nodes, running, queued per window: the producer's fleet samples held until the next "
     "sample, averaged over the window's time (null where no sample covers the window)",
+    "trace": "a trace replay only: the trace's own figures (source: the window's rows, trace seconds), the "
+    "requests the replay planned (sent: run seconds, after speed and rate_scale) and what the records show "
+    "(measured). rate_peak: most requests in one second from the first arrival; prefix_reuse: cached / prompt "
+    "tokens with an unbounded cache at the emulator's 64-token blocks (measured: the run's own, over ok "
+    "requests); see tierflow.workload.trace_stats",
 }
 
 
@@ -193,6 +199,7 @@ class Report(msgspec.Struct, frozen=True):
     slo: Slo = Slo()
     definitions: dict[str, str] = msgspec.field(default_factory=lambda: dict(DEFINITIONS))
     format: str = REPORT_FORMAT
+    trace: TraceSummary | None = None  # set when the run replayed a trace
 
 
 FloatArray = npt.NDArray[np.float64]
@@ -454,12 +461,14 @@ def build_report(
     meta: ReportMeta,
     window_s: float | None = None,
     fleet_timeline: Sequence[FleetSample | tuple[float, float, float, float]] | None = None,
+    trace: TraceSummary | None = None,
 ) -> Report:
     """The report of one run: totals, one summary per model, and a timeline of windows.
 
     Rates are per second of `meta.duration_s`. `window_s` defaults to `default_window_s`.
     A producer that knows its fleet (the simulator) passes `fleet_timeline` as
-    `(t, nodes, running, queued)` samples to fill the windows' fleet columns.
+    `(t, nodes, running, queued)` samples to fill the windows' fleet columns. A replay
+    passes its `trace` summary; the report adds the figures measured from `records`.
     """
     if not meta.duration_s > 0:
         raise ReportError(f"meta.duration_s must be > 0 seconds (rates are taken over it), got {meta.duration_s!r}")
@@ -479,6 +488,9 @@ def build_report(
         timeline=_timeline(cols, meta.duration_s, window, fleet_timeline),
         window_s=window,
         slo=slo,
+        trace=msgspec.structs.replace(trace, measured=measured_stats(cols.sent, cols.prompt, cols.completion, cols.cached, cols.ok))
+        if trace is not None
+        else None,
     )
 
 

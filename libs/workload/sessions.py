@@ -31,6 +31,7 @@ import numpy as np
 from tierflow.tokenizer import OUTPUT_VOCAB
 from tierflow.workload.arrivals import arrival_times
 from tierflow.workload.spec import CallStep, Distribution, FlowSpec, MixSpec, TenantSpec, WorkloadSpec
+from tierflow.workload.trace_text import TracePrompt
 
 __all__ = ["CallPlan", "ToolPlan", "SessionPlan", "plan_sessions", "system_text", "draw_tokens"]
 
@@ -61,7 +62,14 @@ class ToolPlan(msgspec.Struct, frozen=True, tag="tool"):
 
 
 class SessionPlan(msgspec.Struct, frozen=True):
-    """One session: starts at `start` (seconds since the run's start), runs `steps` in order."""
+    """One session: starts at `start` (seconds since the run's start), runs `steps` in order.
+
+    A trace replay (`tierflow.workload.replay`) makes one plan per trace row. Its task is
+    `task_prompt`, synthesized when the plan runs (`Conversation.for_plan`), since a
+    replay's prompts would not fit in memory as text; its `task_text` is then empty.
+    `user` is the session the router keeps together (sent as OpenAI's `user`, and the
+    records' session): a trace's session column, or "" for the plan's own `session_id`.
+    """
 
     session_id: str
     tenant: str
@@ -72,10 +80,17 @@ class SessionPlan(msgspec.Struct, frozen=True):
     task_text: str
     steps: tuple[CallPlan | ToolPlan, ...]
     think_s: float
+    user: str = ""
+    task_prompt: TracePrompt | None = None
 
     @property
     def calls(self) -> tuple[CallPlan, ...]:
         return tuple(step for step in self.steps if isinstance(step, CallPlan))
+
+    @property
+    def session_key(self) -> str:
+        """The session the fabric sees (`user`) and reports count: `user`, else `session_id`."""
+        return self.user or self.session_id
 
 
 def _words(rng: np.random.Generator, n: int) -> str:
@@ -130,6 +145,8 @@ def plan_sessions(spec: WorkloadSpec, *, seed: int | None = None, duration_s: fl
     flow "mix") one call of the spec's model mix, chosen by weight; its tenant is chosen by
     weight among the tenants allowed to run that flow.
     """
+    if spec.trace is not None:
+        raise ValueError(f"spec {spec.name!r} replays a trace: plan it with tierflow.workload.replay.plan_replay")
     seed = spec.seed if seed is None else seed
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")

@@ -31,6 +31,24 @@
 Phases run one after another; `duration_s` at the top caps the whole run. Every size is
 in tokens of `tierflow.tokenizer`, so the simulator and the live fabric count alike.
 
+A spec may replay a production trace instead of flows and arrivals (`trace:`, see
+`TraceSpec`): the trace says when each request arrives and how many tokens go in and
+come out; the spec says which fleet model and tenant each row goes to and how the
+trace's time is cut and stretched:
+
+    name: mooncake-replay
+    slo: {ttft_ms: 2000, itl_ms: 100}
+    tenants: [{name: acme, api_key: sk-acme}]
+    trace:
+      file: traces/mooncake_trace.jsonl   # relative to this file; `--trace FILE` overrides
+      format: mooncake                    # mooncake | azure | burstgpt | tierflow; default: detected
+      models: {GPT-4: llama-3.1-70b}      # the trace's model column -> a fleet model
+      mix: [{model: llama-3.1-8b, weight: 3}, {model: gpt-oss-20b, weight: 1}]  # rows without one
+      sticky: prefix                      # rows with one first prefix block get one model (or: session, row)
+      window: {start_s: 600, duration_s: 600}   # trace seconds from its first row
+      speed: 10                           # replay 10x faster
+      rate_scale: 2.5                     # 2.5x the rows (each row keeps its tokens)
+
 `parse_spec` / `load_spec` read a file and report every problem at once, each with its
 path, e.g. "$.flows[0].steps[2].max_tokens: Expected `int` >= 1": a person fixes the
 whole file in one pass instead of one typo per run.
@@ -57,6 +75,10 @@ __all__ = [
     "MixModel",
     "MixSpec",
     "Arrival",
+    "TRACE_FORMATS",
+    "TraceFormat",
+    "TraceWindow",
+    "TraceSpec",
     "WorkloadSpec",
     "parse_spec",
     "load_spec",
@@ -190,15 +212,56 @@ def _is_set(arrival: Arrival, field: str) -> bool:
     return value is not None and not (field == "amplitude" and value == 0.0)
 
 
+TraceFormat = Literal["mooncake", "azure", "burstgpt", "tierflow"]
+TRACE_FORMATS: tuple[str, ...] = ("mooncake", "azure", "burstgpt", "tierflow")
+
+
+class TraceWindow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The part of a trace to replay, in the trace's own seconds since its first row."""
+
+    start_s: NonNegative = 0.0
+    duration_s: Positive | None = None  # None: to the trace's end
+
+
+class TraceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How a production trace maps onto the fleet (see `tierflow.workload.replay`).
+
+    - `models`: the trace's model column (BurstGPT's `Model`, tierflow's own `model`) to
+      fleet models; a name without an entry goes as it is written.
+    - `mix`: the model of every row without a model column (Mooncake, Azure), by weight.
+      Rows that share a `sticky` key get the same model and tenant: `prefix` (the first
+      `sticky_blocks` 512-token prefix blocks, so rows that share a prefix share a model
+      and its cache), `session` (the trace's session column) or `row`; default: session
+      when the trace has sessions, else prefix. A trace whose rows all open with one
+      block (a common system prompt) sends every row to one model at `sticky_blocks: 1`;
+      2 splits them below it, giving up only that block's sharing across models.
+    - `window`, `speed` (2 = twice as fast) and `rate_scale` (rows thinned or replicated,
+      each keeping its tokens) fit the trace to the run; CLI flags override them.
+    """
+
+    file: str | None = None
+    format: TraceFormat | None = None  # None: detected from the file
+    models: dict[str, Name] = {}
+    mix: Annotated[list[MixModel], Meta(min_length=1)] | None = None
+    sticky: Literal["session", "prefix", "row"] | None = None
+    sticky_blocks: Annotated[int, Meta(ge=1)] = 1
+    window: TraceWindow = TraceWindow()
+    speed: Positive = 1.0
+    rate_scale: Positive = 1.0
+
+
 class WorkloadSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A synthetic workload (`arrivals` of `flows` and `mix` calls) or a trace replay (`trace`)."""
+
     name: Name
-    arrivals: Annotated[list[Arrival], Meta(min_length=1)]
+    arrivals: list[Arrival] = []  # required unless `trace` is set (parse_spec checks)
     tenants: list[TenantSpec] = msgspec.field(default_factory=lambda: [TenantSpec(name="default")])
     flows: list[FlowSpec] = []
     mix: MixSpec | None = None
     slo: Slo = Slo()
     seed: Annotated[int, Meta(ge=0)] = 0
     duration_s: Positive | None = None  # caps the phases' total
+    trace: TraceSpec | None = None
 
 
 # ------------------------------------------------------------------------------ reading
@@ -296,6 +359,12 @@ class _Reader:
     def mix(self, raw: Any, path: str) -> MixSpec:
         return self.struct(raw, MixSpec, path, custom={"models": lambda r, p: self.items(r, p, lambda i, q: self.struct(i, MixModel, q), what="model")})
 
+    def trace(self, raw: Any, path: str) -> TraceSpec:
+        return self.struct(raw, TraceSpec, path, custom={
+            "mix": lambda r, p: self.items(r, p, lambda i, q: self.struct(i, MixModel, q), what="model"),
+            "window": lambda r, p: self.struct(r, TraceWindow, p),
+        })  # fmt: skip
+
     def flow(self, raw: Any, path: str) -> FlowSpec:
         return self.struct(raw, FlowSpec, path, custom={
             "name": self.flow_name,
@@ -360,9 +429,21 @@ def parse_spec(text: str | bytes, *, source: str = "workload spec") -> WorkloadS
         "arrivals": lambda r, p: reader.items(r, p, reader.arrival, what="arrival phase"),
         "mix": lambda r, p: None if r is None else reader.mix(r, p),
         "slo": lambda r, p: reader.struct(r, Slo, p),
+        "trace": lambda r, p: reader.trace(r, p),
     })  # fmt: skip
-    if not doc.get("flows") and doc.get("mix") is None:
-        reader.problems.append("$: nothing to run; declare at least one flow under `flows` or a model mix under `mix`")
+    if "trace" in doc:
+        # A replay's arrivals, calls and length are the trace's: a synthetic section beside
+        # it would be silently ignored, so it is an error instead.
+        reader.problems += [
+            f"$.{key}: a trace replay takes its {what} from the trace; remove `{key}` (or `trace`)"
+            for key, what in (("arrivals", "arrivals"), ("flows", "calls"), ("mix", "calls"), ("duration_s", "length (trace.window)"))
+            if key in doc
+        ]
+    else:
+        if "arrivals" not in doc:
+            reader.problems.append("$: missing required field `arrivals`")
+        if not doc.get("flows") and doc.get("mix") is None:
+            reader.problems.append("$: nothing to run; declare at least one flow under `flows` or a model mix under `mix`")
     if reader.problems or values is None:
         raise SpecError(reader.problems)
     return WorkloadSpec(**values)

@@ -21,7 +21,7 @@ from tierflow.contracts import messages, registry, subjects
 from tierflow.runtime.clock import Clock, WallClock
 from tierflow.runtime.kv import follow
 from tierflow.services.autoscaler.actuators import Actuator, make_actuator
-from tierflow.services.autoscaler.fleet import FleetView
+from tierflow.scaling.fleet import FleetView
 from tierflow.services.autoscaler.metrics import AutoscalerMetrics
 from tierflow.services.autoscaler.node_control import NatsNodeControl, NodeControl
 from tierflow.services.autoscaler.scaler import Autoscaler

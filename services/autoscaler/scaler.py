@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 from tierflow.contracts import messages, registry
 from tierflow.runtime.clock import Clock
-from tierflow.scaling import Decision, DeploymentSnapshot, DeploymentState, PoolDecision, ScalingConfig, choose_victims, tick
+from tierflow.scaling import Decision, DeploymentState, PoolDecision, ScalingConfig, choose_victims, tick
+from tierflow.scaling.fleet import FleetView, pool_bounds
 from tierflow.services.autoscaler.actuators import Actuator, ActuatorError, SupportsInventory
-from tierflow.services.autoscaler.fleet import FleetView, pool_bounds
 from tierflow.services.autoscaler.metrics import AutoscalerMetrics
 from tierflow.services.autoscaler.node_control import NodeControl, NodeControlError
 
@@ -101,11 +101,9 @@ class Autoscaler:
                     self._bad_bounds.add(name)
                 continue
             self._bad_bounds.discard(name)
-            pools = {}
-            for pool in bounds:
-                starting = await self._starting(record, pool, now)
-                pools[pool] = self.fleet.pool_snapshot(name, pool, now, starting=starting, removing=len(self._removals.get((name, pool), {})))
-            snapshot = DeploymentSnapshot(deployment=name, mode=record.mode, pools=pools, bounds=bounds)
+            starting = {pool: await self._starting(record, pool, now) for pool in bounds}
+            removing = {pool: len(self._removals.get((name, pool), {})) for pool in bounds}
+            snapshot = self.fleet.deployment_snapshot(record, bounds, now, starting=starting, removing=removing)
             self.states[name], decision = tick(self.states.get(name), snapshot, now, self.config)
             for pool_decision in decision.pools:
                 victims = self._victims(record, pool_decision, now)

@@ -25,7 +25,7 @@ from typing import Protocol
 from msgspec import Struct
 
 from tierflow.contracts import registry
-from tierflow.nodehost.bundle import version_model_spec
+from tierflow.nodehost.specs import version_model_spec
 from tierflow.rdu import DeploymentConfig, ModelSpec, load_catalog, load_profiles
 from tierflow.services.model_registry.state import Kind, State
 

@@ -39,8 +39,9 @@ from tierflow.runtime.tracing import inject_headers, tracer
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.placement.tables import ModelRoute, ModelTable, NodeTable
 from tierflow.services.router.transport import NodeLost, NodeStream, NodeTransport
+from tierflow.workload.trace_text import TRACE_BLOCK_TOKENS
 
-__all__ = ["Dispatcher", "GenerateParams", "RequestRecord", "finish_record"]
+__all__ = ["Dispatcher", "GenerateParams", "RequestRecord", "finish_record", "trace_block_ids"]
 
 log = logging.getLogger("tierflow.request")
 _spans = tracer("tierflow.router")
@@ -85,6 +86,8 @@ class RequestRecord:
     session_nodes: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    max_tokens: int = 0
+    hash_ids: list[int] = field(default_factory=list)  # the prompt's 512-token blocks (see trace_block_ids)
     finish_reason: str = ""
     outcome: str = "ok"
     error: str = ""
@@ -112,13 +115,28 @@ class RequestRecord:
                 "tenant": self.tenant, "node": self.node, "prefill_node": self.prefill_node, "nodes_tried": self.nodes_tried,
                 "attempts": len(self.nodes_tried), "placement": self.placement, "tier": self.tier,
                 "prefix_hit": self.prefix_hit_tokens > 0, "prefix_hit_tokens": self.prefix_hit_tokens,
-                "session_nodes": self.session_nodes, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason, "stream": self.stream,
+                "session": self.session, "session_nodes": self.session_nodes, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "max_tokens": self.max_tokens, "hash_ids": self.hash_ids,
+                "finish_reason": self.finish_reason, "stream": self.stream,
                 "outcome": self.outcome, "status": self.status, "error": self.error,
                 "decode_queue_time": round(self.decode_queue_time, 6), "time_to_first_token": round(self.time_to_first_token, 6),
                 "e2e_latency": round(self.e2e, 6), "completion_tokens_per_sec": round(tps, 2),
             }},
         )
+
+
+def trace_block_ids(hashes: list[int], block_size: int, token_ids: list[int]) -> list[int]:
+    """The ids of the prompt's full 512-token blocks, for `tierflow loadtest export-trace`.
+
+    Block hashes are chained, so the hash of the last placement block inside each 512
+    tokens already names the whole prefix up to there: the ids are a slice of the hashes
+    placement computed anyway, not a second pass over the prompt (unless the block size
+    does not divide 512).
+    """
+    if TRACE_BLOCK_TOKENS % block_size == 0:
+        step = TRACE_BLOCK_TOKENS // block_size
+        return hashes[step - 1 :: step]
+    return block_hashes(token_ids, TRACE_BLOCK_TOKENS)
 
 
 class _Retry(Exception):
@@ -207,10 +225,13 @@ class Dispatcher:
         record.model, record.version, record.prompt_tokens = params.model, version, len(params.prompt_token_ids)
         session = session_key(record.tenant, params.session_header or None, params.user or None) if (params.session_header or params.user) else ""
         record.session = session
+        prompt_hashes = block_hashes(params.prompt_token_ids, self._nodes.block_size)
+        record.max_tokens = max_tokens
+        record.hash_ids = trace_block_ids(prompt_hashes, self._nodes.block_size, params.prompt_token_ids)
         placement = PlacementRequest(
             model=params.model,
             version=version,
-            prompt_hashes=block_hashes(params.prompt_token_ids, self._nodes.block_size),
+            prompt_hashes=prompt_hashes,
             session_id=session,
             affinity_node=self._sessions.last_node(session) if session else None,
             boundary=tenant.boundary if tenant is not None else ANYWHERE,

@@ -16,7 +16,7 @@ from tierflow.contracts import messages, registry
 from tierflow.runtime.clock import VirtualClock
 from tierflow.scaling import ScalingConfig
 from tierflow.services.autoscaler.actuators import ActuatorError
-from tierflow.services.autoscaler.fleet import FleetView
+from tierflow.scaling.fleet import FleetView
 from tierflow.services.autoscaler.kubernetes import DELETION_COST, KubeApi, KubeApiError, KubernetesActuator, kube_name
 from tierflow.services.autoscaler.metrics import AutoscalerMetrics
 from tierflow.services.autoscaler.scaler import Autoscaler

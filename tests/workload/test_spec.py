@@ -104,7 +104,7 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         "$.arrivals[2]: kind 'diurnal' needs period_s (the length of one cycle, in seconds)",
         "$.arrivals[3]: kind 'poisson' takes no period_s (a diurnal field)",
         "$.arrivals[4].kind: Invalid enum value 'wave'",
-        "$.bogus: unknown field (expected one of: name, arrivals, tenants, flows, mix, slo, seed, duration_s)",
+        "$.bogus: unknown field (expected one of: name, arrivals, tenants, flows, mix, slo, seed, duration_s, trace)",
     ]
 
 

@@ -1,4 +1,5 @@
-"""`tierflow loadtest run | compare`: drive a live fabric with a workload spec; compare two reports."""
+"""`tierflow loadtest run | compare | export-trace`: drive a live fabric with a workload spec or a
+trace; compare two reports; turn the router's request log into a replayable trace."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from tierflow.cli.replay_cli import FormatOption, SpeedOption, TraceOption, WindowOption
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -30,16 +33,22 @@ def run(
     out: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("report.json"),
     plots: Annotated[Path | None, typer.Option(help="directory for PNG plots of the report (none when left out)")] = None,
     duration: Annotated[float | None, typer.Option(min=0.001, help="cap the run at S seconds (replaces the spec's duration_s)")] = None,
-    rate_scale: Annotated[float, typer.Option(min=0.001, help="multiply every arrival rate by X")] = 1.0,
+    rate_scale: Annotated[float | None, typer.Option(min=0.001, help="multiply every arrival rate by X (a trace: X times its rows, each keeping its tokens)")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="seed of the arrivals and texts (default: the spec's)")] = None,
     policy_label: Annotated[str, typer.Option(help="the fabric's placement policy, recorded in the report for `compare`")] = "unlabeled",
+    trace: TraceOption = None,
+    trace_format: FormatOption = None,
+    window: WindowOption = None,
+    speed: SpeedOption = None,
 ) -> None:
-    """Run SPEC's sessions against a live fabric; write a JSON report (and plots) and print a summary.
+    """Run SPEC's sessions (or replay a trace with SPEC's mapping) against a live fabric; write a
+    JSON report (and plots) and print a summary.
 
-    Exits 2 when the spec or the fabric is unusable, 1 when no request succeeded.
+    Exits 2 when the spec, the trace or the fabric is unusable, 1 when no request succeeded.
     """
     from rich.console import Console
 
+    from tierflow.cli.replay_cli import plan_trace_replay, trace_notes, trace_table
     from tierflow.workload.arrivals import run_length  # imported here: the CLI starts without numpy
     from tierflow.workload.report import ReportMeta, build_report, write_report
     from tierflow.workload.sessions import plan_sessions
@@ -51,33 +60,45 @@ def run(
     except SpecError as exc:
         typer.echo(f"error: {spec}: {exc}", err=True)
         raise typer.Exit(2) from None
-    cap = duration if duration is not None else workload.duration_s
-    planned_s = run_length(workload.arrivals, duration_s=cap)
-    plans = plan_sessions(workload, seed=seed, duration_s=cap, rate_scale=rate_scale)
-    if not plans:
-        typer.echo(f"error: no session arrives within {planned_s:g} s; raise the rates or the duration", err=True)
-        raise typer.Exit(2)
+    replay = plan_trace_replay(
+        spec, workload, trace=trace, fmt=trace_format, window=window, speed=speed, rate_scale=rate_scale, seed=seed, duration=duration
+    )
+    if replay is not None:
+        plans, planned_s = replay.plans, replay.duration_s
+        console.print(trace_table(replay.summary))  # what will be sent, before it is
+    else:
+        cap = duration if duration is not None else workload.duration_s
+        planned_s = run_length(workload.arrivals, duration_s=cap)
+        plans = plan_sessions(workload, seed=seed, duration_s=cap, rate_scale=rate_scale if rate_scale is not None else 1.0)
+        if not plans:
+            typer.echo(f"error: no session arrives within {planned_s:g} s; raise the rates or the duration", err=True)
+            raise typer.Exit(2)
     _check_models(url, plans)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result = _drive(plans, url, console)
     if result.stopped_early:
         typer.echo(f"stopped early: reporting the {len(result.records)} requests that finished, over {result.wall_s:.1f} s", err=True)
     notes: dict[str, str | float | int] = {
-        "url": url, "spec_file": str(spec), "seed": workload.seed if seed is None else seed, "rate_scale": rate_scale,
+        "url": url, "spec_file": str(spec), "seed": workload.seed if seed is None else seed,
+        "rate_scale": rate_scale if rate_scale is not None else 1.0,
         "sessions": len(plans), "planned_calls": result.progress.planned, "skipped_calls": result.progress.skipped,
         "max_start_lag_s": round(result.max_start_lag_s, 4), "stopped_early": int(result.stopped_early),
     }  # fmt: skip
+    if replay is not None:
+        notes |= trace_notes(replay.summary)
     meta = ReportMeta(
         spec=workload.name, source="live", policy=policy_label,
         duration_s=min(planned_s, result.wall_s) if result.stopped_early else planned_s,  # rates over the time load was offered
         wall_s=result.wall_s, started_at=started_at, notes=notes,
     )  # fmt: skip
-    report = build_report(result.records, slo=workload.slo, meta=meta)
+    report = build_report(result.records, slo=workload.slo, meta=meta, trace=replay.summary if replay is not None else None)
     written = [write_report(report, out)]
     if plots is not None:
         from tierflow.workload.plots import write_plots
 
         written += write_plots(report, plots)
+    if report.trace is not None:
+        Console().print(trace_table(report.trace))
     Console().print(_summary_table(report))
     for path in written:
         typer.echo(f"wrote {path}")
@@ -187,3 +208,32 @@ def compare(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     Console().print(compare_table(left, right))
+
+
+@app.command("export-trace")
+def export_trace(
+    router_log: Annotated[Path, typer.Argument(help="the router's log (JSON lines), e.g. .tierflow/logs/router.log")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="where to write the trace (tierflow's JSONL trace format)")] = Path("trace.jsonl"),
+) -> None:
+    """Write the requests the router logged as a trace that `loadtest run --trace` and `sim --trace` replay.
+
+    One row per placed request: arrival (ms since the first), prompt and output tokens, the
+    prompt's 512-token block ids, model, session and tenant. Exits 2 when the log holds no request.
+    """
+    from tierflow.workload.trace_export import export_router_log, write_trace
+
+    try:
+        with router_log.open("rb") as lines:
+            exported = export_router_log(lines)
+    except OSError as exc:
+        typer.echo(f"error: cannot read {router_log}: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+    skipped = ", ".join(f"{n} {reason}" for reason, n in exported.skipped.items())
+    if exported.unreadable_lines:
+        typer.echo(f"note: {exported.unreadable_lines} lines of {router_log} are not log records; passed over", err=True)
+    if not exported.rows:
+        typer.echo(f"error: {router_log} holds no request record to export" + (f" (skipped: {skipped})" if skipped else ""), err=True)
+        raise typer.Exit(2)
+    write_trace(exported.rows, out)
+    span_s = exported.rows[-1].timestamp / 1000.0
+    typer.echo(f"wrote {out}: {len(exported.rows)} requests over {span_s:,.1f} s" + (f"; skipped {skipped}" if skipped else ""))

@@ -1,8 +1,10 @@
 """What the autoscaler knows of the fleet: deployments (registry) and nodes (heartbeats).
 
-Both are caches fed by NATS; `pool_snapshot` reduces them to the pure policy's input.
-Time is passed in (the receive time of each heartbeat on the autoscaler's own clock),
-so staleness never depends on two machines agreeing about the time.
+Both are caches, fed from NATS by the autoscaler service and from virtual nodes by the
+fleet simulator; `pool_snapshot` and `deployment_snapshot` reduce them to the pure
+policy's input, so both scale on the same view. Time is passed in (the receive time of
+each heartbeat on the autoscaler's own clock), so staleness never depends on two
+machines agreeing about the time.
 
 Freshness, in three bands per node:
 - live (heard within 3 of its own heartbeat intervals): ready capacity, or cordoned;
@@ -16,10 +18,13 @@ Freshness, in three bands per node:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tierflow.contracts import messages, registry
-from tierflow.scaling import NodeLoad, PoolBounds, PoolSnapshot
+from tierflow.scaling.config import PoolBounds
+from tierflow.scaling.snapshot import DeploymentSnapshot, PoolSnapshot
+from tierflow.scaling.victims import NodeLoad
 
 __all__ = ["FleetView", "pool_bounds", "pools_of"]
 
@@ -99,6 +104,18 @@ class FleetView:
     def heartbeat(self, node_id: str) -> messages.NodeHeartbeat | None:
         heard = self._nodes.get(node_id)
         return heard.hb if heard is not None else None
+
+    def deployment_snapshot(
+        self, record: registry.DeploymentRecord, bounds: Mapping[str, PoolBounds], now: float, *,
+        starting: Mapping[str, int], removing: Mapping[str, int],
+    ) -> DeploymentSnapshot:
+        """What `tierflow.scaling.tick` decides on for one deployment: a snapshot per pool
+        in `bounds`, with the nodes the caller is starting and removing per pool."""
+        pools = {
+            pool: self.pool_snapshot(record.name, pool, now, starting=starting.get(pool, 0), removing=removing.get(pool, 0))
+            for pool in bounds
+        }
+        return DeploymentSnapshot(deployment=record.name, mode=record.mode, pools=pools, bounds=dict(bounds))
 
     def pool_snapshot(self, deployment: str, pool: str, now: float, *, starting: int = 0, removing: int = 0) -> PoolSnapshot:
         nodes = self._pool(deployment, pool)

@@ -1,0 +1,245 @@
+"""The router's decision path, step for step as `services/router/dispatch.py` takes it.
+
+Admission (tenant, model, context length, rate limit and quota), the traffic split, the
+session's last node, the prompt's block hashes, then `policy.rank(nodes.index().serving
+(model), request, now, limit=1)` with the nodes already tried excluded, a canary
+version with no live node falling back to the default one, and `NodeTable.note_dispatch`
+with `ModelTable.at_risk`, so decisions between two heartbeats see what the
+earlier ones did. Retries follow the dispatcher too: a node that refuses before the
+first token sends the request to the next one, up to `max_attempts`; when every node
+tried was full, the answer is 429 "overloaded", else 502 "no_healthy_node"; nothing
+eligible at all is 503 with placement's reason.
+
+The tables are the router's own (`tierflow.placement.tables`), fed the same heartbeats
+and registry records; errors are the router's own (`tierflow.runtime.errors`), so a
+record carries the status and code a live client would have seen.
+
+Two differences in how, not what, both for speed at a thousand nodes:
+
+- The candidates of a decision are `nodes.index().serving(model)` exactly (the same
+  views, in the same order), but kept as lists of node ids per model instead of a
+  `FleetIndex`. The table drops its index on every heartbeat and every dispatch, so
+  rebuilding it would cost each decision a walk over the whole fleet; the lists cost a
+  lookup per candidate.
+- A heartbeat that repeats the last one (`heard(..., unchanged=True)`: the node did
+  nothing since) is applied only when the router has changed its view of the node since
+  (a dispatch noted, a failure marked) or every second interval. Its view would differ
+  from the one the table holds only in `last_seen`, and a node heard within two
+  intervals is live either way (placement drops a node after three), so no decision
+  can tell.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, Final
+
+from tierflow.contracts import messages
+from tierflow.placement import (
+    NodeView,
+    NoEligibleNode,
+    PlacementConfig,
+    PlacementRequest,
+    SessionTable,
+    Tenant,
+    TenantDirectory,
+    TenantPolicy,
+    session_key,
+)
+from tierflow.placement.tables import ModelTable, NodeTable
+from tierflow.rdu import block_hashes
+from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, RateLimited, TierflowError, Unauthenticated
+from tierflow.sim.calls import Call
+
+__all__ = ["SimRouter", "OPEN_TENANT", "tenants_from_config"]
+
+OPEN_TENANT: Final = "anonymous"
+
+
+def tenants_from_config(config: Mapping[str, Any] | None) -> TenantDirectory | None:
+    """The router configuration's tenants; None when it has none (everyone is the open
+    tenant "anonymous", whatever key it sends, as a router without tenants answers)."""
+    section = {k: v for k, v in (config or {}).items() if k in ("tenants", "anonymous_tenant")}
+    return TenantDirectory.from_config(section) if section.get("tenants") else None
+
+
+class SimRouter:
+    """One router: its node and model tables, sessions, tenants and placement policy."""
+
+    def __init__(
+        self,
+        models: ModelTable,
+        *,
+        placement: PlacementConfig,
+        tenants: TenantDirectory | None,
+        max_attempts: int = 3,
+        seed: int | None = None,
+    ) -> None:
+        self.nodes = NodeTable()
+        self.models = models
+        self.sessions = SessionTable()
+        self.policy = placement.build(switch_cost=models.switch_cost, batch_turn=models.batch_turn)
+        self._tenants = tenants
+        self._open = Tenant.from_policy(TenantPolicy(name=OPEN_TENANT))
+        self._max_attempts = max_attempts
+        self._rng = random.Random(seed)
+        self._serving: dict[str, list[str]] = {}  # model -> decode node ids, in the table's order
+        self._applied: dict[str, float] = {}  # node id -> when its view was last built from a heartbeat
+        self._touched: set[str] = set()  # nodes whose view the router changed since then
+
+    # -- what the router hears ----------------------------------------------------------
+    def heard(self, hb: messages.NodeHeartbeat, now: float, *, unchanged: bool = False) -> None:
+        """A heartbeat, applied as the router applies it (see the module docstring for
+        when an `unchanged` one can be skipped)."""
+        node_id = hb.node_id
+        if unchanged and node_id not in self._touched and now - self._applied.get(node_id, -math.inf) < 1.5 * hb.interval_s:
+            return
+        if hb.role == "decode" and self.nodes.get(node_id) is None:  # new to the table: it goes last
+            for name in dict.fromkeys(m.name for m in hb.models):
+                self._serving.setdefault(name, []).append(node_id)
+        self.nodes.apply(hb, now, workload=self.models.workload(hb.deployment))
+        self._applied[node_id] = now
+        self._touched.discard(node_id)
+
+    def serving(self, model: str) -> list[NodeView]:
+        """`nodes.index().serving(model)`, without rebuilding the index (module docstring)."""
+        ids = self._serving.get(model, [])
+        get = self.nodes.get
+        views = [view for node_id in ids if (view := get(node_id)) is not None]
+        if len(views) < len(ids):  # the table forgot some (long dead): so do we
+            self._serving[model] = [v.node_id for v in views]
+        return views
+
+    # -- admission --------------------------------------------------------------------
+    def admit(self, call: Call, *, api_key: str, session_id: str, workload: str | None, now: float) -> None:
+        """Everything before placement; raises the TierflowError the router would answer."""
+        tenant = self._tenants.authenticate(api_key) if self._tenants is not None else self._open
+        if tenant is None:
+            raise Unauthenticated("Incorrect API key provided.", code="invalid_api_key")
+        call.tenant = tenant
+        route = self.models.routes.get(call.model)
+        if route is None or not tenant.allows_model(call.model):
+            raise ModelNotFound(f"The model `{call.model}` does not exist or is not deployed.", param="model", code="model_not_found")
+        call.route = route
+        n_prompt = len(call.prompt)
+        if n_prompt + call.max_tokens > route.max_context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {route.max_context} tokens; the request has {n_prompt} in the prompt "
+                f"and {call.max_tokens} for the completion.",
+                param="max_tokens", code="context_length_exceeded",
+            )  # fmt: skip
+        if tenant.limiter is not None:
+            wait = tenant.limiter.acquire(now)
+            if wait > 0:
+                raise RateLimited(f"Rate limit reached for tenant {tenant.name!r}; retry after {wait:.2f}s.", retry_after=wait)
+        if tenant.quota is not None:
+            wait = tenant.quota.retry_after(now)
+            if wait > 0:
+                raise RateLimited(f"Token quota exhausted for tenant {tenant.name!r}.", retry_after=wait, code="insufficient_quota")
+        session = session_key(tenant.name, None, session_id) if session_id else ""
+        call.placement = PlacementRequest(
+            model=call.model,
+            version=route.pick_version(self._rng),
+            prompt_hashes=block_hashes(call.prompt, self.nodes.block_size),
+            session_id=session,
+            affinity_node=self.sessions.last_node(session) if session else None,
+            boundary=tenant.boundary,
+            workload=workload or tenant.workload,  # type: ignore[arg-type]
+        )
+
+    # -- placement --------------------------------------------------------------------
+    def next_node(self, call: Call, now: float) -> str:
+        """The node of the call's next attempt, booked with `note_dispatch`; raises the
+        TierflowError that ends the call when there is no further attempt."""
+        if call.attempt >= self._max_attempts:
+            raise self._exhausted(call)
+        placement = call.placement
+        route = call.route
+        assert placement is not None and route is not None
+        tried = call.tried
+        while True:
+            try:
+                ranked = self.policy.rank(self.serving(placement.model), replace(placement, exclude=frozenset(tried)), now, limit=1)
+                break
+            except NoEligibleNode as none:
+                if none.code == "version_not_served" and placement.version != route.default_version:
+                    placement = call.placement = replace(placement, version=route.default_version)  # a canary without a live node
+                    continue
+                if tried and call.overloaded == len(tried):
+                    raise self._overloaded(call) from None  # every node that could serve it is full: back-pressure
+                if tried:
+                    raise NodeFailure(
+                        f"model {call.model!r} failed on {', '.join(sorted(tried))} before producing output ({call.last_failure}), "
+                        f"and no other node can take it now: {none.reason}",
+                        code="no_healthy_node", retryable=True,
+                    ) from None  # fmt: skip
+                raise NoCapacity(none.reason, code=none.code) from None
+        node_id = ranked.best.node_id
+        call.attempt += 1
+        tried.add(node_id)
+        call.node = node_id
+        view = self.nodes.get(node_id)
+        self.nodes.note_dispatch(node_id, call.model, evicts=self.models.at_risk(view, call.model) if view else ())
+        self._touched.add(node_id)
+        return node_id
+
+    def mark_suspect(self, node_id: str, now: float) -> None:
+        """A node did not answer: keep new work off it for a while (the dispatcher's `NodeLost`)."""
+        self.nodes.mark_suspect(node_id, now)
+        self._touched.add(node_id)
+
+    def prefill_node(self, call: Call, deployment: str, now: float) -> str | None:
+        """A prefill node of the deployment for the call's prompt; None when none can take it
+        (the dispatcher's "no live prefill node": the attempt fails and the next one follows)."""
+        candidates = [n for n in self.nodes.prefill_nodes(deployment) if n.takes_work(now)]
+        assert call.placement is not None
+        if not candidates:
+            call.last_failure = f"no live prefill node in deployment {deployment!r}"
+            return None
+        try:
+            ranked = self.policy.rank(candidates, replace(call.placement, exclude=frozenset()), now, limit=1)
+        except NoEligibleNode as none:
+            call.last_failure = none.reason
+            return None
+        call.prefill_node = ranked.best.node_id
+        return call.prefill_node
+
+    def attempt_failed(self, call: Call, node_id: str, code: str, message: str) -> None:
+        """A node refused the call before its first token (retryable): remember why."""
+        call.last_failure = f"{node_id}: {code}: {message}"
+        if code == "queue_full":
+            call.overloaded += 1
+
+    def _overloaded(self, call: Call) -> TierflowError:
+        return RateLimited(f"every node serving {call.model!r} is at capacity; retry shortly", retry_after=1.0, code="overloaded")
+
+    def _exhausted(self, call: Call) -> TierflowError:
+        if call.overloaded == len(call.tried):
+            return self._overloaded(call)
+        return NodeFailure(
+            f"model {call.model!r} failed on {', '.join(sorted(call.tried))} before producing output ({call.last_failure}); retry the request",
+            code="no_healthy_node", retryable=True,
+        )  # fmt: skip
+
+    def deployment_mode(self, node_id: str) -> tuple[str, str]:
+        """(deployment, mode) of a decode node as the router knows it."""
+        view = self.nodes.get(node_id)
+        record = self.models.deployment(view.deployment) if view is not None else None
+        return (record.name, record.mode) if record is not None else ("", "aggregated")
+
+    # -- completion -------------------------------------------------------------------
+    def settle(self, call: Call, now: float, *, prompt_tokens: int, completion_tokens: int, decode_s: float) -> None:
+        """The dispatcher's books once the node finished: quota charged, session touched,
+        the model's decode time (first token to last, as the router saw them) observed."""
+        tenant = call.tenant
+        if tenant is not None and tenant.quota is not None:
+            tenant.quota.charge(now, prompt_tokens + completion_tokens)
+        placement = call.placement
+        if placement is not None and placement.session_id:
+            self.sessions.touch(placement.session_id, call.node)
+        if completion_tokens > 1:
+            self.models.observe_decode(call.model, decode_s)
+
