@@ -32,7 +32,6 @@ hash_ids (`tierflow.workload.trace_stats`) so the shape can be checked against t
 from __future__ import annotations
 
 import argparse
-import heapq
 import math
 from pathlib import Path
 

@@ -505,6 +505,9 @@ class NodeEngine:
         return events
 
     def snapshot(self, now: float) -> EngineSnapshot:
+        """The node as heartbeats report it; cheap enough to take every second on every
+        node of a simulated fleet, so a hash list that has not changed is the same list
+        object as in the previous snapshot: read it, do not modify it."""
         work = self._pending
         busy_until = None if work is None else work.end
         busy = self._busy

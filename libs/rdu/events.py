@@ -49,7 +49,7 @@ class EngineRequest(msgspec.Struct):
     `prompt_block_hashes`: the prompt's `tierflow.rdu.block_hashes` at the engine's block
     size, for a caller that already computed them (placement scores prefix overlap with
     them): the engine then does not hash the prompt again. It trusts them and checks only
-    their count; in fast mode with `ignore_eos` it then never reads the token ids at all.
+    their count; in fast mode with `ignore_eos` it then reads no token id, only how many.
     """
 
     request_id: str

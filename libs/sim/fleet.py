@@ -60,16 +60,17 @@ class DeploymentPlan(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _apportion(sizes: Sequence[int], total: int) -> list[int]:
-    """`total` split in proportion to `sizes` (largest remainder); every nonzero size gets >= 1."""
+    """`total` split in proportion to `sizes` (largest remainder); every nonzero size gets
+    at least 1, taken from the sizes furthest above their share when that overshoots."""
     whole = sum(sizes)
     quotas = [s * total / whole for s in sizes]
     counts = [max(1, math.floor(q)) if s > 0 else 0 for s, q in zip(sizes, quotas)]
-    order = sorted(range(len(sizes)), key=lambda i: (-(quotas[i] - math.floor(quotas[i])), i))
-    for i in order:
-        if sum(counts) >= total:
-            break
-        if sizes[i] > 0:
-            counts[i] += 1
+    while sum(counts) > total:  # the minimum of 1 pushed small pools above their share
+        i = max((i for i, c in enumerate(counts) if c > 1), key=lambda i: (counts[i] - quotas[i], -i))
+        counts[i] -= 1
+    while sum(counts) < total:
+        i = max((i for i, s in enumerate(sizes) if s > 0), key=lambda i: (quotas[i] - counts[i], -i))
+        counts[i] += 1
     return counts
 
 

@@ -19,7 +19,8 @@ the live fabric does, in its order:
 - Each node's engine is advanced exactly when its next work is due.
 - Each node heartbeats every `heartbeat_s` (staggered across the interval, as processes
   started at different times are), and at once when a weight switch starts or it is
-  cordoned or uncordoned; the router's tables and the autoscaler's view take every beat.
+  cordoned or uncordoned; the autoscaler's view takes every beat, the router's tables
+  every beat that could change a decision (`SimRouter.heard`).
 - The autoscaler ticks every `AUTOSCALER_INTERVAL_S`; a node it starts comes up after its
   `start_delay` (its cold load); a node it drains is polled until empty, then stopped.
 
@@ -119,6 +120,7 @@ class Simulation:
         self.nodes: dict[str, SimNode] = {}
         self.retired: list[SimNode] = []
         self.pending: dict[tuple[str, str], int] = {}  # nodes asked for and not up yet, per pool
+        self._up: dict[tuple[str, str], int] = {}  # nodes up, per pool
         self.records: list[RequestRecord] = []
         self.timeline: list[FleetPoint] = []
         self._heap: list[tuple[float, int, int, Any, Any]] = []
@@ -182,11 +184,13 @@ class Simulation:
     def _new_node(self, plan: DeploymentPlan, pool: str, now: float, node_id: str | None = None) -> SimNode:
         node = SimNode(plan, pool, node_id or self._node_id(plan, pool), now, token_events=self.config.token_events)
         self.nodes[node.node_id] = node
+        self._up[(plan.name, pool)] = self._up.get((plan.name, pool), 0) + 1
         return node
 
     def _provisioned(self, deployment: str, pool: str) -> int:
-        up = sum(1 for n in self.nodes.values() if n.identity.deployment == deployment and n.identity.role == pool)
-        return up + self.pending.get((deployment, pool), 0)
+        """Nodes of a pool the simulator runs, up or on their way (the actuator's inventory)."""
+        key = (deployment, pool)
+        return self._up.get(key, 0) + self.pending.get(key, 0)
 
     # -- sessions (the client) ----------------------------------------------------------
     def _on_session(self, t: float, plan: SessionPlan, _: None) -> None:
@@ -408,9 +412,10 @@ class Simulation:
         assert self.autoscaler is not None
         node.stopped_at = t
         node.busy_seconds = node.engine.snapshot(t).busy_seconds
-        del self.nodes[node.node_id]
-        self.retired.append(node)
         identity = node.identity
+        del self.nodes[node.node_id]
+        self._up[(identity.deployment, identity.role)] -= 1
+        self.retired.append(node)
         self.autoscaler.stopped(identity.deployment, identity.role, node.node_id, t)
         for stream in node.fail_all(t):
             call = stream.call

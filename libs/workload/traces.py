@@ -6,8 +6,8 @@
     azure     CSV         TIMESTAMP (a date and time), ContextTokens, GeneratedTokens
     burstgpt  CSV         Timestamp (seconds), Model, Request tokens, Response tokens, Total tokens, Log Type
 
-`load_trace(path)` detects the format from the file's name and first line (`format=`
-forces one) and reads every row before anything is replayed: a malformed row is a
+`load_trace(path)` detects the format from the file's first line (`format=` forces
+one) and reads every row before anything is replayed: a malformed row is a
 `TraceError` naming the file, the line and the field or column, and no row of a file
 with one is ever sent. Up to `MAX_PROBLEMS` problems are listed, then how many more.
 
@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Final, get_args
+from typing import Annotated, Final
 
 import msgspec
 import numpy as np
@@ -57,7 +57,7 @@ class TraceError(ValueError):
 class Trace(msgspec.Struct, frozen=True, kw_only=True):
     """Every row of one trace file, as columns sorted by arrival (see the module docstring).
 
-    `time_s`: seconds since the first row; `origin`: the first row's timestamp as the file
+    `time_s`: seconds since the earliest row; `origin`: that row's timestamp as the file
     writes it; `hash_ids`: per row, the ids of its leading 512-token blocks (empty for
     formats without them); `model`, `session`, `tenant`: None when the format has no
     such column, else one string per row ("" where a row leaves it empty).
@@ -241,7 +241,7 @@ _EXPECTED: dict[_Parse, str] = {
 
 
 class _CsvFormat(msgspec.Struct, frozen=True):
-    """Columns a CSV format needs: name -> (what the row's field becomes, its parser)."""
+    """The columns of one CSV format, and how its time column reads (seconds, or a date and time)."""
 
     name: TraceFormat
     time: str
@@ -298,7 +298,7 @@ def _csv_rows(text: str, source: str, spec: _CsvFormat) -> Trace:
 
 
 def detect_format(first_line: str, name: str) -> TraceFormat:
-    """The format of a file from its first line (and name); ValueError says why none fits."""
+    """The format of a file from its first line; ValueError (naming the file as `name`) says why none fits."""
     line = first_line.lstrip("\ufeff").strip()
     if line.startswith("{"):
         try:
@@ -327,7 +327,7 @@ def _first_line(data: bytes) -> str:
 def parse_trace(data: bytes, *, source: str = "trace", format: TraceFormat | None = None) -> Trace:
     """The trace in `data` (a whole file's bytes); TraceError lists the malformed rows."""
     if format is not None and format not in TRACE_FORMATS:
-        raise TraceError([f"{source}: unknown format {format!r}; choose one of {', '.join(get_args(TraceFormat))}"])
+        raise TraceError([f"{source}: unknown format {format!r}; choose one of {', '.join(TRACE_FORMATS)}"])
     try:
         fmt = format or detect_format(_first_line(data), source)
     except ValueError as exc:

@@ -38,6 +38,7 @@ SN40L = BUILTIN_PROFILES["sn40l-16"]
 TIGHT = load_profiles({"tight": {"base": "sn40l-16", "hbm_bytes": 12 * 2**30}})["tight"]
 MODELS = ("llama-3.1-8b", "llama-3.1-70b", "gpt-oss-20b")
 REL = 1e-9
+ONE_8B = [BundleModel(BUILTIN_MODELS["llama-3.1-8b"], DeploymentConfig.parse("ss8192-bs4"))]
 
 
 # -- the step-time sums --------------------------------------------------------------
@@ -353,10 +354,9 @@ def test_fast_mode_matches_under_steady_multi_model_load() -> None:
 
 def test_a_lone_request_decodes_as_one_piece_of_work() -> None:
     """Prefill, then all 999 remaining tokens in one run: three wake-ups, not a thousand."""
-    bundle = [BundleModel(BUILTIN_MODELS["llama-3.1-8b"], DeploymentConfig.parse("ss8192-bs4"))]
     wakeups = {}
     for fast in (False, True):
-        e = NodeEngine(SN40L, bundle, now=0.0, preload=["llama-3.1-8b"], token_events=not fast)
+        e = NodeEngine(SN40L, ONE_8B, now=0.0, preload=["llama-3.1-8b"], token_events=not fast)
         e.submit(EngineRequest("a", "llama-3.1-8b", list(range(300)), 1000, ignore_eos=True), 0.0)
         n, events = 0, []
         while (t := e.next_event_time()) is not None:
@@ -371,10 +371,9 @@ def test_a_lone_request_decodes_as_one_piece_of_work() -> None:
 
 def test_an_arrival_cuts_a_run_at_the_next_step() -> None:
     """A second request arriving mid-run joins the batch at the next step boundary."""
-    bundle = [BundleModel(BUILTIN_MODELS["llama-3.1-8b"], DeploymentConfig.parse("ss8192-bs4"))]
     starts = []
     for fast in (False, True):
-        e = NodeEngine(SN40L, bundle, now=0.0, preload=["llama-3.1-8b"], token_events=not fast)
+        e = NodeEngine(SN40L, ONE_8B, now=0.0, preload=["llama-3.1-8b"], token_events=not fast)
         e.submit(EngineRequest("a", "llama-3.1-8b", list(range(300)), 500, ignore_eos=True), 0.0)
         events = e.advance(0.1)
         busy_until = e.snapshot(0.1).busy_until
@@ -387,22 +386,19 @@ def test_an_arrival_cuts_a_run_at_the_next_step() -> None:
 
 
 def test_supplied_block_hashes_are_checked_for_length() -> None:
-    bundle = [BundleModel(BUILTIN_MODELS["llama-3.1-8b"], DeploymentConfig.parse("ss8192-bs4"))]
-    e = NodeEngine(SN40L, bundle, now=0.0, token_events=False)
+    e = NodeEngine(SN40L, ONE_8B, now=0.0, token_events=False)
     prompt = list(range(200))  # three full 64-token blocks
     with pytest.raises(RequestRejected) as err:
         e.submit(EngineRequest("a", "llama-3.1-8b", prompt, 4, prompt_block_hashes=[1, 2]), 0.0)
     assert err.value.code == "invalid_request" and "3 full blocks of 64" in err.value.message
-    e.submit(
-        EngineRequest("a", "llama-3.1-8b", prompt, 4, prompt_block_hashes=block_hashes(prompt, 64)),
-        0.0,
-    )
+    hashes = block_hashes(prompt, 64)
+    e.submit(EngineRequest("a", "llama-3.1-8b", prompt, 4, prompt_block_hashes=hashes), 0.0)
+    assert [type(ev) for ev in e.advance(math.inf)] == [RequestStarted, RequestFinished]
 
 
 def test_snapshots_reuse_unchanged_hash_lists() -> None:
     """Heartbeats snapshot every node every second: an idle node's lists are not rebuilt."""
-    bundle = [BundleModel(BUILTIN_MODELS["llama-3.1-8b"], DeploymentConfig.parse("ss8192-bs4"))]
-    e = NodeEngine(SN40L, bundle, now=0.0, token_events=False)
+    e = NodeEngine(SN40L, ONE_8B, now=0.0, token_events=False)
     e.submit(EngineRequest("a", "llama-3.1-8b", list(range(200)), 4), 0.0)
     e.advance(math.inf)
     first, second = e.snapshot(10.0), e.snapshot(11.0)
@@ -413,9 +409,8 @@ def test_snapshots_reuse_unchanged_hash_lists() -> None:
 
 def test_an_arrival_exactly_at_a_step_boundary_waits_for_the_next_one() -> None:
     """The step beginning at `t` began before a request arriving at `t` was handed in."""
-    bundle = [BundleModel(BUILTIN_MODELS["llama-3.1-8b"], DeploymentConfig.parse("ss8192-bs4"))]
-    slow = NodeEngine(SN40L, bundle, now=0.0, preload=["llama-3.1-8b"])
-    fast = NodeEngine(SN40L, bundle, now=0.0, preload=["llama-3.1-8b"], token_events=False)
+    slow = NodeEngine(SN40L, ONE_8B, now=0.0, preload=["llama-3.1-8b"])
+    fast = NodeEngine(SN40L, ONE_8B, now=0.0, preload=["llama-3.1-8b"], token_events=False)
     for e in (slow, fast):
         e.submit(EngineRequest("a", "llama-3.1-8b", list(range(300)), 500, ignore_eos=True), 0.0)
     for _ in range(40):  # into the decode: `at` is a step boundary inside the fast engine's run
@@ -497,3 +492,43 @@ def test_recent_hashes_match_an_eager_lru(
                 assert kv.recent_hashes(scope) == list(reversed(eager.get(scope, ())))
     for scope in ("a", "b", None):
         assert kv.recent_hashes(scope) == list(reversed(eager.get(scope, ())))
+
+
+def small_cache(hbm_blocks: int, ddr_blocks: int) -> KVCache:
+    return KVCache(
+        block_size=4,
+        hbm_bytes=hbm_blocks * 100,
+        ddr_bytes=ddr_blocks * 100,
+        copy_bw=1e9,
+        ledger=TransferLedger(),
+    )
+
+
+def test_a_kept_lookup_sees_blocks_cached_after_it() -> None:
+    """`fits` keeps its walk for the `allocate` that follows; a commit in between adds blocks."""
+    kv = small_cache(hbm_blocks=16, ddr_blocks=0)
+    first = kv.allocate("m", 100, block_hashes(list(range(12)), 4), 3)  # computing the prompt
+    assert first is not None
+    hashes = block_hashes(list(range(12)), 4)  # the same prompt again
+    assert kv.fits("m", 100, hashes, 3, max_hit_blocks=2)  # nothing cached yet
+    kv.commit(first)
+    again = kv.allocate("m", 100, hashes, 3, max_hit_blocks=2)
+    assert again is not None and again.hit_blocks == 2
+
+
+def test_allocations_never_share_a_kept_lookup() -> None:
+    """Two requests with the same prompt: the second allocation walks the chain anew, so
+    the blocks the second commits are not released with the first."""
+    kv = small_cache(hbm_blocks=16, ddr_blocks=0)
+    hashes = block_hashes(list(range(16)), 4)
+    cached = kv.allocate("m", 100, hashes[:2], 2)  # the first two blocks get cached
+    assert cached is not None
+    kv.commit(cached)
+    kv.release(cached)
+    assert kv.fits("m", 100, hashes, 4)
+    a = kv.allocate("m", 100, hashes, 4)
+    b = kv.allocate("m", 100, hashes, 4)
+    assert a is not None and b is not None and a.hit_blocks == b.hit_blocks == 2
+    kv.commit(b)  # b caches blocks 2 and 3 and holds them
+    kv.release(a)
+    assert kv.hbm_evictable == 0  # everything cached is still held by b

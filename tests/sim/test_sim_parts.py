@@ -12,6 +12,7 @@ from tierflow.rdu import BUILTIN_MODELS, BUILTIN_PROFILES, BundleModel, Deployme
 from tierflow.sim import SimConfig, Simulation
 from tierflow.sim.client import SessionRun, reply
 from tierflow.sim.fleet import PROCESS_START_S, scale_deployments, start_delay
+from tierflow.sim.router import SimRouter
 from tierflow.sim.shards import merge, partition
 from tierflow.tokenizer import encode, render_chat
 from tierflow.workload.sessions import CallPlan, plan_sessions
@@ -142,3 +143,31 @@ def test_a_run_of_many_records_is_quick_and_counts_its_own_events() -> None:
     result = run(AGENT, PAIR, seed=5, autoscale=False)
     assert result.stats.events > result.stats.heartbeats > 0
     assert result.stats.calls == len(result.records)
+
+
+def test_skipping_repeated_heartbeats_changes_no_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, fleet = spec_of(AGENT), fleet_of(PAIR)
+    config = SimConfig(seed=5, autoscale=False)
+    skipping = Simulation(spec, fleet, config).run()
+    applied = 0
+    heard = SimRouter.heard
+
+    def every_beat(self: SimRouter, hb: object, now: float, *, unchanged: bool = False) -> None:
+        nonlocal applied
+        applied += unchanged
+        heard(self, hb, now, unchanged=False)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SimRouter, "heard", every_beat)
+    every = Simulation(spec, fleet, config).run()
+    assert applied > 40  # many beats repeated the last one, and were applied all the same
+    assert every.records == skipping.records
+
+
+def test_rescaling_down_gives_small_pools_their_node_from_the_largest() -> None:
+    fleet = [_deployment("big", 400, 360, 460), _deployment("mid", 96, 86, 110), _deployment("tiny", 2, 2, 3, prefill=4)]
+    scaled = scale_deployments(fleet, 50)  # shares 39.8, 9.6, 0.2 and 0.4: the tiny pools get 1 each
+    assert [(d.replicas, d.prefill_replicas) for d in scaled] == [(39, 0), (9, 0), (1, 1)]
+    assert sum(d.replicas + d.prefill_replicas for d in scaled) == 50
+    # shares 9.6, 2.3, 0.05 and 0.1: the floors and minimums make 13, one more than asked;
+    # it comes from the pool furthest above its share (2 for 2.3)
+    assert [(d.replicas, d.prefill_replicas) for d in scale_deployments(fleet, 12)] == [(9, 0), (1, 0), (1, 1)]

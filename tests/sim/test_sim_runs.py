@@ -144,3 +144,12 @@ def test_a_call_the_model_cannot_hold_fails_with_the_routers_400_and_ends_its_se
     for record in result.records:
         assert (record.step, record.outcome, record.status, record.error) == (0, "error", 400, "context_length_exceeded")
     assert len({r.session_id for r in result.records}) == len(result.records)  # no session went on to step 2
+
+
+def test_the_engines_fast_mode_gives_every_request_the_times_step_by_step_gives() -> None:
+    """Without per-token events a request's first token is inferred (the end of the prefill
+    it started in); with them it is observed. Both must agree, to the last bit."""
+    fast = run(AGENT, PAIR, seed=5, autoscale=False)
+    stepped = run(AGENT, PAIR, seed=5, autoscale=False, token_events=True)
+    assert len(fast.records) > 80
+    assert fast.records == stepped.records

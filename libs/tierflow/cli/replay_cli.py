@@ -7,6 +7,8 @@ before anything is sent.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
 
     from tierflow.workload.replay import Replay
     from tierflow.workload.spec import WorkloadSpec
-    from tierflow.workload.trace_stats import TokenStats, TraceStats, TraceSummary
+    from tierflow.workload.trace_stats import TraceStats, TraceSummary
 
 __all__ = ["TraceOption", "FormatOption", "WindowOption", "SpeedOption", "plan_trace_replay", "trace_notes", "trace_table"]
 
@@ -61,7 +63,7 @@ def plan_trace_replay(
             raise _fail(f"{', '.join(given)} only apply to a trace replay: give --trace FILE (or a `trace:` section in the spec)")
         return None
     if duration is not None:
-        raise _fail("--duration caps a synthetic run; a trace replay's length is its window: use --window START:DURATION (trace seconds)")
+        raise _fail("--duration (and --hours) cap a synthetic run; a trace replay's length is its window: use --window START:DURATION (trace seconds)")
     if fmt is not None and fmt not in TRACE_FORMATS:
         raise _fail(f"unknown --format {fmt!r}; choose one of {', '.join(TRACE_FORMATS)}")
     path = trace
@@ -69,7 +71,7 @@ def plan_trace_replay(
         assert section is not None
         if section.file is None:
             raise _fail(f"{spec_path}: the `trace:` section names no file; give --trace FILE or trace.file")
-        path = Path(section.file) if Path(section.file).is_absolute() else spec_path.parent / section.file
+        path = Path(os.path.normpath(spec_path.parent / section.file))  # an absolute trace.file stays as it is
     if section is None and (workload.flows or workload.mix is not None):
         typer.echo(f"note: replaying {path}; the flows, mix and arrivals of {spec_path} are not used (its tenants and SLO are)", err=True)
     try:
@@ -96,8 +98,8 @@ def _count(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _tokens(stats: TokenStats) -> str:
-    return "-" if stats.p50 is None else f"{stats.p50:,.0f} / {stats.p95:,.0f} / {stats.p99:,.0f}"
+def _rows(n: int) -> str:
+    return f"{n:,} row{'' if n == 1 else 's'}"
 
 
 def _share(value: float | None) -> str:
@@ -110,7 +112,10 @@ def trace_table(summary: TraceSummary) -> Table:
     from rich.table import Table
 
     window = f"from {summary.window_start_s:g} s" + (f" for {summary.window_s:g} s" if summary.window_s is not None else " to the end")
-    notes = [f"{summary.zero_output_rows} rows asking for no output not sent", f"{summary.padded_rows} rows padded to the chat template"]
+    notes = [
+        f"{_rows(summary.zero_output_rows)} asking for no output tokens not sent",
+        f"{_rows(summary.padded_rows)} shorter than the chat template padded to it",
+    ]
     table = Table(
         title=(
             f"trace {summary.file} ({summary.format}, {summary.file_rows:,} rows over {summary.file_span_s:,.0f} s): "
@@ -122,19 +127,24 @@ def trace_table(summary: TraceSummary) -> Table:
         pad_edge=False,
         collapse_padding=True,
     )
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     columns: list[TraceStats] = [summary.source, summary.sent] + ([summary.measured] if summary.measured is not None else [])
     for name in ("trace", "sent", "measured")[: len(columns)]:
         table.add_column(name, justify="right", no_wrap=True)
-    rows = (
+    rows: list[tuple[str, Callable[[TraceStats], str]]] = [
         ("requests", lambda s: _count(s.requests)),
         ("span (s)", lambda s: _count(s.span_s, 1)),
         ("rate mean (/s)", lambda s: _count(s.rate_mean, 2)),
         ("rate peak (/s)", lambda s: _count(s.rate_peak)),
-        ("input tokens p50/95/99", lambda s: _tokens(s.input_tokens)),
-        ("output tokens p50/95/99", lambda s: _tokens(s.output_tokens)),
-        ("prefix reuse", lambda s: _share(s.prefix_reuse)),
-    )
+    ]
+    for side, pick in (("input", lambda s: s.input_tokens), ("output", lambda s: s.output_tokens)):
+        rows += [
+            (f"{side} tokens p50", lambda s, pick=pick: _count(pick(s).p50)),
+            ("  p95", lambda s, pick=pick: _count(pick(s).p95)),
+            ("  p99", lambda s, pick=pick: _count(pick(s).p99)),
+            ("  mean", lambda s, pick=pick: _count(pick(s).mean)),
+        ]
+    rows.append(("prefix reuse", lambda s: _share(s.prefix_reuse)))
     for label, cell in rows:
         table.add_row(label, *(cell(s) for s in columns))
     return table
