@@ -23,15 +23,14 @@ class Call:
 
     Router side: `tenant`, `route`, `placement`, the nodes `tried`, how many of those
     answered queue_full (`overloaded`), the `attempt` count and the `last_failure`.
-    Node side: the decode `node` and the `prefill_node`, the `tier` the model was found in
-    and the prompt tokens served from a prefix cache (`cached_tokens`).
-    Client side: `first_token_at` and `finished_at` as the client sees them.
+    Node side: the decode `node`, the `tier` the model was found in and the prompt tokens
+    served from a prefix cache (`cached_tokens`).
     """
 
     __slots__ = (
         "request_id", "run", "step", "model", "prompt", "prompt_tokens", "max_tokens", "sent_at",
         "tenant", "route", "placement", "tried", "overloaded", "attempt", "last_failure",
-        "node", "prefill_node", "tier", "cached_tokens", "first_token_at", "finished_at",
+        "node", "tier", "cached_tokens",
     )  # fmt: skip
 
     def __init__(self, request_id: str, run: SessionRun, step: CallPlan, prompt: list[int], sent_at: float) -> None:
@@ -51,8 +50,5 @@ class Call:
         self.attempt = 0
         self.last_failure = ""
         self.node = ""
-        self.prefill_node = ""
         self.tier = ""
         self.cached_tokens = 0
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None

@@ -204,8 +204,7 @@ class SimRouter:
         except NoEligibleNode as none:
             call.last_failure = none.reason
             return None
-        call.prefill_node = ranked.best.node_id
-        return call.prefill_node
+        return ranked.best.node_id
 
     def attempt_failed(self, call: Call, node_id: str, code: str, message: str) -> None:
         """A node refused the call before its first token (retryable): remember why."""
