@@ -15,10 +15,10 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from tierflow.contracts import registry, subjects
 from tierflow.nodehost.specs import bundle_from_records
-from tierflow.rdu import BundleModel, HardwareProfile, load_catalog, load_profiles
+from tierflow.rdu import BundleModel, load_catalog
 from tierflow.runtime.kv import open_bucket
 
-__all__ = ["fetch_deployment", "build_bundle", "resolve_profile"]
+__all__ = ["fetch_deployment", "build_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,3 @@ async def build_bundle(js: JetStreamContext, deployment: registry.DeploymentReco
         if value is not None:
             models[entry.model] = registry.model_decoder.decode(value)
     return bundle_from_records(deployment, models, load_catalog(None))
-
-
-def resolve_profile(name: str) -> HardwareProfile:
-    profiles = load_profiles(None)
-    if name not in profiles:
-        raise LookupError(f"hardware profile {name!r} is unknown; known: {', '.join(sorted(profiles))}")
-    return profiles[name]

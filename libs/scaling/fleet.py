@@ -26,7 +26,7 @@ from tierflow.scaling.config import PoolBounds
 from tierflow.scaling.snapshot import DeploymentSnapshot, PoolSnapshot
 from tierflow.scaling.victims import NodeLoad
 
-__all__ = ["FleetView", "pool_bounds", "pools_of"]
+__all__ = ["FleetView", "pool_bounds"]
 
 MISSED_BEATS = 3.0
 
@@ -42,11 +42,6 @@ class _Heard:
     @property
     def leaving(self) -> bool:
         return self.hb.cordoned or self.hb.draining
-
-
-def pools_of(record: registry.DeploymentRecord) -> tuple[str, ...]:
-    """The pools the autoscaler manages: decode only, unless prefill is disaggregated."""
-    return ("prefill", "decode") if record.mode == "disaggregated" else ("decode",)
 
 
 def pool_bounds(record: registry.DeploymentRecord) -> dict[str, PoolBounds]:

@@ -20,13 +20,13 @@ __all__ = ["SimConfig", "SimError", "HOP_S"]
 HOP_S = 0.003
 """One message hop (client -> router, router -> node, or back) with its handling, in
 seconds: a request's first token reaches its client four hops (12 ms) after it was sent
-plus what the chip takes. Calibrated on the 2-core development machine against
-`loadtest/live_vs_sim.py` (loadtest/specs/agreement.yaml on two emulated nodes), where
-the live fabric's TTFT is the emulated chip's plus a median of 12 ms of its own software
-(HTTP, tokenizing, NATS, the node's asyncio driver, the client). That overhead is not
-constant: it grows with the streams in flight on a small machine (every streamed token
-is a message through the node, NATS, the router and the client), which a fixed hop does
-not model. Set `hop_s` to what the fabric being compared adds."""
+plus what the chip takes. Fitted on the 2-core development machine to live runs of two
+emulated nodes serving small models, where the client saw the emulated chip's TTFT plus
+a median of 12 ms of the fabric's own software (HTTP, tokenizing, NATS, the node's
+asyncio driver, the client). That overhead is not constant: it grows with the streams in
+flight on a small machine (every streamed token is a message through the node, NATS, the
+router and the client), which a fixed hop does not model. `loadtest/live_vs_sim.py`
+measures the hop of the fabric it compares with and passes it as `hop_s`."""
 
 
 class SimError(ValueError):

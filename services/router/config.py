@@ -15,7 +15,7 @@ import msgspec
 
 from tierflow.placement import BatchTurn, PlacementConfig, PlacementPolicy, SwitchCost, Tenant, TenantDirectory, TenantPolicy
 
-__all__ = ["RouterConfig", "load_router_config"]
+__all__ = ["RouterConfig", "load_router_config", "read_router_config"]
 
 
 @dataclass(frozen=True)
@@ -37,20 +37,25 @@ def _open_directory() -> TenantDirectory:
     return _OpenDirectory([anonymous], anonymous="anonymous")
 
 
-def load_router_config(
-    path: str, *, policy_override: str = "", switch_cost: SwitchCost | None = None, batch_turn: BatchTurn | None = None
-) -> RouterConfig:
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            raw = msgspec.yaml.decode(Path(path).read_bytes(), type=dict[str, Any]) or {}
-        except OSError as exc:
-            raise ValueError(f"cannot read router config {path}: {exc.strerror}") from None
-        except msgspec.MsgspecError as exc:
-            raise ValueError(f"router config {path}: {exc}") from None
+def read_router_config(path: str | Path) -> dict[str, Any]:
+    """The file's sections (tenants, anonymous_tenant, placement), unparsed; ValueError names
+    the file and what is wrong. The simulator reads router configurations through this too."""
+    try:
+        raw = msgspec.yaml.decode(Path(path).read_bytes(), type=dict[str, Any]) or {}
+    except OSError as exc:
+        raise ValueError(f"cannot read router config {path}: {exc.strerror}") from None
+    except msgspec.MsgspecError as exc:
+        raise ValueError(f"router config {path}: {exc}") from None
     unknown = set(raw) - {"tenants", "anonymous_tenant", "placement"}
     if unknown:
         raise ValueError(f"router config {path}: unknown section(s) {', '.join(sorted(unknown))}; expected tenants, anonymous_tenant, placement")
+    return raw
+
+
+def load_router_config(
+    path: str, *, policy_override: str = "", switch_cost: SwitchCost | None = None, batch_turn: BatchTurn | None = None
+) -> RouterConfig:
+    raw = read_router_config(path) if path else {}
     tenant_section = {k: raw[k] for k in ("tenants", "anonymous_tenant") if k in raw}
     tenants = TenantDirectory.from_config(tenant_section) if tenant_section.get("tenants") else _open_directory()
     placement = dict(raw.get("placement") or {})

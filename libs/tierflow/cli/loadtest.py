@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from tierflow.workload.live import LiveRun
-    from tierflow.workload.report import Report, Summary
+    from tierflow.workload.report import Report
     from tierflow.workload.sessions import SessionPlan
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -151,44 +151,15 @@ def _drive(plans: list[SessionPlan], url: str, console: Console) -> LiveRun:
         return asyncio.run(until_interrupted())
 
 
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}" if value < 10 else f"{value:,.0f}"  # inter-token latencies are often ~1 ms
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
 def _summary_table(report: Report) -> Table:
-    from rich import box
-    from rich.table import Table
+    from tierflow.cli.report_table import report_table
 
     meta = report.meta
-    table = Table(
+    return report_table(
+        report,
         title=f"{meta.spec}: live, policy {meta.policy}, {meta.duration_s:.4g} s of arrivals, {meta.wall_s:.1f} s wall",
         caption="latencies in ms; cache hits: prompt tokens found in the prefix cache; cold: served with the model not in HBM",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
-        pad_edge=False,
-        collapse_padding=True,
     )
-    table.add_column("model", no_wrap=True)
-    for column in ("req", "ok", "rej", "err", "TTFT\np50", "TTFT\np95", "ITL\np50", "E2E\np95", "good\nput", "cache\nhits", "cold"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for name, summary in report.per_model.items():
-        table.add_row(name, *_cells(summary))
-    table.add_section()
-    table.add_row("all", *_cells(report.totals))
-    return table
-
-
-def _cells(s: Summary) -> tuple[str, ...]:
-    return (
-        str(s.requests), str(s.ok), str(s.rejected), str(s.errors), _ms(s.ttft_ms.p50), _ms(s.ttft_ms.p95),
-        _ms(s.itl_ms.p50), _ms(s.e2e_ms.p95), _share(s.goodput_share), _share(s.prefix_hit_rate), _share(s.cold_share),
-    )  # fmt: skip
 
 
 @app.command("compare")

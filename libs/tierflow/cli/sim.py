@@ -45,18 +45,9 @@ def read_router_config(path: Path | None) -> dict[str, Any]:
     """The router's configuration file (tenants, placement), as `tierflow router --config` reads it."""
     if path is None:
         return {}
-    import msgspec
+    from tierflow.services.router.config import read_router_config as read
 
-    try:
-        raw = msgspec.yaml.decode(path.read_bytes(), type=dict[str, Any]) or {}
-    except OSError as exc:
-        raise ValueError(f"cannot read router config {path}: {exc.strerror}") from None
-    except msgspec.MsgspecError as exc:
-        raise ValueError(f"router config {path}: {exc}") from None
-    unknown = set(raw) - {"tenants", "anonymous_tenant", "placement"}
-    if unknown:
-        raise ValueError(f"router config {path}: unknown section(s) {', '.join(sorted(unknown))}; expected tenants, anonymous_tenant, placement")
-    return raw
+    return read(path)
 
 
 def _run_part(spec: WorkloadSpec, fleet: FleetRecords, config: SimConfig, part: frozenset[str], plans: list[SessionPlan] | None) -> bytes:
@@ -246,21 +237,13 @@ def _run_with_progress(
     return result
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else (f"{value:.1f}" if value < 10 else f"{value:,.0f}")
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
 def summary_table(report: Report, result: SimResult) -> Table:
     """Per model and in total, with the fleet's figures in the caption."""
-    from rich import box
-    from rich.table import Table
+    from tierflow.cli.report_table import report_table
 
     meta, stats = report.meta, result.stats
-    table = Table(
+    return report_table(
+        report,
         title=(
             f"{meta.spec}: simulated, policy {meta.policy}, {stats.virtual_s:,.0f} s virtual in {meta.wall_s:,.1f} s wall "
             f"({stats.virtual_s / meta.wall_s if meta.wall_s > 0 else 0:,.1f}x)"
@@ -270,19 +253,4 @@ def summary_table(report: Report, result: SimResult) -> Table:
             f"({stats.nodes_started} started, {stats.nodes_stopped} stopped); chip utilisation {stats.utilisation:.1%}. "
             "Latencies in ms; cache hits: prompt tokens found in the prefix cache; cold: model not in HBM"
         ),
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
-        pad_edge=False,
-        collapse_padding=True,
     )
-    table.add_column("model", no_wrap=True)
-    for column in ("req", "ok", "rej", "err", "TTFT\np50", "TTFT\np95", "ITL\np50", "E2E\np95", "good\nput", "cache\nhits", "cold"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for name, s in [*report.per_model.items(), ("all", report.totals)]:
-        if name == "all":
-            table.add_section()
-        table.add_row(
-            name, str(s.requests), str(s.ok), str(s.rejected), str(s.errors), _ms(s.ttft_ms.p50), _ms(s.ttft_ms.p95),
-            _ms(s.itl_ms.p50), _ms(s.e2e_ms.p95), _share(s.goodput_share), _share(s.prefix_hit_rate), _share(s.cold_share),
-        )  # fmt: skip
-    return table
