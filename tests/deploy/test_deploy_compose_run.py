@@ -138,7 +138,12 @@ def _wait_ready(stack: LocalStack, router_port: int, decode_nodes: int, timeout:
             status, body = _get(router_port, "/health")
             last = f"{status} {body[:200]!r}"
             if status == 200 and json.loads(body).get("nodes", 0) >= decode_nodes:
-                return
+                # Nodes heartbeat once they have read their deployment; the router lists a
+                # model once its registry watch has delivered it too. Ready is both.
+                status, body = _get(router_port, "/v1/models")
+                last = f"/v1/models: {status} {body[:200]!r}"
+                if status == 200 and json.loads(body).get("data"):
+                    return
         except OSError as exc:
             last = str(exc)
         time.sleep(0.25)
