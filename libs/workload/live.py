@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import grpc
 import httpx2
 import msgspec
 import openai
@@ -33,6 +35,11 @@ from tierflow.workload.sessions import CallPlan, SessionPlan, ToolPlan
 __all__ = ["LiveProgress", "LiveRun", "run_live", "served_models"]
 
 REJECTED_STATUSES = frozenset({429, 503})  # back-pressure and boundaries: the fabric said "not now"
+# How the router's gRPC status codes map back onto its HTTP ones (services/router/grpc_api.py).
+_GRPC_TO_HTTP = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+}
 
 
 class LiveProgress(msgspec.Struct, kw_only=True):
@@ -69,9 +76,16 @@ def _error_code(exc: openai.APIError) -> str:
 
 
 class _Driver:
-    def __init__(self, plans: Sequence[SessionPlan], clients: dict[str, openai.AsyncOpenAI], on_progress: Callable[[LiveProgress], None] | None) -> None:
+    def __init__(
+        self,
+        plans: Sequence[SessionPlan],
+        clients: dict[str, openai.AsyncOpenAI],
+        on_progress: Callable[[LiveProgress], None] | None,
+        grpc_stub: Any = None,
+    ) -> None:
         self._plans = sorted(plans, key=lambda p: p.start)
         self._clients = clients
+        self._grpc = grpc_stub
         self._on_progress = on_progress
         self.progress = LiveProgress(planned=sum(len(p.calls) for p in plans))
         self.records: list[RequestRecord] = []
@@ -130,6 +144,8 @@ class _Driver:
             conversation.record(step, text)
 
     async def _call(self, plan: SessionPlan, step: CallPlan, conversation: Conversation) -> tuple[RequestRecord, str]:
+        if self._grpc is not None:
+            return await self._call_grpc(plan, step, conversation)
         record = RequestRecord(
             request_id=f"{plan.session_id}-{step.index}", session_id=plan.session_key, tenant=plan.tenant, flow=plan.flow,
             step=step.index, model=step.model, sent_at=self._now(), prompt_tokens=conversation.prompt_tokens(step.system_text),
@@ -184,6 +200,53 @@ class _Driver:
         self._answered(record)
         return record, text
 
+    async def _call_grpc(self, plan: SessionPlan, step: CallPlan, conversation: Conversation) -> tuple[RequestRecord, str]:
+        """The same call over `tierflow.v1.Inference/Generate` (a server stream). Its
+        responses name the node but not the tier, so gRPC records leave `tier` unknown."""
+        from tierflow.v1 import inference_pb2
+
+        record = RequestRecord(
+            request_id=f"{plan.session_id}-{step.index}", session_id=plan.session_key, tenant=plan.tenant, flow=plan.flow,
+            step=step.index, model=step.model, sent_at=self._now(), prompt_tokens=conversation.prompt_tokens(step.system_text),
+        )  # fmt: skip
+        self.progress.in_flight += 1
+        self._changed()
+        messages = [inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in conversation.messages(step.system_text)]
+        request = inference_pb2.GenerateRequest(
+            model=step.model, messages=inference_pb2.ChatMessages(messages=messages), max_tokens=step.max_tokens,
+            ignore_eos=True, session_id=plan.session_key, user=plan.session_key,
+        )  # fmt: skip
+        metadata = [("authorization", f"Bearer {plan.api_key}")]
+        if plan.workload:
+            metadata.append(("x-tierflow-workload", plan.workload))
+        pieces: list[str] = []
+        usage = None
+        try:
+            async for reply in self._grpc.Generate(request, metadata=metadata):
+                if reply.text:
+                    if record.first_token_at is None:
+                        record.first_token_at = self._now()
+                    pieces.append(reply.text)
+                record.node = reply.node_id or record.node
+                record.request_id = reply.id or record.request_id
+                if reply.HasField("usage"):
+                    usage = reply.usage
+            record.finished_at = self._now()
+        except grpc.aio.AioRpcError as exc:
+            record.status = _GRPC_TO_HTTP.get(exc.code(), 500)
+            record.outcome = "rejected" if record.status in REJECTED_STATUSES else "error"
+            record.error = exc.code().name.lower()
+        except asyncio.CancelledError:
+            self.progress.in_flight -= 1
+            raise
+        text = "".join(pieces)
+        if usage is not None:
+            record.prompt_tokens, record.completion_tokens, record.cached_tokens = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        else:
+            record.completion_tokens = count_tokens(text)
+        self._answered(record)
+        return record, text
+
     def _answered(self, record: RequestRecord) -> None:
         self.records.append(record)
         progress = self.progress
@@ -206,6 +269,7 @@ async def run_live(
     stop: asyncio.Event | None = None,
     request_timeout_s: float = 300.0,
     max_connections: int = 4096,
+    grpc_target: str | None = None,
 ) -> LiveRun:
     """Run every plan against `base_url` (e.g. http://127.0.0.1:8000/v1); one RequestRecord per call sent.
 
@@ -215,6 +279,8 @@ async def run_live(
     router's `x-tierflow-tier` / `x-tierflow-node` headers, cached tokens from the usage.
     No retries: a 429 or 503 is recorded as `rejected`, anything else that fails as `error`.
     Setting `stop` ends the run early (a Ctrl-C handler does), keeping what finished.
+    With `grpc_target` ("host:port") the calls go over the router's gRPC Inference API on
+    one channel instead (the node is in its replies; the tier is not, so it stays unknown).
     """
     size = max(1, min(len(plans), max_connections))
     pool = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=size, max_keepalive_connections=size), timeout=request_timeout_s)
@@ -222,13 +288,21 @@ async def run_live(
         key: openai.AsyncOpenAI(base_url=base_url, api_key=key, http_client=pool, max_retries=0, timeout=request_timeout_s)
         for key in {plan.api_key for plan in plans}
     }
-    driver = _Driver(plans, clients, on_progress)
+    channel = grpc.aio.insecure_channel(grpc_target, options=[("grpc.max_concurrent_streams", size)]) if grpc_target else None
+    stub = None
+    if channel is not None:
+        from tierflow.v1 import inference_pb2_grpc
+
+        stub = inference_pb2_grpc.InferenceStub(channel)
+    driver = _Driver(plans, clients, on_progress, stub)
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
         stopped_early = await driver.run(stop)
     finally:
         await pool.aclose()
+        if channel is not None:
+            await channel.close()
     return LiveRun(
         records=driver.records, progress=driver.progress, wall_s=loop.time() - started,
         max_start_lag_s=driver.max_start_lag_s, stopped_early=stopped_early,

@@ -72,3 +72,18 @@ def test_an_unreachable_fabric_or_a_missing_model_stops_before_the_run(fabric, t
     out = _loadtest(spec, "--url", f"http://127.0.0.1:{free_port()}/v1", "--out", tmp_path / "r.json")
     assert out.returncode == 2 and "is the fabric up" in out.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_same_spec_runs_over_grpc(fabric, tmp_path: Path) -> None:
+    """`--grpc`: the calls go over tierflow.v1.Inference; tokens and nodes are measured the
+    same way, the tier (not in gRPC replies) stays unknown."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    out = _loadtest(spec, "--url", fabric.base_url, "--grpc", f"127.0.0.1:{fabric.grpc_port}", "--out", tmp_path / "grpc.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    totals = load_report(tmp_path / "grpc.json").totals
+    assert (totals.requests, totals.ok, totals.errors, totals.rejected) == (20, 20, 0, 0)
+    assert totals.input_tokens_per_s * 2.5 == pytest.approx(10 * (PLANNER_PROMPT + WRITER_PROMPT))
+    assert totals.output_tokens_per_s * 2.5 == pytest.approx(10 * (12 + 16))
+    assert totals.ttft_ms.p50 is not None and totals.nodes_per_session is not None
+    assert totals.cold_share is None  # no tier over gRPC

@@ -30,6 +30,7 @@ DEFAULT_URL = "http://127.0.0.1:8000/v1"
 def run(
     spec: Annotated[Path, typer.Argument(help="workload spec (YAML), e.g. loadtest/specs/agentic-small.yaml")],
     url: Annotated[str, typer.Option(help="OpenAI-compatible base URL of the fabric")] = DEFAULT_URL,
+    grpc: Annotated[str | None, typer.Option("--grpc", help="send the calls over the router's gRPC Inference API at HOST:PORT (e.g. 127.0.0.1:50051) instead of HTTP")] = None,
     out: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("report.json"),
     plots: Annotated[Path | None, typer.Option(help="directory for PNG plots of the report (none when left out)")] = None,
     duration: Annotated[float | None, typer.Option(min=0.001, help="cap the run at S seconds (replaces the spec's duration_s)")] = None,
@@ -75,7 +76,7 @@ def run(
             raise typer.Exit(2)
     _check_models(url, plans)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result = _drive(plans, url, console)
+    result = _drive(plans, url, console, grpc)
     if result.stopped_early:
         typer.echo(f"stopped early: reporting the {len(result.records)} requests that finished, over {result.wall_s:.1f} s", err=True)
     notes: dict[str, str | float | int] = {
@@ -125,7 +126,7 @@ def _check_models(url: str, plans: list[SessionPlan]) -> None:
         raise typer.Exit(2)
 
 
-def _drive(plans: list[SessionPlan], url: str, console: Console) -> LiveRun:
+def _drive(plans: list[SessionPlan], url: str, console: Console, grpc_target: str | None = None) -> LiveRun:
     """The run, under a progress bar fed by the driver's callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -144,7 +145,7 @@ def _drive(plans: list[SessionPlan], url: str, console: Console) -> LiveRun:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C ends the run; what finished is reported
             try:
-                return await run_live(plans, base_url=url, on_progress=show, stop=stop)
+                return await run_live(plans, base_url=url, on_progress=show, stop=stop, grpc_target=grpc_target)
             finally:
                 loop.remove_signal_handler(signal.SIGINT)
 
