@@ -143,15 +143,20 @@ class _Driver:
                 return
             conversation.record(step, text)
 
-    async def _call(self, plan: SessionPlan, step: CallPlan, conversation: Conversation) -> tuple[RequestRecord, str]:
-        if self._grpc is not None:
-            return await self._call_grpc(plan, step, conversation)
+    def _begin(self, plan: SessionPlan, step: CallPlan, conversation: Conversation) -> RequestRecord:
+        """The call's record, stamped as sent now; it counts as in flight until `_answered`."""
         record = RequestRecord(
             request_id=f"{plan.session_id}-{step.index}", session_id=plan.session_key, tenant=plan.tenant, flow=plan.flow,
             step=step.index, model=step.model, sent_at=self._now(), prompt_tokens=conversation.prompt_tokens(step.system_text),
         )  # fmt: skip
         self.progress.in_flight += 1
         self._changed()
+        return record
+
+    async def _call(self, plan: SessionPlan, step: CallPlan, conversation: Conversation) -> tuple[RequestRecord, str]:
+        if self._grpc is not None:
+            return await self._call_grpc(plan, step, conversation)
+        record = self._begin(plan, step, conversation)
         pieces: list[str] = []
         usage = None
         try:
@@ -205,12 +210,7 @@ class _Driver:
         responses name the node but not the tier, so gRPC records leave `tier` unknown."""
         from tierflow.v1 import inference_pb2
 
-        record = RequestRecord(
-            request_id=f"{plan.session_id}-{step.index}", session_id=plan.session_key, tenant=plan.tenant, flow=plan.flow,
-            step=step.index, model=step.model, sent_at=self._now(), prompt_tokens=conversation.prompt_tokens(step.system_text),
-        )  # fmt: skip
-        self.progress.in_flight += 1
-        self._changed()
+        record = self._begin(plan, step, conversation)
         messages = [inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in conversation.messages(step.system_text)]
         request = inference_pb2.GenerateRequest(
             model=step.model, messages=inference_pb2.ChatMessages(messages=messages), max_tokens=step.max_tokens,
