@@ -41,7 +41,8 @@ async def bootstrap(
     kv_replicas: int = 1,
 ) -> RegistryService:
     """The registry over `nc`'s JetStream: bucket made if missing, events on REGISTRY_EVENTS."""
-    store = RegistryStore(await open_bucket(nc.jetstream(), subjects.REGISTRY_BUCKET, create=True, replicas=kv_replicas))
+    js = nc.jetstream()
+    store = RegistryStore(js, await open_bucket(js, subjects.REGISTRY_BUCKET, create=True, replicas=kv_replicas), subjects.REGISTRY_BUCKET)
 
     async def publish(event: registry.RegistryEvent) -> None:
         # Flushed, so the event is on the server before the admin call that made it returns.

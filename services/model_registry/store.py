@@ -11,8 +11,10 @@ import logging
 
 import msgspec
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.client import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from tierflow.runtime.kv import snapshot
 from tierflow.services.model_registry.state import Kind, Record, Snapshot, State, decode_record, key_of, parse_key
 
 __all__ = ["RegistryStore", "Conflict"]
@@ -27,39 +29,20 @@ class Conflict(Exception):
 
 
 class RegistryStore:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
+        self._js = js
         self._kv = kv
-
-    async def _latest(self) -> list[KeyValue.Entry]:
-        """The latest entry of every key (deletes included), complete up to the moment of the call.
-
-        A watch over the bucket, read until it reaches the stream's last sequence as of
-        before the watch began, or until the server says nothing more is pending. (nats-py
-        puts its end-of-snapshot `None` before entries the server already sent when they
-        are still queued client-side, so `runtime.kv.snapshot` can miss keys: harmless for
-        a status display, not for a store that decides what to create and what to list.)
-        """
-        stream = (await self._kv.status()).stream_info.state
-        last = stream.last_seq or 0
-        if last == 0 or not stream.messages:
-            return []
-        latest: dict[str, KeyValue.Entry] = {}
-        watcher = await self._kv.watch(">")
-        try:
-            while True:
-                entry = await watcher.updates(timeout=5.0)
-                if entry is None:
-                    continue  # the client's marker; the sequence below is what counts
-                latest[entry.key] = entry
-                if (entry.revision or 0) >= last or entry.delta == 0:  # delta: messages still pending
-                    return list(latest.values())
-        finally:
-            await watcher.stop()
+        self._bucket = bucket
 
     async def read(self) -> Snapshot:
-        """Every record and every key's revision, in one pass over the bucket."""
+        """Every record and every key's revision, exact as of the call.
+
+        `runtime.kv.snapshot` lists the keys from the server and reads each: a watch's
+        end-of-snapshot marker can come before entries nats-py already holds, and with
+        writers racing, a record read that way could be missing (its key then looks
+        unregistered)."""
         state, revisions = State(), {}
-        for entry in await self._latest():
+        for entry in await snapshot(self._js, self._bucket):
             parsed = parse_key(entry.key)
             if parsed is None or entry.value is None or entry.operation in (KV_DEL, KV_PURGE):
                 continue
