@@ -40,6 +40,7 @@ import msgspec
 from msgspec import Meta
 
 from tierflow.placement.request import ANYWHERE, Boundary, RequestWorkload
+from tierflow.runtime.errors import RateLimited
 
 __all__ = [
     "TenantPolicy",
@@ -217,6 +218,21 @@ class Tenant:
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def admit(self, now: float) -> None:
+        """Take one request against the rate limit, check the token quota; `RateLimited`
+        (429 with Retry-After) when either says wait. The router and the simulator both
+        admit through here, so a simulated tenant is limited exactly as a live one."""
+        if self.limiter is not None:
+            wait = self.limiter.acquire(now)
+            if wait > 0:
+                raise RateLimited(f"Rate limit reached for tenant {self.name!r}; retry after {wait:.2f}s.", retry_after=wait)
+        if self.quota is not None:
+            wait = self.quota.retry_after(now)
+            if wait > 0:
+                raise RateLimited(
+                    f"Token quota exhausted for tenant {self.name!r}; it renews in {wait:.0f}s.", retry_after=wait, code="insufficient_quota"
+                )
 
 
 class TenantDirectory:

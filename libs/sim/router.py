@@ -131,14 +131,7 @@ class SimRouter:
                 f"and {call.max_tokens} for the completion.",
                 param="max_tokens", code="context_length_exceeded",
             )  # fmt: skip
-        if tenant.limiter is not None:
-            wait = tenant.limiter.acquire(now)
-            if wait > 0:
-                raise RateLimited(f"Rate limit reached for tenant {tenant.name!r}; retry after {wait:.2f}s.", retry_after=wait)
-        if tenant.quota is not None:
-            wait = tenant.quota.retry_after(now)
-            if wait > 0:
-                raise RateLimited(f"Token quota exhausted for tenant {tenant.name!r}.", retry_after=wait, code="insufficient_quota")
+        tenant.admit(now)
         session = session_key(tenant.name, None, session_id) if session_id else ""
         call.placement = PlacementRequest(
             model=call.model,

@@ -186,18 +186,6 @@ class Dispatcher:
             raise ModelNotFound(f"The model `{model}` does not exist or is not deployed.", param="model", code="model_not_found")
         return route
 
-    def _admit(self, tenant: Tenant | None, now: float) -> None:
-        if tenant is None:
-            return
-        if tenant.limiter is not None:
-            wait = tenant.limiter.acquire(now)
-            if wait > 0:
-                raise RateLimited(f"Rate limit reached for tenant {tenant.name!r}; retry after {wait:.2f}s.", retry_after=wait)
-        if tenant.quota is not None:
-            wait = tenant.quota.retry_after(now)
-            if wait > 0:
-                raise RateLimited(f"Token quota exhausted for tenant {tenant.name!r}; it renews in {wait:.0f}s.", retry_after=wait, code="insufficient_quota")
-
     def _limit_tokens(self, route: ModelRoute, params: GenerateParams) -> int:
         n_prompt = len(params.prompt_token_ids)
         limit = route.max_context
@@ -220,7 +208,8 @@ class Dispatcher:
         record.tenant = tenant.name if tenant is not None else "anonymous"
         route = self.resolve(params.model, tenant)
         max_tokens = self._limit_tokens(route, params)
-        self._admit(tenant, self._clock.monotonic())
+        if tenant is not None:
+            tenant.admit(self._clock.monotonic())
         version = route.pick_version(self._rng)
         record.model, record.version, record.prompt_tokens = params.model, version, len(params.prompt_token_ids)
         session = session_key(record.tenant, params.session_header or None, params.user or None) if (params.session_header or params.user) else ""
