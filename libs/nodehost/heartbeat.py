@@ -25,7 +25,7 @@ def heartbeat_message(identity: NodeIdentity, driver: EngineDriver, clock: Clock
     """This process's heartbeat now: `build_heartbeat` over the engine and the driver."""
     now = clock.monotonic()
     return build_heartbeat(
-        identity, driver.engine.snapshot(now), driver.load_report(now),
+        identity, driver.engine.snapshot(now, node_hashes=False), driver.load_report(now),
         seq=seq, interval=interval, sent_at=clock.now(), host=socket.gethostname(), pid=os.getpid(),
     )
 

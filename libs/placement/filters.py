@@ -1,7 +1,9 @@
 """Which nodes may take a request at all, and, when none may, why not.
 
-The rules live in one function, `eligible`, that every policy calls, so the hotness
-scorer and the baselines can never disagree about residency or health:
+The rules live here, in `eligible`, which every policy calls; the hotness scorer applies
+the same rules to its columns (`HotnessAware._score`, a mask per rule), and a property
+test holds the two to the same answers, so policies never disagree about residency or
+health:
 
 - the node serves the model (at the requested version, when one is requested);
 - it is live (heard from within `MISSED_BEATS` of its heartbeat intervals), not

@@ -5,12 +5,14 @@ watches), the simulator from its virtual nodes, so both place with the same book
 (`NodeTable.note_dispatch`) and the same switch costs (`ModelTable.switch_cost`). Placement reads immutable `NodeView`s grouped in a
 `FleetIndex`, rebuilt lazily (at most once per request after a change, not once per
 heartbeat), so a heartbeat arriving mid-decision cannot change the decision under it.
+Decisions themselves go through `CandidateIndex`, which follows the table change by
+change (`NodeTable.watch`) instead of rebuilding anything.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
 from tierflow.contracts import messages, registry
@@ -29,7 +31,17 @@ class NodeTable:
         self._started: dict[str, float] = {}
         self._suspect_seconds = suspect_seconds
         self._index: FleetIndex | None = None
+        self._watchers: list[Callable[[str], None]] = []
         self.block_size = 64  # the nodes' KV block size: prompts are hashed alike
+
+    def watch(self, changed: Callable[[str], None]) -> None:
+        """Call `changed(node_id)` after every change to a node's view (heard, dispatched
+        to, marked suspect, forgotten): how `CandidateIndex` stays current without rebuilding."""
+        self._watchers.append(changed)
+
+    def _changed(self, node_id: str) -> None:
+        for changed in self._watchers:
+            changed(node_id)
 
     def apply(self, hb: messages.NodeHeartbeat, now: float, *, workload: str = "bundle") -> None:
         table = self._decode if hb.role == "decode" else self._prefill
@@ -42,6 +54,7 @@ class NodeTable:
         self.block_size = hb.block_size
         if table is self._decode:
             self._index = None
+        self._changed(hb.node_id)
 
     def index(self) -> FleetIndex:
         if self._index is None:
@@ -65,6 +78,7 @@ class NodeTable:
                 table[node_id] = replace(node, **changes)  # type: ignore[arg-type]
                 if table is self._decode:
                     self._index = None
+                self._changed(node_id)
 
     def mark_suspect(self, node_id: str, now: float) -> None:
         """A node failed a request: keep new work off it until it proves alive again."""
@@ -83,12 +97,19 @@ class NodeTable:
             self._replace(node_id, queue_depth=node.queue_depth + 1)
             return
 
+        made: dict[int, ModelSlot] = {}  # a view shares slot objects between `slots` and `versions`
+
         def predicted(s: ModelSlot) -> ModelSlot:
-            if s.name == model:
-                return replace(s, tier="hbm", queued=s.queued + 1)
-            if s.name in evicts:
-                return replace(s, tier="ddr")
-            return s
+            if s.name != model and s.name not in evicts:
+                return s
+            new = made.get(id(s))
+            if new is None:  # built directly: `dataclasses.replace` costs several times more, per dispatch
+                hot = s.name == model
+                new = made[id(s)] = ModelSlot(
+                    name=s.name, version=s.version, tier="hbm" if hot else "ddr", in_flight=s.in_flight,
+                    queued=s.queued + hot, max_batch=s.max_batch, prefix_hashes=s.prefix_hashes,
+                )  # fmt: skip
+            return new
 
         slots = {name: predicted(s) for name, s in node.slots.items()}
         versions = {key: predicted(s) for key, s in node.versions.items()}
@@ -102,6 +123,7 @@ class NodeTable:
             dead = [k for k, n in table.items() if not n.is_live(now, after_beats)]
             for k in dead:
                 del table[k]
+                self._changed(k)
             if dead and table is self._decode:
                 self._index = None
 

@@ -504,10 +504,14 @@ class NodeEngine:
             run.seen = now
         return events
 
-    def snapshot(self, now: float) -> EngineSnapshot:
+    def snapshot(self, now: float, *, node_hashes: bool = True) -> EngineSnapshot:
         """The node as heartbeats report it; cheap enough to take every second on every
         node of a simulated fleet, so a hash list that has not changed is the same list
-        object as in the previous snapshot: read it, do not modify it."""
+        object as in the previous snapshot: read it, do not modify it.
+
+        `node_hashes=False` leaves the node-wide recent-hash list empty: a heartbeat sends
+        only the per-model lists, and merging a second list of the same hashes was half
+        of what a snapshot cost."""
         work = self._pending
         busy_until = None if work is None else work.end
         busy = self._busy
@@ -545,7 +549,7 @@ class NodeEngine:
             prefix_cache_hits=kv.hit_tokens,
             bytes_moved=self._ledger.bytes_moved(),
             transfer_seconds=self._ledger.seconds(),
-            recent_prefix_hashes=kv.recent_hashes(),
+            recent_prefix_hashes=kv.recent_hashes() if node_hashes else [],
             block_size=self._block_size,
             current_model=self._current.name if self._current is not None else None,
             busy_until=busy_until,

@@ -28,7 +28,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from hashlib import blake2b
-from itertools import chain
+from itertools import chain, filterfalse, islice, repeat
 from typing import Final
 
 import msgspec
@@ -215,8 +215,11 @@ class KVCache:
         # newest first; dict.fromkeys keeps each hash's first, i.e. latest, position
         fresh = dict.fromkeys(chain.from_iterable(map(reversed, reversed(log))))
         merged = list(fresh)
-        merged += [h for h in self._recent.get(scope, ()) if h not in fresh]
-        del merged[self._recent_limit :]
+        room = self._recent_limit - len(merged)
+        if room > 0:  # older hashes fill what is left, in C, stopping once the list is full
+            merged += islice(filterfalse(fresh.__contains__, self._recent.get(scope, ())), room)
+        else:
+            del merged[self._recent_limit :]
         self._recent[scope] = merged
 
     # -- allocation --
@@ -372,13 +375,20 @@ class KVCache:
         model, bb = alloc.model, alloc.block_bytes
         blocks, owned = self._blocks, alloc.blocks
         salt = self._salt(model)
-        added = []
-        for h in alloc.pending:
-            key = h ^ salt
-            if key not in blocks:  # else someone cached it meanwhile: ours stays private
-                blocks[key] = b = _Block(key, bb)
-                owned.append(b)
-                added.append(h)
+        pending = alloc.pending
+        keys = [h ^ salt for h in pending]
+        if blocks.keys().isdisjoint(keys) and len(set(keys)) == len(keys):  # the usual case, in bulk
+            made = list(map(_Block, keys, repeat(bb)))
+            blocks.update(zip(keys, made))
+            owned += made
+            added = pending
+        else:
+            added = []
+            for h, key in zip(pending, keys):
+                if key not in blocks:  # else someone cached it meanwhile: ours stays private
+                    blocks[key] = b = _Block(key, bb)
+                    owned.append(b)
+                    added.append(h)
         alloc.private_bytes -= bb * len(added)
         self.hbm_blocks += len(added)
         alloc.pending = []

@@ -3,11 +3,17 @@
 A `Call` is created when a session's step sends it and carries everything the router,
 the nodes and the client learn about it until it ends in a `RequestRecord`. Plain
 `__slots__` class, not a Struct: it is mutated at every hop and never serialised.
+
+A call carries its prompt as what the fabric reads of it: its length and its block
+hashes (the router's placement and the engine's prefix cache), both computed once when
+it is sent. Its token ids exist only when the engines run with per-token events, the one
+mode in which they read them (see `PromptLength`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from tierflow.placement import ModelRoute, PlacementRequest, Tenant
 from tierflow.workload.sessions import CallPlan
@@ -15,12 +21,47 @@ from tierflow.workload.sessions import CallPlan
 if TYPE_CHECKING:
     from tierflow.sim.client import SessionRun
 
-__all__ = ["Call"]
+__all__ = ["Call", "PromptLength"]
+
+
+class PromptLength(Sequence[int]):
+    """A prompt the engine may measure but not read: `len()` is its token count, reading
+    an id raises.
+
+    `NodeEngine.submit` reads a prompt's ids for two things only: hashing its blocks,
+    which it skips when the caller brings `prompt_block_hashes`, and drawing the
+    completion, which it skips unless per-token events are on or EOS counts. A simulated
+    call always brings its hashes and ignores EOS, so without token events the engine
+    needs only the length, and a replay's 8k-token prompts need never be built. Reading
+    an id raises (RuntimeError, which `pack_tokens` does not turn into a rejection), so an
+    engine that starts reading them fails loudly instead of running on made-up tokens.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, tokens: int) -> None:
+        self._tokens = tokens
+
+    def __len__(self) -> int:
+        return self._tokens
+
+    def __getitem__(self, index: int | slice) -> NoReturn:
+        raise _unbuilt()
+
+    def __iter__(self) -> Iterator[int]:
+        raise _unbuilt()
+
+
+def _unbuilt() -> RuntimeError:
+    return RuntimeError("this prompt's token ids were not built: the simulator builds them only with token_events")
 
 
 class Call:
     """A model call in flight. Times are virtual seconds since the run's start.
 
+    The prompt: `prompt_tokens`, `prompt_hashes` (`tierflow.rdu.block_hashes` of its ids
+    at the router's block size) and `prompt_ids`, the ids themselves only when the
+    engines read them (None otherwise: see `engine_prompt`).
     Router side: `tenant`, `route`, `placement`, the nodes `tried`, how many of those
     answered queue_full (`overloaded`), the `attempt` count and the `last_failure`.
     Node side: the decode `node`, the `tier` the model was found in and the prompt tokens
@@ -28,18 +69,29 @@ class Call:
     """
 
     __slots__ = (
-        "request_id", "run", "step", "model", "prompt", "prompt_tokens", "max_tokens", "sent_at",
+        "request_id", "run", "step", "model", "prompt_tokens", "prompt_hashes", "prompt_ids", "max_tokens", "sent_at",
         "tenant", "route", "placement", "tried", "overloaded", "attempt", "last_failure",
         "node", "tier", "cached_tokens",
     )  # fmt: skip
 
-    def __init__(self, request_id: str, run: SessionRun, step: CallPlan, prompt: list[int], sent_at: float) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        run: SessionRun,
+        step: CallPlan,
+        sent_at: float,
+        *,
+        prompt_tokens: int,
+        prompt_hashes: list[int],
+        prompt_ids: list[int] | None = None,
+    ) -> None:
         self.request_id = request_id
         self.run = run
         self.step = step
         self.model = step.model
-        self.prompt = prompt
-        self.prompt_tokens = len(prompt)
+        self.prompt_tokens = prompt_tokens
+        self.prompt_hashes = prompt_hashes
+        self.prompt_ids = prompt_ids
         self.max_tokens = step.max_tokens
         self.sent_at = sent_at
         self.tenant: Tenant | None = None
@@ -52,3 +104,8 @@ class Call:
         self.node = ""
         self.tier = ""
         self.cached_tokens = 0
+
+    def engine_prompt(self) -> Sequence[int]:
+        """The prompt for `EngineRequest.prompt_token_ids`: its ids when they were built,
+        else a `PromptLength` (enough for an engine without token events, see there)."""
+        return self.prompt_ids if self.prompt_ids is not None else PromptLength(self.prompt_tokens)

@@ -88,9 +88,7 @@ class SessionRun:
         """The call's reply joins the history, as `Conversation.record` would add it (the
         ids come from `reply`'s cache instead of being encoded again)."""
         text, ids = reply(tokens)
-        conversation = self.conversation
-        conversation._messages.append(("assistant", text))
-        conversation._ids += ids
+        self.conversation.record_encoded("assistant", text, ids)
 
 
 def ok_record(

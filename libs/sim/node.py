@@ -123,7 +123,7 @@ class SimNode:
         transfer = self._kv_transfer_seconds(call) if kv_from else 0.0
         if transfer <= 0:
             self._admit(call, now, prefilled=bool(kv_from))
-        self.streams[call.request_id] = _Stream(call, now, 0 if kv_from else len(call.prompt))
+        self.streams[call.request_id] = _Stream(call, now, 0 if kv_from else call.prompt_tokens)
         return transfer
 
     def kv_arrived(self, call: Call, now: float) -> None:
@@ -139,10 +139,10 @@ class SimNode:
 
     def _admit(self, call: Call, now: float, *, prefilled: bool) -> None:
         max_tokens = 0 if self.identity.role == "prefill" else call.max_tokens
-        hashes = call.placement.prompt_hashes if call.placement is not None else None
         request = EngineRequest(
-            request_id=call.request_id, model=call.model, prompt_token_ids=call.prompt, max_tokens=max_tokens,
-            ignore_eos=True, prefilled=prefilled, prompt_block_hashes=hashes,  # type: ignore[arg-type]
+            request_id=call.request_id, model=call.model, max_tokens=max_tokens, ignore_eos=True, prefilled=prefilled,
+            prompt_token_ids=call.engine_prompt(),  # type: ignore[arg-type]  # a PromptLength without token events: see there
+            prompt_block_hashes=call.prompt_hashes,
         )  # fmt: skip
         try:
             self.engine.submit(request, now)
@@ -151,7 +151,7 @@ class SimNode:
 
     def _kv_transfer_seconds(self, call: Call) -> float:
         spec = next((b.spec for b in self.plan.bundle if b.spec.name == call.model), None)
-        return kv_transfer_time(spec, self.plan.profile, len(call.prompt)) if spec is not None else 0.0
+        return kv_transfer_time(spec, self.plan.profile, call.prompt_tokens) if spec is not None else 0.0
 
     def advance(self, now: float) -> list[tuple[EngineEvent, _Stream]]:
         """Run the engine up to `now`; the starts and finishes of the requests this node
@@ -247,7 +247,7 @@ class SimNode:
         unchanged = not self.dirty and last is not None and last.interval_s == interval
         if not unchanged:
             self.dirty = False
-            snap = self.engine.snapshot(now)
+            snap = self.engine.snapshot(now, node_hashes=False)  # `build_heartbeat` sends the per-model lists only
             self.busy_seconds = snap.busy_seconds
             self.last_beat = build_heartbeat(self.identity, snap, self.load_report(now), seq=self.seq, interval=interval, sent_at=now)
         elif self.ttft.count(now) or self.itl.count(now) or last.latency_samples:

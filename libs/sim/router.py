@@ -14,13 +14,13 @@ The tables are the router's own (`tierflow.placement.tables`), fed the same hear
 and registry records; errors are the router's own (`tierflow.runtime.errors`), so a
 record carries the status and code a live client would have seen.
 
-Two differences in how, not what, both for speed at a thousand nodes:
+Decisions go through `CandidateIndex.rank`, as the dispatcher's do: the candidates are
+`nodes.index().serving(model)` exactly (same views, same order), kept current change by
+change, and the hotness policy scores them column-wise (`HotnessAware.rank_rows`), with
+the answer of its per-node ranking.
 
-- The candidates of a decision are `nodes.index().serving(model)` exactly (the same
-  views, in the same order), but kept as lists of node ids per model instead of a
-  `FleetIndex`. The table drops its index on every heartbeat and every dispatch, so
-  rebuilding it would cost each decision a walk over the whole fleet; the lists cost a
-  lookup per candidate.
+One difference in how, not what, for speed at a thousand nodes:
+
 - A heartbeat that repeats the last one (`heard(..., unchanged=True)`: the node did
   nothing since) is applied only when the router has changed its view of the node since
   (a dispatch noted, a failure marked) or every second interval. Its view would differ
@@ -39,7 +39,6 @@ from typing import Any, Final
 
 from tierflow.contracts import messages
 from tierflow.placement import (
-    NodeView,
     NoEligibleNode,
     PlacementConfig,
     PlacementRequest,
@@ -49,8 +48,8 @@ from tierflow.placement import (
     TenantPolicy,
     session_key,
 )
+from tierflow.placement.candidates import CandidateIndex
 from tierflow.placement.tables import ModelTable, NodeTable
-from tierflow.rdu import block_hashes
 from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, RateLimited, TierflowError, Unauthenticated
 from tierflow.sim.calls import Call
 
@@ -86,7 +85,7 @@ class SimRouter:
         self._open = Tenant.from_policy(TenantPolicy(name=OPEN_TENANT))
         self._max_attempts = max_attempts
         self._rng = random.Random(seed)
-        self._serving: dict[str, list[str]] = {}  # model -> decode node ids, in the table's order
+        self.candidates = CandidateIndex(self.nodes)
         self._applied: dict[str, float] = {}  # node id -> when its view was last built from a heartbeat
         self._touched: set[str] = set()  # nodes whose view the router changed since then
 
@@ -97,21 +96,9 @@ class SimRouter:
         node_id = hb.node_id
         if unchanged and node_id not in self._touched and now - self._applied.get(node_id, -math.inf) < 1.5 * hb.interval_s:
             return
-        if hb.role == "decode" and self.nodes.get(node_id) is None:  # new to the table: it goes last
-            for name in dict.fromkeys(m.name for m in hb.models):
-                self._serving.setdefault(name, []).append(node_id)
         self.nodes.apply(hb, now, workload=self.models.workload(hb.deployment))
         self._applied[node_id] = now
         self._touched.discard(node_id)
-
-    def serving(self, model: str) -> list[NodeView]:
-        """`nodes.index().serving(model)`, without rebuilding the index (module docstring)."""
-        ids = self._serving.get(model, [])
-        get = self.nodes.get
-        views = [view for node_id in ids if (view := get(node_id)) is not None]
-        if len(views) < len(ids):  # the table forgot some (long dead): so do we
-            self._serving[model] = [v.node_id for v in views]
-        return views
 
     # -- admission --------------------------------------------------------------------
     def admit(self, call: Call, *, api_key: str, session_id: str, workload: str | None, now: float) -> None:
@@ -124,7 +111,7 @@ class SimRouter:
         if route is None or not tenant.allows_model(call.model):
             raise ModelNotFound(f"The model `{call.model}` does not exist or is not deployed.", param="model", code="model_not_found")
         call.route = route
-        n_prompt = len(call.prompt)
+        n_prompt = call.prompt_tokens
         if n_prompt + call.max_tokens > route.max_context:
             raise InvalidRequest(
                 f"This model's maximum context length is {route.max_context} tokens; the request has {n_prompt} in the prompt "
@@ -136,7 +123,7 @@ class SimRouter:
         call.placement = PlacementRequest(
             model=call.model,
             version=route.pick_version(self._rng),
-            prompt_hashes=block_hashes(call.prompt, self.nodes.block_size),
+            prompt_hashes=call.prompt_hashes,  # at self.nodes.block_size: see Simulation._send
             session_id=session,
             affinity_node=self.sessions.last_node(session) if session else None,
             boundary=tenant.boundary,
@@ -155,7 +142,7 @@ class SimRouter:
         tried = call.tried
         while True:
             try:
-                ranked = self.policy.rank(self.serving(placement.model), replace(placement, exclude=frozenset(tried)), now, limit=1)
+                ranked = self.candidates.rank(self.policy, replace(placement, exclude=frozenset(tried)), now)
                 break
             except NoEligibleNode as none:
                 if none.code == "version_not_served" and placement.version != route.default_version:

@@ -10,7 +10,8 @@ version picks) and the turn of a stateful policy (round-robin), which each part 
 for itself. Tenants with a rate limit or a token quota share their budget across all
 their requests, so a configuration that has any keeps the simulation in one part.
 
-`partition` groups deployments into at most `parts` parts of similar size (in nodes);
+`partition` groups deployments into at most `parts` parts of similar estimated cost (nodes,
+and a trace's calls when it is given);
 `merge` puts the parts' results back together.
 """
 
@@ -75,8 +76,8 @@ def partition(
     router_config: Mapping[str, Any] | None = None,
     sessions: Sequence[SessionPlan] | None = None,
 ) -> list[frozenset[str]]:
-    """Deployment names per part: at most `parts` parts, the largest groups placed first,
-    each into the part with the fewest nodes so far. One part when `parts` is 1, when the
+    """Deployment names per part, costliest part first: at most `parts` parts, the costliest
+    groups placed first, each into the part with the least cost so far (`_weights`). One part when `parts` is 1, when the
     deployments form one group, or when a tenant has a rate limit or token quota.
     `sessions`: the run's sessions when given instead of the spec's flows (a trace replay)."""
     names = frozenset(d.name for d in deployments)
@@ -87,13 +88,43 @@ def partition(
         tenants = TenantDirectory.from_config(section).tenants.values()
         if any(t.limiter is not None or t.quota is not None for t in tenants):
             return [names]
-    size = {d.name: _size(d) for d in deployments}
-    groups = sorted(_groups(spec, deployments, sessions), key=lambda g: (-sum(size[n] for n in g), sorted(g)))
-    bins: list[tuple[int, list[str]]] = [(0, []) for _ in range(min(parts, len(groups)))]
+    groups = _groups(spec, deployments, sessions)
+    weight = _weights(groups, deployments, sessions)
+    groups.sort(key=lambda g: (-weight[g[0]], sorted(g)))
+    bins: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(min(parts, len(groups)))]
     for group in groups:
-        nodes, members = bins.pop(0)
-        bisect.insort(bins, (nodes + sum(size[n] for n in group), members + group), key=lambda b: b[0])
-    return [frozenset(members) for _, members in bins if members]
+        load, members = bins.pop(0)
+        bisect.insort(bins, (load + weight[group[0]], members + group), key=lambda b: b[0])
+    return [frozenset(members) for _, members in reversed(bins) if members]
+
+
+# What a part costs to simulate, roughly (CPU seconds on the machines the figures in the
+# README come from): every node heartbeats once a second, every call is admitted, placed,
+# run and recorded. Only the ratio matters: it balances parts, it predicts nothing.
+_BEAT_SECONDS = 40e-6
+_CALL_SECONDS = 1e-3
+
+
+def _weights(
+    groups: Sequence[list[str]], deployments: Sequence[registry.DeploymentRecord], sessions: Sequence[SessionPlan] | None
+) -> dict[str, float]:
+    """Each group's estimated cost, keyed by its first deployment: its nodes when the calls
+    are not known yet (a spec's flows), else its nodes' heartbeats over the sessions' span
+    plus its calls (a trace sends most of its calls to a few deployments, whatever their
+    node counts)."""
+    size = {d.name: _size(d) for d in deployments}
+    if not sessions:
+        return {g[0]: float(sum(size[n] for n in g)) for g in groups}
+    group_of = {name: g[0] for g in groups for name in g}
+    model_group = {entry.model: group_of[d.name] for d in deployments for entry in d.models}
+    span = max(plan.start for plan in sessions)
+    weight = {g[0]: sum(size[n] for n in g) * span * _BEAT_SECONDS for g in groups}
+    for plan in sessions:
+        for call in plan.calls:
+            key = model_group.get(call.model)
+            if key is not None:
+                weight[key] += _CALL_SECONDS
+    return weight
 
 
 def sessions_of(part: frozenset[str], deployments: Sequence[registry.DeploymentRecord], sessions: Sequence[SessionPlan]) -> list[SessionPlan]:

@@ -8,7 +8,7 @@ diurnal) and what counts as good service (SLOs). Everything here is pure and see
     load_spec(path) -> WorkloadSpec                    spec        (SpecError lists every problem by path)
     arrival_times(phases, seed=...) -> ndarray         arrivals    (steady, Poisson, bursts, diurnal; thinned)
     plan_sessions(spec, ...) -> list[SessionPlan]      sessions    (arrival times + step programs)
-    Conversation                                       conversation (messages and prompt token ids, kept incrementally)
+    Conversation                                       conversation (messages, prompt token ids and block hashes, kept incrementally)
     RequestRecord                                      records     (what one request did: the live driver and the simulator both emit these)
     build_report(records, ...) -> Report               report      (percentiles, goodput, rates, over time and in total)
     compare_table(a, b) -> rich Table                  compare     (two reports side by side, B/A ratios)
@@ -19,7 +19,7 @@ fabric's own request log), replayed through the same plans and reports:
 
     load_trace(path, format=None) -> Trace              traces       (whole file read first; TraceError names file:line: field)
     plan_replay(trace, spec, options) -> Replay         replay       (one plan per request; window, speed, rate scale, model mapping)
-    TracePrompt, prompt_token_ids(prompt)               trace_text   (exact input tokens; shared hash_ids -> shared text)
+    TracePrompt, prompt_token_ids, prompt_block_hashes   trace_text   (exact input tokens; shared hash_ids -> shared text; hashes memoized per shared block)
     TraceSummary, prefix_reuse(...)                     trace_stats  (trace vs sent vs measured; reuse with an unbounded cache)
     export_router_log(lines) -> Export                  trace_export (the router's request records as a tierflow trace)
 

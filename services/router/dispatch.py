@@ -37,6 +37,7 @@ from tierflow.runtime.clock import Clock
 from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, RateLimited, TierflowError, Unauthenticated
 from tierflow.runtime.tracing import inject_headers, tracer
 from tierflow.services.router.metrics import RouterMetrics
+from tierflow.placement.candidates import CandidateIndex
 from tierflow.placement.tables import ModelRoute, ModelTable, NodeTable
 from tierflow.services.router.transport import NodeLost, NodeStream, NodeTransport
 from tierflow.workload.trace_text import TRACE_BLOCK_TOKENS
@@ -159,6 +160,7 @@ class Dispatcher:
         seed: int | None = None,
     ) -> None:
         self._nodes = nodes
+        self._candidates = CandidateIndex(nodes)  # the nodes serving each model, kept current per heartbeat
         self._models = models
         self._transport = transport
         self._clock = clock
@@ -261,7 +263,7 @@ class Dispatcher:
         """The next node to try, its placement reason, and the request (version may fall back)."""
         while True:
             try:
-                ranked = self._policy.rank(self._nodes.index().serving(placement.model), replace(placement, exclude=frozenset(tried)), self._clock.monotonic(), limit=1)
+                ranked = self._candidates.rank(self._policy, replace(placement, exclude=frozenset(tried)), self._clock.monotonic())
                 choice = ranked.best
                 return choice.node_id, choice.reason, placement
             except NoEligibleNode as none:

@@ -3,7 +3,6 @@ over a real nats-server, with stand-in node processes."""
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 

@@ -91,8 +91,8 @@ def test_the_routers_candidate_lists_are_the_tables_index_exactly() -> None:
     sim.run()
     table = sim.router.nodes
     for model in ("small", "big", "other"):
-        assert sim.router.serving(model) == list(table.index().serving(model))
-    assert [v.node_id for v in sim.router.serving("big")] == ["pair-decode-0", "pair-decode-1", "pair-decode-2"]
+        assert sim.router.candidates.serving(model).views == list(table.index().serving(model))
+    assert sim.router.candidates.serving("big").ids == ["pair-decode-0", "pair-decode-1", "pair-decode-2"]
 
 
 def test_a_reused_heartbeat_says_what_a_fresh_one_would() -> None:
