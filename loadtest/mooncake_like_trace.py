@@ -38,6 +38,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from tierflow.workload.spec import WorkloadSpec
 from tierflow.workload.trace_export import write_trace
 from tierflow.workload.traces import TraceRow, load_trace
 from tierflow.workload.trace_stats import trace_stats
@@ -102,6 +103,16 @@ def generate(seconds: float = 3600.0, seed: int = 7) -> list[TraceRow]:
             t += float(rng.exponential(15.0))
     requests.sort(key=lambda r: (r[0], r[1]))
     return [row for _, _, row in requests]
+
+
+def spec_trace_file(spec_path: Path, spec: WorkloadSpec) -> Path:
+    """The trace file a spec's `trace:` section names (relative to the spec), written from
+    `generate` (the hour, seed 7) on first use: the benchmarks that replay it call this."""
+    assert spec.trace is not None and spec.trace.file is not None
+    trace_file = (spec_path.parent / spec.trace.file).resolve()
+    if not trace_file.exists():
+        write_trace(generate(3600.0, seed=7), trace_file)
+    return trace_file
 
 
 def main() -> None:

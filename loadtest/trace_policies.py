@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mooncake_like_trace import generate
+from mooncake_like_trace import spec_trace_file
 from tierflow.cli.replay_cli import trace_notes, trace_table
 from tierflow.cli.sim import read_fleet, run_simulation, sim_report
 from tierflow.sim import SimConfig
@@ -33,7 +33,6 @@ from tierflow.workload.compare import compare_table
 from tierflow.workload.replay import parse_window, plan_replay, replay_options
 from tierflow.workload.report import Report, write_report
 from tierflow.workload.spec import load_spec
-from tierflow.workload.trace_export import write_trace
 from tierflow.workload.traces import load_trace
 
 HERE = Path(__file__).resolve().parent
@@ -86,10 +85,8 @@ def main() -> None:
     console = Console()
 
     spec = load_spec(args.spec)
-    assert spec.trace is not None and spec.trace.file is not None
-    trace_file = (args.spec.parent / spec.trace.file).resolve()
-    if not trace_file.exists():
-        write_trace(generate(3600.0, seed=7), trace_file)
+    trace_file = spec_trace_file(args.spec, spec)
+    assert spec.trace is not None
     options = replay_options(spec.trace, seed=spec.seed, window=parse_window(args.window), rate_scale=args.rate_scale)
     replay = plan_replay(load_trace(trace_file, format=spec.trace.format), spec, options)
     fleet = read_fleet(args.fleet)

@@ -33,14 +33,13 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from mooncake_like_trace import generate
+from mooncake_like_trace import spec_trace_file
 from tierflow.cli.replay_cli import trace_notes, trace_table
 from tierflow.cli.sim import read_fleet, run_simulation, sim_report, summary_table
 from tierflow.sim import SimConfig
 from tierflow.workload.replay import plan_replay, replay_options
 from tierflow.workload.report import write_report
 from tierflow.workload.spec import load_spec
-from tierflow.workload.trace_export import write_trace
 from tierflow.workload.traces import load_trace
 
 HERE = Path(__file__).resolve().parent
@@ -67,10 +66,8 @@ def main() -> None:
     console = Console()
 
     spec = load_spec(args.spec)
-    assert spec.trace is not None and spec.trace.file is not None
-    trace_file = (args.spec.parent / spec.trace.file).resolve()
-    if not trace_file.exists():
-        write_trace(generate(3600.0, seed=7), trace_file)
+    trace_file = spec_trace_file(args.spec, spec)
+    assert spec.trace is not None
     began, cpu_began = time.perf_counter(), _cpu_s()
     trace = load_trace(trace_file, format=spec.trace.format)
     options = replay_options(spec.trace, seed=spec.seed, window=(0.0, args.hours * 3600.0), rate_scale=args.rate_scale)

@@ -177,7 +177,10 @@ class _Rows:
         self.wl = np.full(n, len(_WORKLOADS), dtype=np.intp)  # the node's workload class, coded
         self.hashes: list[frozenset[int]] = [frozenset()] * n  # recently cached prompt blocks
 
-    _ARRAYS: Final = ("ok", "stale", "suspect", "region", "residency", "sw", "qnum", "qden", "okv", "cont", "wl")
+    _ARRAYS: Final[Mapping[str, type]] = {
+        "ok": np.bool_, "stale": np.float64, "suspect": np.float64, "region": np.intp, "residency": np.intp, "sw": np.float64,
+        "qnum": np.float64, "qden": np.float64, "okv": np.float64, "cont": np.float64, "wl": np.intp,
+    }  # fmt: skip
 
     def in_lists(self) -> None:
         """Hold the columns as lists while every row is filled at once (`rank`): setting a
@@ -187,8 +190,7 @@ class _Rows:
             setattr(self, name, getattr(self, name).tolist())
 
     def as_arrays(self) -> None:
-        for name in self._ARRAYS:
-            dtype = bool if name == "ok" else np.intp if name in ("region", "residency", "wl") else np.float64
+        for name, dtype in self._ARRAYS.items():
             setattr(self, name, np.array(getattr(self, name), dtype=dtype))
 
 

@@ -2,11 +2,10 @@
 
 Both tables are pure caches: the router feeds them from NATS (heartbeats, registry
 watches), the simulator from its virtual nodes, so both place with the same bookkeeping
-(`NodeTable.note_dispatch`) and the same switch costs (`ModelTable.switch_cost`). Placement reads immutable `NodeView`s grouped in a
-`FleetIndex`, rebuilt lazily (at most once per request after a change, not once per
-heartbeat), so a heartbeat arriving mid-decision cannot change the decision under it.
-Decisions themselves go through `CandidateIndex`, which follows the table change by
-change (`NodeTable.watch`) instead of rebuilding anything.
+(`NodeTable.note_dispatch`) and the same switch costs (`ModelTable.switch_cost`).
+Placement reads immutable `NodeView`s, so a heartbeat arriving mid-decision cannot
+change the decision under it; decisions go through `CandidateIndex`, which follows the
+table change by change (`NodeTable.watch`) instead of rebuilding anything.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ class NodeTable:
         self._prefill: dict[str, NodeView] = {}
         self._started: dict[str, float] = {}
         self._suspect_seconds = suspect_seconds
-        self._index: FleetIndex | None = None
         self._watchers: list[Callable[[str], None]] = []
         self.block_size = 64  # the nodes' KV block size: prompts are hashed alike
 
@@ -52,14 +50,12 @@ class NodeTable:
             self._started[hb.node_id] = hb.started_at
         table[hb.node_id] = NodeView.from_heartbeat(hb, now, workload=workload, suspect_until=suspect_until)
         self.block_size = hb.block_size
-        if table is self._decode:
-            self._index = None
         self._changed(hb.node_id)
 
     def index(self) -> FleetIndex:
-        if self._index is None:
-            self._index = FleetIndex.build(self._decode.values())
-        return self._index
+        """A snapshot of the decode views grouped by model (tools, tests); decisions use
+        `CandidateIndex`, which needs no rebuild."""
+        return FleetIndex.build(self._decode.values())
 
     @property
     def views(self) -> tuple[NodeView, ...]:
@@ -76,8 +72,6 @@ class NodeTable:
             node = table.get(node_id)
             if node is not None:
                 table[node_id] = replace(node, **changes)  # type: ignore[arg-type]
-                if table is self._decode:
-                    self._index = None
                 self._changed(node_id)
 
     def mark_suspect(self, node_id: str, now: float) -> None:
@@ -124,8 +118,6 @@ class NodeTable:
             for k in dead:
                 del table[k]
                 self._changed(k)
-            if dead and table is self._decode:
-                self._index = None
 
 
 @dataclass(frozen=True, slots=True)

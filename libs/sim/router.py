@@ -1,8 +1,8 @@
 """The router's decision path, step for step as `services/router/dispatch.py` takes it.
 
 Admission (tenant, model, context length, rate limit and quota), the traffic split, the
-session's last node, the prompt's block hashes, then `policy.rank(nodes.index().serving
-(model), request, now, limit=1)` with the nodes already tried excluded, a canary
+session's last node, the prompt's block hashes, then `CandidateIndex.rank(policy,
+request, now)` with the nodes already tried excluded, a canary
 version with no live node falling back to the default one, and `NodeTable.note_dispatch`
 with `ModelTable.at_risk`, so decisions between two heartbeats see what the
 earlier ones did. Retries follow the dispatcher too: a node that refuses before the

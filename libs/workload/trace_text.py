@@ -98,30 +98,12 @@ class TracePrompt(msgspec.Struct, frozen=True, array_like=True, gc=False):
     space: int
 
 
-def _splitmix(x: _U64) -> _U64:
-    """splitmix64's finaliser: a bijection on 64-bit ints that scatters neighbouring inputs."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def _words(prompt: TracePrompt) -> npt.NDArray[np.int64]:
+def _words(prompt: TracePrompt) -> _U64:
     """Indices into OUTPUT_VOCAB of the user message's words."""
     count = prompt.tokens - TEMPLATE_TOKENS
     if count <= 0:
-        return np.empty(0, dtype=np.int64)
-    position = np.arange(HEAD_TOKENS, HEAD_TOKENS + count, dtype=np.uint64)  # in the whole prompt
-    blocks = int(position[-1]) // TRACE_BLOCK_TOKENS + 1
-    shared = min(len(prompt.hash_ids), blocks)
-    keys = np.empty(blocks, dtype=np.uint64)
-    keys[:shared] = np.array(prompt.hash_ids[:shared], dtype=np.uint64) ^ np.uint64(_SHARED_TAG)
-    keys[shared:] = (np.uint64(prompt.row) << np.uint64(20)) + np.arange(shared, blocks, dtype=np.uint64) ^ np.uint64(_UNIQUE_TAG)
-    seeds = _splitmix(_splitmix(keys) ^ np.uint64(prompt.space))
-    block_of = position // np.uint64(TRACE_BLOCK_TOKENS)
-    offset = position % np.uint64(TRACE_BLOCK_TOKENS)
-    return (_splitmix(seeds[block_of] + offset) % np.uint64(_VOCAB.size)).astype(np.int64)
+        return np.empty(0, dtype=np.uint64)
+    return _word_index(prompt, HEAD_TOKENS, HEAD_TOKENS + count)
 
 
 def prompt_text(prompt: TracePrompt) -> str:
@@ -163,8 +145,9 @@ _MEMO_ENTRIES: Final = 1 << 16  # see BlockMemo
 
 
 def _splitmix_inplace(x: _U64) -> _U64:
-    """`_splitmix(x)`, overwriting `x` (an array: numpy's integer array arithmetic wraps
-    without a warning). Half the temporaries: this runs on every token of a fresh block."""
+    """splitmix64's finaliser (a bijection on 64-bit ints that scatters neighbouring
+    inputs), overwriting `x` (an array: numpy's integer array arithmetic wraps without a
+    warning). Half the temporaries: this runs on every token of a fresh block."""
     x += np.uint64(0x9E3779B97F4A7C15)
     x ^= x >> np.uint64(30)
     x *= np.uint64(0xBF58476D1CE4E5B9)
@@ -185,7 +168,7 @@ _M64: Final = (1 << 64) - 1
 
 
 def _splitmix_int(x: int) -> int:
-    """`_splitmix` of one Python int in [0, 2**64)."""
+    """`_splitmix_inplace` of one Python int in [0, 2**64)."""
     x = (x + 0x9E3779B97F4A7C15) & _M64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
@@ -200,9 +183,8 @@ def _uint64(value: int) -> int:
 
 
 def _block_seeds(prompt: TracePrompt, first: int, last: int) -> _U64:
-    """The word seeds of trace blocks `first`..`last - 1`, exactly as `_words` makes them,
-    in Python ints: for the few blocks a prompt has, numpy's per-call overhead would cost
-    more than the arithmetic."""
+    """The word seeds of trace blocks `first`..`last - 1`, in Python ints: for the few
+    blocks a prompt has, numpy's per-call overhead would cost more than the arithmetic."""
     ids, space = prompt.hash_ids, _uint64(prompt.space)
     own = (_uint64(prompt.row) << 20) & _M64
     seeds = [
@@ -212,16 +194,21 @@ def _block_seeds(prompt: TracePrompt, first: int, last: int) -> _U64:
     return np.array(seeds, dtype=np.uint64)
 
 
-def _packed_ids(prompt: TracePrompt, lo: int, hi: int) -> bytes:
-    """`tierflow.rdu.pack_tokens(prompt_token_ids(prompt)[lo:hi])`, made in numpy: the
-    words of whole trace blocks (seed + offset, so no position arithmetic per token),
-    then the template's head and tail written over their positions."""
-    if hi <= lo:
-        return b""
+def _word_index(prompt: TracePrompt, lo: int, hi: int) -> _U64:
+    """The vocabulary index of the word at each prompt position in [lo, hi): the words of
+    whole trace blocks (seed + offset, so no position arithmetic per token), sliced."""
     first, last = lo // TRACE_BLOCK_TOKENS, (hi - 1) // TRACE_BLOCK_TOKENS + 1
     grid = (_block_seeds(prompt, first, last)[:, None] + _OFFSETS).ravel()
     base = first * TRACE_BLOCK_TOKENS
-    ids = _IDS_LE[_vocab_index(_splitmix_inplace(grid[lo - base : hi - base]))]
+    return _vocab_index(_splitmix_inplace(grid[lo - base : hi - base]))
+
+
+def _packed_ids(prompt: TracePrompt, lo: int, hi: int) -> bytes:
+    """`tierflow.rdu.pack_tokens(prompt_token_ids(prompt)[lo:hi])`, made in numpy: the
+    words' ids, then the template's head and tail written over their positions."""
+    if hi <= lo:
+        return b""
+    ids = _IDS_LE[_word_index(prompt, lo, hi)]
     if lo < HEAD_TOKENS:
         ids[: min(hi, HEAD_TOKENS) - lo] = _HEAD_LE[lo : min(hi, HEAD_TOKENS)]
     words_end = prompt_tokens(prompt) - TAIL_TOKENS
