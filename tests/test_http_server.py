@@ -598,7 +598,7 @@ async def test_shutdown_finishes_in_flight_work_then_closes(start: Start) -> Non
     async def slow(request: Request) -> Response:
         if request.path == "/slow":
             started.set()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.5)
         return Response(200, b"done", "text/plain")
 
     server = await serve(slow, HOST, 0)
@@ -610,7 +610,7 @@ async def test_shutdown_finishes_in_flight_work_then_closes(start: Start) -> Non
     await asyncio.wait_for(started.wait(), WAIT)
     closing = asyncio.create_task(shutdown(server, grace=2.0))
     # Idle keep-alive connections go at once, long before the slow request is done.
-    assert await asyncio.wait_for(idle.reader.read(), 0.3) == b""
+    assert await asyncio.wait_for(idle.reader.read(), 1.0) == b""
     status, headers, body = await busy.response()  # in-flight work completes ...
     assert (status, body) == (200, b"done") and headers["connection"] == "close"
     assert await busy.at_eof()  # ... and then its connection closes
@@ -622,9 +622,10 @@ async def test_shutdown_finishes_in_flight_work_then_closes(start: Start) -> Non
 
 
 async def test_shutdown_cancels_what_outlives_the_grace(start: Start) -> None:
-    cancelled = asyncio.Event()
+    entered, cancelled = asyncio.Event(), asyncio.Event()
 
     async def stuck(request: Request) -> Response:
+        entered.set()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -635,7 +636,7 @@ async def test_shutdown_cancels_what_outlives_the_grace(start: Start) -> None:
     server = await serve(stuck, HOST, 0)
     raw = await Raw.open(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
     raw.send(get("/"))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(entered.wait(), WAIT)
     await asyncio.wait_for(shutdown(server, grace=0.1), WAIT)
     assert cancelled.is_set() and not _server_tasks()
     assert await raw.at_eof()

@@ -16,7 +16,7 @@ import pytest
 from tierflow.services.router.http_server import Request, Response, StreamingResponse, serve, shutdown
 from tierflow.tokenizer import encode, render_chat
 from tierflow.workload.conversation import Conversation
-from tierflow.workload.live import run_live, served_models
+from tierflow.workload.live import LiveProgress, run_live, served_models
 from tierflow.workload.sessions import CallPlan, SessionPlan, ToolPlan
 
 CACHED = 7
@@ -153,8 +153,14 @@ async def test_a_stop_ends_the_run_early_and_keeps_what_finished(endpoint: tuple
     url, _ = endpoint
     plans = [_session(0, 0.0, _call(0, "ok")), _session(1, 0.0, _call(0, "ok"), ToolPlan(1, "slow", 30.0, " x"), _call(2, "ok")), _session(2, 30.0, _call(0, "ok"))]
     stop = asyncio.Event()
-    asyncio.get_running_loop().call_later(0.3, stop.set)
-    run = await run_live(plans, base_url=url, stop=stop)
+
+    def stop_once_both_first_calls_are_done(progress: LiveProgress) -> None:
+        # On the event, not on a timer: a slow CI box may take longer than any fixed delay
+        # for its first two calls (the client's first connection), and the test would race.
+        if progress.done == 2:
+            stop.set()
+
+    run = await run_live(plans, base_url=url, stop=stop, on_progress=stop_once_both_first_calls_are_done)
     assert run.stopped_early and run.wall_s < 5.0
     assert sorted((r.session_id, r.step, r.outcome) for r in run.records) == [("s000000", 0, "ok"), ("s000001", 0, "ok")]
     assert (run.progress.planned, run.progress.done, run.progress.sessions_started, run.progress.in_flight) == (4, 2, 2, 0)
