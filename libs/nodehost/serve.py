@@ -144,7 +144,8 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         asyncio.create_task(heartbeat_loop(nc, identity, driver, clock, settings.heartbeat_interval, engine_stop, beat_now), name="heartbeat"),
         asyncio.create_task(gauges_loop(), name="gauges"),
     ]
-    log.info("node %s serving %s on %s (%s)", settings.node_id, [b.spec.name for b in bundle], profile_name, role)
+    served = ", ".join(f"{b.spec.name} {b.version} ({b.config})" for b in bundle)
+    log.info("node %s serving %s on %s (%s)", settings.node_id, served, profile_name, role, extra={"fields": {"bundle": served}})
     await ctx.stopping.wait()
 
     # Drain: stop taking work, announce it, let in-flight requests finish, fail the rest.

@@ -44,3 +44,30 @@ def test_ctrl_c_stops_every_child_and_exits_0(tmp_path_factory: pytest.TempPathF
         assert not [p for p in pids | nats_pids if _alive(p)]
     finally:
         fabric.stop()
+
+
+def test_a_restart_with_another_fleet_boots_its_nodes_on_that_fleet(tmp_path_factory: pytest.TempPathFactory, fabric_factory, repo_root) -> None:
+    """The registry's state survives a restart; nodes must still start on the fleet just applied.
+
+    The first run leaves the README fleet's 8k-token bundle in the registry; the second
+    applies a 32k-token one. Nodes started before the registry had applied it served the
+    old bundle while the router already allowed 32k, so a 10k-token prompt failed with
+    context_length_exceeded on every node but the ones the autoscaler added later.
+    """
+    from openai import OpenAI
+
+    data_dir = tmp_path_factory.mktemp("refleet")
+    fabric_factory(data_dir, "--actuator", "none").stop()
+    fabric = fabric_factory(data_dir, "--actuator", "none", "--fleet", str(repo_root / "loadtest/fleets/trace-live.yaml"))
+    try:
+        for node in ("decode-0", "decode-1"):
+            serving = [line for line in fabric.log(node).splitlines() if " serving " in line]
+            assert len(serving) == 2, serving  # once per run
+            assert "ss8192-bs4" in serving[0] and "ss32768-bs4" in serving[1] and "ss8192" not in serving[1], serving
+        client = OpenAI(base_url=fabric.base_url, api_key="none", max_retries=0)
+        prompt = " ".join(f"w{i % 997}" for i in range(10_000))
+        for model in ("llama-3.1-8b", "gpt-oss-20b"):
+            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=2)
+            assert reply.usage is not None and reply.usage.prompt_tokens > 8192 and reply.usage.completion_tokens == 2
+    finally:
+        fabric.stop()

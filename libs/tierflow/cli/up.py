@@ -5,8 +5,9 @@ production, and running them the same way locally is what makes kill-and-restart
 per-service logs and metrics behave like the real thing.
 
 Sequence: preflight (ports free, fleet file present, nats-server found) -> nats-server
-with JetStream under DATA/nats -> model-registry, router, autoscaler, prefill and decode
-nodes, each `python -m tierflow <service> ...` -> poll the router's `/health` until it
+with JetStream under DATA/nats -> model-registry, router, autoscaler -> once the registry's
+gRPC health says SERVING (the fleet file is applied), prefill and decode nodes, each
+`python -m tierflow <service> ...` -> poll the router's `/health` until it
 reports enough nodes and at least one model -> print one "is up" line -> run until
 Ctrl-C / SIGTERM -> stop services, then NATS -> exit 0.
 
@@ -36,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
+import grpc
 import msgspec
 import typer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats import connect as nats_connect
 from nats.aio.client import Client as NATS
 
@@ -57,8 +60,9 @@ __all__ = ["ESSENTIAL", "NodeLauncher", "SupervisorControl", "UpConfig", "prefli
 _log = logging.getLogger(__name__)
 
 NATS_NAME = "nats"
+REGISTRY_NAME = "model-registry"
 # Children whose loss makes the fabric useless; anything else is reported and tolerated.
-ESSENTIAL = frozenset({NATS_NAME, "router", "model-registry"})
+ESSENTIAL = frozenset({NATS_NAME, "router", REGISTRY_NAME})
 STOP_GRACE = 5.0
 HEALTH_POLL_INTERVAL = 0.25
 # Extra environment for services: unbuffered so log files (and death reports) are current.
@@ -145,7 +149,7 @@ def service_specs(config: UpConfig, *, python: str = sys.executable) -> list[Pro
         return ProcessSpec(name, [python, "-m", "tierflow", *args], {**SERVICE_ENV, **(env or {})}, config.logs_dir / f"{name}.log")
 
     specs = [
-        spec("model-registry", "model-registry", "--nats-url", nats_url, "--grpc-port", str(config.registry_grpc_port),
+        spec(REGISTRY_NAME, "model-registry", "--nats-url", nats_url, "--grpc-port", str(config.registry_grpc_port),
              "--fleet", fleet, "--metrics-port", str(next(metrics))),
         spec("router", "router", "--nats-url", nats_url, "--http-host", config.host, "--http-port", str(config.http_port),
              "--grpc-port", str(config.grpc_port), "--metrics-port", "0"),
@@ -255,6 +259,40 @@ async def _wait_fabric_ready(config: UpConfig, deadline: float) -> None:
                 f"(need status ok, nodes >= {config.decode_nodes}, models >= 1); last answer: {last}"
             )
         await asyncio.sleep(HEALTH_POLL_INTERVAL)
+
+
+def _split_nodes(specs: list[ProcessSpec]) -> tuple[list[ProcessSpec], list[ProcessSpec]]:
+    """The control plane's processes, then the nodes' (named `decode-N` / `prefill-N`)."""
+    is_node = [any(s.name.startswith(f"{role}-") for role in NODE_COMMANDS) for s in specs]
+    return [s for s, n in zip(specs, is_node, strict=True) if not n], [s for s, n in zip(specs, is_node, strict=True) if n]
+
+
+async def _wait_registry_ready(config: UpConfig, deadline: float) -> None:
+    """Wait until the registry's gRPC health check says SERVING.
+
+    The registry serves gRPC only after it has applied the fleet file, and nodes read their
+    deployment's bundle once, when they start. Started together, a node could boot on what
+    the registry held before (its state survives restarts: `tierflow up --fleet B` after a
+    run of fleet A gave nodes A's 8k-token configs while the router already routed by B's
+    32k limit, and every long prompt failed with context_length_exceeded).
+    """
+    loop = asyncio.get_running_loop()
+    target = f"{connect_host(config.host)}:{config.registry_grpc_port}"
+    last = "no answer yet"
+    async with grpc.aio.insecure_channel(target) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        while True:
+            try:
+                timeout = max(0.05, min(1.0, deadline - loop.time()))
+                reply = await check(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.aio.AioRpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            if loop.time() >= deadline:
+                raise FabricNotReady(f"model registry gRPC health at {target} not SERVING (it applies the fleet file first); last answer: {last}")
+            await asyncio.sleep(HEALTH_POLL_INTERVAL)
 
 
 def _tails(supervisor: Supervisor, lines: int = 5) -> str:
@@ -503,12 +541,24 @@ async def run_up(
         except Exception as exc:  # nats-py raises several unrelated types here
             print(f"tierflow up: cannot answer {subjects.SUPERVISOR_CONTROL} ({exc}); the autoscaler cannot start or stop nodes", file=err)
 
-        for spec in services:
-            try:
-                await supervisor.start(spec)
-            except OSError as exc:
-                print(f"tierflow up: cannot start {spec.name} ({spec.argv[0]}): {exc}", file=err)
-                return 1
+        control_plane, nodes = _split_nodes(services)
+        for group in (control_plane, nodes):
+            for spec in group:
+                try:
+                    await supervisor.start(spec)
+                except OSError as exc:
+                    print(f"tierflow up: cannot start {spec.name} ({spec.argv[0]}): {exc}", file=err)
+                    return 1
+            if group is control_plane and nodes and any(s.name == REGISTRY_NAME for s in control_plane):
+                try:
+                    outcome = await _race(_wait_registry_ready(config, deadline), exit_task, stop_task)
+                except FabricNotReady as exc:
+                    print(f"tierflow up: not ready after {config.ready_timeout:g}s: {exc}\n{_tails(supervisor)}", file=err)
+                    return 1
+                if outcome == "exit":
+                    return died("before the fabric was ready, ")
+                if outcome == "stop":
+                    return 0
         try:
             outcome = await _race(_wait_fabric_ready(config, deadline), exit_task, stop_task)
         except FabricNotReady as exc:
