@@ -2,7 +2,9 @@
 
 This is the package's one I/O module (the imperative shell around `sessions` and
 `conversation`): it sleeps, reads the clock and talks HTTP through the official `openai`
-client, so what it measures is what any OpenAI client of the fabric would see.
+client, so what it measures is what any OpenAI client of the fabric would see. Only the
+streamed body's events are decoded by `chat_stream` rather than the client's per-chunk
+models, which cost more CPU than everything else here (see that module).
 
 Sessions start open-loop, at their planned times whatever the fabric's state, so a slow
 fabric meets the planned load instead of slowing the load down (a closed loop would hide
@@ -28,6 +30,7 @@ import msgspec
 import openai
 
 from tierflow.tokenizer import count_tokens
+from tierflow.workload.chat_stream import DONE, SseEvents, StreamError, Usage, decode_chunk
 from tierflow.workload.conversation import Conversation
 from tierflow.workload.records import RequestRecord
 from tierflow.workload.sessions import CallPlan, SessionPlan, ToolPlan
@@ -158,37 +161,43 @@ class _Driver:
             return await self._call_grpc(plan, step, conversation)
         record = self._begin(plan, step, conversation)
         pieces: list[str] = []
-        usage = None
+        usage: Usage | None = None
         try:
-            raw = await self._clients[plan.api_key].chat.completions.with_raw_response.create(
+            async with self._clients[plan.api_key].chat.completions.with_streaming_response.create(
                 model=step.model, messages=conversation.messages(step.system_text), max_tokens=step.max_tokens,  # type: ignore[arg-type]
                 stream=True, stream_options={"include_usage": True}, user=plan.session_key,
                 extra_body={"ignore_eos": True}, extra_headers={"x-tierflow-workload": plan.workload} if plan.workload else None,
-            )  # fmt: skip
-            record.request_id = raw.headers.get("x-request-id") or record.request_id
-            record.node = raw.headers.get("x-tierflow-node", "")
-            record.tier = raw.headers.get("x-tierflow-tier", "")
-            stream = raw.parse()
-            try:
-                async for chunk in stream:
-                    usage = chunk.usage or usage
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            if record.first_token_at is None:
-                                record.first_token_at = self._now()
-                            pieces.append(choice.delta.content)
-            finally:
-                await stream.close()
+            ) as response:  # fmt: skip
+                record.request_id = response.headers.get("x-request-id") or record.request_id
+                record.node = response.headers.get("x-tierflow-node", "")
+                record.tier = response.headers.get("x-tierflow-tier", "")
+                events = SseEvents()
+                done = False
+                # Read to the end of the body even after [DONE], so the connection is reused.
+                async for data in response.iter_bytes():
+                    for event in events.feed(data):
+                        if done or event == DONE:
+                            done = True
+                            continue
+                        chunk = decode_chunk(event)
+                        usage = chunk.usage or usage
+                        for choice in chunk.choices:
+                            if choice.delta.content:
+                                if record.first_token_at is None:
+                                    record.first_token_at = self._now()
+                                pieces.append(choice.delta.content)
             record.finished_at = self._now()
         except openai.APIStatusError as exc:
             record.status = exc.status_code
             record.outcome = "rejected" if exc.status_code in REJECTED_STATUSES else "error"
             record.error = _error_code(exc)
-        except openai.APITimeoutError:
+        except StreamError as exc:  # an error event after the 200: the stream broke mid-way
+            record.outcome, record.error = "error", exc.code
+        except (openai.APITimeoutError, httpx2.TimeoutException):
             record.outcome, record.status, record.error = "error", 0, "timeout"
         except openai.APIConnectionError:
             record.outcome, record.status, record.error = "error", 0, "connection"
-        except openai.APIError as exc:  # an error event after the 200: the stream broke mid-way
+        except openai.APIError as exc:
             record.outcome, record.error = "error", _error_code(exc)
         except httpx2.TransportError as exc:  # the connection broke mid-stream (openai wraps it only before the 200)
             record.outcome, record.error = "error", type(exc).__name__
