@@ -5,10 +5,10 @@ production, and running them the same way locally is what makes kill-and-restart
 per-service logs and metrics behave like the real thing.
 
 Sequence: preflight (ports free, fleet file present, nats-server found) -> nats-server
-with JetStream under DATA/nats -> model-registry, router, autoscaler -> once the registry's
-gRPC health says SERVING (the fleet file is applied), prefill and decode nodes, each
-`python -m tierflow <service> ...` -> poll the router's `/health` until it
-reports enough nodes and at least one model -> print one "is up" line -> run until
+with JetStream under DATA/nats -> model-registry and router -> once the registry's gRPC
+health says SERVING (the fleet file is applied), prefill and decode nodes -> poll the
+router's `/health` until it reports enough nodes and at least one model -> the autoscaler
+(each service is `python -m tierflow <service> ...`) -> print one "is up" line -> run until
 Ctrl-C / SIGTERM -> stop services, then NATS -> exit 0.
 
 If a child dies before the fabric is ready, or the ready timeout passes: report it with
@@ -61,6 +61,7 @@ _log = logging.getLogger(__name__)
 
 NATS_NAME = "nats"
 REGISTRY_NAME = "model-registry"
+AUTOSCALER_NAME = "autoscaler"
 # Children whose loss makes the fabric useless; anything else is reported and tolerated.
 ESSENTIAL = frozenset({NATS_NAME, "router", REGISTRY_NAME})
 STOP_GRACE = 5.0
@@ -154,7 +155,7 @@ def service_specs(config: UpConfig, *, python: str = sys.executable) -> list[Pro
         spec("router", "router", "--nats-url", nats_url, "--http-host", config.host, "--http-port", str(config.http_port),
              "--grpc-port", str(config.grpc_port), "--metrics-port", "0"),
         # The actuator goes by environment, not flag: the flags are the service contract.
-        spec("autoscaler", "autoscaler", "--nats-url", nats_url, "--metrics-port", str(next(metrics)),
+        spec(AUTOSCALER_NAME, "autoscaler", "--nats-url", nats_url, "--metrics-port", str(next(metrics)),
              env={"TIERFLOW_ACTUATOR": config.actuator}),
     ]  # fmt: skip
     for i in range(config.prefill_nodes):
@@ -261,10 +262,23 @@ async def _wait_fabric_ready(config: UpConfig, deadline: float) -> None:
         await asyncio.sleep(HEALTH_POLL_INTERVAL)
 
 
-def _split_nodes(specs: list[ProcessSpec]) -> tuple[list[ProcessSpec], list[ProcessSpec]]:
-    """The control plane's processes, then the nodes' (named `decode-N` / `prefill-N`)."""
-    is_node = [any(s.name.startswith(f"{role}-") for role in NODE_COMMANDS) for s in specs]
-    return [s for s, n in zip(specs, is_node, strict=True) if not n], [s for s, n in zip(specs, is_node, strict=True) if n]
+def _start_stages(specs: list[ProcessSpec]) -> tuple[list[ProcessSpec], list[ProcessSpec], list[ProcessSpec]]:
+    """The processes in the order they may start: control plane, nodes, autoscaler.
+
+    Nodes wait for the registry to have applied the fleet (they read their bundle once, at
+    start: see `_wait_registry_ready`). The autoscaler waits until the router hears the
+    nodes: started before them, its first tick would find the pool empty (nothing heard
+    yet) and start `min_replicas` nodes more, beside the ones `up` is starting.
+    """
+    def stage(spec: ProcessSpec) -> int:
+        if any(spec.name.startswith(f"{role}-") for role in NODE_COMMANDS):
+            return 1
+        return 2 if spec.name == AUTOSCALER_NAME else 0
+
+    stages: tuple[list[ProcessSpec], list[ProcessSpec], list[ProcessSpec]] = ([], [], [])
+    for spec in specs:
+        stages[stage(spec)].append(spec)
+    return stages
 
 
 async def _wait_registry_ready(config: UpConfig, deadline: float) -> None:
@@ -541,33 +555,32 @@ async def run_up(
         except Exception as exc:  # nats-py raises several unrelated types here
             print(f"tierflow up: cannot answer {subjects.SUPERVISOR_CONTROL} ({exc}); the autoscaler cannot start or stop nodes", file=err)
 
-        control_plane, nodes = _split_nodes(services)
-        for group in (control_plane, nodes):
-            for spec in group:
+        # In three steps, each waiting for what the next one reads (see _start_stages).
+        control_plane, nodes, autoscaler = _start_stages(services)
+        registry_first = bool(nodes) and any(s.name == REGISTRY_NAME for s in control_plane)
+        waits = (
+            (lambda: _wait_registry_ready(config, deadline)) if registry_first else None,
+            lambda: _wait_fabric_ready(config, deadline),
+            None,
+        )
+        for stage, wait in zip((control_plane, nodes, autoscaler), waits, strict=True):
+            for spec in stage:
                 try:
                     await supervisor.start(spec)
                 except OSError as exc:
                     print(f"tierflow up: cannot start {spec.name} ({spec.argv[0]}): {exc}", file=err)
                     return 1
-            if group is control_plane and nodes and any(s.name == REGISTRY_NAME for s in control_plane):
-                try:
-                    outcome = await _race(_wait_registry_ready(config, deadline), exit_task, stop_task)
-                except FabricNotReady as exc:
-                    print(f"tierflow up: not ready after {config.ready_timeout:g}s: {exc}\n{_tails(supervisor)}", file=err)
-                    return 1
-                if outcome == "exit":
-                    return died("before the fabric was ready, ")
-                if outcome == "stop":
-                    return 0
-        try:
-            outcome = await _race(_wait_fabric_ready(config, deadline), exit_task, stop_task)
-        except FabricNotReady as exc:
-            print(f"tierflow up: not ready after {config.ready_timeout:g}s: {exc}\n{_tails(supervisor)}", file=err)
-            return 1
-        if outcome == "exit":
-            return died("before the fabric was ready, ")
-        if outcome == "stop":
-            return 0
+            if wait is None:
+                continue
+            try:
+                outcome = await _race(wait(), exit_task, stop_task)
+            except FabricNotReady as exc:
+                print(f"tierflow up: not ready after {config.ready_timeout:g}s: {exc}\n{_tails(supervisor)}", file=err)
+                return 1
+            if outcome == "exit":
+                return died("before the fabric was ready, ")
+            if outcome == "stop":
+                return 0
 
         print(config.ready_line(), file=out, flush=True)
         while True:
