@@ -73,7 +73,17 @@ class AutoscalerService:
         ))  # fmt: skip
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.autoscaler.run(stopping, self.settings.interval, ready=self.synced)
+        """Tick the policy once the registry snapshot is in and the warm-up has passed."""
+        warmed = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._warm_up(warmed), name="warm-up"))
+        await self.autoscaler.run(stopping, self.settings.interval, ready=warmed)
+
+    async def _warm_up(self, warmed: asyncio.Event) -> None:
+        # Counted from the snapshot: the deployments must be known for nodes to count.
+        await self.synced.wait()
+        await self.clock.sleep(self.settings.warm_up_s())
+        log.info("autoscaler: heard heartbeats for %gs; deciding from now on", self.settings.warm_up_s())
+        warmed.set()
 
     async def close(self) -> None:
         await self.autoscaler.close()

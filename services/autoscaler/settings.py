@@ -48,6 +48,10 @@ class Settings(Struct, kw_only=True):
     max_signal_age: PositiveSeconds = 15.0
 
     # -- the shell --
+    # Hear heartbeats this long before the first decision (None: max_signal_age, by which
+    # every live node has beaten). Until then a pool whose nodes have not spoken yet looks
+    # empty, and a restarted autoscaler would start min_replicas nodes beside them.
+    warm_up: Seconds | None = None
     drain_timeout: PositiveSeconds = 600.0  # wait this long for a cordoned node to empty, then stop it anyway
     start_timeout: PositiveSeconds = 120.0  # a started node not heard by then no longer counts as starting
     actuation_timeout: PositiveSeconds = 30.0  # one call to the supervisor or the Kubernetes API
@@ -63,6 +67,9 @@ class Settings(Struct, kw_only=True):
         self.scaling()  # cross-field rules of the policy, checked when the settings are read
         if "{deployment}" not in self.kube_name_template or "{pool}" not in self.kube_name_template:
             raise ValueError("kube_name_template must contain {deployment} and {pool}")
+
+    def warm_up_s(self) -> float:
+        return self.max_signal_age if self.warm_up is None else self.warm_up
 
     def scaling(self) -> ScalingConfig:
         """The policy's share of the settings."""

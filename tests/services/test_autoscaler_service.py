@@ -24,7 +24,7 @@ from tierflow.services.autoscaler.actuators import VirtualActuator
 from tierflow.services.autoscaler.bootstrap import AutoscalerService, bootstrap
 from tierflow.services.autoscaler.settings import Settings
 
-FAST = dict(interval=0.1, panic_window=0.0, stable_window=1.0, cooldown_up=0.0, cooldown_down=0.0, max_signal_age=2.0)
+FAST = dict(interval=0.1, panic_window=0.0, stable_window=1.0, cooldown_up=0.0, cooldown_down=0.0, max_signal_age=2.0, warm_up=0.0)
 
 
 @dataclass
@@ -147,6 +147,31 @@ async def test_a_burst_of_load_publishes_a_scale_up_decision_and_starts_nodes(ha
     await asyncio.sleep(0.5)
     assert [c for c in h.actuator.calls if c[0] == "start" and c[1] == h.deployment] == [("start", h.deployment, "decode", 3)]
     assert all(d.action == "hold" for d in h.mine()[-3:])
+
+
+async def test_no_decision_before_the_warm_up_so_unheard_nodes_are_not_replaced(harness_factory) -> None:
+    """A (re)started autoscaler has heard no node yet: the pool looks empty, below min_replicas.
+    It decides nothing until it has listened for `warm_up`; a node heard by then counts."""
+    clock = VirtualClock(0.0)
+    h: Harness = await harness_factory([], clock=clock, warm_up=5.0)
+    for _ in range(40):  # 4 virtual seconds of ticks every 0.1 s: none may decide
+        clock.advance(0.1)
+        await asyncio.sleep(0.005)
+    assert h.mine() == [] and h.actuator.calls == []
+    await h.beat("n0", interval=1.0)  # the node `up` started, heard late
+    await h.wait_for(lambda: h.service.fleet.live_ids(h.deployment, "decode", clock.monotonic()))
+    for _ in range(20):
+        clock.advance(0.1)
+        await asyncio.sleep(0.005)
+    await h.wait_for(lambda: h.mine())
+    assert {d.action for d in h.mine()} == {"hold"} and h.actuator.calls == []
+
+
+async def test_without_a_warm_up_the_first_tick_starts_min_replicas(harness_factory) -> None:
+    """The case the warm-up exists for (and what a pool that really is empty gets)."""
+    h: Harness = await harness_factory([], warm_up=0.0)
+    await h.wait_for(lambda: any(c[0] == "start" for c in h.actuator.calls))
+    assert ("start", h.deployment, "decode", 1) in h.actuator.calls
 
 
 async def test_every_tick_publishes_a_decision_holds_included(harness_factory) -> None:

@@ -43,6 +43,8 @@ def _scalar(annotation: Any) -> type:
     if isinstance(base, types.UnionType) or typing.get_origin(base) is typing.Union:
         args = [a for a in typing.get_args(base) if a is not type(None)]
         base = args[0] if len(args) == 1 else str
+        while typing.get_origin(base) is typing.Annotated:  # Optional[Annotated[float, Meta(...)]]
+            base = typing.get_args(base)[0]
     return base if base in _SCALARS else str
 
 
