@@ -71,3 +71,37 @@ def test_a_restart_with_another_fleet_boots_its_nodes_on_that_fleet(tmp_path_fac
             assert reply.usage is not None and reply.usage.prompt_tokens > 8192 and reply.usage.completion_tokens == 2
     finally:
         fabric.stop()
+
+
+PROFILES = """\
+sn40l-16-slow-storage:
+  base: sn40l-16
+  storage_bw: 5.0e+9
+"""
+CUSTOM_FLEET = """\
+models:
+  - name: llama-3.1-8b
+    versions: [{version: v1, catalog: llama-3.1-8b}]
+bundles:
+  - name: one
+    models: [{model: llama-3.1-8b, config: ss8192-bs4}]
+deployments:
+  - {name: default, bundle: one, replicas: 1, min_replicas: 1, max_replicas: 2, profile: sn40l-16-slow-storage}
+"""
+
+
+def test_up_passes_a_profiles_file_to_the_registry_and_every_node(tmp_path_factory: pytest.TempPathFactory, fabric_factory) -> None:
+    """A deployment on a user-declared chip: the registry accepts it and the nodes emulate it."""
+    from openai import OpenAI
+
+    data_dir = tmp_path_factory.mktemp("profiles")
+    (data_dir / "profiles.yaml").write_text(PROFILES)
+    (data_dir / "fleet.yaml").write_text(CUSTOM_FLEET)
+    fabric = fabric_factory(data_dir, "--actuator", "none", "--fleet", str(data_dir / "fleet.yaml"), "--profiles", str(data_dir / "profiles.yaml"),
+                            "--decode-nodes", "1", "--prefill-nodes", "0")  # fmt: skip
+    try:
+        assert "on sn40l-16-slow-storage (decode)" in fabric.log("decode-0")
+        reply = OpenAI(base_url=fabric.base_url, api_key="none", max_retries=0).completions.create(model="llama-3.1-8b", prompt="hi", max_tokens=3)
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+    finally:
+        fabric.stop()

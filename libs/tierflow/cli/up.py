@@ -46,6 +46,8 @@ from nats.aio.client import Client as NATS
 
 from tierflow.cli.supervisor import ChildExit, ProcessSpec, Supervisor
 from tierflow.contracts import messages, subjects
+from tierflow.nodehost.profiles import read_profiles_file
+from tierflow.rdu import load_profiles
 from tierflow.runtime.nats_server import (
     NatsServerConfig,
     NatsServerNotFound,
@@ -96,6 +98,7 @@ class UpConfig:
     metrics_base_port: int = 9100
     ready_timeout: float = 60.0
     actuator: str = "local"
+    profiles: Path | None = None  # extra hardware profiles (YAML) for the registry's checks and the nodes
 
     def __post_init__(self) -> None:
         if self.actuator not in ACTUATORS:
@@ -111,6 +114,17 @@ class UpConfig:
     def static_metrics_ports(self) -> int:
         """Metrics ports the services started at once take (registry, autoscaler, nodes)."""
         return 2 + self.prefill_nodes + self.decode_nodes
+
+    def service_env(self) -> dict[str, str]:
+        """The environment every service process gets (nodes the autoscaler asks for too).
+
+        The profiles file goes by environment: the registry and the nodes read it as their
+        `--profiles` setting, and the other services have no such setting to read.
+        """
+        env = dict(SERVICE_ENV)
+        if self.profiles is not None:
+            env["TIERFLOW_PROFILES"] = str(self.profiles.resolve())
+        return env
 
     @property
     def logs_dir(self) -> Path:
@@ -147,7 +161,7 @@ def service_specs(config: UpConfig, *, python: str = sys.executable) -> list[Pro
     fleet = str(config.fleet.resolve())
 
     def spec(name: str, *args: str, env: dict[str, str] | None = None) -> ProcessSpec:
-        return ProcessSpec(name, [python, "-m", "tierflow", *args], {**SERVICE_ENV, **(env or {})}, config.logs_dir / f"{name}.log")
+        return ProcessSpec(name, [python, "-m", "tierflow", *args], {**config.service_env(), **(env or {})}, config.logs_dir / f"{name}.log")
 
     specs = [
         spec(REGISTRY_NAME, "model-registry", "--nats-url", nats_url, "--grpc-port", str(config.registry_grpc_port),
@@ -213,6 +227,11 @@ def preflight(config: UpConfig) -> list[str]:
                 problems.append(f"port {port} on {config.host} ({label}) is already in use: {problem}")
     if not config.fleet.is_file():
         problems.append(f"fleet file {config.fleet} not found (pass --fleet FILE)")
+    if config.profiles is not None:
+        try:
+            load_profiles(read_profiles_file(str(config.profiles)))
+        except ValueError as exc:
+            problems.append(str(exc))
     try:
         config.nats().argv()
     except NatsServerNotFound as exc:
@@ -424,7 +443,7 @@ class NodeLauncher:
         if region:
             args += ["--region", region]
         args += ["--metrics-port", str(port)]
-        spec = ProcessSpec(node_id, [self._python, "-m", "tierflow", *args], dict(SERVICE_ENV), self._config.logs_dir / f"{node_id}.log")
+        spec = ProcessSpec(node_id, [self._python, "-m", "tierflow", *args], self._config.service_env(), self._config.logs_dir / f"{node_id}.log")
         child = await self._supervisor.start(spec)
         node = messages.SupervisedNode(node_id=node_id, role=role, deployment=deployment, pid=child.pid, metrics_port=port)  # type: ignore[arg-type]
         self._nodes[node_id] = node
@@ -651,6 +670,7 @@ def up(
     metrics_base_port: Annotated[int, typer.Option(help="First /metrics port; each non-router service takes the next.")] = 9100,
     ready_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the fabric to answer /health.")] = 60.0,
     actuator: Annotated[str, typer.Option(help="How the autoscaler acts: local (starts and stops node processes here) or none (advisory).")] = "local",
+    profiles: Annotated[Path | None, typer.Option(help="YAML file of extra hardware profiles deployments may name (see tierflow.nodehost.profiles).")] = None,
 ) -> None:
     """Start NATS and every tierflow service locally; stop them all on Ctrl-C."""
     if actuator not in ACTUATORS:
@@ -670,6 +690,7 @@ def up(
         metrics_base_port=metrics_base_port,
         ready_timeout=ready_timeout,
         actuator=actuator,
+        profiles=profiles,
     )
     problems = preflight(config)
     if problems:
