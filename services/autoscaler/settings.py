@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Meta
 
 from tierflow.scaling import ScalingConfig
 
@@ -25,27 +25,15 @@ PositiveSeconds = Annotated[float, Meta(gt=0)]
 _POLICY_FIELDS = tuple(f.name for f in msgspec.structs.fields(ScalingConfig))
 
 
-class Settings(Struct, kw_only=True):
+class Settings(ScalingConfig, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     interval: PositiveSeconds = 5.0  # seconds between two policy ticks
     # local: ask `tierflow up` to start/stop node processes; kubernetes: scale Deployments
     # through the API; none: publish decisions only (advisory).
     actuator: ActuatorName = "none"
 
-    # -- the policy (tierflow.scaling.ScalingConfig; defaults are its defaults) --
-    target_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.7
-    target_queue_per_replica: Annotated[float, Meta(gt=0)] = 4.0
-    target_prompt_tokens_per_replica: Annotated[int, Meta(gt=0)] = 16384
-    ttft_slo: Seconds = 2.0
-    itl_slo: Seconds = 0.1
-    latency_headroom: Annotated[float, Meta(gt=0, le=1)] = 0.8
-    panic_window: Seconds = 10.0
-    stable_window: PositiveSeconds = 300.0
-    cooldown_up: Seconds = 10.0
-    cooldown_down: Seconds = 60.0
-    max_step_up: Annotated[int, Meta(ge=1)] = 4
-    max_step_down: Annotated[int, Meta(ge=1)] = 1
-    max_signal_age: PositiveSeconds = 15.0
+    # -- the policy: every field of tierflow.scaling.ScalingConfig, inherited (same
+    #    names, limits and defaults; `--ttft-slo` / TIERFLOW_TTFT_SLO, ...) --
 
     # -- the shell --
     # Hear heartbeats this long before the first decision (None: max_signal_age, by which
@@ -64,7 +52,7 @@ class Settings(Struct, kw_only=True):
     kube_name_template: str = "tierflow-{deployment}-{pool}"
 
     def __post_init__(self) -> None:
-        self.scaling()  # cross-field rules of the policy, checked when the settings are read
+        super().__post_init__()  # the policy's cross-field rules, checked when the settings are read
         if "{deployment}" not in self.kube_name_template or "{pool}" not in self.kube_name_template:
             raise ValueError("kube_name_template must contain {deployment} and {pool}")
 
