@@ -55,7 +55,7 @@ async def bootstrap(
 def rule_context(profiles_file: str) -> RuleContext:
     """What fleets are checked against: the emulator's catalog, and the built-in hardware
     profiles plus those of `profiles_file` (YAML: name -> HardwareProfile fields)."""
-    return RuleContext(catalog=load_catalog(None), profiles=frozenset(load_profiles(read_profiles_file(profiles_file))))
+    return RuleContext(catalog=load_catalog(None), profiles=load_profiles(read_profiles_file(profiles_file)))
 
 
 async def main(ctx: ServiceContext, settings: Settings) -> None:

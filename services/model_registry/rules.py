@@ -26,7 +26,7 @@ from msgspec import Struct
 
 from tierflow.contracts import registry
 from tierflow.nodehost.specs import version_model_spec
-from tierflow.rdu import DeploymentConfig, ModelSpec, load_catalog, load_profiles
+from tierflow.rdu import BundleModel, DeploymentConfig, HardwareProfile, ModelSpec, NodeEngine, load_catalog, load_profiles
 from tierflow.services.model_registry.state import Kind, State
 
 __all__ = [
@@ -79,11 +79,11 @@ class RuleContext:
     """What the rules check against: the emulator's model catalog and hardware profiles."""
 
     catalog: Mapping[str, ModelSpec]
-    profiles: frozenset[str]
+    profiles: Mapping[str, HardwareProfile]
 
     @classmethod
     def builtin(cls) -> RuleContext:
-        return cls(catalog=load_catalog(None), profiles=frozenset(load_profiles(None)))
+        return cls(catalog=load_catalog(None), profiles=load_profiles(None))
 
 
 def format_problems(problems: list[Problem], where: Locator) -> list[str]:
@@ -110,8 +110,11 @@ def check_state(state: State, ctx: RuleContext) -> list[Problem]:
         problems += _check_model(model, state, ctx, specs)
     for bundle in state.bundles.values():
         problems += _check_bundle(bundle, state, specs)
+    unsound = {p.name for p in problems if p.kind == "bundle"}
     for deployment in state.deployments.values():
         problems += _check_deployment(deployment, state, ctx)
+        if deployment.bundle not in unsound:
+            problems += _check_fit(deployment, state, ctx, specs)
     return problems
 
 
@@ -271,6 +274,30 @@ def _check_deployment(d: registry.DeploymentRecord, state: State, ctx: RuleConte
     elif d.prefill_replicas > 0:
         problem(".prefill_replicas", "prefill_replicas only applies to mode: disaggregated (aggregated nodes prefill for themselves); remove it or set mode: disaggregated")
     return out
+
+
+def _check_fit(d: registry.DeploymentRecord, state: State, ctx: RuleContext, specs: dict[tuple[str, str], ModelSpec | None]) -> list[Problem]:
+    """Whether the bundle's models fit the deployment's hardware, asked of the emulator itself.
+
+    A node builds its engine from exactly this bundle and profile and refuses to start when
+    the weights or one full-length sequence's KV do not fit; the same engine is built here,
+    so a fleet that would leave every node of a deployment crashing at start is refused when
+    it is applied, with the engine's own message.
+    """
+    bundle, profile = state.bundles.get(d.bundle), ctx.profiles.get(d.profile)
+    if bundle is None or profile is None:
+        return []  # reported by _check_deployment
+    models: list[BundleModel] = []
+    for entry in bundle.models:
+        spec, (config, _) = specs.get((entry.model, entry.version)), _parse_config(entry.config)
+        if spec is None or config is None:
+            return []  # reported on the model or the bundle
+        models.append(BundleModel(spec=spec, config=config, version=entry.version))
+    try:
+        NodeEngine(profile, models, now=0.0)
+    except ValueError as exc:
+        return [Problem(kind="deployment", name=d.name, field=".profile", message=f"bundle {d.bundle!r} does not fit on {d.profile!r}: {exc}")]
+    return []
 
 
 def _check_dedicated(d: registry.DeploymentRecord, entries: list[registry.BundleEntry]) -> list[Problem]:

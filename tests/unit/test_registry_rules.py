@@ -168,3 +168,12 @@ def test_user_hardware_profiles_given_to_the_registry_pass(tmp_path: pathlib.Pat
     assert "unknown" in only(text, "$.deployments[0].profile")
     with pytest.raises(ValueError, match="cannot read hardware profiles file"):
         rule_context(str(tmp_path / "missing.yaml"))
+
+
+def test_a_bundle_must_fit_its_hardware() -> None:
+    """The engine a node would build decides: 405B weights do not fit sn40l-8's HBM (every
+    node would crash at start), while three large models share sn40l-16 through DDR."""
+    too_big = fleet(version="catalog: llama-3.1-405b", deployment="replicas: 1, profile: sn40l-8")
+    message = only(too_big, "$.deployments[0].profile")
+    assert "bundle 'b' does not fit on 'sn40l-8'" in message and "needs 814.2 GB of HBM for weights" in message
+    assert problems(fleet(version="catalog: llama-3.1-405b", deployment="replicas: 1, profile: sn40l-16")) == []
