@@ -20,9 +20,10 @@ Configuration (the router's YAML; `TenantDirectory.from_config` takes the parsed
     anonymous_tenant: null            # a tenant name for requests without an API key
 
 Residency and regions become a `Boundary`, which placement enforces fail-closed.
-Rate limits and quotas are per router process: with N routers a tenant gets up to N
-times its rate (state in a shared store is a later step). Reloading the configuration
-starts every bucket and quota afresh.
+Rate limits and quotas are counted per router process, and split: each router counts
+its peers (NATS service discovery) and keeps 1/N of every limit (`TenantDirectory.share`),
+so N routers together admit what was configured. Reloading the configuration starts
+every bucket and quota afresh.
 
 `hash_api_key(key)` gives the "sha256:..." form, so configuration need not hold secrets.
 """
@@ -100,17 +101,26 @@ class RateLimiter:
     backwards (a caller mixing clocks) refills nothing rather than raising.
     """
 
-    __slots__ = ("rate", "burst", "_tokens", "_at")
+    __slots__ = ("rate", "burst", "_full_rate", "_full_burst", "_tokens", "_at")
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
         if not rate > 0:
             raise ValueError(f"rate must be positive, got {rate}")
-        self.rate = float(rate)
-        self.burst = float(burst) if burst is not None else max(1.0, self.rate)
+        self.rate = self._full_rate = float(rate)
+        self.burst = self._full_burst = float(burst) if burst is not None else max(1.0, self.rate)
         if self.burst < 1.0:
             raise ValueError(f"burst must be at least 1, got {burst}")
         self._tokens = self.burst
         self._at: float | None = None
+
+    def share(self, fraction: float) -> None:
+        """Keep `fraction` of the configured rate and burst (one of several routers); the
+        burst never drops below one request, and saved tokens above it are dropped."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.rate = self._full_rate * fraction
+        self.burst = max(1.0, self._full_burst * fraction)
+        self._tokens = min(self._tokens, self.burst)
 
     def _refill(self, now: float) -> None:
         if self._at is None:
@@ -145,15 +155,21 @@ class TokenQuota:
     time (`Clock.now()`) for windows aligned to the epoch, e.g. to UTC days.
     """
 
-    __slots__ = ("limit", "window_s", "_window", "_used")
+    __slots__ = ("limit", "window_s", "_full_limit", "_window", "_used")
 
     def __init__(self, limit: int, window_s: float) -> None:
         if limit <= 0 or not window_s > 0:
             raise ValueError(f"limit and window_s must be positive, got {limit} and {window_s}")
-        self.limit = limit
+        self.limit = self._full_limit = limit
         self.window_s = float(window_s)
         self._window = -math.inf
         self._used = 0
+
+    def share(self, fraction: float) -> None:
+        """Keep `fraction` of the configured budget (one of several routers), at least 1 token."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.limit = max(1, math.ceil(self._full_limit * fraction))
 
     def _roll(self, now: float) -> None:
         window = math.floor(now / self.window_s)
@@ -219,6 +235,13 @@ class Tenant:
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def share(self, fraction: float) -> None:
+        """Limit this process to `fraction` of the tenant's rate limit and token quota."""
+        if self.limiter is not None:
+            self.limiter.share(fraction)
+        if self.quota is not None:
+            self.quota.share(fraction)
+
     def admit(self, now: float) -> None:
         """Take one request against the rate limit, check the token quota; `RateLimited`
         (429 with Retry-After) when either says wait. The router and the simulator both
@@ -260,6 +283,20 @@ class TenantDirectory:
         if anonymous is not None and anonymous not in self.tenants:
             raise TenantConfigError(f"anonymous_tenant: no tenant is named {anonymous!r}")
         self.anonymous: Tenant | None = self.tenants[anonymous] if anonymous is not None else None
+
+    def share(self, routers: int) -> None:
+        """Split every tenant's limits evenly over `routers` router processes.
+
+        Each router counts its own requests (a shared counter would cost a NATS round trip
+        per request), so with N routers behind a load balancer each admits 1/N of a
+        tenant's rate, burst and token quota, and together they admit what was configured.
+        The split is exact when the balancer spreads a tenant's requests evenly; a client
+        pinned to one router gets 1/N (the trade Envoy's local rate limits make too).
+        """
+        if routers < 1:
+            raise ValueError(f"routers must be at least 1, got {routers}")
+        for tenant in self.tenants.values():
+            tenant.share(1.0 / routers)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TenantDirectory:

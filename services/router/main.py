@@ -87,6 +87,27 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
             except asyncio.TimeoutError:
                 pass
 
+    async def count_peers() -> None:
+        """Split the tenants' limits over the routers that answer service discovery."""
+        counted = 1
+        metrics.peers.set(counted)
+        while settings.peer_interval and not ctx.stopping.is_set():
+            try:
+                found = await discovery.discover(nc, timeout=min(0.5, settings.peer_interval))
+                routers = max(1, sum(1 for s in found if s.name == subjects.SERVICE_NAMES["router"]))
+            except Exception as exc:  # NATS reconnecting: keep the last count
+                log.warning("cannot count router peers: %s", exc)
+                routers = counted
+            if routers != counted:
+                config.tenants.share(routers)
+                log.info("%d routers: each admits 1/%d of every tenant's rate limit and quota", routers, routers)
+            counted = routers
+            metrics.peers.set(counted)
+            try:
+                await asyncio.wait_for(ctx.stopping.wait(), timeout=settings.peer_interval)
+            except asyncio.TimeoutError:
+                pass
+
     chores = asyncio.create_task(housekeeping(), name="housekeeping")
     dispatcher = Dispatcher(
         nodes, models, transport, clock, metrics,
@@ -100,12 +121,13 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         nc, "router", router_id,
         http=f"http://{settings.http_host}:{settings.http_port}", grpc=f"{settings.grpc_host}:{settings.grpc_port}",
     )
+    peers = asyncio.create_task(count_peers(), name="count-peers")  # after register: this router counts itself
     log.info("router %s: OpenAI on http://%s:%d/v1, gRPC on %s:%d", router_id, settings.http_host, settings.http_port, settings.grpc_host, settings.grpc_port)
     await ctx.stopping.wait()
 
     await asyncio.gather(shutdown(http, settings.drain_grace), grpc_server.stop(grace=settings.drain_grace))
-    watch.cancel()
-    chores.cancel()
-    await asyncio.gather(watch, chores, return_exceptions=True)
+    for task in (watch, chores, peers):
+        task.cancel()
+    await asyncio.gather(watch, chores, peers, return_exceptions=True)
     await micro.stop()
     await nc.drain()

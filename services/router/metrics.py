@@ -31,3 +31,4 @@ class RouterMetrics:
         self.tiers = Counter("tierflow_model_tier_at_dispatch", "Where each request found its model on its node", ("model", "tier"), **kw)
         self.in_flight = Gauge("tierflow_router_requests_in_flight", "Requests the router is serving now", **kw)
         self.nodes = Gauge("tierflow_router_live_nodes", "Decode nodes heard from within 3 heartbeats", **kw)
+        self.peers = Gauge("tierflow_router_peers", "Routers on NATS (this one included) that split the tenants' limits", **kw)

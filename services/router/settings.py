@@ -26,4 +26,7 @@ class Settings(Struct, kw_only=True):
     config: str = ""
     placement_policy: str = ""  # overrides the file's placement policy (hotness, round-robin, least-loaded, random)
     session_capacity: Annotated[int, Meta(gt=0)] = 100_000
+    # How often to count the routers on NATS: tenants' rate limits and quotas are split
+    # evenly over them (tierflow.placement.tenants). 0: never (this router keeps every limit whole).
+    peer_interval: Annotated[float, Meta(ge=0)] = 5.0
 

@@ -114,3 +114,21 @@ def test_token_quota_per_window() -> None:
     assert quota.retry_after(60.0) == 0.0 and quota.used(60.0) == 0
     with pytest.raises(ValueError):
         quota.charge(61.0, -1)
+
+
+def test_limits_split_over_routers_and_back() -> None:
+    """Three routers keep a third each (burst at least one request); back to one, the whole."""
+    directory = TenantDirectory.from_config(CONFIG)
+    acme = directory.tenants["acme"]
+    assert acme.limiter is not None and acme.quota is not None
+    directory.share(3)
+    assert (acme.limiter.rate, acme.limiter.burst, acme.quota.limit) == (pytest.approx(2 / 3), pytest.approx(4 / 3), 334)
+    assert acme.limiter.available(0.0) == pytest.approx(4 / 3)  # saved tokens above the new burst are dropped
+    assert acme.limiter.acquire(0.0) == 0.0 and acme.limiter.acquire(0.0) > 0  # one request, then wait
+    directory.share(5)
+    assert acme.limiter.burst == 1.0  # never below one request
+    directory.share(1)
+    assert (acme.limiter.rate, acme.limiter.burst, acme.quota.limit) == (2.0, 4.0, 1000)
+    assert directory.tenants["research"].limiter is None  # unlimited stays unlimited
+    with pytest.raises(ValueError, match="at least 1"):
+        directory.share(0)
