@@ -84,6 +84,10 @@ class NodeHeartbeat(Struct, kw_only=True):
     block_size: Annotated[int, Meta(gt=0)] = 64  # tokens per KV block: the router hashes prompts alike
     cordoned: bool = False
     draining: bool = False
+    # The registry now holds another bundle (models, versions, configs, profile) for this
+    # node's deployment than the one it serves: a node reads its bundle once, at start,
+    # so it serves the old one until restarted.
+    bundle_outdated: bool = False
     # What the autoscaler scales on besides queue and batch (added with defaults; old
     # nodes simply report none of it). Latencies are the node's own view over its last
     # `latency_window_s`: TTFT from arrival on the node to the first token (a prefill

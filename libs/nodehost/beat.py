@@ -30,6 +30,7 @@ class NodeIdentity:
     started_at: float = 0.0
     cordoned: bool = False
     draining: bool = False
+    bundle_outdated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,7 @@ def build_heartbeat(
         # node-wide list left empty: the per-model lists above say the same, more precisely
         cordoned=identity.cordoned,
         draining=identity.draining,
+        bundle_outdated=identity.bundle_outdated,
         ttft_p95=report.ttft_p95,
         itl_p95=report.itl_p95,
         latency_samples=report.latency_samples,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
@@ -16,9 +17,9 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from tierflow.contracts import registry, subjects
 from tierflow.nodehost.specs import bundle_from_records
 from tierflow.rdu import BundleModel, load_catalog
-from tierflow.runtime.kv import open_bucket
+from tierflow.runtime.kv import follow, open_bucket
 
-__all__ = ["fetch_deployment", "build_bundle"]
+__all__ = ["fetch_deployment", "build_bundle", "describe_bundle", "watch_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +53,72 @@ async def build_bundle(js: JetStreamContext, deployment: registry.DeploymentReco
         if value is not None:
             models[entry.model] = registry.model_decoder.decode(value)
     return bundle_from_records(deployment, models, load_catalog(None))
+
+
+async def watch_bundle(
+    js: JetStreamContext,
+    deployment: registry.DeploymentRecord,
+    serving: Sequence[BundleModel],
+    on_outdated: Callable[[bool, str], None],
+    stopping: asyncio.Event,
+) -> None:
+    """Tell `on_outdated(True, what)` when the registry's bundle for this node's deployment
+    stops being the one it serves (`what` says how), and `(False, "")` when it is again.
+
+    Nodes do not reload a bundle in place (a drain and a restart does that); this makes
+    the difference visible instead of silent: a warning, the heartbeat's `bundle_outdated`
+    and `tierflow status`. The deployment key and every model key are followed, since a
+    model record (a version's spec) changes what the bundle is, too.
+    """
+    changed = asyncio.Event()
+    running = (list(serving), deployment.profile)
+
+    def on_put(key: str, value: bytes, revision: int) -> None:
+        if key == subjects.deployment_key(deployment.name) or key.startswith("model."):
+            changed.set()
+
+    def on_delete(key: str) -> None:
+        on_put(key, b"", 0)
+
+    watch = asyncio.create_task(follow(js, subjects.REGISTRY_BUCKET, ">", on_put=on_put, on_delete=on_delete, stopping=stopping), name="bundle-watch")
+    outdated = False
+    try:
+        while not stopping.is_set():
+            waiter = asyncio.ensure_future(changed.wait())
+            stop = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait((waiter, stop), return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stop.cancel()
+            if stopping.is_set():
+                break
+            changed.clear()
+            what = await _difference(js, deployment.name, running)
+            if bool(what) != outdated:
+                outdated = bool(what)
+                on_outdated(outdated, what)
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+
+
+async def _difference(js: JetStreamContext, name: str, running: tuple[list[BundleModel], str]) -> str:
+    """How the registry's bundle for deployment `name` differs from `running` ("": it does not)."""
+    value = await _get(js, subjects.deployment_key(name))
+    if value is None:
+        return f"deployment {name!r} was deleted from the registry"
+    record = registry.deployment_decoder.decode(value)
+    try:
+        bundle = await build_bundle(js, record)
+    except (LookupError, ValueError) as exc:
+        return f"the registry's bundle for {name!r} cannot be built ({exc})"
+    served, profile = running
+    if record.profile != profile:
+        return f"profile {profile!r} -> {record.profile!r}"
+    if bundle != served:
+        return f"{describe_bundle(served)} -> {describe_bundle(bundle)}"
+    return ""
+
+
+def describe_bundle(bundle: Sequence[BundleModel]) -> str:
+    """`llama-3.1-8b v1 (ss8192-bs4), ...`: what a node serves, as logs and warnings say it."""
+    return ", ".join(f"{b.name} {b.version} ({b.config})" for b in bundle)

@@ -18,6 +18,7 @@ class NodeMetrics:
         self.prefix_cache_hits = Counter("tierflow_prefix_cache_hits", "Prompt tokens served from the prefix cache", labels, registry=registry)
         self.prefix_cache_queries = Counter("tierflow_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels, registry=registry)
         self.model_tier = Gauge("tierflow_model_tier", "1 for the tier each model is in on this node", ("node", "model", "tier"), registry=registry)
+        self.bundle_outdated = Gauge("tierflow_node_bundle_outdated", "1 while the registry holds another bundle for this node's deployment than it serves (restart it)", ("node",), registry=registry)
         self.queue_time = Histogram("tierflow_request_queue_time_seconds", "Time queued on the node before entering a batch", labels, buckets=_LATENCY_BUCKETS, registry=registry)
         self.ttft = Histogram("tierflow_node_time_to_first_token_seconds", "Node-side time to first token", labels, buckets=_LATENCY_BUCKETS, registry=registry)
         self.prompt_tokens = Counter("tierflow_prompt_tokens", "Prompt tokens processed", labels, registry=registry)

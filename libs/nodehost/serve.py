@@ -16,7 +16,7 @@ import msgspec
 
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.control import add_control_endpoint
-from tierflow.nodehost.bundle import build_bundle, fetch_deployment
+from tierflow.nodehost.bundle import build_bundle, describe_bundle, fetch_deployment, watch_bundle
 from tierflow.nodehost.profiles import resolve_profile
 from tierflow.nodehost.driver import EngineDriver
 from tierflow.nodehost.beat import NodeIdentity
@@ -134,6 +134,17 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
             except asyncio.TimeoutError:
                 pass
 
+    def on_outdated(outdated: bool, what: str) -> None:
+        identity.bundle_outdated = outdated
+        metrics.bundle_outdated.labels(settings.node_id).set(1.0 if outdated else 0.0)
+        beat_now.set()
+        if outdated:
+            log.warning("the registry changed deployment %s's bundle (%s); this node keeps serving what it started with until it is restarted",
+                        deployment.name, what, extra={"fields": {"change": what}})  # fmt: skip
+        else:
+            log.info("the registry's bundle for %s is again the one this node serves", deployment.name)
+
+    metrics.bundle_outdated.labels(settings.node_id).set(0.0)
     gen_sub = await nc.subscribe(subject, cb=on_generate)
     cancel_sub = await nc.subscribe(subjects.node_cancel(settings.node_id), cb=on_cancel)
     micro = await discovery.register(nc, service, settings.node_id, deployment=deployment.name, region=identity.region, profile=profile_name)
@@ -143,8 +154,9 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         asyncio.create_task(driver.run(engine_stop), name="engine"),
         asyncio.create_task(heartbeat_loop(nc, identity, driver, clock, settings.heartbeat_interval, engine_stop, beat_now), name="heartbeat"),
         asyncio.create_task(gauges_loop(), name="gauges"),
+        asyncio.create_task(watch_bundle(js, deployment, bundle, on_outdated, engine_stop), name="bundle-watch"),
     ]
-    served = ", ".join(f"{b.spec.name} {b.version} ({b.config})" for b in bundle)
+    served = describe_bundle(bundle)
     log.info("node %s serving %s on %s (%s)", settings.node_id, served, profile_name, role, extra={"fields": {"bundle": served}})
     await ctx.stopping.wait()
 

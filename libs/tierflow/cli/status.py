@@ -85,7 +85,9 @@ def render_nodes(st: FabricStatus, console: Console) -> None:
         t.add_column(col)
     for n in st.nodes:
         models = ", ".join(f"{m.name} ({m.tier})" for m in n.models)
-        state = "cordoned" if n.cordoned else "draining" if n.draining else "ready"
+        state = "draining" if n.draining else "cordoned" if n.cordoned else "ready"
+        if n.bundle_outdated:
+            state += ", bundle outdated"
         t.add_row(n.node_id, n.role, n.deployment, n.region, n.profile, models, str(n.queue_depth), f"{n.running}/{n.max_batch}", f"{n.kv_usage:.0%}", state)
     console.print(t)
 
