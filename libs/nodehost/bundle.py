@@ -18,6 +18,7 @@ from tierflow.contracts import registry, subjects
 from tierflow.nodehost.specs import bundle_from_records
 from tierflow.rdu import BundleModel, load_catalog
 from tierflow.runtime.kv import follow, open_bucket
+from tierflow.runtime.waiting import first
 
 __all__ = ["fetch_deployment", "build_bundle", "describe_bundle", "watch_bundle"]
 
@@ -84,11 +85,7 @@ async def watch_bundle(
     outdated = False
     try:
         while not stopping.is_set():
-            waiter = asyncio.ensure_future(changed.wait())
-            stop = asyncio.ensure_future(stopping.wait())
-            await asyncio.wait((waiter, stop), return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stop.cancel()
+            await first(changed.wait(), stopping.wait())
             if stopping.is_set():
                 break
             changed.clear()

@@ -17,6 +17,7 @@ from tierflow.contracts import messages, subjects
 from tierflow.nodehost.beat import NodeIdentity, build_heartbeat
 from tierflow.nodehost.driver import EngineDriver
 from tierflow.runtime.clock import Clock
+from tierflow.runtime.waiting import first
 
 __all__ = ["NodeIdentity", "heartbeat_message", "heartbeat_loop"]
 
@@ -41,8 +42,4 @@ async def heartbeat_loop(
         seq += 1
         beat_now.clear()
         await nc.publish(subject, messages.encoder.encode(heartbeat_message(identity, driver, clock, seq, interval)))
-        stop = asyncio.ensure_future(stopping.wait())
-        now = asyncio.ensure_future(beat_now.wait())
-        await asyncio.wait((stop, now), timeout=interval, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        now.cancel()
+        await first(stopping.wait(), beat_now.wait(), timeout=interval)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from tierflow.contracts import messages, registry
 from tierflow.runtime.clock import Clock
+from tierflow.runtime.waiting import first
 from tierflow.scaling import Decision, DeploymentState, PoolDecision, ScalingConfig, choose_victims, tick
 from tierflow.scaling.fleet import FleetView, pool_bounds
 from tierflow.services.autoscaler.actuators import Actuator, ActuatorError, SupportsInventory
@@ -246,11 +247,7 @@ class Autoscaler:
     async def run(self, stopping: asyncio.Event, interval: float, *, ready: asyncio.Event | None = None) -> None:
         """Tick every `interval` until `stopping` (after `ready`, e.g. the registry snapshot)."""
         while not stopping.is_set():
-            sleeper = asyncio.ensure_future(self._clock.sleep(interval))
-            stopper = asyncio.ensure_future(stopping.wait())
-            await asyncio.wait((sleeper, stopper), return_when=asyncio.FIRST_COMPLETED)
-            sleeper.cancel()
-            stopper.cancel()
+            await first(self._clock.sleep(interval), stopping.wait())
             if stopping.is_set():
                 break
             if ready is not None and not ready.is_set():
