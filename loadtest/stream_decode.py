@@ -7,7 +7,7 @@ through the official `openai` client, alternating rounds so machine noise hits b
 and prints the CPU time of this process per token for each, their ratio and difference:
 
   openai   `async for chunk in stream` (a pydantic model per chunk, what the driver did)
-  msgspec  `with_streaming_response` + `chat_stream.SseEvents` / `decode_chunk` (what it does)
+  msgspec  `with_streaming_response` + `chat_stream.read_chunks` (what the driver does)
 
     .venv/bin/python loadtest/stream_decode.py [--requests 40] [--tokens 2000]
 """
@@ -25,7 +25,7 @@ import openai
 
 from tierflow.runtime.nats_server import free_port
 from tierflow.services.router.http_server import Request, StreamingResponse, serve
-from tierflow.workload.chat_stream import DONE, SseEvents, decode_chunk
+from tierflow.workload.chat_stream import read_chunks
 
 
 def _frame(obj: object) -> bytes:
@@ -64,12 +64,9 @@ async def _with_openai(client: openai.AsyncOpenAI) -> int:
 
 async def _with_msgspec(client: openai.AsyncOpenAI) -> int:
     seen = 0
-    events = SseEvents()
     async with client.chat.completions.with_streaming_response.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True) as response:
-        async for data in response.iter_bytes():
-            for event in events.feed(data):
-                if event != DONE:
-                    seen += sum(1 for c in decode_chunk(event).choices if c.delta.content)
+        async for chunk in read_chunks(response.iter_bytes()):
+            seen += sum(1 for c in chunk.choices if c.delta.content)
     return seen
 
 

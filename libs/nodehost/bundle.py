@@ -72,7 +72,6 @@ async def watch_bundle(
     model record (a version's spec) changes what the bundle is, too.
     """
     changed = asyncio.Event()
-    running = (list(serving), deployment.profile)
 
     def on_put(key: str, value: bytes, revision: int) -> None:
         if key == subjects.deployment_key(deployment.name) or key.startswith("model."):
@@ -89,7 +88,7 @@ async def watch_bundle(
             if stopping.is_set():
                 break
             changed.clear()
-            what = await _difference(js, deployment.name, running)
+            what = await _difference(js, deployment, serving)
             if bool(what) != outdated:
                 outdated = bool(what)
                 on_outdated(outdated, what)
@@ -98,8 +97,10 @@ async def watch_bundle(
         await asyncio.gather(watch, return_exceptions=True)
 
 
-async def _difference(js: JetStreamContext, name: str, running: tuple[list[BundleModel], str]) -> str:
-    """How the registry's bundle for deployment `name` differs from `running` ("": it does not)."""
+async def _difference(js: JetStreamContext, started: registry.DeploymentRecord, serving: Sequence[BundleModel]) -> str:
+    """How the registry's bundle for the deployment differs from what the node started
+    with (`started`'s profile, `serving`), or "" when it does not."""
+    name = started.name
     value = await _get(js, subjects.deployment_key(name))
     if value is None:
         return f"deployment {name!r} was deleted from the registry"
@@ -108,11 +109,10 @@ async def _difference(js: JetStreamContext, name: str, running: tuple[list[Bundl
         bundle = await build_bundle(js, record)
     except (LookupError, ValueError) as exc:
         return f"the registry's bundle for {name!r} cannot be built ({exc})"
-    served, profile = running
-    if record.profile != profile:
-        return f"profile {profile!r} -> {record.profile!r}"
-    if bundle != served:
-        return f"{describe_bundle(served)} -> {describe_bundle(bundle)}"
+    if record.profile != started.profile:
+        return f"profile {started.profile!r} -> {record.profile!r}"
+    if bundle != list(serving):
+        return f"{describe_bundle(serving)} -> {describe_bundle(bundle)}"
     return ""
 
 

@@ -15,11 +15,12 @@ in place of a chunk is a failure after the 200 (the fabric's node died mid-strea
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
 import msgspec
 
-__all__ = ["DONE", "ChatChunk", "SseEvents", "StreamError", "Usage", "decode_chunk"]
+__all__ = ["DONE", "ChatChunk", "SseEvents", "StreamError", "Usage", "decode_chunk", "read_chunks"]
 
 DONE: Final = b"[DONE]"
 
@@ -108,3 +109,18 @@ class SseEvents:
             elif line.startswith(b"data:"):
                 self._data.append(line[6:] if line.startswith(b"data: ") else line[5:])
         return events
+
+
+async def read_chunks(body: AsyncIterable[bytes]) -> AsyncIterator[ChatChunk]:
+    """The chunks of a streamed body, however its bytes arrive; StreamError as `decode_chunk`.
+
+    Reads to the end of the body even after `[DONE]`, so the connection is reused.
+    """
+    events = SseEvents()
+    done = False
+    async for data in body:
+        for event in events.feed(data):
+            if done or event == DONE:
+                done = True
+                continue
+            yield decode_chunk(event)

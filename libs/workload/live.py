@@ -30,7 +30,7 @@ import msgspec
 import openai
 
 from tierflow.tokenizer import count_tokens
-from tierflow.workload.chat_stream import DONE, SseEvents, StreamError, Usage, decode_chunk
+from tierflow.workload.chat_stream import StreamError, Usage, read_chunks
 from tierflow.workload.conversation import Conversation
 from tierflow.workload.records import RequestRecord
 from tierflow.workload.sessions import CallPlan, SessionPlan, ToolPlan
@@ -171,21 +171,13 @@ class _Driver:
                 record.request_id = response.headers.get("x-request-id") or record.request_id
                 record.node = response.headers.get("x-tierflow-node", "")
                 record.tier = response.headers.get("x-tierflow-tier", "")
-                events = SseEvents()
-                done = False
-                # Read to the end of the body even after [DONE], so the connection is reused.
-                async for data in response.iter_bytes():
-                    for event in events.feed(data):
-                        if done or event == DONE:
-                            done = True
-                            continue
-                        chunk = decode_chunk(event)
-                        usage = chunk.usage or usage
-                        for choice in chunk.choices:
-                            if choice.delta.content:
-                                if record.first_token_at is None:
-                                    record.first_token_at = self._now()
-                                pieces.append(choice.delta.content)
+                async for chunk in read_chunks(response.iter_bytes()):
+                    usage = chunk.usage or usage
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            if record.first_token_at is None:
+                                record.first_token_at = self._now()
+                            pieces.append(choice.delta.content)
             record.finished_at = self._now()
         except openai.APIStatusError as exc:
             record.status = exc.status_code

@@ -14,6 +14,7 @@ import msgspec
 
 from tierflow.contracts import messages, registry, subjects
 from tierflow.runtime import discovery
+from tierflow.runtime.waiting import first
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.kv import follow
 from tierflow.runtime.service import ServiceContext, connect_nats
@@ -103,10 +104,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
                 log.info("%d routers: each admits 1/%d of every tenant's rate limit and quota", routers, routers)
             counted = routers
             metrics.peers.set(counted)
-            try:
-                await asyncio.wait_for(ctx.stopping.wait(), timeout=settings.peer_interval)
-            except asyncio.TimeoutError:
-                pass
+            await first(ctx.stopping.wait(), timeout=settings.peer_interval)
 
     chores = asyncio.create_task(housekeeping(), name="housekeeping")
     dispatcher = Dispatcher(

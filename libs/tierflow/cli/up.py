@@ -7,8 +7,9 @@ per-service logs and metrics behave like the real thing.
 Sequence: preflight (ports free, fleet file present, nats-server found) -> nats-server
 with JetStream under DATA/nats -> model-registry and router -> once the registry's gRPC
 health says SERVING (the fleet file is applied), prefill and decode nodes -> poll the
-router's `/health` until it reports enough nodes and at least one model -> the autoscaler
-(each service is `python -m tierflow <service> ...`) -> print one "is up" line -> run until
+router's `/health` until it reports enough nodes and at least one model -> the autoscaler,
+until it answers service discovery (each service is `python -m tierflow <service> ...`)
+-> print one "is up" line -> run until
 Ctrl-C / SIGTERM -> stop services, then NATS -> exit 0.
 
 If a child dies before the fabric is ready, or the ready timeout passes: report it with
@@ -48,6 +49,7 @@ from tierflow.cli.supervisor import ChildExit, ProcessSpec, Supervisor
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.profiles import read_profiles_file
 from tierflow.rdu import load_profiles
+from tierflow.runtime import discovery
 from tierflow.runtime.nats_server import (
     NatsServerConfig,
     NatsServerNotFound,
@@ -290,7 +292,7 @@ def _start_stages(specs: list[ProcessSpec]) -> tuple[list[ProcessSpec], list[Pro
     yet) and start `min_replicas` nodes more, beside the ones `up` is starting.
     """
     def stage(spec: ProcessSpec) -> int:
-        if any(spec.name.startswith(f"{role}-") for role in NODE_COMMANDS):
+        if _node_of(spec) is not None:
             return 1
         return 2 if spec.name == AUTOSCALER_NAME else 0
 
@@ -326,6 +328,19 @@ async def _wait_registry_ready(config: UpConfig, deadline: float) -> None:
             if loop.time() >= deadline:
                 raise FabricNotReady(f"model registry gRPC health at {target} not SERVING (it applies the fleet file first); last answer: {last}")
             await asyncio.sleep(HEALTH_POLL_INTERVAL)
+
+
+async def _wait_registered(nats_url: str, service: str, deadline: float) -> None:
+    """Wait until `service` answers NATS service discovery (`tierflow status` lists it)."""
+    loop = asyncio.get_running_loop()
+    name = subjects.SERVICE_NAMES[service]
+    nc = await nats_connect(nats_url, name="tierflow-up-ready", connect_timeout=2)
+    try:
+        while name not in {s.name for s in await discovery.discover(nc, timeout=HEALTH_POLL_INTERVAL)}:
+            if loop.time() >= deadline:
+                raise FabricNotReady(f"{service} did not answer NATS service discovery ({name})")
+    finally:
+        await nc.close()
 
 
 def _tails(supervisor: Supervisor, lines: int = 5) -> str:
@@ -574,32 +589,42 @@ async def run_up(
         except Exception as exc:  # nats-py raises several unrelated types here
             print(f"tierflow up: cannot answer {subjects.SUPERVISOR_CONTROL} ({exc}); the autoscaler cannot start or stop nodes", file=err)
 
-        # In three steps, each waiting for what the next one reads (see _start_stages).
-        control_plane, nodes, autoscaler = _start_stages(services)
-        registry_first = bool(nodes) and any(s.name == REGISTRY_NAME for s in control_plane)
-        waits = (
-            (lambda: _wait_registry_ready(config, deadline)) if registry_first else None,
-            lambda: _wait_fabric_ready(config, deadline),
-            None,
-        )
-        for stage, wait in zip((control_plane, nodes, autoscaler), waits, strict=True):
+        async def start(stage: list[ProcessSpec]) -> int | None:
+            """Start every process of `stage`; an exit code if one cannot start."""
             for spec in stage:
                 try:
                     await supervisor.start(spec)
                 except OSError as exc:
                     print(f"tierflow up: cannot start {spec.name} ({spec.argv[0]}): {exc}", file=err)
                     return 1
-            if wait is None:
-                continue
+            return None
+
+        async def wait(work: Coroutine[Any, Any, None]) -> int | None:
+            """Wait for `work`; an exit code if a child died, a stop came or time ran out."""
             try:
-                outcome = await _race(wait(), exit_task, stop_task)
+                outcome = await _race(work, exit_task, stop_task)
             except FabricNotReady as exc:
                 print(f"tierflow up: not ready after {config.ready_timeout:g}s: {exc}\n{_tails(supervisor)}", file=err)
                 return 1
             if outcome == "exit":
                 return died("before the fabric was ready, ")
-            if outcome == "stop":
-                return 0
+            return 0 if outcome == "stop" else None
+
+        # In three steps, each waiting for what the next one reads (see _start_stages).
+        control_plane, nodes, autoscaler = _start_stages(services)
+        if (code := await start(control_plane)) is not None:
+            return code
+        if nodes and any(s.name == REGISTRY_NAME for s in control_plane):
+            if (code := await wait(_wait_registry_ready(config, deadline))) is not None:
+                return code
+        if (code := await start(nodes)) is not None:
+            return code
+        if (code := await wait(_wait_fabric_ready(config, deadline))) is not None:
+            return code
+        if (code := await start(autoscaler)) is not None:
+            return code
+        if autoscaler and (code := await wait(_wait_registered(nats.url, AUTOSCALER_NAME, deadline))) is not None:
+            return code  # the ready line promises every service answers, this late one too
 
         print(config.ready_line(), file=out, flush=True)
         while True:
