@@ -499,6 +499,7 @@ class SupervisorControl:
         self._launcher = launcher
         self._nc: NATS | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Any = None
 
     async def start(self, url: str) -> None:
         async def quiet(*_: object) -> None:
@@ -523,10 +524,17 @@ class SupervisorControl:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-        await nc.subscribe(subjects.SUPERVISOR_CONTROL, cb=on_message)
+        self._sub = await nc.subscribe(subjects.SUPERVISOR_CONTROL, cb=on_message)
 
     async def close(self) -> None:
         self._launcher.closing = True
+        if self._nc is not None and not self._nc.is_closed:
+            # Unsubscribe and flush first: once the server has answered the flush it has
+            # dropped our interest, so a command sent after close() gets "no responders"
+            # at once instead of waiting out its timeout on a connection that is going.
+            with contextlib.suppress(Exception):  # the connection may be down already
+                await self._sub.unsubscribe()
+                await self._nc.flush(timeout=2)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
