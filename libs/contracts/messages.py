@@ -32,6 +32,8 @@ __all__ = [
     "SupervisorCommand",
     "SupervisedNode",
     "SupervisorReply",
+    "RouterPresence",
+    "RouterGossip",
 ]
 
 Tier = Literal["sram", "hbm", "ddr", "loading", "cold"]
@@ -84,6 +86,9 @@ class NodeHeartbeat(Struct, kw_only=True):
     block_size: Annotated[int, Meta(gt=0)] = 64  # tokens per KV block: the router hashes prompts alike
     cordoned: bool = False
     draining: bool = False
+    # Who cordoned it ("autoscaler", "operator", ...; empty when not cordoned or unknown):
+    # a restarted autoscaler undoes or finishes only its own cordons, never an operator's.
+    cordon_owner: str = ""
     # The registry now holds another bundle (models, versions, configs, profile) for this
     # node's deployment than the one it serves: a node reads its bundle once, at start,
     # so it serves the old one until restarted.
@@ -120,6 +125,16 @@ class GenerateRequest(Struct, kw_only=True):
     # Disaggregated serving: the prefill node that computed this prompt's KV. The decode
     # node then skips prefill and pays the KV transfer over the inter-node link instead.
     kv_source: str = ""
+    # Resuming a generation another node started (it died or stalled mid-stream): the
+    # completion tokens already streamed to the client. The node prefills prompt + these,
+    # and continues the *same* completion (its plan is keyed by the prompt alone) from
+    # token index len(resume_token_ids): with the deterministic emulator the client's
+    # stream is exactly what one node would have sent. `max_tokens` stays the request's
+    # whole budget, these tokens included.
+    resume_token_ids: list[int] = []
+    # Seconds the request may still take, counted from when the node receives it (0: no
+    # deadline). Past it the node drops the work and answers `deadline_exceeded`.
+    timeout_s: NonNegFloat = 0.0
 
 
 class CancelRequest(Struct, kw_only=True):
@@ -154,6 +169,12 @@ class Started(Struct, tag="started", kw_only=True):
 
 
 class Tokens(Struct, tag="tokens", kw_only=True):
+    """Consecutive completion tokens; `index` is the first one's position in the completion.
+
+    Indices are the stream's integrity check: the router expects exactly the next index,
+    drops tokens it already has (a resumed stream may repeat), and treats a gap as a
+    failure of the node (a message lost), never as text silently missing."""
+
     request_id: str
     index: NonNegInt
     token_ids: list[int]
@@ -169,7 +190,11 @@ class Finished(Struct, tag="finished", kw_only=True):
 
 
 class Failed(Struct, tag="failed", kw_only=True):
-    """The node could not serve the request. `retryable` says another node might."""
+    """The node could not serve the request. `retryable` says another node might.
+
+    Codes: queue_full, model_not_in_bundle, draining, node_cordoned, node_shutdown
+    (retryable); context_length_exceeded, invalid_request, bad_request (the caller's);
+    deadline_exceeded (the request's `timeout_s` passed on the node); duplicate_request."""
 
     request_id: str
     code: str
@@ -185,6 +210,7 @@ class NodeCommand(Struct, kw_only=True):
     finish (the heartbeat then shows `draining` with nothing running: safe to stop)."""
 
     action: Literal["cordon", "uncordon", "drain", "status"]
+    owner: str = ""  # who asks (cordon/drain): shown in the heartbeat's `cordon_owner`
 
 
 class NodeCommandReply(Struct, kw_only=True):
@@ -193,6 +219,7 @@ class NodeCommandReply(Struct, kw_only=True):
     draining: bool
     in_flight: NonNegInt
     error: str = ""
+    cordon_owner: str = ""
 
 
 class AutoscalerDecision(Struct, kw_only=True):
@@ -247,6 +274,23 @@ class SupervisorReply(Struct, kw_only=True):
     nodes: list[SupervisedNode] = []
 
 
+class RouterPresence(Struct, kw_only=True):
+    """A router is alive (on `subjects.router_presence`, every `interval_s`)."""
+
+    router_id: str
+    interval_s: Annotated[float, Meta(gt=0.0, le=60.0)] = 1.0
+
+
+class RouterGossip(Struct, kw_only=True):
+    """What one router shares with the others, batched: the node each session last ran
+    on (so a session keeps its node whichever router its next request reaches), and nodes
+    it just found failing (so the others stop placing on them before their heartbeats lapse)."""
+
+    router_id: str
+    sessions: list[tuple[str, str]] = []  # (session key, node id)
+    suspects: list[str] = []
+
+
 # Built once, reused everywhere (msgspec perf tip): encoders/decoders are not free to make.
 encoder = msgspec.json.Encoder()
 heartbeat_decoder = msgspec.json.Decoder(NodeHeartbeat)
@@ -258,3 +302,5 @@ command_decoder = msgspec.json.Decoder(NodeCommand)
 command_reply_decoder = msgspec.json.Decoder(NodeCommandReply)
 supervisor_command_decoder = msgspec.json.Decoder(SupervisorCommand)
 supervisor_reply_decoder = msgspec.json.Decoder(SupervisorReply)
+presence_decoder = msgspec.json.Decoder(RouterPresence)
+gossip_decoder = msgspec.json.Decoder(RouterGossip)

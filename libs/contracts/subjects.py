@@ -27,6 +27,15 @@ __all__ = [
     "prefill_run",
     "router_streams",
     "router_stream",
+    "router_of_reply",
+    "ROUTER_PRESENCE",
+    "router_presence",
+    "ROUTER_GOSSIP",
+    "router_gossip",
+    "AUTOSCALER_BUCKET",
+    "AUTOSCALER_LEASE_KEY",
+    "REMOVAL_KEYS",
+    "removal_key",
     "model_key",
     "deployment_key",
     "bundle_key",
@@ -84,6 +93,36 @@ def router_stream(router_id: str, request_id: str) -> str:
     return f"tierflow.router.stream.{router_id}.{request_id}"
 
 
+_STREAM_PREFIX: Final = "tierflow.router.stream."
+
+
+def router_of_reply(reply: str) -> str | None:
+    """The router id inside a reply subject made by `router_stream`; None for any other
+    reply subject (a test's inbox, a tool's `nc.request`)."""
+    if not reply.startswith(_STREAM_PREFIX):
+        return None
+    router_id, dot, _ = reply[len(_STREAM_PREFIX):].partition(".")
+    return router_id if dot and router_id else None
+
+
+# A router says it is alive (about once a second). Nodes drop the streams of a router
+# that has fallen silent: nobody will ever read them, and their batch slots are needed.
+ROUTER_PRESENCE: Final = "tierflow.router.presence.*"
+
+
+def router_presence(router_id: str) -> str:
+    return f"tierflow.router.presence.{router_id}"
+
+
+# What one router learned that the others should know too (session -> node affinity,
+# nodes that just failed): batched, a few messages a second at most.
+ROUTER_GOSSIP: Final = "tierflow.router.gossip.*"
+
+
+def router_gossip(router_id: str) -> str:
+    return f"tierflow.router.gossip.{router_id}"
+
+
 REGISTRY_EVENTS: Final = "tierflow.registry.changed"
 AUTOSCALER_DECISIONS: Final = "tierflow.autoscaler.decision"
 # Request/reply to the local process supervisor (`tierflow up`): start/stop/list node
@@ -95,6 +134,18 @@ REGISTRY_BUCKET: Final = "tierflow-registry"
 MODEL_KEYS: Final = "model.>"
 DEPLOYMENT_KEYS: Final = "deployment.>"
 BUNDLE_KEYS: Final = "bundle.>"
+
+
+# The autoscaler's own durable state: who is the active one (a lease), and the scale-downs
+# it has begun (so a restarted autoscaler finishes or undoes them, and knows which
+# cordons are its own).
+AUTOSCALER_BUCKET: Final = "tierflow-autoscaler"
+AUTOSCALER_LEASE_KEY: Final = "lease"
+REMOVAL_KEYS: Final = "removal.>"
+
+
+def removal_key(node_id: str) -> str:
+    return f"removal.{node_id}"
 
 
 def model_key(name: str) -> str:

@@ -6,7 +6,8 @@
     ├── ModelNotFound           404
     ├── RateLimited             429 (+ retry_after)
     ├── NoCapacity              503: nothing can serve it now (no node, residency boundary)
-    └── NodeFailure             502/503: a node failed or vanished while serving
+    ├── NodeFailure             502/503: a node failed or vanished while serving
+    └── DeadlineExceeded        504: the request's own deadline passed before it finished
 
 The router turns these into OpenAI error bodies and gRPC status codes; nodes send
 them as `messages.Failed` with the same `code`.
@@ -22,6 +23,7 @@ __all__ = [
     "RateLimited",
     "NoCapacity",
     "NodeFailure",
+    "DeadlineExceeded",
 ]
 
 
@@ -69,3 +71,11 @@ class NoCapacity(TierflowError):
 class NodeFailure(TierflowError):
     http_status = 502
     error_type = "node_failure"
+
+
+class DeadlineExceeded(TierflowError):
+    """The caller's deadline (its timeout header, gRPC deadline, or the tenant's default)
+    passed first: the work was dropped everywhere, retrying with the same deadline will not help."""
+
+    http_status = 504
+    error_type = "timeout_error"
