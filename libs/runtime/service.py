@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from tierflow.runtime.logs import configure_logging
 from tierflow.runtime.tracing import configure_tracing
 
-__all__ = ["ServiceContext", "run_service", "connect_nats"]
+__all__ = ["ServiceContext", "run_service", "connect_nats", "nats_servers"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,16 @@ class ServiceContext:
     instance: str
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: CollectorRegistry = field(default_factory=_service_registry)
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server list a `--nats-url` names: one URL, or several separated by commas (the
+    members of a cluster, so the first connection succeeds while any one of them is up;
+    afterwards the servers themselves tell clients about the others)."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server in {url!r}")
+    return servers
 
 
 async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = None, connect_timeout: float = 30.0) -> NATS:
@@ -67,7 +77,7 @@ async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = 
     while True:
         try:
             return await nats.connect(
-                url,
+                nats_servers(url),
                 name=name,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,

@@ -113,7 +113,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         max_attempts=settings.max_attempts,
     )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
-    http = await serve(api.handle, settings.http_host, settings.http_port)
+    http = await serve(api.handle, settings.http_host, settings.http_port, reuse_port=settings.reuse_port)
     grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port)
     micro = await discovery.register(
         nc, "router", router_id,

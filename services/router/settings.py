@@ -29,4 +29,7 @@ class Settings(Struct, kw_only=True):
     # How often to count the routers on NATS: tenants' rate limits and quotas are split
     # evenly over them (tierflow.placement.tenants). 0: never (this router keeps every limit whole).
     peer_interval: Annotated[float, Meta(ge=0)] = 5.0
+    # Let several router processes listen on the same HTTP port (SO_REUSEPORT: the kernel
+    # spreads connections over them). gRPC servers share their port this way by default.
+    reuse_port: bool = False
 
