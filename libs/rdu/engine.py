@@ -92,6 +92,7 @@ class _Req:
         "prefilled",
         "state",
         "hit_tokens",
+        "resumed",
     )
 
     def __init__(
@@ -106,6 +107,7 @@ class _Req:
         key: int,
         hashes: list[int],
         prefilled: bool,
+        resumed: int = 0,
     ) -> None:
         self.id = rid
         self.model = model
@@ -116,7 +118,11 @@ class _Req:
         self.reason: Literal["stop", "length", "prefill"] = reason
         self.key = key
         self.tokens: list[int] = []
-        self.generated = 0
+        # A resumed request (see EngineRequest.resume_from) counts its tokens from where
+        # the node that died left off; `prompt_len` is the original prompt, and its
+        # prefill also covers the `resumed` completion tokens sent along with it.
+        self.resumed = resumed
+        self.generated = resumed
         self.alloc: KVAllocation | None = None
         self.hashes = hashes
         self.prefilled = prefilled
@@ -377,6 +383,7 @@ class NodeEngine:
             )
         prompt = request.prompt_token_ids
         n = len(prompt)
+        resumed = request.resume_from
         if n == 0:
             raise RequestRejected(
                 "invalid_request", "prompt_token_ids is empty; send at least one token"
@@ -385,6 +392,14 @@ class NodeEngine:
             raise RequestRejected(
                 "invalid_request", f"max_tokens must be >= 0, got {request.max_tokens}"
             )
+        if not 0 <= resumed < n or (request.max_tokens and resumed > request.max_tokens):
+            raise RequestRejected(
+                "invalid_request",
+                f"resume_from must count completion tokens at the end of a non-empty prompt"
+                f" and within max_tokens; got {resumed} of {n} prompt ids, max_tokens"
+                f" {request.max_tokens}",
+            )
+        n -= resumed  # the prompt proper; the resumed tokens are part of the completion
         seq_len = m.config.seq_len
         if n + request.max_tokens > seq_len:
             room = seq_len - n
@@ -418,16 +433,19 @@ class NodeEngine:
                 packed = pack_tokens(prompt)
             except ValueError as err:
                 raise RequestRejected("invalid_request", f"prompt_token_ids: {err}") from None
+        everything = n + resumed  # what is prefilled (and hashed into KV blocks)
         if hashes is None:
             hashes = hashes_from_packed(packed, bs)
-        elif len(hashes) != n // bs:
+        elif len(hashes) != everything // bs:
             raise RequestRejected(
                 "invalid_request",
-                f"prompt_block_hashes has {len(hashes)} hashes but a {n}-token prompt has"
-                f" {n // bs} full blocks of {bs} tokens; send"
+                f"prompt_block_hashes has {len(hashes)} hashes but a {everything}-token prompt has"
+                f" {everything // bs} full blocks of {bs} tokens; send"
                 f" tierflow.rdu.block_hashes(prompt_token_ids, {bs}) or nothing",
             )
-        natural, key = output_plan(m.name, request.seed, packed) if draws else (0, 0)
+        # Keyed by the prompt alone: a resumed request continues the same completion.
+        plan_bytes = packed[: 4 * n] if resumed else packed
+        natural, key = output_plan(m.name, request.seed, plan_bytes) if draws else (0, 0)
         reason: Literal["stop", "length", "prefill"]
         if max_tokens == 0:
             target, reason = 0, "prefill"
@@ -442,7 +460,7 @@ class NodeEngine:
                     run.cut(now)  # it is the new head: admissible from the next step
             elif run.renew:
                 run.cut(max(now, self._slice_end))  # the slice no longer renews unseen
-        r = _Req(rid, m, n, max_tokens, now, target, reason, key, hashes, request.prefilled)
+        r = _Req(rid, m, n, max_tokens, now, target, reason, key, hashes, request.prefilled, resumed)
         m.waiting.append(r)
         self._requests[rid] = r
         self._n_waiting += 1
@@ -567,7 +585,7 @@ class NodeEngine:
 
     def _kv_args(self, r: _Req) -> tuple[int, int]:
         bs = self._block_size
-        return -(-(r.prompt_len + r.max_tokens) // bs), (r.prompt_len - 1) // bs
+        return -(-(r.prompt_len + r.max_tokens) // bs), (r.prompt_len + r.resumed - 1) // bs
 
     def _fair(self, m: _Model, head: _Req) -> bool:
         """FCFS across models: no admitting ahead of an older waiter denied HBM elsewhere."""
@@ -701,7 +719,7 @@ class NodeEngine:
         weights = self._weights
         while room and m.waiting:
             r = m.waiting[0]
-            if r.arrival > t or (batch and r.prompt_len > budget) or not self._fair(m, r):
+            if r.arrival > t or (batch and r.prompt_len + r.resumed > budget) or not self._fair(m, r):
                 break
             total, max_hits = self._kv_args(r)
             alloc = self._kv.allocate(
@@ -719,7 +737,7 @@ class NodeEngine:
             r.alloc = alloc
             r.state = _PREFILLING
             r.hit_tokens = alloc.hit_blocks * self._block_size
-            budget -= r.prompt_len - r.hit_tokens
+            budget -= r.prompt_len + r.resumed - r.hit_tokens
             weights.pin(m.name)
             batch.append(r)
             tier: Literal["hbm", "ddr", "cold"] = "hbm"
@@ -737,7 +755,7 @@ class NodeEngine:
         written = 0
         for r in batch:
             copies += r.alloc.seconds  # type: ignore[union-attr]
-            new = r.prompt_len - r.hit_tokens
+            new = r.prompt_len + r.resumed - r.hit_tokens
             if r.prefilled:
                 written += new
             else:
@@ -765,20 +783,21 @@ class NodeEngine:
             if r.state == _DONE:  # cancelled while its prompt was being computed
                 continue
             self._kv.commit(r.alloc)  # type: ignore[arg-type]
-            if r.target == 0:
+            i = r.generated  # 0, or where a resumed completion continues
+            if i >= r.target:  # prefill only, or a resumed completion that was already whole
                 self._finish(r, t, events)
                 continue
             if self._token_events:
                 r.tokens = completion_tokens(r.key, r.target, vocab)
-                tok = r.tokens[0]
-                events.append(TokenGenerated(r.id, t, 0, tok, texts[tok]))
-            r.generated = 1
-            if r.target == 1:
+                tok = r.tokens[i]
+                events.append(TokenGenerated(r.id, t, i, tok, texts[tok]))
+            r.generated = i = i + 1
+            if i >= r.target:
                 self._finish(r, t, events)
             else:
                 r.state = _RUNNING
                 m.running.append(r)
-                m.ctx_sum += r.prompt_len + 1
+                m.ctx_sum += r.prompt_len + i
 
     def _decode(self, m: _Model, t: float, events: list[EngineEvent]) -> None:
         """One token for every running request: the per-token hot path, kept minimal."""

@@ -50,6 +50,12 @@ class EngineRequest(msgspec.Struct):
     size, for a caller that already computed them (placement scores prefix overlap with
     them): the engine then does not hash the prompt again. It trusts them and checks only
     their count; in fast mode with `ignore_eos` it then reads no token id, only how many.
+
+    `resume_from`: the last `resume_from` ids of `prompt_token_ids` are completion tokens
+    another node already generated (it died mid-stream). The engine prefills all of
+    `prompt_token_ids`, but keys the completion by the prompt before them, so it continues
+    the very completion that node was producing, from token index `resume_from`;
+    `max_tokens` is the whole completion's budget, those tokens included.
     """
 
     request_id: str
@@ -60,6 +66,7 @@ class EngineRequest(msgspec.Struct):
     ignore_eos: bool = False
     prefilled: bool = False  # KV arrived from a prefill node: charge only its write into HBM
     prompt_block_hashes: list[int] | None = None
+    resume_from: int = 0
 
 
 class RequestRejected(Exception):
