@@ -1,121 +1,162 @@
-"""JetStream KV helpers: open-or-create a bucket, and follow it as a live cache.
+"""JetStream KV helpers: open-or-create a bucket, read it whole, follow it as a live cache,
+and write several keys atomically.
 
-`follow` implements the read side every watcher in the fabric needs (router, nodes,
-autoscaler): replay the latest value of every key, tell the caller the snapshot is
-complete, then apply changes (deletes included) as they happen, and re-establish the
-watch if the server restarts.
+- `open_bucket`: the bucket; with `create=True` it is made when missing and its stream
+  kept as the owner wants it (replicas across a cluster, atomic batch writes allowed),
+  also for a bucket made by an older version.
+- `snapshot`: every key's latest entry, read so that it cannot straddle a write.
+- `follow` (`kv_watch`): the read side every watcher needs, through NATS outages.
+- `commit_batch` (`kv_batch`): many writes stored whole or not at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import random
 from dataclasses import replace
 
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NotFoundError, ServerError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.errors import BucketNotFoundError, NotFoundError, ServerError
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
-__all__ = ["open_bucket", "follow", "snapshot"]
+from tierflow.runtime.kv_batch import (
+    MAX_BATCH,
+    BatchConflict,
+    BatchError,
+    BatchRejected,
+    BatchTooLarge,
+    KVWrite,
+    commit_batch,
+)
+from tierflow.runtime.kv_watch import OnDelete, OnPut, follow
+
+__all__ = [
+    "open_bucket",
+    "allow_atomic",
+    "follow",
+    "snapshot",
+    "SnapshotUnstable",
+    "OnPut",
+    "OnDelete",
+    "KVWrite",
+    "commit_batch",
+    "MAX_BATCH",
+    "BatchError",
+    "BatchConflict",
+    "BatchTooLarge",
+    "BatchRejected",
+]
 
 log = logging.getLogger(__name__)
 _REPLICAS_NEED_CLUSTER = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
 
 
-async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool = False, history: int = 10, replicas: int = 1) -> KeyValue:
-    """The bucket; with create=True it is made (file storage) when missing."""
+async def open_bucket(
+    js: JetStreamContext, bucket: str, *, create: bool = False, history: int = 10, replicas: int = 1, atomic: bool = False
+) -> KeyValue:
+    """The bucket; with create=True it is made (file storage) when missing.
+
+    With create=True the caller owns the bucket, so an existing one is brought to what it
+    asks: `atomic` turns on atomic batch writes (`allow_atomic`, nats-server >= 2.12;
+    raises RuntimeError on an older server, which would store a batch's messages one by
+    one), and a bucket with fewer than `replicas` copies gets more when the server is
+    clustered (a warning when the server refuses).
+    """
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
     except BucketNotFoundError:
         if not create:
             raise
         config = KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas)
         try:
-            return await js.create_key_value(config)
+            kv = await js.create_key_value(config)
         except ServerError as exc:
             if replicas <= 1 or exc.err_code != _REPLICAS_NEED_CLUSTER:
                 raise
             # A single server (a laptop, a test) cannot keep copies: say so, keep one.
-            log.warning("NATS is not clustered: bucket %s gets 1 replica instead of %d", bucket, replicas)
-            return await js.create_key_value(replace(config, replicas=1))
+            log.info("NATS is not clustered: bucket %s gets 1 replica instead of %d", bucket, replicas)
+            kv = await js.create_key_value(replace(config, replicas=1))
+    if create:
+        await _reconcile(js, bucket, replicas=replicas, atomic=atomic)
+    return kv
 
 
-async def snapshot(js: JetStreamContext, bucket: str, keys: str = ">") -> list[KeyValue.Entry]:
-    """The latest live entry of every key matching `keys` (a subject pattern), complete.
+async def allow_atomic(js: JetStreamContext, bucket: str) -> None:
+    """Let the bucket's stream take atomic batches (idempotent)."""
+    await _reconcile(js, bucket, replicas=0, atomic=True)
+
+
+async def _reconcile(js: JetStreamContext, bucket: str, *, replicas: int, atomic: bool) -> None:
+    config = (await js.stream_info(f"KV_{bucket}")).config
+    fields = {"bucket": bucket}
+    if atomic and not config.allow_atomic:
+        config = (await js.update_stream(replace(config, allow_atomic=True))).config
+        if not config.allow_atomic:  # an older server drops fields it does not know
+            version = js._nc._server_info.get("version", "?")
+            raise RuntimeError(f"nats-server {version} cannot store atomic batches (bucket {bucket}); tierflow needs nats-server >= 2.12")
+        log.info("bucket %s now takes atomic batch writes", bucket, extra={"fields": fields})
+    have = config.num_replicas or 1
+    if replicas > have:
+        try:
+            await js.update_stream(replace(config, num_replicas=replicas))
+        except ServerError as exc:
+            if exc.err_code == _REPLICAS_NEED_CLUSTER:
+                return  # a single server: one copy is all there can be
+            log.warning(
+                "bucket %s keeps %d replica(s): NATS refused %d (%s); losing the server that holds it loses the bucket",
+                bucket, have, replicas, exc.description or exc, extra={"fields": {**fields, "replicas": have, "wanted": replicas}},
+            )  # fmt: skip
+            return
+        log.info("bucket %s now has %d replicas (had %d)", bucket, replicas, have, extra={"fields": {**fields, "replicas": replicas}})
+
+
+class SnapshotUnstable(RuntimeError):
+    """The bucket changed during every attempt to read it whole."""
+
+
+async def snapshot(
+    js: JetStreamContext, bucket: str, keys: str = ">", *, deleted: bool = False, attempts: int = 20
+) -> list[KeyValue.Entry]:
+    """The latest entry of every key matching `keys` (a subject pattern), as of one moment.
 
     The key list comes from the server (the KV stream's per-subject state), then each key
-    is read: exact, unlike a watch, whose end-of-snapshot marker nats-py can deliver
-    before entries it has already received. (nats-py's `keys(filters=...)` matches
-    filters as substrings.) Costs one request per key: for registry-sized buckets.
+    is read from the stream leader. The stream's last sequence is checked before and after:
+    if it moved, a write came in between (perhaps half of an atomic batch was read before
+    it and half after), and the whole read starts again. With `deleted`, keys whose latest
+    message is a delete or purge marker are included (their `operation` says so, their
+    `revision` is the marker's: what a compare-and-set re-creating the key must name).
+    Costs one request per key: for registry-sized buckets.
     """
-    try:
-        info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{keys}")
-    except NotFoundError:
-        return []
-    kv = await js.key_value(bucket)
+    stream = f"KV_{bucket}"
     prefix = len(f"$KV.{bucket}.")
-    entries = []
-    for subject in sorted(info.state.subjects or {}):
+    for attempt in range(attempts):
         try:
-            entries.append(await kv.get(subject[prefix:]))
-        except (KeyDeletedError, KeyNotFoundError):
-            continue  # a delete or purge marker is the latest message of that key
-    return entries
-
-
-OnPut = Callable[[str, bytes, int], Awaitable[None] | None]
-OnDelete = Callable[[str], Awaitable[None] | None]
-
-
-async def _call(fn: Callable[..., Awaitable[None] | None], *args: object) -> None:
-    result = fn(*args)
-    if result is not None:
-        await result
-
-
-async def follow(
-    js: JetStreamContext,
-    bucket: str,
-    keys: str,
-    *,
-    on_put: OnPut,
-    on_delete: OnDelete,
-    on_snapshot: Callable[[], None] | None = None,
-    stopping: asyncio.Event,
-    retry_delay: float = 0.5,
-) -> None:
-    """Mirror `keys` of `bucket` into the caller's callbacks until `stopping` is set."""
-    snapshot_announced = False
-    while not stopping.is_set():
-        try:
-            kv = await open_bucket(js, bucket)
-            watcher = await kv.watch(keys)
-        except Exception as exc:  # bucket not made yet, server restarting, ...
-            log.debug("watch %s/%s not ready: %s", bucket, keys, exc)
-            await asyncio.sleep(retry_delay)
-            continue
-        try:
-            while not stopping.is_set():
-                try:
-                    entry = await watcher.updates(timeout=1.0)
-                except asyncio.TimeoutError:  # nats-py's TimeoutError subclasses it
-                    continue
-                if entry is None:
-                    if not snapshot_announced and on_snapshot is not None:
-                        on_snapshot()
-                    snapshot_announced = True
-                    continue
-                if entry.operation in (KV_DEL, KV_PURGE):
-                    await _call(on_delete, entry.key)
-                elif entry.value is not None:
-                    await _call(on_put, entry.key, entry.value, entry.revision or 0)
-        except Exception as exc:
-            log.warning("watch of %s/%s broke (%s); re-watching", bucket, keys, exc)
-            await asyncio.sleep(retry_delay)
-        finally:
+            info = await js.stream_info(stream, subjects_filter=f"$KV.{bucket}.{keys}")
+        except NotFoundError:
+            return []
+        last = info.state.last_seq
+        entries: list[KeyValue.Entry] = []
+        moved = False
+        for subject in sorted(info.state.subjects or {}):
             try:
-                await watcher.stop()
-            except Exception:
-                pass
+                msg = await js.get_msg(stream, subject=subject)
+            except NotFoundError:  # purged since the listing
+                moved = True
+                break
+            if (msg.seq or 0) > last:
+                moved = True
+                break
+            operation = (msg.headers or {}).get(KV_OP)
+            if operation in (KV_DEL, KV_PURGE) and not deleted:
+                continue
+            entries.append(KeyValue.Entry(bucket=bucket, key=subject[prefix:], value=msg.data, revision=msg.seq, delta=None, created=None, operation=operation))
+        if not moved:
+            try:
+                if (await js.stream_info(stream)).state.last_seq == last:
+                    return entries
+            except NotFoundError:
+                return []
+        await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
+    raise SnapshotUnstable(f"bucket {bucket} changed during each of {attempts} attempts to read it whole; try again")

@@ -5,8 +5,10 @@
     ├── InvalidArgument      a bad value; `problems` lists each one   -> INVALID_ARGUMENT
     ├── FailedPrecondition   the change would leave the fleet broken  -> FAILED_PRECONDITION
     ├── AlreadyExists        e.g. a version that exists, differently  -> ALREADY_EXISTS
-    └── Aborted              lost a compare-and-set race; nothing     -> ABORTED
-                             (more) was written; re-read and retry
+    ├── Aborted              lost a compare-and-set race; nothing     -> ABORTED
+    │                        was written; re-read and retry
+    └── Unavailable          NATS / JetStream cannot be reached or    -> UNAVAILABLE
+                             answer now; retry in a few seconds
 
 The gRPC layer maps these to status codes in one place (`grpc_api.STATUS`). A fleet
 file's problems are a `fleet.FleetError` instead: Apply answers them in its response.
@@ -14,7 +16,7 @@ file's problems are a `fleet.FleetError` instead: Apply answers them in its resp
 
 from __future__ import annotations
 
-__all__ = ["RegistryError", "NotFound", "InvalidArgument", "FailedPrecondition", "AlreadyExists", "Aborted"]
+__all__ = ["RegistryError", "NotFound", "InvalidArgument", "FailedPrecondition", "AlreadyExists", "Aborted", "Unavailable"]
 
 
 class RegistryError(Exception):
@@ -41,4 +43,8 @@ class AlreadyExists(RegistryError):
 
 
 class Aborted(RegistryError):
+    pass
+
+
+class Unavailable(RegistryError):
     pass

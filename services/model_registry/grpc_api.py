@@ -20,7 +20,7 @@ from tierflow.contracts import registry
 from tierflow.runtime.clock import Clock
 from tierflow.runtime.grpc_server import start_grpc_server
 from tierflow.services.model_registry import mutations
-from tierflow.services.model_registry.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RegistryError
+from tierflow.services.model_registry.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RegistryError, Unavailable
 from tierflow.services.model_registry.fleet import FleetError
 from tierflow.services.model_registry.metrics import RegistryMetrics
 from tierflow.services.model_registry.plan import Change, summary
@@ -38,6 +38,7 @@ STATUS: dict[type[RegistryError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Aborted: grpc.StatusCode.ABORTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 _json = msgspec.json.Encoder()

@@ -9,9 +9,14 @@ at will.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from tierflow.contracts import registry, subjects
@@ -21,6 +26,9 @@ from tierflow.runtime.clock import Clock, WallClock
 from tierflow.nodehost.profiles import read_profiles_file
 from tierflow.runtime.kv import open_bucket
 from tierflow.runtime.service import ServiceContext, connect_nats
+from tierflow.runtime.supervise import Backoff
+from tierflow.runtime.waiting import first
+from tierflow.services.model_registry.errors import Aborted, Unavailable
 from tierflow.services.model_registry.fleet import read_fleet_file
 from tierflow.services.model_registry.grpc_api import start_grpc
 from tierflow.services.model_registry.metrics import RegistryMetrics
@@ -38,11 +46,16 @@ _encode = msgspec.json.Encoder().encode
 
 async def bootstrap(
     nc: NATS, metrics: RegistryMetrics, *, clock: Clock | None = None, rules: RuleContext | None = None, attempts: int = 10,
-    kv_replicas: int = 1,
+    kv_replicas: int = 1, stopping: asyncio.Event | None = None,
 ) -> RegistryService:
-    """The registry over `nc`'s JetStream: bucket made if missing, events on REGISTRY_EVENTS."""
+    """The registry over `nc`'s JetStream: bucket made if missing (and allowed atomic
+    batches), events on REGISTRY_EVENTS. Waits for JetStream while it cannot answer."""
     js = nc.jetstream()
-    store = RegistryStore(js, await open_bucket(js, subjects.REGISTRY_BUCKET, create=True, replicas=kv_replicas), subjects.REGISTRY_BUCKET)
+    kv = await _until_ready(
+        lambda: open_bucket(js, subjects.REGISTRY_BUCKET, create=True, replicas=kv_replicas, atomic=True),
+        f"open bucket {subjects.REGISTRY_BUCKET}", stopping,
+    )  # fmt: skip
+    store = RegistryStore(js, kv, subjects.REGISTRY_BUCKET)
 
     async def publish(event: registry.RegistryEvent) -> None:
         # Flushed, so the event is on the server before the admin call that made it returns.
@@ -50,6 +63,32 @@ async def bootstrap(
         await nc.flush(timeout=2)
 
     return RegistryService(store, publish, clock or WallClock(), metrics, rules=rules, attempts=attempts)
+
+
+T = TypeVar("T")
+
+
+async def _until_ready(step: Callable[[], Awaitable[T]], what: str, stopping: asyncio.Event | None) -> T:
+    """`step()`, retried with a backoff while NATS cannot do it (logged once, then when
+    it works); errors that are not outages (a bad fleet file, a bug) are raised."""
+    backoff = Backoff(0.1, 2.0)
+    failures = 0
+    while True:
+        try:
+            result = await step()
+        except (Unavailable, Aborted, nats.errors.Error, TimeoutError, OSError) as exc:
+            if isinstance(exc, nats.js.errors.APIError) and exc.code not in (None, 503):
+                raise
+            if stopping is not None and stopping.is_set():
+                raise
+            failures += 1
+            if failures == 1:
+                log.warning("cannot %s yet (%s); retrying until NATS answers", what, exc, extra={"fields": {"step": what, "error": str(exc)}})
+            await (first(stopping.wait(), timeout=backoff.next()) if stopping is not None else asyncio.sleep(backoff.next()))
+            continue
+        if failures:
+            log.info("%s: done after %d failed attempts", what, failures)
+        return result
 
 
 def rule_context(profiles_file: str) -> RuleContext:
@@ -63,10 +102,14 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     clock = WallClock()
     metrics = RegistryMetrics(ctx.metrics)
     try:
-        service = await bootstrap(nc, metrics, clock=clock, rules=rule_context(settings.profiles), attempts=settings.write_attempts, kv_replicas=settings.kv_replicas)
+        service = await bootstrap(
+            nc, metrics, clock=clock, rules=rule_context(settings.profiles), attempts=settings.write_attempts,
+            kv_replicas=settings.kv_replicas, stopping=ctx.stopping,
+        )  # fmt: skip
         if settings.fleet:
-            # A bad file stops the service with every problem listed.
-            changes = await service.apply(read_fleet_file(settings.fleet), source=settings.fleet)
+            # A bad file stops the service with every problem listed; an outage is waited out.
+            text = read_fleet_file(settings.fleet)
+            changes = await _until_ready(lambda: service.apply(text, source=settings.fleet), f"apply fleet {settings.fleet}", ctx.stopping)
             log.info("applied fleet %s", settings.fleet, extra={"fields": {"fleet": settings.fleet, **summary(changes)}})
     except BaseException:
         await nc.close()
@@ -76,5 +119,8 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     log.info("model registry serving gRPC on %s:%d", settings.grpc_host, settings.grpc_port)
     await ctx.stopping.wait()
     await server.stop(grace=2.0)
-    await micro.stop()
-    await nc.drain()
+    for step in (micro.stop, nc.drain):  # NATS may be down at exit: stop anyway
+        try:
+            await asyncio.wait_for(step(), 5.0)
+        except Exception as exc:
+            log.warning("model registry shutdown: %s failed (%s)", getattr(step, "__name__", step), exc)

@@ -1,7 +1,9 @@
 """The registry's admin operations: the pure core, carried out against the KV store.
 
 Every operation reads fresh state, computes the change with pure functions (`desired`,
-`plan`, `mutations`), checks it with `rules`, and writes it with compare-and-set. A lost
+`plan`, `mutations`), checks it with `rules`, and writes it with compare-and-set: a fleet
+apply as one atomic batch of all its records (`store.write_all`), a single-model
+operation as one write. A lost
 race is retried from fresh state a bounded number of times (or, when the caller named
 the revision it expects, reported at once); when it still loses, the caller gets
 `Aborted`, never a silently dropped update. Each committed write is counted and
@@ -78,12 +80,14 @@ class RegistryService:
     async def apply(self, text: str | bytes, *, dry_run: bool = False, prune: bool = False, source: str = "fleet file") -> list[Change]:
         """Make the registry hold what the file declares; the changes made (or, dry run, to make).
 
-        Raises FleetError listing every problem (nothing written), or Aborted when other
-        writers kept winning (what was written is in the registry; applying again finishes).
+        Every change of one apply is written as one atomic batch: readers see the registry
+        before the apply or after it, never in between, even if this process dies midway.
+        Raises FleetError listing every problem (nothing written), FailedPrecondition when
+        the apply is larger than one batch can be, Unavailable when NATS cannot take it,
+        or Aborted when other writers kept winning (nothing written; applying again is safe).
         """
         fleet = parse_fleet(text, source=source, ctx=self._rules)
         where = FleetLocator(fleet)
-        committed: dict[tuple[Kind, str], Change] = {}
         async with self._lock:
             for attempt in range(self._attempts):
                 snap = await self._store.read()
@@ -94,19 +98,19 @@ class RegistryService:
                 changes = [structs.replace(c, revision=snap.revision(c.kind, c.name)) if c.op == "unchanged" else c for c in plan(snap.state, desired)]
                 if dry_run:
                     return changes
+                writes = [c for c in changes if c.op != "unchanged"]
                 try:
-                    for change in changes:
-                        if change.op != "unchanged":
-                            revision = await self._commit(change, snap.revision(change.kind, change.name))
-                            committed[(change.kind, change.name)] = structs.replace(change, revision=revision, record=None)
+                    revisions = await self._store.write_all([(c.kind, c.name, c.record if c.op != "delete" else None, snap.expected(c.kind, c.name)) for c in writes])
                 except Conflict as exc:
-                    self._metrics.conflicts.labels(change.kind).inc()
+                    self._metrics.conflicts.labels("apply").inc()
                     log.info("apply lost a race (%s); retrying on fresh state", exc)
                     await self._backoff(attempt)
                     continue
+                committed = {(c.kind, c.name): structs.replace(c, revision=r, record=None) for c, r in zip(writes, revisions, strict=True)}
+                for change in committed.values():
+                    await self._announce(change)
                 return [committed.get((c.kind, c.name), c) for c in changes]
-        written = ", ".join(f"{k} {n}" for k, n in committed) or "nothing"
-        raise Aborted(f"other writers kept changing the registry during {self._attempts} attempts; written so far: {written}. Apply again to finish (it is idempotent)")
+        raise Aborted(f"other writers kept changing the registry during {self._attempts} attempts; nothing was written. Apply again (it is idempotent)")
 
     # ------------------------------------------------------------------ one model
 
@@ -160,16 +164,21 @@ class RegistryService:
     # ------------------------------------------------------------------ shell
 
     async def _commit(self, change: Change, revision: int) -> int:
-        """One compare-and-set write, then its metric and its event."""
+        """One compare-and-set write of one record, then its metric and its event."""
         record = change.record if change.op != "delete" else None
         new_revision = await self._store.write(change.kind, change.name, record, revision=revision)
+        await self._announce(structs.replace(change, revision=new_revision))
+        return new_revision
+
+    async def _announce(self, change: Change) -> None:
+        """Count a committed change and publish its `RegistryEvent`."""
         self._metrics.changes.labels(change.kind, change.op).inc()
-        event = registry.RegistryEvent(kind=change.kind, name=change.name, op="delete" if record is None else "put", revision=new_revision)
+        op: Literal["put", "delete"] = "delete" if change.op == "delete" else "put"
+        event = registry.RegistryEvent(kind=change.kind, name=change.name, op=op, revision=change.revision)
         try:
             await self._publish(event)
         except Exception as exc:  # the write is committed; watchers of the bucket still see it
             log.warning("registry change %s %s committed but its event was not published: %s", change.kind, change.name, exc)
-        return new_revision
 
     async def _backoff(self, attempt: int) -> None:
         """A short random pause, so racing writers in other processes stop colliding."""

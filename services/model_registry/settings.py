@@ -20,6 +20,7 @@ class Settings(Struct, kw_only=True):
     # How often a write that lost a compare-and-set race is retried on fresh state
     # before the caller is told (ABORTED).
     write_attempts: Annotated[int, Meta(ge=1, le=100)] = 10
-    # Copies of the registry's KV bucket across a NATS cluster, set when the bucket is
-    # first created: 3 on a three-server cluster, so losing one server loses nothing.
-    kv_replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    # Copies of the registry's KV bucket across a NATS cluster: 3, so losing one server
+    # of a three-server cluster loses nothing. A single server keeps 1 (it can hold no
+    # more); a bucket with fewer copies is given more at start when the cluster allows.
+    kv_replicas: Annotated[int, Meta(ge=1, le=5)] = 3

@@ -46,9 +46,18 @@ class Snapshot(Struct, kw_only=True):
 
     state: State
     revisions: dict[str, int] = {}
+    # Keys whose latest message is a delete marker, with the marker's revision: writing
+    # the key again with compare-and-set must name it (0 would mean "never written").
+    deleted: dict[str, int] = {}
 
     def revision(self, kind: Kind, name: str) -> int:
         return self.revisions.get(key_of(kind, name), 0)
+
+    def expected(self, kind: Kind, name: str) -> int:
+        """What a compare-and-set write of the key must find: its revision, its delete
+        marker's, or 0 (no message at all)."""
+        key = key_of(kind, name)
+        return self.revisions.get(key) or self.deleted.get(key, 0)
 
 
 def key_of(kind: Kind, name: str) -> str:
