@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from urllib.parse import urlsplit
 from typing import Annotated
 
 import msgspec
-import nats
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from tierflow.cli.nats_connect import connect_once
 from tierflow.contracts import messages, registry, subjects
 from tierflow.runtime.discovery import ServiceInfo, discover
 from tierflow.runtime.kv import snapshot
@@ -39,18 +38,7 @@ class FabricStatus(msgspec.Struct):
 
 
 async def collect_status(nats_url: str, *, listen: float = 1.2) -> FabricStatus:
-    async def quiet(exc: Exception) -> None:  # the one clear message below is enough
-        pass
-
-    url = urlsplit(nats_url)
-    try:
-        # Probe the port first: nats-py keeps retrying a refused first connection.
-        _, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222), 2.0)
-        writer.close()
-        nc = await asyncio.wait_for(nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet), 5.0)
-    except (OSError, asyncio.TimeoutError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer"
-        raise ConnectionError(f"cannot reach NATS at {nats_url} ({reason}); is the fabric up? Start it with `make up`") from None
+    nc = await connect_once(nats_url, name="tierflow-status")  # a comma list (a cluster) too
     try:
         beats: dict[str, messages.NodeHeartbeat] = {}
 

@@ -19,7 +19,6 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 import msgspec
-import nats
 import typer
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +27,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from tierflow.cli.nats_connect import connect_once
 from tierflow.contracts import messages, subjects
 from tierflow.runtime.clock import Clock, WallClock
 from tierflow.runtime.discovery import ServiceInfo, discover
@@ -259,25 +259,9 @@ def render(view: FabricView, now: float) -> RenderableType:
 
 
 async def connect(nats_url: str) -> NATS:
-    """Connect once, or raise ConnectionError with a message a person can act on.
-
-    The port is probed first because nats-py keeps retrying a refused first connection
-    (the same probe as `tierflow status`).
-    """
-
-    async def quiet(exc: Exception) -> None:  # the one clear message is raised below
-        pass
-
-    url = urlsplit(nats_url)
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222), 2.0)
-        writer.close()
-        return await asyncio.wait_for(
-            nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet), 5.0
-        )
-    except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer"
-        raise ConnectionError(f"cannot reach NATS at {nats_url} ({reason}); is the fabric up? Start it with `make up`") from None
+    """Connect once (a comma list of cluster members too), or raise ConnectionError with a
+    message a person can act on (see `tierflow.cli.nats_connect`)."""
+    return await connect_once(nats_url, name="tierflow-top")
 
 
 async def run_top(nats_url: str, router_url: str, *, once: bool, console: Console, clock: Clock | None = None, refresh: float = REFRESH_S) -> None:
