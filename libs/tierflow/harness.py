@@ -1,13 +1,16 @@
 """A whole fabric as a child process (`tierflow up` on free ports), for tests and benchmarks.
 
 Tests and `loadtest/` scripts both need "start the fabric the way a user does, on ports
-nobody else uses, and tell me when it answers"; this is that, once.
+nobody else uses, and tell me when it answers"; this is that, once. NATS ports come in
+runs of three (client, monitor, route) so `--nats-cluster 3` works too; the NATS URL(s)
+are read back from up's ready line, and the processes to kill from DATA/children.json.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tierflow.cli.children_file import FILE_NAME as CHILDREN_FILE
+from tierflow.cli.children_file import ChildRecord, read_children
 from tierflow.runtime.nats_server import free_port
 
 __all__ = ["Fabric", "start_fabric"]
@@ -33,6 +38,7 @@ class Fabric:
     nats_port: int
     data_dir: Path
     ready_line: str
+    nats_urls: list[str]
 
     @property
     def base_url(self) -> str:
@@ -40,7 +46,20 @@ class Fabric:
 
     @property
     def nats_url(self) -> str:
-        return f"nats://{self.host}:{self.nats_port}"
+        """What `--nats-url` takes: the server's URL, or a cluster's URLs comma separated."""
+        return ",".join(self.nats_urls)
+
+    def children(self) -> list[ChildRecord]:
+        """What `tierflow up` runs now (DATA/children.json): name, role, pid, restarts, state."""
+        return read_children(self.data_dir / CHILDREN_FILE)
+
+    def child(self, name: str) -> ChildRecord:
+        """The child called `name` (KeyError, listing the names, if there is none)."""
+        children = self.children()
+        for record in children:
+            if record.name == name:
+                return record
+        raise KeyError(f"no child {name!r}; tierflow up runs {', '.join(c.name for c in children)}")
 
     def log(self, name: str) -> str:
         path = self.data_dir / "logs" / f"{name}.log"
@@ -77,15 +96,22 @@ def _free_port_run(n: int) -> int:
     raise RuntimeError(f"no run of {n} free ports")
 
 
+# `tierflow up`'s ready line names the NATS server(s): "... NATS nats://h:p[,nats://h:p...]  ..."
+_NATS_IN_READY_LINE = re.compile(r"\bNATS (\S+)")
+
+
 def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0, env: dict[str, str] | None = None, cwd: Path | None = None) -> Fabric:
     """`tierflow up` on free ports; returns once it printed its ready line."""
-    metrics_base = _free_port_run(12)
-    ports = {name: free_port() for name in ("http", "grpc", "registry", "nats", "monitor")}
+    metrics_base = _free_port_run(16)
+    ports = {name: free_port() for name in ("http", "grpc", "registry")}
+    nats_base = _free_port_run(9)  # client, monitor and route ports of up to a 3-server cluster
+    nats = {"nats": nats_base, "monitor": nats_base + 3, "cluster": nats_base + 6}
     argv = [
         sys.executable, "-m", "tierflow", "up",
         "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-        "--registry-grpc-port", str(ports["registry"]), "--nats-port", str(ports["nats"]),
-        "--nats-monitor-port", str(ports["monitor"]), "--metrics-base-port", str(metrics_base),
+        "--registry-grpc-port", str(ports["registry"]), "--nats-port", str(nats["nats"]),
+        "--nats-monitor-port", str(nats["monitor"]), "--nats-cluster-port", str(nats["cluster"]),
+        "--metrics-base-port", str(metrics_base),
         "--data-dir", str(data_dir), "--ready-timeout", str(ready_timeout), *extra,
     ]  # fmt: skip
     # Output goes to a file, not a pipe: nobody reads a pipe after start-up, and a full
@@ -97,7 +123,9 @@ def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0, env: 
     while time.monotonic() < deadline and process.poll() is None:
         for line in out_path.read_text().splitlines():
             if "tierflow is up" in line:
-                return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], ports["nats"], data_dir, line.strip())
+                found = _NATS_IN_READY_LINE.search(line)
+                urls = found.group(1).split(",") if found else [f"nats://127.0.0.1:{nats['nats']}"]
+                return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], nats["nats"], data_dir, line.strip(), urls)
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("tierflow up did not become ready:\n" + out_path.read_text())

@@ -11,7 +11,12 @@ the same few guarantees, and nothing more:
   supervisor, which then stops them in a defined order;
 - stopping is SIGTERM, a grace period, then SIGKILL (to the child's process group);
 - a child that exits without being asked to is reported (name, exit code, last log
-  lines) through `next_exit()` and an optional callback.
+  lines) through `next_exit()` and an optional callback, and stays listed (dead) until
+  it is stopped, which forgets it, or `restart()`ed under the same name and spec;
+- listeners added with `add_listener` hear of every start, restart, exit and removal
+  (`tierflow up` rewrites DATA/children.json from them).
+
+When to restart, and when to give up, is policy: see `tierflow.cli.restarts`.
 
 Caveat: PR_SET_PDEATHSIG fires when the *thread* that forked the child exits. Start
 children from the thread that runs the event loop for the life of the supervisor (the
@@ -55,12 +60,20 @@ class ProcessSpec:
     argv: list[str]
     env: dict[str, str] | None
     log_path: Path
+    # What kind of process this is ("nats", "router", "decode-node", ...): several
+    # children may share a role (a NATS cluster's members, N routers). Empty: the name.
+    role: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("ProcessSpec.name must not be empty")
         if not self.argv:
             raise ValueError(f"ProcessSpec {self.name!r}: argv must not be empty")
+
+    @property
+    def kind(self) -> str:
+        """The role, or the name when no role was given."""
+        return self.role or self.name
 
 
 @dataclass(frozen=True)
@@ -73,16 +86,23 @@ class ChildExit:
     log_path: Path
     log_tail: list[str]
 
-    def describe(self) -> str:
-        """Human-readable report: who, how, and what it said last."""
+    @property
+    def how(self) -> str:
+        """`was killed by SIGKILL`, `exited with code 3`."""
         if self.returncode < 0:
             try:
-                how = f"was killed by {signal.Signals(-self.returncode).name}"
+                return f"was killed by {signal.Signals(-self.returncode).name}"
             except ValueError:
-                how = f"was killed by signal {-self.returncode}"
-        else:
-            how = f"exited with code {self.returncode}"
-        head = f"{self.name} (pid {self.pid}) {how}"
+                return f"was killed by signal {-self.returncode}"
+        return f"exited with code {self.returncode}"
+
+    def summary(self) -> str:
+        """One line: who and how (`router (pid 12) was killed by SIGKILL`)."""
+        return f"{self.name} (pid {self.pid}) {self.how}"
+
+    def describe(self) -> str:
+        """Human-readable report: who, how, and what it said last."""
+        head = self.summary()
         if not self.log_tail:
             return f"{head}; its log {self.log_path} is empty"
         body = "\n".join(f"  | {line}" for line in self.log_tail)
@@ -111,10 +131,11 @@ def read_log_tail(path: Path, lines: int = TAIL_LINES, *, start: int = 0, max_by
 class Child:
     """A started child, as the supervisor tracks it. Read-only for callers."""
 
-    def __init__(self, spec: ProcessSpec, proc: asyncio.subprocess.Process, log_offset: int) -> None:
+    def __init__(self, spec: ProcessSpec, proc: asyncio.subprocess.Process, log_offset: int, restarts: int = 0) -> None:
         self.spec = spec
         self._proc = proc
         self._log_offset = log_offset
+        self.restarts = restarts  # how many times this name was restarted after dying
         self.stopping = False
         self.watcher: asyncio.Task[None] | None = None
 
@@ -122,6 +143,11 @@ class Child:
     def name(self) -> str:
         """The spec's name (unique among live children)."""
         return self.spec.name
+
+    @property
+    def role(self) -> str:
+        """The spec's role (its name when it has none)."""
+        return self.spec.kind
 
     @property
     def pid(self) -> int:
@@ -143,7 +169,7 @@ class Child:
         return read_log_tail(self.spec.log_path, lines, start=self._log_offset)
 
     def __repr__(self) -> str:
-        return f"Child(name={self.name!r}, pid={self.pid}, returncode={self.returncode})"
+        return f"Child(name={self.name!r}, pid={self.pid}, returncode={self.returncode}, restarts={self.restarts})"
 
 
 class Supervisor:
@@ -158,22 +184,47 @@ class Supervisor:
         self._exits: asyncio.Queue[ChildExit] = asyncio.Queue()
         self._on_exit = on_exit
         self._tail_lines = tail_lines
+        self._listeners: list[Callable[[], None]] = []
+        self._closing = False
 
     @property
     def children(self) -> list[Child]:
         """Tracked children in start order (an unexpectedly exited one stays until stopped or replaced)."""
         return list(self._children.values())
 
+    @property
+    def closing(self) -> bool:
+        """True once `close()` was called: nothing starts any more."""
+        return self._closing
+
     def get(self, name: str) -> Child:
         """The child called `name`; KeyError if none."""
         return self._children[name]
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every start, restart, exit and removal of a child.
+
+        Listeners run in the event loop and must not block; their exceptions are logged.
+        """
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling `listener` (no error if it was not added)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def close(self) -> None:
+        """Refuse every later `start` and `restart` (shutdown has begun); stopping still works."""
+        self._closing = True
 
     async def start(self, spec: ProcessSpec) -> Child:
         """Spawn `spec` and start watching it.
 
         A name may be reused once its previous holder has exited; starting a second live
-        child with the same name is a ValueError.
+        child with the same name is a ValueError. After `close()`: RuntimeError.
         """
+        if self._closing:
+            raise RuntimeError(f"not starting {spec.name}: the supervisor is shutting down")
         old = self._children.get(spec.name)
         if old is not None:
             if old.returncode is None:
@@ -181,12 +232,50 @@ class Supervisor:
             if old.watcher is not None:
                 await old.watcher
             del self._children[spec.name]
+        child = await self._spawn(spec, restarts=0, note="starts")
+        self._children[spec.name] = child
+        self._changed()
+        return child
+
+    async def restart(self, name: str, *, reason: str = "") -> Child:
+        """Start again, with the same spec, a child that exited without being asked to.
+
+        KeyError if there is no such child any more (it was stopped on purpose, which
+        forgets it, possibly while this call was spawning: the new process is then killed
+        at once); ValueError if it is still running; RuntimeError after `close()`.
+        The new child's `restarts` is one more than the old one's.
+        """
+        if self._closing:
+            raise RuntimeError(f"not restarting {name}: the supervisor is shutting down")
+        old = self._children.get(name)
+        if old is None or old.stopping:
+            raise KeyError(f"{name!r} is not a child that died on its own (stopped on purpose?)")
+        if old.returncode is None:
+            raise ValueError(f"{name!r} is still running (pid {old.pid})")
+        if old.watcher is not None:
+            await old.watcher
+        note = f"restarts (restart {old.restarts + 1}{', ' + reason if reason else ''})"
+        child = await self._spawn(old.spec, restarts=old.restarts + 1, note=note)
+        if self._children.get(name) is not old or old.stopping or self._closing:
+            # Stopped on purpose (or shutdown began) while we were spawning: honour that.
+            child.stopping = True
+            self._kill(child)
+            await child.process.wait()
+            if child.watcher is not None:
+                await child.watcher
+            raise KeyError(f"{name!r} was stopped while it was being restarted")
+        self._children[name] = child
+        self._changed()
+        return child
+
+    async def _spawn(self, spec: ProcessSpec, *, restarts: int, note: str) -> Child:
+        """Open the log (with a header line saying what and why), fork, start the watcher."""
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = None if spec.env is None else {**os.environ, **spec.env}
         with open(spec.log_path, "ab") as log:
             offset = log.seek(0, os.SEEK_END)
             stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            log.write(f"--- {stamp} tierflow supervisor starts {spec.name}: {shlex.join(spec.argv)}\n".encode())
+            log.write(f"--- {stamp} tierflow supervisor {note} {spec.name}: {shlex.join(spec.argv)}\n".encode())
             log.flush()
             proc = await asyncio.create_subprocess_exec(
                 *spec.argv,
@@ -197,11 +286,17 @@ class Supervisor:
                 start_new_session=True,
                 preexec_fn=die_with_parent_preexec(),
             )
-        child = Child(spec, proc, offset)
+        child = Child(spec, proc, offset, restarts)
         child.watcher = asyncio.ensure_future(self._watch(child))
-        self._children[spec.name] = child
-        _log.debug("started %s (pid %d)", spec.name, proc.pid)
+        _log.debug("%s %s (pid %d)", note, spec.name, proc.pid)
         return child
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                _log.exception("supervisor listener failed")
 
     async def next_exit(self) -> ChildExit:
         """Wait for the next child that exits without being asked to (queued, none lost)."""
@@ -250,6 +345,7 @@ class Supervisor:
             await child.watcher
         if self._children.get(child.name) is child:
             del self._children[child.name]
+            self._changed()
 
     @staticmethod
     def _kill(child: Child) -> None:
@@ -266,6 +362,7 @@ class Supervisor:
         returncode = await child.process.wait()
         if child.stopping:
             return
+        self._changed()
         event = ChildExit(
             name=child.name,
             pid=child.pid,

@@ -4,18 +4,27 @@ Why processes and not tasks in one interpreter: the services share nothing but N
 production, and running them the same way locally is what makes kill-and-restart,
 per-service logs and metrics behave like the real thing.
 
-Sequence: preflight (ports free, fleet file present, nats-server found) -> nats-server
-with JetStream under DATA/nats -> model-registry and router -> once the registry's gRPC
-health says SERVING (the fleet file is applied), prefill and decode nodes -> poll the
-router's `/health` until it reports enough nodes and at least one model -> the autoscaler,
-until it answers service discovery (each service is `python -m tierflow <service> ...`)
--> print one "is up" line -> run until
-Ctrl-C / SIGTERM -> stop services, then NATS -> exit 0.
+Sequence: preflight (ports free, fleet file present, nats-server found) -> NATS: one
+nats-server with JetStream under DATA/nats, or with `--nats-cluster N` a JetStream cluster
+of N (members `nats-0`.. with stores under DATA/nats/<name>, generated config files beside
+them), ready once every member is healthy and the meta group has a leader -> model-registry
+and the router(s) (`--routers N`: N processes sharing the HTTP and gRPC ports through
+SO_REUSEPORT, each with its own metrics port and log) -> once the registry's gRPC health
+says SERVING (the fleet file is applied), prefill and decode nodes -> poll `/health` until
+it reports enough nodes and at least one model (and every router's metrics hear the
+nodes) -> the autoscaler, until it answers service discovery (each service is
+`python -m tierflow <service> ...`) -> print one "is up" line -> run until Ctrl-C /
+SIGTERM -> stop services, then NATS -> exit 0.
 
 If a child dies before the fabric is ready, or the ready timeout passes: report it with
-its log tail, stop everything, exit 1. After ready, losing NATS, the router or the
-registry is fatal the same way; losing a node or the autoscaler is reported and the rest
-keeps running (the fabric is built to survive that).
+its log tail, stop everything, exit 1. After ready, a child that dies is started again
+(same name, flags, ports, store dir) after a backoff, as a ReplicaSet would
+(`tierflow.cli.restarts`; `--no-restart` turns that off); one that keeps dying is given
+up on, which is fatal when too few of its kind are left (`quorum`: a majority of the NATS
+servers, one router, the registry) and reported otherwise. Nodes stopped on purpose (the
+autoscaler's scale-down) are not restarted, nor is anything once shutdown has begun.
+DATA/children.json always lists the children (`tierflow.cli.children_file`), and
+DATA/logs/up.log has up's own records (restarts, give-ups, nodes started and stopped).
 
 `tierflow up` owns the node processes, so it is also the other end of the autoscaler's
 local actuator: it answers `subjects.SUPERVISOR_CONTROL` (start a decode/prefill node
@@ -44,32 +53,40 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats import connect as nats_connect
 from nats.aio.client import Client as NATS
+from prometheus_client.parser import text_string_to_metric_families
 
+from tierflow.cli.children_file import FILE_NAME as CHILDREN_FILE
+from tierflow.cli.children_file import snapshot, write_children
+from tierflow.cli.restarts import Restarter, RestartPolicy
 from tierflow.cli.supervisor import ChildExit, ProcessSpec, Supervisor
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.profiles import read_profiles_file
 from tierflow.rdu import load_profiles
 from tierflow.runtime import discovery
+from tierflow.runtime.logs import JsonFormatter
 from tierflow.runtime.nats_server import (
     NatsServerConfig,
     NatsServerNotFound,
     NatsServerNotReady,
+    cluster_configs,
+    cluster_url,
     connect_host,
     http_get,
-    wait_until_ready,
+    wait_cluster_ready,
 )
+from tierflow.runtime.service import nats_servers
 
-__all__ = ["ESSENTIAL", "NodeLauncher", "SupervisorControl", "UpConfig", "preflight", "run_up", "service_specs", "up"]
+__all__ = ["NodeLauncher", "SupervisorControl", "UpConfig", "nats_specs", "preflight", "run_up", "service_specs", "up"]
 
 _log = logging.getLogger(__name__)
 
-NATS_NAME = "nats"
+NATS_NAME = "nats"  # the single server's child name, and every NATS child's role
+ROUTER_NAME = "router"
 REGISTRY_NAME = "model-registry"
 AUTOSCALER_NAME = "autoscaler"
-# Children whose loss makes the fabric useless; anything else is reported and tolerated.
-ESSENTIAL = frozenset({NATS_NAME, "router", REGISTRY_NAME})
 STOP_GRACE = 5.0
 HEALTH_POLL_INTERVAL = 0.25
+LIVE_NODES_METRIC = "tierflow_router_live_nodes"
 # Extra environment for services: unbuffered so log files (and death reports) are current.
 SERVICE_ENV = {"PYTHONUNBUFFERED": "1"}
 # A node asked to stop drains first (its --drain-grace, 10 s by default); then SIGKILL.
@@ -101,8 +118,16 @@ class UpConfig:
     ready_timeout: float = 60.0
     actuator: str = "local"
     profiles: Path | None = None  # extra hardware profiles (YAML) for the registry's checks and the nodes
+    nats_cluster: int = 1  # NATS servers; more than one form a JetStream cluster
+    nats_cluster_port: int = 6222  # first route port of a cluster's members
+    routers: int = 1  # router processes sharing the HTTP and gRPC ports
+    restart: bool = True  # restart children that die after the fabric is ready
 
     def __post_init__(self) -> None:
+        if self.nats_cluster < 1:
+            raise ValueError(f"at least one NATS server is needed, got --nats-cluster {self.nats_cluster}")
+        if self.routers < 1:
+            raise ValueError(f"at least one router is needed, got --routers {self.routers}")
         if self.actuator not in ACTUATORS:
             raise ValueError(f"actuator must be one of {', '.join(ACTUATORS)}, got {self.actuator!r}")
         if self.decode_nodes < 1:
@@ -114,8 +139,21 @@ class UpConfig:
 
     @property
     def static_metrics_ports(self) -> int:
-        """Metrics ports the services started at once take (registry, autoscaler, nodes)."""
-        return 2 + self.prefill_nodes + self.decode_nodes
+        """Metrics ports the services started at once take (registry, autoscaler, nodes,
+        then each router when there are several: one router serves /metrics on its HTTP port)."""
+        return 2 + self.prefill_nodes + self.decode_nodes + len(self.router_metrics_ports())
+
+    def router_names(self) -> list[str]:
+        """`router` alone (its log stays router.log), or `router-0`, `router-1`, ..."""
+        return [ROUTER_NAME] if self.routers == 1 else [f"{ROUTER_NAME}-{i}" for i in range(self.routers)]
+
+    def router_metrics_ports(self) -> list[int]:
+        """Each router's own /metrics port when there are several (on the shared HTTP port
+        a scrape would reach whichever router the kernel picks); none for a single one."""
+        if self.routers == 1:
+            return []
+        first = self.metrics_base_port + 2 + self.prefill_nodes + self.decode_nodes
+        return [first + i for i in range(self.routers)]
 
     def service_env(self) -> dict[str, str]:
         """The environment every service process gets (nodes the autoscaler asks for too).
@@ -133,43 +171,77 @@ class UpConfig:
         """DATA/logs: one `<child>.log` per process."""
         return self.data_dir / "logs"
 
-    def nats(self) -> NatsServerConfig:
-        """The NATS server this fabric runs (store under DATA/nats)."""
-        return NatsServerConfig(
-            store_dir=self.data_dir / "nats",
-            host=self.host,
-            port=self.nats_port,
-            monitor_port=self.nats_monitor_port,
-            name="tierflow",
-        )
+    def nats_members(self) -> list[NatsServerConfig]:
+        """The NATS servers this fabric runs: one with its store in DATA/nats, or a cluster
+        whose member i listens on --nats-port + i, --nats-monitor-port + i and
+        --nats-cluster-port + i, with its store in DATA/nats/nats-<i>."""
+        if self.nats_cluster == 1:
+            return [NatsServerConfig(store_dir=self.data_dir / "nats", host=self.host, port=self.nats_port,
+                                     monitor_port=self.nats_monitor_port, name="tierflow")]  # fmt: skip
+        return cluster_configs(self.data_dir / "nats", self.nats_cluster, host=self.host, port=self.nats_port,
+                               monitor_port=self.nats_monitor_port, cluster_port=self.nats_cluster_port)  # fmt: skip
+
+    @property
+    def nats_url(self) -> str:
+        """What services get as `--nats-url`: one URL, or the members' URLs comma separated."""
+        return cluster_url(self.nats_members())
+
+    def quorum(self) -> dict[str, int]:
+        """How many children of each role the fabric cannot do without: a majority of the
+        NATS servers (JetStream needs it), one router, the registry. Other roles: none."""
+        return {NATS_NAME: self.nats_cluster // 2 + 1, ROUTER_NAME: 1, REGISTRY_NAME: 1}
 
     def ready_line(self) -> str:
         """The single line printed once the fabric answers."""
+        routers = f" ({self.routers} routers)" if self.routers > 1 else ""
         return (
-            f"tierflow is up: OpenAI http://{self.host}:{self.http_port}/v1  "
+            f"tierflow is up: OpenAI http://{self.host}:{self.http_port}/v1{routers}  "
             f"gRPC {self.host}:{self.grpc_port}  registry {self.host}:{self.registry_grpc_port}  "
-            f"NATS {self.nats().url}  (logs: {self.logs_dir})"
+            f"NATS {self.nats_url}  (logs: {self.logs_dir})"
         )
+
+
+def nats_specs(config: UpConfig) -> list[ProcessSpec]:
+    """The NATS server processes, in start order (raises NatsServerNotFound without a binary).
+
+    The single server is the child `nats` (log nats.log); a cluster's members are
+    `nats-0`, `nats-1`, ... Every one has the role `nats`.
+    """
+    members = config.nats_members()
+    return [
+        ProcessSpec(NATS_NAME if len(members) == 1 else m.name, m.argv(), None,
+                    config.logs_dir / f"{NATS_NAME if len(members) == 1 else m.name}.log", role=NATS_NAME)  # fmt: skip
+        for m in members
+    ]
 
 
 def service_specs(config: UpConfig, *, python: str = sys.executable) -> list[ProcessSpec]:
     """The services to start, in start order, with exactly the flags of the service contract.
 
     Each non-router service gets the next metrics port from `metrics_base_port`, in this
-    order; the router serves /metrics on its HTTP port (`--metrics-port 0`).
+    order; a single router serves /metrics on its HTTP port (`--metrics-port 0`), several
+    take the ports after those (`UpConfig.router_metrics_ports`) and share the HTTP and
+    gRPC ports (`--reuse-port`; gRPC sets SO_REUSEPORT by default on Linux).
     """
-    nats_url = config.nats().url
+    nats_url = config.nats_url
     metrics = iter(range(config.metrics_base_port, 65536))
     fleet = str(config.fleet.resolve())
 
     def spec(name: str, *args: str, env: dict[str, str] | None = None) -> ProcessSpec:
-        return ProcessSpec(name, [python, "-m", "tierflow", *args], {**config.service_env(), **(env or {})}, config.logs_dir / f"{name}.log")
+        return ProcessSpec(name, [python, "-m", "tierflow", *args], {**config.service_env(), **(env or {})},
+                           config.logs_dir / f"{name}.log", role=args[0])  # fmt: skip
 
+    router_metrics = config.router_metrics_ports() or [0]
+    routers = [
+        spec(name, "router", "--nats-url", nats_url, "--http-host", config.host, "--http-port", str(config.http_port),
+             "--grpc-port", str(config.grpc_port), "--metrics-port", str(router_metrics[i]),
+             *(["--reuse-port"] if config.routers > 1 else []))
+        for i, name in enumerate(config.router_names())
+    ]  # fmt: skip
     specs = [
         spec(REGISTRY_NAME, "model-registry", "--nats-url", nats_url, "--grpc-port", str(config.registry_grpc_port),
              "--fleet", fleet, "--metrics-port", str(next(metrics))),
-        spec("router", "router", "--nats-url", nats_url, "--http-host", config.host, "--http-port", str(config.http_port),
-             "--grpc-port", str(config.grpc_port), "--metrics-port", "0"),
+        *routers,
         # The actuator goes by environment, not flag: the flags are the service contract.
         spec(AUTOSCALER_NAME, "autoscaler", "--nats-url", nats_url, "--metrics-port", str(next(metrics)),
              env={"TIERFLOW_ACTUATOR": config.actuator}),
@@ -189,9 +261,12 @@ def _listen_ports(config: UpConfig) -> list[tuple[str, int]]:
         ("router HTTP (--http-port)", config.http_port),
         ("router gRPC (--grpc-port)", config.grpc_port),
         ("registry gRPC (--registry-grpc-port)", config.registry_grpc_port),
-        ("NATS (--nats-port)", config.nats_port),
-        ("NATS monitoring (--nats-monitor-port)", config.nats_monitor_port),
     ]
+    for i, member in enumerate(config.nats_members()):
+        plus = f" +{i}" if config.nats_cluster > 1 else ""
+        ports += [(f"NATS (--nats-port{plus})", member.port), (f"NATS monitoring (--nats-monitor-port{plus})", member.monitor_port)]
+        if member.cluster is not None:
+            ports.append((f"NATS cluster routes (--nats-cluster-port{plus})", member.cluster.port))
     n_metrics = config.static_metrics_ports
     ports += [(f"metrics (--metrics-base-port +{i})", config.metrics_base_port + i) for i in range(n_metrics)]
     return ports
@@ -235,7 +310,7 @@ def preflight(config: UpConfig) -> list[str]:
         except ValueError as exc:
             problems.append(str(exc))
     try:
-        config.nats().argv()
+        nats_specs(config)
     except NatsServerNotFound as exc:
         problems.append(str(exc))
     return problems
@@ -252,8 +327,25 @@ def _count(value: Any) -> int:
     return 0
 
 
+async def _routers_not_hearing(config: UpConfig, host: str, timeout: float) -> str | None:
+    """With several routers: the first one whose metrics do not count enough live nodes.
+
+    `/health` on the shared port reaches whichever router the kernel picks, so each is
+    asked on its own metrics port (`tierflow_router_live_nodes`, refreshed every second).
+    """
+    ports = config.router_metrics_ports()
+    for name, port in zip(config.router_names() if ports else [], ports, strict=True):
+        reply = await http_get(host, port, "/metrics", timeout=timeout)
+        live = next((sample.value for family in text_string_to_metric_families(reply.body.decode("utf-8", "replace"))
+                     for sample in family.samples if sample.name == LIVE_NODES_METRIC), None)  # fmt: skip
+        if live is None or live < config.decode_nodes:
+            return f"{name} (metrics port {port}) hears {0 if live is None else int(live)} of {config.decode_nodes} nodes"
+    return None
+
+
 async def _wait_fabric_ready(config: UpConfig, deadline: float) -> None:
-    """Poll the router's GET /health until it is 200 {"status": "ok"} with enough nodes and a model."""
+    """Poll the router's GET /health until it is 200 {"status": "ok"} with enough nodes and a
+    model, and (several routers) until every router hears enough nodes."""
     loop = asyncio.get_running_loop()
     host = connect_host(config.host)
     last = "no answer yet"
@@ -270,7 +362,10 @@ async def _wait_fabric_ready(config: UpConfig, deadline: float) -> None:
                     and _count(body.get("nodes")) >= config.decode_nodes
                     and _count(body.get("models")) >= 1
                 ):
-                    return
+                    deaf = await _routers_not_hearing(config, host, timeout)
+                    if deaf is None:
+                        return
+                    last = f"/health ok, but {deaf}"
         except OSError as exc:
             last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except ValueError:
@@ -334,7 +429,7 @@ async def _wait_registered(nats_url: str, service: str, deadline: float) -> None
     """Wait until `service` answers NATS service discovery (`tierflow status` lists it)."""
     loop = asyncio.get_running_loop()
     name = subjects.SERVICE_NAMES[service]
-    nc = await nats_connect(nats_url, name="tierflow-up-ready", connect_timeout=2)
+    nc = await nats_connect(nats_servers(nats_url), name="tierflow-up-ready", connect_timeout=2)
     try:
         while name not in {s.name for s in await discovery.discover(nc, timeout=HEALTH_POLL_INTERVAL)}:
             if loop.time() >= deadline:
@@ -375,9 +470,18 @@ async def _race(work: Coroutine[Any, Any, None], exit_task: asyncio.Future[Child
     return "done"
 
 
+def _below_quorum(supervisor: Supervisor, name: str, quorum: dict[str, int]) -> bool:
+    """Whether the role of the dead child `name` has fewer running children than it needs."""
+    try:
+        role = supervisor.get(name).role
+    except KeyError:
+        return False  # stopped on purpose right after it died
+    return sum(1 for c in supervisor.children if c.role == role and c.returncode is None) < quorum.get(role, 0)
+
+
 async def _shutdown(supervisor: Supervisor, grace: float) -> None:
     """Services concurrently first, then NATS: services drain their NATS connections while it is up."""
-    services = [child.name for child in supervisor.children if child.name != NATS_NAME]
+    services = [child.name for child in supervisor.children if child.role != NATS_NAME]
     await supervisor.stop(*services, grace=grace)
     await supervisor.stop_all(grace=grace)
 
@@ -454,11 +558,12 @@ class NodeLauncher:
         if not deployment:
             raise ValueError("a node needs a deployment")
         node_id, port = self._next_id(role), self._next_metrics_port()
-        args = [NODE_COMMANDS[role], "--nats-url", self._config.nats().url, "--node-id", node_id, "--deployment", deployment]
+        args = [NODE_COMMANDS[role], "--nats-url", self._config.nats_url, "--node-id", node_id, "--deployment", deployment]
         if region:
             args += ["--region", region]
         args += ["--metrics-port", str(port)]
-        spec = ProcessSpec(node_id, [self._python, "-m", "tierflow", *args], self._config.service_env(), self._config.logs_dir / f"{node_id}.log")
+        spec = ProcessSpec(node_id, [self._python, "-m", "tierflow", *args], self._config.service_env(),
+                           self._config.logs_dir / f"{node_id}.log", role=NODE_COMMANDS[role])  # fmt: skip
         child = await self._supervisor.start(spec)
         node = messages.SupervisedNode(node_id=node_id, role=role, deployment=deployment, pid=child.pid, metrics_port=port)  # type: ignore[arg-type]
         self._nodes[node_id] = node
@@ -505,7 +610,7 @@ class SupervisorControl:
         async def quiet(*_: object) -> None:
             pass
 
-        nc = await nats_connect(url, name="tierflow-up", connect_timeout=2, allow_reconnect=True,
+        nc = await nats_connect(nats_servers(url), name="tierflow-up", connect_timeout=2, allow_reconnect=True,
                                 max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=quiet)  # fmt: skip
         self._nc = nc
 
@@ -551,49 +656,62 @@ async def run_up(
     out: TextIO | None = None,
     err: TextIO | None = None,
     grace: float = STOP_GRACE,
+    policy: RestartPolicy | None = None,
 ) -> int:
     """Run the fabric until `stop` is set (returns 0) or something fatal happens (returns 1).
 
     `specs` replaces the services (tests pass small fakes); NATS is always real.
     `supervisor` lets the caller reach the children (e.g. to kill them on a second
-    Ctrl-C). Every child is stopped before this returns, whatever happened.
+    Ctrl-C). `policy` is the restart policy after ready (default `RestartPolicy()`;
+    unused with `config.restart` off). Every child is stopped before this returns,
+    whatever happened.
     """
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.ready_timeout
-    nats = config.nats()
+    members = config.nats_members()
     try:
-        nats_argv = nats.argv()
+        servers = nats_specs(config)
     except NatsServerNotFound as exc:
         print(f"tierflow up: {exc}", file=err)
         return 1
     services = service_specs(config) if specs is None else specs
-    nats.store_dir.mkdir(parents=True, exist_ok=True)
+    for member in members:
+        member.prepare()
 
     supervisor = supervisor if supervisor is not None else Supervisor()
     exit_task: asyncio.Future[ChildExit] = asyncio.ensure_future(supervisor.next_exit())
     stop_task = asyncio.ensure_future(stop.wait())
     control = SupervisorControl(NodeLauncher(config, supervisor, services))
+    restarter: Restarter | None = None
 
-    def died(prefix: str) -> int:
-        print(f"tierflow up: {prefix}{exit_task.result().describe()}", file=err)
+    def children_changed() -> None:
+        restarting = restarter.pending if restarter is not None else ()
+        given_up = restarter.given_up if restarter is not None else ()
+        write_children(config.data_dir / CHILDREN_FILE, snapshot(supervisor, restarting=restarting, given_up=given_up))
+
+    supervisor.add_listener(children_changed)
+
+    def died(event: ChildExit, prefix: str = "") -> int:
+        print(f"tierflow up: {prefix}{event.describe()}", file=err)
         print("tierflow up: stopping everything", file=err)
         return 1
 
     try:
-        await supervisor.start(ProcessSpec(NATS_NAME, nats_argv, None, config.logs_dir / f"{NATS_NAME}.log"))
+        for spec in servers:
+            await supervisor.start(spec)
         try:
-            outcome = await _race(wait_until_ready(nats, max(0.1, deadline - loop.time())), exit_task, stop_task)
+            outcome = await _race(wait_cluster_ready(members, max(0.1, deadline - loop.time())), exit_task, stop_task)
         except NatsServerNotReady as exc:
             print(f"tierflow up: {exc}\n{_tails(supervisor, 20)}", file=err)
             return 1
         if outcome == "exit":
-            return died("before the fabric was ready, ")
+            return died(exit_task.result(), "before the fabric was ready, ")
         if outcome == "stop":
             return 0
         try:
-            await control.start(nats.url)
+            await control.start(config.nats_url)
         except Exception as exc:  # nats-py raises several unrelated types here
             print(f"tierflow up: cannot answer {subjects.SUPERVISOR_CONTROL} ({exc}); the autoscaler cannot start or stop nodes", file=err)
 
@@ -615,7 +733,7 @@ async def run_up(
                 print(f"tierflow up: not ready after {config.ready_timeout:g}s: {exc}\n{_tails(supervisor)}", file=err)
                 return 1
             if outcome == "exit":
-                return died("before the fabric was ready, ")
+                return died(exit_task.result(), "before the fabric was ready, ")
             return 0 if outcome == "stop" else None
 
         # In three steps, each waiting for what the next one reads (see _start_stages).
@@ -631,25 +749,38 @@ async def run_up(
             return code
         if (code := await start(autoscaler)) is not None:
             return code
-        if autoscaler and (code := await wait(_wait_registered(nats.url, AUTOSCALER_NAME, deadline))) is not None:
+        if autoscaler and (code := await wait(_wait_registered(config.nats_url, AUTOSCALER_NAME, deadline))) is not None:
             return code  # the ready line promises every service answers, this late one too
 
+        if config.restart:
+            restarter = Restarter(supervisor, policy or RestartPolicy(), quorum=config.quorum(),
+                                  report=lambda line: print(line, file=err, flush=True), on_change=children_changed)  # fmt: skip
         print(config.ready_line(), file=out, flush=True)
+        fatal: asyncio.Future[str] = restarter.fatal if restarter is not None else loop.create_future()
         while True:
-            await asyncio.wait({exit_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            if exit_task.done():
-                event = exit_task.result()
-                if event.name in ESSENTIAL:
-                    return died("")
-                print(f"tierflow up: {event.describe()}\ntierflow up: the rest keeps running", file=err)
-                exit_task = asyncio.ensure_future(supervisor.next_exit())
+            await asyncio.wait({exit_task, stop_task, fatal}, return_when=asyncio.FIRST_COMPLETED)
+            if fatal.done():
+                print(f"tierflow up: {fatal.result()}\ntierflow up: stopping everything", file=err)
+                return 1
+            if stop_task.done():
+                return 0
+            event = exit_task.result()
+            exit_task = asyncio.ensure_future(supervisor.next_exit())
+            if restarter is not None:
+                restarter.handle(event)
                 continue
-            return 0
+            if _below_quorum(supervisor, event.name, config.quorum()):
+                return died(event)
+            print(f"tierflow up: {event.describe()}\ntierflow up: the rest keeps running", file=err)
     finally:
+        supervisor.close()
+        if restarter is not None:
+            await restarter.close()
         for task in (exit_task, stop_task):
             task.cancel()
         await control.close()
         await _shutdown(supervisor, grace)
+        supervisor.remove_listener(children_changed)
 
 
 async def _main(config: UpConfig) -> int:
@@ -671,11 +802,27 @@ async def _main(config: UpConfig) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
             installed.append(sig)
+    journal = _log_to_file(config.logs_dir / "up.log")
     try:
         return await run_up(config, stop, supervisor=supervisor)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        logging.getLogger("tierflow").removeHandler(journal)
+        journal.close()
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    """up's own records (restarts, give-ups, nodes started and stopped) as JSON lines in
+    DATA/logs/up.log, beside its children's logs; stderr keeps the lines meant for a person."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(JsonFormatter("up"))
+    logger = logging.getLogger("tierflow")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -693,14 +840,18 @@ def up(
     http_port: Annotated[int, typer.Option(help="Router OpenAI HTTP port (also serves /metrics and /health).")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="Router gRPC Inference port.")] = 50051,
     registry_grpc_port: Annotated[int, typer.Option(help="Model-registry gRPC admin port.")] = 50052,
-    nats_port: Annotated[int, typer.Option(help="NATS client port.")] = 4222,
-    nats_monitor_port: Annotated[int, typer.Option(help="NATS monitoring port (/healthz).")] = 8222,
+    nats_port: Annotated[int, typer.Option(help="NATS client port (cluster member i: +i).")] = 4222,
+    nats_monitor_port: Annotated[int, typer.Option(help="NATS monitoring port, /healthz (cluster member i: +i).")] = 8222,
+    nats_cluster: Annotated[int, typer.Option(min=1, help="NATS servers: 1, or a JetStream cluster of N (3 survives losing one).")] = 1,
+    nats_cluster_port: Annotated[int, typer.Option(help="First NATS cluster route port (member i: +i); used with --nats-cluster > 1.")] = 6222,
+    routers: Annotated[int, typer.Option(min=1, help="Router processes sharing the HTTP and gRPC ports (SO_REUSEPORT).")] = 1,
+    restart: Annotated[bool, typer.Option(help="Restart children that die after the fabric is ready (with backoff; gives up after 6 exits in 60 s).")] = True,
     data_dir: Annotated[Path, typer.Option(help="NATS store under DATA/nats, logs under DATA/logs.")] = Path(".tierflow"),
     fleet: Annotated[Path, typer.Option(help="Fleet file loaded by the model registry.")] = Path("deploy/examples/fleet.yaml"),
     decode_nodes: Annotated[int, typer.Option(min=1, help="Decode nodes to start.")] = 2,
     prefill_nodes: Annotated[int, typer.Option(min=0, help="Prefill nodes to start.")] = 1,
     deployment: Annotated[str, typer.Option(help="Bundle deployment the decode nodes serve.")] = "default",
-    metrics_base_port: Annotated[int, typer.Option(help="First /metrics port; each non-router service takes the next.")] = 9100,
+    metrics_base_port: Annotated[int, typer.Option(help="First /metrics port; each non-router service takes the next, then each router when there are several.")] = 9100,
     ready_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the fabric to answer /health.")] = 60.0,
     actuator: Annotated[str, typer.Option(help="How the autoscaler acts: local (starts and stops node processes here) or none (advisory).")] = "local",
     profiles: Annotated[Path | None, typer.Option(help="YAML file of extra hardware profiles deployments may name (see tierflow.nodehost.profiles).")] = None,
@@ -724,6 +875,10 @@ def up(
         ready_timeout=ready_timeout,
         actuator=actuator,
         profiles=profiles,
+        nats_cluster=nats_cluster,
+        nats_cluster_port=nats_cluster_port,
+        routers=routers,
+        restart=restart,
     )
     problems = preflight(config)
     if problems:
