@@ -279,6 +279,7 @@ class RouterPresence(Struct, kw_only=True):
 
     router_id: str
     interval_s: Annotated[float, Meta(gt=0.0, le=60.0)] = 1.0
+    leaving: bool = False  # a clean stop: forget this router now, not after its silence
 
 
 class RouterGossip(Struct, kw_only=True):

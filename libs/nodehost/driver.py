@@ -7,17 +7,27 @@ falls behind catches up in fewer, larger messages instead of queueing more of th
 
 It also keeps the node's own latency view (p95 TTFT and inter-token latency over a
 sliding window, `load_report`) that the heartbeat carries to the autoscaler.
+
+Streams end early in three ways besides the router's cancel, each freeing the request's
+batch slot and KV at once: its deadline (`GenerateRequest.timeout_s`) passes; its router
+is gone (silent, see `RouterLiveness`); or a message to it cannot be published (NATS is
+down and the client's buffer full). A stream with a message missing is broken whatever
+follows, so the driver drops it rather than send tokens after a gap; the router sees the
+gap or the silence and resumes the generation elsewhere. Nothing the driver publishes
+can raise out of it: the engine keeps running through a NATS outage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from tierflow.contracts import messages
+from tierflow.contracts import messages, subjects
 from tierflow.nodehost.beat import LoadReport
+from tierflow.nodehost.routers import RouterLiveness
 from tierflow.rdu import (
     EngineRequest,
     kv_transfer_time,
@@ -30,11 +40,13 @@ from tierflow.rdu import (
 from tierflow.runtime.clock import Clock
 from tierflow.scaling.window import RollingQuantile
 
-__all__ = ["EngineDriver", "LoadReport", "Publish"]
+__all__ = ["EngineDriver", "LoadReport", "Publish", "DROP_REASONS"]
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], Awaitable[None]]
 _encode = messages.encoder.encode
+# Why the driver ended a stream on its own (for the node's metrics and log).
+DROP_REASONS = ("deadline_exceeded", "router_gone", "publish_failed")
 
 
 @dataclass(slots=True)
@@ -51,6 +63,8 @@ class _Stream:
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0  # to prefill here (0 when a prefill node already did it)
     last_token_at: float = 0.0
+    router: str | None = None  # the router reading the reply subject, when it is one of ours
+    deadline: float = math.inf
 
 
 class EngineDriver:
@@ -64,8 +78,12 @@ class EngineDriver:
         keepalive_interval: float = 0.25,
         on_finished: Callable[[str, "_Stream", messages.Finished, float], None] | None = None,
         on_switch: Callable[[], None] | None = None,
+        on_dropped: Callable[[str, str, str], None] | None = None,
+        routers: RouterLiveness | None = None,
         latency_window: float = 10.0,
     ) -> None:
+        """`on_dropped(request_id, model, reason)`: the driver ended a stream itself, one of
+        `DROP_REASONS`. `routers`: whose presence the node hears (None: never judge)."""
         self.engine = engine
         self._clock = clock
         self._publish = publish
@@ -77,6 +95,8 @@ class EngineDriver:
         self._ttft = RollingQuantile(latency_window)
         self._itl = RollingQuantile(latency_window)
         self._on_switch = on_switch
+        self._on_dropped = on_dropped
+        self._routers = routers
 
     @property
     def in_flight(self) -> int:
@@ -102,41 +122,76 @@ class EngineDriver:
         """
         now = self._clock.monotonic()
         if request.request_id in self._streams:
-            await self._publish(reply, _encode(messages.Failed(request_id=request.request_id, code="duplicate_request", message="a request with this id is already in flight on this node", retryable=False)))
+            await self._send_once(reply, messages.Failed(request_id=request.request_id, code="duplicate_request", message="a request with this id is already in flight on this node", retryable=False))
             return
+        resumed = request.resume_token_ids
+        prompt = request.prompt_token_ids + resumed if resumed else request.prompt_token_ids
         engine_request = EngineRequest(
             request_id=request.request_id,
             model=request.model,
-            prompt_token_ids=request.prompt_token_ids,
+            prompt_token_ids=prompt,
             max_tokens=request.max_tokens,
             seed=request.seed,
             ignore_eos=request.ignore_eos,
             prefilled=bool(request.kv_source),
+            resume_from=len(resumed),
         )
-        transfer = self._kv_transfer_seconds(request) if request.kv_source else 0.0
+        transfer = self._kv_transfer_seconds(request, len(prompt)) if request.kv_source else 0.0
         if transfer <= 0 and not await self._admit(engine_request, reply, now):
             return
-        self._streams[request.request_id] = _Stream(
+        stream = self._streams[request.request_id] = _Stream(
             reply=reply, model=request.model, received_at=now, last_sent=now,
-            prompt_tokens=0 if request.kv_source else len(request.prompt_token_ids),
+            prompt_tokens=0 if request.kv_source else len(prompt),
+            router=subjects.router_of_reply(reply),
+            deadline=now + request.timeout_s if request.timeout_s > 0 else math.inf,
         )
-        await self._publish(reply, _encode(messages.Accepted(request_id=request.request_id, node_id=self._node_id)))
+        if not await self._send(request.request_id, stream, messages.Accepted(request_id=request.request_id, node_id=self._node_id)):
+            return
         if transfer > 0:
             asyncio.get_running_loop().call_later(transfer, lambda: asyncio.ensure_future(self._admit_arrived(engine_request, reply)))
         self._wake.set()
 
-    def _kv_transfer_seconds(self, request: messages.GenerateRequest) -> float:
+    def _kv_transfer_seconds(self, request: messages.GenerateRequest, tokens: int) -> float:
         spec = next((b.spec for b in self.engine.bundle if b.spec.name == request.model), None)
-        return kv_transfer_time(spec, self.engine.profile, len(request.prompt_token_ids)) if spec is not None else 0.0
+        return kv_transfer_time(spec, self.engine.profile, tokens) if spec is not None else 0.0
 
     async def _admit(self, engine_request: EngineRequest, reply: str, now: float) -> bool:
         try:
             self.engine.submit(engine_request, now)
         except RequestRejected as rejected:
             retryable = rejected.code in ("queue_full", "model_not_in_bundle", "draining")
-            await self._publish(reply, _encode(messages.Failed(request_id=engine_request.request_id, code=rejected.code, message=rejected.message, retryable=retryable)))
+            await self._send_once(reply, messages.Failed(request_id=engine_request.request_id, code=rejected.code, message=rejected.message, retryable=retryable))
             return False
         return True
+
+    async def _send_once(self, reply: str, message: messages.StreamEvent) -> None:
+        """A reply outside any stream (a refusal): if it cannot go out, the router's
+        liveness timeout tells it as much, so a failure is only logged."""
+        try:
+            await self._publish(reply, _encode(message))
+        except Exception as exc:  # NATS down: nats-py raises several unrelated types
+            log.warning("could not answer %s: %s", getattr(message, "request_id", ""), exc)
+
+    async def _send(self, request_id: str, stream: _Stream, message: messages.StreamEvent) -> bool:
+        """Publish one message of a stream; on failure the stream is broken (its reader
+        would see a gap), so it is dropped at once and its slot freed. False if dropped."""
+        try:
+            await self._publish(stream.reply, _encode(message))
+        except Exception as exc:
+            self._drop(request_id, "publish_failed", f"{type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def _drop(self, request_id: str, reason: str, detail: str = "") -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        self.engine.cancel(request_id, self._clock.monotonic())
+        self._wake.set()
+        log.warning("dropped %s: %s%s", request_id, reason, f" ({detail})" if detail else "",
+                    extra={"fields": {"request_id": request_id, "model": stream.model, "reason": reason, "tokens_sent": stream.tokens}})  # fmt: skip
+        if self._on_dropped is not None:
+            self._on_dropped(request_id, stream.model, reason)
 
     async def _admit_arrived(self, engine_request: EngineRequest, reply: str) -> None:
         """The transferred KV has arrived: the request joins the engine now (if still wanted)."""
@@ -153,18 +208,20 @@ class EngineDriver:
             self._wake.set()
 
     async def fail_all(self, code: str, message: str, *, retryable: bool) -> None:
-        """Tell every requester this node will not finish its request (shutdown)."""
+        """Tell every requester this node will not finish its request (shutdown). A stream
+        with tokens out is retryable too: the router resumes it elsewhere from what it has."""
         now = self._clock.monotonic()
-        for request_id, stream in list(self._streams.items()):
-            self.engine.cancel(request_id, now)
-            await self._publish(stream.reply, _encode(messages.Failed(request_id=request_id, code=code, message=message, retryable=retryable and not stream.started)))
+        streams = list(self._streams.items())
         self._streams.clear()
+        for request_id, stream in streams:
+            self.engine.cancel(request_id, now)
+            await self._send_once(stream.reply, messages.Failed(request_id=request_id, code=code, message=message, retryable=retryable))
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             now = self._clock.monotonic()
             await self._dispatch(self.engine.advance(now), now)
-            await self._keep_alive(now)
+            await self._tend(now)
             due = self.engine.next_event_time()
             wait = self._keepalive if due is None else min(self._keepalive, max(0.0, due - self._clock.monotonic()))
             if wait > 0:
@@ -228,7 +285,7 @@ class EngineDriver:
             else:
                 continue
             stream.last_sent = now
-            await self._publish(stream.reply, _encode(msg))
+            await self._send(request_id, stream, msg)
         for request_id, batch in pending_tokens.items():
             await self._flush_tokens(request_id, batch, now)
 
@@ -238,10 +295,32 @@ class EngineDriver:
             return
         stream.last_sent = now
         index, token_ids, texts = batch
-        await self._publish(stream.reply, _encode(messages.Tokens(request_id=request_id, index=index, token_ids=token_ids, text="".join(texts))))
+        await self._send(request_id, stream, messages.Tokens(request_id=request_id, index=index, token_ids=token_ids, text="".join(texts)))
 
-    async def _keep_alive(self, now: float) -> None:
+    async def _tend(self, now: float) -> None:
+        """Once per loop turn over every stream: keep-alives to the quiet ones, and the
+        end of the ones whose deadline passed or whose router is gone."""
+        routers = self._routers
+        ended: list[tuple[str, str]] = []
+        quiet: list[tuple[str, _Stream]] = []
         for request_id, stream in self._streams.items():
-            if now - stream.last_sent >= self._keepalive:
+            if now >= stream.deadline:
+                ended.append((request_id, "deadline_exceeded"))
+            elif routers is not None and routers.gone(stream.router, now):
+                ended.append((request_id, "router_gone"))
+            elif now - stream.last_sent >= self._keepalive:
+                quiet.append((request_id, stream))
+        for request_id, reason in ended:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            self._drop(request_id, reason)
+            if reason == "deadline_exceeded":
+                await self._send_once(stream.reply, messages.Failed(
+                    request_id=request_id, code=reason, retryable=False,
+                    message=f"the request's deadline passed on node {self._node_id} after {now - stream.received_at:.1f}s; the work was dropped",
+                ))  # fmt: skip
+        for request_id, stream in quiet:
+            if request_id in self._streams:
                 stream.last_sent = now
-                await self._publish(stream.reply, _encode(messages.Alive(request_id=request_id)))
+                await self._send(request_id, stream, messages.Alive(request_id=request_id))

@@ -8,6 +8,7 @@ shared with the fleet simulator); this module adds the process's side and the lo
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
@@ -20,6 +21,8 @@ from tierflow.runtime.clock import Clock
 from tierflow.runtime.waiting import first
 
 __all__ = ["NodeIdentity", "heartbeat_message", "heartbeat_loop"]
+
+log = logging.getLogger(__name__)
 
 
 def heartbeat_message(identity: NodeIdentity, driver: EngineDriver, clock: Clock, seq: int, interval: float) -> messages.NodeHeartbeat:
@@ -38,8 +41,18 @@ async def heartbeat_loop(
     router must see before it places the next request)."""
     subject = subjects.node_heartbeat(identity.node_id)
     seq = 0
+    failing = False
     while not stopping.is_set():
         seq += 1
         beat_now.clear()
-        await nc.publish(subject, messages.encoder.encode(heartbeat_message(identity, driver, clock, seq, interval)))
+        try:
+            await nc.publish(subject, messages.encoder.encode(heartbeat_message(identity, driver, clock, seq, interval)))
+        except Exception as exc:  # NATS down and the client's buffer full: beat again next interval
+            if not failing:
+                log.warning("heartbeat not sent (%s: %s); retrying every %gs", type(exc).__name__, exc, interval)
+            failing = True
+        else:
+            if failing:
+                log.info("heartbeats flow again")
+            failing = False
         await first(stopping.wait(), beat_now.wait(), timeout=interval)

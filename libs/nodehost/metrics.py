@@ -24,4 +24,5 @@ class NodeMetrics:
         self.prompt_tokens = Counter("tierflow_prompt_tokens", "Prompt tokens processed", labels, registry=registry)
         self.generation_tokens = Counter("tierflow_generation_tokens", "Tokens generated", labels, registry=registry)
         self.requests = Counter("tierflow_node_requests", "Requests finished on the node", (*labels, "finish_reason"), registry=registry)
+        self.dropped = Counter("tierflow_node_requests_dropped", "Streams the node ended itself: deadline passed, router gone, or a message could not be published", (*labels, "reason"), registry=registry)
         self.loads = Counter("tierflow_model_loads", "Requests that found their model in each tier", (*labels, "tier"), registry=registry)

@@ -3,7 +3,11 @@
 Requests arrive on the node's subject and go into the pure emulator; its tokens stream
 back to the reply subject. On SIGTERM the node stops taking work, says so in its
 heartbeat, lets in-flight requests finish for a grace period, and fails the rest as
-retryable (the router retries those that had no token yet).
+retryable (the router retries those with no token yet and resumes the others elsewhere).
+
+Every loop (engine, heartbeat, gauges, bundle watch, router liveness) runs supervised,
+so a NATS outage cannot leave a node that heartbeats but never answers; the node hears
+the routers' presence and drops the streams of a router that died.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from tierflow.nodehost.control import add_control_endpoint
 from tierflow.nodehost.bundle import build_bundle, describe_bundle, fetch_deployment, watch_bundle
 from tierflow.nodehost.profiles import resolve_profile
 from tierflow.nodehost.driver import EngineDriver
+from tierflow.nodehost.routers import RouterLiveness
 from tierflow.nodehost.beat import NodeIdentity
 from tierflow.nodehost.heartbeat import heartbeat_loop
 from tierflow.nodehost.metrics import NodeMetrics
@@ -28,6 +33,8 @@ from tierflow.rdu import NodeEngine
 from tierflow.runtime import discovery
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.service import ServiceContext, connect_nats
+from tierflow.runtime.supervise import supervised
+from tierflow.runtime.waiting import first
 from tierflow.runtime.tracing import extract_context, tracer
 
 __all__ = ["NodeSettings", "serve_node"]
@@ -85,11 +92,33 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
             }},
         )
 
+    def dropped(request_id: str, model: str, reason: str) -> None:
+        metrics.dropped.labels(settings.node_id, model, reason).inc()
+
     beat_now = asyncio.Event()
+    routers = RouterLiveness(settings.router_abandon_after)
     driver = EngineDriver(
         engine, clock, nc.publish, settings.node_id,
         keepalive_interval=settings.keepalive_interval, on_finished=record, on_switch=beat_now.set,
+        on_dropped=dropped, routers=routers,
     )
+
+    async def on_presence(msg: object) -> None:
+        try:
+            presence = messages.presence_decoder.decode(msg.data)  # type: ignore[attr-defined]
+        except msgspec.DecodeError:
+            return
+        routers.heard(presence.router_id, clock.monotonic())
+
+    async def watch_own_connection() -> None:
+        """While this node was cut off from NATS it heard no router: start their silence over."""
+        reconnects = nc.stats["reconnects"]
+        while not engine_stop.is_set():
+            await first(engine_stop.wait(), timeout=0.25)
+            if nc.stats["reconnects"] != reconnects or not nc.is_connected:
+                reconnects = nc.stats["reconnects"]
+                routers.forgive(clock.monotonic())
+            routers.forget_older_than(clock.monotonic(), 3600.0)
 
     async def on_generate(msg: object) -> None:
         reply = msg.reply  # type: ignore[attr-defined]
@@ -127,12 +156,9 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
                 metrics.model_tier.labels(settings.node_id, m.name, tier).set(1.0 if m.tier == tier else 0.0)
 
     async def gauges_loop() -> None:
-        while not ctx.stopping.is_set():
+        while not engine_stop.is_set():
             update_gauges()
-            try:
-                await asyncio.wait_for(ctx.stopping.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
+            await first(engine_stop.wait(), timeout=1.0)
 
     def on_outdated(outdated: bool, what: str) -> None:
         identity.bundle_outdated = outdated
@@ -147,15 +173,18 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     metrics.bundle_outdated.labels(settings.node_id).set(0.0)
     gen_sub = await nc.subscribe(subject, cb=on_generate)
     cancel_sub = await nc.subscribe(subjects.node_cancel(settings.node_id), cb=on_cancel)
+    presence_sub = await nc.subscribe(subjects.ROUTER_PRESENCE, cb=on_presence)
     micro = await discovery.register(nc, service, settings.node_id, deployment=deployment.name, region=identity.region, profile=profile_name)
     await add_control_endpoint(micro, identity, driver, beat_now)
     engine_stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(driver.run(engine_stop), name="engine"),
-        asyncio.create_task(heartbeat_loop(nc, identity, driver, clock, settings.heartbeat_interval, engine_stop, beat_now), name="heartbeat"),
-        asyncio.create_task(gauges_loop(), name="gauges"),
-        asyncio.create_task(watch_bundle(js, deployment, bundle, on_outdated, engine_stop), name="bundle-watch"),
-    ]
+    loops = {
+        "engine": lambda: driver.run(engine_stop),
+        "heartbeat": lambda: heartbeat_loop(nc, identity, driver, clock, settings.heartbeat_interval, engine_stop, beat_now),
+        "gauges": gauges_loop,
+        "bundle-watch": lambda: watch_bundle(js, deployment, bundle, on_outdated, engine_stop),
+        "connection-watch": watch_own_connection,
+    }
+    tasks = [asyncio.create_task(supervised(f"node {name}", loop, engine_stop), name=name) for name, loop in loops.items()]
     served = describe_bundle(bundle)
     log.info("node %s serving %s on %s (%s)", settings.node_id, served, profile_name, role, extra={"fields": {"bundle": served}})
     await ctx.stopping.wait()
@@ -171,7 +200,8 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     await driver.fail_all("node_shutdown", f"node {settings.node_id} is shutting down", retryable=True)
     engine_stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await cancel_sub.unsubscribe()
+    for sub in (cancel_sub, presence_sub):
+        await sub.unsubscribe()
     await micro.stop()
     await nc.drain()
 

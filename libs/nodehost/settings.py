@@ -20,6 +20,8 @@ class NodeSettings(Struct, kw_only=True):
     heartbeat_interval: Annotated[float, Meta(gt=0)] = 1.0
     keepalive_interval: Annotated[float, Meta(gt=0)] = 0.25
     drain_grace: Annotated[float, Meta(ge=0)] = 10.0
+    # Drop the streams of a router silent this long (it died: nobody reads them).
+    router_abandon_after: Annotated[float, Meta(gt=0)] = 10.0
     # Where the bundle's weights are when the node starts: "hbm" = all in DDR and as many
     # as fit in HBM (hot at once); "ddr" = all in DDR (first use of each costs a switch);
     # "cold" = in host storage (first use costs a load into DDR, then the switch).

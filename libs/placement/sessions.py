@@ -89,6 +89,21 @@ class SessionTable:
         entry.requests += 1
         return len(entry.nodes)
 
+    def learn(self, session: str, node: str) -> None:
+        """Another router placed `session` on `node`: its next request here follows it.
+        Counts no request (that router's record counts it); an unknown session is added."""
+        if not session:
+            return
+        entry = self._entries.get(session)
+        if entry is None:
+            self._entries[session] = _Entry(node)
+            if len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            return
+        entry.last = node
+        if len(entry.nodes) < self.max_nodes:
+            entry.nodes.add(node)
+
     def last_node(self, session: str) -> str | None:
         """The node `session` used last (for `PlacementRequest.affinity_node`), or None."""
         entry = self._entries.get(session) if session else None

@@ -14,6 +14,7 @@ Configuration (the router's YAML; `TenantDirectory.from_config` takes the parsed
         token_quota: 5000000          # prompt + completion tokens per window ...
         quota_window_s: 86400         # ... of this length (default: one day)
         workload: interactive         # default workload class: interactive | batch
+        timeout_s: 120                # deadline of its requests unless the client asks for less
       - name: research
         api_keys: [sk-research-local]
         workload: batch
@@ -74,6 +75,7 @@ class TenantPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     token_quota: Annotated[int, Meta(gt=0)] | None = None
     quota_window_s: Annotated[float, Meta(gt=0.0)] = 86400.0
     workload: RequestWorkload | None = None
+    timeout_s: Annotated[float, Meta(gt=0.0)] | None = None
 
 
 def hash_api_key(key: str) -> str:
@@ -231,6 +233,10 @@ class Tenant:
     @property
     def workload(self) -> RequestWorkload | None:
         return self.policy.workload
+
+    @property
+    def timeout_s(self) -> float | None:
+        return self.policy.timeout_s
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -2,11 +2,24 @@
 
 `Dispatcher.generate` is what both front doors (OpenAI HTTP and gRPC) call. It yields
 the node's `Tokens` and finally its `Finished`; every failure is a `TierflowError` the
-front door renders in its own protocol. Failures before the first token move the
-request to the next node (the node is marked suspect); after the first token the
-client has seen output, so it gets a clear error instead of a silent replay.
+front door renders in its own protocol.
 
-Disaggregated deployments take one more hop: a prefill node of the same deployment
+A request runs as one or more *legs*, each a node's stream:
+
+- A leg that fails before the client saw any token moves the request to the next node
+  (the failed node is marked suspect): at most `max_attempts` legs.
+- A leg that fails after tokens went out (the node died, stalled, shut down, or its
+  stream has a gap) is *migrated*: the next leg goes to another node serving the same
+  model version with the prompt plus every token already sent (`resume_token_ids`), and
+  continues the same completion from that index (exact: the emulator is deterministic,
+  keyed by model, seed and prompt). The client sees one stream; at most `max_migrations`
+  times, then a clear error.
+- Token indices are checked on every message: a repeat (a resumed leg may overlap) is
+  trimmed, a gap is a failure of the node, never text silently missing.
+- A deadline (the client's timeout, the tenant's or the router's default) goes to the node
+  as `timeout_s`, and the router stops waiting when it passes (504 `deadline_exceeded`).
+
+Disaggregated deployments take one more hop per leg: a prefill node of the same deployment
 computes the prompt's KV (max_tokens = 0), then the decode node is told where the KV
 comes from and pays its transfer instead of the prefill.
 """
@@ -15,11 +28,11 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 import msgspec
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Span, Status, StatusCode
 
 from tierflow.contracts import messages
 from tierflow.placement import (
@@ -34,12 +47,22 @@ from tierflow.placement import (
 )
 from tierflow.rdu.kvcache import block_hashes
 from tierflow.runtime.clock import Clock
-from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, RateLimited, TierflowError, Unauthenticated
+from tierflow.runtime.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    NoCapacity,
+    NodeFailure,
+    RateLimited,
+    TierflowError,
+    Unauthenticated,
+)
 from tierflow.runtime.tracing import inject_headers, tracer
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.placement.candidates import CandidateIndex
 from tierflow.placement.tables import ModelRoute, ModelTable, NodeTable
 from tierflow.services.router.transport import NodeLost, NodeStream, NodeTransport
+from tierflow.tokenizer import decode_output
 from tierflow.workload.trace_text import TRACE_BLOCK_TOKENS
 
 __all__ = ["Dispatcher", "GenerateParams", "RequestRecord", "finish_record", "trace_block_ids"]
@@ -66,6 +89,7 @@ class GenerateParams:
     session_header: str = ""
     user: str = ""
     workload: str | None = None  # "interactive" | "batch" | None (the tenant's default)
+    timeout: float | None = None  # seconds the client will wait (its header, its gRPC deadline); None: not said
 
 
 @dataclass(slots=True)
@@ -90,6 +114,7 @@ class RequestRecord:
     max_tokens: int = 0
     hash_ids: list[int] = field(default_factory=list)  # the prompt's 512-token blocks (see trace_block_ids)
     finish_reason: str = ""
+    migrations: int = 0  # legs resumed on another node after tokens had gone out
     outcome: str = "ok"
     error: str = ""
     status: int = 200
@@ -114,7 +139,7 @@ class RequestRecord:
             extra={"fields": {
                 "request_id": self.request_id, "api": self.api, "model": self.model, "model_version": self.version,
                 "tenant": self.tenant, "node": self.node, "prefill_node": self.prefill_node, "nodes_tried": self.nodes_tried,
-                "attempts": len(self.nodes_tried), "placement": self.placement, "tier": self.tier,
+                "attempts": len(self.nodes_tried), "migrations": self.migrations, "placement": self.placement, "tier": self.tier,
                 "prefix_hit": self.prefix_hit_tokens > 0, "prefix_hit_tokens": self.prefix_hit_tokens,
                 "session": self.session, "session_nodes": self.session_nodes, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "max_tokens": self.max_tokens, "hash_ids": self.hash_ids,
@@ -140,8 +165,34 @@ def trace_block_ids(hashes: list[int], block_size: int, token_ids: list[int]) ->
     return block_hashes(token_ids, TRACE_BLOCK_TOKENS)
 
 
-class _Retry(Exception):
-    """This attempt failed before any output; try another node."""
+class _LegFailed(Exception):
+    """This leg's node failed (lost, stalled, refused as retryable, a gap in its stream):
+    the request goes on elsewhere, as a retry or, once tokens went out, a migration."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Progress:
+    """What the client has received so far, across legs: the completion's token ids."""
+
+    __slots__ = ("token_ids",)
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+
+    @property
+    def next_index(self) -> int:
+        return len(self.token_ids)
+
+
+def _trim(event: messages.Tokens, skip: int) -> messages.Tokens | None:
+    """`event` without its first `skip` tokens (the client has them already), or None."""
+    ids = event.token_ids[skip:]
+    if not ids:
+        return None
+    return messages.Tokens(request_id=event.request_id, index=event.index + skip, token_ids=ids, text=decode_output(ids))
 
 
 class Dispatcher:
@@ -157,8 +208,14 @@ class Dispatcher:
         tenants: TenantDirectory,
         sessions: SessionTable,
         max_attempts: int = 3,
+        max_migrations: int = 2,
+        default_timeout: float = 600.0,
         seed: int | None = None,
+        on_session: Callable[[str, str], None] | None = None,
+        on_suspect: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_session(session, node)` and `on_suspect(node)`: what this router learned
+        that the other routers should hear about (see services/router/peers.py)."""
         self._nodes = nodes
         self._candidates = CandidateIndex(nodes)  # the nodes serving each model, kept current per heartbeat
         self._models = models
@@ -169,7 +226,11 @@ class Dispatcher:
         self._tenants = tenants
         self._sessions = sessions
         self._max_attempts = max_attempts
+        self._max_migrations = max_migrations
+        self._default_timeout = default_timeout
         self._rng = random.Random(seed)
+        self._on_session = on_session
+        self._on_suspect = on_suspect
 
     # ------------------------------------------------------------------ admission
 
@@ -188,6 +249,11 @@ class Dispatcher:
             raise ModelNotFound(f"The model `{model}` does not exist or is not deployed.", param="model", code="model_not_found")
         return route
 
+    def max_context(self, model: str) -> int | None:
+        """The model's context limit, if it is routed (front doors stop tokenizing past it)."""
+        route = self._models.routes.get(model)
+        return route.max_context if route is not None else None
+
     def _limit_tokens(self, route: ModelRoute, params: GenerateParams) -> int:
         n_prompt = len(params.prompt_token_ids)
         limit = route.max_context
@@ -202,10 +268,21 @@ class Dispatcher:
             )
         return max_tokens
 
+    def _deadline(self, params: GenerateParams, record: RequestRecord) -> float:
+        """When the router stops working on the request: the client's timeout, else the
+        tenant's, else the router's default, whichever is shortest, from its arrival."""
+        limit = self._default_timeout
+        tenant = params.tenant
+        if tenant is not None and tenant.timeout_s is not None:
+            limit = min(limit, tenant.timeout_s)
+        if params.timeout is not None:
+            limit = min(limit, params.timeout)
+        return record.arrived + limit
+
     # ------------------------------------------------------------------ the request
 
     async def generate(self, params: GenerateParams, record: RequestRecord) -> AsyncIterator[messages.Tokens | messages.Finished]:
-        """Stream one request's tokens, retrying on another node until the first token."""
+        """Stream one request's tokens: retried before the first token, migrated after it."""
         tenant = params.tenant
         record.tenant = tenant.name if tenant is not None else "anonymous"
         route = self.resolve(params.model, tenant)
@@ -228,6 +305,9 @@ class Dispatcher:
             boundary=tenant.boundary if tenant is not None else ANYWHERE,
             workload=params.workload or (tenant.workload if tenant is not None else None),  # type: ignore[arg-type]
         )
+        # One seed for every leg: a migrated leg must continue the same completion.
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        deadline = self._deadline(params, record)
         span_name = f"{'chat' if params.api == 'chat' else 'text_completion'} {params.model}"
         with _spans.start_as_current_span(span_name) as span:
             span.set_attribute("gen_ai.operation.name", "chat" if params.api == "chat" else "text_completion")
@@ -237,11 +317,13 @@ class Dispatcher:
             span.set_attribute("tierflow.request_id", params.request_id)
             span.set_attribute("tierflow.tenant", record.tenant)
             try:
-                async for event in self._attempts(params, record, placement, route, max_tokens):
+                async for event in self._legs(params, record, placement, route, max_tokens, seed, deadline, span):
                     yield event
             except TierflowError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.message))
                 raise
+            finally:
+                span.set_attribute("tierflow.migrations", record.migrations)
             span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
             span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
             span.set_attribute("tierflow.node", record.node)
@@ -255,11 +337,26 @@ class Dispatcher:
             tenant.quota.charge(self._clock.monotonic(), record.prompt_tokens + record.completion_tokens)
         if record.session:
             record.session_nodes = self._sessions.touch(record.session, record.node)
-        if record.completion_tokens > 1 and record.time_to_first_token > 0:
+            if self._on_session is not None:
+                self._on_session(record.session, record.node)
+        if record.completion_tokens > 1 and record.time_to_first_token > 0 and not record.migrations:
             decode = self._clock.monotonic() - record.arrived - record.time_to_first_token
             self._models.observe_decode(record.model, decode)
 
-    def _place(self, placement: PlacementRequest, route: ModelRoute, tried: set[str], last_failure: str) -> tuple[str, str, PlacementRequest]:
+    def _suspect(self, node_id: str) -> None:
+        self._nodes.mark_suspect(node_id, self._clock.monotonic())
+        if self._on_suspect is not None:
+            self._on_suspect(node_id)
+
+    def _check_deadline(self, deadline: float, record: RequestRecord) -> None:
+        if self._clock.monotonic() >= deadline:
+            raise DeadlineExceeded(
+                f"the request's deadline passed after {deadline - record.arrived:.1f}s"
+                + (f" ({record.completion_tokens} tokens streamed)" if record.completion_tokens else " before any output"),
+                code="deadline_exceeded",
+            )
+
+    def _place(self, placement: PlacementRequest, route: ModelRoute, tried: set[str], last_failure: str, progress: _Progress) -> tuple[str, str, PlacementRequest]:
         """The next node to try, its placement reason, and the request (version may fall back)."""
         while True:
             try:
@@ -267,10 +364,18 @@ class Dispatcher:
                 choice = ranked.best
                 return choice.node_id, choice.reason, placement
             except NoEligibleNode as none:
-                if none.code == "version_not_served" and placement.version != route.default_version:
-                    # A canary version with no live node: its traffic goes to the stable version.
+                if none.code == "version_not_served" and placement.version != route.default_version and not progress.token_ids:
+                    # A canary version with no live node: its traffic goes to the stable version
+                    # (never mid-stream: the rest of a completion must come from the same version).
                     placement = replace(placement, version=route.default_version)
                     continue
+                if progress.token_ids:
+                    raise NodeFailure(
+                        f"the stream of model {placement.model!r} broke after {progress.next_index} tokens on "
+                        f"{', '.join(sorted(tried))} ({last_failure}), and no other node serving version "
+                        f"{placement.version!r} can resume it now: {none.reason}; the response is incomplete, retry the request",
+                        code="node_lost", retryable=True,
+                    ) from None
                 if tried:
                     raise NodeFailure(
                         f"model {placement.model!r} failed on {', '.join(sorted(tried))} before producing output ({last_failure}), "
@@ -279,19 +384,24 @@ class Dispatcher:
                     ) from None
                 raise NoCapacity(none.reason, code=none.code) from None
 
-    async def _attempts(
-        self, params: GenerateParams, record: RequestRecord, placement: PlacementRequest, route: ModelRoute, max_tokens: int
+    async def _legs(
+        self, params: GenerateParams, record: RequestRecord, placement: PlacementRequest, route: ModelRoute,
+        max_tokens: int, seed: int, deadline: float, span: Span,
     ) -> AsyncIterator[messages.Tokens | messages.Finished]:
         tried: set[str] = set()
+        progress = _Progress()
         last_failure = ""
-        overloaded = 0
-        for attempt in range(1, self._max_attempts + 1):
+        overloaded = retries = 0
+        attempt = 0
+        while True:
+            self._check_deadline(deadline, record)
             try:
-                node_id, reason, placement = self._place(placement, route, tried, last_failure)
+                node_id, reason, placement = self._place(placement, route, tried, last_failure, progress)
             except NodeFailure:
-                if tried and overloaded == len(tried):
+                if not progress.token_ids and tried and overloaded == len(tried):
                     break  # every node that could serve it is full: that is back-pressure, not failure
                 raise
+            attempt += 1
             record.version = placement.version or record.version
             tried.add(node_id)
             record.nodes_tried.append(node_id)
@@ -301,23 +411,39 @@ class Dispatcher:
             self._nodes.note_dispatch(node_id, params.model, evicts=self._models.at_risk(view, params.model) if view else ())
             request = messages.GenerateRequest(
                 request_id=params.request_id, model=params.model, version=record.version,
-                prompt_token_ids=params.prompt_token_ids, max_tokens=max_tokens,
-                seed=params.seed if params.seed is not None else self._rng.getrandbits(31), temperature=params.temperature,
-                ignore_eos=params.ignore_eos, stop=params.stop, tenant=record.tenant,
-                session_id=record.session, attempt=attempt,
-            )
+                prompt_token_ids=params.prompt_token_ids, max_tokens=max_tokens, seed=seed,
+                temperature=params.temperature, ignore_eos=params.ignore_eos, stop=params.stop, tenant=record.tenant,
+                session_id=record.session, attempt=attempt, resume_token_ids=list(progress.token_ids),
+                timeout_s=max(0.001, deadline - self._clock.monotonic()),
+            )  # fmt: skip
             try:
-                node = self._nodes.get(node_id)
-                deployment = self._models.deployment(node.deployment) if node is not None else None
+                deployment = self._models.deployment(view.deployment) if view is not None else None
                 if deployment is not None and deployment.mode == "disaggregated":
-                    request.kv_source = await self._prefill(request, deployment.name, placement, record)
-                async for event in self._stream(node_id, request, record, params):
+                    request.kv_source = await self._prefill(request, deployment.name, placement, record, deadline)
+                async for event in self._stream(node_id, request, record, params, progress, deadline):
                     yield event
                 return
-            except _Retry as retry:
-                last_failure = str(retry)
-                if "queue_full" in last_failure:
+            except _LegFailed as failure:
+                last_failure = str(failure)
+                if progress.token_ids:
+                    record.migrations += 1
+                    self._metrics.migrations.labels(params.model, failure.code).inc()
+                    span.add_event("tierflow.migration", {"tierflow.node": node_id, "tierflow.reason": failure.code, "tierflow.tokens_sent": progress.next_index})
+                    log.info("request %s: node %s failed after %d tokens (%s); resuming elsewhere", params.request_id, node_id, progress.next_index, failure,
+                             extra={"fields": {"request_id": params.request_id, "node": node_id, "tokens_sent": progress.next_index, "reason": failure.code}})  # fmt: skip
+                    if record.migrations > self._max_migrations:
+                        raise NodeFailure(
+                            f"the stream of model {params.model!r} broke {record.migrations} times ({', '.join(record.nodes_tried)}; "
+                            f"last: {failure}) after {progress.next_index} tokens; the response is incomplete, retry the request",
+                            code="node_lost", retryable=True,
+                        ) from None
+                    continue
+                self._metrics.retries.labels(params.model, failure.code).inc()
+                retries += 1
+                if failure.code == "queue_full":
                     overloaded += 1
+                if retries >= self._max_attempts:
+                    break
         if overloaded == len(tried):
             raise RateLimited(f"every node serving {params.model!r} is at capacity; retry shortly", retry_after=1.0, code="overloaded")
         raise NodeFailure(
@@ -325,16 +451,26 @@ class Dispatcher:
             code="no_healthy_node", retryable=True,
         )
 
-    async def _prefill(self, request: messages.GenerateRequest, deployment: str, placement: PlacementRequest, record: RequestRecord) -> str:
-        """Run the prompt on a prefill node of the deployment; return that node's id."""
+    def _failed(self, node_id: str, event: messages.Failed, record: RequestRecord, deadline: float) -> TierflowError | _LegFailed:
+        """What a node's `Failed` means for the request."""
+        if event.code in _CLIENT_ERRORS:
+            return InvalidRequest(event.message, code=event.code)
+        if event.code == "deadline_exceeded":
+            return DeadlineExceeded(f"the request's deadline passed after {deadline - record.arrived:.1f}s: {event.message}", code="deadline_exceeded")
+        if event.retryable:
+            return _LegFailed(f"node {node_id}: {event.code}: {event.message}", event.code)
+        return NodeFailure(f"node {node_id} failed the request: {event.message}", code=event.code)
+
+    async def _prefill(self, request: messages.GenerateRequest, deployment: str, placement: PlacementRequest, record: RequestRecord, deadline: float) -> str:
+        """Run the prompt (and any tokens already streamed) on a prefill node of the deployment; return that node's id."""
         now = self._clock.monotonic()
         candidates = [n for n in self._nodes.prefill_nodes(deployment) if n.takes_work(now)]
         if not candidates:
-            raise _Retry(f"no live prefill node in deployment {deployment!r}")
+            raise _LegFailed(f"no live prefill node in deployment {deployment!r}", "no_prefill_node")
         try:
             ranked = self._policy.rank(candidates, replace(placement, exclude=frozenset()), now, limit=1)
         except NoEligibleNode as none:
-            raise _Retry(none.reason) from None
+            raise _LegFailed(none.reason, "no_prefill_node") from None
         node_id = ranked.best.node_id
         record.prefill_node = node_id
         stream = await self._transport.open(node_id, msgspec.structs.replace(request, max_tokens=0), inject_headers({}), role="prefill")
@@ -344,27 +480,30 @@ class Dispatcher:
                 try:
                     event = await stream.next()
                 except NodeLost as lost:
-                    self._nodes.mark_suspect(node_id, self._clock.monotonic())
-                    raise _Retry(f"prefill node {node_id}: {lost.reason}") from None
+                    self._suspect(node_id)
+                    raise _LegFailed(f"prefill node {node_id}: {lost.reason}", "node_lost") from None
                 if type(event) is messages.Finished:
                     finished = True
                     record.prefix_hit_tokens = event.cached_tokens
                     return node_id
                 if type(event) is messages.Failed:
-                    if event.code in _CLIENT_ERRORS:
-                        raise InvalidRequest(event.message, code=event.code)
-                    raise _Retry(f"prefill node {node_id}: {event.code}: {event.message}")
+                    failure = self._failed(node_id, event, record, deadline)
+                    raise failure if not isinstance(failure, NodeFailure) else _LegFailed(str(failure), event.code)
+                self._check_deadline(deadline, record)
         finally:
             if finished:
                 stream.close()
             else:
                 await stream.cancel()
 
-    async def _stream(self, node_id: str, request: messages.GenerateRequest, record: RequestRecord, params: GenerateParams) -> AsyncIterator[messages.Tokens | messages.Finished]:
+    async def _stream(
+        self, node_id: str, request: messages.GenerateRequest, record: RequestRecord, params: GenerateParams,
+        progress: _Progress, deadline: float,
+    ) -> AsyncIterator[messages.Tokens | messages.Finished]:
         clock = self._clock
         labels = (params.model, record.version, record.tenant)
+        resumed = bool(progress.token_ids)
         stream: NodeStream = await self._transport.open(node_id, request, inject_headers({}))
-        got_tokens = False
         finished = False
         last_token_at = 0.0
         try:
@@ -372,54 +511,60 @@ class Dispatcher:
                 try:
                     event = await stream.next()
                 except NodeLost as lost:
-                    self._nodes.mark_suspect(node_id, clock.monotonic())
-                    if got_tokens:
-                        raise NodeFailure(
-                            f"node {node_id} was lost after streaming {record.completion_tokens} tokens ({lost.reason}); "
-                            "the response is incomplete, retry the request",
-                            code="node_lost",
-                        ) from None
-                    self._metrics.retries.labels(params.model, "node_lost").inc()
-                    raise _Retry(lost.reason) from None
-                if type(event) is messages.Tokens:
+                    self._suspect(node_id)
+                    raise _LegFailed(lost.reason, "node_lost") from None
+                kind = type(event)
+                if kind is messages.Tokens:
                     t = clock.monotonic()
-                    if not got_tokens:
-                        got_tokens = True
+                    if t >= deadline:
+                        self._check_deadline(deadline, record)
+                    expected = progress.next_index
+                    if event.index != expected:  # type: ignore[union-attr]
+                        if event.index > expected:  # type: ignore[union-attr]
+                            self._suspect(node_id)
+                            raise _LegFailed(f"node {node_id} skipped tokens {expected}..{event.index - 1} (a message was lost)", "gap")  # type: ignore[union-attr]
+                        trimmed = _trim(event, expected - event.index)  # type: ignore[arg-type, union-attr]
+                        if trimmed is None:
+                            continue
+                        event = trimmed
+                    if not record.time_to_first_token:
                         record.time_to_first_token = t - record.arrived
                         self._metrics.ttft.labels(*labels).observe(record.time_to_first_token)
-                    else:
-                        self._metrics.itl.labels(*labels).observe((t - last_token_at) / len(event.token_ids))
+                    elif last_token_at:
+                        self._metrics.itl.labels(*labels).observe((t - last_token_at) / len(event.token_ids))  # type: ignore[union-attr]
                     last_token_at = t
-                    record.completion_tokens += len(event.token_ids)
-                    yield event
-                elif type(event) is messages.Finished:
+                    progress.token_ids.extend(event.token_ids)  # type: ignore[union-attr]
+                    record.completion_tokens = len(progress.token_ids)
+                    yield event  # type: ignore[misc]
+                elif kind is messages.Finished:
+                    if event.completion_tokens > progress.next_index:  # type: ignore[union-attr]
+                        self._suspect(node_id)
+                        raise _LegFailed(f"node {node_id} finished at {event.completion_tokens} tokens but sent {progress.next_index} (a message was lost)", "gap")  # type: ignore[union-attr]
                     finished = True
-                    record.finish_reason = event.finish_reason
-                    record.prompt_tokens = event.prompt_tokens
-                    record.completion_tokens = event.completion_tokens
-                    record.prefix_hit_tokens = max(record.prefix_hit_tokens, event.cached_tokens)
-                    self._metrics.prompt_tokens.labels(*labels).inc(event.prompt_tokens)
-                    self._metrics.completion_tokens.labels(*labels).inc(event.completion_tokens)
+                    record.finish_reason = event.finish_reason  # type: ignore[union-attr]
+                    record.prompt_tokens = event.prompt_tokens  # type: ignore[union-attr]
+                    record.completion_tokens = event.completion_tokens  # type: ignore[union-attr]
+                    record.prefix_hit_tokens = max(record.prefix_hit_tokens, event.cached_tokens)  # type: ignore[union-attr]
+                    self._metrics.prompt_tokens.labels(*labels).inc(event.prompt_tokens)  # type: ignore[union-attr]
+                    self._metrics.completion_tokens.labels(*labels).inc(event.completion_tokens)  # type: ignore[union-attr]
                     self._settle(params, record)
-                    yield event
+                    yield event  # type: ignore[misc]
                     return
-                elif type(event) is messages.Started:
-                    record.decode_queue_time = event.queue_time
-                    record.tier = event.tier
-                    self._metrics.tiers.labels(params.model, event.tier).inc()
-                elif type(event) is messages.Failed:
-                    if event.code in _CLIENT_ERRORS:
-                        raise InvalidRequest(event.message, code=event.code)
-                    if got_tokens or not event.retryable:
-                        raise NodeFailure(f"node {node_id} failed the request: {event.message}", code=event.code)
-                    self._metrics.retries.labels(params.model, event.code).inc()
-                    raise _Retry(f"{event.code}: {event.message}")
-                # Accepted and Alive only prove the node is still there.
+                elif kind is messages.Started:
+                    if not resumed:  # the request's own queue and tier; a resumed leg's are recomputation
+                        record.decode_queue_time = event.queue_time  # type: ignore[union-attr]
+                        record.tier = event.tier  # type: ignore[union-attr]
+                        self._metrics.tiers.labels(params.model, event.tier).inc()  # type: ignore[union-attr]
+                elif kind is messages.Failed:
+                    raise self._failed(node_id, event, record, deadline)  # type: ignore[arg-type]
+                else:  # Accepted and Alive only prove the node is still there
+                    if clock.monotonic() >= deadline:
+                        self._check_deadline(deadline, record)
         finally:
             if finished:
                 stream.close()
             else:
-                await stream.cancel()  # client gone, error, or retry: free the node's slot
+                await stream.cancel()  # client gone, error, deadline or migration: free the node's slot
 
 
 def finish_record(record: RequestRecord, metrics: RouterMetrics, clock: Clock) -> None:

@@ -26,6 +26,7 @@ from tierflow.v1 import inference_pb2_grpc as pb_grpc
 __all__ = ["start_grpc", "STATUS_BY_HTTP"]
 
 STATUS_BY_HTTP = {
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
@@ -41,7 +42,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._clock = clock
         self._metrics = metrics
 
-    def _params(self, request: pb.GenerateRequest, request_id: str) -> GenerateParams:
+    def _params(self, request: pb.GenerateRequest, request_id: str, timeout: float | None = None) -> GenerateParams:
         which = request.WhichOneof("input")
         if which == "prompt":
             prompt_ids = encode(request.prompt)
@@ -58,7 +59,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             max_tokens=request.max_tokens or None, api="grpc",
             seed=request.seed if request.HasField("seed") else None,
             temperature=request.temperature if request.HasField("temperature") else 1.0,
-            ignore_eos=request.ignore_eos, session_header=request.session_id, user=request.user,
+            ignore_eos=request.ignore_eos, session_header=request.session_id, user=request.user, timeout=timeout,
         )
 
     async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[messages.Tokens | messages.Finished, RequestRecord]]:
@@ -68,7 +69,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             metadata = dict(context.invocation_metadata() or ())
             tenant = self._dispatcher.authenticate(bearer_token(metadata.get("authorization")))
-            params = self._params(request, request_id)
+            remaining = context.time_remaining()  # the client's gRPC deadline, None without one
+            params = self._params(request, request_id, remaining if remaining is not None and remaining > 0 else None)
             params.tenant = tenant
             events = self._dispatcher.generate(params, record)
             async with aclosing(events):

@@ -18,6 +18,7 @@ from tierflow.runtime.waiting import first
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.kv import follow
 from tierflow.runtime.service import ServiceContext, connect_nats
+from tierflow.runtime.supervise import supervised
 from tierflow.placement import SessionTable
 from tierflow.services.router.config import load_router_config
 from tierflow.services.router.dispatch import Dispatcher
@@ -25,6 +26,7 @@ from tierflow.services.router.grpc_api import start_grpc
 from tierflow.services.router.http_server import serve, shutdown
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.services.router.openai_api import OpenAIApi
+from tierflow.services.router.peers import RouterPeers
 from tierflow.services.router.settings import Settings
 from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.services.router.transport import NatsNodeTransport
@@ -73,32 +75,23 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     transport = NatsNodeTransport(nc, router_id, liveness_timeout=settings.liveness_timeout)
     await transport.start()
     await nc.subscribe(subjects.NODE_HEARTBEATS, cb=on_heartbeat)
-    watch = asyncio.create_task(
-        follow(nc.jetstream(), subjects.REGISTRY_BUCKET, ">", on_put=on_put, on_delete=on_delete, stopping=ctx.stopping),
-        name="registry-watch",
-    )
+    sessions = SessionTable(settings.session_capacity)
+    peers = RouterPeers(nc, router_id, clock, sessions=sessions, nodes=nodes, interval=settings.presence_interval)
+    await peers.start()
 
     async def housekeeping() -> None:
         while not ctx.stopping.is_set():
             now = clock.monotonic()
             nodes.forget_dead(now)
             metrics.nodes.set(len(nodes.live(now)))
-            try:
-                await asyncio.wait_for(ctx.stopping.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
+            await first(ctx.stopping.wait(), timeout=1.0)
 
     async def count_peers() -> None:
-        """Split the tenants' limits over the routers that answer service discovery."""
+        """Split the tenants' limits over the routers heard on NATS (their presence)."""
         counted = 1
         metrics.peers.set(counted)
-        while settings.peer_interval and not ctx.stopping.is_set():
-            try:
-                found = await discovery.discover(nc, timeout=min(0.5, settings.peer_interval))
-                routers = max(1, sum(1 for s in found if s.name == subjects.SERVICE_NAMES["router"]))
-            except Exception as exc:  # NATS reconnecting: keep the last count
-                log.warning("cannot count router peers: %s", exc)
-                routers = counted
+        while not ctx.stopping.is_set():
+            routers = peers.count()
             if routers != counted:
                 config.tenants.share(routers)
                 log.info("%d routers: each admits 1/%d of every tenant's rate limit and quota", routers, routers)
@@ -106,11 +99,19 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
             metrics.peers.set(counted)
             await first(ctx.stopping.wait(), timeout=settings.peer_interval)
 
-    chores = asyncio.create_task(housekeeping(), name="housekeeping")
+    loops = {
+        "registry-watch": lambda: follow(nc.jetstream(), subjects.REGISTRY_BUCKET, ">", on_put=on_put, on_delete=on_delete, stopping=ctx.stopping),
+        "housekeeping": housekeeping,
+        "peers": lambda: peers.run(ctx.stopping),
+    }
+    if settings.peer_interval:
+        loops["count-peers"] = count_peers
+    tasks = [asyncio.create_task(supervised(f"router {name}", loop, ctx.stopping), name=name) for name, loop in loops.items()]
     dispatcher = Dispatcher(
         nodes, models, transport, clock, metrics,
-        policy=config.policy, tenants=config.tenants, sessions=SessionTable(settings.session_capacity),
-        max_attempts=settings.max_attempts,
+        policy=config.policy, tenants=config.tenants, sessions=sessions,
+        max_attempts=settings.max_attempts, max_migrations=settings.max_migrations, default_timeout=settings.request_timeout,
+        on_session=peers.note_session, on_suspect=peers.note_suspect,
     )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
     http = await serve(api.handle, settings.http_host, settings.http_port, reuse_port=settings.reuse_port)
@@ -119,13 +120,14 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         nc, "router", router_id,
         http=f"http://{settings.http_host}:{settings.http_port}", grpc=f"{settings.grpc_host}:{settings.grpc_port}",
     )
-    peers = asyncio.create_task(count_peers(), name="count-peers")  # after register: this router counts itself
-    log.info("router %s: OpenAI on http://%s:%d/v1, gRPC on %s:%d", router_id, settings.http_host, settings.http_port, settings.grpc_host, settings.grpc_port)
+    log.info("router %s: OpenAI on http://%s:%d/v1, gRPC on %s:%d", router_id, settings.http_host, settings.http_port, settings.grpc_host, settings.grpc_port,
+             extra={"fields": {"router_id": router_id}})  # fmt: skip
     await ctx.stopping.wait()
 
     await asyncio.gather(shutdown(http, settings.drain_grace), grpc_server.stop(grace=settings.drain_grace))
-    for task in (watch, chores, peers):
+    await peers.close()
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(watch, chores, peers, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     await micro.stop()
     await nc.drain()

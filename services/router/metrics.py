@@ -27,6 +27,7 @@ class RouterMetrics:
         self.prompt_tokens = Counter("tierflow_router_prompt_tokens", "Prompt tokens of served requests", labels, **kw)
         self.completion_tokens = Counter("tierflow_router_generation_tokens", "Tokens streamed to clients", labels, **kw)
         self.retries = Counter("tierflow_router_retries", "Attempts moved to another node before the first token", ("model", "reason"), **kw)
+        self.migrations = Counter("tierflow_router_migrations", "Streams resumed on another node after tokens had gone out, by why the node's leg ended", ("model", "reason"), **kw)
         self.routing = Counter("tierflow_routing_decisions", "Placement decisions by reason (e.g. hbm+prefix+affinity)", ("model", "reason"), **kw)
         self.tiers = Counter("tierflow_model_tier_at_dispatch", "Where each request found its model on its node", ("model", "tier"), **kw)
         self.in_flight = Gauge("tierflow_router_requests_in_flight", "Requests the router is serving now", **kw)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import time
 import uuid
@@ -63,6 +64,29 @@ def _invalid_body(exc: msgspec.MsgspecError) -> InvalidRequest:
         param = where.group(1) if where else None
         return InvalidRequest(f"Invalid value for '{param}': {text}" if param else text, param=param)
     return InvalidRequest(f"The request body is not valid JSON: {text}")
+
+
+def _client_timeout(request: Request, stream: bool) -> float | None:
+    """How long the client will wait, when it says so: `x-tierflow-timeout` (seconds, the
+    whole request), or for a non-streamed request the OpenAI SDKs' `x-stainless-read-timeout`
+    (they give up reading after it, so work past it is wasted)."""
+    raw = request.headers.get("x-tierflow-timeout")
+    if raw is not None:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise InvalidRequest(f"x-tierflow-timeout must be a positive number of seconds, got {raw[:40]!r}", param="x-tierflow-timeout")
+        return seconds
+    raw = request.headers.get("x-stainless-read-timeout")
+    if raw is not None and not stream:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            return None
+        return seconds if math.isfinite(seconds) and seconds > 0 else None
+    return None
 
 
 def _record_headers(record: RequestRecord) -> tuple[tuple[str, str], ...]:
@@ -186,7 +210,7 @@ class OpenAIApi:
             api="chat" if chat else "completions", seed=body.seed,
             temperature=body.temperature if body.temperature is not None else 1.0,
             ignore_eos=body.ignore_eos, stop=stop, session_header=request.headers.get("x-session-id", ""),
-            user=body.user or "", workload=workload,
+            user=body.user or "", workload=workload, timeout=_client_timeout(request, body.stream),
         )
 
     def _usage(self, record: RequestRecord) -> dict[str, Any]:

@@ -19,6 +19,14 @@ class Settings(Struct, kw_only=True):
     router_id: str = ""  # empty: a fresh id per process (each router has its own reply subjects)
     liveness_timeout: Annotated[float, Meta(gt=0)] = 1.5
     max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
+    # Times one request's stream may be resumed on another node after its node failed
+    # mid-generation; one more failure is a clear error to the client.
+    max_migrations: Annotated[int, Meta(ge=0, le=10)] = 2
+    # The deadline of a request that names none (its timeout header, its gRPC deadline,
+    # its tenant's `timeout_s`): 10 minutes, the OpenAI clients' own default.
+    request_timeout: Annotated[float, Meta(gt=0)] = 600.0
+    # How often the router announces itself (nodes drop the streams of a silent router).
+    presence_interval: Annotated[float, Meta(gt=0, le=60)] = 1.0
     drain_grace: Annotated[float, Meta(ge=0)] = 5.0
     # A YAML file with `tenants:` / `anonymous_tenant:` (tierflow.placement.tenants) and
     # `placement:` (policy and weights). Without one, every caller is the open tenant
@@ -26,8 +34,9 @@ class Settings(Struct, kw_only=True):
     config: str = ""
     placement_policy: str = ""  # overrides the file's placement policy (hotness, round-robin, least-loaded, random)
     session_capacity: Annotated[int, Meta(gt=0)] = 100_000
-    # How often to count the routers on NATS: tenants' rate limits and quotas are split
-    # evenly over them (tierflow.placement.tenants). 0: never (this router keeps every limit whole).
+    # How often to count the routers on NATS (from their presence): tenants' rate limits
+    # and quotas are split evenly over them (tierflow.placement.tenants). 0: never (this
+    # router keeps every limit whole).
     peer_interval: Annotated[float, Meta(ge=0)] = 5.0
     # Let several router processes listen on the same HTTP port (SO_REUSEPORT: the kernel
     # spreads connections over them). gRPC servers share their port this way by default.

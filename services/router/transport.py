@@ -7,11 +7,17 @@ not one per request (the pattern of nats-py's own request mux, extended to strea
 A stream ends in one of three ways the caller can tell apart: the node's `Finished`,
 the node's `Failed`, or `NodeLost` (nobody listens on the node's subject, or the node
 fell silent longer than the liveness timeout: keep-alives come every 250 ms).
+
+Silence is the node's, not the router's: when this process's own event loop was stalled
+(a big request being parsed, a GC pause), the timer that says "silent" fires late, before
+the loop has read what the node sent meanwhile. A wait that ends late therefore gets one
+more window to read its socket before the node is called lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -23,8 +29,11 @@ from tierflow.contracts import messages, subjects
 
 __all__ = ["NodeLost", "NodeStream", "NodeTransport", "NatsNodeTransport"]
 
+log = logging.getLogger(__name__)
 _decode_event = messages.stream_decoder.decode
 _encode = messages.encoder.encode
+# A wait that ends this much after its timeout means our own loop was stalled.
+_STALL = 0.1
 
 
 class NodeLost(Exception):
@@ -61,10 +70,24 @@ class _NatsStream:
         self._closed = False
 
     async def next(self) -> messages.StreamEvent:
-        try:
-            msg = await asyncio.wait_for(self._queue.get(), self._timeout)
-        except asyncio.TimeoutError:
-            raise NodeLost(self.node_id, f"silent for {self._timeout:.2f}s") from None
+        queue = self._queue
+        if queue.empty():
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            try:
+                msg = await asyncio.wait_for(queue.get(), self._timeout)
+            except asyncio.TimeoutError:
+                late = loop.time() - began - self._timeout
+                if late < _STALL:
+                    raise NodeLost(self.node_id, f"silent for {self._timeout:.2f}s") from None
+                # Our loop was stalled: what the node sent may be unread in the socket.
+                log.info("router loop stalled %.2fs; giving %s one more window", late, self.node_id)
+                try:
+                    msg = await asyncio.wait_for(queue.get(), self._timeout)
+                except asyncio.TimeoutError:
+                    raise NodeLost(self.node_id, f"silent for {self._timeout:.2f}s (after a {late:.2f}s stall of the router)") from None
+        else:
+            msg = queue.get_nowait()
         if not msg.data:
             headers = msg.headers or {}
             if headers.get("Status") == "503":
@@ -76,10 +99,16 @@ class _NatsStream:
             raise NodeLost(self.node_id, f"undecodable stream message: {exc}") from None
 
     async def cancel(self) -> None:
-        """Tell the node to stop working on the request (the client went away)."""
+        """Tell the node to stop working on the request (the client went away, or the
+        request moved on). Best effort and never raises: it runs in `finally` blocks, where
+        an exception would replace the request's real outcome; a node that misses it drops
+        the stream at its deadline, or when this router falls silent."""
         if not self._closed:
-            await self._owner._nc.publish(subjects.node_cancel(self.node_id), _encode(messages.CancelRequest(request_id=self._request_id)))
-        self.close()
+            self.close()
+            try:
+                await self._owner._nc.publish(subjects.node_cancel(self.node_id), _encode(messages.CancelRequest(request_id=self._request_id)))
+            except Exception as exc:  # NATS down: nats-py raises several unrelated types
+                log.debug("cancel of %s on %s not sent: %s", self._request_id, self.node_id, exc)
 
     def close(self) -> None:
         if not self._closed:

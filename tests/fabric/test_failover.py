@@ -1,22 +1,27 @@
-"""A decode node dying mid-request: retried before the first token, a clear error after it.
+"""A decode node dying mid-request: retried before the first token, resumed after it.
 
 Runs its own `tierflow up` (it kills nodes) with a 405B model, whose prefill on the
-emulator takes long enough to kill the serving node between dispatch and first token.
+emulator takes long enough to kill the serving node between dispatch and first token,
+and whose decode (~130 tokens/s) is slow enough to kill it mid-stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
 import time
 
+import grpc
 import nats
 import openai
 import pytest
 
 from tierflow.contracts import messages, subjects
+from tierflow.v1 import inference_pb2 as pb
+from tierflow.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.fabric
 
@@ -126,26 +131,96 @@ def test_node_killed_before_first_token_is_retried_on_the_other(big_fabric) -> N
         watch.close()
 
 
-def test_node_killed_after_first_token_gives_a_clear_error(big_fabric) -> None:
-    _wait_live_nodes(big_fabric, 1)
+STORY = [{"role": "user", "content": "Write a long story."}]
+
+
+def _stream_text(client: openai.OpenAI, *, on_token=None, max_tokens: int = 300) -> tuple[str, int]:
+    """A streamed chat completion's text and its usage's completion tokens."""
+    stream = client.chat.completions.create(
+        model=MODEL, messages=STORY, max_tokens=max_tokens, seed=7, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    parts, usage, got = [], 0, 0
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+            got += 1
+            if on_token is not None:
+                on_token(got)
+    return "".join(parts), usage
+
+
+def _request_records(fabric) -> list[dict]:
+    return [r for r in (json.loads(line) for line in fabric.log("router").splitlines() if line.startswith("{")) if r.get("msg") == "request"]
+
+
+def test_node_killed_mid_stream_is_resumed_elsewhere_and_the_client_sees_one_stream(big_fabric) -> None:
+    """The exact stream an undisturbed run gives, with the serving node SIGKILLed 30 tokens in."""
+    _wait_live_nodes(big_fabric, 2)
     watch = NodeWatch(big_fabric.nats_url)
     try:
-        watch.wait_for_nodes(1)
+        watch.wait_for_nodes(2)
         client = openai.OpenAI(base_url=big_fabric.base_url, api_key="k", max_retries=0, timeout=60)
-        stream = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Write a long story."}], max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
-        )
+        reference, reference_tokens = _stream_text(client)
+        killed: list[str] = []
+
+        def kill_at_30(got: int) -> None:
+            if got == 30:
+                killed.append(watch.dispatched[-1])
+                _kill(watch.pids[killed[0]])
+
         started = time.monotonic()
-        got = 0
+        text, tokens = _stream_text(client, on_token=kill_at_30)
+        assert killed, "the stream ended before the kill"
+        assert time.monotonic() - started < 30
+        assert (text, tokens) == (reference, reference_tokens) and tokens == 300
+        assert watch.dispatched[-1] != killed[0]
+        record = _request_records(big_fabric)[-1]
+        assert record["migrations"] == 1 and record["outcome"] == "ok" and record["nodes_tried"][0] == killed[0]
+    finally:
+        watch.close()
+
+
+def test_grpc_streams_are_resumed_too(big_fabric) -> None:
+    _wait_live_nodes(big_fabric, 2)
+    watch = NodeWatch(big_fabric.nats_url)
+    try:
+        watch.wait_for_nodes(2)
+        request = pb.GenerateRequest(model=MODEL, prompt="Once upon a time", max_tokens=200, seed=3, ignore_eos=True)
+        with grpc.insecure_channel(f"{big_fabric.host}:{big_fabric.grpc_port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            reference = [c.token_ids for c in stub.Generate(request, timeout=60)]
+            resumed, killed = [], []
+            for chunk in stub.Generate(request, timeout=60):
+                resumed.append(chunk.token_ids)
+                if len(resumed) == 20:
+                    killed.append(watch.dispatched[-1])
+                    _kill(watch.pids[killed[0]])
+        assert killed
+        flat = [t for ids in resumed for t in ids]
+        assert flat == [t for ids in reference for t in ids] and len(flat) == 200
+    finally:
+        watch.close()
+
+
+def test_with_no_node_left_a_broken_stream_is_a_clear_error(big_fabric) -> None:
+    _wait_live_nodes(big_fabric, 2)
+    watch = NodeWatch(big_fabric.nats_url)
+    try:
+        watch.wait_for_nodes(2)
+        client = openai.OpenAI(base_url=big_fabric.base_url, api_key="k", max_retries=0, timeout=60)
+        started = time.monotonic()
+
+        def kill_all_at_5(got: int) -> None:
+            if got == 5:
+                for pid in set(watch.pids.values()):
+                    _kill(pid)
+
         with pytest.raises(openai.APIError) as err:
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    got += 1
-                    if got == 1:
-                        node = watch.dispatched[-1]
-                        _kill(watch.pids[node])
-        assert got >= 1
+            _stream_text(client, on_token=kill_all_at_5, max_tokens=2000)
         assert time.monotonic() - started < 20, "the error took too long: the client was left hanging"
-        assert "lost" in str(err.value.message) or "incomplete" in str(err.value.message)
+        assert "incomplete" in str(err.value.message)
     finally:
         watch.close()

@@ -126,11 +126,97 @@ async def test_retryable_failure_moves_on_but_client_errors_do_not() -> None:
     assert len(transport.opened) == 1
 
 
-async def test_node_lost_after_first_token_is_a_clear_error_not_a_replay() -> None:
-    dispatcher, transport, _ = _setup({"a": lost_after_tokens, "b": ok(2)})
-    with pytest.raises(NodeFailure, match="incomplete"):
+async def test_node_lost_after_first_token_resumes_on_another_node_without_a_seam() -> None:
+    dispatcher, transport, nodes = _setup({"a": lost_after_tokens, "b": ok(3)})
+    events, record = await _run(dispatcher)
+    tokens = [e for e in events if isinstance(e, messages.Tokens)]
+    # a sent token 0; b restarts the same completion and the router keeps only 1 and 2
+    assert [(t.index, t.token_ids) for t in tokens] == [(0, [1]), (1, [1]), (2, [2])]
+    assert isinstance(events[-1], messages.Finished) and record.completion_tokens == 3
+    assert record.migrations == 1 and record.nodes_tried == ["a", "b"] and record.node == "b"
+    resumed = transport.opened[1][1]
+    assert resumed.resume_token_ids == [1] and resumed.prompt_token_ids == [1, 2, 3] and resumed.attempt == 2
+    assert resumed.seed == transport.opened[0][1].seed  # the same completion, so the same seed
+    assert [n.node_id for n in nodes.views if n.suspect_until > 100.0] == ["a"]
+
+
+def _broken(*, index_after_gap: int) -> Callable[[messages.GenerateRequest], Script]:
+    """Token 0, then (a message lost) the token at `index_after_gap`."""
+    def script(req: messages.GenerateRequest) -> Script:
+        return [
+            messages.Tokens(request_id=req.request_id, index=0, token_ids=[0], text=" t0"),
+            messages.Tokens(request_id=req.request_id, index=index_after_gap, token_ids=[index_after_gap], text=f" t{index_after_gap}"),
+            messages.Finished(request_id=req.request_id, finish_reason="length", prompt_tokens=3, completion_tokens=index_after_gap + 1),
+        ]
+    return script
+
+
+async def test_a_gap_in_token_indices_is_a_node_failure_never_silence() -> None:
+    dispatcher, transport, _ = _setup({"a": _broken(index_after_gap=2), "b": ok(3)})
+    events, record = await _run(dispatcher)
+    assert [e.index for e in events if isinstance(e, messages.Tokens)] == [0, 1, 2]
+    assert record.migrations == 1 and transport.opened[1][1].resume_token_ids == [0]
+
+
+async def test_a_finish_that_claims_more_tokens_than_arrived_is_a_gap() -> None:
+    def finishes_short(req: messages.GenerateRequest) -> Script:
+        return [
+            messages.Tokens(request_id=req.request_id, index=0, token_ids=[0], text=" t0"),
+            messages.Finished(request_id=req.request_id, finish_reason="length", prompt_tokens=3, completion_tokens=3),
+        ]
+
+    dispatcher, _, _ = _setup({"a": finishes_short, "b": ok(3)})
+    events, record = await _run(dispatcher)
+    assert record.migrations == 1 and record.completion_tokens == 3
+    assert [e.index for e in events if isinstance(e, messages.Tokens)] == [0, 1, 2]
+
+
+async def test_a_node_shutting_down_mid_stream_is_migrated_too() -> None:
+    def shuts_down(req: messages.GenerateRequest) -> Script:
+        return [
+            messages.Tokens(request_id=req.request_id, index=0, token_ids=[0], text=" t0"),
+            messages.Failed(request_id=req.request_id, code="node_shutdown", message="bye", retryable=True),
+        ]
+
+    dispatcher, _, _ = _setup({"a": shuts_down, "b": ok(2)})
+    events, record = await _run(dispatcher)
+    assert record.migrations == 1 and isinstance(events[-1], messages.Finished)
+
+
+async def test_with_no_node_left_a_broken_stream_is_a_clear_error() -> None:
+    dispatcher, transport, _ = _setup({"a": lost_after_tokens})
+    seen: list[int] = []
+    with pytest.raises(NodeFailure, match="incomplete") as err:
+        params = GenerateParams(request_id="req1", model="m", prompt_token_ids=[1, 2, 3], max_tokens=8, api="chat")
+        async for event in dispatcher.generate(params, RequestRecord(request_id="req1", api="chat", arrived=100.0)):
+            seen += [event.index] if isinstance(event, messages.Tokens) else []
+    assert seen == [0] and err.value.code == "node_lost" and len(transport.opened) == 1
+
+
+async def test_migrations_are_limited_per_request() -> None:
+    dispatcher, transport, _ = _setup({n: lost_after_tokens for n in "abcde"})
+    with pytest.raises(NodeFailure, match="broke 3 times"):
         await _run(dispatcher)
-    assert len(transport.opened) == 1
+    assert len(transport.opened) == 3  # max_migrations = 2: the third failure ends it
+
+
+async def test_the_deadline_goes_to_the_node_and_ends_the_wait() -> None:
+    from tierflow.runtime.errors import DeadlineExceeded
+
+    dispatcher, transport, _ = _setup({"a": ok(1)})
+    clock = dispatcher._clock
+    params = GenerateParams(request_id="r", model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, api="chat", timeout=2.5)
+    [e async for e in dispatcher.generate(params, RequestRecord(request_id="r", api="chat", arrived=clock.monotonic()))]
+    assert transport.opened[0][1].timeout_s == pytest.approx(2.5)
+
+    def slow(req: messages.GenerateRequest) -> Script:
+        clock.advance(3.0)  # type: ignore[attr-defined]  # the node queues it past the deadline
+        return [messages.Accepted(request_id=req.request_id, node_id="a"), messages.Alive(request_id=req.request_id)]
+
+    dispatcher._transport.behaviour["a"] = slow  # type: ignore[attr-defined]
+    with pytest.raises(DeadlineExceeded) as err:
+        [e async for e in dispatcher.generate(params, RequestRecord(request_id="r", api="chat", arrived=clock.monotonic()))]
+    assert err.value.http_status == 504 and transport.opened[-1][2].cancelled
 
 
 async def test_all_nodes_failing_ends_with_a_retryable_error() -> None:
