@@ -30,6 +30,7 @@ class NodeIdentity:
     started_at: float = 0.0
     cordoned: bool = False
     draining: bool = False
+    cordon_owner: str = ""  # who cordoned it (tierflow.contracts.autoscaler); "" when not cordoned
     bundle_outdated: bool = False
 
 
@@ -86,6 +87,7 @@ def build_heartbeat(
         # node-wide list left empty: the per-model lists above say the same, more precisely
         cordoned=identity.cordoned,
         draining=identity.draining,
+        cordon_owner=identity.cordon_owner if identity.cordoned else "",
         bundle_outdated=identity.bundle_outdated,
         ttft_p95=report.ttft_p95,
         itl_p95=report.itl_p95,

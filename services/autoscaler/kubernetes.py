@@ -15,10 +15,16 @@ Convention (the manifests in deploy/ follow it):
   `controller.kubernetes.io/pod-deletion-cost: "-1000"` so the ReplicaSet removes that
   pod and no other, then PATCH `scale` to replicas - 1. The pod still gets SIGTERM and
   drains itself; terminationGracePeriodSeconds must exceed the node's drain grace.
+  If anything after the annotation fails, the annotation is removed again (a merge
+  patch with null) before the error is reported: a pod that stays must not remain the
+  ReplicaSet's first choice for the next, unrelated scale-down.
+- Stopping is idempotent, since a restarted autoscaler repeats a stop it may have
+  begun: a pod already terminating (`deletionTimestamp` set) has had its replica given
+  back, so nothing more is done. A pod already gone still gives its replica back.
 - The pod template is never touched: region (node selectors, topology) and residency
   stay what the manifest says.
 - RBAC for the autoscaler's service account, in the namespace: `deployments/scale`
-  get + patch, `pods` patch.
+  get + patch, `pods` get + patch.
 
 The API is reached with the in-cluster service-account token (re-read per call: it is
 rotated) over HTTPS with the cluster CA, through urllib in a worker thread. No client
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import ssl
@@ -43,6 +50,7 @@ from tierflow.services.autoscaler.actuators import ActuatorError
 
 __all__ = ["KubeApi", "KubeApiError", "KubernetesActuator", "kube_name", "DELETION_COST"]
 
+log = logging.getLogger("tierflow.autoscaler")
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _MERGE_PATCH = "application/merge-patch+json"
@@ -157,16 +165,47 @@ class KubernetesActuator:
             await self._set_replicas(name, await self._replicas(name) + count)
         return []  # Kubernetes names the pods
 
+    def _pod_path(self, pod: str) -> str:
+        return f"/api/v1/namespaces/{self.namespace}/pods/{pod}"
+
+    async def _terminating(self, pod: str) -> bool:
+        """The pod is on its way out already (deletionTimestamp set); False when it is gone."""
+        try:
+            found = await self._api.request("GET", self._pod_path(pod))
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return bool(found.get("metadata", {}).get("deletionTimestamp"))
+
     async def stop_node(self, deployment: registry.DeploymentRecord, pool: str, node_id: str) -> None:
         name = self.deployment_name(deployment.name, pool)
         async with self._lock(name):
+            if await self._terminating(node_id):
+                return  # its replica was given back already (a stop repeated after a restart)
+            annotated = False
             try:
-                await self._api.request("PATCH", f"/api/v1/namespaces/{self.namespace}/pods/{node_id}",
-                                        {"metadata": {"annotations": {DELETION_COST: "-1000"}}})  # fmt: skip
+                await self._api.request("PATCH", self._pod_path(node_id), {"metadata": {"annotations": {DELETION_COST: "-1000"}}})
+                annotated = True
             except KubeApiError as exc:
                 if exc.status != 404:  # no such pod: it is gone already; still give the replica back
                     raise
-            await self._set_replicas(name, max(0, await self._replicas(name) - 1))
+            try:
+                await self._set_replicas(name, max(0, await self._replicas(name) - 1))
+            except Exception as exc:
+                if annotated:
+                    await self._unmark(node_id, exc)
+                raise
+
+    async def _unmark(self, pod: str, cause: BaseException) -> None:
+        """Take the deletion cost off a pod that stays (the scale-down failed)."""
+        try:
+            await self._api.request("PATCH", self._pod_path(pod), {"metadata": {"annotations": {DELETION_COST: None}}})
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return
+            log.error("pod %s keeps %s after a failed scale-down (%s): the next scale-down of its Deployment removes it first; "
+                      "remove it by hand: kubectl -n %s annotate pod %s %s- (could not: %s)", pod, DELETION_COST, cause, self.namespace, pod, DELETION_COST, exc)  # fmt: skip
 
     async def provisioned(self, deployment: registry.DeploymentRecord, pool: str) -> int:
         return await self._replicas(self.deployment_name(deployment.name, pool))

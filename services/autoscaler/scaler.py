@@ -7,11 +7,16 @@ that change something, and carries them out:
 
 - up: first take back nodes it is still draining (uncordon: warm capacity at once),
   then ask the actuator for the rest;
-- down: pick the cheapest nodes (`choose_victims`), and for each, in the background,
-  drain it over its control endpoint (cordon; the router stops sending at its next
-  heartbeat), wait until nothing is in flight (or `drain_timeout`), then have the
-  actuator stop it. Nothing in flight is lost: the node is empty when it is stopped,
-  and even then it drains itself on SIGTERM.
+- down: pick the cheapest nodes (`choose_victims`) and hand each to the `Remover`
+  (remover.py): record it in the removal book, drain it over its control endpoint
+  (cordon; the router stops sending at its next heartbeat), wait until nothing is in
+  flight (or `drain_timeout`), then have the actuator stop it. Nothing in flight is
+  lost: the node is empty when it is stopped, and even then it drains itself on SIGTERM.
+
+Each tick first takes over removal records no task here runs for (a predecessor's, after
+a crash or a change of lease holder): the same tick's decision finishes or undoes them.
+Only an instance holding the lease ticks (`run`), and every actuation checks it again
+(`Gate`, lease.py): a standby publishes nothing and touches nothing.
 
 A failed actuation is logged and counted; the next tick sees the fleet as it is and
 decides again.
@@ -20,10 +25,8 @@ decides again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from tierflow.contracts import messages, registry
 from tierflow.runtime.clock import Clock
@@ -32,20 +35,14 @@ from tierflow.scaling import Decision, DeploymentState, PoolDecision, ScalingCon
 from tierflow.scaling.fleet import FleetView, pool_bounds
 from tierflow.services.autoscaler.actuators import Actuator, ActuatorError, SupportsInventory
 from tierflow.services.autoscaler.metrics import AutoscalerMetrics
-from tierflow.services.autoscaler.node_control import NodeControl, NodeControlError
+from tierflow.services.autoscaler.node_control import NodeControl
+from tierflow.services.autoscaler.removals import RemovalBook
+from tierflow.services.autoscaler.remover import Gate, Remover, Solo
 
 __all__ = ["Autoscaler"]
 
 log = logging.getLogger("tierflow.autoscaler")
 Publish = Callable[[bytes], Awaitable[None]]
-STATUS_FAILURES_BEFORE_GONE = 3
-
-
-@dataclass(slots=True)
-class _Removal:
-    node_id: str
-    task: asyncio.Task[None] | None = None
-    stopping: bool = False  # past the drain: too late to take it back
 
 
 class Autoscaler:
@@ -62,19 +59,22 @@ class Autoscaler:
         drain_timeout: float = 600.0,
         start_timeout: float = 120.0,
         drain_poll: float = 0.25,
+        book: RemovalBook | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.fleet = fleet
         self.actuator = actuator
-        self._control = control
         self._publish = publish
         self._clock = clock
         self.config = config
         self._metrics = metrics
-        self._drain_timeout = drain_timeout
         self._start_timeout = start_timeout
-        self._drain_poll = drain_poll
+        self._gate: Gate = gate if gate is not None else Solo()
+        self._remover = (
+            Remover(fleet, actuator, control, clock, metrics, book=book, gate=self._gate, drain_timeout=drain_timeout, drain_poll=drain_poll)
+            if actuator is not None else None
+        )  # fmt: skip
         self.states: dict[str, DeploymentState] = {}
-        self._removals: dict[tuple[str, str], dict[str, _Removal]] = {}
         self._pending: dict[tuple[str, str], list[float]] = {}  # start times, for actuators without inventory
         self._known: dict[tuple[str, str], set[str]] = {}
         self._bad_bounds: set[str] = set()
@@ -85,13 +85,21 @@ class Autoscaler:
 
     def removing(self, deployment: str, pool: str) -> list[str]:
         """Nodes being drained and stopped right now."""
-        return list(self._removals.get((deployment, pool), {}))
+        return self._remover.removing(deployment, pool) if self._remover is not None else []
 
     # -- the tick ---------------------------------------------------------------------
     async def tick(self) -> list[Decision]:
         """Decide (and act) once for every deployment in the registry."""
         now = self._clock.monotonic()
         self.fleet.expire(now)
+        adopted = await self._remover.adopt(now) if self._remover is not None else []
+        try:
+            return await self._decide(now)
+        finally:
+            if self._remover is not None:
+                self._remover.resume(adopted)
+
+    async def _decide(self, now: float) -> list[Decision]:
         decisions = []
         for name, record in list(self.fleet.deployments.items()):
             try:
@@ -103,7 +111,7 @@ class Autoscaler:
                 continue
             self._bad_bounds.discard(name)
             starting = {pool: await self._starting(record, pool, now) for pool in bounds}
-            removing = {pool: len(self._removals.get((name, pool), {})) for pool in bounds}
+            removing = {pool: len(self.removing(name, pool)) for pool in bounds}
             snapshot = self.fleet.deployment_snapshot(record, bounds, now, starting=starting, removing=removing)
             self.states[name], decision = tick(self.states.get(name), snapshot, now, self.config)
             for pool_decision in decision.pools:
@@ -133,7 +141,7 @@ class Autoscaler:
     def _victims(self, record: registry.DeploymentRecord, decision: PoolDecision, now: float) -> list[str]:
         if decision.action != "down" or self.actuator is None:
             return []
-        busy = set(self._removals.get((record.name, decision.pool), {}))
+        busy = set(self.removing(record.name, decision.pool))
         return choose_victims(self.fleet.candidates(record.name, decision.pool, now, exclude=busy), decision.current - decision.desired)
 
     async def _report(self, record: registry.DeploymentRecord, d: PoolDecision, victims: list[str]) -> None:
@@ -158,23 +166,19 @@ class Autoscaler:
 
     # -- carrying decisions out -------------------------------------------------------
     async def _carry_out(self, record: registry.DeploymentRecord, d: PoolDecision, victims: list[str]) -> None:
-        if self.actuator is None or d.action == "hold":
+        if self.actuator is None or self._remover is None or d.action == "hold":
             return
         if d.action == "up":
             await self._scale_up(record, d.pool, d.desired - d.current)
         else:
             for node_id in victims:
-                removal = _Removal(node_id)
-                self._removals.setdefault((record.name, d.pool), {})[node_id] = removal
-                removal.task = asyncio.create_task(self._remove(record, d.pool, removal), name=f"remove-{node_id}")
+                self._remover.begin(record, d.pool, node_id)
 
     async def _scale_up(self, record: registry.DeploymentRecord, pool: str, count: int) -> None:
-        assert self.actuator is not None
+        assert self.actuator is not None and self._remover is not None
         key = (record.name, pool)
-        for removal in [r for r in self._removals.get(key, {}).values() if not r.stopping][:count]:
-            await self._reclaim(record, pool, removal)
-            count -= 1
-        if count <= 0:
+        count -= await self._remover.take_back(record.name, pool, count)  # warm capacity first
+        if count <= 0 or not self._gate.may_act():
             return
         try:
             started = await self.actuator.start_nodes(record, pool, count)
@@ -187,87 +191,30 @@ class Autoscaler:
         log.info("deployment %s/%s: started %s", record.name, pool, ", ".join(started) or f"{count} node(s)",
                  extra={"fields": {"deployment": record.name, "pool": pool, "started": started, "count": count}})  # fmt: skip
 
-    async def _reclaim(self, record: registry.DeploymentRecord, pool: str, removal: _Removal) -> None:
-        """Load came back while a node drained: cancel its removal and put it back in rotation."""
-        if removal.task is not None:
-            removal.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await removal.task
-        try:
-            await self._control.command(removal.node_id, "uncordon")
-            self._metrics.actuations.labels(record.name, pool, "reclaim", "ok").inc()
-            log.info("deployment %s/%s: took %s back (uncordoned)", record.name, pool, removal.node_id)
-        except NodeControlError as exc:
-            self._metrics.actuations.labels(record.name, pool, "reclaim", "error").inc()
-            log.warning("deployment %s/%s: could not uncordon %s: %s", record.name, pool, removal.node_id, exc)
-
-    async def _remove(self, record: registry.DeploymentRecord, pool: str, removal: _Removal) -> None:
-        """cordon (drain) -> wait until empty -> stop. Runs as its own task per node."""
-        assert self.actuator is not None
-        node_id, key = removal.node_id, (record.name, pool)
-        began = self._clock.monotonic()
-        try:
-            try:
-                in_flight = (await self._control.command(node_id, "drain")).in_flight
-            except NodeControlError as exc:
-                self._metrics.actuations.labels(record.name, pool, "drain", "error").inc()
-                log.warning("deployment %s/%s: not removing %s: %s", record.name, pool, node_id, exc)
-                return
-            failures = 0
-            while in_flight > 0 and self._clock.monotonic() - began < self._drain_timeout and failures < STATUS_FAILURES_BEFORE_GONE:
-                await self._clock.sleep(self._drain_poll)
-                try:
-                    in_flight = (await self._control.command(node_id, "status")).in_flight
-                    failures = 0
-                except NodeControlError:
-                    failures += 1  # it may have died; after a few misses it is treated as gone
-            drained = self._clock.monotonic() - began
-            self._metrics.drain_seconds.labels(record.name, pool).observe(drained)
-            self._metrics.actuations.labels(record.name, pool, "drain", "ok" if in_flight == 0 else "timeout").inc()
-            if in_flight > 0 and failures < STATUS_FAILURES_BEFORE_GONE:
-                log.warning("deployment %s/%s: %s still has %d request(s) after %.0fs; stopping it (it drains itself on SIGTERM)",
-                            record.name, pool, node_id, in_flight, drained)  # fmt: skip
-            removal.stopping = True
-            try:
-                await self.actuator.stop_node(record, pool, node_id)
-            except ActuatorError as exc:
-                self._metrics.actuations.labels(record.name, pool, "stop", "error").inc()
-                log.warning("deployment %s/%s: could not stop %s (%s); putting it back in rotation", record.name, pool, node_id, exc)
-                with contextlib.suppress(NodeControlError):
-                    await self._control.command(node_id, "uncordon")
-                return
-            self.fleet.removed(node_id, self._clock.monotonic())
-            self._metrics.actuations.labels(record.name, pool, "stop", "ok").inc()
-            log.info("deployment %s/%s: removed %s (drained in %.2fs)", record.name, pool, node_id, drained,
-                     extra={"fields": {"deployment": record.name, "pool": pool, "node": node_id, "drain_seconds": round(drained, 3)}})  # fmt: skip
-        finally:
-            self._removals.get(key, {}).pop(node_id, None)
-
     # -- running ----------------------------------------------------------------------
-    async def run(self, stopping: asyncio.Event, interval: float, *, ready: asyncio.Event | None = None) -> None:
-        """Tick every `interval` until `stopping` (after `ready`, e.g. the registry snapshot)."""
+    async def run(self, stopping: asyncio.Event, interval: float, *, ready: asyncio.Event | None = None, wake: asyncio.Event | None = None) -> None:
+        """Tick every `interval` until `stopping`, while this instance may act (the lease)
+        and once `ready` (the registry snapshot and the warm-up). `wake` ticks at once (the
+        lease was just taken: a predecessor's removals are finished or undone now)."""
         while not stopping.is_set():
-            await first(self._clock.sleep(interval), stopping.wait())
+            await first(self._clock.sleep(interval), stopping.wait(), *([wake.wait()] if wake is not None else []))
+            if wake is not None:
+                wake.clear()
             if stopping.is_set():
                 break
-            if ready is not None and not ready.is_set():
+            if (ready is not None and not ready.is_set()) or not self._gate.may_act():
                 continue
             try:
                 await self.tick()
             except Exception:  # one bad tick must not end the autoscaler
                 log.exception("autoscaler tick failed")
 
+    async def stand_down(self) -> None:
+        """The lease is lost: stop every removal where it is (see Remover.stand_down)."""
+        if self._remover is not None:
+            await self._remover.stand_down()
+
     async def close(self) -> None:
         """Stop removals still draining (their nodes go back in rotation); let stops finish."""
-        for (deployment, pool), removals in list(self._removals.items()):
-            for removal in list(removals.values()):
-                if removal.stopping:
-                    if removal.task is not None:
-                        with contextlib.suppress(Exception):
-                            await asyncio.wait_for(removal.task, 20.0)
-                    continue
-                record = self.fleet.deployments.get(deployment)
-                if record is not None:
-                    await self._reclaim(record, pool, removal)
-                elif removal.task is not None:
-                    removal.task.cancel()
+        if self._remover is not None:
+            await self._remover.close()

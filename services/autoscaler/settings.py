@@ -4,7 +4,8 @@ The policy's knobs are the fields of `tierflow.scaling.ScalingConfig` under the 
 names (`--ttft-slo`, `--stable-window`, ... / `TIERFLOW_TTFT_SLO`, ...); `scaling()`
 hands them to the pure policy, and a bad combination is refused when the settings are
 read, naming the fields. The rest belongs to the shell: how often to tick, which
-actuator carries decisions out, and how long a drain or a start may take.
+actuator carries decisions out, how long a drain or a start may take, and the lease
+that lets one instance act while others stand by.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ class Settings(ScalingConfig, frozen=True, kw_only=True):
     start_timeout: PositiveSeconds = 120.0  # a started node not heard by then no longer counts as starting
     actuation_timeout: PositiveSeconds = 30.0  # one call to the supervisor or the Kubernetes API
 
+    # -- one active instance (services/autoscaler/lease.py) --
+    # Not renewed for this long, the lease passes to a standby (None: 3 intervals). A
+    # standby also warms up meanwhile, so keep it >= warm_up: a successor then acts on a
+    # full view of the fleet as soon as it holds the lease.
+    lease_ttl: PositiveSeconds | None = None
+    instance_id: str = ""  # who holds the lease (empty: host-pid-random, unique per process)
+    kv_replicas: Annotated[int, Meta(ge=1, le=5)] = 3  # copies of the autoscaler's KV bucket on a NATS cluster (1 on a single server)
+
     # -- the Kubernetes actuator --
     kube_api_url: str = ""  # empty: in-cluster, https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
     kube_namespace: str = ""  # empty: the service account's namespace
@@ -55,6 +64,12 @@ class Settings(ScalingConfig, frozen=True, kw_only=True):
         super().__post_init__()  # the policy's cross-field rules, checked when the settings are read
         if "{deployment}" not in self.kube_name_template or "{pool}" not in self.kube_name_template:
             raise ValueError("kube_name_template must contain {deployment} and {pool}")
+        if self.lease_ttl_s() < 2 * self.interval:
+            raise ValueError(f"lease_ttl ({self.lease_ttl_s():g}s) must be at least two intervals ({2 * self.interval:g}s): "
+                             "the lease is renewed once an interval, and one late renewal must not cost it")  # fmt: skip
+
+    def lease_ttl_s(self) -> float:
+        return 3 * self.interval if self.lease_ttl is None else self.lease_ttl
 
     def warm_up_s(self) -> float:
         return self.max_signal_age if self.warm_up is None else self.warm_up

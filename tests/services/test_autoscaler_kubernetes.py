@@ -32,6 +32,8 @@ class FakeKube:
         self.annotations: dict[str, dict[str, str]] = {"pod-a": {}, "pod-b": {}}
         self.log: list[tuple[str, str, str, str, dict]] = []  # method, path, auth, content type, body
         self.forbidden = False
+        self.terminating: set[str] = set()  # pods with a deletionTimestamp
+        self.scale_patch_fails = False  # the scale subresource refuses a PATCH (e.g. an admission webhook)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -62,14 +64,24 @@ class FakeKube:
                     if name not in kube.replicas:
                         return self._reply(404, {"kind": "Status", "message": f'deployments.apps "{name}" not found'})
                     if self.command == "PATCH":
+                        if kube.scale_patch_fails:
+                            return self._reply(500, {"kind": "Status", "message": "Internal error occurred: admission webhook timed out"})
                         kube.replicas[name] = body["spec"]["replicas"]
                     return self._reply(200, {"kind": "Scale", "spec": {"replicas": kube.replicas[name]}, "status": {"replicas": kube.replicas[name]}})
-                if self.path.startswith(f"/api/v1/namespaces/{NS}/pods/") and self.command == "PATCH":
+                if self.path.startswith(f"/api/v1/namespaces/{NS}/pods/"):
                     pod = parts[-1]
                     if pod not in kube.annotations:
                         return self._reply(404, {"kind": "Status", "message": f'pods "{pod}" not found'})
-                    kube.annotations[pod].update(body["metadata"]["annotations"])
-                    return self._reply(200, {"kind": "Pod", "metadata": {"name": pod, "annotations": kube.annotations[pod]}})
+                    if self.command == "PATCH":  # a JSON merge patch: null removes the key
+                        for key, value in body["metadata"]["annotations"].items():
+                            if value is None:
+                                kube.annotations[pod].pop(key, None)
+                            else:
+                                kube.annotations[pod][key] = value
+                    metadata = {"name": pod, "annotations": kube.annotations[pod]}
+                    if pod in kube.terminating:
+                        metadata["deletionTimestamp"] = "2026-12-07T11:20:03Z"
+                    return self._reply(200, {"kind": "Pod", "metadata": metadata})
                 return self._reply(404, {"kind": "Status", "message": "no route"})
 
             do_GET = do_PATCH = _handle
@@ -129,7 +141,32 @@ async def test_scale_down_marks_the_drained_pod_then_gives_one_replica_back(kube
     await actuator(kube, token).stop_node(record(), "decode", "pod-b")
     assert kube.annotations == {"pod-a": {}, "pod-b": {DELETION_COST: "-1000"}}
     assert kube.replicas["tierflow-default-decode"] == 1
-    assert [entry[0] for entry in kube.log] == ["PATCH", "GET", "PATCH"]  # annotate first, then scale
+    pod, scale = f"/api/v1/namespaces/{NS}/pods/pod-b", f"/apis/apps/v1/namespaces/{NS}/deployments/tierflow-default-decode/scale"
+    assert [entry[:2] for entry in kube.log] == [("GET", pod), ("PATCH", pod), ("GET", scale), ("PATCH", scale)]  # annotate first, then scale
+
+
+async def test_a_failed_scale_down_leaves_no_deletion_cost_behind(kube: FakeKube, token: Path) -> None:
+    """The pod stays (the scale patch failed), so it must not stay marked: the next,
+    unrelated scale-down would remove it first, whatever the autoscaler chose then."""
+    kube.replicas["tierflow-default-decode"] = 2
+    kube.scale_patch_fails = True
+    with pytest.raises(KubeApiError, match="500.*admission webhook"):
+        await actuator(kube, token).stop_node(record(), "decode", "pod-b")
+    assert kube.annotations == {"pod-a": {}, "pod-b": {}}
+    assert kube.replicas["tierflow-default-decode"] == 2
+    method, path, _, content_type, body = kube.log[-1]
+    assert (method, path, content_type) == ("PATCH", f"/api/v1/namespaces/{NS}/pods/pod-b", "application/merge-patch+json")
+    assert body == {"metadata": {"annotations": {DELETION_COST: None}}}
+
+
+async def test_a_stop_repeated_after_a_restart_gives_no_second_replica_back(kube: FakeKube, token: Path) -> None:
+    """A restarted autoscaler repeats a stop it may have begun: a pod already terminating
+    had its replica given back, so the Deployment is not scaled down again."""
+    kube.replicas["tierflow-default-decode"] = 1  # pod-b's replica is given back already
+    kube.terminating.add("pod-b")
+    await actuator(kube, token).stop_node(record(), "decode", "pod-b")
+    assert kube.replicas["tierflow-default-decode"] == 1
+    assert [entry[0] for entry in kube.log] == ["GET"] and kube.annotations["pod-b"] == {}
 
 
 async def test_a_pod_already_gone_still_gives_its_replica_back(kube: FakeKube, token: Path) -> None:

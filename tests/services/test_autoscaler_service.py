@@ -8,6 +8,7 @@ scale-down sequence talks to fake node control endpoints on NATS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -15,16 +16,19 @@ from dataclasses import dataclass, field
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from prometheus_client import CollectorRegistry
 
 from tierflow.contracts import messages, registry, subjects
+from tierflow.nodehost.beat import NodeIdentity
+from tierflow.nodehost.control import apply_command
 from tierflow.runtime.clock import VirtualClock
 from tierflow.runtime.kv import open_bucket
 from tierflow.services.autoscaler.actuators import VirtualActuator
 from tierflow.services.autoscaler.bootstrap import AutoscalerService, bootstrap
 from tierflow.services.autoscaler.settings import Settings
 
-FAST = dict(interval=0.1, panic_window=0.0, stable_window=1.0, cooldown_up=0.0, cooldown_down=0.0, max_signal_age=2.0, warm_up=0.0)
+FAST = dict(interval=0.1, panic_window=0.0, stable_window=1.0, cooldown_up=0.0, cooldown_down=0.0, max_signal_age=2.0, warm_up=0.0, lease_ttl=5.0)
 
 
 @dataclass
@@ -61,6 +65,10 @@ async def _put_deployment(nc: NATS, name: str, *, lo: int = 1, hi: int = 4) -> N
 async def harness_factory(nats_url: str) -> AsyncIterator[Callable[..., object]]:
     made: list[Harness] = []
     nc = await nats.connect(nats_url)
+    # A test's removal records outlive it (a node it never ran cannot be uncordoned, so its
+    # record stays in doubt, as it should); node ids repeat across tests: start clean.
+    with contextlib.suppress(BucketNotFoundError, NotFoundError):
+        await nc.jetstream().delete_key_value(subjects.AUTOSCALER_BUCKET)
 
     async def make(nodes: list[str], *, clock: VirtualClock | None = None, run: bool = True, **overrides: object) -> Harness:
         deployment = f"as-{uuid.uuid4().hex[:8]}"
@@ -96,24 +104,34 @@ async def harness_factory(nats_url: str) -> AsyncIterator[Callable[..., object]]
 @dataclass
 class FakeNode:
     """A node's control endpoint on NATS: answers cordon/drain/status with an in-flight count
-    that falls by one per status poll (requests finishing while it drains)."""
+    that falls by one per status poll (requests finishing while it drains). Cordon owners
+    follow the real node's rules (`nodehost.control.apply_command`)."""
 
     node_id: str
     in_flight: int = 0
     commands: list[str] = field(default_factory=list)
-    cordoned: bool = False
+    identity: NodeIdentity | None = None
+
+    @property
+    def cordoned(self) -> bool:
+        return self.identity is not None and self.identity.cordoned
+
+    @property
+    def owner(self) -> str:
+        return self.identity.cordon_owner if self.identity is not None else ""
 
     async def serve(self, nc: NATS) -> None:
+        self.identity = NodeIdentity(node_id=self.node_id, role="decode", deployment="", region="", residency="", profile="")
+
         async def handle(msg: object) -> None:
-            action = messages.command_decoder.decode(msg.data).action  # type: ignore[attr-defined]
-            self.commands.append(action)
-            if action == "drain":
-                self.cordoned = True
-            elif action == "uncordon":
-                self.cordoned = False
-            elif action == "status" and self.in_flight:
+            command = messages.command_decoder.decode(msg.data)  # type: ignore[attr-defined]
+            self.commands.append(command.action)
+            assert self.identity is not None
+            refused = apply_command(self.identity, command)
+            if command.action == "status" and self.in_flight:
                 self.in_flight -= 1
-            reply = messages.NodeCommandReply(node_id=self.node_id, cordoned=self.cordoned, draining=self.cordoned, in_flight=self.in_flight)
+            reply = messages.NodeCommandReply(node_id=self.node_id, cordoned=self.identity.cordoned, draining=self.identity.draining,
+                                              in_flight=self.in_flight, error=refused, cordon_owner=self.identity.cordon_owner)  # fmt: skip
             await nc.publish(msg.reply, messages.encoder.encode(reply))  # type: ignore[attr-defined]
 
         await nc.subscribe(subjects.node_control(self.node_id), cb=handle)
@@ -122,8 +140,9 @@ class FakeNode:
 async def _keep_beating(h: Harness, loads: dict[str, tuple[int, int]], stop: asyncio.Event, nodes: dict[str, FakeNode] | None = None) -> None:
     while not stop.is_set():
         for node_id, (running, queue) in list(loads.items()):
-            cordoned = nodes[node_id].cordoned if nodes and node_id in nodes else False
-            await h.beat(node_id, running=running, queue=queue, cordoned=cordoned, draining=cordoned)
+            node = nodes.get(node_id) if nodes else None
+            cordoned = node is not None and node.cordoned
+            await h.beat(node_id, running=running, queue=queue, cordoned=cordoned, draining=cordoned, cordon_owner=node.owner if node else "")
         await asyncio.sleep(0.05)
 
 

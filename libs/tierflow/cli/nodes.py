@@ -2,6 +2,8 @@
 
 Commands go to the node itself (its nats.micro `control` endpoint), which changes its
 state and heartbeats at once; the router and autoscaler learn it from the heartbeat.
+They are sent as the "operator": the node remembers who cordoned it, and the autoscaler
+never uncordons, drains or stops a node an operator cordoned.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from rich.console import Console
 
 from tierflow.cli.status import collect_status, render_nodes
 from tierflow.contracts import messages, subjects
+from tierflow.contracts.autoscaler import OPERATOR_OWNER
 
 __all__ = ["app"]
 
@@ -23,10 +26,11 @@ NatsUrl = Annotated[str, typer.Option(envvar="TIERFLOW_NATS_URL", help="NATS ser
 console = Console()
 
 
-async def send_command(nats_url: str, node_id: str, action: str, *, timeout: float = 3.0) -> messages.NodeCommandReply:
+async def send_command(nats_url: str, node_id: str, action: str, *, owner: str = OPERATOR_OWNER, timeout: float = 3.0) -> messages.NodeCommandReply:
     nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
     try:
-        msg = await nc.request(subjects.node_control(node_id), messages.encoder.encode(messages.NodeCommand(action=action)), timeout=timeout)  # type: ignore[arg-type]
+        command = messages.NodeCommand(action=action, owner=owner)  # type: ignore[arg-type]
+        msg = await nc.request(subjects.node_control(node_id), messages.encoder.encode(command), timeout=timeout)
         return messages.command_reply_decoder.decode(msg.data)
     finally:
         await nc.close()
@@ -42,6 +46,11 @@ def _command(node_id: str, action: str, nats_url: str) -> None:
         console.print(f"[red]cannot reach NATS at {nats_url}[/red]: {exc}")
         raise typer.Exit(2) from None
     state = "draining" if reply.draining else "cordoned" if reply.cordoned else "ready"
+    if reply.cordoned and reply.cordon_owner:
+        state += f" (by {reply.cordon_owner})"
+    if reply.error:
+        console.print(f"[red]{reply.node_id} refused {action}[/red]: {reply.error}; it is {state}")
+        raise typer.Exit(1)
     console.print(f"{reply.node_id}: {state}, {reply.in_flight} request(s) in flight")
 
 
