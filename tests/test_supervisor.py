@@ -21,7 +21,7 @@ import pytest
 
 from tierflow.cli.supervisor import ProcessSpec, Supervisor, read_log_tail
 from tierflow.cli.up import UpConfig, preflight, run_up, service_specs
-from tierflow.runtime.nats_server import free_port
+from tierflow.runtime.nats_server import free_port, http_get
 
 PY = sys.executable
 
@@ -359,3 +359,147 @@ async def test_up_times_out_when_health_never_reports_enough_nodes(tmp_path: Pat
     assert "not ready after 1.5s" in message and "nodes >= 2" in message
     assert json.dumps({"status": "ok", "nodes": 1, "models": 1}) in message
     assert "fake router listening" in message
+
+
+# --------------------------------------------------------------------------- restarts after ready
+
+
+async def _until_ready(task: asyncio.Task[int], out: io.StringIO) -> None:
+    async with asyncio.timeout(15):
+        while "tierflow is up" not in out.getvalue():
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.02)
+
+
+async def _until(condition, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_up_restarts_a_killed_router_and_lists_it_in_children_json(tmp_path: Path) -> None:
+    """After ready, a SIGKILLed router comes back (same name, spec, port); children.json says so."""
+    from tierflow.cli.children_file import read_children
+    from tierflow.cli.restarts import RestartPolicy
+
+    config = up_config(tmp_path)
+    logs = config.logs_dir
+    fakes = [ProcessSpec("router", [*script(FAKE_ROUTER), str(config.http_port), "2"], None, logs / "router.log")]
+    sup, stop, out, err = Supervisor(), asyncio.Event(), io.StringIO(), io.StringIO()
+    task = asyncio.ensure_future(run_up(config, stop, specs=fakes, supervisor=sup, out=out, err=err,
+                                        policy=RestartPolicy(initial=0.05, maximum=0.05)))  # fmt: skip
+    await _until_ready(task, out)
+    children = config.data_dir / "children.json"
+    before = {r.name: r for r in read_children(children)}
+    assert set(before) == {"nats", "router"} and before["router"].pid == sup.get("router").pid
+    assert before["nats"].role == "nats" and all(r.state == "running" and r.restarts == 0 for r in before.values())
+
+    os.kill(before["router"].pid, signal.SIGKILL)
+
+    def restarted() -> bool:
+        router = next(r for r in read_children(children) if r.name == "router")
+        return router.restarts == 1 and router.state == "running"
+
+    await _until(restarted)
+    assert not task.done()
+    assert "router (pid" in err.getvalue() and "was killed by SIGKILL; restarting it in 0.05s" in err.getvalue()
+    assert f"restarted router (pid {sup.get('router').pid}, restart 1)" in err.getvalue()
+    async def answers() -> bool:
+        try:
+            return (await http_get("127.0.0.1", config.http_port, "/health")).status == 200
+        except OSError:
+            return False
+
+    async with asyncio.timeout(15):  # the new one listens on the same port
+        while not await answers():
+            await asyncio.sleep(0.05)
+
+    stop.set()
+    assert await asyncio.wait_for(task, 15) == 0
+    assert read_children(children) == []
+
+
+async def test_up_gives_up_on_a_registry_that_keeps_dying_and_exits_1(tmp_path: Path) -> None:
+    """Past the policy's limit an essential child ends the fabric, with the reason."""
+    from tierflow.cli.restarts import RestartPolicy
+
+    config = up_config(tmp_path)
+    logs = config.logs_dir
+    fakes = [
+        ProcessSpec("model-registry", script("import signal; signal.pause()"), None, logs / "model-registry.log"),
+        ProcessSpec("router", [*script(FAKE_ROUTER), str(config.http_port), "2"], None, logs / "router.log"),
+    ]
+    sup, out, err = Supervisor(), io.StringIO(), io.StringIO()
+    task = asyncio.ensure_future(run_up(config, asyncio.Event(), specs=fakes, supervisor=sup, out=out, err=err,
+                                        policy=RestartPolicy(initial=0.05, maximum=0.05, max_exits=0)))  # fmt: skip
+    await _until_ready(task, out)
+    pids = [c.pid for c in sup.children]
+    os.kill(sup.get("model-registry").pid, signal.SIGKILL)
+    assert await asyncio.wait_for(task, 15) == 1
+    message = err.getvalue()
+    assert "giving up on model-registry: it exited 1 times in 60s" in message and "was killed by SIGKILL" in message
+    assert "0 model-registry process(es) left, the fabric needs 1" in message and "stopping everything" in message
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_up_without_restarts_reports_a_lost_router_as_fatal(tmp_path: Path) -> None:
+    """--no-restart keeps the old rule: losing the only router ends the fabric."""
+    import dataclasses
+
+    config = dataclasses.replace(up_config(tmp_path), restart=False)
+    fakes = [ProcessSpec("router", [*script(FAKE_ROUTER), str(config.http_port), "2"], None, config.logs_dir / "router.log")]
+    sup, out, err = Supervisor(), io.StringIO(), io.StringIO()
+    task = asyncio.ensure_future(run_up(config, asyncio.Event(), specs=fakes, supervisor=sup, out=out, err=err))
+    await _until_ready(task, out)
+    os.kill(sup.get("router").pid, signal.SIGKILL)
+    assert await asyncio.wait_for(task, 15) == 1
+    assert "router (pid" in err.getvalue() and "stopping everything" in err.getvalue()
+
+
+def test_cluster_and_router_flags_give_ports_names_and_argv(tmp_path: Path) -> None:
+    """--nats-cluster 3 --routers 2: three NATS members on counted-up ports, a comma URL
+    list for every service, two routers sharing the HTTP port with their own metrics ports."""
+    from tierflow.cli.up import nats_specs
+
+    config = UpConfig(data_dir=tmp_path / "data", fleet=tmp_path / "fleet.yaml", nats_port=4222, nats_monitor_port=8222,
+                      nats_cluster=3, nats_cluster_port=6222, routers=2, decode_nodes=2, prefill_nodes=1,
+                      metrics_base_port=9100)  # fmt: skip
+    url = "nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224"
+    assert config.nats_url == url
+    servers = nats_specs(config)
+    assert [(s.name, s.role) for s in servers] == [("nats-0", "nats"), ("nats-1", "nats"), ("nats-2", "nats")]
+    assert servers[1].argv[1:] == ["-c", str(tmp_path / "data" / "nats" / "nats-1.conf")]
+    member = config.nats_members()[1]
+    text = member.config_text()
+    assert 'server_name: "nats-1"' in text and "port: 4223" in text and '"127.0.0.1:8223"' in text
+    assert '"127.0.0.1:6223"' in text and "nats-route://127.0.0.1:6222" in text and "nats-route://127.0.0.1:6224" in text
+    assert "nats-route://127.0.0.1:6223" not in text  # no route to itself
+    assert member.store_dir == tmp_path / "data" / "nats" / "nats-1"
+
+    specs = {s.name: s for s in service_specs(config, python="PY")}
+    assert all(s.argv[s.argv.index("--nats-url") + 1] == url for s in specs.values())
+    for i, name in enumerate(("router-0", "router-1")):
+        argv = specs[name].argv
+        assert "--reuse-port" in argv and argv[argv.index("--http-port") + 1] == "8000"
+        assert argv[argv.index("--metrics-port") + 1] == str(9105 + i)  # after registry, autoscaler, 3 nodes
+        assert specs[name].log_path.name == f"{name}.log" and specs[name].role == "router"
+    assert "router" not in specs and config.static_metrics_ports == 7
+    assert config.quorum() == {"nats": 2, "router": 1, "model-registry": 1}
+    assert "(2 routers)" in config.ready_line() and url in config.ready_line()
+
+
+def test_preflight_checks_every_cluster_port(tmp_path: Path) -> None:
+    """A port taken anywhere in a member's range is named with its flag and offset."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        fleet = tmp_path / "fleet.yaml"
+        fleet.write_text("models: []\n")
+        config = UpConfig(http_port=free_port(), grpc_port=free_port(), registry_grpc_port=free_port(),
+                          nats_port=free_port(), nats_monitor_port=free_port(), nats_cluster_port=port - 2,
+                          metrics_base_port=free_port(), fleet=fleet, nats_cluster=3, decode_nodes=1, prefill_nodes=0)  # fmt: skip
+        problems = preflight(config)
+    assert any(f"port {port}" in p and "--nats-cluster-port +2" in p and "in use" in p for p in problems), problems
+    with pytest.raises(ValueError, match="at least one router"):
+        UpConfig(routers=0)

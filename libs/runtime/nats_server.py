@@ -555,6 +555,12 @@ class NatsServerProcess:
             f"last lines of {self.log_path}:\n{tail}"
         )
 
+    async def wait(self) -> int:
+        """Wait until the server exits (e.g. after a test SIGKILLed it); its exit status."""
+        if self._proc is None:
+            raise NatsServerError("start() the server before wait()")
+        return await self._proc.wait()
+
     async def stop(self, grace: float = 5.0) -> int | None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL. Returns the exit status."""
         proc = self._proc

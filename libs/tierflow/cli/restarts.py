@@ -115,8 +115,8 @@ class Restarter:
         if delay is None:
             self._give_up(event, role, f"it exited {len(exits)} times in {self._policy.window:g}s")
             return
-        self._report(f"tierflow up: {event.summary()}; restarting it in {delay:.1f}s (see {event.log_path})")
-        _log.warning("%s; restarting in %.1fs", event.summary(), delay,
+        self._report(f"tierflow up: {event.summary()}; restarting it in {delay:g}s (see {event.log_path})")
+        _log.warning("%s; restarting in %gs", event.summary(), delay,
                      extra={"fields": {"child": event.name, "role": role, "pid": event.pid, "returncode": event.returncode,
                                        "restart_in": delay, "recent_exits": len(exits)}})  # fmt: skip
         self._tasks[event.name] = asyncio.ensure_future(self._restart_later(event, role, delay))

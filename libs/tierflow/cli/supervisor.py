@@ -232,7 +232,7 @@ class Supervisor:
             if old.watcher is not None:
                 await old.watcher
             del self._children[spec.name]
-        child = await self._spawn(spec, restarts=0, note="starts")
+        child = await self._spawn(spec, restarts=0, verb="starts")
         self._children[spec.name] = child
         self._changed()
         return child
@@ -254,8 +254,8 @@ class Supervisor:
             raise ValueError(f"{name!r} is still running (pid {old.pid})")
         if old.watcher is not None:
             await old.watcher
-        note = f"restarts (restart {old.restarts + 1}{', ' + reason if reason else ''})"
-        child = await self._spawn(old.spec, restarts=old.restarts + 1, note=note)
+        detail = f" (restart {old.restarts + 1}{', ' + reason if reason else ''})"
+        child = await self._spawn(old.spec, restarts=old.restarts + 1, verb="restarts", detail=detail)
         if self._children.get(name) is not old or old.stopping or self._closing:
             # Stopped on purpose (or shutdown began) while we were spawning: honour that.
             child.stopping = True
@@ -268,14 +268,14 @@ class Supervisor:
         self._changed()
         return child
 
-    async def _spawn(self, spec: ProcessSpec, *, restarts: int, note: str) -> Child:
+    async def _spawn(self, spec: ProcessSpec, *, restarts: int, verb: str, detail: str = "") -> Child:
         """Open the log (with a header line saying what and why), fork, start the watcher."""
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = None if spec.env is None else {**os.environ, **spec.env}
         with open(spec.log_path, "ab") as log:
             offset = log.seek(0, os.SEEK_END)
             stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            log.write(f"--- {stamp} tierflow supervisor {note} {spec.name}: {shlex.join(spec.argv)}\n".encode())
+            log.write(f"--- {stamp} tierflow supervisor {verb} {spec.name}{detail}: {shlex.join(spec.argv)}\n".encode())
             log.flush()
             proc = await asyncio.create_subprocess_exec(
                 *spec.argv,
@@ -288,7 +288,7 @@ class Supervisor:
             )
         child = Child(spec, proc, offset, restarts)
         child.watcher = asyncio.ensure_future(self._watch(child))
-        _log.debug("%s %s (pid %d)", note, spec.name, proc.pid)
+        _log.debug("%s %s (pid %d)", verb, spec.name, proc.pid)
         return child
 
     def _changed(self) -> None:
