@@ -20,13 +20,13 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from prometheus_client import CollectorRegistry
 
 from tierflow.contracts import messages, registry, subjects
-from tierflow.nodehost.beat import NodeIdentity
-from tierflow.nodehost.control import apply_command
 from tierflow.runtime.clock import VirtualClock
 from tierflow.runtime.kv import open_bucket
 from tierflow.services.autoscaler.actuators import VirtualActuator
 from tierflow.services.autoscaler.bootstrap import AutoscalerService, bootstrap
 from tierflow.services.autoscaler.settings import Settings
+
+from autoscaler_fakes import FakeNode
 
 FAST = dict(interval=0.1, panic_window=0.0, stable_window=1.0, cooldown_up=0.0, cooldown_down=0.0, max_signal_age=2.0, warm_up=0.0, lease_ttl=5.0)
 
@@ -99,42 +99,6 @@ async def harness_factory(nats_url: str) -> AsyncIterator[Callable[..., object]]
         await h.service.close()
         await kv.delete(subjects.deployment_key(h.deployment))
     await nc.drain()
-
-
-@dataclass
-class FakeNode:
-    """A node's control endpoint on NATS: answers cordon/drain/status with an in-flight count
-    that falls by one per status poll (requests finishing while it drains). Cordon owners
-    follow the real node's rules (`nodehost.control.apply_command`)."""
-
-    node_id: str
-    in_flight: int = 0
-    commands: list[str] = field(default_factory=list)
-    identity: NodeIdentity | None = None
-
-    @property
-    def cordoned(self) -> bool:
-        return self.identity is not None and self.identity.cordoned
-
-    @property
-    def owner(self) -> str:
-        return self.identity.cordon_owner if self.identity is not None else ""
-
-    async def serve(self, nc: NATS) -> None:
-        self.identity = NodeIdentity(node_id=self.node_id, role="decode", deployment="", region="", residency="", profile="")
-
-        async def handle(msg: object) -> None:
-            command = messages.command_decoder.decode(msg.data)  # type: ignore[attr-defined]
-            self.commands.append(command.action)
-            assert self.identity is not None
-            refused = apply_command(self.identity, command)
-            if command.action == "status" and self.in_flight:
-                self.in_flight -= 1
-            reply = messages.NodeCommandReply(node_id=self.node_id, cordoned=self.identity.cordoned, draining=self.identity.draining,
-                                              in_flight=self.in_flight, error=refused, cordon_owner=self.identity.cordon_owner)  # fmt: skip
-            await nc.publish(msg.reply, messages.encoder.encode(reply))  # type: ignore[attr-defined]
-
-        await nc.subscribe(subjects.node_control(self.node_id), cb=handle)
 
 
 async def _keep_beating(h: Harness, loads: dict[str, tuple[int, int]], stop: asyncio.Event, nodes: dict[str, FakeNode] | None = None) -> None:
