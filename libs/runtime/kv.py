@@ -16,12 +16,13 @@ import logging
 import random
 from dataclasses import replace
 
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError, ServerError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from tierflow.runtime.kv_batch import (
+    BATCH_HEADER,
     MAX_BATCH,
     BatchConflict,
     BatchError,
@@ -29,6 +30,7 @@ from tierflow.runtime.kv_batch import (
     BatchTooLarge,
     KVWrite,
     commit_batch,
+    parse_batch_header,
 )
 from tierflow.runtime.kv_watch import OnDelete, OnPut, follow
 
@@ -51,6 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _REPLICAS_NEED_CLUSTER = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
+_PARALLEL_READS = 32  # requests in flight while reading a bucket whole
 
 
 async def open_bucket(
@@ -112,6 +115,27 @@ async def _reconcile(js: JetStreamContext, bucket: str, *, replicas: int, atomic
         log.info("bucket %s now has %d replicas (had %d)", bucket, replicas, have, extra={"fields": {**fields, "replicas": replicas}})
 
 
+async def _last_msg(js: JetStreamContext, stream: str, subject: str, gate: asyncio.Semaphore) -> RawStreamMsg | None:
+    async with gate:
+        try:
+            return await js.get_msg(stream, subject=subject)
+        except NotFoundError:
+            return None
+
+
+async def _inside_batch(js: JetStreamContext, stream: str, seq: int) -> bool:
+    """Is the message at `seq` one of an atomic batch that is not all appended yet? (The
+    server appends a committed batch message by message: a reader can land between.)"""
+    if seq == 0:
+        return False
+    try:
+        msg = await js.get_msg(stream, seq=seq)
+    except NotFoundError:  # purged: not a batch being appended
+        return False
+    marker = parse_batch_header((msg.headers or {}).get(BATCH_HEADER))
+    return marker is not None and marker[1] < marker[2]
+
+
 class SnapshotUnstable(RuntimeError):
     """The bucket changed during every attempt to read it whole."""
 
@@ -122,39 +146,38 @@ async def snapshot(
     """The latest entry of every key matching `keys` (a subject pattern), as of one moment.
 
     The key list comes from the server (the KV stream's per-subject state), then each key
-    is read from the stream leader. The stream's last sequence is checked before and after:
-    if it moved, a write came in between (perhaps half of an atomic batch was read before
-    it and half after), and the whole read starts again. With `deleted`, keys whose latest
-    message is a delete or purge marker are included (their `operation` says so, their
-    `revision` is the marker's: what a compare-and-set re-creating the key must name).
-    Costs one request per key: for registry-sized buckets.
+    is read from the stream leader. The stream's last sequence is checked before and
+    after, and the message there must not be inside an atomic batch (the server appends a
+    committed batch message by message): otherwise a write came in between (half of a
+    batch read before it, half after), and the whole read starts again. With `deleted`,
+    keys whose latest message is a delete or purge marker are included (their `operation`
+    says so, their `revision` is the marker's: what a compare-and-set re-creating the key
+    must name).
+    Costs one request per key (sent together): for registry-sized buckets, written rarely.
     """
     stream = f"KV_{bucket}"
     prefix = len(f"$KV.{bucket}.")
+    gate = asyncio.Semaphore(_PARALLEL_READS)
     for attempt in range(attempts):
         try:
             info = await js.stream_info(stream, subjects_filter=f"$KV.{bucket}.{keys}")
         except NotFoundError:
             return []
         last = info.state.last_seq
+        subjects = sorted(info.state.subjects or {})
+        messages = await asyncio.gather(*(_last_msg(js, stream, s, gate) for s in subjects))  # in parallel: a short window
+        moved = any(m is None or (m.seq or 0) > last for m in messages)  # None: purged since the listing
         entries: list[KeyValue.Entry] = []
-        moved = False
-        for subject in sorted(info.state.subjects or {}):
-            try:
-                msg = await js.get_msg(stream, subject=subject)
-            except NotFoundError:  # purged since the listing
-                moved = True
-                break
-            if (msg.seq or 0) > last:
-                moved = True
-                break
+        for subject, msg in zip(subjects, messages, strict=True):
+            if msg is None:
+                continue
             operation = (msg.headers or {}).get(KV_OP)
             if operation in (KV_DEL, KV_PURGE) and not deleted:
                 continue
             entries.append(KeyValue.Entry(bucket=bucket, key=subject[prefix:], value=msg.data, revision=msg.seq, delta=None, created=None, operation=operation))
         if not moved:
             try:
-                if (await js.stream_info(stream)).state.last_seq == last:
+                if not await _inside_batch(js, stream, last) and (await js.stream_info(stream)).state.last_seq == last:
                     return entries
             except NotFoundError:
                 return []

@@ -24,19 +24,26 @@ Starting fails while JetStream cannot answer (server restarting, a cluster elect
 leader, bucket not created yet); it is retried with a backoff (`retry_delay` doubling to
 `max_retry_delay`), and the outage is logged once when it begins and once when it ends.
 
+When the snapshot is whole: the stream's last sequence is read just after the consumer
+is made; once the consumer has passed it (a message at or after it, or a heartbeat
+saying so), outside a batch, every key's value as of that moment has arrived.
+(Messages' `num_pending` cannot say it: the server counts it while a batch is still
+being appended, so it reads 0 halfway through one.)
+
 Converging after a restart: the new snapshot is applied as a whole against what the
 caller was told before: every live key is put again (callbacks must be idempotent),
 delete markers are deletes, and a key the caller holds that the snapshot lacks entirely
 (the bucket was recreated without it) is deleted too. `on_snapshot` runs once, after the
 first snapshot: callers treat it as "synced".
 
-Applying a batch whole: messages written by `kv_batch.commit_batch` carry `Tierflow-Batch`;
-the server stores a batch consecutively, so its messages are buffered until the batch's
-last one, or the next message is not of the batch, or the consumer has nothing more
-pending (a filter may hide the batch's last message), and then applied together. The
-callbacks of one group (a snapshot, a batch, a single write) run with no await between
-them when they are plain functions, so no other task of the caller ever sees a group
-half applied; `on_applied` runs after each group.
+Applying a batch whole: messages written by `kv_batch.commit_batch` carry
+`Tierflow-Batch: <id> <i>/<n>`; the server appends a committed batch consecutively, so
+its messages are buffered until the one at position n and then applied together. To be
+sure to see that last message, the consumer takes every key of the bucket and `keys` is
+matched here (a filtered consumer could hide it). The callbacks of one group (a snapshot,
+a batch, a single write) run with no await between them when they are plain functions,
+so no other task of the caller ever sees a group half applied; `on_applied` runs after
+each group.
 """
 
 from __future__ import annotations
@@ -70,6 +77,31 @@ _POLL = 0.25  # how often a quiet watch checks for a reconnect or a stall
 _API_TIMEOUT = 2.0
 _MARKER_REASON = "Nats-Marker-Reason"  # nats-server 2.11+ TTL / purge markers
 _MARKER_OPS = {"MaxAge": KV_PURGE, "Purge": KV_PURGE, "Remove": KV_DEL}
+
+
+class _Progress:
+    """Where one consumer is: its snapshot until complete, then the live batch being read.
+
+    `ops` holds what is not applied yet: the whole snapshot (by key, stream order), then
+    the messages of a batch whose last message has not come."""
+
+    __slots__ = ("snapshot_until", "snapshotting", "delivered", "open_batch", "ops")
+
+    def __init__(self, *, snapshot_until: int) -> None:
+        self.snapshot_until = snapshot_until
+        self.snapshotting = True
+        self.delivered = 0  # consumer sequence of the last data message
+        self.open_batch: str | None = None  # a batch read up to, not including, its last message
+        self.ops: dict[str, _Op] = {}
+
+    def add(self, op: _Op) -> None:
+        self.ops.pop(op.key, None)  # keep stream order: the latest last
+        self.ops[op.key] = op
+
+    def take(self) -> dict[str, _Op]:
+        ops, self.ops = self.ops, {}
+        self.snapshotting = False
+        return ops
 
 
 class _Restart(Exception):
@@ -150,6 +182,7 @@ class _Follower:
         self._failures = 0
         self._clock = asyncio.get_running_loop().time
         self._what = f"{bucket}/{keys}"
+        self._pattern = keys.split(".")
 
     # ------------------------------------------------------------------ the outer loop
 
@@ -216,13 +249,15 @@ class _Follower:
         consumer = ""
         try:
             config = ConsumerConfig(
-                deliver_subject=inbox, filter_subject=self._prefix + self._keys, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                deliver_subject=inbox, filter_subject=self._prefix + ">", deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
                 ack_policy=AckPolicy.NONE, max_deliver=1, flow_control=True, idle_heartbeat=self._heartbeat,
                 mem_storage=True, num_replicas=1, inactive_threshold=max(10.0, 4 * self._stall),
             )  # fmt: skip
-            info = await self._js.add_consumer(self._stream, config=config, timeout=_API_TIMEOUT)
-            consumer = info.name
-            await self._consume(sub, reconnects, snapshot_pending=int(info.num_pending or 0))
+            consumer = (await self._js.add_consumer(self._stream, config=config, timeout=_API_TIMEOUT)).name
+            # The snapshot is whole once the consumer has passed what the stream held just
+            # after the consumer was made (and is not inside a batch).
+            state = (await self._js.stream_info(self._stream)).state
+            await self._consume(sub, reconnects, _Progress(snapshot_until=state.last_seq if state.messages else 0))
         finally:
             try:
                 await sub.unsubscribe()
@@ -234,14 +269,9 @@ class _Follower:
                 except Exception:
                     pass
 
-    async def _consume(self, sub: Subscription, reconnects: int, *, snapshot_pending: int) -> None:
-        snapshot: dict[str, _Op] | None = {}
-        if snapshot_pending == 0:
-            await self._converge(snapshot)
-            snapshot = None
-        batch: list[_Op] = []
-        batch_id = ""
-        delivered = 0  # consumer sequence of the last data message
+    async def _consume(self, sub: Subscription, reconnects: int, progress: _Progress) -> None:
+        if progress.snapshot_until == 0:
+            await self._converge(progress.take())
         heard = self._clock()
         while not self._stopping.is_set():
             if self._nc.stats["reconnects"] != reconnects:
@@ -256,53 +286,61 @@ class _Follower:
             headers = msg.headers or {}
             status = headers.get(Header.STATUS.value)
             if status:
-                await self._control(msg, status, headers, delivered)
+                passed = await self._control(msg, status, headers, progress.delivered)
+                if progress.snapshotting and passed >= progress.snapshot_until and progress.open_batch is None:
+                    await self._converge(progress.take())
                 continue
             meta = msg.metadata
-            if meta.sequence.consumer != delivered + 1:
-                raise _Restart(f"message {delivered + 1} missing (got {meta.sequence.consumer})")
-            delivered = meta.sequence.consumer
-            op = self._op(msg, headers, meta.sequence.stream)
-            caught_up = meta.num_pending == 0
-            if snapshot is not None:
-                if op is not None:
-                    snapshot.pop(op.key, None)  # keep stream order: the latest last
-                    snapshot[op.key] = op
-                if caught_up:
-                    await self._converge(snapshot)
-                    snapshot = None
-                continue
+            if meta.sequence.consumer != progress.delivered + 1:
+                raise _Restart(f"message {progress.delivered + 1} missing (got {meta.sequence.consumer})")
+            progress.delivered = meta.sequence.consumer
             marker = parse_batch_header(headers.get(BATCH_HEADER))
-            if batch and (marker is None or marker[0] != batch_id):
-                await self._apply(batch)
-                batch = []
-            if marker is None:
-                if op is not None:
-                    await self._apply([op])
-                continue
-            batch_id = marker[0]
+            if progress.open_batch is not None and (marker is None or marker[0] != progress.open_batch) and not progress.snapshotting:
+                # Cannot happen with batches from kv_batch (stored whole and consecutively);
+                # in a snapshot it is normal (the batch's later keys were written again since).
+                log.warning("watch of %s: batch %s ended without its last message", self._what, progress.open_batch)
+                await self._flush(progress)
+            progress.open_batch = marker[0] if marker is not None and marker[1] < marker[2] else None
+            op = self._op(msg, headers, meta.sequence.stream)
             if op is not None:
-                batch.append(op)
-            if marker[1] >= marker[2] or caught_up:
-                await self._apply(batch)
-                batch = []
+                progress.add(op)
+            if progress.open_batch is not None:
+                continue  # the rest of the batch follows: the server stores it consecutively
+            if progress.snapshotting:
+                if meta.sequence.stream >= progress.snapshot_until:
+                    await self._converge(progress.take())
+            else:
+                await self._flush(progress)
 
-    async def _control(self, msg: Msg, status: str, headers: dict[str, str], delivered: int) -> None:
-        """Flow control, heartbeats, and whatever else the server says on the consumer."""
+    async def _flush(self, progress: _Progress) -> None:
+        if progress.snapshotting:
+            return  # a snapshot is applied whole, at its end
+        ops = progress.take()
+        if ops:
+            await self._apply(list(ops.values()))
+
+    async def _control(self, msg: Msg, status: str, headers: dict[str, str], delivered: int) -> int:
+        """Flow control, heartbeats, and whatever else the server says on the consumer; the
+        stream sequence a heartbeat says the consumer has passed (0 otherwise)."""
         if status != "100":
             raise _Restart(f"server status {status} {headers.get(Header.DESCRIPTION.value, '')}".strip())
         if msg.reply:  # flow control: everything before it has been read
             await self._nc.publish(msg.reply)
-            return
+            return 0
         stalled = headers.get(Header.CONSUMER_STALLED.value)
         if stalled:
             await self._nc.publish(stalled)
         last = headers.get(Header.LAST_CONSUMER.value)
         if last and last.isdigit() and int(last) > delivered:
             raise _Restart(f"messages {delivered + 1}..{last} missing (heartbeat)")
+        passed = headers.get(Header.LAST_STREAM.value, "")
+        return int(passed) if passed.isdigit() else 0
 
     def _op(self, msg: Msg, headers: dict[str, str], revision: int) -> _Op | None:
+        """The message as a put or a delete of a key the caller follows; None otherwise."""
         key = msg.subject[len(self._prefix):]
+        if not self._wanted(key):
+            return None
         operation = headers.get(KV_OP)
         if operation is None and _MARKER_REASON in headers:
             operation = _MARKER_OPS.get(headers[_MARKER_REASON])
@@ -311,6 +349,16 @@ class _Follower:
         if operation in (KV_DEL, KV_PURGE):
             return _Op(key, None, revision)
         return _Op(key, msg.data, revision)
+
+    def _wanted(self, key: str) -> bool:
+        """Does `key` match the followed pattern (NATS wildcards: `*` one token, `>` the rest)?"""
+        tokens = key.split(".")
+        for i, want in enumerate(self._pattern):
+            if want == ">":
+                return len(tokens) > i
+            if i >= len(tokens) or (want != "*" and want != tokens[i]):
+                return False
+        return len(tokens) == len(self._pattern)
 
     # ------------------------------------------------------------------ telling the caller
 
