@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
 
 from tierflow.runtime.logs import configure_logging
+from tierflow.runtime.looplag import watch_loop_lag
 from tierflow.runtime.tracing import configure_tracing
 
 __all__ = ["ServiceContext", "run_service", "connect_nats", "nats_servers"]
@@ -122,8 +123,12 @@ def run_service(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, ctx.stopping.set)
         _start_metrics(metrics_host, metrics_port, ctx.metrics)
+        lag = asyncio.create_task(watch_loop_lag(ctx.metrics, ctx.stopping), name="loop-lag")
         log.info("starting %s %s", service, ctx.instance)
-        await main(ctx)
+        try:
+            await main(ctx)
+        finally:
+            lag.cancel()
         log.info("stopped %s %s", service, ctx.instance)
 
     try:

@@ -35,6 +35,7 @@ import msgspec
 from opentelemetry.trace import Span, Status, StatusCode
 
 from tierflow.contracts import messages
+from tierflow.placement.admission import Admission, Ticket
 from tierflow.placement import (
     ANYWHERE,
     NoEligibleNode,
@@ -62,7 +63,7 @@ from tierflow.services.router.metrics import RouterMetrics
 from tierflow.placement.candidates import CandidateIndex
 from tierflow.placement.tables import ModelRoute, ModelTable, NodeTable
 from tierflow.services.router.transport import NodeLost, NodeStream, NodeTransport
-from tierflow.tokenizer import decode_output
+from tierflow.tokenizer import TokenLimitExceeded, decode_output, encode_async
 from tierflow.workload.trace_text import TRACE_BLOCK_TOKENS
 
 __all__ = ["Dispatcher", "GenerateParams", "RequestRecord", "finish_record", "trace_block_ids"]
@@ -213,9 +214,11 @@ class Dispatcher:
         seed: int | None = None,
         on_session: Callable[[str, str], None] | None = None,
         on_suspect: Callable[[str], None] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         """`on_session(session, node)` and `on_suspect(node)`: what this router learned
-        that the other routers should hear about (see services/router/peers.py)."""
+        that the other routers should hear about (see services/router/peers.py).
+        `admission`: per-model limits on requests in flight (None: admit everything)."""
         self._nodes = nodes
         self._candidates = CandidateIndex(nodes)  # the nodes serving each model, kept current per heartbeat
         self._models = models
@@ -231,6 +234,7 @@ class Dispatcher:
         self._rng = random.Random(seed)
         self._on_session = on_session
         self._on_suspect = on_suspect
+        self._admission = admission
 
     # ------------------------------------------------------------------ admission
 
@@ -249,10 +253,20 @@ class Dispatcher:
             raise ModelNotFound(f"The model `{model}` does not exist or is not deployed.", param="model", code="model_not_found")
         return route
 
-    def max_context(self, model: str) -> int | None:
-        """The model's context limit, if it is routed (front doors stop tokenizing past it)."""
-        route = self._models.routes.get(model)
-        return route.max_context if route is not None else None
+    async def tokenize(self, model: str, text: str, tenant: Tenant | None) -> list[int]:
+        """A prompt's token ids, for either front door, without holding the event loop:
+        long texts are tokenized in windows with a yield between (every other stream keeps
+        flowing), and tokenizing stops once the prompt cannot fit the model's context, so
+        an 8 MiB prompt costs what its first `max_context` tokens cost, then a 400."""
+        route = self.resolve(model, tenant)  # an unknown model is a 404 before any work
+        try:
+            return await encode_async(text, limit=route.max_context)
+        except TokenLimitExceeded as too_long:
+            raise InvalidRequest(
+                f"This model's maximum context length is {route.max_context} tokens. However, your prompt has more than "
+                f"{too_long.limit} tokens (counting stopped at {too_long.found}). Please reduce the length of the prompt.",
+                param="messages", code="context_length_exceeded",
+            ) from None
 
     def _limit_tokens(self, route: ModelRoute, params: GenerateParams) -> int:
         n_prompt = len(params.prompt_token_ids)
@@ -293,7 +307,10 @@ class Dispatcher:
         record.model, record.version, record.prompt_tokens = params.model, version, len(params.prompt_token_ids)
         session = session_key(record.tenant, params.session_header or None, params.user or None) if (params.session_header or params.user) else ""
         record.session = session
-        prompt_hashes = block_hashes(params.prompt_token_ids, self._nodes.block_size)
+        try:
+            prompt_hashes = block_hashes(params.prompt_token_ids, self._nodes.block_size)
+        except ValueError as exc:  # token ids outside [0, 2**32)
+            raise InvalidRequest(f"Invalid prompt token ids: {exc}", param="prompt", code="invalid_prompt") from None
         record.max_tokens = max_tokens
         record.hash_ids = trace_block_ids(prompt_hashes, self._nodes.block_size, params.prompt_token_ids)
         placement = PlacementRequest(
@@ -308,6 +325,8 @@ class Dispatcher:
         # One seed for every leg: a migrated leg must continue the same completion.
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         deadline = self._deadline(params, record)
+        # Last of the checks, and released in the `finally` below on every way out.
+        ticket = self._admission.admit(params.model, self._clock.monotonic()) if self._admission is not None else None
         span_name = f"{'chat' if params.api == 'chat' else 'text_completion'} {params.model}"
         with _spans.start_as_current_span(span_name) as span:
             span.set_attribute("gen_ai.operation.name", "chat" if params.api == "chat" else "text_completion")
@@ -317,13 +336,15 @@ class Dispatcher:
             span.set_attribute("tierflow.request_id", params.request_id)
             span.set_attribute("tierflow.tenant", record.tenant)
             try:
-                async for event in self._legs(params, record, placement, route, max_tokens, seed, deadline, span):
+                async for event in self._legs(params, record, placement, route, max_tokens, seed, deadline, span, ticket):
                     yield event
             except TierflowError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.message))
                 raise
             finally:
                 span.set_attribute("tierflow.migrations", record.migrations)
+                if ticket is not None:
+                    ticket.release(self._clock.monotonic())
             span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
             span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
             span.set_attribute("tierflow.node", record.node)
@@ -386,7 +407,7 @@ class Dispatcher:
 
     async def _legs(
         self, params: GenerateParams, record: RequestRecord, placement: PlacementRequest, route: ModelRoute,
-        max_tokens: int, seed: int, deadline: float, span: Span,
+        max_tokens: int, seed: int, deadline: float, span: Span, ticket: Ticket | None,
     ) -> AsyncIterator[messages.Tokens | messages.Finished]:
         tried: set[str] = set()
         progress = _Progress()
@@ -420,7 +441,7 @@ class Dispatcher:
                 deployment = self._models.deployment(view.deployment) if view is not None else None
                 if deployment is not None and deployment.mode == "disaggregated":
                     request.kv_source = await self._prefill(request, deployment.name, placement, record, deadline)
-                async for event in self._stream(node_id, request, record, params, progress, deadline):
+                async for event in self._stream(node_id, request, record, params, progress, deadline, ticket):
                     yield event
                 return
             except _LegFailed as failure:
@@ -498,7 +519,7 @@ class Dispatcher:
 
     async def _stream(
         self, node_id: str, request: messages.GenerateRequest, record: RequestRecord, params: GenerateParams,
-        progress: _Progress, deadline: float,
+        progress: _Progress, deadline: float, ticket: Ticket | None = None,
     ) -> AsyncIterator[messages.Tokens | messages.Finished]:
         clock = self._clock
         labels = (params.model, record.version, record.tenant)
@@ -555,6 +576,8 @@ class Dispatcher:
                         record.decode_queue_time = event.queue_time  # type: ignore[union-attr]
                         record.tier = event.tier  # type: ignore[union-attr]
                         self._metrics.tiers.labels(params.model, event.tier).inc()  # type: ignore[union-attr]
+                        if ticket is not None:
+                            ticket.started(event.queue_time, clock.monotonic())  # type: ignore[union-attr]
                 elif kind is messages.Failed:
                     raise self._failed(node_id, event, record, deadline)  # type: ignore[arg-type]
                 else:  # Accepted and Alive only prove the node is still there

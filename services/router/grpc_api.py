@@ -19,7 +19,8 @@ from tierflow.runtime.grpc_server import start_grpc_server
 from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.metrics import RouterMetrics
-from tierflow.tokenizer import encode, render_chat
+from tierflow.placement import Tenant
+from tierflow.tokenizer import render_chat
 from tierflow.v1 import inference_pb2 as pb
 from tierflow.v1 import inference_pb2_grpc as pb_grpc
 
@@ -42,24 +43,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._clock = clock
         self._metrics = metrics
 
-    def _params(self, request: pb.GenerateRequest, request_id: str, timeout: float | None = None) -> GenerateParams:
+    async def _params(self, request: pb.GenerateRequest, request_id: str, tenant: Tenant, timeout: float | None = None) -> GenerateParams:
+        if not request.model:
+            raise InvalidRequest("model is required", param="model")
         which = request.WhichOneof("input")
         if which == "prompt":
-            prompt_ids = encode(request.prompt)
+            prompt_ids = await self._dispatcher.tokenize(request.model, request.prompt, tenant)
         elif which == "messages":
             if not request.messages.messages:
                 raise InvalidRequest("messages must not be empty", param="messages")
-            prompt_ids = encode(render_chat([(m.role, m.content) for m in request.messages.messages]))
+            prompt_ids = await self._dispatcher.tokenize(request.model, render_chat([(m.role, m.content) for m in request.messages.messages]), tenant)
         else:
             raise InvalidRequest("set either prompt or messages", param="input")
-        if not request.model:
-            raise InvalidRequest("model is required", param="model")
         return GenerateParams(
             request_id=request_id, model=request.model, prompt_token_ids=prompt_ids,
             max_tokens=request.max_tokens or None, api="grpc",
             seed=request.seed if request.HasField("seed") else None,
             temperature=request.temperature if request.HasField("temperature") else 1.0,
-            ignore_eos=request.ignore_eos, session_header=request.session_id, user=request.user, timeout=timeout,
+            ignore_eos=request.ignore_eos, session_header=request.session_id, user=request.user, timeout=timeout, tenant=tenant,
         )
 
     async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[messages.Tokens | messages.Finished, RequestRecord]]:
@@ -70,8 +71,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             metadata = dict(context.invocation_metadata() or ())
             tenant = self._dispatcher.authenticate(bearer_token(metadata.get("authorization")))
             remaining = context.time_remaining()  # the client's gRPC deadline, None without one
-            params = self._params(request, request_id, remaining if remaining is not None and remaining > 0 else None)
-            params.tenant = tenant
+            params = await self._params(request, request_id, tenant, remaining if remaining is not None and remaining > 0 else None)
             events = self._dispatcher.generate(params, record)
             async with aclosing(events):
                 async for event in events:

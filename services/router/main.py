@@ -20,11 +20,12 @@ from tierflow.runtime.kv import follow
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.runtime.supervise import supervised
 from tierflow.placement import SessionTable
+from tierflow.placement.admission import Admission, AdmissionConfig, capacity_of
 from tierflow.services.router.config import load_router_config
 from tierflow.services.router.dispatch import Dispatcher
 from tierflow.services.router.grpc_api import start_grpc
 from tierflow.services.router.http_server import serve, shutdown
-from tierflow.services.router.metrics import RouterMetrics
+from tierflow.services.router.metrics import AdmissionCollector, RouterMetrics
 from tierflow.services.router.openai_api import OpenAIApi
 from tierflow.services.router.peers import RouterPeers
 from tierflow.services.router.settings import Settings
@@ -79,12 +80,18 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     peers = RouterPeers(nc, router_id, clock, sessions=sessions, nodes=nodes, interval=settings.presence_interval)
     await peers.start()
 
+    admission = Admission(AdmissionConfig(queue_budget_s=settings.queue_budget, max_queue_factor=settings.max_queue_factor)) if settings.queue_budget else None
+    if admission is not None:
+        ctx.metrics.register(AdmissionCollector(admission))
+
     async def housekeeping() -> None:
         while not ctx.stopping.is_set():
             now = clock.monotonic()
             nodes.forget_dead(now)
             metrics.nodes.set(len(nodes.live(now)))
-            await first(ctx.stopping.wait(), timeout=1.0)
+            if admission is not None:
+                admission.set_capacities(capacity_of(nodes.views, now))
+            await first(ctx.stopping.wait(), timeout=0.5)
 
     async def count_peers() -> None:
         """Split the tenants' limits over the routers heard on NATS (their presence)."""
@@ -94,6 +101,8 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
             routers = peers.count()
             if routers != counted:
                 config.tenants.share(routers)
+                if admission is not None:
+                    admission.share(routers)
                 log.info("%d routers: each admits 1/%d of every tenant's rate limit and quota", routers, routers)
             counted = routers
             metrics.peers.set(counted)
@@ -111,7 +120,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         nodes, models, transport, clock, metrics,
         policy=config.policy, tenants=config.tenants, sessions=sessions,
         max_attempts=settings.max_attempts, max_migrations=settings.max_migrations, default_timeout=settings.request_timeout,
-        on_session=peers.note_session, on_suspect=peers.note_suspect,
+        on_session=peers.note_session, on_suspect=peers.note_suspect, admission=admission,
     )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
     http = await serve(api.handle, settings.http_host, settings.http_port, reuse_port=settings.reuse_port)

@@ -6,9 +6,15 @@ tenant from configuration; nothing per request or per user ends up in a label.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
 
-__all__ = ["RouterMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tierflow.placement.admission import Admission
+
+__all__ = ["RouterMetrics", "AdmissionCollector"]
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -33,3 +39,24 @@ class RouterMetrics:
         self.in_flight = Gauge("tierflow_router_requests_in_flight", "Requests the router is serving now", **kw)
         self.nodes = Gauge("tierflow_router_live_nodes", "Decode nodes heard from within 3 heartbeats", **kw)
         self.peers = Gauge("tierflow_router_peers", "Routers on NATS (this one included) that split the tenants' limits", **kw)
+
+
+class AdmissionCollector(Collector):
+    """Admission's state per model, read when Prometheus scrapes (nothing per request)."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        limit = GaugeMetricFamily("tierflow_router_admission_limit", "Requests of the model this router lets in at once (0: no capacity known, no limit)", labels=["model"])
+        slots = GaugeMetricFamily("tierflow_router_admission_slots", "This router's share of the model's batch slots on live nodes", labels=["model"])
+        in_flight = GaugeMetricFamily("tierflow_router_admission_in_flight", "The model's requests admitted and not finished", labels=["model"])
+        refused = CounterMetricFamily("tierflow_router_admission_refused", "Requests refused at the door (429) because the model was at its limit", labels=["model"])
+        cuts = CounterMetricFamily("tierflow_router_admission_cuts", "Times node queue times over the budget cut the model's limit", labels=["model"])
+        for stats in self._admission.snapshot():
+            limit.add_metric([stats.model], stats.limit or 0)
+            slots.add_metric([stats.model], stats.slots)
+            in_flight.add_metric([stats.model], stats.in_flight)
+            refused.add_metric([stats.model], stats.refused)
+            cuts.add_metric([stats.model], stats.cuts)
+        yield from (limit, slots, in_flight, refused, cuts)

@@ -33,7 +33,8 @@ from tierflow.services.router.http_server import Request, Response, StreamingRes
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.services.router.openai_schema import ChatCompletionRequest, CompletionRequest, chat_decoder, completion_decoder
 from tierflow.placement.tables import ModelTable, NodeTable
-from tierflow.tokenizer import encode, render_chat
+from tierflow.placement import Tenant
+from tierflow.tokenizer import render_chat
 
 __all__ = ["OpenAIApi", "error_response"]
 
@@ -167,8 +168,7 @@ class OpenAIApi:
             body = self._parse(request.body, chat)
             record.stream = body.stream
             tenant = self._dispatcher.authenticate(bearer_token(request.headers.get("authorization")))
-            params = self._params(body, request_id, chat, request)
-            params.tenant = tenant
+            params = await self._params(body, request_id, chat, request, tenant)
             events = self._dispatcher.generate(params, record)
             self._metrics.in_flight.inc()
             if body.stream:
@@ -190,16 +190,17 @@ class OpenAIApi:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         return body
 
-    def _params(self, body: ChatCompletionRequest | CompletionRequest, request_id: str, chat: bool, request: Request) -> GenerateParams:
+    async def _params(self, body: ChatCompletionRequest | CompletionRequest, request_id: str, chat: bool, request: Request, tenant: Tenant) -> GenerateParams:
+        tokenize = self._dispatcher.tokenize
         if isinstance(body, ChatCompletionRequest):
-            prompt_ids = encode(render_chat([(m.role, m.text()) for m in body.messages]))
+            prompt_ids = await tokenize(body.model, render_chat([(m.role, m.text()) for m in body.messages]), tenant)
             max_tokens = body.max_completion_tokens or body.max_tokens
         else:
             try:
                 prompt = body.prompt_input()
             except ValueError as exc:
                 raise InvalidRequest(str(exc), param="prompt") from None
-            prompt_ids = encode(prompt) if isinstance(prompt, str) else prompt
+            prompt_ids = await tokenize(body.model, prompt, tenant) if isinstance(prompt, str) else prompt
             max_tokens = body.max_tokens
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         workload = request.headers.get("x-tierflow-workload") or None
@@ -210,7 +211,7 @@ class OpenAIApi:
             api="chat" if chat else "completions", seed=body.seed,
             temperature=body.temperature if body.temperature is not None else 1.0,
             ignore_eos=body.ignore_eos, stop=stop, session_header=request.headers.get("x-session-id", ""),
-            user=body.user or "", workload=workload, timeout=_client_timeout(request, body.stream),
+            user=body.user or "", workload=workload, timeout=_client_timeout(request, body.stream), tenant=tenant,
         )
 
     def _usage(self, record: RequestRecord) -> dict[str, Any]:

@@ -25,6 +25,12 @@ class Settings(Struct, kw_only=True):
     # The deadline of a request that names none (its timeout header, its gRPC deadline,
     # its tenant's `timeout_s`): 10 minutes, the OpenAI clients' own default.
     request_timeout: Annotated[float, Meta(gt=0)] = 600.0
+    # Admission before queueing (tierflow.placement.admission): per model, this router
+    # lets in its share of the nodes' batch slots plus a queue learned so that admitted
+    # requests wait at most `queue_budget` seconds in node queues (below the TTFT SLO);
+    # the rest get 429 + Retry-After at once. 0 turns admission off.
+    queue_budget: Annotated[float, Meta(ge=0)] = 1.0
+    max_queue_factor: Annotated[float, Meta(ge=0)] = 1.0  # the most queue above the batch slots, as a fraction of them
     # How often the router announces itself (nodes drop the streams of a silent router).
     presence_interval: Annotated[float, Meta(gt=0, le=60)] = 1.0
     drain_grace: Annotated[float, Meta(ge=0)] = 5.0

@@ -253,3 +253,24 @@ async def test_the_session_and_placement_are_recorded() -> None:
         record = RequestRecord(request_id="r", api="chat", arrived=100.0)
         [e async for e in dispatcher.generate(params, record)]
         assert record.session and record.session_nodes == expected_nodes and record.placement == "least-loaded"
+
+
+async def test_admission_refuses_at_the_door_and_every_way_out_releases() -> None:
+    from tierflow.placement.admission import Admission, AdmissionConfig
+    from tierflow.runtime.errors import RateLimited
+
+    dispatcher, transport, _ = _setup({"a": ok(2), "b": lost_before_tokens})
+    admission = Admission(AdmissionConfig(max_queue_factor=0.0))
+    admission.set_capacity("m", 1)
+    dispatcher._admission = admission
+    params = GenerateParams(request_id="r", model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, api="chat")
+    first = dispatcher.generate(params, RequestRecord(request_id="r", api="chat", arrived=100.0))
+    await anext(first)  # holds the model's one slot
+    with pytest.raises(RateLimited) as err:
+        await _run(dispatcher)
+    assert err.value.code == "overloaded" and err.value.retry_after >= 1 and "at capacity" in err.value.message
+    opened = len(transport.opened)
+    await first.aclose()  # the client went away: the slot comes back
+    assert admission.stats("m").in_flight == 0
+    await _run(dispatcher)  # and a failure before the first token, then success elsewhere, releases once
+    assert admission.stats("m").in_flight == 0 and len(transport.opened) > opened
