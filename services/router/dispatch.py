@@ -494,7 +494,10 @@ class Dispatcher:
             raise _LegFailed(none.reason, "no_prefill_node") from None
         node_id = ranked.best.node_id
         record.prefill_node = node_id
-        stream = await self._transport.open(node_id, msgspec.structs.replace(request, max_tokens=0), inject_headers({}), role="prefill")
+        try:
+            stream = await self._transport.open(node_id, msgspec.structs.replace(request, max_tokens=0), inject_headers({}), role="prefill")
+        except NodeLost as lost:
+            raise _LegFailed(f"prefill node {node_id}: {lost.reason}", "node_lost") from None
         finished = False
         try:
             while True:
@@ -524,7 +527,10 @@ class Dispatcher:
         clock = self._clock
         labels = (params.model, record.version, record.tenant)
         resumed = bool(progress.token_ids)
-        stream: NodeStream = await self._transport.open(node_id, request, inject_headers({}))
+        try:
+            stream: NodeStream = await self._transport.open(node_id, request, inject_headers({}))
+        except NodeLost as lost:
+            raise _LegFailed(lost.reason, "node_lost") from None
         finished = False
         last_token_at = 0.0
         try:

@@ -138,10 +138,14 @@ class NatsNodeTransport:
         key = f"{request.request_id}_{request.attempt}"
         stream = _NatsStream(self, node_id, request.request_id, key, self._liveness_timeout)
         self._streams[key] = stream
-        await self._nc.publish(
-            subjects.node_generate(node_id) if role == "decode" else subjects.prefill_run(node_id),
-            _encode(request),
-            reply=subjects.router_stream(self._router_id, key),
-            headers=dict(headers) if headers else None,
-        )
+        try:
+            await self._nc.publish(
+                subjects.node_generate(node_id) if role == "decode" else subjects.prefill_run(node_id),
+                _encode(request),
+                reply=subjects.router_stream(self._router_id, key),
+                headers=dict(headers) if headers else None,
+            )
+        except Exception as exc:  # NATS down and the client's buffer full (nats-py raises several types)
+            stream.close()
+            raise NodeLost(node_id, f"the request could not be sent: NATS is unreachable ({type(exc).__name__})") from None
         return stream
