@@ -179,6 +179,7 @@ class _Follower:
         self._synced = False
         self._converged = False  # the current watch has applied its snapshot
         self._outage_since: float | None = None
+        self._attempt_began = 0.0
         self._failures = 0
         self._clock = asyncio.get_running_loop().time
         self._what = f"{bucket}/{keys}"
@@ -188,6 +189,7 @@ class _Follower:
 
     async def run(self) -> None:
         while not self._stopping.is_set():
+            self._attempt_began = self._clock()
             try:
                 await self._watch()
             except asyncio.CancelledError:
@@ -209,7 +211,7 @@ class _Follower:
         self._failures += 1
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if self._outage_since is None:
-            self._outage_since = self._clock()
+            self._outage_since = self._attempt_began
             expected = isinstance(exc, (nats.errors.Error, asyncio.TimeoutError, OSError))
             log.log(
                 logging.WARNING if expected else logging.ERROR,
