@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tierflow.cli.children_file import FILE_NAME as CHILDREN_FILE
 from tierflow.cli.children_file import ChildRecord, read_children
-from tierflow.runtime.nats_server import free_port
+from tierflow.runtime.nats_server import NatsServerConfig, free_port
 
 __all__ = ["Fabric", "start_fabric"]
 
@@ -39,6 +39,8 @@ class Fabric:
     data_dir: Path
     ready_line: str
     nats_urls: list[str]
+    nats_monitor_port: int
+    nats_cluster_port: int
 
     @property
     def base_url(self) -> str:
@@ -48,6 +50,15 @@ class Fabric:
     def nats_url(self) -> str:
         """What `--nats-url` takes: the server's URL, or a cluster's URLs comma separated."""
         return ",".join(self.nats_urls)
+
+    def nats_members(self) -> list[NatsServerConfig]:
+        """The NATS server(s) as `tierflow up` configured them (for `wait_cluster_ready`,
+        `meta_group`, or a member's ports)."""
+        from tierflow.cli.up import UpConfig  # heavy (gRPC, typer): only for callers that ask
+
+        config = UpConfig(host=self.host, data_dir=self.data_dir, nats_port=self.nats_port, nats_monitor_port=self.nats_monitor_port,
+                          nats_cluster_port=self.nats_cluster_port, nats_cluster=len(self.nats_urls))  # fmt: skip
+        return config.nats_members()
 
     def children(self) -> list[ChildRecord]:
         """What `tierflow up` runs now (DATA/children.json): name, role, pid, restarts, state."""
@@ -125,7 +136,8 @@ def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0, env: 
             if "tierflow is up" in line:
                 found = _NATS_IN_READY_LINE.search(line)
                 urls = found.group(1).split(",") if found else [f"nats://127.0.0.1:{nats['nats']}"]
-                return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], nats["nats"], data_dir, line.strip(), urls)
+                return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], nats["nats"], data_dir, line.strip(), urls,
+                              nats_monitor_port=nats["monitor"], nats_cluster_port=nats["cluster"])  # fmt: skip
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("tierflow up did not become ready:\n" + out_path.read_text())
