@@ -58,9 +58,12 @@ async def bootstrap(
     store = RegistryStore(js, kv, subjects.REGISTRY_BUCKET)
 
     async def publish(event: registry.RegistryEvent) -> None:
-        # Flushed, so the event is on the server before the admin call that made it returns.
+        # Flushed, so the event is on the server before the admin call that made it returns;
+        # while NATS reconnects it waits in the client's buffer instead (a flush would
+        # hold the call for its whole timeout, once per change).
         await nc.publish(subjects.REGISTRY_EVENTS, _encode(event))
-        await nc.flush(timeout=2)
+        if nc.is_connected:
+            await nc.flush(timeout=2)
 
     return RegistryService(store, publish, clock or WallClock(), metrics, rules=rules, attempts=attempts)
 
