@@ -4,7 +4,14 @@
 `RegistryService`; `main` applies the fleet file it was given (idempotent: unchanged
 records are not rewritten, so a restart announces nothing), then serves the gRPC admin
 API. State lives in JetStream KV, never here: the process can be killed and restarted
-at will.
+at will, even halfway through an apply (an apply is one atomic batch).
+
+The bucket is kept as the registry needs it at every start: atomic batch writes allowed
+and `kv_replicas` copies on a cluster (an older bucket is upgraded in place). Until NATS
+answers, start-up waits (logged once); once serving, an outage makes admin calls answer
+UNAVAILABLE, and the process lives on until NATS is back. It runs no loops of its own:
+gRPC and the discovery endpoint are served by their libraries, and every NATS call is
+made on behalf of one admin call.
 """
 
 from __future__ import annotations
