@@ -288,3 +288,41 @@ async def test_a_batch_without_its_commit_stores_nothing_and_reaches_no_reader(n
     finally:
         stopping.set()
         await nc.close()
+
+
+async def test_an_unexpected_error_is_logged_with_its_traceback_and_the_watch_restarts(nats_url: str, bucket: str, caplog: pytest.LogCaptureFixture) -> None:
+    nc = await nats.connect(nats_url)
+    stopping = asyncio.Event()
+    mirror = Mirror()
+
+    class Flaky:
+        """The JetStream context, but making a consumer fails once with a bug's error."""
+
+        def __init__(self, js) -> None:
+            self._js = js
+            self._nc = js._nc
+            self.failed = False
+
+        async def add_consumer(self, *args, **kw):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("a bug")
+            return await self._js.add_consumer(*args, **kw)
+
+        def __getattr__(self, name: str):
+            return getattr(self._js, name)
+
+    try:
+        kv = await open_bucket(nc.jetstream(), bucket, create=True)
+        await kv.put("k", b"v")
+        flaky = Flaky(nc.jetstream())
+        task = await following(flaky, bucket, mirror, stopping)
+        assert flaky.failed and mirror.view == {"k": b"v"}
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR and "is down" in r.getMessage()]
+        assert len(errors) == 1 and errors[0].exc_info is not None and "a bug" in str(errors[0].exc_info[1])
+        await kv.put("k2", b"v2")
+        await mirror.until(lambda v: v == {"k": b"v", "k2": b"v2"})
+        await stop(task, stopping)
+    finally:
+        stopping.set()
+        await nc.close()
