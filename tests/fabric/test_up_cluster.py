@@ -42,7 +42,17 @@ def cluster_fabric(tmp_path_factory: pytest.TempPathFactory, fabric_factory) -> 
     try:
         yield running
     finally:
+        pids = [c.pid for c in running.children()]
         assert running.stop() == 0
+        assert running.children() == [] and not [pid for pid in pids if _alive(pid)]  # restarted ones too
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
 
 
 def _client(fabric: Fabric) -> openai.OpenAI:

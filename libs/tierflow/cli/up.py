@@ -208,11 +208,8 @@ def nats_specs(config: UpConfig) -> list[ProcessSpec]:
     `nats-0`, `nats-1`, ... Every one has the role `nats`.
     """
     members = config.nats_members()
-    return [
-        ProcessSpec(NATS_NAME if len(members) == 1 else m.name, m.argv(), None,
-                    config.logs_dir / f"{NATS_NAME if len(members) == 1 else m.name}.log", role=NATS_NAME)  # fmt: skip
-        for m in members
-    ]
+    names = [NATS_NAME] if len(members) == 1 else [m.name for m in members]
+    return [ProcessSpec(name, m.argv(), None, config.logs_dir / f"{name}.log", role=NATS_NAME) for name, m in zip(names, members, strict=True)]
 
 
 def service_specs(config: UpConfig, *, python: str = sys.executable) -> list[ProcessSpec]:
@@ -334,7 +331,9 @@ async def _routers_not_hearing(config: UpConfig, host: str, timeout: float) -> s
     asked on its own metrics port (`tierflow_router_live_nodes`, refreshed every second).
     """
     ports = config.router_metrics_ports()
-    for name, port in zip(config.router_names() if ports else [], ports, strict=True):
+    if not ports:
+        return None  # one router: /health on its own port said it all
+    for name, port in zip(config.router_names(), ports, strict=True):
         reply = await http_get(host, port, "/metrics", timeout=timeout)
         live = next((sample.value for family in text_string_to_metric_families(reply.body.decode("utf-8", "replace"))
                      for sample in family.samples if sample.name == LIVE_NODES_METRIC), None)  # fmt: skip
