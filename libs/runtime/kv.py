@@ -54,6 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 _REPLICAS_NEED_CLUSTER = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
 _PARALLEL_READS = 32  # requests in flight while reading a bucket whole
+_CUT_BATCH_AFTER = 1.0  # seconds a stream may end inside a batch before it counts as cut
 
 
 async def open_bucket(
@@ -158,6 +159,8 @@ async def snapshot(
     stream = f"KV_{bucket}"
     prefix = len(f"$KV.{bucket}.")
     gate = asyncio.Semaphore(_PARALLEL_READS)
+    stuck, stuck_since = -1, 0.0  # a last sequence found inside a batch, and since when
+    clock = asyncio.get_running_loop().time
     for attempt in range(attempts):
         try:
             info = await js.stream_info(stream, subjects_filter=f"$KV.{bucket}.{keys}")
@@ -177,9 +180,19 @@ async def snapshot(
             entries.append(KeyValue.Entry(bucket=bucket, key=subject[prefix:], value=msg.data, revision=msg.seq, delta=None, created=None, operation=operation))
         if not moved:
             try:
-                if not await _inside_batch(js, stream, last) and (await js.stream_info(stream)).state.last_seq == last:
+                inside = await _inside_batch(js, stream, last)
+                if not inside:
+                    stuck = -1
+                elif last != stuck:
+                    stuck, stuck_since = last, clock()
+                elif clock() - stuck_since >= _CUT_BATCH_AFTER:
+                    # A batch being appended would have moved on long ago: the stream holds
+                    # a cut one (a server crash mid-append?). Read it as it is.
+                    log.warning("bucket %s ends inside an atomic batch at sequence %d; reading it as it is", bucket, last)
+                    inside = False
+                if not inside and (await js.stream_info(stream)).state.last_seq == last:
                     return entries
             except NotFoundError:
                 return []
-        await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
+        await asyncio.sleep(0.1 if stuck >= 0 else random.uniform(0, min(0.05, 0.002 * 2**attempt)))
     raise SnapshotUnstable(f"bucket {bucket} changed during each of {attempts} attempts to read it whole; try again")

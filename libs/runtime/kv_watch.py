@@ -40,7 +40,9 @@ Applying a batch whole: messages written by `kv_batch.commit_batch` carry
 `Tierflow-Batch: <id> <i>/<n>`; the server appends a committed batch consecutively, so
 its messages are buffered until the one at position n and then applied together. To be
 sure to see that last message, the consumer takes every key of the bucket and `keys` is
-matched here (a filtered consumer could hide it). The callbacks of one group (a snapshot,
+matched here (a filtered consumer could hide it). Should the stream ever hold a batch cut short (a
+server dying mid-append), the consumer goes idle inside it; the idle heartbeat then
+applies what is stored, with a warning, rather than waiting forever. The callbacks of one group (a snapshot,
 a batch, a single write) run with no await between them when they are plain functions,
 so no other task of the caller ever sees a group half applied; `on_applied` runs after
 each group.
@@ -289,6 +291,14 @@ class _Follower:
             status = headers.get(Header.STATUS.value)
             if status:
                 passed = await self._control(msg, status, headers, progress.delivered)
+                if not passed:
+                    continue
+                # An idle heartbeat: the server has nothing more for this consumer now.
+                if progress.open_batch is not None and (not progress.snapshotting or passed >= progress.snapshot_until):
+                    # A batch being appended keeps the consumer busy: this one will not end.
+                    log.warning("watch of %s: batch %s is incomplete in the stream; applying the part stored", self._what, progress.open_batch)
+                    progress.open_batch = None
+                    await self._flush(progress)
                 if progress.snapshotting and passed >= progress.snapshot_until and progress.open_batch is None:
                     await self._converge(progress.take())
                 continue

@@ -92,3 +92,39 @@ async def test_a_snapshot_never_straddles_a_batch(nats_url: str, bucket: str) ->
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_a_batch_cut_short_in_the_stream_is_read_as_it_is(nats_url: str, bucket: str) -> None:
+    """A stream that ends inside a batch and stays so (what a server dying mid-append could
+    leave) does not stall readers: snapshots and watches take what is stored."""
+    from tierflow.runtime.kv import follow
+    from tierflow.runtime.kv_batch import BATCH_HEADER
+
+    nc = await nats.connect(nats_url)
+    stopping = asyncio.Event()
+    try:
+        js = nc.jetstream()
+        kv = await open_bucket(js, bucket, create=True, atomic=True)
+        await kv.put("a", b"1")
+        view: dict[str, bytes] = {}
+        synced = asyncio.Event()
+        task = asyncio.create_task(follow(js, bucket, ">", on_put=lambda k, v, r: view.__setitem__(k, v), on_delete=view.pop,
+                                          on_snapshot=synced.set, stopping=stopping))  # fmt: skip
+        await asyncio.wait_for(synced.wait(), 10)
+        await js.publish(f"$KV.{bucket}.b", b"2", headers={BATCH_HEADER: "cut 1/2"})  # position 1 of 2, and no 2
+        async with asyncio.timeout(10):
+            while view.get("b") != b"2":
+                await asyncio.sleep(0.05)
+        entries = await asyncio.wait_for(snapshot(js, bucket), 10)
+        assert {e.key: e.value for e in entries} == {"a": b"1", "b": b"2"}
+        late: dict[str, bytes] = {}  # a watch that starts on it finishes its snapshot too
+        late_synced = asyncio.Event()
+        late_task = asyncio.create_task(follow(js, bucket, ">", on_put=lambda k, v, r: late.__setitem__(k, v), on_delete=late.pop,
+                                               on_snapshot=late_synced.set, stopping=stopping))  # fmt: skip
+        await asyncio.wait_for(late_synced.wait(), 10)
+        assert late == {"a": b"1", "b": b"2"}
+        stopping.set()
+        await asyncio.wait_for(asyncio.gather(task, late_task), 10)
+    finally:
+        stopping.set()
+        await nc.close()
