@@ -40,12 +40,12 @@ Applying a batch whole: messages written by `kv_batch.commit_batch` carry
 `Tierflow-Batch: <id> <i>/<n>`; the server appends a committed batch consecutively, so
 its messages are buffered until the one at position n and then applied together. To be
 sure to see that last message, the consumer takes every key of the bucket and `keys` is
-matched here (a filtered consumer could hide it). Should the stream ever hold a batch cut short (a
-server dying mid-append), the consumer goes idle inside it; the idle heartbeat then
-applies what is stored, with a warning, rather than waiting forever. The callbacks of one group (a snapshot,
-a batch, a single write) run with no await between them when they are plain functions,
-so no other task of the caller ever sees a group half applied; `on_applied` runs after
-each group.
+matched here (a filtered consumer could hide it). Should the stream ever hold a batch
+cut short (a server dying mid-append), the consumer goes idle inside it; the idle
+heartbeat then applies what is stored, with a warning, rather than waiting forever.
+The callbacks of one group (a snapshot, a batch, a single write) run with no await
+between them when they are plain functions, so no other task of the caller ever sees a
+group half applied; `on_applied` runs after each group.
 """
 
 from __future__ import annotations
