@@ -39,8 +39,9 @@ _log = logging.getLogger(__name__)
 class RestartPolicy:
     """Backoff that doubles with each recent exit; give up after too many in a window.
 
-    Defaults: 0.5 s, 1 s, 2 s, 4 s, 5 s between starts, and no sixth restart within 60 s.
-    A child that has stayed up for `window` seconds starts over at `initial`.
+    Defaults: waits of 0.5 s, 1 s, 2 s, 4 s, 5 s before the first five restarts; a sixth
+    exit within 60 s is given up on. Exits older than `window` no longer count, so a child
+    that has stayed up that long starts over at `initial`.
     """
 
     initial: float = 0.5
