@@ -311,8 +311,8 @@ class Remover:
         for record, revision in pending:
             if record.node_id in self._removals.get((record.deployment, record.pool), {}):
                 continue  # running here
-            if record.term > self._gate.term:
-                continue  # a newer autoscaler's: this one is about to learn it lost the lease
+            # Whatever term wrote it: only the lease holder gets here, so nobody else acts on
+            # it now, and the rewrite below (compare-and-set) fences whoever wrote it last.
             removal = await self._adopt(record, revision, now)
             if removal is not None:
                 adopted.append(removal)

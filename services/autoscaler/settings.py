@@ -46,9 +46,10 @@ class Settings(ScalingConfig, frozen=True, kw_only=True):
     actuation_timeout: PositiveSeconds = 30.0  # one call to the supervisor or the Kubernetes API
 
     # -- one active instance (services/autoscaler/lease.py) --
-    # Not renewed for this long, the lease passes to a standby (None: 3 intervals). A
-    # standby also warms up meanwhile, so keep it >= warm_up: a successor then acts on a
-    # full view of the fleet as soon as it holds the lease.
+    # Not renewed for this long, the lease passes to a standby (None: 3 intervals, or the
+    # warm-up if that is longer). A successor started after a crash warms up while it
+    # waits for the lease, so with lease_ttl >= warm_up it decides (and finishes or undoes
+    # its predecessor's removals) in its first tick as the active one.
     lease_ttl: PositiveSeconds | None = None
     instance_id: str = ""  # who holds the lease (empty: host-pid-random, unique per process)
     kv_replicas: Annotated[int, Meta(ge=1, le=5)] = 3  # copies of the autoscaler's KV bucket on a NATS cluster (1 on a single server)
@@ -69,7 +70,7 @@ class Settings(ScalingConfig, frozen=True, kw_only=True):
                              "the lease is renewed once an interval, and one late renewal must not cost it")  # fmt: skip
 
     def lease_ttl_s(self) -> float:
-        return 3 * self.interval if self.lease_ttl is None else self.lease_ttl
+        return max(3 * self.interval, self.warm_up_s()) if self.lease_ttl is None else self.lease_ttl
 
     def warm_up_s(self) -> float:
         return self.max_signal_age if self.warm_up is None else self.warm_up

@@ -45,7 +45,7 @@ INTERVAL = 1.5
 # warm-up <= lease ttl: a successor has heard the fleet by the time the lease is its own
 FLAGS = ("--actuator", "local", "--interval", str(INTERVAL), "--lease-ttl", "4", "--warm-up", "3", "--max-signal-age", "3")
 MODEL = "llama-3.1-8b"
-BUSY = 8  # generations per ready node (its batch is 4)
+BUSY = 8  # generations kept on each ready node (its batch is 4: one running, one queued)
 
 
 class RecordingLauncher(NodeLauncher):
@@ -147,9 +147,19 @@ async def test_a_new_autoscaler_finishes_the_drain_a_killed_one_started(private_
         cordoned_at = time.monotonic()
         await until(lambda: beats.last[operator][1].cordon_owner == OPERATOR_OWNER, "the operator's cordon in a heartbeat")
 
-        # Both ready nodes busy for ~16 s (two batches of four 8,000-token generations each),
-        # from before the autoscaler starts until they are cancelled after the kill.
-        requests = {n: [await generate(nc, n) for _ in range(BUSY)] for n in ready}
+        # Both ready nodes kept busy (8,000-token generations, topped up as they finish) from
+        # before the autoscaler starts until the kill; then every one is cancelled.
+        requests: dict[str, list[str]] = {n: [] for n in ready}
+        killed = asyncio.Event()
+
+        async def keep_busy() -> None:
+            while not killed.is_set():
+                for n in ready:
+                    if beats.last[n][1].in_flight < BUSY and len(requests[n]) < 64:
+                        requests[n] += [await generate(nc, n) for _ in range(BUSY)]
+                await asyncio.wait([asyncio.ensure_future(killed.wait())], timeout=1.0)
+
+        busy = asyncio.create_task(keep_busy())
         await until(lambda: all(beats.last[n][1].in_flight >= BUSY for n in ready), "both nodes busy", logs=logs)
         first = start_autoscaler(private_nats_url, "as-1", tmp_path, *FLAGS)
         procs.append(first)
@@ -163,16 +173,19 @@ async def test_a_new_autoscaler_finishes_the_drain_a_killed_one_started(private_
 
         await until(lambda: victim() is not None, "a node cordoned by the autoscaler", logs=logs)
         first.kill()  # right after the drain started
+        killed.set()
+        await busy
         node = victim()
         assert node is not None
         [survivor] = [n for n in ready if n != node]
         record = await removal_record(nc, node)
-        assert record is not None and (record.phase, record.holder, record.node_id) == ("draining", "as-1", node), record
-        assert beats.last[node][1].in_flight >= 1  # it really was mid-drain
+        assert record is not None and (record.phase, record.holder, record.node_id) == ("draining", "as-1", node), (record, logs())
+        assert beats.last[node][1].in_flight >= 1, logs()  # it really was mid-drain
         assert not [c for _, c in launcher.commands if c.action == "stop"]
         for n, ids in requests.items():  # the work ends; the node now only waits for its successor
             for request_id in ids:
                 await nc.publish(subjects.node_cancel(n), messages.encoder.encode(messages.CancelRequest(request_id=request_id)))
+        await until(lambda: beats.last[node][1].in_flight == 0, f"{node} empty after the cancellations", logs=logs)
 
         second = start_autoscaler(private_nats_url, "as-2", tmp_path, *FLAGS)
         procs.append(second)
@@ -189,7 +202,7 @@ async def test_a_new_autoscaler_finishes_the_drain_a_killed_one_started(private_
 
         await until(lambda: finished_at() is not None, f"{node} stopped or uncordoned", timeout=30, logs=logs)
         done = finished_at()
-        assert done is not None and done - active_at <= 2 * INTERVAL, f"{done - active_at:.2f}s after taking the lease"
+        assert done is not None and done - active_at <= 2 * INTERVAL, f"{done - active_at:.2f}s after taking the lease\n{logs()}"
 
         def settled() -> bool:
             live = beats.live()
