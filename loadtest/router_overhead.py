@@ -63,7 +63,7 @@ async def http_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 
 
 async def measure(fabric, n: int) -> tuple[np.ndarray, np.ndarray]:
-    nc = await nats.connect(fabric.nats_url)
+    nc = await nats.connect(fabric.nats_urls)
     queue: asyncio.Queue = asyncio.Queue()
     inbox = f"_INBOX.bench{uuid.uuid4().hex[:8]}"
     await nc.subscribe(f"{inbox}.*", cb=queue.put)

@@ -24,7 +24,11 @@ async def start_grpc_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpcio >= 1.6x raises where it used to return 0
+        raise OSError(f"cannot listen for gRPC on {host}:{port}: the port is in use ({exc})") from None
+    if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}: the port is in use")
     await server.start()
     for name in ("", *service_names):

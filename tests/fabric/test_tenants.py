@@ -23,7 +23,7 @@ def regional(tmp_path_factory: pytest.TempPathFactory, fabric_factory, repo_root
     """`tierflow up` serving the EU deployment, plus a US node started as its own process."""
     running = fabric_factory(
         tmp_path_factory.mktemp("regions"), "--fleet", str(repo_root / "tests/fleets/regions.yaml"),
-        "--deployment", "eu", "--decode-nodes", "1", "--prefill-nodes", "0",
+        "--deployment", "eu", "--decode-nodes", "1", "--prefill-nodes", "0", "--no-restart",  # its region stays down when killed
         env={"TIERFLOW_CONFIG": str(repo_root / "tests/fleets/router-tenants.yaml")},
     )  # fmt: skip
     us = subprocess.Popen(
