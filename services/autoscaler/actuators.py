@@ -10,6 +10,9 @@ for the simulator and tests). "none" means no actuator: decisions are advisory.
 
 The scale-down sequence (cordon -> drain -> stop) is the shell's, not the actuator's:
 by the time `stop_node` is called the node is empty, so every connector can simply stop it.
+`stop_node` must be idempotent: an autoscaler that takes over a removal its predecessor
+had begun stopping (remover.py) asks again, and a node stopped once must not cost a
+second replica.
 Region and residency stay what the deployment says: local nodes read them from the
 deployment record, Kubernetes keeps the Deployment's pod template untouched.
 """
@@ -41,7 +44,7 @@ class Actuator(Protocol):
         ...
 
     async def stop_node(self, deployment: registry.DeploymentRecord, pool: str, node_id: str) -> None:
-        """Stop one node (already cordoned and drained by the caller)."""
+        """Stop one node (already cordoned and drained by the caller); stopping it again is a no-op."""
         ...
 
 
