@@ -36,6 +36,7 @@ __all__ = [
     "AUTOSCALER_LEASE_KEY",
     "REMOVAL_KEYS",
     "removal_key",
+    "KV_BATCH_HEADER",
     "model_key",
     "deployment_key",
     "bundle_key",
@@ -128,6 +129,10 @@ AUTOSCALER_DECISIONS: Final = "tierflow.autoscaler.decision"
 # Request/reply to the local process supervisor (`tierflow up`): start/stop/list node
 # processes. The autoscaler's local actuator is its client.
 SUPERVISOR_CONTROL: Final = "tierflow.supervisor.control"
+
+# A header on every message of one atomic KV batch (`<batch id> <position>/<size>`): readers
+# buffer a batch until its last message and apply it whole (libs/runtime/kv_watch.py).
+KV_BATCH_HEADER: Final = "Tierflow-Batch"
 
 # JetStream KV: bucket names may not contain dots; keys may.
 REGISTRY_BUCKET: Final = "tierflow-registry"

@@ -34,6 +34,8 @@ from nats.js.api import Header
 from nats.js.client import JetStreamContext
 from nats.js.kv import KV_DEL, KV_OP
 
+from tierflow.contracts import subjects
+
 __all__ = [
     "BATCH_HEADER",
     "MAX_BATCH",
@@ -46,7 +48,7 @@ __all__ = [
     "parse_batch_header",
 ]
 
-BATCH_HEADER = "Tierflow-Batch"
+BATCH_HEADER = subjects.KV_BATCH_HEADER
 MAX_BATCH = 1000  # nats-server's default jetstream.limits.batch.max_msgs
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)

@@ -70,7 +70,7 @@ from tierflow.runtime.waiting import first
 
 __all__ = ["follow", "OnPut", "OnDelete"]
 
-log = logging.getLogger("tierflow.runtime.kv")
+log = logging.getLogger(__name__)
 
 OnPut = Callable[[str, bytes, int], Awaitable[None] | None]
 OnDelete = Callable[[str], Awaitable[None] | None]

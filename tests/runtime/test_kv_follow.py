@@ -174,7 +174,7 @@ async def test_a_watch_that_starts_before_its_bucket_waits_for_it(nats_url: str,
     stopping = asyncio.Event()
     mirror = Mirror()
     try:
-        with caplog.at_level(logging.DEBUG, logger="tierflow.runtime.kv"):
+        with caplog.at_level(logging.DEBUG, logger="tierflow.runtime.kv_watch"):
             task = asyncio.create_task(follow(nc.jetstream(), bucket, ">", on_put=mirror.on_put, on_delete=mirror.on_delete,
                                               on_snapshot=mirror.on_snapshot, stopping=stopping))  # fmt: skip
             async with asyncio.timeout(10):  # several failed attempts
