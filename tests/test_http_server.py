@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -47,7 +48,7 @@ async def start() -> AsyncIterator[Start]:
     """Start servers on free ports; shut them down and check no handler task leaked."""
     servers: list[asyncio.AbstractServer] = []
 
-    async def _start(handler: Handler, **options: int) -> int:
+    async def _start(handler: Handler, **options: Any) -> int:
         server = await serve(handler, HOST, 0, **options)
         servers.append(server)
         return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
@@ -592,6 +593,151 @@ async def test_idle_keep_alive_connection_is_closed(
     await raw.close()
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait (up to WAIT) for a condition on server state that no event announces."""
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), WAIT)
+
+
+async def test_connections_over_the_limit_get_503_and_a_closed_one_frees_its_slot() -> None:
+    calls = 0
+
+    async def counting(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        return Response(200, b"{}")
+
+    server = await serve(counting, HOST, 0, max_connections=2)
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    try:
+        served = await Raw.open(port)
+        served.send(get("/"))
+        assert (await served.response())[0] == 200  # idle now, and still counted
+        silent = await Raw.open(port)  # connected, has sent nothing: counted too
+        await _until(lambda: server.open_connections == 2)  # type: ignore[attr-defined]
+        over = await Raw.open(port)
+        over.send(get("/never-parsed"))
+        status, headers, body = await over.response()
+        assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
+        assert "limit of 2 open connections" in assert_openai_error(body, "service_unavailable")
+        assert await over.at_eof()
+        assert calls == 1 and server.refused_connections == 1  # type: ignore[attr-defined]
+        served.send(get("/again"))  # the two admitted connections are unaffected
+        assert (await served.response())[0] == 200
+        await served.close()
+        await _until(lambda: server.open_connections == 1)  # type: ignore[attr-defined]
+        fresh = await Raw.open(port)
+        fresh.send(get("/"))
+        assert (await fresh.response())[0] == 200
+        assert calls == 3
+        for raw in (silent, over, fresh):
+            await raw.close()
+    finally:
+        await shutdown(server, grace=1.0)
+
+
+async def test_a_burst_of_connections_never_exceeds_the_limit(start: Start) -> None:
+    """asyncio accepts a burst before the first connection_made: the count must be kept
+    at accept, or a burst slips past the limit."""
+    release = asyncio.Event()
+    entered = 0
+
+    async def hold(request: Request) -> Response:
+        nonlocal entered
+        entered += 1
+        await release.wait()
+        return Response(200, b"{}")
+
+    port = await start(hold, max_connections=5)
+    clients = await asyncio.gather(*(Raw.open(port) for _ in range(40)))
+    for raw in clients:
+        raw.send(get("/"))
+    firsts = [asyncio.create_task(raw.reader.readexactly(12)) for raw in clients]
+    await _until(lambda: sum(t.done() for t in firsts) >= 35)  # the refusals come at once
+    assert [t.result() for t in firsts if t.done()] == [b"HTTP/1.1 503"] * 35
+    assert entered <= 5 and sum(t.done() for t in firsts) == 35  # the others wait on `hold`
+    release.set()
+    for t in firsts:
+        assert await asyncio.wait_for(t, WAIT) in (b"HTTP/1.1 503", b"HTTP/1.1 200")
+    assert entered == 5
+    for raw in clients:
+        await raw.close()
+
+
+async def test_no_connection_limit_when_zero(start: Start) -> None:
+    port = await start(echo, max_connections=0)
+    clients = [await Raw.open(port) for _ in range(20)]
+    for raw in clients:
+        raw.send(get("/"))
+    for raw in clients:
+        assert (await raw.response())[0] == 200
+        await raw.close()
+    with pytest.raises(ValueError, match="max_connections"):
+        await serve(echo, HOST, 0, max_connections=-1)
+
+
+async def test_a_slow_request_head_gets_408_and_a_keep_alive_client_does_not(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_server, "_TICK", 0.02)
+    monkeypatch.setattr(http_server, "_SWEEP_EVERY", 1)
+    monkeypatch.setattr(http_server, "IDLE_TIMEOUT", 100_000)  # ticks: only the header deadline acts
+    port = await start(echo, header_timeout=0.2)  # 10 ticks
+    keep = await Raw.open(port)
+    keep.send(get("/first"))
+    assert (await keep.response())[0] == 200
+
+    slow = await Raw.open(port)
+    silent = await Raw.open(port)  # connects and never sends a byte
+    second = await Raw.open(port)  # a first request at once, the second one trickled
+    second.send(get("/quick"))
+    assert (await second.response())[0] == 200
+    closed = asyncio.Event()
+
+    async def trickle(raw: Raw) -> None:  # one header byte per tick: each resets the idle clock
+        for byte in b"GET /slow HTTP/1.1\r\nX-Slow: " + b"a" * 100_000:
+            if closed.is_set() or raw.writer.is_closing():
+                return
+            raw.send(bytes([byte]))
+            await asyncio.sleep(0.02)
+
+    trickling = [asyncio.create_task(trickle(raw)) for raw in (slow, second)]
+    try:
+        for late in (slow, silent, second):
+            status, headers, body = await late.response()
+            assert status == 408 and headers["connection"] == "close"
+            assert "did not arrive within 0.2 s" in assert_openai_error(body, "timeout_error")
+            assert await late.at_eof()
+    finally:
+        closed.set()
+        await asyncio.gather(*trickling)
+    # The keep-alive client idled longer than the header timeout since its last answer:
+    # that is idleness, not a late head, and its connection still serves.
+    keep.send(get("/second"))
+    status, _, body = await keep.response()
+    assert status == 200 and json.loads(body)["path"] == "/second"
+    for raw in (keep, slow, silent, second):
+        await raw.close()
+
+
+async def test_a_request_head_in_pieces_within_the_deadline_is_served(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_server, "_TICK", 0.02)
+    monkeypatch.setattr(http_server, "_SWEEP_EVERY", 1)
+    port = await start(echo, header_timeout=60.0)
+    raw = await Raw.open(port)
+    for piece in (b"GET /pieces HTTP/1.1\r\n", b"Host: t\r\n", b"\r\n"):
+        raw.send(piece)
+        await asyncio.sleep(0.05)  # several sweeps between pieces
+    status, _, body = await raw.response()
+    assert status == 200 and json.loads(body)["path"] == "/pieces"
+    await raw.close()
+
+
 async def test_shutdown_finishes_in_flight_work_then_closes(start: Start) -> None:
     started = asyncio.Event()
 
@@ -689,3 +835,55 @@ def test_runs_on_uvloop() -> None:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(WAIT)
         loop.close()
+
+
+def test_connection_limit_and_header_deadline_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop creates protocols and transports its own way (its transports are not
+    asyncio.Transport subclasses): the limit and the 408 must hold there too."""
+    monkeypatch.setattr(http_server, "_TICK", 0.02)
+    monkeypatch.setattr(http_server, "_SWEEP_EVERY", 1)
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def hold(request: Request) -> Response:
+            await release.wait()
+            return Response(200, b"{}")
+
+        server = await serve(hold, HOST, 0, max_connections=3, header_timeout=0.2)
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        try:
+            clients = [await Raw.open(port) for _ in range(3)]
+            await _until(lambda: server.open_connections == 3)  # type: ignore[attr-defined]
+            clients += [Raw(*pair) for pair in await asyncio.gather(*(asyncio.open_connection(HOST, port) for _ in range(9)))]
+            for raw in clients[:2]:
+                raw.send(get("/"))
+            # clients[2] sends nothing: it holds its slot until the header deadline.
+            firsts = [asyncio.create_task(raw.reader.readexactly(12)) for raw in clients]
+            await _until(lambda: sum(t.done() for t in firsts) >= 9)
+            results["refused"] = sorted(i for i, t in enumerate(firsts) if t.done() and t.result() == b"HTTP/1.1 503")
+            results["late"] = await asyncio.wait_for(firsts[2], WAIT)
+            results["counted"] = (server.refused_connections, server.late_request_heads)  # type: ignore[attr-defined]
+            release.set()
+            results["held"] = [await asyncio.wait_for(firsts[i], WAIT) for i in (0, 1)]
+            for raw in clients:
+                await raw.close()
+        finally:
+            await shutdown(server, grace=1.0)
+
+    def run() -> None:
+        try:
+            uvloop.run(scenario())
+        except BaseException as exc:  # reported below, on the test's thread
+            results["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(4 * WAIT)
+    assert not thread.is_alive()
+    assert "error" not in results, results.get("error")
+    assert results["refused"] == list(range(3, 12))
+    assert results["late"] == b"HTTP/1.1 408"
+    assert results["counted"] == (9, 1)
+    assert results["held"] == [b"HTTP/1.1 200"] * 2

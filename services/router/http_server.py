@@ -12,6 +12,7 @@ Layers::
     serve() -> _Server            an AbstractServer that also knows its live connections
                  └ _ServerState   handler, limits, Date header, the 1 Hz ticker (idle sweep)
                  └ _Connection    one per socket: parse -> queue -> one handler task -> write
+                 └ _Refused       one per socket over ``max_connections``: a 503, then close
 
 Semantics worth knowing:
 
@@ -21,6 +22,17 @@ Semantics worth knowing:
   is cancelled, which closes a streaming generator, so the router cancels upstream work.
 * Errors before a handler runs (400, 413, 431) answer in the OpenAI error shape and close
   the connection, after answering every request queued before the bad one.
+* Bounded: at most ``max_connections`` sockets per server, counted from accept to close
+  in whatever state (reading, answering, idle, lingering after an error). One more is
+  answered ``503`` with ``Retry-After: 1`` before anything of it is read, and closed, so a
+  flood of clients costs a write each instead of memory and a handler each.
+* Header deadline: a request head (request line and headers) must be complete within
+  ``header_timeout`` seconds of its first byte, and the first one of a connection within
+  ``header_timeout`` of connecting; else ``408`` and close (a client trickling a byte a
+  second would otherwise hold its connection forever, each byte resetting the idle clock).
+  A keep-alive connection waiting for its next request is idle, not late: ``IDLE_TIMEOUT``
+  governs it, as in nginx and Go's net/http. The sweep checks both, so they are honoured
+  to within its period (``_SWEEP_EVERY`` seconds), with no timer per request.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import socket
 import time
 from collections import deque
@@ -47,11 +60,17 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT: float = 75.0
 """Seconds a keep-alive connection may sit idle (or a slow reader stall a response)."""
 
+MAX_CONNECTIONS = 10_000
+"""Default ``serve(max_connections=...)``: well under a default ``ulimit -n`` of 65,536."""
+HEADER_TIMEOUT = 30.0
+"""Default ``serve(header_timeout=...)``, in seconds (nginx's ``client_header_timeout`` is 60)."""
+
 _TICK = 1.0  # ticker period: Date refresh; the idle sweep runs every _SWEEP_EVERY ticks
 _SWEEP_EVERY = 5
 _LINGER = 2.0  # after an error response, drain the client's unread body this long
 _MAX_PIPELINE = 32  # queued requests per connection before we stop reading the socket
 _MAX_HEADER_BYTES = 64 << 10  # request line + headers; llhttp itself has no limit
+_MAX_REFUSED_LINGERING = 256  # refused sockets kept open to deliver their 503; beyond: closed at once
 
 # ---------------------------------------------------------------- built once, at import
 _STATUS_LINES: dict[int, bytes] = {
@@ -83,6 +102,17 @@ def _error_body(message: str, kind: str = "invalid_request_error") -> bytes:
     """An OpenAI-shaped error document, so SDK clients surface our message verbatim."""
     return _ERRORS.encode(
         {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    )
+
+
+def _refusal_tail(max_connections: int) -> bytes:
+    """The 503 for a connection over the limit, after its status and ``Date`` lines."""
+    body = _error_body(
+        f"the server is at its limit of {max_connections} open connections; "
+        "retry after 1 s, or reuse a keep-alive connection", "service_unavailable")
+    return (
+        b"content-type: application/json\r\nretry-after: 1\r\ncontent-length: %d\r\n%b\r\n%b"
+        % (len(body), _CONNECTION_CLOSE, body)
     )
 
 
@@ -150,12 +180,35 @@ _INTERNAL_ERROR = Response(500, _error_body("internal server error", "server_err
 class _ServerState:
     """Everything one ``serve()`` call shares among its connections."""
 
-    def __init__(self, handler: Handler, max_body: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        max_body: int,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT,
+    ) -> None:
+        if max_connections < 0:
+            raise ValueError(f"max_connections must be 0 (no limit) or more, got {max_connections}")
+        if header_timeout < 0:
+            raise ValueError(f"header_timeout must be 0 (none) or more seconds, got {header_timeout}")
         self.handler = handler
         self.max_body = max_body
         self.loop = loop
+        self.max_connections = max_connections
+        # In ticks, as the sweep counts; read _TICK now so tests can speed the clock up.
+        self.header_ticks = header_timeout / _TICK if header_timeout else math.inf
+        self.header_timeout_response = Response(408, _error_body(
+            f"the request head (request line and headers) did not arrive within "
+            f"{header_timeout:g} s; send it at once", "timeout_error"))
+        self.refusal_tail = _refusal_tail(max_connections)
         self.context = contextvars.copy_context()  # each request task runs in a copy
         self.connections: set[_Connection] = set()
+        self.refusing: set[_Refused] = set()  # over the limit: answered 503, closing
+        self.refused = 0  # connections refused since the server started
+        self.late_heads = 0  # connections answered 408 since the server started
+        self._logged = (0, 0)  # (refused, late_heads) as of the last warning
         self.orphans: set[asyncio.Task[None]] = set()  # cancelled tasks still unwinding
         self.date = _http_date()
         self.content_types: dict[str, bytes] = {}
@@ -165,17 +218,42 @@ class _ServerState:
         self.is_serving: Callable[[], bool] = lambda: True
         self.timer: asyncio.TimerHandle | None = loop.call_later(_TICK, self.tick)
 
+    def accept(self) -> asyncio.Protocol:
+        """The protocol factory: a ``_Connection`` while under ``max_connections``, else a
+        ``_Refused``. Counted here, at accept, not in ``connection_made``: asyncio calls
+        every factory of an accept burst before the first ``connection_made``."""
+        if self.max_connections and len(self.connections) >= self.max_connections:
+            self.refused += 1
+            return _Refused(self)
+        conn = _Connection(self)
+        self.connections.add(conn)
+        return conn
+
     def tick(self) -> None:
-        """Refresh ``Date`` and, every few seconds, close idle or stalled connections."""
+        """Refresh ``Date`` and, every few seconds, close idle, stalled or late connections."""
         self.date = _http_date()
         self.ticks += 1
         if self.ticks % _SWEEP_EVERY == 0:
             for conn in list(self.connections):
                 conn.sweep(self.ticks)
+            if (self.refused, self.late_heads) != self._logged:
+                self._warn()
         if self.is_serving() or self.connections:
             self.timer = self.loop.call_later(_TICK, self.tick)
         else:
             self.timer = None
+
+    def _warn(self) -> None:
+        """One line per sweep for what a flood would otherwise log once per connection."""
+        refused, late = self.refused - self._logged[0], self.late_heads - self._logged[1]
+        log.warning(
+            "in the last %ds: refused %d connections over the limit of %d; answered 408 to %d "
+            "whose request head came slower than %g s",
+            round(_SWEEP_EVERY * _TICK), refused, self.max_connections, late, self.header_ticks * _TICK,
+            extra={"fields": {"refused_connections": refused, "max_connections": self.max_connections,
+                              "late_heads": late, "open_connections": len(self.connections)}},
+        )
+        self._logged = (self.refused, self.late_heads)
 
     def content_type_header(self, content_type: str) -> bytes:
         """``content-type`` lines are few and repeat, so each is encoded once per server."""
@@ -200,6 +278,21 @@ class _Server(asyncio.AbstractServer):
         self._inner = inner
         self.state = state
         state.is_serving = inner.is_serving
+
+    @property
+    def open_connections(self) -> int:
+        """Connections counted against ``max_connections`` now (for a gauge)."""
+        return len(self.state.connections)
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections refused over ``max_connections`` since start (for a counter)."""
+        return self.state.refused
+
+    @property
+    def late_request_heads(self) -> int:
+        """Connections answered 408 for a late request head since start (for a counter)."""
+        return self.state.late_heads
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -233,14 +326,22 @@ async def serve(
     max_body_bytes: int = 8 << 20,
     backlog: int = 2048,
     reuse_port: bool = False,
+    max_connections: int = MAX_CONNECTIONS,
+    header_timeout: float = HEADER_TIMEOUT,
 ) -> asyncio.AbstractServer:
     """Listen on ``host:port`` and answer every request with ``handler``; returns once
-    listening (port 0 picks a free port: read it from ``server.sockets``)."""
+    listening (port 0 picks a free port: read it from ``server.sockets``).
+
+    ``max_connections`` bounds the open connections of this server (0: no bound) and
+    ``header_timeout`` the seconds a request head may take to arrive (0: forever); see
+    the module docstring."""
     loop = asyncio.get_running_loop()
-    state = _ServerState(handler, max_body_bytes, loop)
+    state = _ServerState(
+        handler, max_body_bytes, loop, max_connections=max_connections, header_timeout=header_timeout
+    )
     try:
         inner = await loop.create_server(
-            lambda: _Connection(state), host, port, backlog=backlog, reuse_port=reuse_port
+            state.accept, host, port, backlog=backlog, reuse_port=reuse_port
         )
     except BaseException:
         if state.timer is not None:
@@ -264,6 +365,8 @@ async def shutdown(server: asyncio.AbstractServer, grace: float) -> None:
     await _wait_for_connections(state, grace)
     for conn in list(state.connections):
         conn.abort()
+    for refused in list(state.refusing):
+        refused.abort()
     if state.orphans:  # bounded: a handler may swallow its cancellation
         await asyncio.wait(set(state.orphans), timeout=1.0)
     await _wait_for_connections(state, 1.0)  # connection_lost() follows abort() next tick
@@ -327,6 +430,51 @@ class _Resume:
                     return done.value
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over ``max_connections``: answered 503 at once, never parsed, closed.
+
+    The client has usually sent its request already, and closing a socket with unread
+    input sends RST, which can destroy the 503 in flight; so, like an error response,
+    the socket half-closes and discards input until the client closes or ``_LINGER``
+    passes, unless too many refused sockets are lingering already (a flood)."""
+
+    __slots__ = ("_state", "_transport", "_timer")
+
+    def __init__(self, state: _ServerState) -> None:
+        self._state = state
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport, though uvloop's is no asyncio.Transport subclass.
+        stream: asyncio.Transport = transport  # type: ignore[assignment]
+        self._transport = stream
+        state = self._state
+        stream.write(_STATUS_LINES[503] + state.date + state.refusal_tail)
+        if len(state.refusing) < _MAX_REFUSED_LINGERING and stream.can_write_eof():
+            state.refusing.add(self)
+            stream.write_eof()
+            self._timer = state.loop.call_later(_LINGER, stream.close)
+        else:
+            stream.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass  # never parsed
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state.refusing.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: httptools calls the ``on_*`` methods while ``data_received``
     feeds it; complete requests queue up and ``_run`` answers them one at a time."""
@@ -336,12 +484,13 @@ class _Connection(asyncio.Protocol):
         "_body_size", "_header_bytes", "_in_message", "_keep_alive", "_http10", "_queue",
         "_task", "_busy", "_done_reading", "_reading_paused", "_closing", "_write_paused",
         "_drain_waiter", "_paused_tick", "_last_tick", "_continue_pending", "_linger",
+        "_awaiting_head", "_head_tick",
     )
 
     def __init__(self, state: _ServerState) -> None:
         self._state = state
         self._loop = state.loop
-        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made sets it
         self._parser = httptools.HttpRequestParser(self)
         self._peer = ""
         self._url = b""
@@ -364,10 +513,17 @@ class _Connection(asyncio.Protocol):
         self._last_tick = state.ticks
         self._continue_pending = False
         self._linger: asyncio.TimerHandle | None = None
+        # The header deadline: the first head counts from the accept, later ones from
+        # their first byte (on_message_begin); on_headers_complete ends the wait.
+        self._awaiting_head = True
+        self._head_tick = state.ticks
 
     # -- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # always a stream transport
+        if self._closing:  # aborted by shutdown between accept and now
+            transport.abort()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:  # a streamed first token must not wait on Nagle + delayed ACK
@@ -378,7 +534,6 @@ class _Connection(asyncio.Protocol):
         if isinstance(peer, tuple):
             host = peer[0]
             self._peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-        self._state.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -432,6 +587,9 @@ class _Connection(asyncio.Protocol):
 
     # -- parser callbacks
     def on_message_begin(self) -> None:
+        if not self._awaiting_head:  # a later request: its deadline starts now
+            self._awaiting_head = True
+            self._head_tick = self._state.ticks
         self._in_message = True
         self._url = b""
         self._headers = {}
@@ -453,6 +611,7 @@ class _Connection(asyncio.Protocol):
         self._headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._awaiting_head = False
         parser = self._parser
         self._keep_alive = parser.should_keep_alive()
         self._http10 = parser.get_http_version() == "1.0"
@@ -678,6 +837,8 @@ class _Connection(asyncio.Protocol):
 
     def drain(self) -> None:
         """Shutdown began: idle connections close now, busy ones after their last answer."""
+        if self._transport is None:
+            return  # not connected yet: it closes after its first answer, or at the abort
         if not self._busy and not self._queue and not self._in_message:
             self._close()
 
@@ -689,11 +850,30 @@ class _Connection(asyncio.Protocol):
             self._state.orphans.add(self._task)
             self._task.add_done_callback(self._state.orphans.discard)
         self._task = None
-        self._transport.abort()
+        if self._transport is None:  # accepted, not yet connected: connection_made aborts it
+            self._state.forget(self)
+        else:
+            self._transport.abort()
 
     def sweep(self, ticks: int) -> None:
         """Close a connection idle for IDLE_TIMEOUT, or one whose reader stalled a
-        response that long (else a client that stops reading pins a handler forever)."""
+        response that long (else a client that stops reading pins a handler forever),
+        and answer 408 to one whose request head is later than the header deadline."""
+        if self._transport is None:
+            if ticks - self._last_tick >= 2:  # the loop dropped it between accept and connect
+                self._state.forget(self)
+            return
+        if (
+            self._awaiting_head
+            and ticks - self._head_tick >= self._state.header_ticks
+            and not (self._done_reading or self._reading_paused)
+        ):
+            self._state.late_heads += 1
+            self._done_reading = True  # nothing more is parsed; answered after what is queued
+            self._queue.append((self._state.header_timeout_response, False, False))
+            if not self._busy:
+                self._dispatch()
+            return
         if self._busy:
             if self._write_paused and ticks - self._paused_tick >= IDLE_TIMEOUT:
                 log.info("aborting %s: client stopped reading", self._peer)
