@@ -12,48 +12,58 @@ import logging
 from collections.abc import Callable, Sequence
 
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError
 
 from tierflow.contracts import registry, subjects
 from tierflow.nodehost.specs import bundle_from_records
 from tierflow.rdu import BundleModel, load_catalog
-from tierflow.runtime.kv import follow, open_bucket
+from tierflow.runtime.kv import follow, snapshot
 from tierflow.runtime.waiting import first
 
-__all__ = ["fetch_deployment", "build_bundle", "describe_bundle", "watch_bundle"]
+__all__ = ["fetch_bundle", "describe_bundle", "watch_bundle"]
 
 log = logging.getLogger(__name__)
 
 
-async def _get(js: JetStreamContext, key: str) -> bytes | None:
+async def _read(js: JetStreamContext, deployment: str) -> tuple[registry.DeploymentRecord | None, dict[str, registry.ModelRecord]]:
+    """The deployment's record and every model record, from one consistent read of the
+    bucket (a record read key by key could straddle an apply: a new deployment with the
+    old models)."""
     try:
-        kv = await open_bucket(js, subjects.REGISTRY_BUCKET)
-        return (await kv.get(key)).value
-    except (BucketNotFoundError, KeyNotFoundError):
-        return None
+        entries = await snapshot(js, subjects.REGISTRY_BUCKET)
+    except BucketNotFoundError:
+        return None, {}
+    record: registry.DeploymentRecord | None = None
+    models: dict[str, registry.ModelRecord] = {}
+    wanted = subjects.deployment_key(deployment)
+    for entry in entries:
+        if entry.value is None:
+            continue
+        if entry.key == wanted:
+            record = registry.deployment_decoder.decode(entry.value)
+        elif entry.key.startswith(subjects.model_key("")):
+            model = registry.model_decoder.decode(entry.value)
+            models[model.name] = model
+    return record, models
 
 
-async def fetch_deployment(js: JetStreamContext, name: str, stopping: asyncio.Event, *, timeout: float = 60.0) -> registry.DeploymentRecord:
+def _bundle(record: registry.DeploymentRecord, models: dict[str, registry.ModelRecord]) -> list[BundleModel]:
+    return bundle_from_records(record, {e.model: models[e.model] for e in record.models if e.model in models}, load_catalog(None))
+
+
+async def fetch_bundle(js: JetStreamContext, name: str, stopping: asyncio.Event, *, timeout: float = 60.0) -> tuple[registry.DeploymentRecord, list[BundleModel]]:
+    """The deployment's record and the emulator's view of its bundle, once the registry
+    has them (a node may start before the registry has applied its fleet)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        value = await _get(js, subjects.deployment_key(name))
-        if value is not None:
-            return registry.deployment_decoder.decode(value)
+        record, models = await _read(js, name)
+        if record is not None:
+            return record, _bundle(record, models)
         if stopping.is_set() or loop.time() > deadline:
             raise LookupError(f"deployment {name!r} is not in the registry (apply a fleet file that declares it)")
         log.info("waiting for deployment %r in the registry", name)
-        await asyncio.sleep(0.5)
-
-
-async def build_bundle(js: JetStreamContext, deployment: registry.DeploymentRecord) -> list[BundleModel]:
-    """The emulator's view of the bundle, from the model records in the registry."""
-    models = {}
-    for entry in deployment.models:
-        value = await _get(js, subjects.model_key(entry.model))
-        if value is not None:
-            models[entry.model] = registry.model_decoder.decode(value)
-    return bundle_from_records(deployment, models, load_catalog(None))
+        await first(stopping.wait(), timeout=0.5)
 
 
 async def watch_bundle(
@@ -101,12 +111,11 @@ async def _difference(js: JetStreamContext, started: registry.DeploymentRecord, 
     """How the registry's bundle for the deployment differs from what the node started
     with (`started`'s profile, `serving`), or "" when it does not."""
     name = started.name
-    value = await _get(js, subjects.deployment_key(name))
-    if value is None:
+    record, models = await _read(js, name)
+    if record is None:
         return f"deployment {name!r} was deleted from the registry"
-    record = registry.deployment_decoder.decode(value)
     try:
-        bundle = await build_bundle(js, record)
+        bundle = _bundle(record, models)
     except (LookupError, ValueError) as exc:
         return f"the registry's bundle for {name!r} cannot be built ({exc})"
     if record.profile != started.profile:

@@ -20,7 +20,7 @@ import msgspec
 
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.control import add_control_endpoint
-from tierflow.nodehost.bundle import build_bundle, describe_bundle, fetch_deployment, watch_bundle
+from tierflow.nodehost.bundle import describe_bundle, fetch_bundle, watch_bundle
 from tierflow.nodehost.profiles import resolve_profile
 from tierflow.nodehost.driver import EngineDriver
 from tierflow.nodehost.routers import RouterLiveness
@@ -48,9 +48,8 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     """Everything a node does, for either role; only the subject and role differ."""
     nc = await connect_nats(settings.nats_url, f"tierflow-{role}-{settings.node_id}", stopping=ctx.stopping)
     js = nc.jetstream()
-    deployment = await fetch_deployment(js, settings.deployment, ctx.stopping)
+    deployment, bundle = await fetch_bundle(js, settings.deployment, ctx.stopping)
     profile_name = settings.profile or deployment.profile
-    bundle = await build_bundle(js, deployment)
     clock = WallClock()
     profile = resolve_profile(profile_name, settings.profiles)
     engine = NodeEngine(

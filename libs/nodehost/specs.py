@@ -1,7 +1,7 @@
 """How registry records become the emulator's bundle: pure, so nodes, the registry and the
 fleet simulator all turn a deployment into the same models.
 
-A node reads the records from the registry's KV bucket (`bundle.build_bundle`), the
+A node reads the records from the registry's KV bucket (`bundle.fetch_bundle`), the
 registry validates fleet files with `version_model_spec`, and the simulator reads a
 fleet file; all of them end here.
 """

@@ -55,8 +55,9 @@ async def collect_status(nats_url: str, *, listen: float = 1.2) -> FabricStatus:
         deployments: list[registry.DeploymentRecord] = []
         try:
             js = nc.jetstream()
-            models = [registry.model_decoder.decode(e.value) for e in await snapshot(js, subjects.REGISTRY_BUCKET, subjects.MODEL_KEYS) if e.value]
-            deployments = [registry.deployment_decoder.decode(e.value) for e in await snapshot(js, subjects.REGISTRY_BUCKET, subjects.DEPLOYMENT_KEYS) if e.value]
+            entries = [e for e in await snapshot(js, subjects.REGISTRY_BUCKET) if e.value]  # one read: never half an apply
+            models = [registry.model_decoder.decode(e.value) for e in entries if e.key.startswith(subjects.model_key(""))]
+            deployments = [registry.deployment_decoder.decode(e.value) for e in entries if e.key.startswith(subjects.deployment_key(""))]
         except Exception:  # no bucket / no keys yet: the registry has not applied a fleet
             pass
         services = await services_task
