@@ -25,7 +25,7 @@ from tierflow.services.router.config import load_router_config
 from tierflow.services.router.dispatch import Dispatcher
 from tierflow.services.router.grpc_api import start_grpc
 from tierflow.services.router.http_server import serve, shutdown
-from tierflow.services.router.metrics import AdmissionCollector, RouterMetrics
+from tierflow.services.router.metrics import AdmissionCollector, HttpServerCollector, RouterMetrics
 from tierflow.services.router.openai_api import OpenAIApi
 from tierflow.services.router.peers import RouterPeers
 from tierflow.services.router.settings import Settings
@@ -123,8 +123,12 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         on_session=peers.note_session, on_suspect=peers.note_suspect, admission=admission,
     )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
-    http = await serve(api.handle, settings.http_host, settings.http_port, reuse_port=settings.reuse_port)
-    grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port)
+    http = await serve(
+        api.handle, settings.http_host, settings.http_port, reuse_port=settings.reuse_port,
+        max_connections=settings.max_connections, header_timeout=settings.header_timeout,
+    )  # fmt: skip
+    ctx.metrics.register(HttpServerCollector(http))
+    grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port, max_calls=settings.max_grpc_calls)
     micro = await discovery.register(
         nc, "router", router_id,
         http=f"http://{settings.http_host}:{settings.http_port}", grpc=f"{settings.grpc_host}:{settings.grpc_port}",

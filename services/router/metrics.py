@@ -7,6 +7,7 @@ tenant from configuration; nothing per request or per user ends up in a label.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from tierflow.placement.admission import Admission
 
-__all__ = ["RouterMetrics", "AdmissionCollector"]
+__all__ = ["RouterMetrics", "AdmissionCollector", "HttpServerCollector"]
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -60,3 +61,16 @@ class AdmissionCollector(Collector):
             refused.add_metric([stats.model], stats.refused)
             cuts.add_metric([stats.model], stats.cuts)
         yield from (limit, slots, in_flight, refused, cuts)
+
+
+class HttpServerCollector(Collector):
+    """The HTTP front door's own bounds (services/router/http_server.py), read at scrape time."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server  # http_server._Server: open_connections, refused_connections, late_request_heads
+
+    def collect(self) -> Iterator[Metric]:
+        server = self._server
+        yield GaugeMetricFamily("tierflow_router_http_connections", "Open HTTP connections (counted against --max-connections)", value=server.open_connections)
+        yield CounterMetricFamily("tierflow_router_http_refused_connections", "Connections refused with 503 over --max-connections", value=server.refused_connections)
+        yield CounterMetricFamily("tierflow_router_http_late_request_heads", "Connections closed with 408: the request head took longer than --header-timeout", value=server.late_request_heads)

@@ -47,4 +47,10 @@ class Settings(Struct, kw_only=True):
     # Let several router processes listen on the same HTTP port (SO_REUSEPORT: the kernel
     # spreads connections over them). gRPC servers share their port this way by default.
     reuse_port: bool = False
+    # Bounds on the front doors: open HTTP connections per process (over it: 503 and
+    # close), seconds a request head may take to arrive (else 408), concurrent gRPC calls
+    # (over it: RESOURCE_EXHAUSTED). 0: no bound.
+    max_connections: Annotated[int, Meta(ge=0)] = 10_000
+    header_timeout: Annotated[float, Meta(ge=0)] = 30.0
+    max_grpc_calls: Annotated[int, Meta(ge=0)] = 10_000
 
