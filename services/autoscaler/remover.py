@@ -40,7 +40,6 @@ asked for its status:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -90,6 +89,11 @@ class _Removal:
     phase: RemovalPhase = "draining"
     revision: int | None = None  # of the record this instance last wrote; None: none yet, or unknown
     task: asyncio.Task[None] | None = None
+    # Taken back or stood down: the task must do nothing more. Checked after every await as
+    # well as cancelling the task, because a cancellation can be lost: Python 3.11's
+    # asyncio.wait_for (inside nats-py's request) returns the reply instead of raising when
+    # the reply and the cancellation arrive together, and the drain would go on to the stop.
+    called_off: bool = False
 
 
 class Remover:
@@ -141,6 +145,9 @@ class Remover:
         return Removal(deployment=removal.deployment, pool=removal.pool, node_id=removal.node_id, phase=removal.phase,  # type: ignore[arg-type]
                        began_at=removal.began_at, holder=self._gate.holder, term=self._gate.term)  # fmt: skip
 
+    def _may_go_on(self, removal: _Removal) -> bool:
+        return not removal.called_off and self._gate.may_act()
+
     def _count(self, removal: _Removal, operation: str, outcome: str) -> None:
         self._metrics.actuations.labels(removal.deployment, removal.pool, operation, outcome).inc()
 
@@ -150,7 +157,7 @@ class Remover:
                 if not await self._write_first(removal):
                     return
             if removal.phase == "draining":
-                if not await self._drain(removal):
+                if not await self._drain(removal) or not self._may_go_on(removal):
                     return
                 removal.phase = "stopping"
                 if not await self._advance(removal):
@@ -164,7 +171,7 @@ class Remover:
             self._forget(removal)
 
     async def _write_first(self, removal: _Removal) -> bool:
-        if not self._gate.may_act():
+        if not self._may_go_on(removal):
             return False
         try:
             removal.revision = await self._book.begin(self._record(removal))
@@ -203,7 +210,7 @@ class Remover:
     async def _drain(self, removal: _Removal) -> bool:
         """Drain and wait until empty; False when the removal is off (refused, in doubt, fenced)."""
         node_id = removal.node_id
-        if not self._gate.may_act():
+        if not self._may_go_on(removal):
             return False
         began = self._clock.monotonic()
         try:
@@ -220,13 +227,15 @@ class Remover:
         failures = 0
         while in_flight > 0 and self._clock.monotonic() - began < self._drain_timeout and failures < STATUS_FAILURES_BEFORE_GONE:
             await self._clock.sleep(self._drain_poll)
-            if not self._gate.may_act():
+            if not self._may_go_on(removal):
                 return False
             try:
                 reply = await self._control.command(node_id, "status")
             except NodeControlError:
                 failures += 1  # it may have died; after a few misses it is treated as gone
                 continue
+            if not self._may_go_on(removal):
+                return False
             failures, in_flight = 0, reply.in_flight
             if reply.cordon_owner != AUTOSCALER_OWNER:
                 self._count(removal, "drain", "taken_over")
@@ -244,7 +253,7 @@ class Remover:
 
     async def _stop(self, record: registry.DeploymentRecord, removal: _Removal) -> None:
         node_id = removal.node_id
-        if not self._gate.may_act():
+        if not self._may_go_on(removal):
             return
         try:
             await self._actuator.stop_node(record, removal.pool, node_id)
@@ -291,10 +300,12 @@ class Remover:
 
     @staticmethod
     async def _cancel(removal: _Removal) -> None:
+        """Call the removal off and wait until its task has ended (a cancellation of the
+        caller still reaches the caller: `asyncio.wait` does not swallow it)."""
+        removal.called_off = True
         if removal.task is not None:
             removal.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await removal.task
+            await asyncio.wait([removal.task])
 
     # -- a predecessor's records ------------------------------------------------------
     async def adopt(self, now: float) -> list[_Removal]:
@@ -386,8 +397,7 @@ class Remover:
             for removal in list(per_pool.values()):
                 if removal.phase == "stopping":
                     if removal.task is not None:
-                        with contextlib.suppress(Exception):
-                            await asyncio.wait_for(removal.task, 20.0)
+                        await asyncio.wait([removal.task], timeout=20.0)
                     continue
                 await self._cancel(removal)
                 self._forget(removal)

@@ -248,3 +248,39 @@ async def test_an_instance_that_lost_its_lease_stops_and_its_successor_fences_it
     await until(lambda: not scaler_b.removing(env.deployment, "decode"))
     assert await env.record("n1") is None and recovered(metrics_b, "resumed") == 1
     assert actuator_a.calls == []
+
+
+class LosesCancellations:
+    """A node control whose replies outrun a cancellation, as nats-py's request can on
+    Python 3.11 (asyncio.wait_for returns the reply that arrived with the cancel)."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    async def command(self, node_id: str, action: str) -> messages.NodeCommandReply:
+        self.commands.append(action)
+        if action == "status":
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.2)
+        cordoned = action != "uncordon"
+        return messages.NodeCommandReply(node_id=node_id, cordoned=cordoned, draining=cordoned, in_flight=100,
+                                         cordon_owner=AUTOSCALER_OWNER if cordoned else "")  # fmt: skip
+
+
+async def test_a_node_taken_back_mid_drain_is_never_stopped_even_if_the_cancellation_is_lost(env: Env) -> None:
+    scaler, actuator, _ = env.scaler(Gate("as-1", 1), ["n0", "n1"], hi=1)
+    control = LosesCancellations()
+    scaler._remover._control = control  # type: ignore[union-attr]
+    env.hear(scaler, "n0", in_flight=9)
+    env.hear(scaler, "n1")
+    await scaler.tick()
+    await until(lambda: control.commands == ["drain"])
+    env.clock.advance(0.5)  # the first status poll, which will not notice its cancellation
+    await until(lambda: control.commands == ["drain", "status"])
+    async with asyncio.timeout(5):
+        assert await scaler._remover.take_back(env.deployment, "decode", 1) == 1  # type: ignore[union-attr]
+    for _ in range(5):  # the removal's task, had it gone on, would poll again and stop the node
+        env.clock.advance(0.5)
+        await asyncio.sleep(0.05)
+    assert control.commands == ["drain", "status", "uncordon"]
+    assert actuator.calls == [] and await env.record("n1") is None
