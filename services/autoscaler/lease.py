@@ -8,7 +8,8 @@ The `lease` key holds `contracts.autoscaler.Lease` (holder, term, ttl). Every ro
   A renewal that fails otherwise (NATS down) is retried; once the lease could have
   expired the holder stands down too.
 - a standby reads it. Released (holder empty), absent, or still naming this very
-  instance: it takes it (compare-and-set, term + 1) at once. Held by another: it notes
+  instance in the term it held (it stood down when NATS cut it off, and nobody took
+  over): it takes it (compare-and-set, term + 1) at once. Held by another: it notes
   the revision and when *it* first saw it, and takes it over only once that revision has
   gone unchanged for the lease's ttl on its own clock.
 
@@ -158,8 +159,8 @@ class LeaseKeeper:
         self._last_term = max(self._last_term, lease.term)
         if not lease.holder:
             await self._take(kv, revision, lease.term + 1, f"released by its last holder (term {lease.term})")
-        elif lease.holder == self.holder:
-            await self._take(kv, revision, lease.term + 1, "the lease still names this instance, which stopped acting")
+        elif lease.holder == self.holder and lease.term == self.term:
+            await self._take(kv, revision, lease.term + 1, "the lease still names this instance (its own term), which stopped acting")
         elif self._seen is None or self._seen[0] != revision:
             if lease.holder != self._seen_holder:
                 log.info("autoscaler %s stands by: %s holds the lease (term %d)", self.holder, lease.holder, lease.term,

@@ -51,7 +51,7 @@ class Settings(ScalingConfig, frozen=True, kw_only=True):
     # waits for the lease, so with lease_ttl >= warm_up it decides (and finishes or undoes
     # its predecessor's removals) in its first tick as the active one.
     lease_ttl: PositiveSeconds | None = None
-    instance_id: str = ""  # who holds the lease (empty: host-pid-random, unique per process)
+    instance_id: str = ""  # who holds the lease: unique among running instances (empty: host-pid-random)
     kv_replicas: Annotated[int, Meta(ge=1, le=5)] = 3  # copies of the autoscaler's KV bucket on a NATS cluster (1 on a single server)
 
     # -- the Kubernetes actuator --
