@@ -138,11 +138,12 @@ class AutoscalerService:
         self.wake.set()
 
     async def close(self) -> None:
-        await self.autoscaler.close()
-        await self.lease.release()
+        # The loops first: a lease round after the release below would take the lease again.
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.autoscaler.close()  # while the lease is still valid (nodes draining go back)
+        await self.lease.release()
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
