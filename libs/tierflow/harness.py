@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tierflow.cli.children_file import FILE_NAME as CHILDREN_FILE
 from tierflow.cli.children_file import ChildRecord, read_children
-from tierflow.runtime.nats_server import NatsServerConfig, free_port
+from tierflow.runtime.nats_server import NatsServerConfig
 
 __all__ = ["Fabric", "start_fabric"]
 
@@ -88,23 +88,47 @@ class Fabric:
         return self.process.returncode
 
 
-def _free_port_run(n: int) -> int:
-    """The first of `n` consecutive free ports (`tierflow up` hands out metrics ports in a run)."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        socks = []
+class _PortPicker:
+    """Free ports for one fabric, none of them twice: every port picked stays bound until
+    `release()`, so a later pick (a run, or an OS-chosen single port) cannot land on it."""
+
+    def __init__(self) -> None:
+        self._held: list[socket.socket] = []
+
+    def _bind(self, port: int) -> socket.socket:
+        sock = socket.socket()
         try:
-            for port in range(base, base + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
+            sock.bind(("127.0.0.1", port))
         except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no run of {n} free ports")
+            sock.close()
+            raise
+        return sock
+
+    def run(self, n: int) -> int:
+        """The first of `n` consecutive free ports (`tierflow up` hands out metrics ports in a run)."""
+        for _ in range(200):
+            base = random.randint(20000, 60000 - n)
+            socks: list[socket.socket] = []
+            try:
+                for port in range(base, base + n):
+                    socks.append(self._bind(port))
+            except OSError:
+                for sock in socks:
+                    sock.close()
+                continue
+            self._held += socks
+            return base
+        raise RuntimeError(f"no run of {n} free ports")
+
+    def one(self) -> int:
+        sock = self._bind(0)
+        self._held.append(sock)
+        return int(sock.getsockname()[1])
+
+    def release(self) -> None:
+        for sock in self._held:
+            sock.close()
+        self._held = []
 
 
 # `tierflow up`'s ready line names the NATS server(s): "... NATS nats://h:p[,nats://h:p...]  ..."
@@ -113,9 +137,13 @@ _NATS_IN_READY_LINE = re.compile(r"\bNATS (\S+)")
 
 def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0, env: dict[str, str] | None = None, cwd: Path | None = None) -> Fabric:
     """`tierflow up` on free ports; returns once it printed its ready line."""
-    metrics_base = _free_port_run(16)
-    ports = {name: free_port() for name in ("http", "grpc", "registry")}
-    nats_base = _free_port_run(9)  # client, monitor and route ports of up to a 3-server cluster
+    picker = _PortPicker()
+    try:
+        metrics_base = picker.run(16)
+        ports = {name: picker.one() for name in ("http", "grpc", "registry")}
+        nats_base = picker.run(9)  # client, monitor and route ports of up to a 3-server cluster
+    finally:
+        picker.release()
     nats = {"nats": nats_base, "monitor": nats_base + 3, "cluster": nats_base + 6}
     argv = [
         sys.executable, "-m", "tierflow", "up",

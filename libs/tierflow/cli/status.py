@@ -75,6 +75,8 @@ def render_nodes(st: FabricStatus, console: Console) -> None:
     for n in st.nodes:
         models = ", ".join(f"{m.name} ({m.tier})" for m in n.models)
         state = "draining" if n.draining else "cordoned" if n.cordoned else "ready"
+        if n.cordoned and n.cordon_owner:
+            state += f" by {n.cordon_owner}"
         if n.bundle_outdated:
             state += ", bundle outdated"
         t.add_row(n.node_id, n.role, n.deployment, n.region, n.profile, models, str(n.queue_depth), f"{n.running}/{n.max_batch}", f"{n.kv_usage:.0%}", state)
@@ -89,7 +91,8 @@ def _render(st: FabricStatus, console: Console) -> None:
     for s in st.services:
         started = float(s.metadata.get("started_at", now))
         endpoints = " ".join(v for k, v in sorted(s.metadata.items()) if k in ("http", "grpc"))
-        t.add_row(s.name.removeprefix("tierflow-"), s.metadata.get("instance", s.id), s.metadata.get("pid", ""), f"{now - started:.0f}s", endpoints)
+        mode = s.metadata.get("mode", "")  # the autoscaler: active or standby
+        t.add_row(s.name.removeprefix("tierflow-") + (f" ({mode})" if mode else ""), s.metadata.get("instance", s.id), s.metadata.get("pid", ""), f"{now - started:.0f}s", endpoints)
     console.print(t)
     render_nodes(st, console)
     t = Table(title="models")
