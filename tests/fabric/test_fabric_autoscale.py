@@ -68,6 +68,7 @@ class Load:
     max_tokens: int = 32
     ok: dict[str, int] = field(default_factory=dict)  # node -> requests served
     failed: list[str] = field(default_factory=list)
+    refused: int = 0  # 429s from the router's admission: back-pressure, retried as asked
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def _one(self, i: int) -> None:
@@ -88,6 +89,9 @@ class Load:
                 if tokens != wanted:
                     self.failed.append(f"{node}: {tokens} of {wanted} tokens")
                 self.ok[node] = self.ok.get(node, 0) + 1
+            except openai.RateLimitError as exc:  # over the router's admission limit: come back when told
+                self.refused += 1
+                await asyncio.sleep(float(exc.response.headers.get("retry-after", "1")))
             except Exception as exc:  # every failure is a test failure, reported below
                 self.failed.append(f"{type(exc).__name__}: {exc}")
 
