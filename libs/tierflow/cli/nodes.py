@@ -15,6 +15,7 @@ import nats
 import typer
 from rich.console import Console
 
+from tierflow.cli.nats_connect import connect_once
 from tierflow.cli.status import collect_status, render_nodes
 from tierflow.contracts import messages, subjects
 from tierflow.contracts.autoscaler import OPERATOR_OWNER
@@ -27,7 +28,7 @@ console = Console()
 
 
 async def send_command(nats_url: str, node_id: str, action: str, *, owner: str = OPERATOR_OWNER, timeout: float = 3.0) -> messages.NodeCommandReply:
-    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+    nc = await connect_once(nats_url, name="tierflow-nodes")
     try:
         command = messages.NodeCommand(action=action, owner=owner)  # type: ignore[arg-type]
         msg = await nc.request(subjects.node_control(node_id), messages.encoder.encode(command), timeout=timeout)
@@ -42,6 +43,9 @@ def _command(node_id: str, action: str, nats_url: str) -> None:
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         console.print(f"[red]no node {node_id!r} answered[/red]; `tierflow nodes list` shows the live ones")
         raise typer.Exit(1) from None
+    except ConnectionError as exc:  # connect_once's message says what to do
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     except (OSError, nats.errors.Error) as exc:
         console.print(f"[red]cannot reach NATS at {nats_url}[/red]: {exc}")
         raise typer.Exit(2) from None
