@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 from nats.js.api import KeyValueConfig, StorageType
 
-from tierflow.harness import _free_port_run
+from tierflow.harness import free_port_run
 from tierflow.runtime.nats_server import (
     NatsServerConfig,
     NatsServerNotReady,
@@ -30,7 +30,7 @@ from tierflow.runtime.service import nats_servers
 
 @pytest_asyncio.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[tuple[list[NatsServerConfig], list[NatsServerProcess]]]:
-    base = _free_port_run(9)
+    base = free_port_run(9)
     members = cluster_configs(tmp_path / "nats", 3, port=base, monitor_port=base + 3, cluster_port=base + 6)
     servers = [NatsServerProcess(m, tmp_path / f"{m.name}.log") for m in members]
     try:

@@ -23,7 +23,7 @@ from tierflow.cli.children_file import FILE_NAME as CHILDREN_FILE
 from tierflow.cli.children_file import ChildRecord, read_children
 from tierflow.runtime.nats_server import NatsServerConfig
 
-__all__ = ["Fabric", "start_fabric"]
+__all__ = ["Fabric", "start_fabric", "free_port_run"]
 
 
 @dataclass
@@ -129,6 +129,16 @@ class _PortPicker:
         for sock in self._held:
             sock.close()
         self._held = []
+
+
+def free_port_run(n: int) -> int:
+    """The first of `n` consecutive ports free right now (released again: racy, as every
+    free-port helper is; a fabric's own ports come from one `_PortPicker`)."""
+    picker = _PortPicker()
+    try:
+        return picker.run(n)
+    finally:
+        picker.release()
 
 
 # `tierflow up`'s ready line names the NATS server(s): "... NATS nats://h:p[,nats://h:p...]  ..."

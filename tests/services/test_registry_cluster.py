@@ -16,7 +16,7 @@ import nats
 import pytest_asyncio
 
 from tierflow.contracts import registry, subjects
-from tierflow.harness import _free_port_run
+from tierflow.harness import free_port_run
 from tierflow.runtime.kv import follow, open_bucket
 from tierflow.runtime.nats_server import NatsServerConfig, NatsServerProcess, cluster_configs, cluster_url, wait_cluster_ready
 from tierflow.runtime.service import ServiceContext, nats_servers
@@ -43,7 +43,7 @@ def fleet_of(view: dict[str, bytes]) -> str | None:
 
 @pytest_asyncio.fixture
 async def cluster(tmp_path: pathlib.Path) -> AsyncIterator[tuple[list[NatsServerConfig], list[NatsServerProcess]]]:
-    base = _free_port_run(9)
+    base = free_port_run(9)
     members = cluster_configs(tmp_path / "nats", 3, port=base, monitor_port=base + 3, cluster_port=base + 6)
     servers = [NatsServerProcess(m, tmp_path / f"{m.name}.log") for m in members]
     try:
@@ -76,7 +76,7 @@ async def test_the_registry_bucket_gets_3_replicas_and_survives_its_leader(clust
     await open_bucket(js, subjects.REGISTRY_BUCKET, create=True)  # what an older registry left: R1, no atomic writes
     assert (await js.stream_info(STREAM)).config.num_replicas == 1
 
-    port = free = _free_port_run(1)
+    port = free = free_port_run(1)
     ctx = ServiceContext(service="model-registry", instance="cluster")
     task = asyncio.create_task(main(ctx, Settings(nats_url=url, grpc_port=free)))
     stopping = asyncio.Event()
