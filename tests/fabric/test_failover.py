@@ -31,7 +31,12 @@ LONG_PROMPT = "Summarize the quarterly report. " * 700  # ~4,200 tokens: a slow 
 
 @pytest.fixture(scope="module")
 def big_fabric(tmp_path_factory: pytest.TempPathFactory, fabric_factory, repo_root):
-    running = fabric_factory(tmp_path_factory.mktemp("failover"), "--fleet", str(repo_root / "tests/fleets/failover.yaml"), "--deployment", "big", "--prefill-nodes", "0")
+    # Four nodes, none replaced (no restarts, an advisory autoscaler): each test kills one or
+    # more, and the last one needs every node gone.
+    running = fabric_factory(
+        tmp_path_factory.mktemp("failover"), "--fleet", str(repo_root / "tests/fleets/failover.yaml"), "--deployment", "big",
+        "--decode-nodes", "4", "--prefill-nodes", "0", "--no-restart", "--actuator", "none",
+    )  # fmt: skip
     try:
         yield running
     finally:
@@ -84,7 +89,10 @@ class NodeWatch:
 
 
 def _kill(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # killed by an earlier test
+        pass
 
 
 def _wait_live_nodes(fabric, n: int, timeout: float = 30.0) -> None:
@@ -104,9 +112,10 @@ def _wait_live_nodes(fabric, n: int, timeout: float = 30.0) -> None:
 
 
 def test_node_killed_before_first_token_is_retried_on_the_other(big_fabric) -> None:
+    _wait_live_nodes(big_fabric, 4)
     watch = NodeWatch(big_fabric.nats_url)
     try:
-        watch.wait_for_nodes(2)
+        watch.wait_for_nodes(4)
         client = openai.OpenAI(base_url=big_fabric.base_url, api_key="k", max_retries=0, timeout=60)
         result: dict = {}
 
@@ -206,10 +215,10 @@ def test_grpc_streams_are_resumed_too(big_fabric) -> None:
 
 
 def test_with_no_node_left_a_broken_stream_is_a_clear_error(big_fabric) -> None:
-    _wait_live_nodes(big_fabric, 2)
+    _wait_live_nodes(big_fabric, 1)
     watch = NodeWatch(big_fabric.nats_url)
     try:
-        watch.wait_for_nodes(2)
+        watch.wait_for_nodes(1)
         client = openai.OpenAI(base_url=big_fabric.base_url, api_key="k", max_retries=0, timeout=60)
         started = time.monotonic()
 

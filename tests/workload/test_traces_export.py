@@ -24,12 +24,13 @@ def _log_line(record: RequestRecord, ts: float) -> bytes:
     handler.emit = captured.append  # type: ignore[method-assign]
     logger = logging.getLogger("tierflow.request")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not `.level =`: it also clears isEnabledFor's cache
     try:
         record.emit()
     finally:
         logger.removeHandler(handler)
-        logger.level = level
+        logger.setLevel(level)
     captured[0].created = ts
     return JsonFormatter("router").format(captured[0]).encode()
 
