@@ -53,7 +53,7 @@ def read_router_records(logs: Path, *, router_glob: str = "router*.log") -> dict
     for path in sorted(logs.glob(router_glob)):
         with open(path, "rb") as file:
             for raw in file:
-                if b'"msg":"request"' not in raw:
+                if b'"request"' not in raw:  # cheap pre-filter; the decode below decides
                     continue
                 try:
                     if _line.decode(raw).msg != "request":
