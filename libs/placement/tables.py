@@ -28,6 +28,8 @@ class NodeTable:
         self._decode: dict[str, NodeView] = {}
         self._prefill: dict[str, NodeView] = {}
         self._started: dict[str, float] = {}
+        self._seq: dict[str, int] = {}  # the last heartbeat heard from each node
+        self._marked: dict[str, int] = {}  # suspect nodes: the heartbeat heard when marked
         self._suspect_seconds = suspect_seconds
         self._watchers: list[Callable[[str], None]] = []
         self.block_size = 64  # the nodes' KV block size: prompts are hashed alike
@@ -48,6 +50,17 @@ class NodeTable:
         if self._started.get(hb.node_id) != hb.started_at:  # a restarted node starts with a clean slate
             suspect_until = 0.0
             self._started[hb.node_id] = hb.started_at
+            self._marked.pop(hb.node_id, None)
+        elif suspect_until:
+            marked = self._marked.get(hb.node_id)
+            # The second heartbeat after the failure was sent after it: the node is back
+            # (the first may have been on its way already). After a NATS outage, when every
+            # stream broke and every node was marked, this puts them back within an interval
+            # or two of NATS returning instead of `suspect_seconds` later.
+            if marked is not None and hb.seq >= marked + 2:
+                suspect_until = 0.0
+                del self._marked[hb.node_id]
+        self._seq[hb.node_id] = hb.seq
         table[hb.node_id] = NodeView.from_heartbeat(hb, now, workload=workload, suspect_until=suspect_until)
         self.block_size = hb.block_size
         self._changed(hb.node_id)
@@ -75,7 +88,9 @@ class NodeTable:
                 self._changed(node_id)
 
     def mark_suspect(self, node_id: str, now: float) -> None:
-        """A node failed a request: keep new work off it until it proves alive again."""
+        """A node failed a request: keep new work off it until it proves alive again (its
+        second heartbeat from now, or `suspect_seconds`, whichever comes first)."""
+        self._marked[node_id] = self._seq.get(node_id, 0)
         self._replace(node_id, suspect_until=now + self._suspect_seconds)
 
     def note_dispatch(self, node_id: str, model: str, *, evicts: Collection[str] = ()) -> None:
@@ -117,6 +132,8 @@ class NodeTable:
             dead = [k for k, n in table.items() if not n.is_live(now, after_beats)]
             for k in dead:
                 del table[k]
+                self._seq.pop(k, None)
+                self._marked.pop(k, None)
                 self._changed(k)
 
 

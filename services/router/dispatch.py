@@ -175,6 +175,15 @@ class _LegFailed(Exception):
         self.code = code
 
 
+class _PrefillFailed(_LegFailed):
+    """The leg's prefill node failed, not its decode node: the next leg may use the same
+    decode node (a 1-decode : 3-prefill deployment has no other), never that prefill node."""
+
+    def __init__(self, message: str, code: str, prefill_node: str) -> None:
+        super().__init__(message, code)
+        self.prefill_node = prefill_node
+
+
 class _Progress:
     """What the client has received so far, across legs: the completion's token ids."""
 
@@ -410,6 +419,7 @@ class Dispatcher:
         max_tokens: int, seed: int, deadline: float, span: Span, ticket: Ticket | None,
     ) -> AsyncIterator[messages.Tokens | messages.Finished]:
         tried: set[str] = set()
+        bad_prefill: set[str] = set()  # prefill nodes that failed this request
         progress = _Progress()
         last_failure = ""
         overloaded = retries = 0
@@ -440,12 +450,15 @@ class Dispatcher:
             try:
                 deployment = self._models.deployment(view.deployment) if view is not None else None
                 if deployment is not None and deployment.mode == "disaggregated":
-                    request.kv_source = await self._prefill(request, deployment.name, placement, record, deadline)
+                    request.kv_source = await self._prefill(request, deployment.name, placement, record, deadline, bad_prefill)
                 async for event in self._stream(node_id, request, record, params, progress, deadline, ticket):
                     yield event
                 return
             except _LegFailed as failure:
                 last_failure = str(failure)
+                if isinstance(failure, _PrefillFailed):
+                    tried.discard(node_id)  # its decode node did nothing wrong
+                    bad_prefill.add(failure.prefill_node)
                 if progress.token_ids:
                     record.migrations += 1
                     self._metrics.migrations.labels(params.model, failure.code).inc()
@@ -482,12 +495,16 @@ class Dispatcher:
             return _LegFailed(f"node {node_id}: {event.code}: {event.message}", event.code)
         return NodeFailure(f"node {node_id} failed the request: {event.message}", code=event.code)
 
-    async def _prefill(self, request: messages.GenerateRequest, deployment: str, placement: PlacementRequest, record: RequestRecord, deadline: float) -> str:
-        """Run the prompt (and any tokens already streamed) on a prefill node of the deployment; return that node's id."""
+    async def _prefill(
+        self, request: messages.GenerateRequest, deployment: str, placement: PlacementRequest, record: RequestRecord,
+        deadline: float, exclude: set[str],
+    ) -> str:
+        """Run the prompt (and any tokens already streamed) on a prefill node of the
+        deployment, none of `exclude`; return that node's id."""
         now = self._clock.monotonic()
-        candidates = [n for n in self._nodes.prefill_nodes(deployment) if n.takes_work(now)]
+        candidates = [n for n in self._nodes.prefill_nodes(deployment) if n.takes_work(now) and n.node_id not in exclude]
         if not candidates:
-            raise _LegFailed(f"no live prefill node in deployment {deployment!r}", "no_prefill_node")
+            raise _LegFailed(f"no live prefill node in deployment {deployment!r}" + (f" besides {', '.join(sorted(exclude))}" if exclude else ""), "no_prefill_node")
         try:
             ranked = self._policy.rank(candidates, replace(placement, exclude=frozenset()), now, limit=1)
         except NoEligibleNode as none:
@@ -497,7 +514,7 @@ class Dispatcher:
         try:
             stream = await self._transport.open(node_id, msgspec.structs.replace(request, max_tokens=0), inject_headers({}), role="prefill")
         except NodeLost as lost:
-            raise _LegFailed(f"prefill node {node_id}: {lost.reason}", "node_lost") from None
+            raise _PrefillFailed(f"prefill node {node_id}: {lost.reason}", "node_lost", node_id) from None
         finished = False
         try:
             while True:
@@ -505,14 +522,16 @@ class Dispatcher:
                     event = await stream.next()
                 except NodeLost as lost:
                     self._suspect(node_id)
-                    raise _LegFailed(f"prefill node {node_id}: {lost.reason}", "node_lost") from None
+                    raise _PrefillFailed(f"prefill node {node_id}: {lost.reason}", "node_lost", node_id) from None
                 if type(event) is messages.Finished:
                     finished = True
                     record.prefix_hit_tokens = event.cached_tokens
                     return node_id
                 if type(event) is messages.Failed:
                     failure = self._failed(node_id, event, record, deadline)
-                    raise failure if not isinstance(failure, NodeFailure) else _LegFailed(str(failure), event.code)
+                    if isinstance(failure, (_LegFailed, NodeFailure)):
+                        raise _PrefillFailed(str(failure), event.code, node_id)
+                    raise failure
                 self._check_deadline(deadline, record)
         finally:
             if finished:

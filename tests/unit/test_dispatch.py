@@ -274,3 +274,23 @@ async def test_admission_refuses_at_the_door_and_every_way_out_releases() -> Non
     assert admission.stats("m").in_flight == 0
     await _run(dispatcher)  # and a failure before the first token, then success elsewhere, releases once
     assert admission.stats("m").in_flight == 0 and len(transport.opened) > opened
+
+
+async def test_a_prefill_node_dying_moves_the_prefill_not_the_decode_node() -> None:
+    """1 decode : 2 prefill: the decode node did nothing wrong, the next leg uses it again
+    with the other prefill node (the failed one is not tried again for this request)."""
+    def prefilled(req: messages.GenerateRequest) -> Script:
+        return [messages.Finished(request_id=req.request_id, finish_reason="prefill", prompt_tokens=3, completion_tokens=0)]
+
+    dispatcher, transport, nodes = _setup({"d": ok(2), "p1": lost_before_tokens, "p2": prefilled})
+    nodes._decode.pop("p1"); nodes._decode.pop("p2")  # type: ignore[attr-defined]  # they are prefill nodes
+    for i, node in enumerate(("p1", "p2")):
+        nodes.apply(messages.NodeHeartbeat(node_id=node, role="prefill", deployment="d", models=[messages.ModelState(name="m")], queue_depth=i, max_batch=4, started_at=1.0), 100.0)
+    nodes.apply(messages.NodeHeartbeat(node_id="d", deployment="d", models=[messages.ModelState(name="m")], max_batch=4, started_at=1.0), 100.0)
+    dispatcher._models.put_deployment(registry.DeploymentRecord(  # type: ignore[attr-defined]
+        name="d", bundle="b", models=[registry.BundleEntry(model="m", version="v1", config="ss1024-bs4")], mode="disaggregated", prefill_replicas=2,
+    ))  # fmt: skip
+    events, record = await _run(dispatcher)
+    assert isinstance(events[-1], messages.Finished) and record.node == "d" and record.prefill_node == "p2"
+    assert [node for node, _, _ in transport.opened] == ["p1", "p2", "d"]
+    assert transport.opened[2][1].kv_source == "p2"

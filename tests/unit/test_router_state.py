@@ -9,10 +9,10 @@ from tierflow.placement.basic import rank_least_loaded
 from tierflow.placement.tables import ModelTable, NodeTable
 
 
-def _beat(node: str, *, queue: int = 0, running: int = 0, models: tuple[str, ...] = ("m",), started: float = 1.0, draining: bool = False) -> messages.NodeHeartbeat:
+def _beat(node: str, *, queue: int = 0, running: int = 0, models: tuple[str, ...] = ("m",), started: float = 1.0, draining: bool = False, seq: int = 0) -> messages.NodeHeartbeat:
     return messages.NodeHeartbeat(
         node_id=node, models=[messages.ModelState(name=m, tier="hbm") for m in models],
-        queue_depth=queue, running=running, max_batch=4, started_at=started, draining=draining,
+        queue_depth=queue, running=running, max_batch=4, started_at=started, draining=draining, seq=seq,
     )
 
 
@@ -35,6 +35,18 @@ def test_silent_draining_and_suspect_nodes_are_out_of_rotation() -> None:
     assert rank_least_loaded(table.views, "m", 10.0) == ["ok"]
     table.apply(_beat("flaky", started=2.0), now=10.0)  # restarted: clean slate
     assert sorted(rank_least_loaded(table.views, "m", 10.0)) == ["flaky", "ok"]
+
+
+def test_a_suspect_node_is_back_at_its_second_heartbeat_after_the_failure() -> None:
+    """Not `suspect_seconds` later: after a NATS outage every node was marked at once, and
+    clients would get 503s for seconds while every node beats again."""
+    table = NodeTable(suspect_seconds=30.0)
+    table.apply(_beat("n", seq=7), now=1.0)
+    table.mark_suspect("n", now=1.5)
+    table.apply(_beat("n", seq=8), now=2.0)  # may have been sent before the failure
+    assert rank_least_loaded(table.views, "m", 2.0) == []
+    table.apply(_beat("n", seq=9), now=3.0)
+    assert rank_least_loaded(table.views, "m", 3.0) == ["n"]
 
 
 def test_only_nodes_with_the_model_are_candidates() -> None:
