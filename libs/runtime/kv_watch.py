@@ -76,7 +76,7 @@ OnPut = Callable[[str, bytes, int], Awaitable[None] | None]
 OnDelete = Callable[[str], Awaitable[None] | None]
 
 _POLL = 0.25  # how often a quiet watch checks for a reconnect or a stall
-_API_TIMEOUT = 2.0
+_API_TIMEOUT = 1.0  # per JetStream API call: an attempt sent into an outage must not hold the next one back long
 _MARKER_REASON = "Nats-Marker-Reason"  # nats-server 2.11+ TTL / purge markers
 _MARKER_OPS = {"MaxAge": KV_PURGE, "Purge": KV_PURGE, "Remove": KV_DEL}
 
@@ -284,6 +284,13 @@ class _Follower:
                 msg = await sub.next_msg(timeout=_POLL)
             except nats.errors.TimeoutError:
                 if self._clock() - heard > self._stall:
+                    if not await self._server_answers():
+                        # The server (or the link) is what went quiet, not the consumer: it
+                        # lives on for inactive_threshold and resumes with the server. A new
+                        # one would need the JetStream meta leader, which a cluster that was
+                        # paused whole re-elects for seconds after it is back.
+                        heard = self._clock() - self._stall / 2  # ask again in a while
+                        continue
                     raise _Restart(f"nothing from the server for {self._clock() - heard:.1f}s (consumer lost)") from None
                 continue
             heard = self._clock()
@@ -323,6 +330,14 @@ class _Follower:
                     await self._converge(progress.take())
             else:
                 await self._flush(progress)
+
+    async def _server_answers(self) -> bool:
+        """A PING round trip: is the server there at all?"""
+        try:
+            await self._nc.flush(timeout=0.5)
+        except Exception:  # timeout, or the connection is going: nats-py raises several types
+            return False
+        return True
 
     async def _flush(self, progress: _Progress) -> None:
         if progress.snapshotting:
