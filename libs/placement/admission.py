@@ -62,6 +62,11 @@ class AdmissionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     SLO minus the prompt's own prefill time, roughly."""
     max_queue_factor: Annotated[float, Meta(ge=0.0)] = 1.0
     """The most queue allowed above the batch slots, as a fraction of them (the ceiling)."""
+    initial_queue_factor: Annotated[float, Meta(ge=0.0)] = 0.5
+    """The queue allowed before any queue time was seen (capped at `max_queue_factor`).
+    Starting at no queue refused ~10% of calls at capacity (Poisson bursts over the slots,
+    fault suite finding F4) before AIMD could grow it; starting higher costs at most one
+    budget period of longer queues before the first cut."""
     decrease: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.5
     """The fraction of the queue allowance kept when queue times exceed the budget."""
     increase: Annotated[float, Meta(gt=0.0)] = 1.0
@@ -95,14 +100,14 @@ class _Model:
     __slots__ = ("name", "capacity", "share", "floor", "ceiling", "limit", "q", "in_flight",
                  "saturated", "last_cut", "hold_s", "admitted", "refused", "cuts")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, q: float = 0.0) -> None:
         self.name = name
         self.capacity = 0
         self.share = 0.0
         self.floor = 0
         self.ceiling = 0
         self.limit = 0  # 0 while capacity is unknown: no limit
-        self.q = 0.0
+        self.q = q
         self.in_flight = 0
         self.saturated = False
         self.last_cut = -math.inf
@@ -176,7 +181,7 @@ class Admission:
     def _model(self, model: str) -> _Model:
         state = self._models.get(model)
         if state is None:
-            state = self._models[model] = _Model(model)
+            state = self._models[model] = _Model(model, min(self.config.initial_queue_factor, self.config.max_queue_factor))
         return state
 
     # -------------------------------------------------------------- what the fleet offers

@@ -33,7 +33,7 @@ def _fill(admission: Admission, n: int, now: float = 0.0) -> list[Ticket]:
 
 # ------------------------------------------------------------------------ basic rules
 def test_without_known_capacity_everything_is_admitted() -> None:
-    admission = Admission()
+    admission = Admission(AdmissionConfig(initial_queue_factor=0.0))
     tickets = _fill(admission, 5000)
     stats = admission.stats(M)
     assert stats.limit is None and stats.in_flight == 5000 and stats.refused == 0
@@ -46,7 +46,7 @@ def test_without_known_capacity_everything_is_admitted() -> None:
 
 
 def test_the_batch_slots_are_never_refused_and_the_excess_is_at_once() -> None:
-    admission = Admission(AdmissionConfig(queue_budget_s=2.0))
+    admission = Admission(AdmissionConfig(initial_queue_factor=0.0, queue_budget_s=2.0))
     admission.set_capacity(M, 8)
     tickets = _fill(admission, 8)  # the floor: all of this router's slots
     with pytest.raises(RateLimited) as refused:
@@ -62,8 +62,22 @@ def test_the_batch_slots_are_never_refused_and_the_excess_is_at_once() -> None:
     assert (stats.in_flight, stats.admitted, stats.refused) == (8, 9, 1)
 
 
-def test_release_is_idempotent() -> None:
+def test_before_any_queue_time_a_model_admits_a_queue_of_half_its_slots() -> None:
+    """The default start: Poisson bursts at capacity fit (a floor-only start refused ~10%
+    of them), and AIMD cuts from there once queue times say so."""
     admission = Admission()
+    admission.set_capacity(M, 8)
+    tickets = _fill(admission, 12)
+    with pytest.raises(RateLimited):
+        admission.admit(M, 0.0)
+    tickets[0].started(5.0, 1.0)  # queue times over the budget: the allowance shrinks
+    assert admission.stats(M).limit < 12
+    for ticket in tickets:
+        ticket.release(2.0)
+
+
+def test_release_is_idempotent() -> None:
+    admission = Admission(AdmissionConfig(initial_queue_factor=0.0))
     admission.set_capacity(M, 2)
     a, b = _fill(admission, 2)
     assert a.release(1.0) is True
@@ -78,7 +92,7 @@ def test_release_is_idempotent() -> None:
 
 
 def test_routers_share_the_slots() -> None:
-    admission = Admission(routers=3)
+    admission = Admission(AdmissionConfig(initial_queue_factor=0.0), routers=3)
     admission.set_capacity(M, 10)
     assert admission.stats(M).slots == 4  # ceil(10 / 3): a free slot is never refused
     _fill(admission, 4)
@@ -91,7 +105,7 @@ def test_routers_share_the_slots() -> None:
 
 
 def test_slow_starts_cut_the_queue_once_per_budget_period_never_below_the_slots() -> None:
-    config = AdmissionConfig(queue_budget_s=1.0, max_queue_factor=1.0)
+    config = AdmissionConfig(initial_queue_factor=0.0, queue_budget_s=1.0, max_queue_factor=1.0)
     admission = Admission(config)
     admission.set_capacity(M, 10)
     tickets = _fill(admission, 10)
@@ -117,7 +131,7 @@ def test_slow_starts_cut_the_queue_once_per_budget_period_never_below_the_slots(
 
 
 def test_fast_starts_grow_the_limit_only_while_it_is_in_use() -> None:
-    admission = Admission(AdmissionConfig(queue_budget_s=1.0, max_queue_factor=0.5))
+    admission = Admission(AdmissionConfig(initial_queue_factor=0.0, queue_budget_s=1.0, max_queue_factor=0.5))
     admission.set_capacity(M, 10)
     ticket = admission.admit(M, 0.0)
     for i in range(1000):  # quiet: one request in flight, fast starts
@@ -134,7 +148,7 @@ def test_fast_starts_grow_the_limit_only_while_it_is_in_use() -> None:
 
 
 def test_a_start_within_the_band_changes_nothing() -> None:
-    admission = Admission(AdmissionConfig(queue_budget_s=1.0, fast_fraction=0.5))
+    admission = Admission(AdmissionConfig(initial_queue_factor=0.0, queue_budget_s=1.0, fast_fraction=0.5))
     admission.set_capacity(M, 4)
     tickets = _fill(admission, 4)
     with pytest.raises(RateLimited):
@@ -145,7 +159,7 @@ def test_a_start_within_the_band_changes_nothing() -> None:
 
 
 def test_the_learned_queue_scales_with_the_fleet() -> None:
-    admission = Admission(AdmissionConfig(queue_budget_s=1.0, max_queue_factor=1.0))
+    admission = Admission(AdmissionConfig(initial_queue_factor=0.0, queue_budget_s=1.0, max_queue_factor=1.0))
     admission.set_capacity(M, 10)
     admission._models[M].q = 0.5  # as if learned
     admission._models[M]._relimit()
@@ -157,7 +171,7 @@ def test_the_learned_queue_scales_with_the_fleet() -> None:
 
 
 def test_retry_after_grows_when_far_over_a_lost_capacity() -> None:
-    admission = Admission(AdmissionConfig(queue_budget_s=1.0, max_retry_after_s=30.0))
+    admission = Admission(AdmissionConfig(initial_queue_factor=0.0, queue_budget_s=1.0, max_retry_after_s=30.0))
     admission.set_capacity(M, 100)
     tickets = _fill(admission, 100)
     for t in tickets[:50]:
@@ -175,7 +189,7 @@ def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="routers"):
         Admission(routers=0)
     with pytest.raises(ValueError, match="negative"):
-        Admission().set_capacity(M, -1)
+        Admission(AdmissionConfig(initial_queue_factor=0.0)).set_capacity(M, -1)
 
 
 def test_capacity_of_counts_the_slots_of_nodes_that_take_work() -> None:
