@@ -22,10 +22,12 @@ request sent straight to it within 10 s (`NodeWatch.probe`), and a registry chan
 `x-tierflow-model-version` of requests spread over both (a fresh connection each:
 SO_REUSEPORT spreads connections, not requests); which router answered each is read from
 the routers' logs afterwards. The change is made once every router hears every decode
-node again (each router's `tierflow_router_live_nodes`, on its own metrics port): the
-header names the version that served the call, and a router that picked v2 before it
-heard the v2 node again falls back to v1, which would time the heartbeats, not the
-watch. The routers' own "watch ... resumed" log lines are reported beside it.
+node again (each router's `tierflow_router_live_nodes`, on its own metrics port; at
+most 10 s, when that is a failure of its own): the header names the version that served
+the call, and a router that picked v2 before it heard the v2 node again falls back to
+v1, which would time the heartbeats, not the watch. The routers' own "watch ...
+resumed" log lines (seconds after SIGCONT) are judged beside it: a watch that came back
+late shows there even when the change was made after it.
 """
 
 from __future__ import annotations
@@ -332,7 +334,7 @@ async def nats_outage(ctx: Ctx) -> Injection:
         # every router hears every decode node again: from then on, what the probes show
         # is the registry watch alone (one still down would never deliver the change).
         decode_nodes = sum(1 for n in nodes if n.role == "decode")
-        heard = await _routers_hear(ctx, decode_nodes, 30.0)
+        heard = await _routers_hear(ctx, decode_nodes, 10.0)  # past 10 s that is a failure of its own: change anyway
         facts["routers_hear_every_node_s"] = None if heard is None else round(time.time() - resumed, 2)
         acked = await _registry_call(ctx.fabric, lambda s: s.Rollout(pb.RolloutRequest(model=WATCH_MODEL, version=WATCH_VERSION, weight=50), timeout=2), 30)
         probes: list[VersionProbe] = []

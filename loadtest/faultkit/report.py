@@ -214,11 +214,15 @@ def _judge_outage(row: Row, window: Window, calls: Sequence[CallRecord], routers
     must(("every failure a 429/502/503 or an SSE error event", not bad))
     serving: dict[str, float | None] = injection.facts.get("nodes_serving_s", {})
     row.extra["nodes_serving_s"] = serving
-    must(("every node serves again within 10 s", bool(serving) and all(v is not None and v <= 10.0 for v in serving.values())))
+    must(("every node serves again within 10 s (a request sent straight to it)", bool(serving) and all(v is not None and v <= 10.0 for v in serving.values())))
+    heard = injection.facts.get("routers_hear_every_node_s")
+    must(("every router hears every node again within 10 s", heard is not None and heard <= 10.0))
     watch = watch_latency(injection, routers)
     row.extra["registry_watch_s"] = watch
     row.extra["change_acked_after_resume_s"] = None if injection.change_acked is None else round(injection.change_acked - injection.at, 2)
-    must(("registry watches resumed within 2 s (every router)", bool(watch) and all(v is not None and v <= 2.0 for v in watch.values())))
+    must(("a registry change reaches every router within 2 s", bool(watch) and all(v is not None and v <= 2.0 for v in watch.values())))
+    resumed: dict[str, float | str] = injection.facts.get("router_log_watch_resumed_s", {})
+    must(("registry watches resumed within 2 s (routers' logs)", all(v == "not down" or (isinstance(v, float) and v <= 2.0) for v in resumed.values())))
 
 
 def watch_latency(injection: Injection, routers: dict[str, RouterRecord]) -> dict[str, float | None]:
@@ -266,7 +270,7 @@ def format_table(rows: Sequence[Row]) -> str:
             if not ok:
                 lines.append(f"{r.title}: MUST FAILED: {text}")
         for key, value in r.extra.items():
-            if key in ("pid",):
+            if key in ("pid", "stopped_at"):
                 continue
             lines.append(f"{r.title}: {key}: {value}")
     return "\n".join(lines)
