@@ -65,6 +65,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from tierflow.runtime.kv_batch import BATCH_HEADER, parse_batch_header
+from tierflow.runtime.service import server_round_trip
 from tierflow.runtime.supervise import Backoff
 from tierflow.runtime.waiting import first
 
@@ -284,7 +285,7 @@ class _Follower:
                 msg = await sub.next_msg(timeout=_POLL)
             except nats.errors.TimeoutError:
                 if self._clock() - heard > self._stall:
-                    if not await self._server_answers():
+                    if not await server_round_trip(self._nc):
                         # The server (or the link) is what went quiet, not the consumer: it
                         # lives on for inactive_threshold and resumes with the server. A new
                         # one would need the JetStream meta leader, which a cluster that was
@@ -331,13 +332,6 @@ class _Follower:
             else:
                 await self._flush(progress)
 
-    async def _server_answers(self) -> bool:
-        """A PING round trip: is the server there at all?"""
-        try:
-            await self._nc.flush(timeout=0.5)
-        except Exception:  # timeout, or the connection is going: nats-py raises several types
-            return False
-        return True
 
     async def _flush(self, progress: _Progress) -> None:
         if progress.snapshotting:

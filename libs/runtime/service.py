@@ -23,7 +23,7 @@ from tierflow.runtime.logs import configure_logging
 from tierflow.runtime.looplag import watch_loop_lag
 from tierflow.runtime.tracing import configure_tracing
 
-__all__ = ["ServiceContext", "run_service", "connect_nats", "nats_servers"]
+__all__ = ["ServiceContext", "run_service", "connect_nats", "nats_servers", "server_round_trip"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,25 @@ def nats_servers(url: str) -> list[str]:
     return servers
 
 
+async def server_round_trip(nc: NATS, timeout: float = 0.5) -> bool:
+    """True once the server has answered a round trip (so it has also processed everything
+    this client published before); False when it does not answer within `timeout`.
+
+    What `nc.flush(timeout)` is for, without its trap: nats-py 2.16 leaves a timed-out
+    flush's future in its PONG queue, and the server's next PONG then kills the client's
+    read loop while it still says it is connected (the connection goes deaf until its
+    pings time out, 15-20 s; nats-io/nats.py#914). A request to a subject nobody serves
+    makes the server answer "no responders", and a timed-out request cleans up after itself.
+    """
+    try:
+        await nc.request(nc.new_inbox(), b"", timeout=timeout)
+    except nats.errors.NoRespondersError:
+        return True
+    except Exception:  # timeout, or the connection is going: nats-py raises several types
+        return False
+    return True  # somebody answered: the server is there all the same
+
+
 async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = None, connect_timeout: float = 30.0) -> NATS:
     """Connect, retrying the first connection too (services may start before NATS is ready).
 
@@ -84,8 +103,10 @@ async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = 
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25,
                 connect_timeout=2,
-                ping_interval=5,
-                max_outstanding_pings=3,
+                # A server that stops answering (paused, partitioned) is found stale after
+                # about 2 x 2 s, and the client moves to another member of the cluster.
+                ping_interval=2,
+                max_outstanding_pings=2,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,

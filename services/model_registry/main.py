@@ -32,7 +32,7 @@ from tierflow.runtime import discovery
 from tierflow.runtime.clock import Clock, WallClock
 from tierflow.nodehost.profiles import read_profiles_file
 from tierflow.runtime.kv import open_bucket
-from tierflow.runtime.service import ServiceContext, connect_nats
+from tierflow.runtime.service import ServiceContext, connect_nats, server_round_trip
 from tierflow.runtime.supervise import Backoff
 from tierflow.runtime.waiting import first
 from tierflow.services.model_registry.errors import Aborted, Unavailable
@@ -70,7 +70,7 @@ async def bootstrap(
         # hold the call for its whole timeout, once per change).
         await nc.publish(subjects.REGISTRY_EVENTS, _encode(event))
         if nc.is_connected:
-            await nc.flush(timeout=2)
+            await server_round_trip(nc, timeout=2)
 
     return RegistryService(store, publish, clock or WallClock(), metrics, rules=rules, attempts=attempts)
 

@@ -326,3 +326,49 @@ async def test_an_unexpected_error_is_logged_with_its_traceback_and_the_watch_re
     finally:
         stopping.set()
         await nc.close()
+
+
+async def test_a_paused_server_leaves_no_deaf_connection(tmp_path: pathlib.Path) -> None:
+    """The server paused (SIGSTOP) longer than the watch's stall limit, then resumed: the
+    watch keeps its consumer and sees a put made after the resume within 2 s, and the
+    client still hears plain messages. (A timed-out `nc.flush` here once left nats-py's
+    read loop dead behind a connection that said it was connected, for 15-20 s.)"""
+    import os
+    import signal
+
+    from tierflow.runtime.service import connect_nats
+
+    config = NatsServerConfig(store_dir=tmp_path / "store", port=free_port(), monitor_port=free_port(), name="kv-pause")
+    server = NatsServerProcess(config, tmp_path / "nats.log")
+    await server.start()
+    await server.wait_ready()
+    stopping = asyncio.Event()
+    nc = await connect_nats(server.url, "pause-follower")
+    writer = await nats.connect(server.url)
+    try:
+        name = f"t-{uuid.uuid4().hex[:8]}"
+        kv = await open_bucket(writer.jetstream(), name, create=True)
+        await kv.put("before", b"1")
+        mirror = Mirror()
+        task = await following(nc.jetstream(), name, mirror, stopping)
+        heard = asyncio.Event()
+
+        async def on_ping(msg: object) -> None:
+            heard.set()
+
+        await nc.subscribe("pause.ping", cb=on_ping)
+        os.kill(server.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+        await asyncio.sleep(4.0)  # past the watch's 2.5 s stall limit: it asks the server, which is silent
+        os.kill(server.pid, signal.SIGCONT)  # type: ignore[arg-type]
+        resumed = asyncio.get_running_loop().time()
+        await kv.put("after", b"2")
+        await mirror.until(lambda view: "after" in view, timeout=5.0)
+        assert mirror.seen_at["after"] - resumed < 2.0
+        await writer.publish("pause.ping", b"")
+        await asyncio.wait_for(heard.wait(), 2.0)
+        await stop(task, stopping)
+    finally:
+        stopping.set()
+        await nc.close()
+        await writer.close()
+        await server.stop()

@@ -74,7 +74,7 @@ from tierflow.runtime.nats_server import (
     http_get,
     wait_cluster_ready,
 )
-from tierflow.runtime.service import nats_servers
+from tierflow.runtime.service import nats_servers, server_round_trip
 
 __all__ = ["NodeLauncher", "SupervisorControl", "UpConfig", "nats_specs", "preflight", "run_up", "service_specs", "up"]
 
@@ -638,7 +638,7 @@ class SupervisorControl:
             # at once instead of waiting out its timeout on a connection that is going.
             with contextlib.suppress(Exception):  # the connection may be down already
                 await self._sub.unsubscribe()
-                await self._nc.flush(timeout=2)
+                await server_round_trip(self._nc, timeout=2)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
