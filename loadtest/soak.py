@@ -11,10 +11,13 @@ subscriptions (each member's monitoring endpoint /connz?subs=1, summed over memb
 plus each server's total (/subsz).
 
 Prints one line per series: first, last, min, max, the least-squares slope per hour and
-whether it is flat. Flat means the rise the slope implies over the measured span (after
-the first --warm-up-share of it, when caches fill and pools grow to their working size)
-is within a tolerance: 5% of the series' mean or 8 MiB for RSS, 5% or 3 for open files
-and subscriptions. Writes the samples (JSON) and a PNG (RSS, files, subscriptions over
+whether it is flat. Not flat means a trend that is both real and large: over the
+measured span (after the first --warm-up-share of it, when caches fill and pools grow
+to their working size) the slope is significant (t > 3: noise, such as a router's
+client connections coming and going, is not a trend) and the rise it implies exceeds a
+tolerance: 5% of the series' mean or 8 MiB for RSS, 5% or 3 for open files and
+subscriptions. Each node's prefix-cache blocks (its heartbeats) are sampled beside its
+RSS, not judged: a cache may grow; they tell a cache filling from a leak. Writes the samples (JSON) and a PNG (RSS, files, subscriptions over
 time) under --out (docs/faults/ by default). Exit status 1 if a series is not flat, a
 call hung, or a process restarted.
 
@@ -49,6 +52,8 @@ from tierflow.workload.spec import load_spec  # noqa: E402
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs" / "faults"
 TOLERANCE = {"rss_mib": (0.05, 8.0), "open_files": (0.05, 3.0), "nats_subs": (0.05, 3.0)}
+T_SIGNIFICANT = 3.0  # a slope this many standard errors above 0 is a trend, not noise
+INFO = ("prefix_blocks",)  # sampled and plotted, not judged
 
 
 @dataclass
@@ -73,7 +78,9 @@ def _proc(pid: int) -> tuple[float, int] | None:
         return None
 
 
-async def sample(fabric: Fabric, samples: Samples) -> None:
+async def sample(fabric: Fabric, samples: Samples, watch: fab.NodeWatch) -> None:
+    for node in watch.live():
+        samples.add("prefix_blocks", node.node_id, float(node.prefix_blocks))
     for child in fabric.children():
         samples.restarts[child.name] = child.restarts
         got = _proc(child.pid) if child.state == "running" else None
@@ -109,26 +116,41 @@ class Verdict:
     slope_per_h: float
     rise: float
     tolerance: float
+    t_stat: float
 
     @property
     def flat(self) -> bool:
-        return self.rise <= self.tolerance
+        return self.rise <= self.tolerance or self.t_stat <= T_SIGNIFICANT
+
+
+def _slope(t: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope and its t statistic (0 when the series is constant)."""
+    if np.ptp(t) == 0:
+        return 0.0, 0.0
+    slope, intercept = np.polyfit(t, v, 1)
+    residual = v - (slope * t + intercept)
+    spread = float(((t - t.mean()) ** 2).sum())
+    if len(t) < 3 or spread == 0:
+        return float(slope), 0.0
+    stderr = float(np.sqrt((residual**2).sum() / (len(t) - 2) / spread))
+    return float(slope), (float(slope) / stderr if stderr > 0 else (float("inf") if slope > 0 else 0.0))
 
 
 def judge(samples: Samples, warm_up_share: float) -> list[Verdict]:
     out = []
     for (metric, who), points in sorted(samples.series.items()):
-        if len(points) < 3:
+        if len(points) < 3 or metric in INFO:
             continue
         t = np.array([p[0] for p in points])
         v = np.array([p[1] for p in points])
         keep = t >= t[0] + warm_up_share * (t[-1] - t[0])
         if keep.sum() < 3:
             keep[:] = True
-        slope = float(np.polyfit(t[keep], v[keep], 1)[0]) if np.ptp(t[keep]) > 0 else 0.0
+        slope, t_stat = _slope(t[keep], v[keep])
         rise = slope * float(np.ptp(t[keep]))
         share, floor = TOLERANCE[metric]
-        out.append(Verdict(metric, who, float(v[0]), float(v[-1]), float(v.min()), float(v.max()), slope * 3600, rise, max(floor, share * float(v[keep].mean()))))
+        out.append(Verdict(metric, who, float(v[0]), float(v[-1]), float(v.min()), float(v.max()), slope * 3600, rise,
+                           max(floor, share * float(v[keep].mean())), t_stat))  # fmt: skip
     return out
 
 
@@ -138,9 +160,9 @@ def plot(samples: Samples, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("rss_mib", False, "RSS (MiB)"), ("open_files", False, "open files"),
+    panels = [("rss_mib", False, "RSS (MiB)"), ("prefix_blocks", False, "prefix-cache blocks\n(per node)"), ("open_files", False, "open files"),
               ("nats_subs", False, "NATS subscriptions\n(per client)"), ("nats_subs", True, "NATS subscriptions\n(per server)")]  # fmt: skip
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 13), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 16), sharex=True)
     for ax, (metric, servers, label) in zip(axes, panels, strict=True):
         for (m, who), points in sorted(samples.series.items()):
             if m == metric and who.endswith("(server total)") == servers:
@@ -170,7 +192,7 @@ async def soak(fabric: Fabric, args: argparse.Namespace, say) -> tuple[Samples, 
     samples = Samples(time.time())
     load = asyncio.create_task(phase(fabric.base_url, SPEC, load_scale, args.minutes * 60, slo_ttft_s=slo, grace=120, label="soak"))
     while not load.done():
-        await sample(fabric, samples)
+        await sample(fabric, samples, watch)
         rss = sum(v[-1][1] for (m, _), v in samples.series.items() if m == "rss_mib")
         say(f"  {(time.time() - samples.t0) / 60:5.1f} min: RSS total {rss:.0f} MiB")
         await asyncio.wait({load}, timeout=args.interval)
@@ -203,9 +225,13 @@ def main() -> int:
             fabric.stop(timeout=30)
     verdicts = judge(samples, args.warm_up_share)
     print()
-    print(f"{'metric':<11} {'process / NATS client':<44} {'first':>8} {'last':>8} {'min':>8} {'max':>8} {'slope/h':>9} {'rise':>7} {'tol':>6}  flat")
+    print(f"{'metric':<11} {'process / NATS client':<44} {'first':>8} {'last':>8} {'min':>8} {'max':>8} {'slope/h':>9} {'rise':>7} {'tol':>6} {'t':>6}  flat")
     for v in verdicts:
-        print(f"{v.metric:<11} {v.who[:44]:<44} {v.first:>8.1f} {v.last:>8.1f} {v.low:>8.1f} {v.high:>8.1f} {v.slope_per_h:>9.2f} {v.rise:>7.2f} {v.tolerance:>6.1f}  {'yes' if v.flat else 'NO'}")
+        print(f"{v.metric:<11} {v.who[:44]:<44} {v.first:>8.1f} {v.last:>8.1f} {v.low:>8.1f} {v.high:>8.1f} {v.slope_per_h:>9.2f} {v.rise:>7.2f} "
+              f"{v.tolerance:>6.1f} {min(v.t_stat, 999):>6.1f}  {'yes' if v.flat else 'NO'}")  # fmt: skip
+    blocks = {who: pts for (m, who), pts in samples.series.items() if m == "prefix_blocks"}
+    if blocks:
+        print("prefix-cache blocks per node (not judged): " + ", ".join(f"{who} {pts[0][1]:.0f} -> {pts[-1][1]:.0f}" for who, pts in sorted(blocks.items())))
     restarted = {k: n for k, n in samples.restarts.items() if n}
     print()
     print(f"load: x{scale:g} the spec's rate, {load['sent']} calls, {load['ok']} ok, {load['failed']} failed, {load['refused']} refused, "

@@ -118,6 +118,7 @@ class Heard:
     queued: int
     pid: int
     at: float  # wall clock, when received
+    prefix_blocks: int = 0  # KV blocks in its prefix cache (HBM + DDR)
 
 
 @dataclass
@@ -136,7 +137,7 @@ class NodeWatch:
         async def on_beat(msg) -> None:  # type: ignore[no-untyped-def]
             hb = messages.heartbeat_decoder.decode(msg.data)
             watch.nodes[hb.node_id] = Heard(hb.node_id, hb.role, hb.deployment, [(m.name, m.version) for m in hb.models],
-                                            hb.running, hb.queue_depth, hb.pid, time.time())  # fmt: skip
+                                            hb.running, hb.queue_depth, hb.pid, time.time(), hb.prefix_cache_blocks)  # fmt: skip
 
         async def on_reply(msg) -> None:  # type: ignore[no-untyped-def]
             queue = watch._waiting.get(msg.subject.rsplit(".", 1)[-1])

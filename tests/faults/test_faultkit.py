@@ -220,5 +220,10 @@ def test_the_soak_calls_a_leak_a_leak_and_noise_flat() -> None:
         samples.series.setdefault(("rss_mib", "leaky"), []).append((i * 30.0, 80.0 + 0.5 * i))
         samples.series.setdefault(("rss_mib", "steady"), []).append((i * 30.0, 80.0 + (3.0 if i % 2 else -3.0)))
         samples.series.setdefault(("open_files", "warming"), []).append((i * 30.0, 20.0 + min(i, 5)))
+        # a router's client connections: +-25 around 50, drifting 6 over the run by chance
+        samples.series.setdefault(("open_files", "noisy"), []).append((i * 30.0, 50.0 + (25.0 if i % 3 else -25.0) + 0.1 * i))
+        samples.series.setdefault(("prefix_blocks", "decode-0"), []).append((i * 30.0, 1000.0 * i))  # a cache may grow
     verdicts = {v.who: v for v in judge(samples, warm_up_share=0.2)}
     assert not verdicts["leaky"].flat and verdicts["steady"].flat and verdicts["warming"].flat
+    assert verdicts["noisy"].rise > verdicts["noisy"].tolerance and verdicts["noisy"].flat
+    assert "decode-0" not in verdicts
