@@ -1,8 +1,8 @@
 """The fault suite: every process of the fabric killed in turn under load, and what clients saw.
 
 Starts `tierflow up --nats-cluster 3 --routers 2` on loadtest/fleets/faults.yaml (an
-agentic two-model bundle on 3 decode nodes, a canary node, a disaggregated 70B with 1
-decode and 3 prefill nodes; 10 tokens/s per stream) and puts the project's own load on
+agentic two-model bundle on 3 decode nodes, a disaggregated 70B with 1 decode and 3
+prefill nodes; 10 tokens/s per stream) and puts the project's own load on
 it: agent sessions from loadtest/specs/faults.yaml (multi-model, streamed, prompts
 growing step by step, `ignore_eos` so the token count of every answer is known), plus a
 registry writer acknowledging a traffic change a few times a second. Then, each after a

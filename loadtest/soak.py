@@ -1,7 +1,7 @@
 """Soak: the whole fabric for 30 minutes at 70% of capacity; memory, files and subscriptions must stay flat.
 
 Starts the fault suite's fabric (`tierflow up --nats-cluster 3 --routers 2` on
-loadtest/fleets/faults.yaml: 3 NATS servers, 2 routers, the registry, the autoscaler, 5
+loadtest/fleets/faults.yaml: 3 NATS servers, 2 routers, the registry, the autoscaler, 4
 decode and 3 prefill nodes), finds capacity for its load (loadtest/specs/faults.yaml:
 agent sessions over three models) with a short ramp (or takes --capacity-scale), then
 runs the load at --load (70%) of it for --minutes. Every --interval seconds it samples,

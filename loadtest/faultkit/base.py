@@ -10,7 +10,7 @@ from tierflow.harness import Fabric
 
 from .fabric import NodeWatch
 
-__all__ = ["Ctx", "Fault", "Injection", "Kind", "VersionProbe"]
+__all__ = ["ConnectionProbe", "Ctx", "Fault", "Injection", "Kind"]
 
 Kind = Literal["kill", "stall", "outage"]
 
@@ -24,14 +24,12 @@ class Ctx:
 
 
 @dataclass
-class VersionProbe:
-    """One request sent through the routers after the outage's registry change."""
+class ConnectionProbe:
+    """One keep-alive connection asking a router for a model's context after the outage:
+    (sent, max_model_len) per answer, and the request id that names its router."""
 
-    sent: float
-    done: float
-    status: int
-    version: str
-    request_id: str
+    samples: list[tuple[float, int]] = field(default_factory=list)
+    request_id: str = ""
 
 
 @dataclass
@@ -41,7 +39,7 @@ class Injection:
     at: float  # wall clock when it struck (for an outage: when it ended, SIGCONT)
     back_s: float | None = None  # until the victim ran (and a node beat) again
     facts: dict[str, Any] = field(default_factory=dict)
-    probes: list[VersionProbe] = field(default_factory=list)
+    probes: list[ConnectionProbe] = field(default_factory=list)
     change_acked: float | None = None  # wall clock: the outage's registry change acknowledged
 
 

@@ -6,11 +6,11 @@ share (`Ctx` in, `Injection` out) in `base`.
 
 from __future__ import annotations
 
-from .base import Ctx, Fault, Injection, VersionProbe
+from .base import ConnectionProbe, Ctx, Fault, Injection
 from .kills import kill_autoscaler, kill_decode, kill_nats_member, kill_prefill, kill_registry, kill_router, stall_decode
-from .outage import WATCH_VERSION, nats_outage
+from .outage import WATCH_TO, nats_outage
 
-__all__ = ["FAULTS", "WATCH_VERSION", "Ctx", "Fault", "Injection", "VersionProbe"]
+__all__ = ["FAULTS", "WATCH_TO", "ConnectionProbe", "Ctx", "Fault", "Injection"]
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("decode", "kill -9 a decode node", "kill", kill_decode),

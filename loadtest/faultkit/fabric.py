@@ -2,7 +2,7 @@
 
 `start` runs `tierflow up` (through `tierflow.harness.start_fabric`, as every benchmark
 here does) on the suite's fleet (`loadtest/fleets/faults.yaml`: an agentic bundle on
-three decode nodes, a canary node, a disaggregated 70B with three prefill nodes) with a
+three decode nodes, a disaggregated 70B with one decode and three prefill nodes) with a
 3-server NATS cluster and two routers, then waits until every node heartbeats, the ones
 the autoscaler starts included.
 
@@ -10,8 +10,9 @@ Processes are found by name in DATA/children.json (`Fabric.child`), so a kill al
 hits the current incarnation, and `wait_back` sees the restarted one (a new pid,
 running). `NodeWatch` follows the nodes' heartbeats on its own NATS connection (the
 cluster's every member, reconnecting forever, so it outlives the faults) and probes a
-node directly over NATS the way a router would (`probe`): "serves again" means a
-request of its own model was answered to the end, not merely that it beats.
+node directly over NATS the way a router would (`probe`): "serves again" means it
+answers a request of its own model (takes it: a node whose batch is full queues it),
+not merely that it beats.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 FLEET = HERE.parent / "fleets" / "faults.yaml"
 PROFILES = HERE.parent / "fleets" / "faults-profiles.yaml"
 REPO = HERE.parents[1]
-# The autoscaler starts the canary and disaggregated decode nodes: let it decide soon.
+# The autoscaler starts the disaggregated deployment's decode node: let it decide soon.
 AUTOSCALER_ENV = {"TIERFLOW_WARM_UP": "3", "TIERFLOW_INTERVAL": "2"}
 
 
@@ -51,9 +52,9 @@ class Layout:
     routers: int = 2
     agents_nodes: int = 3  # `--decode-nodes` of the agents deployment
     prefill_nodes: int = 3  # `--prefill-nodes`: the disaggregated deployment's pool
-    # (deployment, role) -> nodes; the canary's and the disaggregated decode node come
-    # from the autoscaler (min_replicas 1 of an empty pool).
-    extra_nodes: tuple[tuple[str, str, int], ...] = (("canary", "decode", 1), ("default", "decode", 1))
+    # (deployment, role) -> nodes the autoscaler starts (min_replicas 1 of an empty pool):
+    # the disaggregated deployment's decode node.
+    extra_nodes: tuple[tuple[str, str, int], ...] = (("default", "decode", 1),)
 
     def argv(self) -> list[str]:
         return [
@@ -167,7 +168,12 @@ class NodeWatch:
             await asyncio.sleep(0.25)
 
     async def probe(self, node: Heard, timeout: float) -> bool:
-        """One small request of the node's own model, sent straight to it; True if it finished."""
+        """One small request of the node's own model, sent straight to it; True once the
+        node answers it (takes it into its queue, or anything after), then it is cancelled.
+
+        Taking it is what "serves" means here: a node whose batch is full of the clients'
+        streams queues a probe for seconds, and that node is serving, not lost.
+        """
         if not node.models:
             return False
         model, version = node.models[0]
@@ -178,16 +184,16 @@ class NodeWatch:
         subject = subjects.prefill_run(node.node_id) if prefill else subjects.node_generate(node.node_id)
         queue: asyncio.Queue[messages.StreamEvent] = asyncio.Queue()
         self._waiting[request_id] = queue
+        answered = False
         try:
             async with asyncio.timeout(timeout):
                 await self.nc.publish(subject, messages.encoder.encode(request), reply=f"{self._inbox}.{request_id}")
-                while True:
-                    event = await queue.get()
-                    if isinstance(event, messages.Finished):
-                        return True
-                    if isinstance(event, messages.Failed):
-                        return False
+                answered = not isinstance(await queue.get(), messages.Failed)
+                return answered
         except (TimeoutError, nats.errors.Error):
             return False
         finally:
             self._waiting.pop(request_id, None)
+            if answered and not prefill:
+                with contextlib.suppress(nats.errors.Error):  # free the slot it may hold
+                    await self.nc.publish(subjects.node_cancel(node.node_id), messages.encoder.encode(messages.CancelRequest(request_id=request_id)))

@@ -8,17 +8,21 @@ anything: they must notice the silence themselves (pings, liveness, stalled watc
 It is also what a network partition or a frozen VM looks like.
 
 Right after SIGCONT it measures: every node answers a request sent straight to it
-within 10 s (`NodeWatch.probe`); every router hears every decode node again (each
-router's `tierflow_router_live_nodes`, on its own metrics port); and a registry change
-(a planner v2 rollout at 50%) reaches both routers within 2 s, seen in the
-`x-tierflow-model-version` of requests spread over both (a fresh connection each:
-SO_REUSEPORT spreads connections, not requests; which router answered each is read from
-the routers' logs afterwards). The change is made once every router hears every decode
-node again (at most 10 s, when that is a failure of its own): the header names the
-version that *served* the call, and a router that picked v2 before it heard the v2 node
-again falls back to v1, which would time the heartbeats, not the watch. The routers' own
-"watch ... resumed" log lines (seconds after SIGCONT) are judged beside it: a watch that
-came back late shows there even when the change was made after it.
+within 10 s (`NodeWatch.probe`); every router hears every decode node again within 10 s
+(each router's `tierflow_router_live_nodes`, on its own metrics port); and a registry
+change made as soon as the registry takes it reaches every router within 2 s.
+
+The change is one the routers show whatever the nodes do: the fleet's `watch-probe`
+model is deployed on no node, and the change moves its bundle's configuration from
+ss8192 to ss16384 (a fleet `Apply`), so `GET /v1/models/watch-probe` answers
+`max_model_len` 16384 on a router once its watch has delivered it. (A version rollout
+would show in `x-tierflow-model-version` only once the router also hears the new
+version's node, and a node marked suspect during the outage stays out for a heartbeat
+or two: that times the heartbeats, not the watch.) Sixteen keep-alive connections ask
+every 25 ms from before the change; SO_REUSEPORT pins each to one router, and one
+completion sent on each at the end names it (its `x-request-id` in that router's log).
+The routers' own "watch ... resumed" log lines (seconds after SIGCONT) are judged
+beside it. The change is undone afterwards.
 """
 
 from __future__ import annotations
@@ -27,8 +31,6 @@ import asyncio
 import json
 import signal
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -38,40 +40,66 @@ from tierflow.runtime.nats_server import http_get
 from tierflow.v1 import registry_pb2 as pb
 from tierflow.v1.registry_pb2_grpc import ModelRegistryStub
 
-from .base import Ctx, Injection, VersionProbe
-from .fabric import Heard, signal_child
+from .base import ConnectionProbe, Ctx, Injection
+from .fabric import FLEET, Heard, signal_child
 
-__all__ = ["NATS_STOP_S", "WATCH_MODEL", "WATCH_VERSION", "nats_outage"]
+__all__ = ["NATS_STOP_S", "WATCH_MODEL", "WATCH_TO", "nats_outage"]
 
 NATS_STOP_S = 5.0
-WATCH_MODEL = "planner"  # the model whose v2 rollout times the routers' registry watch
-WATCH_VERSION = "v2"
-PROBE_S = 5.0  # how long the routers are probed after the change
+WATCH_MODEL = "watch-probe"  # deployed on no node (loadtest/fleets/faults.yaml)
+WATCH_FROM, WATCH_TO = "ss8192-bs4", "ss16384-bs4"  # its bundle's configuration, before and after the change
+WATCH_CONNECTIONS = 16  # P(all on one of two routers) = 2**-15
+NAMING_MODEL = "planner"  # the completion that names a connection's router
+PROBE_S = 5.0  # how long the routers are asked after the change
 PROBE_EVERY_S = 0.025
 
 
-async def _version_probe(fabric: Fabric, n: int) -> VersionProbe:
-    """A one-token completion of WATCH_MODEL on a fresh connection (so either router may answer)."""
-    body = json.dumps({"model": WATCH_MODEL, "prompt": f"watch probe {n} {uuid.uuid4().hex[:6]}", "max_tokens": 1, "ignore_eos": True}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: faults\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
-    sent = time.time()
-    status, headers = 0, {}
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a content-length body (what the router sends unstreamed)."""
+    status = int((await reader.readline()).split()[1])
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        key, _, value = line.decode("latin-1").partition(":")
+        headers[key.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+async def _watch_connection(fabric: Fabric, stop: asyncio.Event) -> ConnectionProbe:
+    """Ask one router (whichever this connection lands on) for WATCH_MODEL's context every
+    PROBE_EVERY_S until `stop`; then name the router with one completion."""
+    probe = ConnectionProbe()
+    host = f"Host: {fabric.host}\r\n".encode()
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PROBE_S + 60):
             reader, writer = await asyncio.open_connection(fabric.host, fabric.http_port)
             try:
-                writer.write(head + body)
-                status = int((await reader.readline()).split()[1])
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    key, _, value = line.decode("latin-1").partition(":")
-                    headers[key.strip().lower()] = value.strip()
-                await reader.read()
+                while not stop.is_set():
+                    sent = time.time()
+                    writer.write(b"GET /v1/models/" + WATCH_MODEL.encode() + b" HTTP/1.1\r\n" + host + b"\r\n")
+                    status, _, body = await _read_response(reader)
+                    if status == 200:
+                        probe.samples.append((sent, int(json.loads(body)["max_model_len"])))
+                    await asyncio.sleep(PROBE_EVERY_S)
+                body = json.dumps({"model": NAMING_MODEL, "prompt": "which router?", "max_tokens": 1}).encode()
+                writer.write(b"POST /v1/completions HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+                _, headers, _ = await _read_response(reader)
+                probe.request_id = headers.get("x-request-id", "")
             finally:
                 writer.close()
-    except (OSError, TimeoutError, ValueError, IndexError):
-        pass
-    return VersionProbe(sent, time.time(), status, headers.get("x-tierflow-model-version", ""), headers.get("x-request-id", ""))
+    except (OSError, TimeoutError, ValueError, IndexError, KeyError, asyncio.IncompleteReadError):
+        pass  # a connection that broke tells nothing; the others do
+    return probe
+
+
+def _fleet_with(config: str) -> str:
+    """The suite's fleet file with WATCH_MODEL's bundle entry in `config`."""
+    text = FLEET.read_text()
+    entry = f"{{model: {WATCH_MODEL}, config: {WATCH_FROM}}}"
+    if entry not in text:
+        raise RuntimeError(f"{FLEET} has no bundle entry {entry}: the outage's registry change needs it")
+    return text.replace(entry, f"{{model: {WATCH_MODEL}, config: {config}}}")
 
 
 def _metrics_port(pid: int) -> int | None:
@@ -105,17 +133,20 @@ async def _routers_hear(ctx: Ctx, decode_nodes: int, timeout: float) -> float | 
     return None
 
 
-async def _registry_call(fabric: Fabric, call: Callable[[ModelRegistryStub], Awaitable[Any]], timeout: float) -> float | None:
-    """Retry `call` until the registry acknowledges it; the wall clock of that, or None."""
+async def _apply(fabric: Fabric, fleet_yaml: str, timeout: float) -> float | None:
+    """Apply `fleet_yaml`, retried until the registry acknowledges it; the wall clock of that, or None."""
     deadline = time.monotonic() + timeout
     async with grpc.aio.insecure_channel(f"{fabric.host}:{fabric.registry_grpc_port}") as channel:
         stub = ModelRegistryStub(channel)
         while time.monotonic() < deadline:
             try:
-                await call(stub)
-                return time.time()
+                reply = await stub.Apply(pb.ApplyRequest(fleet_yaml=fleet_yaml, source="faults-outage"), timeout=2)
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.1)
+                continue
+            if reply.problems:
+                raise RuntimeError("the outage's fleet change was refused: " + "; ".join(reply.problems))
+            return time.time()
     return None
 
 
@@ -142,32 +173,25 @@ async def nats_outage(ctx: Ctx) -> Injection:
             await asyncio.sleep(0.2)
         return node.node_id, None
 
-    async def watch_check() -> tuple[float | None, list[VersionProbe]]:
-        # The probes show the version that *served* a call: a router that picked v2 but
-        # has not heard the v2 node again yet falls back to v1. So the change is made once
-        # every router hears every decode node again: from then on, what the probes show
-        # is the registry watch alone (one still down would never deliver the change).
+    async def routers_hear() -> None:
         decode_nodes = sum(1 for n in nodes if n.role == "decode")
-        heard = await _routers_hear(ctx, decode_nodes, 10.0)  # past 10 s that is a failure of its own: change anyway
+        heard = await _routers_hear(ctx, decode_nodes, 10.0)
         facts["routers_hear_every_node_s"] = None if heard is None else round(time.time() - resumed, 2)
-        acked = await _registry_call(ctx.fabric, lambda s: s.Rollout(pb.RolloutRequest(model=WATCH_MODEL, version=WATCH_VERSION, weight=50), timeout=2), 30)
-        probes: list[VersionProbe] = []
+
+    async def watch_check() -> tuple[float | None, list[ConnectionProbe]]:
+        stop = asyncio.Event()
+        connections = [asyncio.create_task(_watch_connection(ctx.fabric, stop)) for _ in range(WATCH_CONNECTIONS)]
+        acked = await _apply(ctx.fabric, _fleet_with(WATCH_TO), 30)
         if acked is not None:
-            ctx.say(f"  rollout {WATCH_MODEL} {WATCH_VERSION} 50% acknowledged {acked - resumed:.1f}s after SIGCONT")
-            # One probe every 25 ms, not waiting for answers: a probe's send time is what
-            # bounds when its router had the change, so the cadence is the resolution.
-            pending = []
-            n = 0
-            while time.time() - acked < PROBE_S:
-                pending.append(asyncio.create_task(_version_probe(ctx.fabric, n)))
-                n += 1
-                await asyncio.sleep(PROBE_EVERY_S)
-            probes = list(await asyncio.gather(*pending))
-        await _registry_call(ctx.fabric, lambda s: s.Rollback(pb.RollbackRequest(model=WATCH_MODEL), timeout=2), 30)
+            ctx.say(f"  registry change ({WATCH_MODEL} {WATCH_FROM} -> {WATCH_TO}) acknowledged {acked - resumed:.1f}s after SIGCONT")
+            await asyncio.sleep(PROBE_S)
+        stop.set()
+        probes = list(await asyncio.gather(*connections))
+        await _apply(ctx.fabric, _fleet_with(WATCH_FROM), 30)
         return acked, probes
 
     facts: dict[str, Any] = {"stopped_at": stopped}
-    results, (acked, probes) = await asyncio.gather(asyncio.gather(*(node_back(n) for n in nodes)), watch_check())
+    results, (acked, probes), _ = await asyncio.gather(asyncio.gather(*(node_back(n) for n in nodes)), watch_check(), routers_hear())
     serving = dict(results)
     slow = {k: v for k, v in serving.items() if v is None or v > 10}
     ctx.say(f"  nodes serving again: {sum(v is not None for v in serving.values())}/{len(serving)}, slowest "

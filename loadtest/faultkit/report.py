@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from .catalog import WATCH_VERSION, Fault, Injection
+from .catalog import Fault, Injection
+from .outage import WATCH_TO
 from .ledger import Ledger
 from .load import CallRecord, TokenBins
 from .routerlog import RouterRecord
@@ -217,7 +218,7 @@ def _judge_outage(row: Row, window: Window, calls: Sequence[CallRecord], routers
     must(("every node serves again within 10 s (a request sent straight to it)", bool(serving) and all(v is not None and v <= 10.0 for v in serving.values())))
     heard = injection.facts.get("routers_hear_every_node_s")
     must(("every router hears every node again within 10 s", heard is not None and heard <= 10.0))
-    watch = watch_latency(injection, routers)
+    watch = watch_latency(injection, routers, _seq_len(WATCH_TO))
     row.extra["registry_watch_s"] = watch
     row.extra["change_acked_after_resume_s"] = None if injection.change_acked is None else round(injection.change_acked - injection.at, 2)
     must(("a registry change reaches every router within 2 s", bool(watch) and all(v is not None and v <= 2.0 for v in watch.values())))
@@ -225,21 +226,30 @@ def _judge_outage(row: Row, window: Window, calls: Sequence[CallRecord], routers
     must(("registry watches resumed within 2 s (routers' logs)", all(v == "not down" or (isinstance(v, float) and v <= 2.0) for v in resumed.values())))
 
 
-def watch_latency(injection: Injection, routers: dict[str, RouterRecord]) -> dict[str, float | None]:
-    """Per router: from the change's acknowledgement to the first probe it answered with the
-    new version (the version is picked when a request arrives, so the probe's send time
-    bounds when the router had the change); None when it never did."""
+def watch_latency(injection: Injection, routers: dict[str, RouterRecord], new_value: int) -> dict[str, float | None]:
+    """Per router: from the change's acknowledgement to the first answer it gave with the
+    new value (the send time of that request: the router had the change by then), over
+    the connections that landed on it; None when none of them ever saw it."""
     if injection.change_acked is None:
         return {}
+    acked = injection.change_acked
     seen: dict[str, float | None] = {}
-    for probe in sorted(injection.probes, key=lambda p: p.sent):
+    for probe in injection.probes:
         record = routers.get(probe.request_id)
         if record is None:
-            continue
-        seen.setdefault(record.service, None)
-        if probe.version == WATCH_VERSION and seen[record.service] is None:
-            seen[record.service] = round(max(0.0, probe.sent - injection.change_acked), 3)
+            continue  # the connection broke before it was named
+        first = next((sent for sent, value in probe.samples if value == new_value), None)
+        held = seen.get(record.service)
+        if first is None:
+            seen.setdefault(record.service, None)
+        else:
+            latency = round(max(0.0, first - acked), 3)
+            seen[record.service] = latency if held is None else min(held, latency)
     return seen
+
+
+def _seq_len(config: str) -> int:
+    return int(config.split("-")[0].removeprefix("ss"))
 
 
 def _fmt(value: float | None, unit: str = "s") -> str:

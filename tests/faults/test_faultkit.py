@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from faultkit.catalog import FAULTS, Injection, VersionProbe
+from faultkit.catalog import FAULTS, ConnectionProbe, Injection
 from faultkit.ledger import Ledger, Write
 from faultkit.load import CallRecord, TokenBins, make_client, stream_call
 from faultkit.report import Expected, Window, build_row, throughput_back, watch_latency
@@ -192,13 +192,16 @@ def test_throughput_is_back_when_delivery_catches_up_with_what_was_asked() -> No
     assert throughput_back(bins, Expected(calls), 1010.0, 1030.0, 1090.0)[1] is None
 
 
-def test_the_watch_is_timed_per_router_from_its_first_new_version() -> None:
+def test_the_watch_is_timed_per_router_from_its_first_new_answer() -> None:
     injection = Injection("nats", "SIGSTOP 5s", 100.0, change_acked=101.0, probes=[
-        VersionProbe(101.1, 101.2, 200, "v1", "a"), VersionProbe(101.3, 101.4, 200, "v2", "b"),
-        VersionProbe(101.2, 101.3, 200, "v1", "c"), VersionProbe(102.5, 102.6, 200, "v2", "d"),
+        ConnectionProbe([(100.9, 8192), (101.1, 8192), (101.3, 16384)], "a"),
+        ConnectionProbe([(101.0, 8192), (101.2, 16384)], "b"),  # the same router, sooner
+        ConnectionProbe([(101.0, 8192), (102.5, 16384)], "c"),
+        ConnectionProbe([(101.0, 8192), (101.1, 8192)], "d"),  # never: router-2 missed the change
+        ConnectionProbe([(101.0, 8192)], ""),  # broke before it was named
     ])  # fmt: skip
-    routers = {rid: RouterRecord(ts=0, request_id=rid, service=svc) for rid, svc in (("a", "router-0"), ("b", "router-0"), ("c", "router-1"), ("d", "router-1"))}
-    assert watch_latency(injection, routers) == {"router-0": pytest.approx(0.3), "router-1": pytest.approx(1.5)}
+    routers = {rid: RouterRecord(ts=0, request_id=rid, service=svc) for rid, svc in (("a", "router-0"), ("b", "router-0"), ("c", "router-1"), ("d", "router-2"))}
+    assert watch_latency(injection, routers, 16384) == {"router-0": pytest.approx(0.2), "router-1": pytest.approx(1.5), "router-2": None}
 
 
 # ---------------------------------------------------------------- logs and the soak
