@@ -50,6 +50,7 @@ WATCH_MODEL = "watch-probe"  # deployed on no node (loadtest/fleets/faults.yaml)
 WATCH_FROM, WATCH_TO = "ss8192-bs4", "ss16384-bs4"  # its bundle's configuration, before and after the change
 WATCH_CONNECTIONS = 16  # P(all on one of two routers) = 2**-15
 NAMING_MODEL = "planner"  # the completion that names a connection's router
+NAMING_ATTEMPTS = 20
 PROBE_S = 5.0  # how long the routers are asked after the change
 PROBE_EVERY_S = 0.025
 
@@ -71,7 +72,7 @@ async def _watch_connection(fabric: Fabric, stop: asyncio.Event) -> ConnectionPr
     probe = ConnectionProbe()
     host = f"Host: {fabric.host}\r\n".encode()
     try:
-        async with asyncio.timeout(PROBE_S + 60):
+        async with asyncio.timeout(PROBE_S + 90):
             reader, writer = await asyncio.open_connection(fabric.host, fabric.http_port)
             try:
                 while not stop.is_set():
@@ -81,11 +82,17 @@ async def _watch_connection(fabric: Fabric, stop: asyncio.Event) -> ConnectionPr
                     if status == 200:
                         probe.samples.append((sent, int(json.loads(body)["max_model_len"])))
                     await asyncio.sleep(PROBE_EVERY_S)
+                # Only a 200 carries x-request-id: under load the naming call may be refused
+                # (429/503); it is asked again, as the refusal's Retry-After says, a while.
                 body = json.dumps({"model": NAMING_MODEL, "prompt": "which router?", "max_tokens": 1}).encode()
-                writer.write(b"POST /v1/completions HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
-                _, headers, _ = await _read_response(reader)
-                probe.request_id = headers.get("x-request-id", "")
+                for _ in range(NAMING_ATTEMPTS):
+                    writer.write(b"POST /v1/completions HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+                    status, headers, _ = await _read_response(reader)
+                    if status == 200:
+                        probe.request_id = headers.get("x-request-id", "")
+                        break
+                    await asyncio.sleep(min(2.0, float(headers.get("retry-after", "0.5"))))
             finally:
                 writer.close()
     except (OSError, TimeoutError, ValueError, IndexError, KeyError, asyncio.IncompleteReadError):
@@ -190,7 +197,7 @@ async def nats_outage(ctx: Ctx) -> Injection:
         await _apply(ctx.fabric, _fleet_with(WATCH_FROM), 30)
         return acked, probes
 
-    facts: dict[str, Any] = {"stopped_at": stopped}
+    facts: dict[str, Any] = {"stopped_at": stopped, "routers": sum(1 for c in ctx.fabric.children() if c.role == "router")}
     results, (acked, probes), _ = await asyncio.gather(asyncio.gather(*(node_back(n) for n in nodes)), watch_check(), routers_hear())
     serving = dict(results)
     slow = {k: v for k, v in serving.items() if v is None or v > 10}
