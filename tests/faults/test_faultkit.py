@@ -190,6 +190,8 @@ def test_throughput_is_back_when_delivery_catches_up_with_what_was_asked() -> No
     assert back is not None and 10.0 <= back <= 13.0
     calls, bins = _steady_load(dip=(30, 100))
     assert throughput_back(bins, Expected(calls), 1010.0, 1030.0, 1090.0)[1] is None
+    calls, bins = _steady_load(dip=(60, 63))  # a dip half a minute later is not the fault's
+    assert throughput_back(bins, Expected(calls), 1010.0, 1030.0, 1090.0)[1] == 0.0
 
 
 def test_the_watch_is_timed_per_router_from_its_first_new_answer() -> None:
