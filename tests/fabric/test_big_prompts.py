@@ -69,7 +69,8 @@ async def test_big_prompts_beside_streams_stall_nothing(fabric) -> None:
     assert done == [400] * STREAMS
     assert _router_metric(fabric, "tierflow_router_retries_total", reason="node_lost") == lost_before
     assert _router_metric(fabric, "tierflow_router_migrations_total") == migrated_before
-    # The router's own loop never stalled 250 ms (tokenizing 7 MiB at once took ~0.7 s).
+    # The router's own loop never stalled half a second (tokenizing 7 MiB at once took
+    # ~0.7 s; a busy 2-core CI box alone can delay one wake-up past 250 ms).
     assert _stalls(fabric) == stalls_before
     gaps.sort()
     # Client-side gaps include the client's own work (it JSON-encodes 7 MiB bodies on the
@@ -78,5 +79,5 @@ async def test_big_prompts_beside_streams_stall_nothing(fabric) -> None:
 
 
 def _stalls(fabric) -> float:
-    """Router loop wake-ups more than 250 ms late, so far (the OS alone, on a busy box, can delay one 100 ms)."""
-    return _router_metric(fabric, "tierflow_event_loop_lag_seconds_count") - _router_metric(fabric, "tierflow_event_loop_lag_seconds_bucket", le="0.25")
+    """Router loop wake-ups more than 500 ms late, so far (the OS alone, on a busy box, can delay one 250 ms)."""
+    return _router_metric(fabric, "tierflow_event_loop_lag_seconds_count") - _router_metric(fabric, "tierflow_event_loop_lag_seconds_bucket", le="0.5")
