@@ -31,7 +31,6 @@ import json
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,19 +53,9 @@ class Phase:
     stalls: float
 
 
-def _metric(fabric: Fabric, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://{fabric.host}:{fabric.http_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _counters(fabric: Fabric) -> tuple[float, float, float]:
-    stalls = _metric(fabric, "tierflow_event_loop_lag_seconds_count") - _metric(fabric, "tierflow_event_loop_lag_seconds_bucket", le="0.1")
-    return _metric(fabric, "tierflow_router_retries_total", reason="node_lost"), _metric(fabric, "tierflow_router_migrations_total"), stalls
+    stalls = fabric.router_metric("tierflow_event_loop_lag_seconds_count") - fabric.router_metric("tierflow_event_loop_lag_seconds_bucket", le="0.1")
+    return fabric.router_metric("tierflow_router_retries_total", reason="node_lost"), fabric.router_metric("tierflow_router_migrations_total"), stalls
 
 
 def _big_body(path: Path, mib: float) -> Path:

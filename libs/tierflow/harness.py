@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,20 @@ class Fabric:
     def log(self, name: str) -> str:
         path = self.data_dir / "logs" / f"{name}.log"
         return path.read_text() if path.exists() else ""
+
+    def router_metric(self, name: str, **labels: str) -> float:
+        """The sum of the router's `/metrics` samples called `name` whose labels include
+        `labels` (0.0 when there is none): what a test or benchmark compares before/after."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.process.poll() is None:

@@ -4,9 +4,7 @@ the model's context, so streams in flight keep their pace and no node looks sile
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.request
 
 import openai
 import pytest
@@ -17,21 +15,11 @@ STREAMS = 12
 BIG = 7 * 2**20  # under the 8 MiB body limit: tokenizing is what it costs
 
 
-def _router_metric(fabric, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://{fabric.host}:{fabric.http_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 async def test_big_prompts_beside_streams_stall_nothing(fabric) -> None:
     client = openai.AsyncOpenAI(base_url=fabric.base_url, api_key="k", max_retries=0, timeout=60)
     stalls_before = _stalls(fabric)
-    lost_before = _router_metric(fabric, "tierflow_router_retries_total", reason="node_lost")
-    migrated_before = _router_metric(fabric, "tierflow_router_migrations_total")
+    lost_before = fabric.router_metric("tierflow_router_retries_total", reason="node_lost")
+    migrated_before = fabric.router_metric("tierflow_router_migrations_total")
     gaps: list[float] = []
 
     async def stream(i: int) -> int:
@@ -67,8 +55,8 @@ async def test_big_prompts_beside_streams_stall_nothing(fabric) -> None:
 
     assert all(status == 400 for status, _ in bigs), bigs  # longer than the 8k context: refused, not tokenized whole
     assert done == [400] * STREAMS
-    assert _router_metric(fabric, "tierflow_router_retries_total", reason="node_lost") == lost_before
-    assert _router_metric(fabric, "tierflow_router_migrations_total") == migrated_before
+    assert fabric.router_metric("tierflow_router_retries_total", reason="node_lost") == lost_before
+    assert fabric.router_metric("tierflow_router_migrations_total") == migrated_before
     # The router's own loop never stalled half a second (tokenizing 7 MiB at once took
     # ~0.7 s; a busy 2-core CI box alone can delay one wake-up past 250 ms).
     assert _stalls(fabric) == stalls_before
@@ -80,4 +68,4 @@ async def test_big_prompts_beside_streams_stall_nothing(fabric) -> None:
 
 def _stalls(fabric) -> float:
     """Router loop wake-ups more than 500 ms late, so far (the OS alone, on a busy box, can delay one 250 ms)."""
-    return _router_metric(fabric, "tierflow_event_loop_lag_seconds_count") - _router_metric(fabric, "tierflow_event_loop_lag_seconds_bucket", le="0.5")
+    return fabric.router_metric("tierflow_event_loop_lag_seconds_count") - fabric.router_metric("tierflow_event_loop_lag_seconds_bucket", le="0.5")
