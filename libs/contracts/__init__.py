@@ -1,7 +1,7 @@
-"""The fabric's wire contracts: NATS subjects (`subjects`), messages (`messages`) and
-registry records (`registry`). Import the modules, not names, so call sites read
+"""The fabric's wire contracts: NATS subjects (`subjects`), messages (`messages`),
+registry records (`registry`) and audit records (`audit`). Import the modules, not names, so call sites read
 `subjects.node_generate(node_id)` and `messages.Tokens`."""
 
-from tierflow.contracts import messages, registry, subjects
+from tierflow.contracts import audit, messages, registry, subjects
 
-__all__ = ["messages", "registry", "subjects"]
+__all__ = ["audit", "messages", "registry", "subjects"]

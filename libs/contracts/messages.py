@@ -211,6 +211,9 @@ class NodeCommand(Struct, kw_only=True):
 
     action: Literal["cordon", "uncordon", "drain", "status"]
     owner: str = ""  # who asks (cordon/drain): shown in the heartbeat's `cordon_owner`
+    # Who sent it, for the audit stream (`operator:<user>@<host>`, `autoscaler:<instance>`):
+    # claimed by the sender, whose NATS identity is what may publish node control at all.
+    by: str = ""
 
 
 class NodeCommandReply(Struct, kw_only=True):

@@ -17,6 +17,9 @@ __all__ = [
     "REGISTRY_EVENTS",
     "AUTOSCALER_DECISIONS",
     "SUPERVISOR_CONTROL",
+    "AUDIT_STREAM",
+    "AUDIT_SUBJECTS",
+    "audit",
     "SERVICE_NAMES",
     "SERVICE_INFO",
     "check_token",
@@ -129,6 +132,21 @@ AUTOSCALER_DECISIONS: Final = "tierflow.autoscaler.decision"
 # Request/reply to the local process supervisor (`tierflow up`): start/stop/list node
 # processes. The autoscaler's local actuator is its client.
 SUPERVISOR_CONTROL: Final = "tierflow.supervisor.control"
+
+# The audit stream (JetStream, made by the model registry at start): who changed what.
+# `audit(kind)` is `tierflow.audit.<kind>`; publishers, one per kind (NATS permissions
+# must let exactly these publish there):
+#   registry  the model registry (admin calls, refused ones included)
+#   node      decode and prefill nodes (cordon / uncordon / drain they carried out)
+#   scaling   the autoscaler (scale up / down it acted on)
+# Readers: `tierflow audit` (the observer identity may read it).
+AUDIT_STREAM: Final = "TIERFLOW_AUDIT"
+AUDIT_SUBJECTS: Final = "tierflow.audit.>"
+
+
+def audit(kind: str) -> str:
+    return f"tierflow.audit.{check_token(kind, 'audit kind')}"
+
 
 # A header on every message of one atomic KV batch (`<batch id> <position>/<size>`): readers
 # buffer a batch until its last message and apply it whole (libs/runtime/kv_watch.py).
