@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, subject: str, service: str) -> None:
     """Everything a node does, for either role; only the subject and role differ."""
-    nc = await connect_nats(settings.nats_url, f"tierflow-{role}-{settings.node_id}", stopping=ctx.stopping)
+    nc = await connect_nats(settings.nats_url, f"tierflow-{role}-{settings.node_id}", stopping=ctx.stopping, tls=ctx.tls)
     js = nc.jetstream()
     deployment, bundle = await fetch_bundle(js, settings.deployment, ctx.stopping)
     profile_name = settings.profile or deployment.profile

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from tierflow.runtime.logs import configure_logging
 from tierflow.runtime.looplag import watch_loop_lag
+from tierflow.runtime.tls import TlsFiles, client_ssl_context
 from tierflow.runtime.tracing import configure_tracing
 
 __all__ = ["ServiceContext", "run_service", "connect_nats", "nats_servers", "server_round_trip"]
@@ -44,6 +45,9 @@ class ServiceContext:
     instance: str
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: CollectorRegistry = field(default_factory=_service_registry)
+    # --tls-cert/--tls-key/--tls-ca, common to every service (tierflow.cli.services): the
+    # certificate its servers present, and the CA its clients (NATS, gRPC) verify against.
+    tls: TlsFiles = field(default_factory=TlsFiles)
 
 
 def nats_servers(url: str) -> list[str]:
@@ -75,12 +79,16 @@ async def server_round_trip(nc: NATS, timeout: float = 0.5) -> bool:
     return True  # somebody answered: the server is there all the same
 
 
-async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = None, connect_timeout: float = 30.0) -> NATS:
+async def connect_nats(
+    url: str, name: str, *, stopping: asyncio.Event | None = None, connect_timeout: float = 30.0, tls: TlsFiles | None = None
+) -> NATS:
     """Connect, retrying the first connection too (services may start before NATS is ready).
 
     After the first success nats-py reconnects on its own, forever, buffering publishes
-    meanwhile; we only log the transitions.
+    meanwhile; we only log the transitions. With `tls` set the server is verified against
+    its CA (and shown the service's certificate, for a server that checks clients').
     """
+    tls_options = {"tls": client_ssl_context(tls)} if tls is not None and tls.enabled else {}
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -110,6 +118,7 @@ async def connect_nats(url: str, name: str, *, stopping: asyncio.Event | None = 
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                **tls_options,
             )
         except Exception as exc:  # nats-py raises several unrelated types here
             if (stopping is not None and stopping.is_set()) or loop.time() > deadline:
@@ -133,13 +142,17 @@ def run_service(
     log_level: str = "info",
     metrics_port: int = 0,
     metrics_host: str = "127.0.0.1",
+    tls: TlsFiles | None = None,
 ) -> None:
-    """Run one service to completion under uvloop; exit cleanly on SIGTERM/SIGINT."""
+    """Run one service to completion under uvloop; exit cleanly on SIGTERM/SIGINT.
+
+    `tls` reaches the service as `ctx.tls`; /metrics stays plain HTTP (bind it to
+    loopback or a scrape-only network: it carries counts, never prompts)."""
     configure_logging(service, log_level)
     configure_tracing(service)
 
     async def _wrapped() -> None:
-        ctx = ServiceContext(service=service, instance=instance or socket.gethostname())
+        ctx = ServiceContext(service=service, instance=instance or socket.gethostname(), tls=tls or TlsFiles())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, ctx.stopping.set)

@@ -55,7 +55,7 @@ async def _announce(nc: NATS, instance: str, service: AutoscalerService, changed
 
 
 async def main(ctx: ServiceContext, settings: Settings) -> None:
-    nc = await connect_nats(settings.nats_url, "tierflow-autoscaler", stopping=ctx.stopping)
+    nc = await connect_nats(settings.nats_url, "tierflow-autoscaler", stopping=ctx.stopping, tls=ctx.tls)
     service = bootstrap(nc, settings, metrics=ctx.metrics, holder=settings.instance_id or default_holder(ctx.instance))
     changed = asyncio.Event()
 

@@ -264,7 +264,10 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
         return self._done(result, fields)
 
 
-async def start_grpc(service: RegistryService, clock: Clock, metrics: RegistryMetrics, host: str, port: int) -> grpc.aio.Server:
+async def start_grpc(
+    service: RegistryService, clock: Clock, metrics: RegistryMetrics, host: str, port: int, *, credentials: grpc.ServerCredentials | None = None
+) -> grpc.aio.Server:
     servicer = RegistryServicer(service, clock, metrics)
     name = pb.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
-    return await start_grpc_server(lambda server: pb_grpc.add_ModelRegistryServicer_to_server(servicer, server), [name], host, port)
+    return await start_grpc_server(lambda server: pb_grpc.add_ModelRegistryServicer_to_server(servicer, server), [name], host, port,
+                                   credentials=credentials)  # fmt: skip

@@ -34,6 +34,7 @@ from tierflow.nodehost.profiles import read_profiles_file
 from tierflow.runtime.kv import open_bucket
 from tierflow.runtime.service import ServiceContext, connect_nats, server_round_trip
 from tierflow.runtime.supervise import Backoff
+from tierflow.runtime.tls import grpc_server_credentials
 from tierflow.runtime.waiting import first
 from tierflow.services.model_registry.errors import Aborted, Unavailable
 from tierflow.services.model_registry.fleet import read_fleet_file
@@ -108,7 +109,7 @@ def rule_context(profiles_file: str) -> RuleContext:
 
 
 async def main(ctx: ServiceContext, settings: Settings) -> None:
-    nc = await connect_nats(settings.nats_url, "tierflow-model-registry", stopping=ctx.stopping)
+    nc = await connect_nats(settings.nats_url, "tierflow-model-registry", stopping=ctx.stopping, tls=ctx.tls)
     clock = WallClock()
     metrics = RegistryMetrics(ctx.metrics)
     try:
@@ -124,9 +125,12 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     except BaseException:
         await nc.close()
         raise
-    server = await start_grpc(service, clock, metrics, settings.grpc_host, settings.grpc_port)
+    # --tls-cert/--tls-key: the admin API speaks TLS only (who may call it is the admin
+    # credential's business, not the transport's).
+    credentials = grpc_server_credentials(ctx.tls) if ctx.tls.can_serve else None
+    server = await start_grpc(service, clock, metrics, settings.grpc_host, settings.grpc_port, credentials=credentials)
     micro = await discovery.register(nc, "model-registry", ctx.instance, grpc=f"{settings.grpc_host}:{settings.grpc_port}")
-    log.info("model registry serving gRPC on %s:%d", settings.grpc_host, settings.grpc_port)
+    log.info("model registry serving gRPC on %s:%d%s", settings.grpc_host, settings.grpc_port, " (TLS)" if credentials else "")
     await ctx.stopping.wait()
     await server.stop(grace=2.0)
     for step in (micro.stop, nc.drain):  # NATS may be down at exit: stop anyway

@@ -116,7 +116,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.GenerateResponse(id=final.request_id, model=final.model, text="".join(texts), token_ids=ids, finish_reason=finish, usage=self._usage(final), node_id=final.node, model_version=final.version)
 
 
-async def start_grpc(dispatcher: Dispatcher, clock: Clock, metrics: RouterMetrics, host: str, port: int, *, max_calls: int = 0) -> grpc.aio.Server:
+async def start_grpc(
+    dispatcher: Dispatcher, clock: Clock, metrics: RouterMetrics, host: str, port: int, *, max_calls: int = 0,
+    credentials: grpc.ServerCredentials | None = None,
+) -> grpc.aio.Server:
     servicer = InferenceServicer(dispatcher, clock, metrics)
     name = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-    return await start_grpc_server(lambda server: pb_grpc.add_InferenceServicer_to_server(servicer, server), [name], host, port, max_calls=max_calls)
+    return await start_grpc_server(lambda server: pb_grpc.add_InferenceServicer_to_server(servicer, server), [name], host, port,
+                                   max_calls=max_calls, credentials=credentials)  # fmt: skip

@@ -42,6 +42,7 @@ import contextvars
 import logging
 import math
 import socket
+import ssl as _ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
@@ -328,20 +329,25 @@ async def serve(
     reuse_port: bool = False,
     max_connections: int = MAX_CONNECTIONS,
     header_timeout: float = HEADER_TIMEOUT,
+    ssl: _ssl.SSLContext | None = None,
 ) -> asyncio.AbstractServer:
     """Listen on ``host:port`` and answer every request with ``handler``; returns once
     listening (port 0 picks a free port: read it from ``server.sockets``).
 
     ``max_connections`` bounds the open connections of this server (0: no bound) and
     ``header_timeout`` the seconds a request head may take to arrive (0: forever); see
-    the module docstring."""
+    the module docstring. With ``ssl`` (``tierflow.runtime.tls.server_ssl_context``) the
+    port speaks HTTPS only: a plaintext request fails the handshake and is closed without
+    an answer; the handshake itself must finish within ``header_timeout`` (the connection
+    is handed to us, and its deadlines start, only once it has)."""
     loop = asyncio.get_running_loop()
     state = _ServerState(
         handler, max_body_bytes, loop, max_connections=max_connections, header_timeout=header_timeout
     )
     try:
         inner = await loop.create_server(
-            state.accept, host, port, backlog=backlog, reuse_port=reuse_port
+            state.accept, host, port, backlog=backlog, reuse_port=reuse_port,
+            ssl=ssl, ssl_handshake_timeout=(header_timeout or None) if ssl is not None else None,
         )
     except BaseException:
         if state.timer is not None:

@@ -19,6 +19,7 @@ from tierflow.runtime.clock import WallClock
 from tierflow.runtime.kv import follow
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.runtime.supervise import supervised
+from tierflow.runtime.tls import grpc_server_credentials, server_ssl_context
 from tierflow.placement import SessionTable
 from tierflow.placement.admission import Admission, AdmissionConfig, capacity_of
 from tierflow.services.router.config import load_router_config
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 async def main(ctx: ServiceContext, settings: Settings) -> None:
     router_id = subjects.check_token(settings.router_id or f"r{uuid.uuid4().hex[:12]}", "router id")
-    nc = await connect_nats(settings.nats_url, f"tierflow-router-{router_id}", stopping=ctx.stopping)
+    nc = await connect_nats(settings.nats_url, f"tierflow-router-{router_id}", stopping=ctx.stopping, tls=ctx.tls)
     clock = WallClock()
     nodes = NodeTable()
     models = ModelTable()
@@ -123,18 +124,24 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         on_session=peers.note_session, on_suspect=peers.note_suspect, admission=admission,
     )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
+    # With --tls-cert/--tls-key both front doors speak TLS only (clients bring no certificate:
+    # tenants are told apart by their API keys).
+    tls = ctx.tls.can_serve
+    scheme = "https" if tls else "http"
     http = await serve(
         api.handle, settings.http_host, settings.http_port, reuse_port=settings.reuse_port,
         max_connections=settings.max_connections, header_timeout=settings.header_timeout,
+        ssl=server_ssl_context(ctx.tls) if tls else None,
     )  # fmt: skip
     ctx.metrics.register(HttpServerCollector(http))
-    grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port, max_calls=settings.max_grpc_calls)
+    grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port, max_calls=settings.max_grpc_calls,
+                                   credentials=grpc_server_credentials(ctx.tls) if tls else None)  # fmt: skip
     micro = await discovery.register(
         nc, "router", router_id,
-        http=f"http://{settings.http_host}:{settings.http_port}", grpc=f"{settings.grpc_host}:{settings.grpc_port}",
+        http=f"{scheme}://{settings.http_host}:{settings.http_port}", grpc=f"{settings.grpc_host}:{settings.grpc_port}",
     )
-    log.info("router %s: OpenAI on http://%s:%d/v1, gRPC on %s:%d", router_id, settings.http_host, settings.http_port, settings.grpc_host, settings.grpc_port,
-             extra={"fields": {"router_id": router_id}})  # fmt: skip
+    log.info("router %s: OpenAI on %s://%s:%d/v1, gRPC on %s:%d%s", router_id, scheme, settings.http_host, settings.http_port, settings.grpc_host,
+             settings.grpc_port, " (TLS)" if tls else "", extra={"fields": {"router_id": router_id, "tls": tls}})  # fmt: skip
     await ctx.stopping.wait()
 
     await asyncio.gather(shutdown(http, settings.drain_grace), grpc_server.stop(grace=settings.drain_grace))

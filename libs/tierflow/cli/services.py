@@ -4,7 +4,10 @@ One place for each fact: a service's configuration is its `Settings` Struct (in 
 service's light `settings` module). Each field becomes a `--flag` (snake_case ->
 kebab-case) with the field's default and a `TIERFLOW_<FIELD>` environment variable;
 msgspec then validates the whole object, so a bad value is refused, naming the flag,
-before anything starts. The service module itself (grpc, nats, ...) is imported only
+before anything starts. Flags every service has (metrics, log level, `--tls-cert`,
+`--tls-key`, `--tls-ca`) are added here once and reach the service through its
+`ServiceContext`, not its Settings (a msgspec Struct cannot mix in a second base with
+fields, and the autoscaler's Settings already extends the policy's config). The service module itself (grpc, nats, ...) is imported only
 when its command runs.
 """
 
@@ -21,6 +24,7 @@ import msgspec
 import typer
 
 from tierflow.runtime.service import run_service
+from tierflow.runtime.tls import TlsError, TlsFiles
 
 __all__ = ["SERVICES", "add_service_commands"]
 
@@ -33,6 +37,11 @@ SERVICES = {
     "decode-node": "tierflow.services.decode_node",
 }
 _SCALARS = (int, float, bool, str)
+_TLS_FLAGS = {
+    "cert": "PEM certificate this service's servers present (HTTP, gRPC) and shows NATS when it asks; with --tls-key",
+    "key": "PEM private key of --tls-cert",
+    "ca": "PEM CA that servers (NATS, gRPC) must be signed by; without it, the system's trust store",
+}
 
 
 def _scalar(annotation: Any) -> type:
@@ -62,18 +71,26 @@ def _command(name: str, package: str) -> Callable[..., None]:
                                     annotation=Annotated[str, typer.Option(envvar="TIERFLOW_METRICS_HOST", help="Address /metrics listens on (0.0.0.0 in containers)")]))
     params.append(inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info",
                                     annotation=Annotated[str, typer.Option(envvar="TIERFLOW_LOG_LEVEL")]))
+    for part, what in _TLS_FLAGS.items():
+        params.append(inspect.Parameter(f"tls_{part}", inspect.Parameter.KEYWORD_ONLY, default="",
+                                        annotation=Annotated[str, typer.Option(envvar=f"TIERFLOW_TLS_{part.upper()}", help=what)]))
 
     def run(**values: Any) -> None:
         metrics_port = values.pop("metrics_port")
         metrics_host = values.pop("metrics_host")
         log_level = values.pop("log_level")
         try:
+            tls = TlsFiles(**{part: values.pop(f"tls_{part}") for part in _TLS_FLAGS}).check()
+        except TlsError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        try:
             settings = msgspec.convert(values, settings_cls)
         except msgspec.ValidationError as exc:
             raise typer.BadParameter(str(exc).replace("`$.", "`--").replace("_", "-")) from None
         main = importlib.import_module(f"{package}.main").main
         instance = str(values.get("node_id") or values.get("router_id") or "")
-        run_service(name, lambda ctx: main(ctx, settings), instance=instance, log_level=log_level, metrics_port=metrics_port, metrics_host=metrics_host)
+        run_service(name, lambda ctx: main(ctx, settings), instance=instance, log_level=log_level, metrics_port=metrics_port, metrics_host=metrics_host,
+                    tls=tls)  # fmt: skip
 
     run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run.__name__ = name.replace("-", "_")
