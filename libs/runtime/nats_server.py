@@ -38,6 +38,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl as _ssl
 import subprocess
 import sys
 import sysconfig
@@ -59,6 +60,7 @@ __all__ = [
     "NatsServerNotFound",
     "NatsServerNotReady",
     "NatsServerProcess",
+    "NatsTls",
     "cluster_configs",
     "cluster_url",
     "find_nats_server_binary",
@@ -180,8 +182,8 @@ class HttpReply(NamedTuple):
     body: bytes
 
 
-async def http_get(host: str, port: int, path: str, *, timeout: float = 2.0) -> HttpReply:
-    """GET `path` over a fresh connection and return status + body.
+async def http_get(host: str, port: int, path: str, *, timeout: float = 2.0, ssl: _ssl.SSLContext | None = None) -> HttpReply:
+    """GET `path` over a fresh connection and return status + body (over TLS with `ssl`).
 
     Deliberately minimal (HTTP/1.0 request, Content-Length / chunked / read-to-EOF
     bodies): it only probes health endpoints. Every failure, including a timeout or a
@@ -194,7 +196,7 @@ async def http_get(host: str, port: int, path: str, *, timeout: float = 2.0) -> 
     ).encode("ascii")
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
             try:
                 writer.write(request)
                 await writer.drain()
@@ -258,6 +260,33 @@ class ClusterMembership:
 
 
 @dataclass(frozen=True)
+class NatsTls:
+    """TLS on a server's client port, and on a cluster member's routes (where NATS always
+    checks certificates both ways, so `cert_file` must be good for clients too, as
+    `tierflow.runtime.tls` makes them). `verify`: clients must show a certificate signed
+    by `ca_file` too. The monitoring port stays plain HTTP (health, counts; no messages)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    verify: bool = True
+
+    def block(self, indent: str = "", *, verify: bool | None = None) -> str:
+        """The `tls { ... }` map of a config file (routes: `verify=None` leaves it out)."""
+        q = json.dumps
+        lines = [f"cert_file: {q(str(self.cert_file))}", f"key_file: {q(str(self.key_file))}", f"ca_file: {q(str(self.ca_file))}"]
+        if verify is not None:
+            lines.append(f"verify: {str(verify).lower()}")
+        inner = "".join(f"{indent}  {line}\n" for line in lines)
+        return f"{indent}tls {{\n{inner}{indent}}}\n"
+
+    def flags(self) -> list[str]:
+        """The same for a server run from flags."""
+        return ["--tlsverify" if self.verify else "--tls", "--tlscert", str(self.cert_file), "--tlskey", str(self.key_file),
+                "--tlscacert", str(self.ca_file)]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class NatsServerConfig:
     """One local JetStream server: where it listens and where it keeps its streams."""
 
@@ -267,6 +296,7 @@ class NatsServerConfig:
     monitor_port: int = 8222
     name: str = "tierflow"
     cluster: ClusterMembership | None = field(default=None)
+    tls: NatsTls | None = field(default=None)  # TLS only on the client port (and routes); None: plain
 
     def __post_init__(self) -> None:
         for label, port in (("port", self.port), ("monitor_port", self.monitor_port)):
@@ -281,8 +311,8 @@ class NatsServerConfig:
 
     @property
     def url(self) -> str:
-        """The client URL services are given (`nats://HOST:PORT`)."""
-        return f"nats://{_hostport(connect_host(self.host), self.port)}"
+        """The client URL services are given (`nats://HOST:PORT`, `tls://HOST:PORT` with TLS)."""
+        return f"{'nats' if self.tls is None else 'tls'}://{_hostport(connect_host(self.host), self.port)}"
 
     @property
     def config_path(self) -> Path:
@@ -303,11 +333,13 @@ class NatsServerConfig:
             f"port: {self.port}\n"
             f"http: {q(_hostport(self.host, self.monitor_port))}\n"
             f"jetstream {{\n  store_dir: {q(str(self.store_dir))}\n}}\n"
-            "cluster {\n"
+            + (self.tls.block(verify=self.tls.verify) if self.tls is not None else "")
+            + "cluster {\n"
             f"  name: {q(self.cluster.name)}\n"
             f"  listen: {q(_hostport(self.host, self.cluster.port))}\n"
             f"  routes: [\n{routes}  ]\n"
-            "}\n"
+            + (self.tls.block("  ") if self.tls is not None else "")
+            + "}\n"
         )
 
     def prepare(self) -> None:
@@ -330,6 +362,7 @@ class NatsServerConfig:
             "-sd", str(self.store_dir),
             "-m", str(self.monitor_port),
             "-n", self.name,
+            *(self.tls.flags() if self.tls is not None else []),
         ]  # fmt: skip
 
 
@@ -343,6 +376,7 @@ def cluster_configs(
     cluster_port: int = 6222,
     cluster_name: str = "tierflow",
     prefix: str = "nats",
+    tls: NatsTls | None = None,
 ) -> list[NatsServerConfig]:
     """The members of a local `size`-server JetStream cluster.
 
@@ -357,7 +391,7 @@ def cluster_configs(
     return [
         NatsServerConfig(
             store_dir=root / f"{prefix}-{i}", host=host, port=port + i, monitor_port=monitor_port + i, name=f"{prefix}-{i}",
-            cluster=ClusterMembership(cluster_name, cluster_port + i, tuple(r for j, r in enumerate(routes) if j != i)),
+            cluster=ClusterMembership(cluster_name, cluster_port + i, tuple(r for j, r in enumerate(routes) if j != i)), tls=tls,
         )  # fmt: skip
         for i in range(size)
     ]
