@@ -17,15 +17,16 @@ __all__ = ["start_grpc_server"]
 
 async def start_grpc_server(
     add_servicers: Callable[[grpc.aio.Server], None], service_names: Sequence[str], host: str, port: int, *, max_calls: int = 0,
-    credentials: grpc.ServerCredentials | None = None,
+    credentials: grpc.ServerCredentials | None = None, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> grpc.aio.Server:
     """Start serving `service_names` (full names, e.g. tierflow.v1.Inference) on host:port.
 
     `max_calls` bounds the calls served at once (0: no bound); one more is refused by
     gRPC itself with RESOURCE_EXHAUSTED before any of our code runs. With `credentials`
     (`tierflow.runtime.tls.grpc_server_credentials`) the port speaks TLS only: a
-    plaintext client fails its handshake, and health and reflection are behind TLS too."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=max_calls or None)
+    plaintext client fails its handshake, and health and reflection are behind TLS too.
+    `interceptors` run around every call (the registry's admin credential check is one)."""
+    server = grpc.aio.server(maximum_concurrent_rpcs=max_calls or None, interceptors=list(interceptors) or None)
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
