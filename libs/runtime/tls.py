@@ -33,7 +33,7 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +53,7 @@ __all__ = [
     "client_ssl_context",
     "grpc_server_credentials",
     "grpc_channel_credentials",
+    "cli_client_files",
 ]
 
 CA_CERT = "ca.pem"
@@ -61,6 +62,7 @@ SERVER_CERT = "server.pem"
 SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client.pem"
 CLIENT_KEY = "client-key.pem"
+IN_USE = "in-use"  # written by `tierflow up --tls` while it runs with these files, removed by a plain `tierflow up`
 CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest validity clients such as macOS still accept for a server certificate
 RENEW_BEFORE = dt.timedelta(days=30)
@@ -289,6 +291,21 @@ def ensure_local_pki(directory: Path, *, hosts: Sequence[str], now: dt.datetime)
         _write_private(directory / CLIENT_KEY, key)
         _write_private(client_cert, cert)
     return pki
+
+
+def cli_client_files(environ: Mapping[str, str], data_dir: Path) -> TlsFiles | None:
+    """What a command-line client (`tierflow status`, `apply`, `nodes`, ...) connects with.
+
+    TIERFLOW_TLS_CA (with TIERFLOW_TLS_CERT / TIERFLOW_TLS_KEY for a client certificate)
+    when set; else the client files of `data_dir`/tls when `tierflow up --tls` runs on that
+    data dir (it leaves DATA/tls/in-use); else None: plain. Never a guess from a server's
+    answer, so nobody in the middle can talk a client down to plaintext.
+    """
+    explicit = TlsFiles(environ.get("TIERFLOW_TLS_CERT", ""), environ.get("TIERFLOW_TLS_KEY", ""), environ.get("TIERFLOW_TLS_CA", ""))
+    if explicit.enabled:
+        return explicit
+    pki = LocalPki(data_dir / "tls")
+    return pki.client if (pki.directory / IN_USE).is_file() and pki.exists() else None
 
 
 # --------------------------------------------------------------------------- contexts

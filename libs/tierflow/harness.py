@@ -13,6 +13,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from tierflow.cli.children_file import FILE_NAME as CHILDREN_FILE
 from tierflow.cli.children_file import ChildRecord, read_children
 from tierflow.runtime.nats_server import NatsServerConfig
+from tierflow.runtime.tls import LocalPki, TlsFiles, client_ssl_context
 
 __all__ = ["Fabric", "start_fabric", "free_port_run"]
 
@@ -42,10 +44,27 @@ class Fabric:
     nats_urls: list[str]
     nats_monitor_port: int
     nats_cluster_port: int
+    tls: bool = False  # started with --tls: HTTPS, gRPC over TLS, tls:// NATS (client certificates required)
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}/v1"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.http_port}/v1"
+
+    @property
+    def tls_ca(self) -> Path | None:
+        """The CA every server of a `--tls` fabric is signed by (None without TLS)."""
+        return self.data_dir / "tls" / "ca.pem" if self.tls else None
+
+    @property
+    def client_tls(self) -> TlsFiles | None:
+        """A client's files under `--tls`: the CA, and the client certificate NATS asks for."""
+        return LocalPki(self.data_dir / "tls").client if self.tls else None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """An SSLContext verifying the fabric's CA and presenting the client certificate
+        (for httpx, nats-py, urllib); None without TLS."""
+        files = self.client_tls
+        return client_ssl_context(files) if files is not None else None
 
     @property
     def nats_url(self) -> str:
@@ -58,7 +77,7 @@ class Fabric:
         from tierflow.cli.up import UpConfig  # heavy (gRPC, typer): only for callers that ask
 
         config = UpConfig(host=self.host, data_dir=self.data_dir, nats_port=self.nats_port, nats_monitor_port=self.nats_monitor_port,
-                          nats_cluster_port=self.nats_cluster_port, nats_cluster=len(self.nats_urls))  # fmt: skip
+                          nats_cluster_port=self.nats_cluster_port, nats_cluster=len(self.nats_urls), tls=self.tls)  # fmt: skip
         return config.nats_members()
 
     def children(self) -> list[ChildRecord]:
@@ -82,7 +101,7 @@ class Fabric:
         `labels` (0.0 when there is none): what a test or benchmark compares before/after."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"{self.base_url.removesuffix('/v1')}/metrics", timeout=5, context=self.ssl_context()) as response:
             text = response.read().decode()
         return sum(
             sample.value
@@ -190,7 +209,7 @@ def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0, env: 
                 found = _NATS_IN_READY_LINE.search(line)
                 urls = found.group(1).split(",") if found else [f"nats://127.0.0.1:{nats['nats']}"]
                 return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], nats["nats"], data_dir, line.strip(), urls,
-                              nats_monitor_port=nats["monitor"], nats_cluster_port=nats["cluster"])  # fmt: skip
+                              nats_monitor_port=nats["monitor"], nats_cluster_port=nats["cluster"], tls="--tls" in extra)  # fmt: skip
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("tierflow up did not become ready:\n" + out_path.read_text())

@@ -29,6 +29,7 @@ import httpx2
 import msgspec
 import openai
 
+from tierflow.runtime.tls import TlsFiles, client_ssl_context, grpc_channel_credentials
 from tierflow.tokenizer import count_tokens
 from tierflow.workload.chat_stream import StreamError, Usage, read_chunks
 from tierflow.workload.conversation import Conversation
@@ -271,6 +272,7 @@ async def run_live(
     request_timeout_s: float = 300.0,
     max_connections: int = 4096,
     grpc_target: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> LiveRun:
     """Run every plan against `base_url` (e.g. http://127.0.0.1:8000/v1); one RequestRecord per call sent.
 
@@ -282,14 +284,22 @@ async def run_live(
     Setting `stop` ends the run early (a Ctrl-C handler does), keeping what finished.
     With `grpc_target` ("host:port") the calls go over the router's gRPC Inference API on
     one channel instead (the node is in its replies; the tier is not, so it stays unknown).
+    With `tls` (a `tierflow up --tls` fabric) both verify the servers against its CA.
     """
     size = max(1, min(len(plans), max_connections))
-    pool = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=size, max_keepalive_connections=size), timeout=request_timeout_s)
+    pool = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=size, max_keepalive_connections=size), timeout=request_timeout_s,
+                                          verify=client_ssl_context(tls) if tls is not None else True)  # fmt: skip
     clients = {
         key: openai.AsyncOpenAI(base_url=base_url, api_key=key, http_client=pool, max_retries=0, timeout=request_timeout_s)
         for key in {plan.api_key for plan in plans}
     }
-    channel = grpc.aio.insecure_channel(grpc_target, options=[("grpc.max_concurrent_streams", size)]) if grpc_target else None
+    options = [("grpc.max_concurrent_streams", size)]
+    if not grpc_target:
+        channel = None
+    elif tls is None:
+        channel = grpc.aio.insecure_channel(grpc_target, options=options)
+    else:
+        channel = grpc.aio.secure_channel(grpc_target, grpc_channel_credentials(tls), options=options)
     stub = None
     if channel is not None:
         from tierflow.v1 import inference_pb2_grpc
@@ -310,7 +320,8 @@ async def run_live(
     )  # fmt: skip
 
 
-async def served_models(base_url: str, api_key: str, *, timeout_s: float = 10.0) -> set[str]:
+async def served_models(base_url: str, api_key: str, *, timeout_s: float = 10.0, tls: TlsFiles | None = None) -> set[str]:
     """The models `base_url` serves; raises openai.APIConnectionError when nothing answers there."""
-    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s) as client:
+    http = openai.DefaultAsyncHttpxClient(verify=client_ssl_context(tls)) if tls is not None else None
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s, http_client=http) as client:
         return {model.id async for model in client.models.list()}

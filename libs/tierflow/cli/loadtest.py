@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from tierflow.cli.client_tls import cli_tls
 from tierflow.cli.replay_cli import FormatOption, SpeedOption, TraceOption, WindowOption
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def _check_models(url: str, plans: list[SessionPlan]) -> None:
 
     wanted = {call.model for plan in plans for call in plan.calls}
     try:
-        served = asyncio.run(served_models(url, plans[0].api_key))
+        served = asyncio.run(served_models(url, plans[0].api_key, tls=cli_tls()))
     except openai.APIError as exc:
         typer.echo(f"error: cannot list the models at {url} ({exc}); is the fabric up (`tierflow up`)?", err=True)
         raise typer.Exit(2) from None
@@ -145,7 +146,7 @@ def _drive(plans: list[SessionPlan], url: str, console: Console, grpc_target: st
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C ends the run; what finished is reported
             try:
-                return await run_live(plans, base_url=url, on_progress=show, stop=stop, grpc_target=grpc_target)
+                return await run_live(plans, base_url=url, on_progress=show, stop=stop, grpc_target=grpc_target, tls=cli_tls())
             finally:
                 loop.remove_signal_handler(signal.SIGINT)
 

@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Annotated
+
 import typer
 
 from tierflow.cli.emulator import app as emulator_app
@@ -31,6 +34,23 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,  # plain tracebacks: they end up in service log files
 )
+
+
+@app.callback()
+def _client_tls(
+    tls_ca: Annotated[str, typer.Option("--tls-ca", help="CA the fabric's servers are signed by, for this command's own connections "
+                                        "(default: DATA/tls of a `tierflow up --tls`, DATA = TIERFLOW_DATA_DIR or .tierflow).")] = "",
+    tls_cert: Annotated[str, typer.Option("--tls-cert", help="Client certificate to show NATS (with --tls-key).")] = "",
+    tls_key: Annotated[str, typer.Option("--tls-key", help="Private key of --tls-cert.")] = "",
+) -> None:
+    """Options before the command (`tierflow --tls-ca ca.pem status`) are handed to the
+    commands as TIERFLOW_TLS_* (what `tierflow.cli.client_tls` reads); services and `up`
+    take their own."""
+    for name, value in (("TIERFLOW_TLS_CA", tls_ca), ("TIERFLOW_TLS_CERT", tls_cert), ("TIERFLOW_TLS_KEY", tls_key)):
+        if value:
+            os.environ[name] = value
+
+
 app.command("up", help="Run the whole fabric locally: NATS, the five services and emulated nodes.")(up)
 app.command("status", help="Show services, nodes and models of a running fabric.")(status)
 app.command("top", help="Live view of nodes, models, tiers, queues and rates.")(top)

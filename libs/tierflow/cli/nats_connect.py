@@ -14,7 +14,9 @@ from urllib.parse import urlsplit
 import nats
 from nats.aio.client import Client as NATS
 
+from tierflow.cli.client_tls import cli_tls
 from tierflow.runtime.service import nats_servers
+from tierflow.runtime.tls import TlsError, client_ssl_context
 
 __all__ = ["connect_once"]
 
@@ -36,6 +38,8 @@ async def connect_once(nats_url: str, *, name: str = "tierflow-cli") -> NATS:
     """Connect without retrying, or raise ConnectionError with a message a person can act on.
 
     The ports are probed first because nats-py keeps retrying a refused first connection.
+    Under TLS (`tierflow.cli.client_tls`) the server is verified against the CA and shown
+    the client certificate.
     """
 
     async def quiet(exc: Exception) -> None:  # the one clear message is raised below
@@ -51,10 +55,15 @@ async def connect_once(nats_url: str, *, name: str = "tierflow-cli") -> NATS:
     if not reachable:
         raise ConnectionError(fail.format("; ".join(dict.fromkeys(p for p in problems.values() if p))))
     ordered = reachable + [s for s in servers if s not in reachable]
+    tls = cli_tls()
+    try:
+        tls_options = {"tls": client_ssl_context(tls)} if tls is not None else {}
+    except (TlsError, OSError) as exc:
+        raise ConnectionError(f"cannot use the TLS files ({exc}); check --tls-ca/--tls-cert/--tls-key or TIERFLOW_TLS_*") from None
     try:
         return await asyncio.wait_for(
             nats.connect(ordered, name=name, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
-                         dont_randomize=True, error_cb=quiet),  # fmt: skip
+                         dont_randomize=True, error_cb=quiet, **tls_options),  # fmt: skip
             5.0,
         )
     except (OSError, TimeoutError, nats.errors.Error) as exc:

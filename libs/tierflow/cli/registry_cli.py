@@ -50,9 +50,16 @@ def _registry(target: str) -> Iterator[Callable[[Callable[[ModelRegistryStub], T
     """A caller of stub methods that turns gRPC failures into one clear line and an exit code."""
     import grpc
 
+    from tierflow.cli.client_tls import cli_tls
+    from tierflow.runtime.tls import TlsError, grpc_channel_credentials
     from tierflow.v1.registry_pb2_grpc import ModelRegistryStub
 
-    with grpc.insecure_channel(target) as channel:
+    tls = cli_tls()  # a `tierflow up --tls` fabric, or --tls-ca: the registry must prove itself
+    try:
+        channel = grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target, grpc_channel_credentials(tls))
+    except (TlsError, OSError) as exc:
+        _fail(f"cannot use the TLS files ({exc}); check --tls-ca or TIERFLOW_TLS_CA", 2)
+    with channel:
         stub = ModelRegistryStub(channel)
 
         def call(fn: Callable[[ModelRegistryStub], T]) -> T:

@@ -27,11 +27,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from tierflow.cli.client_tls import cli_tls
 from tierflow.cli.nats_connect import connect_once
 from tierflow.contracts import messages, subjects
 from tierflow.runtime.clock import Clock, WallClock
 from tierflow.runtime.discovery import ServiceInfo, discover
 from tierflow.runtime.nats_server import http_get
+from tierflow.runtime.tls import TlsFiles, client_ssl_context
 
 __all__ = ["top", "RouterTotals", "Rates", "FabricView", "parse_router_totals", "rates_between", "render", "run_top"]
 
@@ -135,7 +137,8 @@ async def scrape_router(router_url: str, at: float, timeout: float = 1.0) -> Rou
     url = urlsplit(router_url)
     if not url.hostname:
         raise OSError(f"router URL {router_url!r} has no host")
-    reply = await http_get(url.hostname, url.port or 80, url.path.rstrip("/") + "/metrics", timeout=timeout)
+    ssl = client_ssl_context(cli_tls() or TlsFiles()) if url.scheme == "https" else None  # the CA of `tierflow up --tls`, or the system's
+    reply = await http_get(url.hostname, url.port or (443 if ssl else 80), url.path.rstrip("/") + "/metrics", timeout=timeout, ssl=ssl)
     if reply.status != 200:
         raise OSError(f"HTTP {reply.status} from {router_url}/metrics")
     try:
@@ -309,13 +312,18 @@ async def run_top(nats_url: str, router_url: str, *, once: bool, console: Consol
         await nc.close()
 
 
+DEFAULT_ROUTER = "http://127.0.0.1:8000"
+
+
 def top(
     nats_url: Annotated[str, typer.Option(envvar="TIERFLOW_NATS_URL", help="NATS server of the fabric")] = "nats://127.0.0.1:4222",
-    router: Annotated[str, typer.Option(envvar="TIERFLOW_ROUTER_URL", help="Router HTTP base URL; rates come from its /metrics")] = "http://127.0.0.1:8000",
+    router: Annotated[str, typer.Option(envvar="TIERFLOW_ROUTER_URL", help="Router HTTP base URL; rates come from its /metrics")] = DEFAULT_ROUTER,
     once: Annotated[bool, typer.Option("--once", help="Print one frame and exit (for scripts)")] = False,
 ) -> None:
     """A live view of nodes, models, tiers, queues and rates; Ctrl-C leaves."""
     console = Console()
+    if router == DEFAULT_ROUTER and cli_tls() is not None:  # a `tierflow up --tls` fabric serves HTTPS
+        router = "https" + router.removeprefix("http")
     try:
         asyncio.run(run_top(nats_url, router, once=once, console=console))
     except ConnectionError as exc:
