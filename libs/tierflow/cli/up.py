@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import signal
@@ -68,6 +69,7 @@ from tierflow.runtime.nats_server import (
     NatsServerConfig,
     NatsServerNotFound,
     NatsServerNotReady,
+    NatsTls,
     cluster_configs,
     cluster_url,
     connect_host,
@@ -75,6 +77,7 @@ from tierflow.runtime.nats_server import (
     wait_cluster_ready,
 )
 from tierflow.runtime.service import nats_servers, server_round_trip
+from tierflow.runtime.tls import IN_USE, LocalPki, TlsFiles, client_ssl_context, default_hosts, ensure_local_pki, grpc_channel_credentials
 
 __all__ = ["NodeLauncher", "SupervisorControl", "UpConfig", "nats_specs", "preflight", "run_up", "service_specs", "up"]
 
@@ -122,6 +125,7 @@ class UpConfig:
     nats_cluster_port: int = 6222  # first route port of a cluster's members
     routers: int = 1  # router processes sharing the HTTP and gRPC ports
     restart: bool = True  # restart children that die after the fabric is ready
+    tls: bool = False  # TLS on HTTP, gRPC and NATS, from the local CA under DATA/tls (runtime/tls.py)
 
     def __post_init__(self) -> None:
         if self.nats_cluster < 1:
@@ -164,7 +168,29 @@ class UpConfig:
         env = dict(SERVICE_ENV)
         if self.profiles is not None:
             env["TIERFLOW_PROFILES"] = str(self.profiles.resolve())
+        # Every service's --tls-cert/--tls-key/--tls-ca (nodes started later too), set either
+        # way: files a shell exported for the CLI must not turn TLS on in a plain fabric.
+        files = self.pki.server if self.tls else TlsFiles()
+        env |= {f"TIERFLOW_TLS_{part.upper()}": str(Path(path).resolve()) if path else ""
+                for part, path in (("cert", files.cert), ("key", files.key), ("ca", files.ca))}  # fmt: skip
         return env
+
+    @property
+    def pki(self) -> LocalPki:
+        """DATA/tls: the local CA, the services' certificate and the clients' (`--tls`)."""
+        return LocalPki(self.data_dir / "tls")
+
+    def client_tls(self) -> TlsFiles | None:
+        """What up itself (and the CLI, tests) connects with under `--tls`; None without."""
+        return self.pki.client if self.tls else None
+
+    def nats_tls(self) -> NatsTls | None:
+        """TLS on the NATS servers under `--tls`: the services' certificate, and clients
+        must show one signed by the CA too (every tierflow process and the CLI has one)."""
+        if not self.tls:
+            return None
+        files = self.pki.server
+        return NatsTls(Path(files.cert).resolve(), Path(files.key).resolve(), Path(files.ca).resolve(), verify=True)
 
     @property
     def logs_dir(self) -> Path:
@@ -177,9 +203,9 @@ class UpConfig:
         --nats-cluster-port + i, with its store in DATA/nats/nats-<i>."""
         if self.nats_cluster == 1:
             return [NatsServerConfig(store_dir=self.data_dir / "nats", host=self.host, port=self.nats_port,
-                                     monitor_port=self.nats_monitor_port, name="tierflow")]  # fmt: skip
+                                     monitor_port=self.nats_monitor_port, name="tierflow", tls=self.nats_tls())]  # fmt: skip
         return cluster_configs(self.data_dir / "nats", self.nats_cluster, host=self.host, port=self.nats_port,
-                               monitor_port=self.nats_monitor_port, cluster_port=self.nats_cluster_port)  # fmt: skip
+                               monitor_port=self.nats_monitor_port, cluster_port=self.nats_cluster_port, tls=self.nats_tls())  # fmt: skip
 
     @property
     def nats_url(self) -> str:
@@ -194,10 +220,11 @@ class UpConfig:
     def ready_line(self) -> str:
         """The single line printed once the fabric answers."""
         routers = f" ({self.routers} routers)" if self.routers > 1 else ""
+        tls = f"  TLS: CA {self.pki.ca}, client certificate {self.pki.client.cert}" if self.tls else ""
         return (
-            f"tierflow is up: OpenAI http://{self.host}:{self.http_port}/v1{routers}  "
+            f"tierflow is up: OpenAI {'https' if self.tls else 'http'}://{self.host}:{self.http_port}/v1{routers}  "
             f"gRPC {self.host}:{self.grpc_port}  registry {self.host}:{self.registry_grpc_port}  "
-            f"NATS {self.nats_url}  (logs: {self.logs_dir})"
+            f"NATS {self.nats_url}  (logs: {self.logs_dir}){tls}"
         )
 
 
@@ -347,11 +374,13 @@ async def _wait_fabric_ready(config: UpConfig, deadline: float) -> None:
     model, and (several routers) until every router hears enough nodes."""
     loop = asyncio.get_running_loop()
     host = connect_host(config.host)
+    client_tls = config.client_tls()
+    ssl_context = client_ssl_context(client_tls) if client_tls is not None else None
     last = "no answer yet"
     while True:
         timeout = max(0.05, min(1.0, deadline - loop.time()))
         try:
-            reply = await http_get(host, config.http_port, "/health", timeout=timeout)
+            reply = await http_get(host, config.http_port, "/health", timeout=timeout, ssl=ssl_context)
             last = f"HTTP {reply.status} {reply.body[:300].decode('utf-8', 'replace')}"
             if reply.status == 200:
                 body = json.loads(reply.body)
@@ -371,7 +400,7 @@ async def _wait_fabric_ready(config: UpConfig, deadline: float) -> None:
             pass  # not JSON yet; `last` already holds the raw answer
         if loop.time() >= deadline:
             raise FabricNotReady(
-                f"router /health at http://{host}:{config.http_port}/health not ready "
+                f"router /health at {'https' if ssl_context else 'http'}://{host}:{config.http_port}/health not ready "
                 f"(need status ok, nodes >= {config.decode_nodes}, models >= 1); last answer: {last}"
             )
         await asyncio.sleep(HEALTH_POLL_INTERVAL)
@@ -408,7 +437,9 @@ async def _wait_registry_ready(config: UpConfig, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     target = f"{connect_host(config.host)}:{config.registry_grpc_port}"
     last = "no answer yet"
-    async with grpc.aio.insecure_channel(target) as channel:
+    client_tls = config.client_tls()
+    channel = grpc.aio.insecure_channel(target) if client_tls is None else grpc.aio.secure_channel(target, grpc_channel_credentials(client_tls))
+    async with channel:
         check = health_pb2_grpc.HealthStub(channel).Check
         while True:
             try:
@@ -424,11 +455,12 @@ async def _wait_registry_ready(config: UpConfig, deadline: float) -> None:
             await asyncio.sleep(HEALTH_POLL_INTERVAL)
 
 
-async def _wait_registered(nats_url: str, service: str, deadline: float) -> None:
+async def _wait_registered(nats_url: str, service: str, deadline: float, *, tls: TlsFiles | None = None) -> None:
     """Wait until `service` answers NATS service discovery (`tierflow status` lists it)."""
     loop = asyncio.get_running_loop()
     name = subjects.SERVICE_NAMES[service]
-    nc = await nats_connect(nats_servers(nats_url), name="tierflow-up-ready", connect_timeout=2)
+    tls_options = {"tls": client_ssl_context(tls)} if tls is not None else {}
+    nc = await nats_connect(nats_servers(nats_url), name="tierflow-up-ready", connect_timeout=2, **tls_options)
     try:
         while name not in {s.name for s in await discovery.discover(nc, timeout=HEALTH_POLL_INTERVAL)}:
             if loop.time() >= deadline:
@@ -605,12 +637,13 @@ class SupervisorControl:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
 
-    async def start(self, url: str) -> None:
+    async def start(self, url: str, *, tls: TlsFiles | None = None) -> None:
         async def quiet(*_: object) -> None:
             pass
 
+        tls_options = {"tls": client_ssl_context(tls)} if tls is not None else {}
         nc = await nats_connect(nats_servers(url), name="tierflow-up", connect_timeout=2, allow_reconnect=True,
-                                max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=quiet)  # fmt: skip
+                                max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=quiet, **tls_options)  # fmt: skip
         self._nc = nc
 
         async def answer(msg: Any) -> None:
@@ -646,6 +679,18 @@ class SupervisorControl:
             await self._nc.close()
 
 
+def _prepare_tls(config: UpConfig) -> None:
+    """Under `--tls`: the local CA and certificates in DATA/tls (made on the first run,
+    reused after), and DATA/tls/in-use, which tells the CLI (`tierflow status`, `apply`, ...)
+    to connect with them. Without: that marker goes, so the CLI speaks plain again."""
+    marker = config.pki.directory / IN_USE
+    if not config.tls:
+        marker.unlink(missing_ok=True)
+        return
+    ensure_local_pki(config.pki.directory, hosts=default_hosts(config.host), now=datetime.datetime.now(datetime.UTC))
+    marker.write_text("tierflow up --tls runs with the certificates in this directory\n")
+
+
 async def run_up(
     config: UpConfig,
     stop: asyncio.Event,
@@ -676,6 +721,11 @@ async def run_up(
         print(f"tierflow up: {exc}", file=err)
         return 1
     services = service_specs(config) if specs is None else specs
+    try:
+        _prepare_tls(config)
+    except (OSError, ValueError) as exc:
+        print(f"tierflow up: cannot prepare TLS under {config.pki.directory}: {exc}", file=err)
+        return 1
     for member in members:
         member.prepare()
 
@@ -710,7 +760,7 @@ async def run_up(
         if outcome == "stop":
             return 0
         try:
-            await control.start(config.nats_url)
+            await control.start(config.nats_url, tls=config.client_tls())
         except Exception as exc:  # nats-py raises several unrelated types here
             print(f"tierflow up: cannot answer {subjects.SUPERVISOR_CONTROL} ({exc}); the autoscaler cannot start or stop nodes", file=err)
 
@@ -748,7 +798,7 @@ async def run_up(
             return code
         if (code := await start(autoscaler)) is not None:
             return code
-        if autoscaler and (code := await wait(_wait_registered(config.nats_url, AUTOSCALER_NAME, deadline))) is not None:
+        if autoscaler and (code := await wait(_wait_registered(config.nats_url, AUTOSCALER_NAME, deadline, tls=config.client_tls()))) is not None:
             return code  # the ready line promises every service answers, this late one too
 
         if config.restart:
@@ -854,6 +904,8 @@ def up(
     ready_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the fabric to answer /health.")] = 60.0,
     actuator: Annotated[str, typer.Option(help="How the autoscaler acts: local (starts and stops node processes here) or none (advisory).")] = "local",
     profiles: Annotated[Path | None, typer.Option(help="YAML file of extra hardware profiles deployments may name (see tierflow.nodehost.profiles).")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="TLS on HTTP, gRPC and NATS (clients of NATS need a certificate too), "
+                                      "from a local CA made under DATA/tls on first use.")] = False,  # fmt: skip
 ) -> None:
     """Start NATS and every tierflow service locally; stop them all on Ctrl-C."""
     if actuator not in ACTUATORS:
@@ -878,6 +930,7 @@ def up(
         nats_cluster_port=nats_cluster_port,
         routers=routers,
         restart=restart,
+        tls=tls,
     )
     problems = preflight(config)
     if problems:
