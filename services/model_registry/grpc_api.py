@@ -1,8 +1,11 @@
 """The registry's gRPC admin API (tierflow.v1.ModelRegistry): wire data in, operations out.
 
 Only translation lives here: protobuf <-> records, `errors.RegistryError` -> status
-codes (one table, `STATUS`), and one structured log record plus one metric per call.
-What each call does is `service.RegistryService`'s and `mutations`' business.
+codes (one table, `STATUS`), and one structured log record plus one metric per call,
+naming the caller's identity; every call that writes (or tried to: refused ones too,
+for a missing credential as well) is also an audit record (`tierflow.audit.registry`).
+What each call does is `service.RegistryService`'s and `mutations`' business; who may
+call is `admin_auth`'s, an interceptor in front of the servicer.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import grpc
 import msgspec
 
 from tierflow.contracts import registry
+from tierflow.runtime.audit import AuditLog
 from tierflow.runtime.clock import Clock
 from tierflow.runtime.grpc_server import start_grpc_server
 from tierflow.services.model_registry import mutations
+from tierflow.services.model_registry.admin_auth import CALLER, READS, UNAUTHENTICATED_ADMIN, AdminAuth, AdminAuthInterceptor, Caller
 from tierflow.services.model_registry.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RegistryError, Unavailable
 from tierflow.services.model_registry.fleet import FleetError
 from tierflow.services.model_registry.metrics import RegistryMetrics
@@ -142,21 +147,50 @@ def _admin(method: Handler[R]) -> Callable[[Any, Any, grpc.aio.ServicerContext],
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
         finally:
             self._metrics.calls.labels(name, code.name).inc()
-            record = {"method": name, "code": code.name, "duration_ms": round((self._clock.monotonic() - started) * 1000, 3), "peer": context.peer(), **fields}
+            caller = CALLER.get() or Caller(UNAUTHENTICATED_ADMIN, True, peer=context.peer())
+            record = {"method": name, "code": code.name, "duration_ms": round((self._clock.monotonic() - started) * 1000, 3), "peer": context.peer(),
+                      "identity": caller.identity, **({"user": caller.user} if caller.user else {}), **fields}  # fmt: skip
             if message:
                 record["error"] = message
             log.info("admin %s %s", name, code.name, extra={"fields": record})
+            if name not in READS:
+                self._audited(name, caller, code, message, fields, context.peer())
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
     return call
 
 
+def _target(fields: Fields) -> str:
+    return str(fields.get("model") or fields.get("source") or "")
+
+
 class RegistryServicer(pb_grpc.ModelRegistryServicer):
-    def __init__(self, service: RegistryService, clock: Clock, metrics: RegistryMetrics) -> None:
+    def __init__(self, service: RegistryService, clock: Clock, metrics: RegistryMetrics, audit: AuditLog | None = None) -> None:
         self._service = service
         self._clock = clock
         self._metrics = metrics
+        self._audit = audit
+
+    def _audited(self, method: str, caller: Caller, code: grpc.StatusCode, message: str, fields: Fields, peer: str) -> None:
+        """One audit record of a call that writes (or would have), whatever its outcome."""
+        if self._audit is None:
+            return
+        detail: Fields = {"code": code.name, "peer": peer, **{k: v for k, v in fields.items() if k not in ("model",)}}
+        if caller.user:
+            detail["user"] = caller.user
+        if message:
+            detail["error"] = message
+        self._audit.record("registry", method, identity=caller.identity, target=_target(fields), ok=code == grpc.StatusCode.OK, detail=detail)
+
+    def refused(self, method: str, caller: Caller) -> None:
+        """A call the credential check turned away: counted, logged and audited like any other."""
+        self._metrics.calls.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        log.warning("admin %s UNAUTHENTICATED", method, extra={"fields": {
+            "method": method, "code": "UNAUTHENTICATED", "peer": caller.peer, "identity": caller.identity, "error": caller.problem,
+            **({"user": caller.user} if caller.user else {}),
+        }})  # fmt: skip
+        self._audited(method, caller, grpc.StatusCode.UNAUTHENTICATED, caller.problem, {}, caller.peer)
 
     # ---- reads
 
@@ -265,9 +299,12 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
 
 
 async def start_grpc(
-    service: RegistryService, clock: Clock, metrics: RegistryMetrics, host: str, port: int, *, credentials: grpc.ServerCredentials | None = None
+    service: RegistryService, clock: Clock, metrics: RegistryMetrics, host: str, port: int, *, auth: AdminAuth,
+    audit: AuditLog | None = None, credentials: grpc.ServerCredentials | None = None,
 ) -> grpc.aio.Server:
-    servicer = RegistryServicer(service, clock, metrics)
+    """Serve the admin API with `auth` checking every call's credential in front of it."""
+    servicer = RegistryServicer(service, clock, metrics, audit)
     name = pb.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
+    interceptor = AdminAuthInterceptor(auth, name, servicer.refused)
     return await start_grpc_server(lambda server: pb_grpc.add_ModelRegistryServicer_to_server(servicer, server), [name], host, port,
-                                   credentials=credentials)  # fmt: skip
+                                   credentials=credentials, interceptors=[interceptor])  # fmt: skip

@@ -12,6 +12,11 @@ answers, start-up waits (logged once); once serving, an outage makes admin calls
 UNAVAILABLE, and the process lives on until NATS is back. It runs no loops of its own:
 gRPC and the discovery endpoint are served by their libraries, and every NATS call is
 made on behalf of one admin call.
+
+It also owns the audit stream (`subjects.AUDIT_STREAM`): made, or given the configured
+retention, at every start, before the admin API serves; its own records are the admin
+calls (`grpc_api`), nodes and the autoscaler publish theirs into the same stream. Who
+may make admin calls is `admin_auth`'s (a bad credential setting stops the start).
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from tierflow.rdu import load_catalog, load_profiles
 from tierflow.runtime import discovery
 from tierflow.runtime.clock import Clock, WallClock
 from tierflow.nodehost.profiles import read_profiles_file
+from tierflow.runtime.audit import AuditLog, ensure_audit_stream
 from tierflow.runtime.kv import open_bucket
 from tierflow.runtime.service import ServiceContext, connect_nats, server_round_trip
 from tierflow.runtime.supervise import Backoff
 from tierflow.runtime.tls import grpc_server_credentials
 from tierflow.runtime.waiting import first
+from tierflow.services.model_registry.admin_auth import AdminAuth
 from tierflow.services.model_registry.errors import Aborted, Unavailable
 from tierflow.services.model_registry.fleet import read_fleet_file
 from tierflow.services.model_registry.grpc_api import start_grpc
@@ -108,7 +115,16 @@ def rule_context(profiles_file: str) -> RuleContext:
     return RuleContext(catalog=load_catalog(None), profiles=load_profiles(read_profiles_file(profiles_file)))
 
 
+def admin_auth(settings: Settings) -> AdminAuth:
+    """The admin credential check the settings ask for (ValueError naming a bad flag)."""
+    return AdminAuth.from_settings(
+        token=settings.admin_token, token_file=settings.admin_token_file, token_hash=settings.admin_token_hash,
+        cert_names=settings.admin_cert_names, protect_reads=settings.protect_reads, allow_unauthenticated=settings.allow_unauthenticated_admin,
+    )  # fmt: skip
+
+
 async def main(ctx: ServiceContext, settings: Settings) -> None:
+    auth = admin_auth(settings)  # before anything connects: a bad token setting is the operator's to fix
     nc = await connect_nats(settings.nats_url, "tierflow-model-registry", stopping=ctx.stopping, tls=ctx.tls)
     clock = WallClock()
     metrics = RegistryMetrics(ctx.metrics)
@@ -116,6 +132,11 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         service = await bootstrap(
             nc, metrics, clock=clock, rules=rule_context(settings.profiles), attempts=settings.write_attempts,
             kv_replicas=settings.kv_replicas, stopping=ctx.stopping,
+        )  # fmt: skip
+        js = nc.jetstream()
+        await _until_ready(
+            lambda: ensure_audit_stream(js, max_age=settings.audit_max_age, max_msgs=settings.audit_max_msgs, replicas=settings.kv_replicas),
+            f"make audit stream {subjects.AUDIT_STREAM}", ctx.stopping,
         )  # fmt: skip
         if settings.fleet:
             # A bad file stops the service with every problem listed; an outage is waited out.
@@ -128,11 +149,13 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     # --tls-cert/--tls-key: the admin API speaks TLS only (who may call it is the admin
     # credential's business, not the transport's).
     credentials = grpc_server_credentials(ctx.tls) if ctx.tls.can_serve else None
-    server = await start_grpc(service, clock, metrics, settings.grpc_host, settings.grpc_port, credentials=credentials)
+    audit = AuditLog(nc, clock, source=f"model-registry/{ctx.instance}", metrics=ctx.metrics)
+    server = await start_grpc(service, clock, metrics, settings.grpc_host, settings.grpc_port, auth=auth, audit=audit, credentials=credentials)
     micro = await discovery.register(nc, "model-registry", ctx.instance, grpc=f"{settings.grpc_host}:{settings.grpc_port}")
     log.info("model registry serving gRPC on %s:%d%s", settings.grpc_host, settings.grpc_port, " (TLS)" if credentials else "")
     await ctx.stopping.wait()
     await server.stop(grace=2.0)
+    await audit.flush(timeout=2.0)
     for step in (micro.stop, nc.drain):  # NATS may be down at exit: stop anyway
         try:
             await asyncio.wait_for(step(), 5.0)

@@ -1,0 +1,143 @@
+"""Publishing to the audit stream: who changed what, kept in JetStream (`subjects.AUDIT_STREAM`).
+
+    ensure_audit_stream(js, max_age=..., max_msgs=..., replicas=...)   the registry, at start
+    audit = AuditLog(nc, clock, source="model-registry/r1", metrics=ctx.metrics)
+    audit.record("registry", "SetTraffic", identity="token:admin", target="chat", detail={...})
+
+`record` never blocks and never raises: the operation it describes has happened (or been
+refused) already, and an audit outage must not turn into a fabric outage. It hands the
+record to a task that publishes it through JetStream (so a stored record is acknowledged)
+and logs a warning when it cannot be stored (NATS down, the stream missing); past
+`max_pending` records in flight, new ones are dropped, logged and counted instead of
+queueing without bound. `flush` waits for those in flight (at shutdown, in tests).
+Metric: `tierflow_audit_records_total{kind, outcome}` (stored | failed | dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError, ServerError
+from prometheus_client import CollectorRegistry, Counter
+
+from tierflow.contracts import audit as contract
+from tierflow.contracts import subjects
+from tierflow.runtime.clock import Clock
+
+__all__ = ["AuditLog", "ensure_audit_stream", "DEFAULT_MAX_AGE", "DEFAULT_MAX_MSGS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_AGE: Final = 90 * 86400.0  # seconds: a quarter's history
+DEFAULT_MAX_MSGS: Final = 1_000_000
+_REPLICAS_NEED_CLUSTER: Final = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
+
+
+def _wanted(max_age: float, max_msgs: int, replicas: int) -> StreamConfig:
+    # Limits retention (kept until too old or too many, whoever reads it), and no deletion of
+    # single records or purges through the API: an audit trail is not edited after the fact.
+    return StreamConfig(
+        name=subjects.AUDIT_STREAM, subjects=[subjects.AUDIT_SUBJECTS], storage=StorageType.FILE, retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD, max_age=max_age or None, max_msgs=max_msgs or -1, num_replicas=replicas,
+        deny_delete=True, deny_purge=True, description="tierflow audit: registry changes, node control, scaling actions",
+    )  # fmt: skip
+
+
+async def ensure_audit_stream(js: JetStreamContext, *, max_age: float = DEFAULT_MAX_AGE, max_msgs: int = DEFAULT_MAX_MSGS, replicas: int = 1) -> None:
+    """Make the audit stream, or bring its retention and copies to these (idempotent).
+
+    `max_age` in seconds and `max_msgs` bound what is kept (0: no bound); `replicas`
+    copies on a cluster (one on a single server, which can hold no more)."""
+    wanted = _wanted(max_age, max_msgs, replicas)
+    try:
+        have = (await js.stream_info(subjects.AUDIT_STREAM)).config
+    except NotFoundError:
+        try:
+            await js.add_stream(wanted)
+        except ServerError as exc:
+            if replicas <= 1 or exc.err_code != _REPLICAS_NEED_CLUSTER:
+                raise
+            wanted.num_replicas = 1
+            await js.add_stream(wanted)
+        log.info("audit stream %s created", subjects.AUDIT_STREAM, extra={"fields": {"max_age_s": max_age, "max_msgs": max_msgs, "replicas": wanted.num_replicas}})
+        return
+    update: dict[str, Any] = {}
+    if abs((have.max_age or 0.0) - (wanted.max_age or 0.0)) > 1e-6:
+        update["max_age"] = wanted.max_age or 0.0
+    if (have.max_msgs or -1) != wanted.max_msgs:
+        update["max_msgs"] = wanted.max_msgs
+    if (have.num_replicas or 1) < replicas:
+        update["num_replicas"] = replicas
+    if not update:
+        return
+    for name, value in update.items():
+        setattr(have, name, value)
+    try:
+        await js.update_stream(have)
+    except ServerError as exc:
+        if exc.err_code != _REPLICAS_NEED_CLUSTER:
+            raise
+        have.num_replicas = 1
+        await js.update_stream(have)
+    log.info("audit stream %s updated: %s", subjects.AUDIT_STREAM, update, extra={"fields": update})
+
+
+class AuditLog:
+    """Fire-and-forget audit records from one process (see the module docstring)."""
+
+    def __init__(
+        self, nc: NATS, clock: Clock, *, source: str, metrics: CollectorRegistry | None = None, max_pending: int = 1000, timeout: float = 2.0
+    ) -> None:
+        self._js = nc.jetstream()
+        self._clock = clock
+        self._source = source
+        self._max_pending = max_pending
+        self._timeout = timeout
+        self._pending: set[asyncio.Task[None]] = set()
+        self._counter = Counter("tierflow_audit_records", "Audit records this process published, by outcome (stored, failed, dropped)",
+                                ["kind", "outcome"], registry=metrics) if metrics is not None else None  # fmt: skip
+
+    def record(
+        self, kind: contract.AuditKind, action: str, *, identity: str, target: str = "", ok: bool = True, detail: dict[str, Any] | None = None
+    ) -> contract.AuditRecord:
+        """Publish one record in the background; the record (also when it is dropped)."""
+        rec = contract.AuditRecord(at=self._clock.now(), kind=kind, identity=identity or contract.ANONYMOUS, action=action, target=target,
+                                   ok=ok, detail=detail or {}, source=self._source)  # fmt: skip
+        if len(self._pending) >= self._max_pending:
+            self._count(kind, "dropped")
+            log.warning("audit record dropped: %d already waiting to be stored", len(self._pending), extra={"fields": self._fields(rec)})
+            return rec
+        task = asyncio.get_running_loop().create_task(self._send(rec), name=f"audit-{kind}")
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return rec
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait (at most `timeout`) until every record handed over so far is stored or given up."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout)
+
+    async def _send(self, rec: contract.AuditRecord) -> None:
+        try:
+            await self._js.publish(subjects.audit(rec.kind), contract.encoder.encode(rec), timeout=self._timeout, stream=subjects.AUDIT_STREAM)
+        except Exception as exc:  # nats-py raises several unrelated types; none may reach the caller
+            self._count(rec.kind, "failed")
+            log.warning(
+                "audit record not stored (%s: %s); is NATS up, and has the model registry made stream %s?",
+                type(exc).__name__, exc, subjects.AUDIT_STREAM, extra={"fields": self._fields(rec)},
+            )  # fmt: skip
+            return
+        self._count(rec.kind, "stored")
+
+    def _count(self, kind: str, outcome: str) -> None:
+        if self._counter is not None:
+            self._counter.labels(kind, outcome).inc()
+
+    @staticmethod
+    def _fields(rec: contract.AuditRecord) -> dict[str, Any]:
+        return {"audit_kind": rec.kind, "action": rec.action, "target": rec.target, "identity": rec.identity, "ok": rec.ok}
