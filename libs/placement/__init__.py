@@ -40,6 +40,7 @@ from tierflow.placement.tenants import (
     TenantPolicy,
     TokenQuota,
     hash_api_key,
+    salted_key_hash,
 )
 from tierflow.placement.view import MISSED_BEATS, TIER_RANK, DeploymentWorkload, FleetIndex, ModelSlot, NodeView
 
@@ -87,6 +88,7 @@ __all__ = [
     "RateLimiter",
     "TokenQuota",
     "hash_api_key",
+    "salted_key_hash",
     "NodeTable",
     "ModelTable",
     "ModelRoute",

@@ -4,8 +4,10 @@ Configuration (the router's YAML; `TenantDirectory.from_config` takes the parsed
 
     tenants:
       - name: acme                    # a metric label: letters, digits, '.', '_', '-'
-        api_keys:                     # plain keys, or "sha256:<hex>" digests of them
-          - sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+        api_keys:                     # salted hashes of keys (`tierflow keys new` prints one)
+          - sha256:5be1c0d3a2f1e4b7c6d9a8f0e1d2c3b4:7c18d54c6f8023a0ed8da23df50272b2cb6bda407c5f484d4e6ac359ae9dded3
+          # rotation: the old key keeps working until its not_after, beside the new one
+          - {key: "sha256:0d9e4a6b1c2f3e4d5a6b7c8d9e0f1a2b:9a6881e66c68e894feabd7e4ef19274df9899e6d2bb406169f6e8fbaccb5017e", not_after: 2027-01-31T00:00:00Z}
         allowed_models: [llama-3.1-8b, llama-3.1-70b]   # empty or absent: every model
         regions: [eu-west, eu-central]                  # empty or absent: any region
         residency: eu                 # only nodes tagged with exactly this residency
@@ -26,13 +28,17 @@ its peers (NATS service discovery) and keeps 1/N of every limit (`TenantDirector
 so N routers together admit what was configured. Reloading the configuration starts
 every bucket and quota afresh.
 
-`hash_api_key(key)` gives the "sha256:..." form, so configuration need not hold secrets.
+Keys: `tierflow.placement.api_keys` says which forms are read (salted hashes; unsalted
+"sha256:<hex>" digests and plain keys of older files still work, plain ones with one
+deprecation warning naming where, never the key) and how a lookup stays cheap and
+constant-time. `salted_key_hash(key)` gives the recommended form, `hash_api_key(key)` the
+older unsalted one. No key is ever logged or put in an error message.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,8 +47,11 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import Meta
 
+from tierflow.placement.api_keys import ApiKeyEntry, BadKeyEntry, DuplicateKey, KeyRing, expiry_of
 from tierflow.placement.request import ANYWHERE, Boundary, RequestWorkload
+from tierflow.runtime.clock import Clock, WallClock
 from tierflow.runtime.errors import RateLimited
+from tierflow.runtime.secret_hash import salted_hash
 
 __all__ = [
     "TenantPolicy",
@@ -52,7 +61,11 @@ __all__ = [
     "RateLimiter",
     "TokenQuota",
     "hash_api_key",
+    "salted_key_hash",
+    "ApiKeyEntry",
 ]
+
+log = logging.getLogger(__name__)
 
 _DIGEST_PREFIX: Final = "sha256:"
 _NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -66,7 +79,7 @@ class TenantPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """One tenant's configuration entry, as written (see the module docstring)."""
 
     name: Annotated[str, Meta(min_length=1, max_length=64, pattern=_NAME_PATTERN)]
-    api_keys: list[Annotated[str, Meta(min_length=1)]] = []
+    api_keys: list[Annotated[str, Meta(min_length=1)] | ApiKeyEntry] = []
     allowed_models: list[Annotated[str, Meta(min_length=1)]] = []
     regions: list[Annotated[str, Meta(min_length=1)]] = []
     residency: Annotated[str, Meta(min_length=1)] | None = None
@@ -79,21 +92,13 @@ class TenantPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 def hash_api_key(key: str) -> str:
-    """The "sha256:<hex>" form of an API key, for configuration files."""
+    """The older unsalted "sha256:<hex>" form of an API key (still read); prefer `salted_key_hash`."""
     return _DIGEST_PREFIX + hashlib.sha256(key.encode()).hexdigest()
 
 
-def _key_digest(entry: str, where: str) -> bytes:
-    if entry.startswith(_DIGEST_PREFIX):
-        hexdigest = entry[len(_DIGEST_PREFIX) :]
-        try:
-            digest = bytes.fromhex(hexdigest)
-        except ValueError:
-            digest = b""
-        if len(digest) != 32:
-            raise TenantConfigError(f"{where}: a 'sha256:' key must be followed by 64 hex digits")
-        return digest
-    return hashlib.sha256(entry.encode()).digest()
+def salted_key_hash(key: str) -> str:
+    """The "sha256:<salt>:<digest>" form of an API key, for configuration files."""
+    return salted_hash(key)
 
 
 class RateLimiter:
@@ -267,28 +272,40 @@ class Tenant:
 class TenantDirectory:
     """All tenants, looked up by API key. Built once from configuration; read per request."""
 
-    __slots__ = ("tenants", "anonymous", "_by_digest")
+    __slots__ = ("tenants", "anonymous", "_keys", "_clock")
 
-    def __init__(self, tenants: Sequence[Tenant], *, anonymous: str | None = None) -> None:
+    def __init__(self, tenants: Sequence[Tenant], *, anonymous: str | None = None, clock: Clock | None = None) -> None:
         self.tenants: dict[str, Tenant] = {}
-        self._by_digest: dict[bytes, tuple[bytes, Tenant]] = {}
+        self._keys: KeyRing[Tenant] = KeyRing()
+        self._clock: Clock = clock if clock is not None else WallClock()  # for keys' not_after
         for i, tenant in enumerate(tenants):
             where = f"tenants[{i}] ({tenant.name!r})"
             if tenant.name in self.tenants:
                 raise TenantConfigError(f"{where}: duplicate tenant name")
             self.tenants[tenant.name] = tenant
-            for j, key in enumerate(tenant.policy.api_keys):
-                digest = _key_digest(key, f"{where}.api_keys[{j}]")
-                held = self._by_digest.get(digest)
-                if held is not None:
+            for j, entry in enumerate(tenant.policy.api_keys):
+                text = entry if isinstance(entry, str) else entry.key
+                try:
+                    self._keys.add(text, tenant, not_after=expiry_of(entry), where=f"{where}.api_keys[{j}]")
+                except BadKeyEntry as exc:
+                    raise TenantConfigError(f"{where}.api_keys[{j}]: {exc}") from None
+                except DuplicateKey as dup:
                     # Never echo the key: configuration errors end up in logs.
-                    raise TenantConfigError(
-                        f"{where}.api_keys[{j}]: the same key is already a key of tenant {held[1].name!r}"
-                    )
-                self._by_digest[digest] = (digest, tenant)
+                    holder = dup.holder.name if isinstance(dup.holder, Tenant) else "?"
+                    raise TenantConfigError(f"{where}.api_keys[{j}]: the same key is already a key of tenant {holder!r}") from None
+        self._keys.done()
         if anonymous is not None and anonymous not in self.tenants:
             raise TenantConfigError(f"anonymous_tenant: no tenant is named {anonymous!r}")
         self.anonymous: Tenant | None = self.tenants[anonymous] if anonymous is not None else None
+        if self._keys.plain:
+            log.warning(
+                "%d API key(s) are written in plain text in the tenants configuration (%s); they still work, but replace "
+                "each with its salted hash (`tierflow keys hash` reads a key on stdin and prints it)",
+                len(self._keys.plain), ", ".join(self._keys.plain), extra={"fields": {"plain_keys": self._keys.plain}},
+            )  # fmt: skip
+        expired = self._keys.expired(self._clock.now())
+        if expired:
+            log.info("%d API key(s) of the tenants configuration are past their not_after and no longer authenticate; remove them", expired)
 
     def share(self, routers: int) -> None:
         """Split every tenant's limits evenly over `routers` router processes.
@@ -305,7 +322,7 @@ class TenantDirectory:
             tenant.share(1.0 / routers)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TenantDirectory:
+    def from_config(cls, config: Mapping[str, Any], *, clock: Clock | None = None) -> TenantDirectory:
         """From a configuration mapping with a `tenants:` list (see the module docstring).
 
         Every error is a `TenantConfigError` naming the entry and field, e.g.
@@ -332,22 +349,19 @@ class TenantDirectory:
         anonymous = config.get("anonymous_tenant")
         if anonymous is not None and not isinstance(anonymous, str):
             raise TenantConfigError(f"anonymous_tenant must be a tenant name, not {type(anonymous).__name__}")
-        return cls(tenants, anonymous=anonymous)
+        return cls(tenants, anonymous=anonymous, clock=clock)
 
     def authenticate(self, api_key: str | None) -> Tenant | None:
-        """The tenant an API key belongs to, or None; no key at all gives the anonymous tenant.
+        """The tenant an API key belongs to now, or None; no key at all gives the anonymous tenant.
 
-        The lookup is by the key's SHA-256 digest, and the digest is compared with
-        `hmac.compare_digest`: any timing difference depends on the digest, which an
-        attacker cannot steer toward a valid key one character at a time.
+        Lookups go through `KeyRing` (see `tierflow.placement.api_keys`): digests are compared
+        with `hmac.compare_digest`, so any timing difference depends on a hash, which an
+        attacker cannot steer toward a valid key one character at a time; a key past its
+        `not_after` is no one's.
         """
         if not api_key:
             return self.anonymous
-        digest = hashlib.sha256(api_key.encode()).digest()
-        held = self._by_digest.get(digest)
-        if held is None or not hmac.compare_digest(held[0], digest):
-            return None
-        return held[1]
+        return self._keys.lookup(api_key, self._clock.now())
 
     def get(self, name: str) -> Tenant | None:
         return self.tenants.get(name)

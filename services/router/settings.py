@@ -35,9 +35,12 @@ class Settings(Struct, kw_only=True):
     presence_interval: Annotated[float, Meta(gt=0, le=60)] = 1.0
     drain_grace: Annotated[float, Meta(ge=0)] = 5.0
     # A YAML file with `tenants:` / `anonymous_tenant:` (tierflow.placement.tenants) and
-    # `placement:` (policy and weights). Without one, every caller is the open tenant
-    # "anonymous" and placement is hotness-aware with default weights.
+    # `placement:` (policy and weights). Without tenants every request is refused (401)
+    # unless `allow_anonymous`; placement is then hotness-aware with default weights.
     config: str = ""
+    # No tenants configured: serve every caller, with any key or none, as the open tenant
+    # "anonymous" (an explicit opt-in: `tierflow up` turns it on for local runs).
+    allow_anonymous: bool = False
     placement_policy: str = ""  # overrides the file's placement policy (hotness, round-robin, least-loaded, random)
     session_capacity: Annotated[int, Meta(gt=0)] = 100_000
     # How often to count the routers on NATS (from their presence): tenants' rate limits

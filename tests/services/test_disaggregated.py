@@ -39,7 +39,7 @@ async def disagg(private_nats_url: str):
     for i in range(3):
         node = f"pf-{i}"
         start(node, lambda c, node=node: serve_node(c, NodeSettings(nats_url=nats_url, node_id=node, deployment="disagg"), role="prefill", subject=subjects.prefill_run(node), service="prefill-node"))
-    start("router", lambda c: router_main(c, RouterSettings(nats_url=nats_url, http_port=http_port, grpc_port=free_port())))
+    start("router", lambda c: router_main(c, RouterSettings(nats_url=nats_url, http_port=http_port, grpc_port=free_port(), allow_anonymous=True)))
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="k", max_retries=0, timeout=30)
     for _ in range(200):
         try:

@@ -39,7 +39,7 @@ async def path(private_nats_url: str):
     tasks = [
         asyncio.create_task(registry_main(contexts["registry"], RegistrySettings(nats_url=nats_url, grpc_port=free_port(), fleet=str(REPO / "deploy/examples/fleet.yaml")))),
         asyncio.create_task(serve_node(contexts["node"], NodeSettings(nats_url=nats_url, node_id="inproc-0"), role="decode", subject=subjects.node_generate("inproc-0"), service="decode-node")),
-        asyncio.create_task(router_main(contexts["router"], RouterSettings(nats_url=nats_url, http_port=http_port, grpc_port=free_port()))),
+        asyncio.create_task(router_main(contexts["router"], RouterSettings(nats_url=nats_url, http_port=http_port, grpc_port=free_port(), allow_anonymous=True))),
     ]
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="k", max_retries=0, timeout=30)
     for _ in range(200):
