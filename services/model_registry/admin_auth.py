@@ -43,6 +43,7 @@ from typing import Any, Final
 import grpc
 
 from tierflow.contracts.audit import ANONYMOUS
+from tierflow.runtime.admin_token import USER_METADATA
 from tierflow.runtime.secret_hash import SaltedHash, salted_hash
 
 __all__ = ["AdminAuth", "AdminAuthInterceptor", "Caller", "CALLER", "READS", "USER_METADATA", "UNAUTHENTICATED_ADMIN"]
@@ -50,7 +51,6 @@ __all__ = ["AdminAuth", "AdminAuthInterceptor", "Caller", "CALLER", "READS", "US
 log = logging.getLogger(__name__)
 
 READS: Final = frozenset({"ListModels", "GetModel", "ListDeployments", "ListBundles"})
-USER_METADATA: Final = "x-tierflow-user"
 UNAUTHENTICATED_ADMIN: Final = "unauthenticated"  # the identity when the check is turned off
 _CN: Final = "x509_common_name"
 

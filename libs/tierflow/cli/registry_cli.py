@@ -4,7 +4,12 @@ model registry's admin API (tierflow.v1.ModelRegistry) from the command line.
 Every command is one gRPC call over a real channel to the registry named by
 `--registry HOST:PORT` (or TIERFLOW_REGISTRY); the registry does all validation, so the
 CLI and any other client are refused with the same messages. Exit codes: 0 done,
-1 refused (invalid file, unknown model, conflict, ...), 2 the registry is unreachable.
+1 refused (invalid file, unknown model, conflict, missing admin credential, ...), 2 the
+registry is unreachable.
+
+Calls that write need the registry's admin token: `--admin-token` (or TIERFLOW_ADMIN_TOKEN),
+else the one `tierflow up` keeps in DATA/auth/admin.token (DATA: TIERFLOW_DATA_DIR or
+.tierflow). Every call sends it when there is one, with `user@host` for the audit record.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ T = TypeVar("T")
 Registry = Annotated[str, typer.Option("--registry", envvar="TIERFLOW_REGISTRY", help="The model registry's gRPC address, HOST:PORT.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ExpectedRevision = Annotated[int, typer.Option(help="Refuse unless the model is still at this revision (0: no check).")]
+AdminToken = Annotated[str, typer.Option("--admin-token", envvar="TIERFLOW_ADMIN_TOKEN", show_default=False,
+                                         help="The registry's admin token (default: DATA/auth/admin.token of `tierflow up`).")]  # fmt: skip
 
 _out = Console(soft_wrap=True, highlight=False)
 _err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -46,11 +53,14 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 @contextmanager
-def _registry(target: str) -> Iterator[Callable[[Callable[[ModelRegistryStub], T]], T]]:
+def _registry(target: str, admin_token: str = "") -> Iterator[Callable[[Callable[[ModelRegistryStub], T]], T]]:
     """A caller of stub methods that turns gRPC failures into one clear line and an exit code."""
+    import os
+
     import grpc
 
-    from tierflow.cli.client_tls import cli_tls
+    from tierflow.cli.client_tls import DATA_DIR_ENV, DEFAULT_DATA_DIR, cli_tls
+    from tierflow.runtime.admin_token import TOKEN_ENV, find_admin_token, with_admin_metadata
     from tierflow.runtime.tls import TlsError, grpc_channel_credentials
     from tierflow.v1.registry_pb2_grpc import ModelRegistryStub
 
@@ -59,6 +69,8 @@ def _registry(target: str) -> Iterator[Callable[[Callable[[ModelRegistryStub], T
         channel = grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target, grpc_channel_credentials(tls))
     except (TlsError, OSError) as exc:
         _fail(f"cannot use the TLS files ({exc}); check --tls-ca or TIERFLOW_TLS_CA", 2)
+    token = find_admin_token(admin_token or os.environ.get(TOKEN_ENV, ""), Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR))
+    channel = with_admin_metadata(channel, token)
     with channel:
         stub = ModelRegistryStub(channel)
 
@@ -137,6 +149,7 @@ def apply(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show the diff; write nothing.")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Also delete what the registry holds and the file does not.")] = False,
     registry: Registry = DEFAULT_REGISTRY,
+    admin_token: AdminToken = "",
 ) -> None:
     """Apply a fleet file: print the diff it makes; every problem (and nothing written) if invalid."""
     from tierflow.v1 import registry_pb2 as pb
@@ -145,7 +158,7 @@ def apply(
         text = file.read_text()
     except OSError as exc:
         _fail(f"cannot read {file}: {exc.strerror}", 1)
-    with _registry(registry) as call:
+    with _registry(registry, admin_token) as call:
         reply = call(lambda s: s.Apply(pb.ApplyRequest(fleet_yaml=text, dry_run=dry_run, prune=prune, source=str(file)), timeout=TIMEOUT))
     if reply.problems:
         _err.print(f"{file} is invalid; nothing was applied ({len(reply.problems)} problem{'s' if len(reply.problems) != 1 else ''}):", markup=False)
@@ -216,12 +229,13 @@ def rollout(
     weight: Annotated[float, typer.Option("--weight", help="Percent of traffic for it, 0..100 (100: blue-green cut-over, 0: stop).")],
     expected_revision: ExpectedRevision = 0,
     registry: Registry = DEFAULT_REGISTRY,
+    admin_token: AdminToken = "",
 ) -> None:
     """Canary a version: it gets WEIGHT% of the model's traffic, the default version the rest."""
     from tierflow.v1 import registry_pb2 as pb
 
     request = pb.RolloutRequest(model=model, version=version, weight=weight, expected_revision=expected_revision)
-    with _registry(registry) as call:
+    with _registry(registry, admin_token) as call:
         reply = call(lambda s: s.Rollout(request, timeout=TIMEOUT))
     _model_line(reply, f"rolled out {version} at {weight:g}%")
 
@@ -231,12 +245,13 @@ def promote(
     version: Annotated[str, typer.Option("--version", help="The version to make the default.")],
     expected_revision: ExpectedRevision = 0,
     registry: Registry = DEFAULT_REGISTRY,
+    admin_token: AdminToken = "",
 ) -> None:
     """Make a version the default (stable) one and end any traffic split."""
     from tierflow.v1 import registry_pb2 as pb
 
     request = pb.PromoteRequest(model=model, version=version, expected_revision=expected_revision)
-    with _registry(registry) as call:
+    with _registry(registry, admin_token) as call:
         reply = call(lambda s: s.Promote(request, timeout=TIMEOUT))
     _model_line(reply, f"promoted {version}")
 
@@ -245,12 +260,13 @@ def rollback(
     model: Annotated[str, typer.Argument(help="The model, as API clients name it.")],
     expected_revision: ExpectedRevision = 0,
     registry: Registry = DEFAULT_REGISTRY,
+    admin_token: AdminToken = "",
 ) -> None:
     """End any traffic split: all traffic back to the default version, at once."""
     from tierflow.v1 import registry_pb2 as pb
 
     request = pb.RollbackRequest(model=model, expected_revision=expected_revision)
-    with _registry(registry) as call:
+    with _registry(registry, admin_token) as call:
         reply = call(lambda s: s.Rollback(request, timeout=TIMEOUT))
     _model_line(reply, "rolled back")
 
