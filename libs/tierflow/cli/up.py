@@ -64,6 +64,7 @@ from tierflow.contracts import messages, subjects
 from tierflow.nodehost.profiles import read_profiles_file
 from tierflow.rdu import load_profiles
 from tierflow.runtime import discovery
+from tierflow.runtime.admin_token import admin_token_path, ensure_admin_token
 from tierflow.runtime.logs import JsonFormatter
 from tierflow.runtime.nats_server import (
     NatsServerConfig,
@@ -126,6 +127,7 @@ class UpConfig:
     routers: int = 1  # router processes sharing the HTTP and gRPC ports
     restart: bool = True  # restart children that die after the fabric is ready
     tls: bool = False  # TLS on HTTP, gRPC and NATS, from the local CA under DATA/tls (runtime/tls.py)
+    allow_anonymous: bool = True  # routers without a tenants file serve everyone as the open tenant (local runs)
 
     def __post_init__(self) -> None:
         if self.nats_cluster < 1:
@@ -173,6 +175,12 @@ class UpConfig:
         files = self.pki.server if self.tls else TlsFiles()
         env |= {f"TIERFLOW_TLS_{part.upper()}": str(Path(path).resolve()) if path else ""
                 for part, path in (("cert", files.cert), ("key", files.key), ("ca", files.ca))}  # fmt: skip
+        # The registry's admin token file (made by run_up: DATA/auth/admin.token) and the
+        # routers' open tenant go by environment too (only the registry reads the one, only
+        # routers the other), set either way: a token or opt-in a shell exported for the CLI
+        # must not reach a service.
+        env |= {"TIERFLOW_ADMIN_TOKEN_FILE": str(admin_token_path(self.data_dir).resolve()), "TIERFLOW_ADMIN_TOKEN": "",
+                "TIERFLOW_ADMIN_TOKEN_HASH": "", "TIERFLOW_ALLOW_ANONYMOUS": "true" if self.allow_anonymous else "false"}
         return env
 
     @property
@@ -721,6 +729,11 @@ async def run_up(
         print(f"tierflow up: {exc}", file=err)
         return 1
     services = service_specs(config) if specs is None else specs
+    try:  # the registry's admin token: made on the first run, reused after
+        ensure_admin_token(config.data_dir)
+    except OSError as exc:
+        print(f"tierflow up: cannot make the admin token {admin_token_path(config.data_dir)}: {exc}", file=err)
+        return 1
     try:
         _prepare_tls(config)
     except (OSError, ValueError) as exc:
@@ -895,6 +908,8 @@ def up(
     nats_cluster_port: Annotated[int, typer.Option(help="First NATS cluster route port (member i: +i); used with --nats-cluster > 1.")] = 6222,
     routers: Annotated[int, typer.Option(min=1, help="Router processes sharing the HTTP and gRPC ports (SO_REUSEPORT).")] = 1,
     restart: Annotated[bool, typer.Option(help="Restart children that die after the fabric is ready (with backoff; gives up after 6 exits in 60 s).")] = True,
+    allow_anonymous: Annotated[bool, typer.Option("--allow-anonymous/--require-api-keys", help="Routers serve every caller, with any API key "
+                                                  "or none, as the open tenant `anonymous` (local runs); --require-api-keys: 401 without a tenants file.")] = True,  # fmt: skip
     data_dir: Annotated[Path, typer.Option(help="NATS store under DATA/nats, logs under DATA/logs.")] = Path(".tierflow"),
     fleet: Annotated[Path, typer.Option(help="Fleet file loaded by the model registry.")] = Path("deploy/examples/fleet.yaml"),
     decode_nodes: Annotated[int, typer.Option(min=1, help="Decode nodes to start.")] = 2,
@@ -930,6 +945,7 @@ def up(
         nats_cluster_port=nats_cluster_port,
         routers=routers,
         restart=restart,
+        allow_anonymous=allow_anonymous,
         tls=tls,
     )
     problems = preflight(config)
