@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tierflow.runtime.admin_token import admin_metadata
 from tierflow.v1 import registry_pb2 as pb
 from tierflow.v1.registry_pb2_grpc import ModelRegistryStub
 
@@ -48,6 +49,7 @@ class Ledger:
     target: str  # host:port of the registry's gRPC admin API
     interval: float = 0.25
     timeout: float = 3.0
+    admin_token: str | None = None  # the registry's (writes need it): tierflow up's DATA/auth/admin.token
     writes: list[Write] = field(default_factory=list)
     lost: set[int] = field(default_factory=set)  # acknowledged writes a later read did not show
     reads: int = 0
@@ -67,7 +69,7 @@ class Ledger:
             self.writes.append(write)
             request = pb.SetTrafficRequest(model=LEDGER_MODEL, traffic=[pb.TrafficWeight(version="v1", weight=seq), pb.TrafficWeight(version="v2", weight=1)])
             try:
-                await stub.SetTraffic(request, timeout=self.timeout)
+                await stub.SetTraffic(request, timeout=self.timeout, metadata=admin_metadata(self.admin_token))
                 write.acked = time.time()
                 self._acked_max = max(self._acked_max, seq)
             except grpc.aio.AioRpcError as exc:

@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from tierflow.harness import Fabric
+from tierflow.runtime.admin_token import admin_metadata, find_admin_token
 from tierflow.runtime.nats_server import http_get
 from tierflow.v1 import registry_pb2 as pb
 from tierflow.v1.registry_pb2_grpc import ModelRegistryStub
@@ -143,11 +144,12 @@ async def _routers_hear(ctx: Ctx, decode_nodes: int, timeout: float) -> float | 
 async def _apply(fabric: Fabric, fleet_yaml: str, timeout: float) -> float | None:
     """Apply `fleet_yaml`, retried until the registry acknowledges it; the wall clock of that, or None."""
     deadline = time.monotonic() + timeout
+    metadata = admin_metadata(find_admin_token("", fabric.data_dir))  # an Apply needs the registry's admin token
     async with grpc.aio.insecure_channel(f"{fabric.host}:{fabric.registry_grpc_port}") as channel:
         stub = ModelRegistryStub(channel)
         while time.monotonic() < deadline:
             try:
-                reply = await stub.Apply(pb.ApplyRequest(fleet_yaml=fleet_yaml, source="faults-outage"), timeout=2)
+                reply = await stub.Apply(pb.ApplyRequest(fleet_yaml=fleet_yaml, source="faults-outage"), timeout=2, metadata=metadata)
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.1)
                 continue

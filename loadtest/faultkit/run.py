@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tierflow.harness import Fabric
+from tierflow.runtime.admin_token import find_admin_token
 from tierflow.workload.sessions import plan_sessions
 from tierflow.workload.spec import load_spec
 
@@ -92,7 +93,7 @@ async def _drive(config: SuiteConfig, fabric: Fabric, say: Callable[[str], None]
     client, pool = make_client(fabric.base_url, connections=2048, timeout=config.hang_timeout_s)
     bins, streamer_bins = TokenBins(), TokenBins()  # throughput is judged on the sessions' (open-loop) load
     driver = LoadDriver(client, plans, hang_timeout=config.hang_timeout_s, bins=bins)
-    ledger = Ledger(f"{fabric.host}:{fabric.registry_grpc_port}")
+    ledger = Ledger(f"{fabric.host}:{fabric.registry_grpc_port}", admin_token=find_admin_token("", fabric.data_dir))
     stop = asyncio.Event()
     started = time.time()
     load = asyncio.create_task(driver.run(stop, started))

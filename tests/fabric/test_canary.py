@@ -34,7 +34,8 @@ def canary_fabric(tmp_path_factory: pytest.TempPathFactory, fabric_factory, repo
 
 
 def _cli(fabric, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TIERFLOW_REGISTRY": f"{fabric.host}:{fabric.registry_grpc_port}", "COLUMNS": "200"}
+    # TIERFLOW_DATA_DIR: the CLI finds the fabric's admin token (and TLS files) there
+    env = {**os.environ, "TIERFLOW_REGISTRY": f"{fabric.host}:{fabric.registry_grpc_port}", "COLUMNS": "200", "TIERFLOW_DATA_DIR": str(fabric.data_dir)}
     return subprocess.run([sys.executable, "-m", "tierflow", *args], capture_output=True, text=True, timeout=30, env=env)
 
 
