@@ -101,7 +101,8 @@ async def private_nats(tmp_path: pathlib.Path) -> AsyncIterator[str]:
 async def running_registry(nats_url: str, *, name: str = "test") -> AsyncIterator[Registry]:
     port = free_port()
     ctx = ServiceContext(service="model-registry", instance=name)
-    task = asyncio.create_task(main(ctx, Settings(nats_url=nats_url, grpc_port=port)))
+    # No admin credential here: these tests are about what calls do (tests/security checks who may call).
+    task = asyncio.create_task(main(ctx, Settings(nats_url=nats_url, grpc_port=port, allow_unauthenticated_admin=True)))
     nc = await nats.connect(nats_url)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     reg = Registry(nc=nc, ctx=ctx, stub=pb_grpc.ModelRegistryStub(channel))

@@ -126,7 +126,7 @@ class RegistryProcess:
         with open(self.log_path, "ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tierflow", "model-registry", "--nats-url", self.nats_url, "--grpc-port", str(self.port),
-                "--log-level", "warning", stdout=out, stderr=out, start_new_session=True,
+                "--allow-unauthenticated-admin", "--log-level", "warning", stdout=out, stderr=out, start_new_session=True,
             )  # fmt: skip
         async with asyncio.timeout(60):
             while True:
@@ -241,7 +241,7 @@ async def test_a_registry_without_nats_answers_unavailable_and_serves_again(tmp_
     await server.wait_ready()
     port = free_port()
     ctx = ServiceContext(service="model-registry", instance="outage")
-    task = asyncio.create_task(main(ctx, Settings(nats_url=server.url, grpc_port=port)))
+    task = asyncio.create_task(main(ctx, Settings(nats_url=server.url, grpc_port=port, allow_unauthenticated_admin=True)))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.ModelRegistryStub(ch)

@@ -43,8 +43,11 @@ class Run(NamedTuple):
     err: str
 
 
-async def tierflow(*args: str, registry: str) -> Run:
-    env = {**os.environ, "TIERFLOW_REGISTRY": registry, "COLUMNS": "200", "NO_COLOR": "1"}
+ADMIN_TOKEN = "cli-test-admin-token"
+
+
+async def tierflow(*args: str, registry: str, admin_token: str = ADMIN_TOKEN) -> Run:
+    env = {**os.environ, "TIERFLOW_REGISTRY": registry, "COLUMNS": "200", "NO_COLOR": "1", "TIERFLOW_ADMIN_TOKEN": admin_token}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tierflow", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -58,7 +61,7 @@ async def registry_addr(tmp_path: pathlib.Path) -> AsyncIterator[str]:
     async with NatsServerProcess(config, tmp_path / "nats.log") as server:
         port = free_port()
         ctx = ServiceContext(service="model-registry", instance="cli")
-        task = asyncio.create_task(main(ctx, Settings(nats_url=server.url, grpc_port=port)))
+        task = asyncio.create_task(main(ctx, Settings(nats_url=server.url, grpc_port=port, admin_token=ADMIN_TOKEN)))
         for _ in range(250):
             if task.done():
                 task.result()
@@ -105,7 +108,7 @@ async def test_an_invalid_file_exits_non_zero_with_every_problem(registry_addr: 
 
 async def test_rollout_promote_rollback_and_the_lists(registry_addr: str) -> None:
     async with grpc.aio.insecure_channel(registry_addr) as ch:
-        assert not (await pb_grpc.ModelRegistryStub(ch).Apply(pb.ApplyRequest(fleet_yaml=FLEET), timeout=5)).problems
+        assert not (await pb_grpc.ModelRegistryStub(ch).Apply(pb.ApplyRequest(fleet_yaml=FLEET), timeout=5, metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")])).problems
 
     out = await tierflow("rollout", "chat", "--version", "v2", "--weight", "10", registry=registry_addr)
     assert out.code == 0 and "chat: rolled out v2 at 10%; traffic v1 90%, v2 10% (default v1" in out.out, out

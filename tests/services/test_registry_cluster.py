@@ -78,7 +78,7 @@ async def test_the_registry_bucket_gets_3_replicas_and_survives_its_leader(clust
 
     port = free = free_port_run(1)
     ctx = ServiceContext(service="model-registry", instance="cluster")
-    task = asyncio.create_task(main(ctx, Settings(nats_url=url, grpc_port=free)))
+    task = asyncio.create_task(main(ctx, Settings(nats_url=url, grpc_port=free, allow_unauthenticated_admin=True)))
     stopping = asyncio.Event()
     view: dict[str, bytes] = {}
     mixed: list[int] = []
