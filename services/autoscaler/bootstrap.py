@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
 from tierflow.contracts import messages, registry, subjects
+from tierflow.runtime.audit import AuditLog
 from tierflow.runtime.clock import Clock, WallClock
 from tierflow.runtime.kv import follow
 from tierflow.runtime.supervise import supervised
@@ -33,6 +34,7 @@ from tierflow.scaling.fleet import FleetView
 from tierflow.services.autoscaler.actuators import Actuator, make_actuator
 from tierflow.services.autoscaler.lease import LeaseKeeper
 from tierflow.services.autoscaler.metrics import AutoscalerMetrics
+from tierflow.services.autoscaler.audited import AuditedActuator
 from tierflow.services.autoscaler.node_control import NatsNodeControl, NodeControl
 from tierflow.services.autoscaler.removals import KvRemovalBook, open_autoscaler_bucket
 from tierflow.services.autoscaler.scaler import Autoscaler
@@ -162,11 +164,14 @@ def bootstrap(
     drain_poll: float = 0.25,
     holder: str = "",
     lease_clock: Clock | None = None,
+    audit: AuditLog | None = None,
 ) -> AutoscalerService:
     """The autoscaler with its adapters: by default, those `settings` name.
 
     `clock` drives the policy (a VirtualClock in tests); the lease always runs on
     `lease_clock` (wall time by default): it is about real processes that may die.
+    With `audit`, every node started or stopped is an audit record, and node commands
+    name this instance (`autoscaler:<holder>`) so the nodes' records do too.
     """
     clock = clock if clock is not None else WallClock()
     chosen = make_actuator(settings.actuator, nc, settings) if actuator is _FROM_SETTINGS else actuator
@@ -179,10 +184,11 @@ def bootstrap(
     async def publish(data: bytes) -> None:
         await nc.publish(subjects.AUTOSCALER_DECISIONS, data)
 
+    identity = f"autoscaler:{lease.holder}"
     scaler = Autoscaler(
         FleetView(forget_after=3 * settings.max_signal_age),
-        chosen,
-        control if control is not None else NatsNodeControl(nc),
+        AuditedActuator.wrap(chosen, audit, identity),
+        control if control is not None else NatsNodeControl(nc, by=identity),
         publish,
         clock,
         settings.scaling(),

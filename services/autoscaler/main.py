@@ -21,6 +21,8 @@ from nats.aio.client import Client as NATS
 from nats.micro.service import Service
 
 from tierflow.runtime import discovery
+from tierflow.runtime.audit import AuditLog
+from tierflow.runtime.clock import WallClock
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.runtime.supervise import supervised
 from tierflow.runtime.waiting import first
@@ -56,7 +58,8 @@ async def _announce(nc: NATS, instance: str, service: AutoscalerService, changed
 
 async def main(ctx: ServiceContext, settings: Settings) -> None:
     nc = await connect_nats(settings.nats_url, "tierflow-autoscaler", stopping=ctx.stopping, tls=ctx.tls)
-    service = bootstrap(nc, settings, metrics=ctx.metrics, holder=settings.instance_id or default_holder(ctx.instance))
+    audit = AuditLog(nc, WallClock(), source=f"autoscaler/{ctx.instance}", metrics=ctx.metrics)
+    service = bootstrap(nc, settings, metrics=ctx.metrics, holder=settings.instance_id or default_holder(ctx.instance), audit=audit)
     changed = asyncio.Event()
 
     async def on_lease(active: bool) -> None:
@@ -69,6 +72,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
              settings.interval, settings.lease_ttl_s(), "active" if service.lease.active else "standby")  # fmt: skip
     await service.run(ctx.stopping)
     await service.close()
+    await audit.flush(timeout=2.0)
     changed.set()
     await announcer
     await nc.drain()

@@ -34,13 +34,14 @@ class NodeControl(Protocol):
 
 
 class NatsNodeControl:
-    def __init__(self, nc: NATS, *, timeout: float = 3.0, owner: str = AUTOSCALER_OWNER) -> None:
+    def __init__(self, nc: NATS, *, timeout: float = 3.0, owner: str = AUTOSCALER_OWNER, by: str = "") -> None:
         self._nc = nc
         self._timeout = timeout
         self._owner = owner
+        self._by = by  # who sends, for the node's audit record (autoscaler:<instance>)
 
     async def command(self, node_id: str, action: str) -> messages.NodeCommandReply:
-        payload = messages.encoder.encode(messages.NodeCommand(action=action, owner=self._owner))  # type: ignore[arg-type]
+        payload = messages.encoder.encode(messages.NodeCommand(action=action, owner=self._owner, by=self._by))  # type: ignore[arg-type]
         try:
             msg = await self._nc.request(subjects.node_control(node_id), payload, timeout=self._timeout)
             reply = messages.command_reply_decoder.decode(msg.data)
