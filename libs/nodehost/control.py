@@ -16,6 +16,11 @@ old cannot undo a person's decision:
   controller (the command is refused, naming the owner);
 - an operator (or a caller that names no owner: older tools) may do anything, and
   takes the cordon over: a person's word outranks a controller's.
+
+Every cordon, uncordon and drain the node carries out or refuses is an audit record
+(`tierflow.audit.node`) naming who sent it (`NodeCommand.by`, else its owner); `status`
+reads nothing worth recording. Who may publish node control at all is NATS's business
+(the credentials `tierflow up` makes).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from nats.micro.service import Service
 from tierflow.contracts import messages, subjects
 from tierflow.contracts.autoscaler import OPERATOR_OWNER
 from tierflow.nodehost.beat import NodeIdentity
+from tierflow.runtime.audit import AuditLog
 
 __all__ = ["add_control_endpoint", "apply_command"]
 
@@ -64,7 +70,11 @@ def apply_command(identity: NodeIdentity, command: messages.NodeCommand) -> str:
     return ""
 
 
-async def add_control_endpoint(micro: Service, identity: NodeIdentity, driver: _InFlight, beat_now: asyncio.Event) -> None:
+def _caller(command: messages.NodeCommand) -> str:
+    return command.by or (f"{command.owner} (unnamed)" if command.owner else "")
+
+
+async def add_control_endpoint(micro: Service, identity: NodeIdentity, driver: _InFlight, beat_now: asyncio.Event, audit: AuditLog | None = None) -> None:
     async def handle(request: Request) -> None:
         try:
             command = messages.command_decoder.decode(request.data)
@@ -79,6 +89,10 @@ async def add_control_endpoint(micro: Service, identity: NodeIdentity, driver: _
             log.info("node %s: %s by %s", identity.node_id, command.action, command.owner or "an unnamed caller",
                      extra={"fields": {"action": command.action, "owner": command.owner}})  # fmt: skip
             beat_now.set()
+        if audit is not None and command.action != "status":
+            audit.record("node", command.action, identity=_caller(command), target=identity.node_id, ok=not refused,
+                         detail={"owner": command.owner, "cordon_owner": identity.cordon_owner, "in_flight": driver.in_flight,
+                                 **({"error": refused} if refused else {})})  # fmt: skip
         reply = messages.NodeCommandReply(
             node_id=identity.node_id, cordoned=identity.cordoned, draining=identity.draining, in_flight=driver.in_flight,
             error=refused, cordon_owner=identity.cordon_owner if identity.cordoned else "",

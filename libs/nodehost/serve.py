@@ -31,6 +31,7 @@ from tierflow.nodehost.settings import NodeSettings
 from tierflow.nodehost.preload import preload_models
 from tierflow.rdu import NodeEngine
 from tierflow.runtime import discovery
+from tierflow.runtime.audit import AuditLog
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.runtime.supervise import supervised
@@ -174,7 +175,8 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     cancel_sub = await nc.subscribe(subjects.node_cancel(settings.node_id), cb=on_cancel)
     presence_sub = await nc.subscribe(subjects.ROUTER_PRESENCE, cb=on_presence)
     micro = await discovery.register(nc, service, settings.node_id, deployment=deployment.name, region=identity.region, profile=profile_name)
-    await add_control_endpoint(micro, identity, driver, beat_now)
+    audit = AuditLog(nc, clock, source=f"{role}-node/{settings.node_id}", metrics=ctx.metrics)
+    await add_control_endpoint(micro, identity, driver, beat_now, audit)
     engine_stop = asyncio.Event()
     loops = {
         "engine": lambda: driver.run(engine_stop),
