@@ -3,7 +3,8 @@
 Commands go to the node itself (its nats.micro `control` endpoint), which changes its
 state and heartbeats at once; the router and autoscaler learn it from the heartbeat.
 They are sent as the "operator": the node remembers who cordoned it, and the autoscaler
-never uncordons, drains or stops a node an operator cordoned.
+never uncordons, drains or stops a node an operator cordoned. Each names `operator:user@host`
+as its sender (`NodeCommand.by`), which the node writes to the audit stream.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tierflow.cli.nats_connect import connect_once
 from tierflow.cli.status import collect_status, render_nodes
 from tierflow.contracts import messages, subjects
 from tierflow.contracts.autoscaler import OPERATOR_OWNER
+from tierflow.runtime.admin_token import who_am_i
 
 __all__ = ["app"]
 
@@ -30,7 +32,7 @@ console = Console()
 async def send_command(nats_url: str, node_id: str, action: str, *, owner: str = OPERATOR_OWNER, timeout: float = 3.0) -> messages.NodeCommandReply:
     nc = await connect_once(nats_url, name="tierflow-nodes")
     try:
-        command = messages.NodeCommand(action=action, owner=owner)  # type: ignore[arg-type]
+        command = messages.NodeCommand(action=action, owner=owner, by=f"{owner}:{who_am_i()}")  # type: ignore[arg-type]
         msg = await nc.request(subjects.node_control(node_id), messages.encoder.encode(command), timeout=timeout)
         return messages.command_reply_decoder.decode(msg.data)
     finally:
