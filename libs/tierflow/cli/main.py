@@ -15,7 +15,9 @@ from typing import Annotated
 
 import typer
 
+from tierflow.cli.audit import audit
 from tierflow.cli.emulator import app as emulator_app
+from tierflow.cli.keys import app as keys_app
 from tierflow.cli.loadtest import app as loadtest_app
 from tierflow.cli.nodes import app as nodes_app
 from tierflow.cli.registry_cli import add_registry_commands
@@ -55,6 +57,8 @@ app.command("up", help="Run the whole fabric locally: NATS, the five services an
 app.command("status", help="Show services, nodes and models of a running fabric.")(status)
 app.command("top", help="Live view of nodes, models, tiers, queues and rates.")(top)
 app.add_typer(nodes_app, name="nodes")
+app.command("audit", help="Who changed what: registry admin calls, node cordons and drains, nodes started and stopped.")(audit)
+app.add_typer(keys_app, name="keys")
 app.add_typer(loadtest_app, name="loadtest", help="Drive the live fabric with a workload spec; compare reports.")
 app.command("sim", help="Simulate a workload on a fleet in virtual time (no NATS, no sleeping).")(sim)
 app.add_typer(emulator_app, name="emulator", help="The RDU emulator: calibration against published figures.")
