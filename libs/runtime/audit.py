@@ -3,6 +3,7 @@
     ensure_audit_stream(js, max_age=..., max_msgs=..., replicas=...)   the registry, at start
     audit = AuditLog(nc, clock, source="model-registry/r1", metrics=ctx.metrics)
     audit.record("registry", "SetTraffic", identity="token:admin", target="chat", detail={...})
+    async for rec in read_records(js, kind="registry", since=datetime(...)): ...   `tierflow audit`
 
 `record` never blocks and never raises: the operation it describes has happened (or been
 refused) already, and an audit outage must not turn into a fabric outage. It hands the
@@ -17,10 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any, Final
 
+import msgspec
+import nats.errors
+
 from nats.aio.client import Client as NATS
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError, ServerError
 from prometheus_client import CollectorRegistry, Counter
@@ -29,7 +35,7 @@ from tierflow.contracts import audit as contract
 from tierflow.contracts import subjects
 from tierflow.runtime.clock import Clock
 
-__all__ = ["AuditLog", "ensure_audit_stream", "DEFAULT_MAX_AGE", "DEFAULT_MAX_MSGS"]
+__all__ = ["AuditLog", "ensure_audit_stream", "read_records", "AuditStreamMissing", "DEFAULT_MAX_AGE", "DEFAULT_MAX_MSGS"]
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +147,44 @@ class AuditLog:
     @staticmethod
     def _fields(rec: contract.AuditRecord) -> dict[str, Any]:
         return {"audit_kind": rec.kind, "action": rec.action, "target": rec.target, "identity": rec.identity, "ok": rec.ok}
+
+
+class AuditStreamMissing(LookupError):
+    """There is no audit stream (yet): the model registry makes it when it starts."""
+
+
+async def read_records(
+    js: JetStreamContext, *, kind: str = "", since: datetime | None = None, follow: bool = False, wait: float = 5.0
+) -> AsyncIterator[contract.AuditRecord]:
+    """The stream's records of `kind` (all kinds when empty) from `since` (the beginning when
+    None), oldest first, through an ordered consumer (nothing durable is left behind).
+
+    Without `follow` it ends once it has caught up (or nothing came for `wait` seconds);
+    with it, it waits for new records until the caller stops iterating. Records this
+    version cannot decode are skipped."""
+    subject = subjects.audit(kind) if kind else subjects.AUDIT_SUBJECTS
+    policy = DeliverPolicy.BY_START_TIME if since is not None else DeliverPolicy.ALL
+    try:
+        sub = await js.subscribe(subject, stream=subjects.AUDIT_STREAM, ordered_consumer=True, deliver_policy=policy,
+                                 config=ConsumerConfig(opt_start_time=since) if since is not None else None)  # fmt: skip
+    except NotFoundError:
+        raise AuditStreamMissing(f"no audit stream {subjects.AUDIT_STREAM} yet; the model registry makes it when it starts") from None
+    try:
+        if not follow and not (await sub.consumer_info()).num_pending:
+            return
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=None if follow else wait)
+            except nats.errors.TimeoutError:
+                return
+            try:
+                yield contract.audit_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                pass
+            if not follow and msg.metadata.num_pending == 0:
+                return
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # the connection may be closing already
+            pass

@@ -5,8 +5,8 @@ node, started or stopped nodes), oldest first.
     tierflow audit --since 7d --kind registry --json      JSON lines, one record each
     tierflow audit --follow               then keep printing new records until Ctrl-C
 
-Reads `subjects.AUDIT_STREAM` through an ordered consumer (nothing durable is left on the
-server); without `--follow` it stops once it has caught up with the stream. Exit codes:
+Reads `subjects.AUDIT_STREAM` through an ordered consumer (`runtime.audit.read_records`:
+nothing durable is left on the server); without `--follow` it stops once caught up. Exit codes:
 0 done, 2 NATS unreachable or no audit stream yet (the model registry makes it at start).
 """
 
@@ -20,20 +20,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import msgspec
-import nats
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tierflow.contracts import audit as contract
-from tierflow.contracts import subjects
 
 __all__ = ["audit", "parse_since"]
 
 NatsUrl = Annotated[str, typer.Option(envvar="TIERFLOW_NATS_URL", help="NATS server of the fabric")]
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_WAIT_S = 5.0  # the longest pause between two records of a stream being caught up with
 
 
 def parse_since(text: str, now: datetime) -> datetime | None:
@@ -59,39 +56,20 @@ def _row(rec: contract.AuditRecord) -> list[str]:
 
 async def _read(nats_url: str, kind: str, since: datetime | None, follow: bool, emit: Callable[[contract.AuditRecord], None]) -> int:
     """Hand every record (oldest first) to `emit`; how many there were."""
-    from nats.js.api import ConsumerConfig, DeliverPolicy
-    from nats.js.errors import NotFoundError
-
     from tierflow.cli.nats_connect import connect_once
+    from tierflow.runtime.audit import AuditStreamMissing, read_records
 
     nc = await connect_once(nats_url, name="tierflow-audit")
     count = 0
     try:
-        js = nc.jetstream()
-        subject = subjects.audit(kind) if kind else subjects.AUDIT_SUBJECTS
-        policy = DeliverPolicy.BY_START_TIME if since is not None else DeliverPolicy.ALL
-        try:
-            sub = await js.subscribe(subject, stream=subjects.AUDIT_STREAM, ordered_consumer=True, deliver_policy=policy,
-                                     config=ConsumerConfig(opt_start_time=since) if since is not None else None)  # fmt: skip
-        except NotFoundError:
-            raise ConnectionError(f"NATS at {nats_url} has no audit stream {subjects.AUDIT_STREAM} yet; the model registry makes it when it starts") from None
-        pending = (await sub.consumer_info()).num_pending or 0
-        if not pending and not follow:
-            return 0
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=None if follow else _WAIT_S)
-            except nats.errors.TimeoutError:
-                return count  # nothing more came: caught up (or the stream went quiet)
-            try:
-                emit(contract.audit_decoder.decode(msg.data))
-                count += 1
-            except msgspec.DecodeError:
-                pass  # not a record this version can read; the rest still are
-            if not follow and msg.metadata.num_pending == 0:
-                return count
+        async for rec in read_records(nc.jetstream(), kind=kind, since=since, follow=follow):
+            emit(rec)
+            count += 1
+    except AuditStreamMissing as exc:
+        raise ConnectionError(f"NATS at {nats_url} has {exc}") from None
     finally:
         await nc.close()
+    return count
 
 
 def audit(
