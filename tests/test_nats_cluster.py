@@ -7,15 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
 import pytest
-import pytest_asyncio
 from nats.js.api import KeyValueConfig, StorageType
 
-from tierflow.harness import free_port_run
 from tierflow.runtime.nats_server import (
     NatsServerConfig,
     NatsServerNotReady,
@@ -28,18 +25,9 @@ from tierflow.runtime.nats_server import (
 from tierflow.runtime.service import nats_servers
 
 
-@pytest_asyncio.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[tuple[list[NatsServerConfig], list[NatsServerProcess]]]:
-    base = free_port_run(9)
-    members = cluster_configs(tmp_path / "nats", 3, port=base, monitor_port=base + 3, cluster_port=base + 6)
-    servers = [NatsServerProcess(m, tmp_path / f"{m.name}.log") for m in members]
-    try:
-        for server in servers:
-            await server.start()
-        await wait_cluster_ready(members, 30)
-        yield members, servers
-    finally:
-        await asyncio.gather(*(s.stop(grace=5) for s in servers))
+@pytest.fixture
+def cluster(nats_cluster: tuple[list[NatsServerConfig], list[NatsServerProcess]]) -> tuple[list[NatsServerConfig], list[NatsServerProcess]]:
+    return nats_cluster
 
 
 async def test_losing_a_member_keeps_r3_data_and_the_member_rejoins(cluster, tmp_path: Path) -> None:

@@ -9,16 +9,15 @@ import asyncio
 import os
 import pathlib
 import signal
-from collections.abc import AsyncIterator
 
 import grpc
 import nats
-import pytest_asyncio
+import pytest
 
 from tierflow.contracts import registry, subjects
 from tierflow.harness import free_port_run
 from tierflow.runtime.kv import follow, open_bucket
-from tierflow.runtime.nats_server import NatsServerConfig, NatsServerProcess, cluster_configs, cluster_url, wait_cluster_ready
+from tierflow.runtime.nats_server import NatsServerConfig, NatsServerProcess, cluster_url
 from tierflow.runtime.service import ServiceContext, nats_servers
 from tierflow.services.model_registry.main import main
 from tierflow.services.model_registry.settings import Settings
@@ -41,18 +40,9 @@ def fleet_of(view: dict[str, bytes]) -> str | None:
     return names.pop().removeprefix("fleet-") if len(names) == 1 and len(view) == 20 else None
 
 
-@pytest_asyncio.fixture
-async def cluster(tmp_path: pathlib.Path) -> AsyncIterator[tuple[list[NatsServerConfig], list[NatsServerProcess]]]:
-    base = free_port_run(9)
-    members = cluster_configs(tmp_path / "nats", 3, port=base, monitor_port=base + 3, cluster_port=base + 6)
-    servers = [NatsServerProcess(m, tmp_path / f"{m.name}.log") for m in members]
-    try:
-        for server in servers:
-            await server.start()
-        await wait_cluster_ready(members, 30)
-        yield members, servers
-    finally:
-        await asyncio.gather(*(s.stop(grace=5) for s in servers))
+@pytest.fixture
+def cluster(nats_cluster: tuple[list[NatsServerConfig], list[NatsServerProcess]]) -> tuple[list[NatsServerConfig], list[NatsServerProcess]]:
+    return nats_cluster
 
 
 async def _apply(stub: pb_grpc.ModelRegistryStub, name: str, timeout: float = 60.0) -> None:
