@@ -159,14 +159,14 @@ def read_token_file(path: str) -> str:
     return text
 
 
-Refused = Callable[[str, Caller], None]
+Refused = Callable[[str, Caller, Any], None]  # method, caller, the request (decoded)
 
 
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks the credential of every call to `service` (a full name) before it runs.
 
     A protected call without it is answered UNAUTHENTICATED and reported to `on_refused`
-    (method, caller); every call that goes ahead runs with `CALLER` set.
+    (method, caller, request); every call that goes ahead runs with `CALLER` set.
     """
 
     def __init__(self, auth: AdminAuth, service: str, on_refused: Refused) -> None:
@@ -189,7 +189,7 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = auth.caller(dict(context.invocation_metadata() or ()), context.auth_context() or {}, context.peer())
             if auth.protects(method) and not caller.authenticated:
-                on_refused(method, caller)
+                on_refused(method, caller, request)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: {caller.problem}")
             token = CALLER.set(caller)
             try:

@@ -183,14 +183,16 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
             detail["error"] = message
         self._audit.record("registry", method, identity=caller.identity, target=_target(fields), ok=code == grpc.StatusCode.OK, detail=detail)
 
-    def refused(self, method: str, caller: Caller) -> None:
-        """A call the credential check turned away: counted, logged and audited like any other."""
+    def refused(self, method: str, caller: Caller, request: Any) -> None:
+        """A call the credential check turned away: counted, logged and audited like any other
+        (with what it would have acted on: the request's model or fleet file name)."""
         self._metrics.calls.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        fields: Fields = {k: v for k in ("model", "source") if isinstance(v := getattr(request, k, ""), str) and v}
         log.warning("admin %s UNAUTHENTICATED", method, extra={"fields": {
             "method": method, "code": "UNAUTHENTICATED", "peer": caller.peer, "identity": caller.identity, "error": caller.problem,
-            **({"user": caller.user} if caller.user else {}),
+            **({"user": caller.user} if caller.user else {}), **fields,
         }})  # fmt: skip
-        self._audited(method, caller, grpc.StatusCode.UNAUTHENTICATED, caller.problem, {}, caller.peer)
+        self._audited(method, caller, grpc.StatusCode.UNAUTHENTICATED, caller.problem, fields, caller.peer)
 
     # ---- reads
 
