@@ -1,6 +1,6 @@
 """`tierflow keys new | hash`: API keys (and admin tokens) as configuration should hold them.
 
-    tierflow keys new --tenant acme      a fresh key, printed once, and the lines to paste
+    tierflow keys new --tenant acme      a fresh key (first line, printed once) and its api_keys entry
     tierflow keys new --not-after 2027-01-31T00:00:00Z   ... which stops working then
     echo "$KEY" | tierflow keys hash     the salted hash of a key you have (or an admin
                                          token, for the registry's --admin-token-hash)
@@ -57,13 +57,14 @@ def new(
     if json_out:
         print(json.dumps({"key": key, "hash": digest, "entry": entry, "tenant": tenant, "not_after": until or None}))
         return
-    print(f"API key (shown only now; give it to the client, it is stored nowhere):\n\n    {key}\n")
-    if tenant:
-        print(f"In the router's tenants file (--config), add this line to the api_keys of tenant {tenant}:\n\n      - {entry}\n")
-        print(f"or, for a new tenant:\n\ntenants:\n  - name: {tenant}\n    api_keys:\n      - {entry}\n")
-    else:
-        print(f"In the router's tenants file (--config), add this line to a tenant's api_keys:\n\n      - {entry}\n")
-    print("Routers read the file at start: restart them (one at a time) to take the key.")
+    # The key alone on the first line, the entry on one line of its own: scripts take them
+    # apart with `head -n 1` and a grep for the entry (deploy/init-secrets.sh does).
+    print(key)
+    print("# The API key above is shown only now and stored nowhere: give it to the client.")
+    where = f"tenant {tenant}" if tenant else "a tenant"
+    print(f"# Add this entry to the api_keys of {where} in the router's tenants file (--config):")
+    print(f"      - {entry}")
+    print("# Routers read the file at start: restart them (one at a time) to take the key.")
 
 
 @app.command("hash")
