@@ -181,7 +181,8 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
             detail["user"] = caller.user
         if message:
             detail["error"] = message
-        self._audit.record("registry", method, identity=caller.identity, target=_target(fields), ok=code == grpc.StatusCode.OK, detail=detail)
+        ok = code == grpc.StatusCode.OK and not fields.get("problems")  # an invalid fleet file is answered OK, but nothing was written
+        self._audit.record("registry", method, identity=caller.identity, target=_target(fields), ok=ok, detail=detail)
 
     def refused(self, method: str, caller: Caller, request: Any) -> None:
         """A call the credential check turned away: counted, logged and audited like any other
