@@ -192,7 +192,7 @@ async def test_valid_key_200_wrong_key_401_old_key_until_not_after(router: Keys,
 
     for key in (router.new, router.old):  # the new key, and the old one during its overlap
         reply = await client(key).chat.completions.create(model="llama-3.1-8b", messages=MESSAGES, max_tokens=4)
-        assert reply.choices[0].message.content and reply.usage.completion_tokens == 4  # type: ignore[union-attr]
+        assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1  # type: ignore[union-attr]
     for key in ("sk-tf-wrong", router.expired, router.new[:-1]):
         with pytest.raises(openai.AuthenticationError) as err:
             await client(key).chat.completions.create(model="llama-3.1-8b", messages=MESSAGES, max_tokens=4)
