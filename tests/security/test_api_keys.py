@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
+import httpx2
 import openai
 import pytest
 import pytest_asyncio
@@ -198,7 +198,7 @@ async def test_valid_key_200_wrong_key_401_old_key_until_not_after(router: Keys,
             await client(key).chat.completions.create(model="llama-3.1-8b", messages=MESSAGES, max_tokens=4)
         assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
         assert key not in str(err.value.body)
-    async with httpx.AsyncClient() as raw:  # no key at all: 401 in OpenAI's error shape
+    async with httpx2.AsyncClient() as raw:  # no key at all: 401 in OpenAI's error shape
         answer = await raw.post(f"{router.base_url}/chat/completions", json={"model": "llama-3.1-8b", "messages": MESSAGES})
     assert answer.status_code == 401 and set(answer.json()["error"]) == {"message", "type", "param", "code"}
     logged = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
