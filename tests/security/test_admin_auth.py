@@ -7,9 +7,7 @@ the CLI finds `tierflow up`'s token in the data dir. Plus the credential rules t
 from __future__ import annotations
 
 import asyncio
-import os
 import stat
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,19 +141,22 @@ async def test_writes_with_the_token_succeed_and_the_audit_stream_names_the_call
     assert all(reg.token not in str(r.detail) for r in records)
 
 
-async def test_the_cli_sends_the_token_it_finds_in_the_data_dir(reg: Registry) -> None:
-    async def cli(*args: str, **env: str) -> tuple[int, str]:
-        base = {k: v for k, v in os.environ.items() if k not in ("TIERFLOW_ADMIN_TOKEN", "TIERFLOW_DATA_DIR")}
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tierflow", *args, "--registry", reg.address, env={**base, **env, "COLUMNS": "200"},
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)  # fmt: skip
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-        return proc.returncode or 0, out.decode()
+async def test_the_cli_sends_the_token_it_finds_in_the_data_dir(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tierflow rollback/rollout` as a person runs them (in a thread: the registry serves on
+    this event loop), with and without a `tierflow up` data dir holding the token."""
+    from typer.testing import CliRunner
 
-    refused, found = await asyncio.gather(
-        cli("rollback", "chat", TIERFLOW_DATA_DIR=str(reg.data_dir / "elsewhere")),
-        cli("rollout", "chat", "--version", "v2", "--weight", "25", TIERFLOW_DATA_DIR=str(reg.data_dir)),
-    )
+    from tierflow.cli.main import app
+
+    monkeypatch.delenv("TIERFLOW_ADMIN_TOKEN", raising=False)
+
+    def cli(data_dir: Path, *args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, [*args, "--registry", reg.address], env={"TIERFLOW_DATA_DIR": str(data_dir), "COLUMNS": "200"})
+        return result.exit_code, result.output
+
+    refused = await asyncio.to_thread(cli, reg.data_dir / "elsewhere", "rollback", "chat")
     assert refused[0] == 1 and "refused (UNAUTHENTICATED)" in refused[1], refused
+    found = await asyncio.to_thread(cli, reg.data_dir, "rollout", "chat", "--version", "v2", "--weight", "25")
     assert found[0] == 0 and "rolled out v2 at 25%" in found[1], found
     records = await _audited(reg.nats_url, 1, lambda r: r.ok and r.action == "Rollout")
     assert records[0].identity == "token:admin" and "@" in records[0].detail["user"]
