@@ -140,16 +140,26 @@ class Keys:
     base_url: str
 
 
-def _keys_new(*args: str) -> dict[str, str]:
-    out = subprocess.run([sys.executable, "-m", "tierflow", "keys", "new", "--json", *args], capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout)
+def _keys_new(*args: str, process: bool = False) -> dict[str, str]:
+    """`tierflow keys new --json ARGS`: as its own process (the command as a person runs it),
+    or in this one (the same command, without paying for another interpreter)."""
+    if process:
+        out = subprocess.run([sys.executable, "-m", "tierflow", "keys", "new", "--json", *args], capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(out.stdout)
+    from typer.testing import CliRunner
+
+    from tierflow.cli.main import app
+
+    result = CliRunner().invoke(app, ["keys", "new", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def router(private_nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Keys]:
     """A router whose tenants file is made from `tierflow keys new` output: the current key,
     the previous one until an hour from now, and one whose overlap has ended."""
-    new = _keys_new("--tenant", "acme")
+    new = _keys_new("--tenant", "acme", process=True)
     old = _keys_new("--not-after", _iso(time.time() + 3600))
     expired = _keys_new("--not-after", "2020-01-01T00:00:00Z")
     config = tmp_path_factory.mktemp("api-keys") / "tenants.yaml"
