@@ -170,8 +170,12 @@ async def read_records(
     except NotFoundError:
         raise AuditStreamMissing(f"no audit stream {subjects.AUDIT_STREAM} yet; the model registry makes it when it starts") from None
     try:
-        if not follow and not (await sub.consumer_info()).num_pending:
-            return
+        if not follow:
+            # Matching records = delivered so far + still pending, one snapshot of the server's:
+            # a push consumer starts delivering at once, so `num_pending` alone may be 0 already.
+            info = await sub.consumer_info()
+            if not (info.num_pending or 0) + (info.delivered.consumer_seq if info.delivered else 0):
+                return
         while True:
             try:
                 msg = await sub.next_msg(timeout=None if follow else wait)
