@@ -293,11 +293,22 @@ async def test_nats_over_tls_with_the_ca_and_a_client_certificate(fabric: Fabric
 
 @pytest.mark.fabric
 def test_the_cli_finds_the_ca_in_the_data_dir(fabric: Fabric) -> None:
+    """`tierflow models list` (gRPC) and `tierflow status` (NATS, which also asks for the
+    client certificate) against the fabric, told only its data dir."""
     env = {**os.environ, "TIERFLOW_DATA_DIR": str(fabric.data_dir), "TIERFLOW_REGISTRY": f"{fabric.host}:{fabric.registry_grpc_port}"}
     for name in ("TIERFLOW_TLS_CA", "TIERFLOW_TLS_CERT", "TIERFLOW_TLS_KEY"):
         env.pop(name, None)
-    out = subprocess.run([sys.executable, "-m", "tierflow", "models", "list", "--json"], capture_output=True, text=True, env=env, timeout=30)
+    commands = {
+        "models": [sys.executable, "-m", "tierflow", "models", "list", "--json"],
+        "status": [sys.executable, "-m", "tierflow", "status", "--json", "--nats-url", fabric.nats_url],
+    }
+    running = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for name, argv in commands.items()}
+    out = {name: (process.communicate(timeout=30), process.returncode) for name, process in running.items()}
+    (models_out, models_err), models_code = out["models"]
     # 0: listed over TLS; 1 with UNAUTHENTICATED: the registry answered over TLS and wants an admin credential. Never 2 (unreachable).
-    assert out.returncode == 0 or (out.returncode == 1 and "UNAUTHENTICATED" in out.stderr), (out.returncode, out.stdout, out.stderr)
-    if out.returncode == 0:
-        assert {m["name"] for m in json.loads(out.stdout)} == {"gpt-oss-20b", "llama-3.1-8b"}
+    assert models_code == 0 or (models_code == 1 and "UNAUTHENTICATED" in models_err), (models_code, models_out, models_err)
+    if models_code == 0:
+        assert {m["name"] for m in json.loads(models_out)} == {"gpt-oss-20b", "llama-3.1-8b"}
+    (status_out, status_err), status_code = out["status"]
+    assert status_code == 0, (status_out, status_err)
+    assert any(s["name"] == "tierflow-router" for s in json.loads(status_out)["services"]), status_out
