@@ -31,6 +31,11 @@ local actuator: it answers `subjects.SUPERVISOR_CONTROL` (start a decode/prefill
 for a deployment with the next free node id and metrics port, stop a named node, list
 them). The autoscaler runs with `--actuator local` by default (`tierflow up --actuator none`
 makes its decisions advisory).
+
+`--tls`: before NATS starts, the local CA and certificates under DATA/tls
+(`tierflow.runtime.tls.ensure_local_pki`: made once, reused after); NATS then requires TLS
+and a client certificate, every child gets TIERFLOW_TLS_CERT/KEY/CA, up's own health
+checks and connections verify the CA, and DATA/tls/in-use tells the CLI to use them.
 """
 
 from __future__ import annotations
