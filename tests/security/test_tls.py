@@ -98,6 +98,17 @@ def test_the_cli_uses_the_data_dir_only_while_up_runs_with_tls(tmp_path: Path) -
     assert cli_client_files(explicit, tmp_path) == TlsFiles(ca="/elsewhere/ca.pem")
 
 
+def test_tls_generate_makes_the_files_a_deployment_mounts(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tierflow.cli.main import app
+
+    result = CliRunner().invoke(app, ["tls", "generate", "--out", str(tmp_path / "tls"), "--host", "router", "--host", "nats-0.nats"])
+    assert result.exit_code == 0, result.output
+    assert f"--tls-cert {tmp_path / 'tls' / 'server.pem'}" in result.output
+    assert {"router", "nats-0.nats", "127.0.0.1", "localhost"} <= _san(tmp_path / "tls" / "server.pem")
+
+
 async def test_a_tls_cluster_forms_over_tls_routes_and_refuses_plain_clients(tmp_path: Path) -> None:
     """`--nats-cluster N --tls`: the routes speak TLS (certificates checked both ways, so a
     member needs the clientAuth use our certificates carry), and so does every client port."""

@@ -24,6 +24,7 @@ from tierflow.cli.registry_cli import add_registry_commands
 from tierflow.cli.services import add_service_commands
 from tierflow.cli.sim import sim
 from tierflow.cli.status import status
+from tierflow.cli.tls_cli import app as tls_app
 from tierflow.cli.top import top
 from tierflow.cli.up import up
 
@@ -59,6 +60,7 @@ app.command("top", help="Live view of nodes, models, tiers, queues and rates.")(
 app.add_typer(nodes_app, name="nodes")
 app.command("audit", help="Who changed what: registry admin calls, node cordons and drains, nodes started and stopped.")(audit)
 app.add_typer(keys_app, name="keys")
+app.add_typer(tls_app, name="tls")
 app.add_typer(loadtest_app, name="loadtest", help="Drive the live fabric with a workload spec; compare reports.")
 app.command("sim", help="Simulate a workload on a fleet in virtual time (no NATS, no sleeping).")(sim)
 app.add_typer(emulator_app, name="emulator", help="The RDU emulator: calibration against published figures.")
