@@ -45,8 +45,12 @@ def tierflow_command_problems(argv: list[str], env: dict[str, str] | None = None
     if service not in SERVICES:
         return [f"{service!r} is not a tierflow service (one of {', '.join(SERVICES)})"]
     command = typer.main.get_command(app).commands[service]  # type: ignore[attr-defined]
+    from tierflow.runtime.nats_auth import CREDS_ENV
+
     ours = {k: v for k, v in (env or {}).items() if k.startswith("TIERFLOW_")}
-    known = {p.envvar for p in command.params if isinstance(p.envvar, str)}
+    # Options are TIERFLOW_* variables too; so is the one the runtime reads for every
+    # service, the NATS credentials file (read where the connection is made, not a flag).
+    known = {p.envvar for p in command.params if isinstance(p.envvar, str)} | {CREDS_ENV}
     problems = [f"{service}: environment variable {name} is not an option of `tierflow {service}`" for name in sorted(set(ours) - known)]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TIERFLOW_")}
     try:
@@ -61,6 +65,19 @@ def tierflow_command_problems(argv: list[str], env: dict[str, str] | None = None
     except msgspec.ValidationError as exc:
         problems.append(f"`tierflow {' '.join(argv)}`: {exc}")
     return problems
+
+
+def command_params(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Every option of `tierflow *argv` as the CLI resolves it (flags, then TIERFLOW_*
+    variables of `env`, then defaults), by Settings field name. For asking what a deployed
+    container really runs with, whichever way an option was given."""
+    from tierflow.cli.main import app
+
+    command = typer.main.get_command(app).commands[argv[0]]  # type: ignore[attr-defined]
+    ours = {k: v for k, v in (env or {}).items() if k.startswith("TIERFLOW_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TIERFLOW_")}
+    with mock.patch.dict(os.environ, {**clean, **ours}, clear=True):
+        return dict(command.make_context(argv[0], list(argv[1:])).params)
 
 
 def option_value(argv: list[str], flag: str) -> str | None:
@@ -84,7 +101,14 @@ def load_compose() -> dict[str, Any]:
 
 
 def compose_tierflow_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The compose services that run the tierflow image."""
+    """The compose services that run a tierflow service from the tierflow image: not the
+    one-shot ones with their own entrypoint (secrets-init) nor the tools that `up` does not
+    start (those under `profiles`, e.g. cli)."""
+    return {name: svc for name, svc in compose_tierflow_containers(compose).items() if "entrypoint" not in svc and "profiles" not in svc}
+
+
+def compose_tierflow_containers(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every compose service that runs the tierflow image, one-shot and tools included."""
     return {name: svc for name, svc in compose["services"].items() if str(svc.get("image", "")).split(":")[0] == TIERFLOW_IMAGE}
 
 

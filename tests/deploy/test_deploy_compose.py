@@ -104,22 +104,38 @@ def test_fleet_is_mounted_where_the_registry_reads_it(compose: dict[str, Any]) -
 # --------------------------------------------------------------------------- NATS
 
 
-def _nats_test_config(conf: Path, server_name: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(find_nats_server_binary()), "-c", str(conf), "-t"], capture_output=True, text=True, timeout=30, env={**os.environ, "SERVER_NAME": server_name})
+def _nats_test_config(conf: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(find_nats_server_binary()), "-c", str(conf), "-t"], capture_output=True, text=True, timeout=30, env={**os.environ, **env})
 
 
-def test_nats_config_is_valid_and_routes_name_every_server(compose: dict[str, Any]) -> None:
+def _mounted_dir(svc: dict[str, Any], source_prefix: str) -> str:
+    return next(m.split(":")[1] for m in svc["volumes"] if m.startswith(source_prefix)).rsplit("/", 1)[0]
+
+
+def test_nats_config_is_valid_and_routes_name_every_server(compose: dict[str, Any], tmp_path: Path) -> None:
+    """Checked as the container sees it: nats.conf beside the generated nats-auth.conf it includes."""
     conf = DEPLOY / "nats" / "nats.conf"
-    out = _nats_test_config(conf, "nats-1")
+    out = subprocess.run([sys.executable, "-m", "tierflow", "nats-auth", "generate", "--out", str(tmp_path / "secrets")],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    shutil.copy(conf, tmp_path / "nats.conf")
+    shutil.copy(tmp_path / "secrets" / "nats-auth.conf", tmp_path / "nats-auth.conf")
+    servers = {name for name, svc in compose["services"].items() if str(svc.get("image", "")).startswith("nats:")}
+    out = _nats_test_config(tmp_path / "nats.conf", dict(compose["services"]["nats-1"]["environment"]))
     assert out.returncode == 0, out.stdout + out.stderr
     routes = set(re.findall(r"nats-route://([\w.-]+):6222", conf.read_text()))
-    servers = {name for name, svc in compose["services"].items() if str(svc.get("image", "")).startswith("nats:")}
-    assert routes == servers
+    route_hosts = set()
     for name in servers:
         svc = compose["services"][name]
         assert svc["environment"]["SERVER_NAME"] == name
-        assert "nats" in svc["networks"]["default"]["aliases"], "clients connect to the `nats` alias"
-        assert any(m.startswith("./nats/nats.conf:") for m in svc["volumes"])
+        aliases = {a for net in svc["networks"].values() for a in (net or {}).get("aliases", [])}
+        assert "nats" in aliases, "clients connect to the `nats` alias"
+        route_hosts.add(svc["environment"]["ROUTE_HOST"])
+        assert svc["environment"]["ROUTE_HOST"] in svc["networks"]["nats-routes"]["aliases"]
+        assert _mounted_dir(svc, "./nats/nats.conf:") == _mounted_dir(svc, "./secrets/nats/nats-auth.conf:"), "include is relative"
+    assert routes == route_hosts
+    on_routes = {name for name, svc in compose["services"].items() if "nats-routes" in (svc.get("networks") or [])}
+    assert on_routes == servers, "only the NATS servers may reach the (unauthenticated) route port"
 
 
 # --------------------------------------------------------------------------- Prometheus

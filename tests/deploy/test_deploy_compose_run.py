@@ -6,6 +6,12 @@ nats-server instead of the cluster), listen hosts (loopback instead of 0.0.0.0),
 ports (free ones, since all containers would share this machine), and the paths of
 mounted volumes. Every flag stays. Then the stack must answer an OpenAI client, and
 every target in deploy/prometheus/prometheus.yml must serve /metrics.
+
+The secrets are made as on a first `docker compose up`: deploy/init-secrets.sh (what the
+one-shot service secrets-init runs) writes them into a temporary directory that stands
+for deploy/secrets; the NATS server reads the authorization block it wrote, so every
+service connects with the credentials file its compose entry mounts, or not at all, and
+the OpenAI client uses the API key it wrote (the router requires one).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +66,22 @@ class LocalStack:
         return "\n".join(out)
 
 
-def translate(name: str, svc: dict[str, Any], nats_url: str, stack: LocalStack) -> list[str]:
+def host_mounts(svc: dict[str, Any], secrets: Path) -> dict[str, Path]:
+    """container path -> local file of the service's bind mounts (./secrets/ is `secrets`)."""
+    out = {}
+    for mount in svc.get("volumes", []):
+        source, target = mount.split(":")[:2]
+        if source.startswith("./secrets/"):
+            out[target] = secrets / source.removeprefix("./secrets/")
+        elif source.startswith("./"):
+            out[target] = (DEPLOY / source).resolve()
+    return out
+
+
+def translate(name: str, svc: dict[str, Any], nats_url: str, stack: LocalStack, secrets: Path) -> list[str]:
     """The container's argv with only host-specific values replaced (see module docstring)."""
     argv = compose_argv(svc)
-    mounts = {m.split(":")[1]: DEPLOY / m.split(":")[0] for m in svc.get("volumes", []) if m.startswith("./")}
+    mounts = host_mounts(svc, secrets)
     out = []
     for i, arg in enumerate(argv):
         flag = argv[i - 1] if i else ""
@@ -73,7 +93,7 @@ def translate(name: str, svc: dict[str, Any], nats_url: str, stack: LocalStack) 
             stack.ports[(name, int(arg))] = local = free_port()
             arg = str(local)
         elif arg in mounts:
-            arg = str(mounts[arg].resolve())
+            arg = str(mounts[arg])
         out.append(arg)
     if argv[0] == "router" and int(option_value(argv, "--metrics-port") or 0) == 0:
         http = int(option_value(argv, "--http-port") or 8000)
@@ -82,11 +102,22 @@ def translate(name: str, svc: dict[str, Any], nats_url: str, stack: LocalStack) 
 
 
 @pytest.fixture(scope="module")
-def nats_for_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private JetStream server: the registry writes the example fleet into it."""
+def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """deploy/secrets as secrets-init leaves it, made by the same script."""
+    out = tmp_path_factory.mktemp("compose-secrets") / "secrets"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.run(["sh", str(DEPLOY / "init-secrets.sh"), str(out)], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def nats_for_stack(tmp_path_factory: pytest.TempPathFactory, secrets: Path) -> Iterator[str]:
+    """A private JetStream server with the stack's authorization: the registry writes the example fleet into it."""
     root = tmp_path_factory.mktemp("compose-nats")
-    config = NatsServerConfig(store_dir=root / "store", port=free_port(), monitor_port=free_port(), name="compose-run")
-    config.store_dir.mkdir(parents=True)
+    config = NatsServerConfig(store_dir=root / "store", port=free_port(), monitor_port=free_port(), name="compose-run",
+                              extra_config=secrets / "nats" / "nats-auth.conf")  # fmt: skip
+    config.prepare()
     with open(root / "nats.log", "wb") as log:
         server = subprocess.Popen(config.argv(), stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -98,15 +129,17 @@ def nats_for_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(nats_for_stack: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(nats_for_stack: str, secrets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     compose = load_compose()
     logs = tmp_path_factory.mktemp("compose-logs")
     stack = LocalStack()
     env_base = {k: v for k, v in os.environ.items() if not k.startswith(("TIERFLOW_", "OTEL_"))}
     try:
         for name, svc in compose_tierflow_services(compose).items():
-            argv = [sys.executable, "-m", "tierflow", *translate(name, svc, nats_for_stack, stack)]
-            env = {**env_base, **{k: str(v) for k, v in (svc.get("environment") or {}).items() if k not in DROP_ENV}, "PYTHONUNBUFFERED": "1"}
+            argv = [sys.executable, "-m", "tierflow", *translate(name, svc, nats_for_stack, stack, secrets)]
+            mounts = host_mounts(svc, secrets)
+            env = {**env_base, **{k: str(mounts.get(str(v), v)) for k, v in (svc.get("environment") or {}).items() if k not in DROP_ENV},
+                   "PYTHONUNBUFFERED": "1"}  # fmt: skip
             stack.logs[name] = logs / f"{name}.log"
             with open(stack.logs[name], "wb") as log:
                 stack.processes[name] = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -128,7 +161,17 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
     return reply.status, reply.body
 
 
-def _wait_ready(stack: LocalStack, router_port: int, decode_nodes: int, timeout: float = 60.0) -> None:
+def _models(port: int, api_key: str) -> tuple[int, bytes]:
+    """GET /v1/models with the API key (http_get sends no headers; the router requires one)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _wait_ready(stack: LocalStack, router_port: int, decode_nodes: int, api_key: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -140,7 +183,7 @@ def _wait_ready(stack: LocalStack, router_port: int, decode_nodes: int, timeout:
             if status == 200 and json.loads(body).get("nodes", 0) >= decode_nodes:
                 # Nodes heartbeat once they have read their deployment; the router lists a
                 # model once its registry watch has delivered it too. Ready is both.
-                status, body = _get(router_port, "/v1/models")
+                status, body = _models(router_port, api_key)
                 last = f"/v1/models: {status} {body[:200]!r}"
                 if status == 200 and json.loads(body).get("data"):
                     return
@@ -150,7 +193,7 @@ def _wait_ready(stack: LocalStack, router_port: int, decode_nodes: int, timeout:
     pytest.fail(f"the compose services never became ready (router /health: {last}):\n{stack.tails()}")
 
 
-def test_compose_commands_run_serve_and_expose_metrics(stack: LocalStack) -> None:
+def test_compose_commands_run_serve_and_expose_metrics(stack: LocalStack, secrets: Path) -> None:
     import openai
 
     compose = load_compose()
@@ -158,9 +201,13 @@ def test_compose_commands_run_serve_and_expose_metrics(stack: LocalStack) -> Non
     router_http = int(option_value(compose_argv(services["router"]), "--http-port") or 8000)
     router_port = stack.local("router", router_http)
     decode = sum(compose_argv(s)[0] == "decode-node" for s in services.values())
-    _wait_ready(stack, router_port, decode)
+    api_key = (secrets / "api-key").read_text().strip()
+    _wait_ready(stack, router_port, decode, api_key)
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{router_port}/v1", api_key="compose", max_retries=0)
+    anonymous = openai.OpenAI(base_url=f"http://127.0.0.1:{router_port}/v1", api_key="not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):  # compose's router requires a key (no open tenant)
+        anonymous.chat.completions.create(model="llama-3.1-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{router_port}/v1", api_key=api_key, max_retries=0)
     models = {m.id for m in client.models.list()}
     assert {"llama-3.1-8b", "gpt-oss-20b"} <= models
     for i in range(3):
@@ -197,3 +244,15 @@ def _scrape_targets(config: dict[str, Any], stack: LocalStack) -> dict[str, list
             assert status == 200, f"{job['job_name']} {target}: HTTP {status}"
             served[host] = [s for f in text_string_to_metric_families(body.decode()) for s in f.samples]
     return served
+
+
+def test_the_cli_service_reads_the_fabric_as_admin(stack: LocalStack, nats_for_stack: str, secrets: Path) -> None:
+    """`docker compose run --rm cli status`: its command with its environment and the file it mounts."""
+    cli = load_compose()["services"]["cli"]
+    mounts = host_mounts(cli, secrets)
+    env = {k: str(mounts.get(str(v), v)) for k, v in cli["environment"].items() if k not in DROP_ENV}
+    env["TIERFLOW_NATS_URL"] = nats_for_stack  # the container's nats://nats:4222
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TIERFLOW_", "OTEL_"))}
+    out = subprocess.run([sys.executable, "-m", "tierflow", *compose_argv(cli)], capture_output=True, text=True, timeout=60, env={**base, **env})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "decode-0" in out.stdout and "router" in out.stdout.lower(), out.stdout
