@@ -151,7 +151,7 @@ async def drive(args: argparse.Namespace, fabric: Fabric) -> tuple[list[Request]
               ("baseline", args.steady + args.spike, args.steady + args.spike + args.after, args.rate)]  # fmt: skip
     rng = random.Random(args.seed)
     client = openai.AsyncOpenAI(base_url=fabric.base_url, api_key="unused", max_retries=0, timeout=args.request_timeout)
-    nc = await nats.connect(fabric.nats_urls)
+    nc = await nats.connect(fabric.nats_urls, **fabric.nats_options())
     probe = Probe()
     await probe.attach(nc)
     requests: list[Request] = []

@@ -31,6 +31,7 @@ import numpy as np
 
 from tierflow.contracts import messages, subjects
 from tierflow.harness import start_fabric
+from tierflow.runtime import nats_auth
 from tierflow.tokenizer import encode
 
 HERE = Path(__file__).resolve().parent
@@ -38,11 +39,11 @@ PROMPT = "Benchmark the fabric's own overhead, please."
 BODY = json.dumps({"model": "llama-3.1-8b", "prompt": PROMPT, "max_tokens": 4, "ignore_eos": True}).encode()
 
 
-async def direct_once(nc: nats.NATS, inbox_prefix: str, queue: asyncio.Queue, ids: list[int]) -> float:
+async def direct_once(nc: nats.NATS, stream_id: str, queue: asyncio.Queue, ids: list[int]) -> float:
     request_id = uuid.uuid4().hex
     req = messages.GenerateRequest(request_id=request_id, model="llama-3.1-8b", prompt_token_ids=ids, max_tokens=4, ignore_eos=True)
     started = time.perf_counter()
-    await nc.publish(subjects.node_generate("decode-0"), messages.encoder.encode(req), reply=f"{inbox_prefix}.{request_id}")
+    await nc.publish(subjects.node_generate("decode-0"), messages.encoder.encode(req), reply=subjects.router_stream(stream_id, request_id))
     while True:
         msg = await queue.get()
         if type(messages.stream_decoder.decode(msg.data)) is messages.Finished:
@@ -63,10 +64,10 @@ async def http_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 
 
 async def measure(fabric, n: int) -> tuple[np.ndarray, np.ndarray]:
-    nc = await nats.connect(fabric.nats_urls)
+    nc = await nats.connect(fabric.nats_urls, **fabric.nats_options())
     queue: asyncio.Queue = asyncio.Queue()
-    inbox = f"_INBOX.bench{uuid.uuid4().hex[:8]}"
-    await nc.subscribe(f"{inbox}.*", cb=queue.put)
+    inbox = nats_auth.ADMIN_STREAM_ID  # a node answers the admin's probes on its own reply streams, as a router's
+    await nc.subscribe(subjects.router_streams(inbox), cb=queue.put)
     reader, writer = await asyncio.open_connection(fabric.host, fabric.http_port)
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n").encode()
     ids = encode(PROMPT)

@@ -19,6 +19,7 @@ import nats
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
 
+from tierflow.runtime import nats_auth
 from tierflow.runtime.logs import configure_logging
 from tierflow.runtime.looplag import watch_loop_lag
 from tierflow.runtime.tls import TlsFiles, client_ssl_context
@@ -89,6 +90,13 @@ async def connect_nats(
     its CA (and shown the service's certificate, for a server that checks clients').
     """
     tls_options = {"tls": client_ssl_context(tls)} if tls is not None and tls.enabled else {}
+    # This process's NATS identity (nats_auth): the credentials file TIERFLOW_NATS_CREDS names.
+    try:
+        creds = nats_auth.identity_from_env()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"cannot read the NATS credentials in ${nats_auth.CREDS_ENV}: {exc}") from exc
+    auth_options = nats_auth.connect_options(creds)
+    who = f" as {creds.identity.name}" if creds is not None else ""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -119,11 +127,14 @@ async def connect_nats(
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 **tls_options,
+                **auth_options,
             )
         except Exception as exc:  # nats-py raises several unrelated types here
             if (stopping is not None and stopping.is_set()) or loop.time() > deadline:
+                if "authorization" in str(exc).lower():
+                    raise ConnectionError(f"NATS at {url} refused this process{who or ' (no credentials: set $' + nats_auth.CREDS_ENV + ')'}: {exc}") from exc
                 raise ConnectionError(f"cannot reach NATS at {url}: {exc}; is nats-server running?") from exc
-            log.info("waiting for NATS at %s (%s)", url, exc)
+            log.info("waiting for NATS at %s%s (%s)", url, who, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

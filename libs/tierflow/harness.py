@@ -8,6 +8,7 @@ are read back from up's ready line, and the processes to kill from DATA/children
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tierflow.cli.children_file import FILE_NAME as CHILDREN_FILE
 from tierflow.cli.children_file import ChildRecord, read_children
@@ -45,6 +47,62 @@ class Fabric:
     nats_monitor_port: int
     nats_cluster_port: int
     tls: bool = False  # started with --tls: HTTPS, gRPC over TLS, tls:// NATS (client certificates required)
+    nats_auth: bool = True  # one NATS identity per process (DATA/auth); False: started with --no-nats-auth
+
+    def creds(self, identity: str = "admin") -> Path | None:
+        """The credentials file of the identity called `identity` (`admin`, `observer`,
+        `router-r0`, `node-decode-0`, ...); None without NATS auth."""
+        return self.data_dir / "auth" / f"{identity}.creds" if self.nats_auth else None
+
+    def nats_env(self, identity: str = "admin") -> dict[str, str]:
+        """Environment for a process connecting as `identity` (a CLI command, an extra
+        service): `TIERFLOW_NATS_CREDS`, empty without NATS auth."""
+        from tierflow.runtime.nats_auth import CREDS_ENV
+
+        path = self.creds(identity)
+        return {CREDS_ENV: str(path) if path is not None else ""}
+
+    def nats_options(self, identity: str = "admin") -> dict[str, Any]:
+        """What `nats.connect(fabric.nats_urls, **options)` needs besides the servers: the
+        identity's key and inbox prefix, and the TLS context of a `--tls` fabric."""
+        from tierflow.runtime import nats_auth
+
+        path = self.creds(identity)
+        options = nats_auth.connect_options(nats_auth.read_creds(path)) if path is not None else {}
+        context = self.ssl_context()
+        return {**options, **({"tls": context} if context is not None else {})}
+
+    def add_identity(self, role: str, instance: str = "") -> str:
+        """A new NATS identity (a test's extra node `add_identity("node", "canary-0")`),
+        taken by every NATS server of the fabric before this returns; its name, for
+        `nats_env` / `nats_options`. A no-op without NATS auth."""
+        from tierflow.cli.auth_files import AuthStore
+        from tierflow.runtime.nats_auth import Identity
+
+        identity = Identity(role, instance)
+        if self.nats_auth and AuthStore(self.data_dir / "auth").ensure([identity]):
+            self._reload_nats()
+        return identity.name
+
+    def _reload_nats(self, timeout: float = 10.0) -> None:
+        """SIGHUP every NATS server and wait until each one's /varz shows a newer config."""
+
+        def loaded(port: int) -> str:
+            with urllib.request.urlopen(f"http://{self.host}:{port}/varz", timeout=2) as response:
+                return str(json.loads(response.read()).get("config_load_time", ""))
+
+        members = self.nats_members()
+        names = ["nats"] if len(members) == 1 else [m.name for m in members]
+        monitor = {name: m.monitor_port for name, m in zip(names, members, strict=True)}
+        servers = [(c.pid, monitor[c.name]) for c in self.children() if c.role == "nats" and c.state == "running" and c.name in monitor]
+        before = {pid: loaded(port) for pid, port in servers}
+        for pid, _ in servers:
+            os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while any(loaded(port) == before[pid] for pid, port in servers):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the NATS servers of {self.data_dir} did not reload their config in {timeout:g}s")
+            time.sleep(0.02)
 
     @property
     def base_url(self) -> str:
@@ -209,7 +267,8 @@ def start_fabric(data_dir: Path, *extra: str, ready_timeout: float = 90.0, env: 
                 found = _NATS_IN_READY_LINE.search(line)
                 urls = found.group(1).split(",") if found else [f"nats://127.0.0.1:{nats['nats']}"]
                 return Fabric(process, "127.0.0.1", ports["http"], ports["grpc"], ports["registry"], nats["nats"], data_dir, line.strip(), urls,
-                              nats_monitor_port=nats["monitor"], nats_cluster_port=nats["cluster"], tls="--tls" in extra)  # fmt: skip
+                              nats_monitor_port=nats["monitor"], nats_cluster_port=nats["cluster"], tls="--tls" in extra,
+                              nats_auth="--no-nats-auth" not in extra)  # fmt: skip
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("tierflow up did not become ready:\n" + out_path.read_text())

@@ -32,6 +32,7 @@ from nats.aio.client import Client as NATS
 from tierflow.cli.children_file import ChildRecord
 from tierflow.contracts import messages, subjects
 from tierflow.harness import Fabric, start_fabric
+from tierflow.runtime import nats_auth
 from tierflow.tokenizer import encode
 
 __all__ = ["FLEET", "PROFILES", "Layout", "NodeWatch", "connect", "signal_child", "start", "wait_back"]
@@ -83,7 +84,7 @@ async def connect(fabric: Fabric, name: str) -> NATS:
 
     return await nats.connect(servers=fabric.nats_urls, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
                               reconnect_time_wait=0.25, connect_timeout=2, ping_interval=2, max_outstanding_pings=2,
-                              error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet)  # fmt: skip
+                              error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, **fabric.nats_options())  # fmt: skip
 
 
 def signal_child(fabric: Fabric, name: str, sig: signal.Signals) -> ChildRecord:
@@ -133,7 +134,9 @@ class NodeWatch:
 
     @classmethod
     async def attach(cls, nc: NATS) -> NodeWatch:
-        watch = cls(nc, _inbox=f"_INBOX.faults{uuid.uuid4().hex[:10]}")
+        # Probes are answered on the admin identity's own reply streams (NATS auth lets a node
+        # answer on router streams only, and the admin read only its own).
+        watch = cls(nc, _inbox=nats_auth.ADMIN_STREAM_ID)
 
         async def on_beat(msg) -> None:  # type: ignore[no-untyped-def]
             hb = messages.heartbeat_decoder.decode(msg.data)
@@ -146,7 +149,7 @@ class NodeWatch:
                 queue.put_nowait(messages.stream_decoder.decode(msg.data))
 
         await nc.subscribe(subjects.NODE_HEARTBEATS, cb=on_beat)
-        await nc.subscribe(f"{watch._inbox}.*", cb=on_reply)
+        await nc.subscribe(subjects.router_streams(watch._inbox), cb=on_reply)
         return watch
 
     def live(self, within: float = 3.0) -> list[Heard]:
@@ -187,7 +190,7 @@ class NodeWatch:
         answered = False
         try:
             async with asyncio.timeout(timeout):
-                await self.nc.publish(subject, messages.encoder.encode(request), reply=f"{self._inbox}.{request_id}")
+                await self.nc.publish(subject, messages.encoder.encode(request), reply=subjects.router_stream(self._inbox, request_id))
                 answered = not isinstance(await queue.get(), messages.Failed)
                 return answered
         except (TimeoutError, nats.errors.Error):

@@ -13,7 +13,7 @@ import uuid
 import msgspec
 
 from tierflow.contracts import messages, registry, subjects
-from tierflow.runtime import discovery
+from tierflow.runtime import discovery, nats_auth
 from tierflow.runtime.waiting import first
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.kv import follow
@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 async def main(ctx: ServiceContext, settings: Settings) -> None:
-    router_id = subjects.check_token(settings.router_id or f"r{uuid.uuid4().hex[:12]}", "router id")
+    # With NATS credentials the id is theirs (they allow only that router's subjects).
+    router_id = subjects.check_token(nats_auth.own_id(nats_auth.ROUTER, settings.router_id) or f"r{uuid.uuid4().hex[:12]}", "router id")
     nc = await connect_nats(settings.nats_url, f"tierflow-router-{router_id}", stopping=ctx.stopping, tls=ctx.tls)
     clock = WallClock()
     nodes = NodeTable()

@@ -23,7 +23,7 @@ def canary_fabric(tmp_path_factory: pytest.TempPathFactory, fabric_factory, repo
     )  # fmt: skip
     canary = subprocess.Popen(
         [sys.executable, "-m", "tierflow", "decode-node", "--nats-url", running.nats_url, "--node-id", "canary-0", "--deployment", "canary"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **running.nats_env(running.add_identity("node", "canary-0"))},
     )
     try:
         yield running

@@ -6,6 +6,7 @@ One decode node (so every request lands on it) that starts with its bundle in DD
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -72,11 +73,12 @@ def test_ddr_switch_costs_milliseconds_and_a_cold_load_costs_storage_time(tier_f
     assert 0.010 < ddr_ttft < 0.5  # an 8B over >1 TB/s DDR->HBM: ~16 ms of copy
 
     # Swap the node for one that starts cold (weights in host storage): a real second process.
-    status = json.loads(subprocess.run([sys.executable, "-m", "tierflow", "status", "--json", "--nats-url", tier_fabric.nats_url], capture_output=True, text=True, timeout=30).stdout)
+    status = json.loads(subprocess.run([sys.executable, "-m", "tierflow", "status", "--json", "--nats-url", tier_fabric.nats_url], capture_output=True, text=True, timeout=30,
+                                       env={**os.environ, **tier_fabric.nats_env()}).stdout)  # fmt: skip
     (old,) = [n for n in status["nodes"] if n["role"] == "decode"]
     cold = subprocess.Popen(
         [sys.executable, "-m", "tierflow", "decode-node", "--nats-url", tier_fabric.nats_url, "--node-id", "cold-0", "--deployment", "tiers", "--preload", "cold"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **tier_fabric.nats_env(tier_fabric.add_identity("node", "cold-0"))},
     )
     try:
         subprocess.run(["kill", "-TERM", str(old["pid"])], check=True)

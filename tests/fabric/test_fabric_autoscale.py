@@ -116,7 +116,7 @@ async def test_load_adds_a_node_and_its_end_gives_it_back_without_losing_a_reque
     fabric = await asyncio.to_thread(
         fabric_factory, tmp_path / "data", "--fleet", str(fleet), "--deployment", "elastic", "--decode-nodes", "1", "--prefill-nodes", "0", env=ENV
     )  # fmt: skip
-    nc = await nats.connect(fabric.nats_url)
+    nc = await nats.connect(fabric.nats_urls, **fabric.nats_options())
     watch = Watch()
 
     async def on_decision(msg) -> None:

@@ -261,14 +261,14 @@ def test_histograms_and_node_counters_count_exactly_the_requests_sent(fabric) ->
         assert per_model == {m: float(n) for m, n in plan.items()}, f"{metric} rose by {per_model}, expected {plan}"
 
 
-def _top(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}  # rich wraps at 80 columns without a terminal
+def _top(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}  # rich wraps at 80 columns without a terminal
     return subprocess.run([sys.executable, "-m", "tierflow", "top", "--once", *args], capture_output=True, text=True, timeout=30, env=env)
 
 
 @pytest.mark.fabric
 def test_top_once_shows_nodes_models_and_rates(fabric) -> None:  # noqa: ANN001
-    out = _top("--nats-url", fabric.nats_url, "--router", f"http://{fabric.host}:{fabric.http_port}")
+    out = _top("--nats-url", fabric.nats_url, "--router", f"http://{fabric.host}:{fabric.http_port}", env=fabric.nats_env())
     assert out.returncode == 0, out.stdout + out.stderr
     for word in ("decode-0", "decode-1", "prefill-0", "llama-3.1-8b", "gpt-oss-20b", "(hbm)", "ready", "rates over"):
         assert word in out.stdout, f"{word!r} missing from:\n{out.stdout}"

@@ -32,10 +32,11 @@ LONG_PROMPT = "Summarize the quarterly report. " * 700  # ~4,200 tokens: a slow 
 @pytest.fixture(scope="module")
 def big_fabric(tmp_path_factory: pytest.TempPathFactory, fabric_factory, repo_root):
     # Four nodes, none replaced (no restarts, an advisory autoscaler): each test kills one or
-    # more, and the last one needs every node gone.
+    # more, and the last one needs every node gone. No NATS auth: `NodeWatch` reads every
+    # node's work subject (prompts included) to see where a request went, which no identity may.
     running = fabric_factory(
         tmp_path_factory.mktemp("failover"), "--fleet", str(repo_root / "tests/fleets/failover.yaml"), "--deployment", "big",
-        "--decode-nodes", "4", "--prefill-nodes", "0", "--no-restart", "--actuator", "none",
+        "--decode-nodes", "4", "--prefill-nodes", "0", "--no-restart", "--actuator", "none", "--no-nats-auth",
     )  # fmt: skip
     try:
         yield running

@@ -28,7 +28,8 @@ def regional(tmp_path_factory: pytest.TempPathFactory, fabric_factory, repo_root
     )  # fmt: skip
     us = subprocess.Popen(
         [sys.executable, "-m", "tierflow", "decode-node", "--nats-url", running.nats_url, "--node-id", "us-0", "--deployment", "us"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={k: v for k, v in os.environ.items() if k != "TIERFLOW_CONFIG"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**{k: v for k, v in os.environ.items() if k != "TIERFLOW_CONFIG"}, **running.nats_env(running.add_identity("node", "us-0"))},
     )
     try:
         deadline = time.monotonic() + 20
@@ -90,7 +91,8 @@ def test_region_bound_tenant_is_never_served_outside_even_with_its_region_down(r
     assert {_node_of(acme) for _ in range(8)} == {"decode-0"}  # the EU node only
     assert {_node_of(globex, user=f"s{i}") for i in range(12)} == {"decode-0", "us-0"}
 
-    status = json.loads(subprocess.run([sys.executable, "-m", "tierflow", "status", "--json", "--nats-url", regional.nats_url], capture_output=True, text=True, timeout=30).stdout)
+    status = json.loads(subprocess.run([sys.executable, "-m", "tierflow", "status", "--json", "--nats-url", regional.nats_url], capture_output=True, text=True, timeout=30,
+                                       env={**os.environ, **regional.nats_env()}).stdout)  # fmt: skip
     eu_pid = next(n["pid"] for n in status["nodes"] if n["node_id"] == "decode-0")
     os.kill(eu_pid, signal.SIGKILL)  # every node of the tenant's region is down
     failures = 0

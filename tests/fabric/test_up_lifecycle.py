@@ -29,7 +29,8 @@ def _alive(pid: int) -> bool:
 def test_ctrl_c_stops_every_child_and_exits_0(tmp_path_factory: pytest.TempPathFactory, fabric_factory) -> None:
     fabric = fabric_factory(tmp_path_factory.mktemp("lifecycle"))
     try:
-        out = subprocess.run([sys.executable, "-m", "tierflow", "status", "--json", "--nats-url", fabric.nats_url], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([sys.executable, "-m", "tierflow", "status", "--json", "--nats-url", fabric.nats_url], capture_output=True, text=True, timeout=30,
+                             env={**os.environ, **fabric.nats_env()})  # fmt: skip
         status = json.loads(out.stdout)
         pids = {int(s["metadata"]["pid"]) for s in status["services"]} | {n["pid"] for n in status["nodes"]}
         assert len(pids) == 6, status  # registry, router, autoscaler, prefill, 2 decode

@@ -19,6 +19,7 @@ from tierflow.cli.audit import audit
 from tierflow.cli.emulator import app as emulator_app
 from tierflow.cli.keys import app as keys_app
 from tierflow.cli.loadtest import app as loadtest_app
+from tierflow.cli.nats_auth_cli import app as nats_auth_app
 from tierflow.cli.nodes import app as nodes_app
 from tierflow.cli.registry_cli import add_registry_commands
 from tierflow.cli.services import add_service_commands
@@ -45,6 +46,8 @@ def _client_tls(
                                         "(default: DATA/tls of a `tierflow up --tls`, DATA = TIERFLOW_DATA_DIR or .tierflow).")] = "",
     tls_cert: Annotated[str, typer.Option("--tls-cert", help="Client certificate to show NATS (with --tls-key).")] = "",
     tls_key: Annotated[str, typer.Option("--tls-key", help="Private key of --tls-cert.")] = "",
+    nats_creds: Annotated[str, typer.Option("--nats-creds", help="NATS credentials for this command's connections "
+                                            "(default: DATA/auth/admin.creds of a `tierflow up`).")] = "",
 ) -> None:
     """Options before the command (`tierflow --tls-ca ca.pem status`) are handed to the
     commands as TIERFLOW_TLS_* (what `tierflow.cli.client_tls` reads); services and `up`
@@ -52,6 +55,8 @@ def _client_tls(
     for name, value in (("TIERFLOW_TLS_CA", tls_ca), ("TIERFLOW_TLS_CERT", tls_cert), ("TIERFLOW_TLS_KEY", tls_key)):
         if value:
             os.environ[name] = value
+    if nats_creds:
+        os.environ["TIERFLOW_NATS_CREDS"] = nats_creds  # what tierflow.cli.nats_connect reads
 
 
 app.command("up", help="Run the whole fabric locally: NATS, the five services and emulated nodes.")(up)
@@ -61,6 +66,7 @@ app.add_typer(nodes_app, name="nodes")
 app.command("audit", help="Who changed what: registry admin calls, node cordons and drains, nodes started and stopped.")(audit)
 app.add_typer(keys_app, name="keys")
 app.add_typer(tls_app, name="tls")
+app.add_typer(nats_auth_app, name="nats-auth")
 app.add_typer(loadtest_app, name="loadtest", help="Drive the live fabric with a workload spec; compare reports.")
 app.command("sim", help="Simulate a workload on a fleet in virtual time (no NATS, no sleeping).")(sim)
 app.add_typer(emulator_app, name="emulator", help="The RDU emulator: calibration against published figures.")

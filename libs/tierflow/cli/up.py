@@ -36,6 +36,13 @@ makes its decisions advisory).
 (`tierflow.runtime.tls.ensure_local_pki`: made once, reused after); NATS then requires TLS
 and a client certificate, every child gets TIERFLOW_TLS_CERT/KEY/CA, up's own health
 checks and connections verify the CA, and DATA/tls/in-use tells the CLI to use them.
+
+NATS auth (on unless `--no-nats-auth`): every child connects as its own identity
+(`runtime/nats_auth.py`), its credentials file named by TIERFLOW_NATS_CREDS; DATA/auth holds
+them and the servers' authorization block (`cli/auth_files.py`), made on the first run and
+reused after. Routers are `r0`, `r1`, ... (their identity allows only that id's reply
+streams). A node started on the autoscaler's request gets its identity first: the user is
+added and every running NATS server reloads its config before the node starts.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from nats import connect as nats_connect
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
+from tierflow.cli.auth_files import AuthStore, reload_servers
 from tierflow.cli.children_file import FILE_NAME as CHILDREN_FILE
 from tierflow.cli.children_file import snapshot, write_children
 from tierflow.cli.restarts import Restarter, RestartPolicy
@@ -68,9 +76,10 @@ from tierflow.cli.supervisor import ChildExit, ProcessSpec, Supervisor
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.profiles import read_profiles_file
 from tierflow.rdu import load_profiles
-from tierflow.runtime import discovery
+from tierflow.runtime import discovery, nats_auth
 from tierflow.runtime.admin_token import admin_token_path, ensure_admin_token
 from tierflow.runtime.logs import JsonFormatter
+from tierflow.runtime.nats_auth import Identity
 from tierflow.runtime.nats_server import (
     NatsServerConfig,
     NatsServerNotFound,
@@ -133,6 +142,7 @@ class UpConfig:
     restart: bool = True  # restart children that die after the fabric is ready
     tls: bool = False  # TLS on HTTP, gRPC and NATS, from the local CA under DATA/tls (runtime/tls.py)
     allow_anonymous: bool = True  # routers without a tenants file serve everyone as the open tenant (local runs)
+    nats_auth: bool = True  # one NATS identity per process, anonymous refused (DATA/auth, runtime/nats_auth.py)
 
     def __post_init__(self) -> None:
         if self.nats_cluster < 1:
@@ -189,6 +199,25 @@ class UpConfig:
         return env
 
     @property
+    def auth(self) -> AuthStore:
+        """DATA/auth: every NATS identity's credentials and the servers' authorization block."""
+        return AuthStore(self.data_dir / "auth")
+
+    def router_ids(self) -> list[str]:
+        """Each router's id under NATS auth (its identity allows only that id's subjects)."""
+        return [f"r{i}" for i in range(self.routers)]
+
+    def nats_identity_env(self, identity: Identity | None) -> dict[str, str]:
+        """The credentials a child connects with (`$TIERFLOW_NATS_CREDS`); set, empty, without
+        auth too, so credentials a shell exported for the CLI never reach a service."""
+        path = str(self.auth.creds_path(identity).resolve()) if self.nats_auth and identity is not None else ""
+        return {nats_auth.CREDS_ENV: path}
+
+    def nats_options(self, identity: Identity) -> dict[str, Any]:
+        """`nats.connect` arguments for `identity` (up's own connections); none without auth."""
+        return nats_auth.connect_options(nats_auth.read_creds(self.auth.creds_path(identity))) if self.nats_auth else {}
+
+    @property
     def pki(self) -> LocalPki:
         """DATA/tls: the local CA, the services' certificate and the clients' (`--tls`)."""
         return LocalPki(self.data_dir / "tls")
@@ -216,9 +245,14 @@ class UpConfig:
         --nats-cluster-port + i, with its store in DATA/nats/nats-<i>."""
         if self.nats_cluster == 1:
             return [NatsServerConfig(store_dir=self.data_dir / "nats", host=self.host, port=self.nats_port,
-                                     monitor_port=self.nats_monitor_port, name="tierflow", tls=self.nats_tls())]  # fmt: skip
+                                     monitor_port=self.nats_monitor_port, name="tierflow", tls=self.nats_tls(),
+                                     extra_config=self._nats_auth_config())]  # fmt: skip
         return cluster_configs(self.data_dir / "nats", self.nats_cluster, host=self.host, port=self.nats_port,
-                               monitor_port=self.nats_monitor_port, cluster_port=self.nats_cluster_port, tls=self.nats_tls())  # fmt: skip
+                               monitor_port=self.nats_monitor_port, cluster_port=self.nats_cluster_port, tls=self.nats_tls(),
+                               extra_config=self._nats_auth_config())  # fmt: skip
+
+    def _nats_auth_config(self) -> Path | None:
+        return self.auth.server_config.resolve() if self.nats_auth else None
 
     @property
     def nats_url(self) -> str:
@@ -264,31 +298,32 @@ def service_specs(config: UpConfig, *, python: str = sys.executable) -> list[Pro
     metrics = iter(range(config.metrics_base_port, 65536))
     fleet = str(config.fleet.resolve())
 
-    def spec(name: str, *args: str, env: dict[str, str] | None = None) -> ProcessSpec:
-        return ProcessSpec(name, [python, "-m", "tierflow", *args], {**config.service_env(), **(env or {})},
+    def spec(name: str, *args: str, env: dict[str, str] | None = None, identity: Identity | None = None) -> ProcessSpec:
+        return ProcessSpec(name, [python, "-m", "tierflow", *args], {**config.service_env(), **config.nats_identity_env(identity), **(env or {})},
                            config.logs_dir / f"{name}.log", role=args[0])  # fmt: skip
 
     router_metrics = config.router_metrics_ports() or [0]
     routers = [
         spec(name, "router", "--nats-url", nats_url, "--http-host", config.host, "--http-port", str(config.http_port),
              "--grpc-port", str(config.grpc_port), "--metrics-port", str(router_metrics[i]),
-             *(["--reuse-port"] if config.routers > 1 else []))
+             *(["--reuse-port"] if config.routers > 1 else []), identity=Identity(nats_auth.ROUTER, config.router_ids()[i]))
         for i, name in enumerate(config.router_names())
     ]  # fmt: skip
     specs = [
         spec(REGISTRY_NAME, "model-registry", "--nats-url", nats_url, "--grpc-port", str(config.registry_grpc_port),
-             "--fleet", fleet, "--metrics-port", str(next(metrics))),
+             "--fleet", fleet, "--metrics-port", str(next(metrics)), identity=Identity(nats_auth.REGISTRY)),
         *routers,
         # The actuator goes by environment, not flag: the flags are the service contract.
         spec(AUTOSCALER_NAME, "autoscaler", "--nats-url", nats_url, "--metrics-port", str(next(metrics)),
-             env={"TIERFLOW_ACTUATOR": config.actuator}),
+             env={"TIERFLOW_ACTUATOR": config.actuator}, identity=Identity(nats_auth.AUTOSCALER)),
     ]  # fmt: skip
     for i in range(config.prefill_nodes):
         specs.append(spec(f"prefill-{i}", "prefill-node", "--nats-url", nats_url, "--node-id", f"prefill-{i}",
-                          "--metrics-port", str(next(metrics))))  # fmt: skip
+                          "--metrics-port", str(next(metrics)), identity=Identity(nats_auth.NODE, f"prefill-{i}")))  # fmt: skip
     for i in range(config.decode_nodes):
         specs.append(spec(f"decode-{i}", "decode-node", "--nats-url", nats_url, "--node-id", f"decode-{i}",
-                          "--deployment", config.deployment, "--metrics-port", str(next(metrics))))  # fmt: skip
+                          "--deployment", config.deployment, "--metrics-port", str(next(metrics)),
+                          identity=Identity(nats_auth.NODE, f"decode-{i}")))  # fmt: skip
     return specs
 
 
@@ -468,12 +503,13 @@ async def _wait_registry_ready(config: UpConfig, deadline: float) -> None:
             await asyncio.sleep(HEALTH_POLL_INTERVAL)
 
 
-async def _wait_registered(nats_url: str, service: str, deadline: float, *, tls: TlsFiles | None = None) -> None:
+async def _wait_registered(nats_url: str, service: str, deadline: float, *, tls: TlsFiles | None = None,
+                           auth: dict[str, Any] | None = None) -> None:
     """Wait until `service` answers NATS service discovery (`tierflow status` lists it)."""
     loop = asyncio.get_running_loop()
     name = subjects.SERVICE_NAMES[service]
     tls_options = {"tls": client_ssl_context(tls)} if tls is not None else {}
-    nc = await nats_connect(nats_servers(nats_url), name="tierflow-up-ready", connect_timeout=2, **tls_options)
+    nc = await nats_connect(nats_servers(nats_url), name="tierflow-up-ready", connect_timeout=2, **tls_options, **(auth or {}))
     try:
         while name not in {s.name for s in await discovery.discover(nc, timeout=HEALTH_POLL_INTERVAL)}:
             if loop.time() >= deadline:
@@ -550,6 +586,21 @@ def _node_of(spec: ProcessSpec) -> messages.SupervisedNode | None:
     )
 
 
+def _identities(config: UpConfig, specs: list[ProcessSpec]) -> list[Identity]:
+    """Every NATS identity the fabric starts with: one per role, per router, per node."""
+    nodes = [node.node_id for spec in specs if (node := _node_of(spec)) is not None]
+    return nats_auth.fabric_identities(config.router_ids(), nodes)
+
+
+def _running_nats(config: UpConfig, supervisor: Supervisor) -> list[tuple[int, str, int]]:
+    """(pid, monitor host, monitor port) of each NATS server running now."""
+    members = config.nats_members()
+    names = [NATS_NAME] if len(members) == 1 else [m.name for m in members]
+    monitor = {name: m.monitor_port for name, m in zip(names, members, strict=True)}
+    return [(c.pid, connect_host(config.host), monitor[c.name]) for c in supervisor.children
+            if c.role == NATS_NAME and c.returncode is None and c.name in monitor and c.pid]  # fmt: skip
+
+
 class NodeLauncher:
     """Starts and stops node processes on request: the far end of the local actuator.
 
@@ -606,13 +657,26 @@ class NodeLauncher:
         if region:
             args += ["--region", region]
         args += ["--metrics-port", str(port)]
-        spec = ProcessSpec(node_id, [self._python, "-m", "tierflow", *args], self._config.service_env(),
+        identity = Identity(nats_auth.NODE, node_id)
+        await self._admit(identity)
+        spec = ProcessSpec(node_id, [self._python, "-m", "tierflow", *args], {**self._config.service_env(), **self._config.nats_identity_env(identity)},
                            self._config.logs_dir / f"{node_id}.log", role=NODE_COMMANDS[role])  # fmt: skip
         child = await self._supervisor.start(spec)
         node = messages.SupervisedNode(node_id=node_id, role=role, deployment=deployment, pid=child.pid, metrics_port=port)  # type: ignore[arg-type]
         self._nodes[node_id] = node
         _log.info("started node %s for %s (pid %d)", node_id, deployment, child.pid)
         return node
+
+    async def _admit(self, identity: Identity) -> None:
+        """Give a new node its NATS identity before it starts: a user added to DATA/auth and
+        every running server told to read its config again (RuntimeError if one does not)."""
+        if not self._config.nats_auth or not self._config.auth.ensure([identity]):
+            return
+        try:
+            await reload_servers(_running_nats(self._config, self._supervisor))
+        except (OSError, TimeoutError) as exc:
+            raise RuntimeError(f"NATS did not take {identity.name}'s credentials: {exc}") from exc
+        _log.info("NATS identity %s added", identity.name, extra={"fields": {"identity": identity.name}})
 
     async def stop(self, node_id: str) -> None:
         """SIGTERM (the node drains), `NODE_STOP_GRACE`, then SIGKILL."""
@@ -650,13 +714,13 @@ class SupervisorControl:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
 
-    async def start(self, url: str, *, tls: TlsFiles | None = None) -> None:
+    async def start(self, url: str, *, tls: TlsFiles | None = None, auth: dict[str, Any] | None = None) -> None:
         async def quiet(*_: object) -> None:
             pass
 
         tls_options = {"tls": client_ssl_context(tls)} if tls is not None else {}
         nc = await nats_connect(nats_servers(url), name="tierflow-up", connect_timeout=2, allow_reconnect=True,
-                                max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=quiet, **tls_options)  # fmt: skip
+                                max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=quiet, **tls_options, **(auth or {}))  # fmt: skip
         self._nc = nc
 
         async def answer(msg: Any) -> None:
@@ -744,6 +808,12 @@ async def run_up(
     except (OSError, ValueError) as exc:
         print(f"tierflow up: cannot prepare TLS under {config.pki.directory}: {exc}", file=err)
         return 1
+    if config.nats_auth:
+        try:  # made on the first run, reused after; the servers read DATA/auth/nats-auth.conf
+            config.auth.ensure(_identities(config, services))
+        except (OSError, ValueError) as exc:
+            print(f"tierflow up: cannot prepare the NATS credentials under {config.auth.directory}: {exc}", file=err)
+            return 1
     for member in members:
         member.prepare()
 
@@ -778,7 +848,7 @@ async def run_up(
         if outcome == "stop":
             return 0
         try:
-            await control.start(config.nats_url, tls=config.client_tls())
+            await control.start(config.nats_url, tls=config.client_tls(), auth=config.nats_options(Identity(nats_auth.SUPERVISOR)))
         except Exception as exc:  # nats-py raises several unrelated types here
             print(f"tierflow up: cannot answer {subjects.SUPERVISOR_CONTROL} ({exc}); the autoscaler cannot start or stop nodes", file=err)
 
@@ -816,7 +886,8 @@ async def run_up(
             return code
         if (code := await start(autoscaler)) is not None:
             return code
-        if autoscaler and (code := await wait(_wait_registered(config.nats_url, AUTOSCALER_NAME, deadline, tls=config.client_tls()))) is not None:
+        if autoscaler and (code := await wait(_wait_registered(config.nats_url, AUTOSCALER_NAME, deadline, tls=config.client_tls(),
+                                                                 auth=config.nats_options(Identity(nats_auth.SUPERVISOR))))) is not None:
             return code  # the ready line promises every service answers, this late one too
 
         if config.restart:
@@ -926,6 +997,9 @@ def up(
     profiles: Annotated[Path | None, typer.Option(help="YAML file of extra hardware profiles deployments may name (see tierflow.nodehost.profiles).")] = None,
     tls: Annotated[bool, typer.Option("--tls", help="TLS on HTTP, gRPC and NATS (clients of NATS need a certificate too), "
                                       "from a local CA made under DATA/tls on first use.")] = False,  # fmt: skip
+    nats_auth_on: Annotated[bool, typer.Option("--nats-auth/--no-nats-auth", help="One NATS identity per process with only the "
+                                               "subjects it needs, anonymous connections refused (credentials under DATA/auth); "
+                                               "--no-nats-auth for debugging.")] = True,  # fmt: skip
 ) -> None:
     """Start NATS and every tierflow service locally; stop them all on Ctrl-C."""
     if actuator not in ACTUATORS:
@@ -952,6 +1026,7 @@ def up(
         restart=restart,
         allow_anonymous=allow_anonymous,
         tls=tls,
+        nats_auth=nats_auth_on,
     )
     problems = preflight(config)
     if problems:
