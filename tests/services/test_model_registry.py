@@ -22,7 +22,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 async def _run_registry(nats_url: str, fleet: str, port: int) -> tuple[ServiceContext, asyncio.Task[None]]:
     ctx = ServiceContext(service="model-registry", instance="test")
-    task = asyncio.create_task(main(ctx, Settings(nats_url=nats_url, grpc_port=port, fleet=fleet)))
+    # No admin credential: these tests are about state and outages (tests/security checks who may write).
+    task = asyncio.create_task(main(ctx, Settings(nats_url=nats_url, grpc_port=port, fleet=fleet, allow_unauthenticated_admin=True)))
     for _ in range(100):
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
