@@ -4,6 +4,12 @@ Rules that keep rolling upgrades safe (see msgspec's schema-evolution guide):
 new fields get defaults, a field is never retyped, unknown fields are ignored, and a
 missing required field is a decode error that names its path. `v` is bumped only for
 a change old readers cannot survive.
+
+Every field a service reads off the bus is bounded (`Meta`: lengths of strings and
+lists, ranges of numbers), so a hostile but well-formed message is a decode error at the
+edge, never unbounded memory or a value no code expects (a heartbeat's `interval_s` of
+1e9 once kept a node "live" forever). Bounds are checked on decode only: the simulator,
+which builds these Structs directly, is not limited by them.
 """
 
 from __future__ import annotations
@@ -39,21 +45,31 @@ __all__ = [
 Tier = Literal["sram", "hbm", "ddr", "loading", "cold"]
 NonNegInt = Annotated[int, Meta(ge=0)]
 NonNegFloat = Annotated[float, Meta(ge=0.0)]
+# Bounds for what arrives over NATS (see the module docstring).
+Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]  # an id that is a subject token (subjects.check_token)
+Label = Annotated[str, Meta(max_length=256)]  # names: deployment, model, version, region, host...
+Count = Annotated[int, Meta(ge=0, le=1_000_000)]  # requests, batch slots, queue entries
+BigCount = Annotated[int, Meta(ge=0, le=1 << 48)]  # tokens, blocks, samples, sequence numbers
+Seconds = Annotated[float, Meta(ge=0.0, le=86_400.0)]
+BlockHash = Annotated[int, Meta(ge=0)]
+TokenIds = Annotated[list[Annotated[int, Meta(ge=0, lt=1 << 32)]], Meta(max_length=1 << 20)]
+MAX_RECENT_HASHES = 4096  # a node sends its 256 most recent per model
+MAX_BUNDLE_MODELS = 64
 
 
 class ModelState(Struct, kw_only=True):
     """Where one model of a node's bundle lives right now."""
 
-    name: str
-    version: str = "v1"
+    name: Label
+    version: Label = "v1"
     tier: Tier = "ddr"
-    in_flight: NonNegInt = 0
-    queued: NonNegInt = 0
-    max_batch: NonNegInt = 0
+    in_flight: Count = 0
+    queued: Count = 0
+    max_batch: Count = 0
     # This model's most recently used prompt-block hashes: block hashes do not depend on
     # the model, so a node-wide list would make a prompt cached for one model look cached
     # for every model of the bundle.
-    recent_prefix_hashes: list[int] = []
+    recent_prefix_hashes: Annotated[list[BlockHash], Meta(max_length=MAX_RECENT_HASHES)] = []
 
 
 class NodeHeartbeat(Struct, kw_only=True):
@@ -64,31 +80,35 @@ class NodeHeartbeat(Struct, kw_only=True):
     """
 
     v: int = 1
-    node_id: str
+    node_id: Token
     role: Literal["decode", "prefill"] = "decode"
-    deployment: str = ""
-    region: str = "local"
-    residency: str = ""
-    profile: str = ""
-    host: str = ""
-    pid: int = 0
+    deployment: Label = ""
+    region: Label = "local"
+    residency: Label = ""
+    profile: Label = ""
+    host: Label = ""
+    pid: Annotated[int, Meta(ge=0, lt=1 << 32)] = 0
     started_at: float = 0.0
     sent_at: float = 0.0
-    interval_s: Annotated[float, Meta(gt=0.0)] = 1.0
-    seq: NonNegInt = 0
-    models: list[ModelState] = []
-    queue_depth: NonNegInt = 0
-    running: NonNegInt = 0
-    max_batch: NonNegInt = 0
-    kv_usage: NonNegFloat = 0.0
-    prefix_cache_blocks: NonNegInt = 0
-    recent_prefix_hashes: list[int] = []
-    block_size: Annotated[int, Meta(gt=0)] = 64  # tokens per KV block: the router hashes prompts alike
+    # Readers call a node gone after 3 intervals: a minute at most, or a node that lies
+    # about it would stay "live" long after it died.
+    interval_s: Annotated[float, Meta(gt=0.0, le=60.0)] = 1.0
+    seq: BigCount = 0
+    models: Annotated[list[ModelState], Meta(max_length=MAX_BUNDLE_MODELS)] = []
+    queue_depth: Count = 0
+    running: Count = 0
+    max_batch: Count = 0
+    kv_usage: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    prefix_cache_blocks: BigCount = 0
+    recent_prefix_hashes: Annotated[list[BlockHash], Meta(max_length=MAX_RECENT_HASHES)] = []
+    # Tokens per KV block, for information: routers hash prompts with the fabric's block
+    # size (tierflow.rdu.DEFAULT_BLOCK_SIZE) and refuse a heartbeat that says otherwise.
+    block_size: Annotated[int, Meta(gt=0, le=1 << 16)] = 64
     cordoned: bool = False
     draining: bool = False
     # Who cordoned it ("autoscaler", "operator", ...; empty when not cordoned or unknown):
     # a restarted autoscaler undoes or finishes only its own cordons, never an operator's.
-    cordon_owner: str = ""
+    cordon_owner: Label = ""
     # The registry now holds another bundle (models, versions, configs, profile) for this
     # node's deployment than the one it serves: a node reads its bundle once, at start,
     # so it serves the old one until restarted.
@@ -98,47 +118,47 @@ class NodeHeartbeat(Struct, kw_only=True):
     # `latency_window_s`: TTFT from arrival on the node to the first token (a prefill
     # node: to its KV being ready), ITL between consecutive tokens of a request. None
     # means no sample in the window (no traffic), which is not the same as fast.
-    ttft_p95: NonNegFloat | None = None
-    itl_p95: NonNegFloat | None = None
-    latency_samples: NonNegInt = 0
-    latency_window_s: NonNegFloat = 0.0
-    in_flight: NonNegInt = 0  # requests the node holds (queued, running, or waiting for their KV)
-    queued_prompt_tokens: NonNegInt = 0  # prompt tokens of requests not started yet
+    ttft_p95: Seconds | None = None
+    itl_p95: Seconds | None = None
+    latency_samples: BigCount = 0
+    latency_window_s: Seconds = 0.0
+    in_flight: Count = 0  # requests the node holds (queued, running, or waiting for their KV)
+    queued_prompt_tokens: BigCount = 0  # prompt tokens of requests not started yet
 
 
 class GenerateRequest(Struct, kw_only=True):
     """Router -> node: generate for one request; the stream goes to the message's reply subject."""
 
     v: int = 1
-    request_id: str
-    model: str
-    version: str = "v1"
-    prompt_token_ids: list[int]
-    max_tokens: Annotated[int, Meta(ge=0)]
-    seed: int = 0
+    request_id: Label
+    model: Label
+    version: Label = "v1"
+    prompt_token_ids: TokenIds
+    max_tokens: Annotated[int, Meta(ge=0, le=1 << 24)]
+    seed: Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)] = 0
     temperature: NonNegFloat = 1.0
     ignore_eos: bool = False
-    stop: list[str] = []
-    tenant: str = ""
-    session_id: str = ""
-    attempt: Annotated[int, Meta(ge=1)] = 1
+    stop: Annotated[list[Annotated[str, Meta(max_length=4096)]], Meta(max_length=64)] = []
+    tenant: Label = ""
+    session_id: Annotated[str, Meta(max_length=1024)] = ""
+    attempt: Annotated[int, Meta(ge=1, le=1000)] = 1
     # Disaggregated serving: the prefill node that computed this prompt's KV. The decode
     # node then skips prefill and pays the KV transfer over the inter-node link instead.
-    kv_source: str = ""
+    kv_source: Label = ""
     # Resuming a generation another node started (it died or stalled mid-stream): the
     # completion tokens already streamed to the client. The node prefills prompt + these,
     # and continues the *same* completion (its plan is keyed by the prompt alone) from
     # token index len(resume_token_ids): with the deterministic emulator the client's
     # stream is exactly what one node would have sent. `max_tokens` stays the request's
     # whole budget, these tokens included.
-    resume_token_ids: list[int] = []
+    resume_token_ids: TokenIds = []
     # Seconds the request may still take, counted from when the node receives it (0: no
     # deadline). Past it the node drops the work and answers `deadline_exceeded`.
     timeout_s: NonNegFloat = 0.0
 
 
 class CancelRequest(Struct, kw_only=True):
-    request_id: str
+    request_id: Label
 
 
 # The token stream a node sends back is a tagged union: one decoder, then `match`.
@@ -147,21 +167,21 @@ class CancelRequest(Struct, kw_only=True):
 class Accepted(Struct, tag="accepted", kw_only=True):
     """The node has the request queued; from here on, silence means the node is gone."""
 
-    request_id: str
-    node_id: str
+    request_id: Label
+    node_id: Label
     queue_depth: NonNegInt = 0
 
 
 class Alive(Struct, tag="alive", kw_only=True):
     """Keep-alive while a request waits or prefills, so a dead node is noticed in time."""
 
-    request_id: str
+    request_id: Label
 
 
 class Started(Struct, tag="started", kw_only=True):
     """The request entered a batch: how long it queued and where its model was found."""
 
-    request_id: str
+    request_id: Label
     queue_time: NonNegFloat = 0.0
     tier: Tier = "hbm"
     switch_seconds: NonNegFloat = 0.0
@@ -175,14 +195,14 @@ class Tokens(Struct, tag="tokens", kw_only=True):
     drops tokens it already has (a resumed stream may repeat), and treats a gap as a
     failure of the node (a message lost), never as text silently missing."""
 
-    request_id: str
+    request_id: Label
     index: NonNegInt
-    token_ids: list[int]
-    text: str
+    token_ids: Annotated[list[int], Meta(max_length=1 << 16)]
+    text: Annotated[str, Meta(max_length=1 << 20)]
 
 
 class Finished(Struct, tag="finished", kw_only=True):
-    request_id: str
+    request_id: Label
     finish_reason: Literal["stop", "length", "prefill", "cancelled"]
     prompt_tokens: NonNegInt
     completion_tokens: NonNegInt
@@ -196,9 +216,9 @@ class Failed(Struct, tag="failed", kw_only=True):
     (retryable); context_length_exceeded, invalid_request, bad_request (the caller's);
     deadline_exceeded (the request's `timeout_s` passed on the node); duplicate_request."""
 
-    request_id: str
-    code: str
-    message: str
+    request_id: Label
+    code: Label
+    message: Annotated[str, Meta(max_length=1 << 16)]
     retryable: bool = False
 
 
@@ -210,7 +230,7 @@ class NodeCommand(Struct, kw_only=True):
     finish (the heartbeat then shows `draining` with nothing running: safe to stop)."""
 
     action: Literal["cordon", "uncordon", "drain", "status"]
-    owner: str = ""  # who asks (cordon/drain): shown in the heartbeat's `cordon_owner`
+    owner: Label = ""  # who asks (cordon/drain): shown in the heartbeat's `cordon_owner`
     # Who sent it, for the audit stream (`operator:<user>@<host>`, `autoscaler:<instance>`):
     # claimed by the sender, whose NATS identity is what may publish node control at all.
     by: str = ""
@@ -257,9 +277,9 @@ class SupervisorCommand(Struct, kw_only=True):
 
     action: Literal["start", "stop", "list"]
     role: Literal["decode", "prefill"] = "decode"
-    deployment: str = ""
-    region: str = ""
-    node_id: str = ""
+    deployment: Label = ""
+    region: Label = ""
+    node_id: Label = ""
 
 
 class SupervisedNode(Struct, kw_only=True):
@@ -280,7 +300,7 @@ class SupervisorReply(Struct, kw_only=True):
 class RouterPresence(Struct, kw_only=True):
     """A router is alive (on `subjects.router_presence`, every `interval_s`)."""
 
-    router_id: str
+    router_id: Token
     interval_s: Annotated[float, Meta(gt=0.0, le=60.0)] = 1.0
     leaving: bool = False  # a clean stop: forget this router now, not after its silence
 
@@ -290,9 +310,9 @@ class RouterGossip(Struct, kw_only=True):
     on (so a session keeps its node whichever router its next request reaches), and nodes
     it just found failing (so the others stop placing on them before their heartbeats lapse)."""
 
-    router_id: str
-    sessions: list[tuple[str, str]] = []  # (session key, node id)
-    suspects: list[str] = []
+    router_id: Token
+    sessions: Annotated[list[tuple[Annotated[str, Meta(max_length=1024)], Label]], Meta(max_length=10_000)] = []  # (session key, node id)
+    suspects: Annotated[list[Label], Meta(max_length=10_000)] = []
 
 
 # Built once, reused everywhere (msgspec perf tip): encoders/decoders are not free to make.

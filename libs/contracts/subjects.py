@@ -24,6 +24,7 @@ __all__ = [
     "SERVICE_INFO",
     "check_token",
     "node_heartbeat",
+    "node_of_heartbeat",
     "node_generate",
     "node_cancel",
     "node_control",
@@ -67,6 +68,18 @@ NODE_HEARTBEATS: Final = "tierflow.node.heartbeat.*"
 
 def node_heartbeat(node_id: str) -> str:
     return f"tierflow.node.heartbeat.{node_id}"
+
+
+_HEARTBEAT_PREFIX: Final = "tierflow.node.heartbeat."
+
+
+def node_of_heartbeat(subject: str) -> str | None:
+    """The node id token of a subject made by `node_heartbeat` (None for any other): who
+    may speak on it, once NATS permissions let each node publish only its own."""
+    if not subject.startswith(_HEARTBEAT_PREFIX):
+        return None
+    node_id = subject[len(_HEARTBEAT_PREFIX):]
+    return node_id if node_id and "." not in node_id else None
 
 
 def node_generate(node_id: str) -> str:

@@ -18,13 +18,20 @@ from tierflow.contracts import messages, registry
 from tierflow.placement.view import FleetIndex, ModelSlot, NodeView
 from tierflow.rdu import cold_load_time, load_catalog, load_profiles, model_from_dict, resident_bytes, switch_time
 from tierflow.rdu.engine import DEFAULT_KV_CACHE_FRACTION
+from tierflow.rdu.kvcache import DEFAULT_BLOCK_SIZE
 from tierflow.rdu.deployment import DeploymentConfig
 
 __all__ = ["NodeTable", "ModelTable", "ModelRoute"]
 
 
 class NodeTable:
-    def __init__(self, *, suspect_seconds: float = 3.0) -> None:
+    """Nodes as their heartbeats describe them (a shell checks each heartbeat first:
+    `tierflow.placement.heartbeats`).
+
+    `block_size` is the fabric's KV block size, fixed here: prompts are hashed with it for
+    prefix placement, and no heartbeat can change it (one once did, for every prompt)."""
+
+    def __init__(self, *, suspect_seconds: float = 3.0, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         self._decode: dict[str, NodeView] = {}
         self._prefill: dict[str, NodeView] = {}
         self._started: dict[str, float] = {}
@@ -32,7 +39,7 @@ class NodeTable:
         self._marked: dict[str, int] = {}  # suspect nodes: the heartbeat heard when marked
         self._suspect_seconds = suspect_seconds
         self._watchers: list[Callable[[str], None]] = []
-        self.block_size = 64  # the nodes' KV block size: prompts are hashed alike
+        self.block_size = block_size  # the nodes' KV block size: prompts are hashed alike
 
     def watch(self, changed: Callable[[str], None]) -> None:
         """Call `changed(node_id)` after every change to a node's view (heard, dispatched
@@ -62,7 +69,6 @@ class NodeTable:
                 del self._marked[hb.node_id]
         self._seq[hb.node_id] = hb.seq
         table[hb.node_id] = NodeView.from_heartbeat(hb, now, workload=workload, suspect_until=suspect_until)
-        self.block_size = hb.block_size
         self._changed(hb.node_id)
 
     def index(self) -> FleetIndex:

@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
 from tierflow.contracts import messages, registry, subjects
+from tierflow.placement.heartbeats import HeartbeatGate
 from tierflow.runtime.audit import AuditLog
 from tierflow.runtime.clock import Clock, WallClock
 from tierflow.runtime.kv import follow
@@ -87,11 +88,15 @@ class AutoscalerService:
     async def start(self, stopping: asyncio.Event) -> None:
         fleet, clock = self.fleet, self.clock
 
+        # Checked like the router's (bounds, subject, registry): a lying heartbeat must not
+        # hide load or invent capacity (tierflow.placement.heartbeats).
+        counter = self.autoscaler.metrics.heartbeats_rejected
+        heartbeats = HeartbeatGate(clock, deployment=fleet.deployments.get, on_reject=lambda reason: counter.labels(reason).inc())
+
         async def on_heartbeat(msg: Any) -> None:
-            try:
-                fleet.heard(messages.heartbeat_decoder.decode(msg.data), clock.monotonic())
-            except msgspec.DecodeError as exc:
-                log.warning("bad heartbeat on %s: %s", msg.subject, exc)
+            hb = heartbeats.admit(msg.subject, msg.data)
+            if hb is not None:
+                fleet.heard(hb, clock.monotonic())
 
         def on_put(key: str, value: bytes, revision: int) -> None:
             try:

@@ -23,6 +23,10 @@ class AutoscalerMetrics:
             "tierflow_autoscaler_drain_seconds", "Cordon to empty, per removed node", ("deployment", "pool"),
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=registry,
         )  # fmt: skip
+        self.heartbeats_rejected = Counter(
+            "tierflow_autoscaler_heartbeats_rejected", "Node heartbeats not believed, by reason (tierflow.placement.heartbeats.REASONS)",
+            ("reason",), registry=registry,
+        )  # fmt: skip
         self.leader = Gauge("tierflow_autoscaler_leader", "1 while this instance holds the lease and acts, 0 while it stands by", registry=registry)
         self.lease_term = Gauge("tierflow_autoscaler_lease_term", "The lease term this instance holds or last held (0: never)", registry=registry)
         self.recovered = Counter(

@@ -68,6 +68,7 @@ class Autoscaler:
         self._clock = clock
         self.config = config
         self._metrics = metrics
+        self.metrics = metrics  # the service's other loops count into it too (rejected heartbeats)
         self._start_timeout = start_timeout
         self._gate: Gate = gate if gate is not None else Solo()
         self._remover = (
