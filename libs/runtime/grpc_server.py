@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tierflow.runtime.grpc_guard import MalformedRequestGuard
+
 __all__ = ["start_grpc_server"]
 
 
@@ -25,8 +27,9 @@ async def start_grpc_server(
     gRPC itself with RESOURCE_EXHAUSTED before any of our code runs. With `credentials`
     (`tierflow.runtime.tls.grpc_server_credentials`) the port speaks TLS only: a
     plaintext client fails its handshake, and health and reflection are behind TLS too.
-    `interceptors` run around every call (the registry's admin credential check is one)."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=max_calls or None, interceptors=list(interceptors) or None)
+    `interceptors` run around every call (the registry's admin credential check is one),
+    after `MalformedRequestGuard` (undecodable request bytes: INVALID_ARGUMENT, not INTERNAL)."""
+    server = grpc.aio.server(maximum_concurrent_rpcs=max_calls or None, interceptors=[MalformedRequestGuard(), *interceptors])
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

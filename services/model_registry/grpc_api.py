@@ -111,6 +111,8 @@ def _version_record(v: pb.ModelVersion) -> registry.ModelVersionRecord:
             spec = msgspec.json.decode(v.spec_json)
         except msgspec.DecodeError as exc:
             raise InvalidArgument(f"version.spec_json is not valid JSON: {exc}") from None
+        except RecursionError:  # msgspec's guard against deep nesting: the caller's error, not ours
+            raise InvalidArgument("version.spec_json nests JSON too deeply") from None
         if not isinstance(spec, dict):
             raise InvalidArgument("version.spec_json must be a JSON object of tierflow.rdu.model_from_dict fields")
     return registry.ModelVersionRecord(version=v.version, catalog=v.catalog, checkpoint=v.checkpoint, spec=spec, configs=list(v.configs))

@@ -19,6 +19,7 @@ from tierflow.runtime.grpc_server import start_grpc_server
 from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.metrics import RouterMetrics
+from tierflow.services.router.openai_schema import MAX_MESSAGES, MAX_NAME_CHARS, MAX_USER_CHARS
 from tierflow.placement import Tenant
 from tierflow.tokenizer import render_chat
 from tierflow.v1 import inference_pb2 as pb
@@ -37,6 +38,24 @@ STATUS_BY_HTTP = {
 }
 
 
+def _check_bounds(request: pb.GenerateRequest) -> None:
+    """The HTTP API's limits (openai_schema) on the same fields: protobuf checks types
+    only, and a temperature of NaN or -1 would reach the node."""
+    if len(request.model) > MAX_NAME_CHARS:
+        raise InvalidRequest(f"model is longer than {MAX_NAME_CHARS} characters", param="model")
+    if len(request.session_id) > MAX_USER_CHARS or len(request.user) > MAX_USER_CHARS:
+        raise InvalidRequest(f"session_id and user may have at most {MAX_USER_CHARS} characters", param="session_id")
+    if request.HasField("temperature") and not 0.0 <= request.temperature <= 2.0:  # NaN fails too
+        raise InvalidRequest(f"temperature must be between 0 and 2, got {request.temperature}", param="temperature")
+    if request.WhichOneof("input") == "messages":
+        chat = request.messages.messages
+        if len(chat) > MAX_MESSAGES:
+            raise InvalidRequest(f"at most {MAX_MESSAGES} messages", param="messages")
+        for i, message in enumerate(chat):
+            if len(message.role) > 64:
+                raise InvalidRequest(f"messages[{i}].role is longer than 64 characters", param=f"messages[{i}].role")
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, dispatcher: Dispatcher, clock: Clock, metrics: RouterMetrics) -> None:
         self._dispatcher = dispatcher
@@ -46,6 +65,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _params(self, request: pb.GenerateRequest, request_id: str, tenant: Tenant, timeout: float | None = None) -> GenerateParams:
         if not request.model:
             raise InvalidRequest("model is required", param="model")
+        _check_bounds(request)
         which = request.WhichOneof("input")
         if which == "prompt":
             prompt_ids = await self._dispatcher.tokenize(request.model, request.prompt, tenant)

@@ -25,14 +25,25 @@ Semantics worth knowing:
 * Bounded: at most ``max_connections`` sockets per server, counted from accept to close
   in whatever state (reading, answering, idle, lingering after an error). One more is
   answered ``503`` with ``Retry-After: 1`` before anything of it is read, and closed, so a
-  flood of clients costs a write each instead of memory and a handler each.
+  flood of clients costs a write each instead of memory and a handler each. The same
+  holds per client address with ``max_connections_per_client`` (checked once the peer is
+  known, in ``connection_made``), so one address cannot take every slot.
 * Header deadline: a request head (request line and headers) must be complete within
   ``header_timeout`` seconds of its first byte, and the first one of a connection within
   ``header_timeout`` of connecting; else ``408`` and close (a client trickling a byte a
   second would otherwise hold its connection forever, each byte resetting the idle clock).
+  The waiting heads sit in one dict in deadline order and one timer, armed for the
+  earliest, answers each when its deadline passes (no timer per request, no scan).
   A keep-alive connection waiting for its next request is idle, not late: ``IDLE_TIMEOUT``
-  governs it, as in nginx and Go's net/http. The sweep checks both, so they are honoured
-  to within its period (``_SWEEP_EVERY`` seconds), with no timer per request.
+  governs it, as in nginx and Go's net/http, checked by the sweep (every ``_SWEEP_EVERY``
+  ticks).
+* Body deadline (Apache's ``mod_reqtimeout`` rule): a body must be complete within
+  ``body_timeout`` seconds of its head, plus one second per ``min_body_rate`` bytes
+  received; else ``408`` and close. Checked every tick, over the few requests whose body
+  is still arriving.
+* ``authorize(method, path, headers)`` runs when the head is complete, before any of the
+  body is read: a ``Response`` it returns (a 401) is sent at once and the body is
+  discarded unread; anything else rides on ``Request.auth`` to the handler.
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ from urllib.parse import unquote
 import httptools
 import msgspec
 
-__all__ = ["Handler", "Request", "Response", "StreamingResponse", "serve", "shutdown"]
+__all__ = ["Authorize", "Handler", "Request", "Response", "StreamingResponse", "serve", "shutdown"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +76,12 @@ MAX_CONNECTIONS = 10_000
 """Default ``serve(max_connections=...)``: well under a default ``ulimit -n`` of 65,536."""
 HEADER_TIMEOUT = 30.0
 """Default ``serve(header_timeout=...)``, in seconds (nginx's ``client_header_timeout`` is 60)."""
+MAX_CONNECTIONS_PER_CLIENT = 1_000
+"""Default ``serve(max_connections_per_client=...)``: a tenth of the process's connections."""
+BODY_TIMEOUT = 30.0
+"""Default ``serve(body_timeout=...)``: seconds a body may take, before ``min_body_rate`` credit."""
+MIN_BODY_RATE = 16 << 10
+"""Default ``serve(min_body_rate=...)``: bytes a second that extend the body deadline by one second."""
 
 _TICK = 1.0  # ticker period: Date refresh; the idle sweep runs every _SWEEP_EVERY ticks
 _SWEEP_EVERY = 5
@@ -106,9 +123,11 @@ def _error_body(message: str, kind: str = "invalid_request_error") -> bytes:
     )
 
 
-def _refusal_tail(max_connections: int) -> bytes:
+def _refusal_tail(max_connections: int, per_client: bool = False) -> bytes:
     """The 503 for a connection over the limit, after its status and ``Date`` lines."""
     body = _error_body(
+        f"your address has {max_connections} connections open, the most one client may hold; "
+        "retry after 1 s, or reuse a keep-alive connection" if per_client else
         f"the server is at its limit of {max_connections} open connections; "
         "retry after 1 s, or reuse a keep-alive connection", "service_unavailable")
     return (
@@ -134,10 +153,11 @@ def _http_date() -> bytes:
 class Request:
     """One parsed request, built once by the protocol; handlers only read it."""
 
-    __slots__ = ("method", "path", "query", "headers", "body", "peer")
+    __slots__ = ("method", "path", "query", "headers", "body", "peer", "auth")
 
     def __init__(
-        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, peer: str
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, peer: str,
+        auth: object = None,
     ) -> None:
         self.method = method
         self.path = path  # percent-decoded, without the query string
@@ -145,6 +165,7 @@ class Request:
         self.headers = headers  # lower-cased names; the last repeat wins
         self.body = body
         self.peer = peer  # "ip:port" ("[ip6]:port")
+        self.auth = auth  # what ``serve(authorize=...)`` returned for this head (None without one)
 
     def __repr__(self) -> str:
         return f"Request({self.method} {self.path!r} from {self.peer}, {len(self.body)} B)"
@@ -173,6 +194,9 @@ class StreamingResponse(msgspec.Struct):
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
+Authorize = Callable[[str, str, dict[str, str]], object]
+"""``(method, path, headers)`` when a head is complete: a ``Response`` refuses the request
+before its body is read; any other value becomes ``Request.auth``."""
 
 _INTERNAL_ERROR = Response(500, _error_body("internal server error", "server_error"))
 
@@ -189,27 +213,48 @@ class _ServerState:
         *,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT,
+        max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+        body_timeout: float = BODY_TIMEOUT,
+        min_body_rate: float = MIN_BODY_RATE,
+        authorize: Authorize | None = None,
     ) -> None:
-        if max_connections < 0:
-            raise ValueError(f"max_connections must be 0 (no limit) or more, got {max_connections}")
-        if header_timeout < 0:
-            raise ValueError(f"header_timeout must be 0 (none) or more seconds, got {header_timeout}")
+        for name, value in (("max_connections", max_connections), ("max_connections_per_client", max_connections_per_client)):
+            if value < 0:
+                raise ValueError(f"{name} must be 0 (no limit) or more, got {value}")
+        for name, value in (("header_timeout", header_timeout), ("body_timeout", body_timeout), ("min_body_rate", min_body_rate)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be 0 (none) or more, got {value}")
         self.handler = handler
+        self.authorize = authorize
         self.max_body = max_body
         self.loop = loop
         self.max_connections = max_connections
-        # In ticks, as the sweep counts; read _TICK now so tests can speed the clock up.
-        self.header_ticks = header_timeout / _TICK if header_timeout else math.inf
+        self.max_per_client = max_connections_per_client
+        self.header_timeout = header_timeout or math.inf
+        self.body_timeout = body_timeout or math.inf
+        self.min_body_rate = min_body_rate or math.inf  # 0: no credit for bytes received
         self.header_timeout_response = Response(408, _error_body(
             f"the request head (request line and headers) did not arrive within "
             f"{header_timeout:g} s; send it at once", "timeout_error"))
+        self.body_timeout_response = Response(408, _error_body(
+            f"the request body did not arrive within {body_timeout:g} s of its head plus 1 s per "
+            f"{min_body_rate:g} bytes; send it faster", "timeout_error"))
         self.refusal_tail = _refusal_tail(max_connections)
+        self.client_refusal_tail = _refusal_tail(max_connections_per_client, per_client=True)
         self.context = contextvars.copy_context()  # each request task runs in a copy
         self.connections: set[_Connection] = set()
+        self.clients: dict[str, int] = {}  # client address -> its open connections
+        # Connections whose request head is due, in deadline order (one header_timeout
+        # each, so insertion order is deadline order), and the one timer for the first.
+        self.heads: dict[_Connection, float] = {}
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.bodies: dict[_Connection, float] = {}  # body arriving: when its head completed
         self.refusing: set[_Refused] = set()  # over the limit: answered 503, closing
         self.refused = 0  # connections refused since the server started
+        self.refused_per_client = 0  # of which over max_connections_per_client
         self.late_heads = 0  # connections answered 408 since the server started
-        self._logged = (0, 0)  # (refused, late_heads) as of the last warning
+        self.late_bodies = 0  # connections answered 408 for a slow body since the server started
+        self._logged = (0, 0, 0)  # (refused, late_heads, late_bodies) as of the last warning
         self.orphans: set[asyncio.Task[None]] = set()  # cancelled tasks still unwinding
         self.date = _http_date()
         self.content_types: dict[str, bytes] = {}
@@ -230,14 +275,67 @@ class _ServerState:
         self.connections.add(conn)
         return conn
 
+    def await_head(self, conn: _Connection) -> None:
+        """``conn`` waits for a request head from now on: its deadline is now + header_timeout."""
+        heads = self.heads
+        heads.pop(conn, None)
+        now = self.loop.time()
+        heads[conn] = now
+        if self.head_timer is None and self.header_timeout != math.inf:
+            self.head_timer = self.loop.call_at(now + self.header_timeout, self._heads_due)
+
+    def _heads_due(self) -> None:
+        """The timer: answer 408 to every head past its deadline, re-arm for the next one."""
+        self.head_timer = None
+        heads, timeout = self.heads, self.header_timeout
+        now = self.loop.time() + 0.002  # uvloop's clock and timers are in whole milliseconds
+        late = []
+        while heads:
+            conn, since = next(iter(heads.items()))
+            if now - since < timeout:
+                break
+            del heads[conn]
+            late.append(conn)
+        for conn in late:
+            conn.head_late()  # may re-enter await_head (and arm the timer)
+        if heads and self.head_timer is None:
+            since = next(iter(heads.values()))
+            self.head_timer = self.loop.call_at(since + timeout, self._heads_due)
+
+    def forget(self, conn: _Connection) -> None:
+        self.heads.pop(conn, None)
+        self.bodies.pop(conn, None)
+        client = conn.client
+        if client is not None:
+            conn.client = None
+            left = self.clients[client] - 1
+            if left:
+                self.clients[client] = left
+            else:
+                del self.clients[client]
+        self.connections.discard(conn)
+        if not self.connections and self.all_closed is not None and not self.all_closed.done():
+            self.all_closed.set_result(None)
+
+    def _check_bodies(self) -> None:
+        """408 to bodies later than ``body_timeout`` plus their bytes' credit."""
+        now = self.loop.time()
+        timeout, rate = self.body_timeout, self.min_body_rate
+        for conn, since in list(self.bodies.items()):
+            if now - since > timeout + conn.body_bytes / rate:
+                conn.body_late()
+
     def tick(self) -> None:
-        """Refresh ``Date`` and, every few seconds, close idle, stalled or late connections."""
+        """Refresh ``Date``, answer late bodies and, every few seconds, close idle or
+        stalled connections."""
         self.date = _http_date()
         self.ticks += 1
+        if self.bodies:
+            self._check_bodies()
         if self.ticks % _SWEEP_EVERY == 0:
             for conn in list(self.connections):
                 conn.sweep(self.ticks)
-            if (self.refused, self.late_heads) != self._logged:
+            if (self.refused, self.late_heads, self.late_bodies) != self._logged:
                 self._warn()
         if self.is_serving() or self.connections:
             self.timer = self.loop.call_later(_TICK, self.tick)
@@ -247,14 +345,18 @@ class _ServerState:
     def _warn(self) -> None:
         """One line per sweep for what a flood would otherwise log once per connection."""
         refused, late = self.refused - self._logged[0], self.late_heads - self._logged[1]
+        late_bodies = self.late_bodies - self._logged[2]
         log.warning(
-            "in the last %ds: refused %d connections over the limit of %d; answered 408 to %d "
-            "whose request head came slower than %g s",
-            round(_SWEEP_EVERY * _TICK), refused, self.max_connections, late, self.header_ticks * _TICK,
+            "in the last %ds: refused %d connections over the limit of %d (or %d per client); "
+            "answered 408 to %d whose request head came slower than %g s and %d whose body came too slowly",
+            round(_SWEEP_EVERY * _TICK), refused, self.max_connections, self.max_per_client, late,
+            self.header_timeout, late_bodies,
             extra={"fields": {"refused_connections": refused, "max_connections": self.max_connections,
-                              "late_heads": late, "open_connections": len(self.connections)}},
+                              "max_connections_per_client": self.max_per_client, "late_heads": late,
+                              "late_bodies": late_bodies, "open_connections": len(self.connections),
+                              "client_addresses": len(self.clients)}},
         )
-        self._logged = (self.refused, self.late_heads)
+        self._logged = (self.refused, self.late_heads, self.late_bodies)
 
     def content_type_header(self, content_type: str) -> bytes:
         """``content-type`` lines are few and repeat, so each is encoded once per server."""
@@ -265,10 +367,6 @@ class _ServerState:
                 self.content_types[content_type] = line
         return line
 
-    def forget(self, conn: _Connection) -> None:
-        self.connections.discard(conn)
-        if not self.connections and self.all_closed is not None and not self.all_closed.done():
-            self.all_closed.set_result(None)
 
 
 class _Server(asyncio.AbstractServer):
@@ -294,6 +392,16 @@ class _Server(asyncio.AbstractServer):
     def late_request_heads(self) -> int:
         """Connections answered 408 for a late request head since start (for a counter)."""
         return self.state.late_heads
+
+    @property
+    def refused_per_client(self) -> int:
+        """Of ``refused_connections``, those over ``max_connections_per_client``."""
+        return self.state.refused_per_client
+
+    @property
+    def late_request_bodies(self) -> int:
+        """Connections answered 408 for a body slower than its deadline since start."""
+        return self.state.late_bodies
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -330,19 +438,27 @@ async def serve(
     max_connections: int = MAX_CONNECTIONS,
     header_timeout: float = HEADER_TIMEOUT,
     ssl: _ssl.SSLContext | None = None,
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+    body_timeout: float = BODY_TIMEOUT,
+    min_body_rate: float = MIN_BODY_RATE,
+    authorize: Authorize | None = None,
 ) -> asyncio.AbstractServer:
     """Listen on ``host:port`` and answer every request with ``handler``; returns once
     listening (port 0 picks a free port: read it from ``server.sockets``).
 
-    ``max_connections`` bounds the open connections of this server (0: no bound) and
-    ``header_timeout`` the seconds a request head may take to arrive (0: forever); see
-    the module docstring. With ``ssl`` (``tierflow.runtime.tls.server_ssl_context``) the
+    ``max_connections`` bounds the open connections of this server and
+    ``max_connections_per_client`` those of one client address (0: no bound);
+    ``header_timeout`` the seconds a request head may take to arrive, ``body_timeout``
+    and ``min_body_rate`` a body (0: forever); ``authorize`` checks a head before its
+    body is read. See the module docstring. With ``ssl`` (``tierflow.runtime.tls.server_ssl_context``) the
     port speaks HTTPS only: a plaintext request fails the handshake and is closed without
     an answer; the handshake itself must finish within ``header_timeout`` (the connection
     is handed to us, and its deadlines start, only once it has)."""
     loop = asyncio.get_running_loop()
     state = _ServerState(
-        handler, max_body_bytes, loop, max_connections=max_connections, header_timeout=header_timeout
+        handler, max_body_bytes, loop, max_connections=max_connections, header_timeout=header_timeout,
+        max_connections_per_client=max_connections_per_client, body_timeout=body_timeout,
+        min_body_rate=min_body_rate, authorize=authorize,
     )
     try:
         inner = await loop.create_server(
@@ -379,6 +495,9 @@ async def shutdown(server: asyncio.AbstractServer, grace: float) -> None:
     if state.timer is not None:
         state.timer.cancel()
         state.timer = None
+    if state.head_timer is not None:
+        state.head_timer.cancel()
+        state.head_timer = None
     await server.wait_closed()
 
 
@@ -398,11 +517,13 @@ _QueueItem = tuple[Request | Response, bool, bool]  # (request or error, keep_al
 
 
 class _Reject(Exception):
-    """Raised inside a parser callback to stop parsing with a 4xx answer."""
+    """Raised inside a parser callback to stop parsing with a 4xx answer (``response``:
+    one made already, such as ``authorize``'s 401)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, response: Response | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.response = response
 
 
 class _Resume:
@@ -444,19 +565,20 @@ class _Refused(asyncio.Protocol):
     the socket half-closes and discards input until the client closes or ``_LINGER``
     passes, unless too many refused sockets are lingering already (a flood)."""
 
-    __slots__ = ("_state", "_transport", "_timer")
+    __slots__ = ("_state", "_transport", "_timer", "_tail")
 
-    def __init__(self, state: _ServerState) -> None:
+    def __init__(self, state: _ServerState, tail: bytes | None = None) -> None:
         self._state = state
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._tail = tail if tail is not None else state.refusal_tail
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though uvloop's is no asyncio.Transport subclass.
         stream: asyncio.Transport = transport  # type: ignore[assignment]
         self._transport = stream
         state = self._state
-        stream.write(_STATUS_LINES[503] + state.date + state.refusal_tail)
+        stream.write(_STATUS_LINES[503] + state.date + self._tail)
         if len(state.refusing) < _MAX_REFUSED_LINGERING and stream.can_write_eof():
             state.refusing.add(self)
             stream.write_eof()
@@ -490,7 +612,7 @@ class _Connection(asyncio.Protocol):
         "_body_size", "_header_bytes", "_in_message", "_keep_alive", "_http10", "_queue",
         "_task", "_busy", "_done_reading", "_reading_paused", "_closing", "_write_paused",
         "_drain_waiter", "_paused_tick", "_last_tick", "_continue_pending", "_linger",
-        "_awaiting_head", "_head_tick",
+        "_awaiting_head", "client", "_path", "_query", "_auth",
     )
 
     def __init__(self, state: _ServerState) -> None:
@@ -519,10 +641,19 @@ class _Connection(asyncio.Protocol):
         self._last_tick = state.ticks
         self._continue_pending = False
         self._linger: asyncio.TimerHandle | None = None
+        self.client: str | None = None  # the address counted in state.clients, once known
+        self._path = ""
+        self._query = ""
+        self._auth: object = None
         # The header deadline: the first head counts from the accept, later ones from
         # their first byte (on_message_begin); on_headers_complete ends the wait.
         self._awaiting_head = True
-        self._head_tick = state.ticks
+        state.await_head(self)
+
+    @property
+    def body_bytes(self) -> int:
+        """Bytes of the current request's body received so far (the body deadline's credit)."""
+        return self._body_size
 
     # -- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -540,6 +671,26 @@ class _Connection(asyncio.Protocol):
         if isinstance(peer, tuple):
             host = peer[0]
             self._peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+            state = self._state
+            if state.max_per_client:
+                held = state.clients.get(host, 0)
+                if held >= state.max_per_client:
+                    self._refuse(transport)
+                    return
+                state.clients[host] = held + 1
+                self.client = host
+
+    def _refuse(self, transport: asyncio.BaseTransport) -> None:
+        """Over ``max_connections_per_client``: hand the socket to a ``_Refused`` (a 503,
+        then close), and stop counting it as a connection."""
+        state = self._state
+        state.refused += 1
+        state.refused_per_client += 1
+        self._closing = self._done_reading = True
+        state.forget(self)
+        refused = _Refused(state, state.client_refusal_tail)
+        transport.set_protocol(refused)
+        refused.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -580,12 +731,16 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self._done_reading:  # llhttp also objects to bytes after "close"
                 reject = exc.__context__
-                if isinstance(reject, _Reject):
-                    status, message = reject.status, str(reject)
+                if isinstance(reject, _Reject) and reject.response is not None:
+                    answer = reject.response
+                elif isinstance(reject, _Reject):
+                    answer = Response(reject.status, _error_body(str(reject)))
                 else:
-                    status, message = 400, f"malformed HTTP request: {exc}"
-                self._queue.append((Response(status, _error_body(message)), False, False))
+                    answer = Response(400, _error_body(f"malformed HTTP request: {exc}"))
+                self._queue.append((answer, False, False))
                 self._done_reading = True
+                self._state.heads.pop(self, None)
+                self._state.bodies.pop(self, None)
         if self._queue and not self._busy:
             self._dispatch()
         elif self._done_reading and not self._busy:
@@ -595,7 +750,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if not self._awaiting_head:  # a later request: its deadline starts now
             self._awaiting_head = True
-            self._head_tick = self._state.ticks
+            self._state.await_head(self)
         self._in_message = True
         self._url = b""
         self._headers = {}
@@ -618,13 +773,40 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
+        state = self._state
+        state.heads.pop(self, None)
         parser = self._parser
         self._keep_alive = parser.should_keep_alive()
         self._http10 = parser.get_http_version() == "1.0"
         headers = self._headers
         length = headers.get("content-length")
-        if length is not None and int(length) > self._state.max_body:
-            raise _Reject(413, f"request body exceeds {self._state.max_body} bytes")
+        if length is not None and int(length) > state.max_body:
+            raise _Reject(413, f"request body exceeds {state.max_body} bytes")
+        url = self._url
+        if url.startswith(b"/"):
+            raw_path, _, raw_query = url.partition(b"?")
+        elif url == b"*":
+            raw_path, raw_query = url, b""
+        else:  # absolute-form, as sent to proxies
+            parsed = httptools.parse_url(url)
+            raw_path, raw_query = parsed.path or b"/", parsed.query or b""
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        self._path, self._query = path, raw_query.decode("latin-1")
+        self._auth = None
+        if state.authorize is not None:
+            method = parser.get_method()
+            try:
+                verdict = state.authorize(_METHODS.get(method) or method.decode("ascii"), path, headers)
+            except Exception:  # our bug, not the client's: a 500, never a "malformed request"
+                log.exception("authorize failed on %s", path)
+                verdict = _INTERNAL_ERROR
+            if isinstance(verdict, Response):
+                raise _Reject(verdict.status, "refused before the body", verdict)
+            self._auth = verdict
+        if (length is not None and length != "0") or "transfer-encoding" in headers:
+            state.bodies[self] = state.loop.time()  # the body's deadline runs from here
         expect = headers.get("expect")
         if expect is not None and expect.lower() == "100-continue" and not self._http10:
             if self._busy or self._queue:
@@ -639,27 +821,20 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        url = self._url
-        if url.startswith(b"/"):
-            raw_path, _, raw_query = url.partition(b"?")
-        elif url == b"*":
-            raw_path, raw_query = url, b""
-        else:  # absolute-form, as sent to proxies
-            parsed = httptools.parse_url(url)
-            raw_path, raw_query = parsed.path or b"/", parsed.query or b""
-        path = raw_path.decode("latin-1")
-        if "%" in path:
-            path = unquote(path)
+        bodies = self._state.bodies
+        if bodies:
+            bodies.pop(self, None)
         parts = self._body
         body = b"" if not parts else parts[0] if len(parts) == 1 else b"".join(parts)
         method = self._parser.get_method()
         request = Request(
             _METHODS.get(method) or method.decode("ascii"),
-            path,
-            raw_query.decode("latin-1"),
+            self._path,
+            self._query,
             self._headers,
             body,
             self._peer,
+            self._auth,
         )
         self._queue.append((request, self._keep_alive, self._http10))
         self._in_message = False
@@ -861,24 +1036,43 @@ class _Connection(asyncio.Protocol):
         else:
             self._transport.abort()
 
+    def head_late(self) -> None:
+        """The request head missed its deadline: 408 (after what is queued), then close."""
+        if self._closing or self._done_reading or not self._awaiting_head:
+            return
+        if self._reading_paused:  # our backlog, not the client's pace: a fresh deadline
+            self._state.await_head(self)
+            return
+        self._state.late_heads += 1
+        self._late(self._state.header_timeout_response)
+
+    def body_late(self) -> None:
+        """The body is slower than its deadline (see ``_ServerState._check_bodies``)."""
+        state = self._state
+        if self._reading_paused or self._continue_pending:  # waiting on us, not on the client
+            state.bodies[self] = state.loop.time()
+            return
+        state.bodies.pop(self, None)
+        if self._closing or self._done_reading:
+            return
+        state.late_bodies += 1
+        self._late(state.body_timeout_response)
+
+    def _late(self, response: Response) -> None:
+        self._done_reading = True  # nothing more is parsed; answered after what is queued
+        self._queue.append((response, False, False))
+        if self._transport is None:  # accepted, never connected: nothing to answer
+            self._closing = True  # connection_made, if it ever comes, aborts
+            self._state.forget(self)
+        elif not self._busy:
+            self._dispatch()
+
     def sweep(self, ticks: int) -> None:
         """Close a connection idle for IDLE_TIMEOUT, or one whose reader stalled a
-        response that long (else a client that stops reading pins a handler forever),
-        and answer 408 to one whose request head is later than the header deadline."""
+        response that long (else a client that stops reading pins a handler forever)."""
         if self._transport is None:
             if ticks - self._last_tick >= 2:  # the loop dropped it between accept and connect
                 self._state.forget(self)
-            return
-        if (
-            self._awaiting_head
-            and ticks - self._head_tick >= self._state.header_ticks
-            and not (self._done_reading or self._reading_paused)
-        ):
-            self._state.late_heads += 1
-            self._done_reading = True  # nothing more is parsed; answered after what is queued
-            self._queue.append((self._state.header_timeout_response, False, False))
-            if not self._busy:
-                self._dispatch()
             return
         if self._busy:
             if self._write_paused and ticks - self._paused_tick >= IDLE_TIMEOUT:

@@ -22,6 +22,7 @@ from tierflow.runtime.supervise import supervised
 from tierflow.runtime.tls import grpc_server_credentials, server_ssl_context
 from tierflow.placement import SessionTable
 from tierflow.placement.admission import Admission, AdmissionConfig, capacity_of
+from tierflow.placement.heartbeats import HeartbeatGate
 from tierflow.services.router.config import load_router_config
 from tierflow.services.router.dispatch import Dispatcher
 from tierflow.services.router.grpc_api import start_grpc
@@ -53,12 +54,18 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     )
     metrics = RouterMetrics(ctx.metrics)
 
+    # Heartbeats are checked against bounds, their subject and the registry before they
+    # place anything (tierflow.placement.heartbeats); the rejected are counted and logged.
+    heartbeats = HeartbeatGate(clock, deployment=models.deployment, on_reject=lambda reason: metrics.heartbeats_rejected.labels(reason).inc())
+
     async def on_heartbeat(msg: object) -> None:
+        hb = heartbeats.admit(msg.subject, msg.data)  # type: ignore[attr-defined]
+        if hb is None:
+            return
         try:
-            hb = messages.heartbeat_decoder.decode(msg.data)  # type: ignore[attr-defined]
             nodes.apply(hb, clock.monotonic(), workload=models.workload(hb.deployment))
-        except msgspec.DecodeError as exc:
-            log.warning("bad heartbeat on %s: %s", msg.subject, exc)  # type: ignore[attr-defined]
+        except Exception:  # never let one heartbeat end the subscription's callbacks
+            log.exception("applying the heartbeat of %s failed", hb.node_id)
 
     def on_put(key: str, value: bytes, revision: int) -> None:
         try:
@@ -133,6 +140,8 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     http = await serve(
         api.handle, settings.http_host, settings.http_port, reuse_port=settings.reuse_port,
         max_connections=settings.max_connections, header_timeout=settings.header_timeout,
+        max_connections_per_client=settings.max_connections_per_client, body_timeout=settings.body_timeout,
+        min_body_rate=settings.min_body_rate, authorize=api.authorize,
         ssl=server_ssl_context(ctx.tls) if tls else None,
     )  # fmt: skip
     ctx.metrics.register(HttpServerCollector(http))

@@ -40,6 +40,8 @@ class RouterMetrics:
         self.in_flight = Gauge("tierflow_router_requests_in_flight", "Requests the router is serving now", **kw)
         self.nodes = Gauge("tierflow_router_live_nodes", "Decode nodes heard from within 3 heartbeats", **kw)
         self.peers = Gauge("tierflow_router_peers", "Routers on NATS (this one included) that split the tenants' limits", **kw)
+        self.heartbeats_rejected = Counter(
+            "tierflow_router_heartbeats_rejected", "Node heartbeats not believed, by reason (tierflow.placement.heartbeats.REASONS)", ("reason",), **kw)
 
 
 class AdmissionCollector(Collector):
@@ -74,3 +76,5 @@ class HttpServerCollector(Collector):
         yield GaugeMetricFamily("tierflow_router_http_connections", "Open HTTP connections (counted against --max-connections)", value=server.open_connections)
         yield CounterMetricFamily("tierflow_router_http_refused_connections", "Connections refused with 503 over --max-connections", value=server.refused_connections)
         yield CounterMetricFamily("tierflow_router_http_late_request_heads", "Connections closed with 408: the request head took longer than --header-timeout", value=server.late_request_heads)
+        yield CounterMetricFamily("tierflow_router_http_refused_per_client", "Connections refused with 503 over --max-connections-per-client (also in refused_connections)", value=server.refused_per_client)
+        yield CounterMetricFamily("tierflow_router_http_late_request_bodies", "Connections closed with 408: the body came slower than --body-timeout plus --min-body-rate", value=server.late_request_bodies)

@@ -31,7 +31,8 @@ from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.http_server import Request, Response, StreamingResponse
 from tierflow.services.router.metrics import RouterMetrics
-from tierflow.services.router.openai_schema import ChatCompletionRequest, CompletionRequest, chat_decoder, completion_decoder
+from tierflow.services.router.openai_schema import ChatCompletionRequest, CompletionRequest, chat_decoder, check_limits, completion_decoder
+from tierflow.services.router.openapi import openapi_json
 from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.placement import Tenant
 from tierflow.tokenizer import render_chat
@@ -140,7 +141,31 @@ class OpenAIApi:
             ("GET", "/v1/models"): self._list_models,
             ("GET", "/health"): self._health,
             ("GET", "/metrics"): self._prometheus,
+            ("GET", "/openapi.json"): self._openapi,
         }
+
+    @property
+    def paths(self) -> frozenset[str]:
+        """Every path answered (`/v1/models/{model}` for the model pages): what
+        `/openapi.json` must document."""
+        return frozenset(path for _, path in self._routes) | {"/v1/models/{model}"}
+
+    # Routes that need a tenant: their key is checked when the head is in, before the body.
+    _AUTHENTICATED = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions")})
+
+    def authorize(self, method: str, path: str, headers: dict[str, str]) -> object:
+        """`http_server.serve(authorize=...)`: the tenant of a generation request, or its 401
+        before any of its body is read or decoded; None for routes without a tenant."""
+        if (method, path) not in self._AUTHENTICATED:
+            return None
+        try:
+            return self._dispatcher.authenticate(bearer_token(headers.get("authorization")))
+        except TierflowError as exc:
+            chat = path == "/v1/chat/completions"
+            record = RequestRecord(request_id=f"{'chatcmpl' if chat else 'cmpl'}-{self._ids()}", api="chat" if chat else "completions", arrived=self._clock.monotonic())
+            record.failed(exc)
+            finish_record(record, self._metrics, self._clock)  # counted and logged like any refusal
+            return error_response(exc)
 
     async def handle(self, request: Request) -> Response | StreamingResponse:
         route = self._routes.get((request.method, request.path))
@@ -165,9 +190,9 @@ class OpenAIApi:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self._ids()}"
         record = RequestRecord(request_id=request_id, api="chat" if chat else "completions", arrived=self._clock.monotonic())
         try:
+            tenant = request.auth if isinstance(request.auth, Tenant) else self._dispatcher.authenticate(bearer_token(request.headers.get("authorization")))
             body = self._parse(request.body, chat)
             record.stream = body.stream
-            tenant = self._dispatcher.authenticate(bearer_token(request.headers.get("authorization")))
             params = await self._params(body, request_id, chat, request, tenant)
             events = self._dispatcher.generate(params, record)
             self._metrics.in_flight.inc()
@@ -186,6 +211,11 @@ class OpenAIApi:
             body = chat_decoder.decode(raw) if chat else completion_decoder.decode(raw)
         except msgspec.MsgspecError as exc:
             raise _invalid_body(exc) from None
+        except RecursionError:  # msgspec's own guard, anywhere in the body (unknown fields too)
+            raise InvalidRequest("The request body nests JSON too deeply") from None
+        too_deep = check_limits(body)
+        if too_deep is not None:
+            raise InvalidRequest(too_deep[1], param=too_deep[0])
         if body.stream_options is not None and not body.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         return body
@@ -351,6 +381,9 @@ class OpenAIApi:
 
     async def _prometheus(self, request: Request) -> Response:
         return Response(200, generate_latest(self._registry), content_type=CONTENT_TYPE_LATEST)
+
+    async def _openapi(self, request: Request) -> Response:
+        return Response(200, openapi_json())
 
 
 class _NotFound(TierflowError):

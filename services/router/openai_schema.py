@@ -1,21 +1,68 @@
-"""The OpenAI request bodies the router accepts, as msgspec Structs.
+"""The OpenAI request bodies the router accepts, as msgspec Structs, and their limits.
 
 Unknown fields are ignored (clients send many we do not use), types are checked on
 decode, and msgspec's error names the path (`at $.messages[0].content`), which becomes
 the `param` of the 400 answer.
+
+Every field is bounded, so no well-formed body can make the router do unbounded work or
+hold unbounded memory beyond what the body itself took (`max_body_bytes`, 8 MiB): the
+limits below are checked by msgspec while decoding (`Meta`), and the few it cannot
+express (the nesting of free-form JSON such as a tool's
+`parameters`) by `check_limits` right after. A body nested deeper than msgspec's own
+recursion guard anywhere, unknown fields included, is a `RecursionError` the API turns
+into a 400 as well. These same Structs are what `/openapi.json` describes.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
-__all__ = ["ChatCompletionRequest", "CompletionRequest", "chat_decoder", "completion_decoder", "ContentPart", "ChatMessage"]
+from tierflow.tokenizer import VOCAB_SIZE
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "chat_decoder",
+    "completion_decoder",
+    "ContentPart",
+    "ChatMessage",
+    "Tool",
+    "LIMITS",
+    "check_limits",
+]
+
+# One place for every bound (README "Hostile input" lists them).
+MAX_TEXT_CHARS = 8 << 20  # a prompt or message: no more than the body limit anyway
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 1024  # parts of one message's content
+MAX_STOP = 16  # stop sequences (OpenAI allows 4; vLLM any number)
+MAX_STOP_CHARS = 512  # each: the node matches them against every generated token
+MAX_PROMPT_IDS = 1 << 20  # a token-id prompt; more than any model's context
+MAX_NAME_CHARS = 256  # model, message name, tool name, content part type
+MAX_USER_CHARS = 512  # `user`: also a session key
+MAX_TOOLS = 128
+MAX_TOOL_DESCRIPTION_CHARS = 1 << 16
+MAX_LOGIT_BIAS = 300
+MAX_TOKENS = 1 << 24  # above any context; the model's own limit is checked per request
+MAX_JSON_DEPTH = 32  # free-form JSON (a tool's `parameters`) may nest this deep
+LIMITS: dict[str, int] = {
+    "messages": MAX_MESSAGES, "content_parts": MAX_CONTENT_PARTS, "text_chars": MAX_TEXT_CHARS,
+    "stop": MAX_STOP, "stop_chars": MAX_STOP_CHARS, "prompt_token_ids": MAX_PROMPT_IDS,
+    "name_chars": MAX_NAME_CHARS, "user_chars": MAX_USER_CHARS, "tools": MAX_TOOLS,
+    "logit_bias": MAX_LOGIT_BIAS, "max_tokens": MAX_TOKENS, "json_depth": MAX_JSON_DEPTH,
+}
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveInt = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+Name = Annotated[str, Meta(max_length=MAX_NAME_CHARS)]
+Int64 = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+StopText = Annotated[str, Meta(max_length=MAX_STOP_CHARS)]
+# A token id of the fabric's tokenizer (an id outside it once reached the node as a 500).
+TokenId = Annotated[int, Meta(ge=0, lt=VOCAB_SIZE)]
 
 
 class StreamOptions(Struct):
@@ -23,14 +70,14 @@ class StreamOptions(Struct):
 
 
 class ContentPart(Struct):
-    type: str
-    text: str = ""
+    type: Name
+    text: Text = ""
 
 
 class ChatMessage(Struct):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | Annotated[list[ContentPart], Meta(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: Name | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -40,29 +87,48 @@ class ChatMessage(Struct):
         return "".join(p.text for p in self.content if p.type == "text")
 
 
+class FunctionDefinition(Struct):
+    name: Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+    description: Annotated[str, Meta(max_length=MAX_TOOL_DESCRIPTION_CHARS)] = ""
+    parameters: dict[str, Any] | None = None  # a JSON Schema: free-form, so depth-checked
+    strict: bool | None = None
+
+
+class Tool(Struct):
+    """Accepted so clients that always send tools work; the emulator calls none."""
+
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
 class _Sampling(Struct, kw_only=True):
-    model: Annotated[str, Meta(min_length=1)]
+    model: Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     n: Annotated[int, Meta(ge=1, le=1)] = 1  # one choice per request; n > 1 is refused, not ignored
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
+    stop: StopText | Annotated[list[StopText], Meta(max_length=MAX_STOP)] | None = None
+    seed: Int64 | None = None
+    user: Annotated[str, Meta(max_length=MAX_USER_CHARS)] | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks, replay)
+    # Accepted and bounded, not applied (the emulator's sampling has no logits to bias).
+    logit_bias: Annotated[dict[str, Annotated[float, Meta(ge=-100, le=100)]], Meta(max_length=MAX_LOGIT_BIAS)] | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
-    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: PositiveInt | None = None
+    tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
     # A string, a one-string list, or token ids (checked in `prompt_input`: msgspec
     # unions may hold only one array type).
-    prompt: str | Annotated[list[str | int], Meta(min_length=1)]
+    prompt: Text | Annotated[list[Text | TokenId], Meta(min_length=1, max_length=MAX_PROMPT_IDS)]
     echo: Literal[False] = False
 
     def prompt_input(self) -> str | list[int]:
@@ -73,9 +139,39 @@ class CompletionRequest(_Sampling, kw_only=True):
             if len(self.prompt) != 1:
                 raise ValueError("batched prompts are not supported: send one prompt per request")
             return self.prompt[0]  # type: ignore[return-value]
-        if all(isinstance(p, int) and p >= 0 for p in self.prompt):
+        if all(isinstance(p, int) for p in self.prompt):  # each in [0, VOCAB_SIZE): TokenId
             return self.prompt  # type: ignore[return-value]
         raise ValueError("prompt must be a string, a list of one string, or a list of token ids")
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether decoded JSON nests more than `limit` containers deep (iterative: a deep
+    value must not cost this check the recursion it is looking for)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def check_limits(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, str] | None:
+    """What msgspec's `Meta` cannot say: (param, message) of the first free-form field
+    nested deeper than MAX_JSON_DEPTH, or None."""
+    if isinstance(body, ChatCompletionRequest) and body.tools:
+        for i, tool in enumerate(body.tools):
+            parameters = tool.function.parameters
+            if parameters is not None and _too_deep(parameters, MAX_JSON_DEPTH):
+                return (f"tools[{i}].function.parameters",
+                        f"tools[{i}].function.parameters nests deeper than {MAX_JSON_DEPTH} levels")
+    return None
 
 
 chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)

@@ -55,5 +55,12 @@ class Settings(Struct, kw_only=True):
     # (over it: RESOURCE_EXHAUSTED). 0: no bound.
     max_connections: Annotated[int, Meta(ge=0)] = 10_000
     header_timeout: Annotated[float, Meta(ge=0)] = 30.0
+    # Open HTTP connections per client address (over it: 503 and close), so one address
+    # cannot take every slot; behind a proxy that hides clients' addresses, raise it or
+    # set 0. A request body must arrive within `body_timeout` seconds of its head plus
+    # 1 s per `min_body_rate` bytes received (else 408). 0: no bound.
+    max_connections_per_client: Annotated[int, Meta(ge=0)] = 1_000
+    body_timeout: Annotated[float, Meta(ge=0)] = 30.0
+    min_body_rate: Annotated[float, Meta(ge=0)] = 16384.0
     max_grpc_calls: Annotated[int, Meta(ge=0)] = 10_000
 
