@@ -7,8 +7,8 @@ second while a normal client measures its latency, in one run.
 It starts its own fabric (`tierflow up`, one decode node) with the router's header
 deadline set by `--header-timeout`, measures the normal client alone (chat completions
 of one token, `--concurrency` at a time, keep-alive) for `--baseline` seconds, then opens
-the slow sockets (spread over 127.0.0.10-19, as ten clients, so the per-address cap is not
-what closes them) and measures the normal client again while they trickle, sampling the
+the slow sockets (in a process of their own, spread over 127.0.0.10-19, as ten clients,
+so the per-address cap is not what closes them) and measures the normal client again while they trickle, sampling the
 router's open file descriptors (/proc/PID/fd) all along. It prints:
 
 - slow sockets answered 408 and closed, and the latest close after its connect,
@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,12 +188,16 @@ async def _run(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         sampler = FdSampler(router.pid)
         sampling = asyncio.create_task(sampler.run(stop))
-        sources = [f"127.0.0.{10 + i}" for i in range(10)]
-        slow_task = asyncio.create_task(slow_sockets(fabric.host, fabric.http_port, args.sockets, sources=sources,
-                                                     give_up_s=args.header_timeout * 4 + 10))  # fmt: skip
-        await asyncio.sleep(min(1.0, args.header_timeout / 2))  # the slow sockets are all open
-        during = await normal_latencies(fabric.base_url, args.model, max(1.0, args.header_timeout - 2.0), args.concurrency)
-        results = await slow_task
+        # The slow sockets live in a process of their own, so their 1,000 wake-ups a second
+        # do not delay the normal client's event loop: only the router is shared.
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--slow-worker", fabric.host, str(fabric.http_port), str(args.sockets),
+            str(args.header_timeout * 4 + 10), stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.sleep(min(1.5, args.header_timeout / 2))  # the slow sockets are all open
+        during = await normal_latencies(fabric.base_url, args.model, max(1.0, args.header_timeout - 2.5), args.concurrency)
+        out, _ = await worker.communicate()
+        results = [SlowResult(**r) for r in json.loads(out)]
         await asyncio.sleep(3.0)  # the lingering closes (2 s) finish
         stop.set()
         await sampling
@@ -223,7 +228,18 @@ async def _run(args: argparse.Namespace) -> int:
     return 0 if all(musts.values()) else 1
 
 
+def _slow_worker(host: str, port: int, n: int, give_up_s: float) -> None:
+    """`--slow-worker`: run the slow sockets here and print their results as JSON."""
+    raise_fd_limit()
+    sources = [f"127.0.0.{10 + i}" for i in range(10)]
+    results = asyncio.run(slow_sockets(host, port, n, sources=sources, give_up_s=give_up_s, ramp_s=1.0))
+    print(json.dumps([asdict(r) for r in results]))
+
+
 def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--slow-worker":
+        _slow_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sockets", type=int, default=1000)
     parser.add_argument("--header-timeout", type=float, default=10.0)

@@ -176,3 +176,38 @@ async def test_limits_refuse_nonsense(start: Start) -> None:
         await start(echo, max_connections_per_client=-1)
     with pytest.raises(ValueError, match="body_timeout"):
         await start(echo, body_timeout=float("nan"))
+
+
+async def test_the_router_refuses_a_wrong_key_before_reading_the_body(start: Start) -> None:
+    """The OpenAI API's own `authorize` on the real server: a wrong key is a 401 in
+    OpenAI's shape as soon as the head is in; a right one reaches the body's checks."""
+    from pathlib import Path
+
+    from prometheus_client import CollectorRegistry
+
+    from tierflow.placement import LeastLoaded, SessionTable
+    from tierflow.placement.tables import ModelTable, NodeTable
+    from tierflow.runtime.clock import VirtualClock
+    from tierflow.services.router.config import load_router_config
+    from tierflow.services.router.dispatch import Dispatcher
+    from tierflow.services.router.metrics import RouterMetrics
+    from tierflow.services.router.openai_api import OpenAIApi
+
+    config = load_router_config(str(Path(__file__).resolve().parents[1] / "fleets" / "router-tenants.yaml"))
+    clock, metrics, nodes, models = VirtualClock(), RouterMetrics(CollectorRegistry()), NodeTable(), ModelTable()
+    dispatcher = Dispatcher(nodes, models, None, clock, metrics, policy=LeastLoaded(), tenants=config.tenants, sessions=SessionTable(10))  # type: ignore[arg-type]  # no node is ever reached
+    api = OpenAIApi(dispatcher, models, nodes, clock, metrics, CollectorRegistry(), nats_connected=lambda: True)
+    port = await start(api.handle, authorize=api.authorize)
+
+    reader, writer = await _open(port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk-wrong\r\nContent-Length: 8000000\r\n\r\n")
+    status, _, body = await _response(reader)
+    assert status == 401 and _error(body) == {"message": "Incorrect API key provided.", "type": "authentication_error", "param": None, "code": "invalid_api_key"}
+    writer.close()
+
+    reader, writer = await _open(port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk-globex\r\nContent-Length: 5\r\n\r\n[1,2]")
+    status, _, body = await _response(reader)
+    assert status == 400 and "object" in _error(body)["message"]  # past the key, stopped by the body's shape
+    writer.close()
+    assert metrics.errors.labels("-", "invalid_api_key")._value.get() == 1  # counted like any refusal
