@@ -121,7 +121,9 @@ class AdminAuth:
         if not self.enforce:
             return Caller(UNAUTHENTICATED_ADMIN, True, user, peer)
         cn = next(iter(auth_context.get(_CN) or ()), b"").decode(errors="replace")
-        if cn and cn in self._cert_names:  # hook for mTLS: the CA verified this certificate
+        # mTLS hook: gRPC Python either verifies a client certificate against the CA
+        # (`require_client_auth=True`) or does not ask for one, so a CN here was verified.
+        if cn and cn in self._cert_names:
             return Caller(f"cert:{cn}", True, user, peer)
         token = _bearer(metadata.get("authorization"))
         if token and any(t.matches(token) for t in self._tokens):
