@@ -61,6 +61,12 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc/PID/stat)."""
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fd_count(pid: int) -> int:
     """Open file descriptors of a process (Linux)."""
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -184,7 +190,9 @@ async def _run(args: argparse.Namespace) -> int:
         router = next(c for c in fabric.children() if c.role == "router")
         fds_before = fd_count(router.pid)
         await normal_latencies(fabric.base_url, args.model, 1.0, args.concurrency)  # warm up
+        cpu0, t0 = cpu_seconds(router.pid), time.monotonic()
         baseline = await normal_latencies(fabric.base_url, args.model, args.baseline, args.concurrency)
+        cpu_before = (cpu_seconds(router.pid) - cpu0) / (time.monotonic() - t0)
         stop = asyncio.Event()
         sampler = FdSampler(router.pid)
         sampling = asyncio.create_task(sampler.run(stop))
@@ -195,7 +203,10 @@ async def _run(args: argparse.Namespace) -> int:
             str(args.header_timeout * 4 + 10), stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         await asyncio.sleep(min(1.5, args.header_timeout / 2))  # the slow sockets are all open
+        cpu0, worker0, t0 = cpu_seconds(router.pid), cpu_seconds(worker.pid), time.monotonic()
         during = await normal_latencies(fabric.base_url, args.model, max(1.0, args.header_timeout - 2.5), args.concurrency)
+        elapsed = time.monotonic() - t0
+        cpu_during, cpu_worker = (cpu_seconds(router.pid) - cpu0) / elapsed, (cpu_seconds(worker.pid) - worker0) / elapsed
         out, _ = await worker.communicate()
         results = [SlowResult(**r) for r in json.loads(out)]
         await asyncio.sleep(3.0)  # the lingering closes (2 s) finish
@@ -218,6 +229,8 @@ async def _run(args: argparse.Namespace) -> int:
     print(f"  p50 {p50_b * 1000:.1f} ms -> {p50_d * 1000:.1f} ms  (x{p50_d / p50_b:.2f})")
     print(f"  p99 {p99_b * 1000:.1f} ms -> {p99_d * 1000:.1f} ms  (x{p99_d / p99_b:.2f})   mean {statistics.fmean(baseline) * 1000:.1f} -> {statistics.fmean(during) * 1000:.1f} ms")
     print(f"router fds: before {fds_before}, peak {peak}, after {fds_after}")
+    print(f"router CPU: {cpu_before:.0%} of a core before, {cpu_during:.0%} during (the slow sockets' own process: {cpu_worker:.0%}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     musts = {
         "every slow socket closed within the deadline (+1 s)": len(closed) == args.sockets and latest <= args.header_timeout + 1.0,
         "normal p99 within 2x (or +20 ms) of before": p99_d <= max(2 * p99_b, p99_b + 0.020),
