@@ -65,6 +65,7 @@ def _hostile_work(rng: random.Random) -> list[bytes]:
     base = {"request_id": "fuzz-1", "model": MODEL, "prompt_token_ids": [1, 2, 3], "max_tokens": 2}
     return [
         msgspec.json.encode({**base, "prompt_token_ids": [2**40, -1]}),
+        msgspec.json.encode({**base, "prompt_token_ids": [200_000, 2**32 - 1] * 40}),  # outside the vocabulary, inside the wire bounds
         msgspec.json.encode({**base, "max_tokens": 2**62}),
         msgspec.json.encode({**base, "model": "no-such-model"}),
         msgspec.json.encode({**base, "stop": ["x" * 4096] * 64}),
