@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import os
 import shlex
+import subprocess
+import sys
 from typing import Any
 from pathlib import Path
 from unittest import mock
@@ -147,3 +149,9 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
             field = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
             env[var["name"]] = FIELD_PLACEHOLDERS.get(field, "placeholder")
     return env
+
+
+def run_init_secrets(secrets: Path) -> subprocess.CompletedProcess[str]:
+    """deploy/init-secrets.sh SECRETS_DIR, with this environment's `tierflow` on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(["sh", str(DEPLOY / "init-secrets.sh"), str(secrets)], capture_output=True, text=True, timeout=120, env=env)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,11 @@ from deploy_checks import (
     load_compose,
     option_value,
     pod_spec,
+    run_init_secrets,
 )
 
 from tierflow.runtime import nats_auth
+from tierflow.runtime.secret_hash import SaltedHash
 
 # Options that open a deployed service to anyone: for local runs only (`tierflow up`).
 OPT_INS = {"router": ("allow_anonymous",), "model-registry": ("allow_unauthenticated_admin",)}
@@ -60,6 +60,9 @@ def test_no_deployed_service_opts_out_of_authentication(where: str, argv: list[s
         assert params[option] is False, f"{where} sets {option}: an open deployment"
     if argv[0] == "router":
         assert params["config"], f"{where}: a router without tenants refuses every request; give it --config"
+    if argv[0] == "model-registry":
+        assert params["admin_token_file"] or params["admin_token_hash"], f"{where}: no admin credential (no one could Apply)"
+        assert not params["admin_token"], f"{where}: give the registry a file or a hash, not the token in its environment"
 
 
 def test_the_open_tenant_check_catches_each_way_of_opting_in() -> None:
@@ -110,18 +113,9 @@ def test_each_compose_process_mounts_its_own_nats_identity_only() -> None:
             assert _mounts(svc).get("/etc/nats/nats-auth.conf") == "./secrets/nats/nats-auth.conf", name
 
 
-def _run_init(secrets: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run(["sh", str(DEPLOY / "init-secrets.sh"), str(secrets)], capture_output=True, text=True, timeout=120, env=env)
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """deploy/secrets as the first `docker compose up` leaves it (deploy/init-secrets.sh, run once)."""
-    secrets = tmp_path_factory.mktemp("init") / "secrets"
-    first = _run_init(secrets)
-    assert first.returncode == 0, first.stdout + first.stderr
-    return secrets
+@pytest.fixture
+def made(init_secrets: Path) -> Path:
+    return init_secrets
 
 
 def test_secrets_init_makes_every_identity_compose_mounts(made: Path) -> None:
@@ -169,6 +163,16 @@ def test_the_kubernetes_router_reads_its_tenants_from_a_secret() -> None:
     assert any(f.startswith(os.path.basename(config) + "=") for f in gen["files"])
 
 
+def test_the_kubernetes_registry_holds_only_the_admin_tokens_hash() -> None:
+    registry = next(doc for _, doc in k8s_documents() if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "model-registry")
+    env = {e["name"]: e for e in pod_spec(registry)["containers"][0]["env"]}  # type: ignore[index]
+    ref = env["TIERFLOW_ADMIN_TOKEN_HASH"]["valueFrom"]["secretKeyRef"]
+    kz = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    gen = next(g for g in kz["secretGenerator"] if g["name"] == ref["name"])
+    assert gen["files"] == [f"{ref['key']}=secrets/admin-token.hash"]
+    assert "TIERFLOW_ADMIN_TOKEN" not in env and "--admin-token-file" not in pod_spec(registry)["containers"][0]["args"]  # type: ignore[index]
+
+
 # --------------------------------------------------------------------------- init-secrets.sh
 
 
@@ -186,8 +190,13 @@ def test_init_secrets_makes_a_working_key_once_and_keeps_it(made: Path) -> None:
     tenant = config.tenants.authenticate(key)
     assert tenant is not None and tenant.name == "default"
     assert config.tenants.authenticate("sk-wrong") is None and config.tenants.authenticate(None) is None
-    if os.geteuid() == 0:  # secrets-init runs as root: the NATS files become the containers' uid
-        assert {p.stat().st_uid for p in (secrets / "nats").iterdir() if p.suffix in (".creds", ".conf")} == {10001}
-    second = _run_init(secrets)
+    token = (secrets / "admin.token").read_text().strip()
+    assert stat.S_IMODE((secrets / "admin.token").stat().st_mode) == 0o600
+    assert SaltedHash.parse((secrets / "admin-token.hash").read_text().strip()).matches(token)
+    if os.geteuid() == 0:  # secrets-init runs as root: what the containers read becomes their uid's
+        owned = [p for p in (secrets / "nats").iterdir() if p.suffix in (".creds", ".conf")] + [secrets / "admin.token"]
+        assert {p.stat().st_uid for p in owned} == {10001}
+    second = run_init_secrets(secrets)
     assert second.returncode == 0, second.stdout + second.stderr
     assert (secrets / "api-key").read_text().strip() == key and (secrets / "router.yaml").read_text() == tenants
+    assert (secrets / "admin.token").read_text().strip() == token

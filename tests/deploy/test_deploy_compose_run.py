@@ -102,13 +102,9 @@ def translate(name: str, svc: dict[str, Any], nats_url: str, stack: LocalStack, 
 
 
 @pytest.fixture(scope="module")
-def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """deploy/secrets as secrets-init leaves it, made by the same script."""
-    out = tmp_path_factory.mktemp("compose-secrets") / "secrets"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    run = subprocess.run(["sh", str(DEPLOY / "init-secrets.sh"), str(out)], capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return out
+def secrets(init_secrets: Path) -> Path:
+    """deploy/secrets as secrets-init leaves it, made by the same script (tests/deploy/conftest.py)."""
+    return init_secrets
 
 
 @pytest.fixture(scope="module")
@@ -246,13 +242,31 @@ def _scrape_targets(config: dict[str, Any], stack: LocalStack) -> dict[str, list
     return served
 
 
-def test_the_cli_service_reads_the_fabric_as_admin(stack: LocalStack, nats_for_stack: str, secrets: Path) -> None:
-    """`docker compose run --rm cli status`: its command with its environment and the file it mounts."""
+def test_the_cli_service_reads_the_fabric_as_admin(stack: LocalStack, nats_for_stack: str, secrets: Path, tmp_path: Path) -> None:
+    """`docker compose run --rm cli status` and `... cli apply`: its commands with its environment
+    and the files it mounts (a directory its environment names is rebuilt from the mounts under it)."""
     cli = load_compose()["services"]["cli"]
     mounts = host_mounts(cli, secrets)
     env = {k: str(mounts.get(str(v), v)) for k, v in cli["environment"].items() if k not in DROP_ENV}
+    for key, value in cli["environment"].items():
+        under = {target: source for target, source in mounts.items() if target.startswith(f"{value}/")}
+        if under:
+            local = tmp_path / key
+            for target, source in under.items():
+                (local / target.removeprefix(f"{value}/")).parent.mkdir(parents=True, exist_ok=True)
+                (local / target.removeprefix(f"{value}/")).symlink_to(source)
+            env[key] = str(local)
     env["TIERFLOW_NATS_URL"] = nats_for_stack  # the container's nats://nats:4222
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("TIERFLOW_", "OTEL_"))}
-    out = subprocess.run([sys.executable, "-m", "tierflow", *compose_argv(cli)], capture_output=True, text=True, timeout=60, env={**base, **env})
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "decode-0" in out.stdout and "router" in out.stdout.lower(), out.stdout
+    # In this process (the CLI's startup costs more than the commands): only its environment differs.
+    from typer.testing import CliRunner
+
+    from tierflow.cli.main import app
+
+    unset = {k: None for k in os.environ if k.startswith(("TIERFLOW_", "OTEL_"))}
+    out = CliRunner().invoke(app, compose_argv(cli), env={**unset, **env})
+    assert out.exit_code == 0, out.output
+    assert "decode-0" in out.output and "router" in out.output.lower(), out.output
+    # A registry write (the admin token), to the registry as compose's cli reaches it.
+    env["TIERFLOW_REGISTRY"] = f"127.0.0.1:{stack.local('model-registry', 50052)}"
+    out = CliRunner().invoke(app, ["apply", "-f", str(mounts["/etc/tierflow/fleet.yaml"])], env={**unset, **env})
+    assert out.exit_code == 0, out.output

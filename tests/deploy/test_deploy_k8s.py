@@ -231,6 +231,8 @@ def test_secrets_used_are_generated_from_the_secrets_directory() -> None:
     kz = _kustomization()
     generated = {gen["name"]: gen for gen in kz.get("secretGenerator", [])}
     used = {v["secret"]["secretName"] for _, doc in DOCS for v in (pod_spec(doc) or {}).get("volumes", []) if "secret" in v}
+    used |= {e["valueFrom"]["secretKeyRef"]["name"] for _, doc in DOCS for c in (pod_spec(doc) or {}).get("containers", [])
+             for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}  # fmt: skip
     assert used == set(generated), f"used {sorted(used)}, generated {sorted(generated)}"
     script = (DEPLOY / "init-secrets.sh").read_text()
     for gen in generated.values():
@@ -251,6 +253,7 @@ def test_kustomize_build_renders_and_validates(tmp_path: Path) -> None:
     shutil.copytree(DEPLOY, root, ignore=shutil.ignore_patterns("secrets"))
     (root / "secrets").mkdir()
     (root / "secrets" / "router.yaml").write_text("tenants: [{name: default, api_keys: ['sha256:00:00']}]\n")
+    (root / "secrets" / "admin-token.hash").write_text("sha256:00:00\n")
     out = subprocess.run([kubectl, "kustomize", str(root)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     rendered = [d for d in yaml.safe_load_all(out.stdout) if d]

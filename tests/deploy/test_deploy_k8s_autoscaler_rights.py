@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_checks import k8s_documents, pod_spec
+from deploy_checks import k8s_documents
 
 from tierflow.contracts import registry
 from tierflow.services.autoscaler.kubernetes import DELETION_COST, KubeApi, KubeApiError, KubernetesActuator
