@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -135,7 +136,9 @@ class NatsNodeTransport:
     async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None, *, role: str = "decode") -> _NatsStream:
         # Each attempt has its own reply subject: a slow first node that wakes up after
         # the retry went elsewhere can never interleave its tokens into the new stream.
-        key = f"{request.request_id}_{request.attempt}"
+        # Its random part makes it unguessable: request ids count up, so a node that saw
+        # one could otherwise aim forged tokens at another client's stream.
+        key = f"{request.request_id}_{request.attempt}_{secrets.token_hex(8)}"
         stream = _NatsStream(self, node_id, request.request_id, key, self._liveness_timeout)
         self._streams[key] = stream
         try:
