@@ -41,8 +41,9 @@ NATS auth (on unless `--no-nats-auth`): every child connects as its own identity
 (`runtime/nats_auth.py`), its credentials file named by TIERFLOW_NATS_CREDS; DATA/auth holds
 them and the servers' authorization block (`cli/auth_files.py`), made on the first run and
 reused after. Routers are `r0`, `r1`, ... (their identity allows only that id's reply
-streams). A node started on the autoscaler's request gets its identity first: the user is
-added and every running NATS server reloads its config before the node starts.
+streams). Identities for the nodes the autoscaler may ask for are made ahead
+(`NODE_IDENTITY_BATCH` per role); past them, a new batch is added and every running NATS
+server reloads its config before the node starts.
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ SERVICE_ENV = {"PYTHONUNBUFFERED": "1"}
 NODE_STOP_GRACE = 15.0
 ACTUATORS = ("local", "none")
 NODE_COMMANDS = {"decode": "decode-node", "prefill": "prefill-node"}
+# NATS identities made ahead for the nodes the autoscaler may ask for (`decode-0` .. and
+# `prefill-0` .. this many past the ones started at once), and again in batches this size
+# when they run out: a node then starts with no NATS config reload. Reloading the users of
+# a JetStream cluster (nats-server 2.15) was followed by lost messages when a member died
+# later (the fault suite's NATS kill: a token of ~30 streams lost), never without a reload.
+NODE_IDENTITY_BATCH = 32
 
 
 class FabricNotReady(Exception):
@@ -587,9 +594,21 @@ def _node_of(spec: ProcessSpec) -> messages.SupervisedNode | None:
 
 
 def _identities(config: UpConfig, specs: list[ProcessSpec]) -> list[Identity]:
-    """Every NATS identity the fabric starts with: one per role, per router, per node."""
+    """Every NATS identity the fabric starts with: one per role, per router, per node, and
+    the next `NODE_IDENTITY_BATCH` node ids of each role (the autoscaler's, made ahead)."""
     nodes = [node.node_id for spec in specs if (node := _node_of(spec)) is not None]
-    return nats_auth.fabric_identities(config.router_ids(), nodes)
+    started = {"decode": config.decode_nodes, "prefill": config.prefill_nodes}
+    ahead = [f"{role}-{i}" for role, n in started.items() for i in range(n + NODE_IDENTITY_BATCH)]
+    return nats_auth.fabric_identities(config.router_ids(), list(dict.fromkeys([*nodes, *ahead])))
+
+
+def _identity_batch(node_id: str) -> list[Identity]:
+    """`node_id`'s identity and, for `<role>-<n>`, the batch of ids after it (made together,
+    so the next starts need no config reload)."""
+    prefix, _, index = node_id.rpartition("-")
+    if not prefix or not index.isdigit():
+        return [Identity(nats_auth.NODE, node_id)]
+    return [Identity(nats_auth.NODE, f"{prefix}-{i}") for i in range(int(index), int(index) + NODE_IDENTITY_BATCH)]
 
 
 def _running_nats(config: UpConfig, supervisor: Supervisor) -> list[tuple[int, str, int]]:
@@ -668,9 +687,12 @@ class NodeLauncher:
         return node
 
     async def _admit(self, identity: Identity) -> None:
-        """Give a new node its NATS identity before it starts: a user added to DATA/auth and
-        every running server told to read its config again (RuntimeError if one does not)."""
-        if not self._config.nats_auth or not self._config.auth.ensure([identity]):
+        """Make sure a new node has its NATS identity before it starts: made ahead, or (past
+        the batch made ahead) a new batch added to DATA/auth and every running server told
+        to read its config again (RuntimeError if one does not)."""
+        if not self._config.nats_auth or self._config.auth.creds_path(identity).exists():
+            return  # made ahead (`_identities`): the usual case
+        if not self._config.auth.ensure(_identity_batch(identity.instance)):
             return
         try:
             await reload_servers(_running_nats(self._config, self._supervisor))
