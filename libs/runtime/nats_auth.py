@@ -26,8 +26,8 @@ commands: autoscaler and admin), and has `allow_responses` besides (once to the 
 subject of a request it received, within two minutes) for anyone else who may ask.
 
 Credentials are NATS nkeys (Ed25519): the server config holds only public keys, each
-process holds only its own seed, and the server authenticates by signing a nonce, so no
-secret crosses the wire (which matters while the fabric runs without TLS, as local runs and
+process holds only its own seed, and a client proves its key by signing the server's nonce,
+so no secret crosses the wire (which matters while the fabric runs without TLS, as local runs and
 compose do by default) and a leaked server config lets nobody in. A user/password pair
 would put a reusable secret on the wire at every connect and in the server config. The
 cost is the `nkeys` package (nats-py's own optional dependency for exactly this).
@@ -37,10 +37,12 @@ lines that name the identity; nats-py gets the seed (`nkeys_seed_str`) and the i
 prefix from `connect_options` (nats-py's own `nkeys_seed=FILE` wants a file holding the
 seed alone). `CREDS_ENV` (`TIERFLOW_NATS_CREDS`) names the file a process uses.
 
-Limits: identities are static users in the server config, so a new node means a new
-user and a config reload (`tierflow up` does it before the node starts); a permission
-is a subject pattern, so "reply streams of any router" cannot be narrowed to the routers
-that sent this node work (the request keys inside them are unguessable ids).
+Limits: identities are static users in the server config, so a node id nobody made an
+identity for means a new user and a config reload (`tierflow up` makes its nodes' ahead, in
+batches); a router's id is its identity's, so a restarted router keeps its id (nodes do not
+see it leave: streams it had open run on until they finish); a permission is a subject
+pattern, so "reply streams of any router" cannot be narrowed to the routers that sent this
+node work (the request keys inside them are unguessable ids).
 
 Pure: no I/O except `read_creds` / `identity_from_env` (a file named by the caller or the
 environment, read when called) and randomness in `new_seed`.
