@@ -22,6 +22,8 @@ __all__ = [
     "audit",
     "SERVICE_NAMES",
     "SERVICE_INFO",
+    "SERVICE_API",
+    "service_discovery",
     "check_token",
     "node_heartbeat",
     "node_of_heartbeat",
@@ -198,6 +200,17 @@ def deployment_key(name: str) -> str:
 
 # The nats.micro discovery subject (defined by the NATS micro protocol, not by us).
 SERVICE_INFO: Final = "$SRV.INFO"
+# Every subject of that protocol (discovery requests and their per-service forms).
+SERVICE_API: Final = "$SRV.>"
+
+
+def service_discovery(service_name: str | None = None) -> list[str]:
+    """What a nats.micro service subscribes to for discovery: `$SRV.PING|INFO|STATS`
+    alone, or with its name and with its name and id (`service_name`)."""
+    verbs = ("PING", "INFO", "STATS")
+    if service_name is None:
+        return [f"$SRV.{verb}" for verb in verbs]
+    return [f"$SRV.*.{service_name}", f"$SRV.*.{service_name}.*"]
 
 # nats.micro service names: `tierflow status` discovers services by these.
 SERVICE_NAMES: Final = {

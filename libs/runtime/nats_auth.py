@@ -220,7 +220,7 @@ def _micro(*services: str) -> list[str]:
     """What a nats.micro service subscribes to for discovery (`$SRV.PING|INFO|STATS`, alone,
     with its name, with its name and id) under the names it registers as."""
     names = [subjects.SERVICE_NAMES[s] for s in services]
-    return ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", *(f"$SRV.*.{n}" for n in names), *(f"$SRV.*.{n}.*" for n in names)]
+    return [*subjects.service_discovery(), *(subject for n in names for subject in subjects.service_discovery(n))]
 
 
 def _inbox(identity: Identity) -> list[str]:
@@ -300,7 +300,7 @@ def permissions(identity: Identity) -> Permissions:
     # ADMIN
     return Permissions(
         publish=(
-            "$SRV.>", subjects.node_control(any_node), subjects.SUPERVISOR_CONTROL,
+            subjects.SERVICE_API, subjects.node_control(any_node), subjects.SUPERVISOR_CONTROL,
             subjects.node_generate(any_node), subjects.prefill_run(any_node), subjects.node_cancel(any_node),
             "$JS.API.>", "$JS.FC.>", "$JS.ACK.>", *own,
         ),
