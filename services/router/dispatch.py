@@ -521,7 +521,8 @@ class Dispatcher:
                 try:
                     event = await stream.next()
                 except NodeLost as lost:
-                    self._suspect(node_id)
+                    if not lost.ours:
+                        self._suspect(node_id)
                     raise _PrefillFailed(f"prefill node {node_id}: {lost.reason}", "node_lost", node_id) from None
                 if type(event) is messages.Finished:
                     finished = True
@@ -557,7 +558,8 @@ class Dispatcher:
                 try:
                     event = await stream.next()
                 except NodeLost as lost:
-                    self._suspect(node_id)
+                    if not lost.ours:
+                        self._suspect(node_id)
                     raise _LegFailed(lost.reason, "node_lost") from None
                 kind = type(event)
                 if kind is messages.Tokens:
@@ -567,7 +569,8 @@ class Dispatcher:
                     expected = progress.next_index
                     if event.index != expected:  # type: ignore[union-attr]
                         if event.index > expected:  # type: ignore[union-attr]
-                            self._suspect(node_id)
+                            if not getattr(stream, "link_broke", False):  # lost on our side: not the node's fault
+                                self._suspect(node_id)
                             raise _LegFailed(f"node {node_id} skipped tokens {expected}..{event.index - 1} (a message was lost)", "gap")  # type: ignore[union-attr]
                         trimmed = _trim(event, expected - event.index)  # type: ignore[arg-type, union-attr]
                         if trimmed is None:
@@ -584,7 +587,8 @@ class Dispatcher:
                     yield event  # type: ignore[misc]
                 elif kind is messages.Finished:
                     if event.completion_tokens > progress.next_index:  # type: ignore[union-attr]
-                        self._suspect(node_id)
+                        if not getattr(stream, "link_broke", False):
+                            self._suspect(node_id)
                         raise _LegFailed(f"node {node_id} finished at {event.completion_tokens} tokens but sent {progress.next_index} (a message was lost)", "gap")  # type: ignore[union-attr]
                     finished = True
                     record.finish_reason = event.finish_reason  # type: ignore[union-attr]

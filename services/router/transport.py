@@ -38,16 +38,25 @@ _STALL = 0.1
 
 
 class NodeLost(Exception):
-    """The node did not answer, or stopped answering, on this request's stream."""
+    """The node did not answer, or stopped answering, on this request's stream.
 
-    def __init__(self, node_id: str, reason: str) -> None:
+    `ours` is true when the silence was this router's: its own NATS connection broke
+    meanwhile (a member of the cluster died), so whatever the node sent was lost on the
+    way and the node itself is not suspect: the stream moves on, the node keeps its name.
+    """
+
+    def __init__(self, node_id: str, reason: str, *, ours: bool = False) -> None:
         super().__init__(f"node {node_id}: {reason}")
         self.node_id = node_id
         self.reason = reason
+        self.ours = ours
 
 
 class NodeStream(Protocol):
     node_id: str
+    # True when the router's own link broke between the last two messages (a gap is
+    # then the link's, not the node's).
+    link_broke: bool
 
     async def next(self) -> messages.StreamEvent: ...
     async def cancel(self) -> None: ...
@@ -59,25 +68,33 @@ class NodeTransport(Protocol):
 
 
 class _NatsStream:
-    __slots__ = ("node_id", "_request_id", "_key", "_queue", "_owner", "_timeout", "_closed")
+    __slots__ = ("node_id", "link_broke", "_request_id", "_key", "_queue", "_owner", "_timeout", "_closed", "_epoch")
 
     def __init__(self, owner: "NatsNodeTransport", node_id: str, request_id: str, key: str, timeout: float) -> None:
         self.node_id = node_id
+        self.link_broke = False
         self._request_id = request_id
         self._key = key
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._owner = owner
         self._timeout = timeout
         self._closed = False
+        self._epoch = owner.link_epoch()
 
     async def next(self) -> messages.StreamEvent:
         queue = self._queue
+        owner = self._owner
         if queue.empty():
             loop = asyncio.get_running_loop()
             began = loop.time()
             try:
                 msg = await asyncio.wait_for(queue.get(), self._timeout)
             except asyncio.TimeoutError:
+                if owner.link_epoch() != self._epoch or not owner.connected():
+                    # Our own connection broke: wait for it (bounded), then let the stream
+                    # move on without blaming the node.
+                    await owner.wait_connected(self._timeout * 4)
+                    raise NodeLost(self.node_id, "this router's NATS connection broke meanwhile", ours=True) from None
                 late = loop.time() - began - self._timeout
                 if late < _STALL:
                     raise NodeLost(self.node_id, f"silent for {self._timeout:.2f}s") from None
@@ -89,6 +106,9 @@ class _NatsStream:
                     raise NodeLost(self.node_id, f"silent for {self._timeout:.2f}s (after a {late:.2f}s stall of the router)") from None
         else:
             msg = queue.get_nowait()
+        epoch = owner.link_epoch()
+        self.link_broke = epoch != self._epoch
+        self._epoch = epoch
         if not msg.data:
             headers = msg.headers or {}
             if headers.get("Status") == "503":
@@ -127,6 +147,22 @@ class NatsNodeTransport:
 
     async def start(self) -> None:
         await self._nc.subscribe(subjects.router_streams(self._router_id), cb=self._on_message)
+
+    def link_epoch(self) -> int:
+        """How many times this router's NATS connection was re-made: a change between two
+        messages of a stream means messages in between may have been lost on our side."""
+        return int(self._nc.stats.get("reconnects", 0))
+
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    async def wait_connected(self, limit: float) -> None:
+        """Until the connection is back (at most `limit` seconds): a stream that moves on
+        while we are cut off would only fail again."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + limit
+        while not self._nc.is_connected and loop.time() < give_up:
+            await asyncio.sleep(0.05)
 
     async def _on_message(self, msg: Msg) -> None:
         stream = self._streams.get(msg.subject[self._prefix_len:])

@@ -21,7 +21,11 @@ from tierflow.services.router.metrics import RouterMetrics
 from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.services.router.transport import NodeLost
 
-Script = list[messages.StreamEvent | NodeLost]
+class LinkBroke:
+    """In a script: the router's own NATS connection was re-made before the next message."""
+
+
+Script = list[messages.StreamEvent | NodeLost | LinkBroke]
 
 
 class ScriptedStream:
@@ -30,12 +34,16 @@ class ScriptedStream:
         self._script = list(script)
         self.cancelled = False
         self.closed = False
+        self.link_broke = False
 
     async def next(self) -> messages.StreamEvent:
         item = self._script.pop(0)
         if isinstance(item, NodeLost):
             raise item
-        return item
+        if isinstance(item, LinkBroke):
+            self.link_broke = True
+            item = self._script.pop(0)
+        return item  # type: ignore[return-value]
 
     async def cancel(self) -> None:
         self.cancelled = True
@@ -114,6 +122,21 @@ async def test_node_lost_before_first_token_retries_elsewhere_and_marks_it() -> 
     assert [r.attempt for _, r, _ in transport.opened] == [1, 2]
     assert transport.opened[0][2].cancelled
     assert [n.node_id for n in nodes.views if n.suspect_until > 100.0] == ["a"]
+
+
+async def test_silence_or_a_gap_from_the_routers_own_broken_link_moves_on_without_blaming_the_node() -> None:
+    def ours_silent(req: messages.GenerateRequest) -> Script:
+        return [messages.Tokens(request_id=req.request_id, index=0, token_ids=[1], text=" a"), NodeLost("a", "link broke", ours=True)]
+
+    def ours_gap(req: messages.GenerateRequest) -> Script:
+        return [messages.Tokens(request_id=req.request_id, index=0, token_ids=[1], text=" a"), LinkBroke(),
+                messages.Tokens(request_id=req.request_id, index=2, token_ids=[2], text=" b")]  # fmt: skip
+
+    for script in (ours_silent, ours_gap):
+        dispatcher, _, nodes = _setup({"a": script, "b": ok(3)})
+        events, record = await _run(dispatcher)
+        assert record.nodes_tried == ["a", "b"] and record.completion_tokens == 3 and record.migrations == 1
+        assert not [n.node_id for n in nodes.views if n.suspect_until > 100.0]  # a is not suspect: the link was ours
 
 
 async def test_retryable_failure_moves_on_but_client_errors_do_not() -> None:
