@@ -28,7 +28,7 @@ from tierflow.cli.children_file import ChildRecord, read_children
 from tierflow.runtime.nats_server import NatsServerConfig
 from tierflow.runtime.tls import LocalPki, TlsFiles, client_ssl_context
 
-__all__ = ["Fabric", "start_fabric", "free_port_run"]
+__all__ = ["Fabric", "MetricsScrape", "start_fabric", "free_port_run"]
 
 
 @dataclass
@@ -154,19 +154,17 @@ class Fabric:
         path = self.data_dir / "logs" / f"{name}.log"
         return path.read_text() if path.exists() else ""
 
-    def router_metric(self, name: str, **labels: str) -> float:
-        """The sum of the router's `/metrics` samples called `name` whose labels include
-        `labels` (0.0 when there is none): what a test or benchmark compares before/after."""
-        from prometheus_client.parser import text_string_to_metric_families
+    def scrape_router(self) -> MetricsScrape:
+        """One read of the router's `/metrics` (compare series from the same scrape: two
+        reads of a live histogram race)."""
+        base = self.base_url.removesuffix("/v1")
+        context = self.ssl_context() if self.tls else None
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5, context=context) as response:
+            return MetricsScrape(response.read().decode())
 
-        with urllib.request.urlopen(f"{self.base_url.removesuffix('/v1')}/metrics", timeout=5, context=self.ssl_context()) as response:
-            text = response.read().decode()
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        )
+    def router_metric(self, name: str, **labels: str) -> float:
+        """`scrape_router().value(name, **labels)`: what a test compares before/after."""
+        return self.scrape_router().value(name, **labels)
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.process.poll() is None:
@@ -178,6 +176,19 @@ class Fabric:
                 self.process.wait()
                 raise
         return self.process.returncode
+
+
+class MetricsScrape:
+    """A Prometheus text exposition, parsed once (prometheus-client's parser)."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples called `name` whose labels include `labels` (0.0 if none)."""
+        return sum(s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 class _PortPicker:

@@ -68,7 +68,8 @@ def test_a_trace_replays_live_with_its_exact_tokens_and_exports_back(fabric, tmp
     # Arrivals as the router saw them: the trace's, at speed 2, up to client start-up (the first
     # request also opens the connection) and scheduling jitter.
     offsets = [r.timestamp - t / 2 for r, (t, *_) in zip(rows, ROWS)]
-    assert max(offsets) - min(offsets) < 100.0
+    assert max(offsets[1:]) - min(offsets[1:]) < 100.0, offsets
+    assert -100.0 < offsets[0] - min(offsets[1:]) < 500.0, offsets  # the first waits for its connection (110 ms on a busy box)
     # Each prompt's full 512-token blocks are named by the router's chained hashes: equal where the trace's ids were equal.
     first, third, sixth = rows[0].hash_ids, rows[2].hash_ids, rows[5].hash_ids
     assert len(first) == 2 and len(third) == 2 and len(sixth) == 2  # 1200 // 512, 1500 // 512, 1100 // 512
