@@ -155,7 +155,14 @@ class OpenAIApi:
 
     def authorize(self, method: str, path: str, headers: dict[str, str]) -> object:
         """`http_server.serve(authorize=...)`: the tenant of a generation request, or its 401
-        before any of its body is read or decoded; None for routes without a tenant."""
+        before any of its body is read or decoded; None for routes without a tenant. The
+        model list needs a key too (as OpenAI's does): what is deployed is not public."""
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            try:
+                self._dispatcher.authenticate(bearer_token(headers.get("authorization")))
+            except TierflowError as exc:
+                return error_response(exc)
+            return None
         if (method, path) not in self._AUTHENTICATED:
             return None
         try:

@@ -211,6 +211,13 @@ async def test_valid_key_200_wrong_key_401_old_key_until_not_after(router: Keys,
     async with httpx2.AsyncClient() as raw:  # no key at all: 401 in OpenAI's error shape
         answer = await raw.post(f"{router.base_url}/chat/completions", json={"model": "llama-3.1-8b", "messages": MESSAGES})
     assert answer.status_code == 401 and set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    # What is deployed is not public either: the model list and pages need a key too.
+    assert "llama-3.1-8b" in [m.id async for m in client(router.new).models.list()]
+    with pytest.raises(openai.AuthenticationError):
+        await client("sk-tf-wrong").models.list()
+    async with httpx2.AsyncClient() as raw:
+        for path in ("/models", "/models/llama-3.1-8b"):
+            assert (await raw.get(f"{router.base_url}{path}")).status_code == 401
     logged = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
     assert sum(r.getMessage() == "request" for r in caplog.records) >= 5  # the router logged these requests (ok and 401)
     for key in (router.new, router.old, router.expired, "sk-tf-wrong"):
