@@ -68,7 +68,7 @@ def test_a_restart_with_another_fleet_boots_its_nodes_on_that_fleet(tmp_path_fac
         client = OpenAI(base_url=fabric.base_url, api_key="none", max_retries=0)
         prompt = " ".join(f"w{i % 997}" for i in range(10_000))
         for model in ("llama-3.1-8b", "gpt-oss-20b"):
-            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=2)
+            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=2, extra_body={"ignore_eos": True})
             assert reply.usage is not None and reply.usage.prompt_tokens > 8192 and reply.usage.completion_tokens == 2
     finally:
         fabric.stop()
@@ -102,7 +102,7 @@ def test_up_passes_a_profiles_file_to_the_registry_and_every_node(tmp_path_facto
                             "--decode-nodes", "1", "--prefill-nodes", "0")  # fmt: skip
     try:
         assert "on sn40l-16-slow-storage (decode)" in fabric.log("decode-0")
-        reply = OpenAI(base_url=fabric.base_url, api_key="none", max_retries=0).completions.create(model="llama-3.1-8b", prompt="hi", max_tokens=3)
+        reply = OpenAI(base_url=fabric.base_url, api_key="none", max_retries=0).completions.create(model="llama-3.1-8b", prompt="hi", max_tokens=3, extra_body={"ignore_eos": True})
         assert reply.usage is not None and reply.usage.completion_tokens == 3
     finally:
         fabric.stop()
