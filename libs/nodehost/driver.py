@@ -121,9 +121,14 @@ class EngineDriver:
         bandwidth; the engine then charges only its write into HBM.
         """
         now = self._clock.monotonic()
-        if request.request_id in self._streams:
-            await self._send_once(reply, messages.Failed(request_id=request.request_id, code="duplicate_request", message="a request with this id is already in flight on this node", retryable=False))
-            return
+        existing = self._streams.get(request.request_id)
+        if existing is not None:
+            if existing.reply == reply:
+                await self._send_once(reply, messages.Failed(request_id=request.request_id, code="duplicate_request", message="a request with this id is already in flight on this node", retryable=False))
+                return
+            # The router resumed this request on a new attempt (its own reply subject): it has
+            # given up on the old stream, whose cancel may have been lost with our link.
+            self._drop(request.request_id, "superseded", "the router resumed it on a new attempt")
         resumed = request.resume_token_ids
         prompt = request.prompt_token_ids + resumed if resumed else request.prompt_token_ids
         engine_request = EngineRequest(

@@ -73,6 +73,7 @@ _spans = tracer("tierflow.router")
 
 # Codes a node may send that are the caller's fault: no other node would do better.
 _CLIENT_ERRORS = {"context_length_exceeded", "bad_request", "invalid_request"}
+_RESUME_POLL_S = 0.1  # how often a broken stream waiting for a node looks again
 
 
 @dataclass(slots=True)
@@ -219,6 +220,7 @@ class Dispatcher:
         sessions: SessionTable,
         max_attempts: int = 3,
         max_migrations: int = 2,
+        resume_wait: float = 5.0,
         default_timeout: float = 600.0,
         seed: int | None = None,
         on_session: Callable[[str, str], None] | None = None,
@@ -227,7 +229,9 @@ class Dispatcher:
     ) -> None:
         """`on_session(session, node)` and `on_suspect(node)`: what this router learned
         that the other routers should hear about (see services/router/peers.py).
-        `admission`: per-model limits on requests in flight (None: admit everything)."""
+        `admission`: per-model limits on requests in flight (None: admit everything).
+        `resume_wait`: how long a broken stream may wait for a node to resume it when
+        none can at once (its deadline permitting)."""
         self._nodes = nodes
         self._candidates = CandidateIndex(nodes)  # the nodes serving each model, kept current per heartbeat
         self._models = models
@@ -239,6 +243,7 @@ class Dispatcher:
         self._sessions = sessions
         self._max_attempts = max_attempts
         self._max_migrations = max_migrations
+        self._resume_wait = resume_wait
         self._default_timeout = default_timeout
         self._rng = random.Random(seed)
         self._on_session = on_session
@@ -390,7 +395,14 @@ class Dispatcher:
         """The next node to try, its placement reason, and the request (version may fall back)."""
         while True:
             try:
-                ranked = self._candidates.rank(self._policy, replace(placement, exclude=frozenset(tried)), self._clock.monotonic())
+                try:
+                    ranked = self._candidates.rank(self._policy, replace(placement, exclude=frozenset(tried)), self._clock.monotonic())
+                except NoEligibleNode:
+                    if not progress.token_ids:
+                        raise
+                    # Mid-stream with no other node: a node that failed it and serves again
+                    # (its NATS link broke, its stall ended) resumes it just as exactly.
+                    ranked = self._candidates.rank(self._policy, placement, self._clock.monotonic())
                 choice = ranked.best
                 return choice.node_id, choice.reason, placement
             except NoEligibleNode as none:
@@ -424,6 +436,7 @@ class Dispatcher:
         last_failure = ""
         overloaded = retries = 0
         attempt = 0
+        resume_until = 0.0  # while a broken stream waits for a node to resume it
         while True:
             self._check_deadline(deadline, record)
             try:
@@ -431,6 +444,12 @@ class Dispatcher:
             except NodeFailure:
                 if not progress.token_ids and tried and overloaded == len(tried):
                     break  # every node that could serve it is full: that is back-pressure, not failure
+                if progress.token_ids and self._clock.monotonic() < resume_until:
+                    # No node can resume it this instant (the only one of its deployment just
+                    # failed, or all are suspect after a NATS member died): one is usually back
+                    # within a heartbeat or two.
+                    await self._clock.sleep(_RESUME_POLL_S)
+                    continue
                 raise
             attempt += 1
             record.version = placement.version or record.version
@@ -460,6 +479,7 @@ class Dispatcher:
                     tried.discard(node_id)  # its decode node did nothing wrong
                     bad_prefill.add(failure.prefill_node)
                 if progress.token_ids:
+                    resume_until = min(deadline, self._clock.monotonic() + self._resume_wait)
                     record.migrations += 1
                     self._metrics.migrations.labels(params.model, failure.code).inc()
                     span.add_event("tierflow.migration", {"tierflow.node": node_id, "tierflow.reason": failure.code, "tierflow.tokens_sent": progress.next_index})

@@ -109,6 +109,30 @@ async def test_streams_of_a_router_that_fell_silent_are_dropped(node) -> None:
     assert ctx.metrics.get_sample_value("tierflow_node_requests_dropped_total", {"node": NODE, "model": MODEL, "reason": "router_gone"}) == 1
 
 
+async def test_a_new_attempt_of_a_request_supersedes_the_old_stream_and_a_resend_is_a_duplicate(node) -> None:
+    """The router resumed a request on this same node (its NATS link broke, its cancel was
+    lost): the new attempt (its own reply subject) replaces the old stream; the same
+    attempt sent twice is refused."""
+    nc, ctx = node
+    first, second = nc.new_inbox(), nc.new_inbox()
+    old_sub, new_sub = await nc.subscribe(first), await nc.subscribe(second)
+    await nc.publish(subjects.node_generate(NODE), _long("again-1"), reply=first)
+    await old_sub.next_msg(timeout=5)
+    await nc.publish(subjects.node_generate(NODE), _long("again-1", attempt=2, resume_token_ids=[7, 8]), reply=second)
+    event = messages.stream_decoder.decode((await new_sub.next_msg(timeout=5)).data)
+    assert isinstance(event, messages.Accepted)
+    assert await _in_flight(nc) == 1  # the old stream is gone, not running beside it
+    assert ctx.metrics.get_sample_value("tierflow_node_requests_dropped_total", {"node": NODE, "model": MODEL, "reason": "superseded"}) == 1
+    await nc.publish(subjects.node_generate(NODE), _long("again-1", attempt=2), reply=second)
+    async with asyncio.timeout(5):
+        while True:
+            event = messages.stream_decoder.decode((await new_sub.next_msg(timeout=5)).data)
+            if isinstance(event, messages.Failed):
+                break
+    assert event.code == "duplicate_request"
+    await nc.publish(subjects.node_cancel(NODE), messages.encoder.encode(messages.CancelRequest(request_id="again-1")))
+
+
 async def test_a_router_that_keeps_announcing_itself_keeps_its_streams(node) -> None:
     nc, _ = node
     reply = subjects.router_stream("alive-router", "a-1_1")

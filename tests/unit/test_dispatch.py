@@ -6,6 +6,8 @@ failure mode be staged exactly (the httpx MockTransport pattern).
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Callable, Mapping
 
 import pytest
@@ -84,8 +86,8 @@ def rejects(code: str, retryable: bool) -> Callable[[messages.GenerateRequest], 
     return lambda req: [messages.Failed(request_id=req.request_id, code=code, message=f"{code}!", retryable=retryable)]
 
 
-def _setup(behaviour: dict[str, Callable[[messages.GenerateRequest], Script]]) -> tuple[Dispatcher, ScriptedTransport, NodeTable]:
-    clock = VirtualClock(100.0)
+def _setup(behaviour: dict[str, Callable[[messages.GenerateRequest], Script]], *, resume_wait: float = 0.0, clock: VirtualClock | None = None) -> tuple[Dispatcher, ScriptedTransport, NodeTable]:
+    clock = clock or VirtualClock(100.0)
     nodes = NodeTable()
     for i, node in enumerate(behaviour):
         # queue depth orders the nodes: the first listed is tried first
@@ -96,7 +98,7 @@ def _setup(behaviour: dict[str, Callable[[messages.GenerateRequest], Script]]) -
     transport = ScriptedTransport(behaviour)
     dispatcher = Dispatcher(
         nodes, models, transport, clock, RouterMetrics(CollectorRegistry()),
-        policy=LeastLoaded(), tenants=load_router_config("").tenants, sessions=SessionTable(100), seed=0,
+        policy=LeastLoaded(), tenants=load_router_config("").tenants, sessions=SessionTable(100), seed=0, resume_wait=resume_wait,
     )
     return dispatcher, transport, nodes
 
@@ -137,6 +139,30 @@ async def test_silence_or_a_gap_from_the_routers_own_broken_link_moves_on_withou
         events, record = await _run(dispatcher)
         assert record.nodes_tried == ["a", "b"] and record.completion_tokens == 3 and record.migrations == 1
         assert not [n.node_id for n in nodes.views if n.suspect_until > 100.0]  # a is not suspect: the link was ours
+
+
+async def test_a_broken_stream_with_no_other_node_waits_and_resumes_on_the_same_one_once_it_beats_again() -> None:
+    """The only node of its deployment lost the stream (its NATS member died): the stream
+    waits, the node beats twice (no longer suspect) and resumes it exactly."""
+    attempts = iter([lost_after_tokens, ok(3)])
+    clock = VirtualClock(100.0)
+    dispatcher, transport, nodes = _setup({"a": lambda req: next(attempts)(req)}, resume_wait=5.0, clock=clock)
+    run = asyncio.create_task(_run(dispatcher))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not run.done() and [n.node_id for n in nodes.views if n.suspect_until > clock.monotonic()] == ["a"]
+    for seq in (1, 2):  # two heartbeats after the failure: a is back
+        clock.advance(0.5)
+        nodes.apply(messages.NodeHeartbeat(node_id="a", models=[messages.ModelState(name="m")], max_batch=4, started_at=1.0, seq=seq, sent_at=clock.now()), clock.monotonic())
+    for _ in range(5):
+        clock.advance(0.1)
+        for _ in range(50):
+            await asyncio.sleep(0)
+    events, record = await asyncio.wait_for(run, 5)
+    tokens = [e for e in events if isinstance(e, messages.Tokens)]
+    assert [(t.index, t.token_ids) for t in tokens] == [(0, [1]), (1, [1]), (2, [2])]
+    assert record.nodes_tried == ["a", "a"] and record.migrations == 1
+    assert transport.opened[1][1].resume_token_ids == [1]
 
 
 async def test_retryable_failure_moves_on_but_client_errors_do_not() -> None:
