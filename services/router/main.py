@@ -129,7 +129,8 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     dispatcher = Dispatcher(
         nodes, models, transport, clock, metrics,
         policy=config.policy, tenants=config.tenants, sessions=sessions,
-        max_attempts=settings.max_attempts, max_migrations=settings.max_migrations, default_timeout=settings.request_timeout,
+        max_attempts=settings.max_attempts, max_migrations=settings.max_migrations, resume_wait=settings.resume_wait,
+        default_timeout=settings.request_timeout,
         on_session=peers.note_session, on_suspect=peers.note_suspect, admission=admission,
     )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
