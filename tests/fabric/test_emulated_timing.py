@@ -24,7 +24,8 @@ SYSTEM = "You are a meticulous analyst. " + "Consider every clause of the contra
 def tier_fabric(tmp_path_factory: pytest.TempPathFactory, fabric_factory, repo_root):
     running = fabric_factory(
         tmp_path_factory.mktemp("tiers"), "--fleet", str(repo_root / "tests/fleets/tiers.yaml"), "--deployment", "tiers",
-        "--decode-nodes", "1", "--prefill-nodes", "0", env={"TIERFLOW_PRELOAD": "ddr"},
+        "--decode-nodes", "1", "--prefill-nodes", "0", "--no-restart",  # the test replaces its node by a cold one
+        env={"TIERFLOW_PRELOAD": "ddr"},
     )  # fmt: skip
     try:
         yield running
