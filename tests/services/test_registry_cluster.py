@@ -58,6 +58,7 @@ async def _apply(stub: pb_grpc.ModelRegistryStub, name: str, timeout: float = 60
                 await asyncio.sleep(0.2)
 
 
+@pytest.mark.timeout(180)
 async def test_the_registry_bucket_gets_3_replicas_and_survives_its_leader(cluster, tmp_path: pathlib.Path) -> None:
     members, servers = cluster
     url = cluster_url(members)
@@ -99,7 +100,7 @@ async def test_the_registry_bucket_gets_3_replicas_and_survives_its_leader(clust
             os.kill(servers[victim].pid, signal.SIGKILL)  # type: ignore[arg-type]
             await asyncio.wait_for(servers[victim].wait(), 10)
 
-            await _apply(stub, "b")
+            await _apply(stub, "b", timeout=90)  # a new stream leader, and the registry's reconnect: once > 60 s under parallel load
             async with asyncio.timeout(30):
                 while fleet_of(view) != "b":
                     await asyncio.sleep(0.05)

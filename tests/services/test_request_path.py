@@ -69,7 +69,7 @@ async def test_one_connected_trace_per_request_across_router_and_node(path) -> N
             await asyncio.sleep(0.1)
     SPANS.clear()
     for i in range(3):
-        await client.chat.completions.create(model="llama-3.1-8b", messages=[{"role": "user", "content": f"trace me {i}"}], max_tokens=4)
+        await client.chat.completions.create(model="llama-3.1-8b", messages=[{"role": "user", "content": f"trace me {i}"}], max_tokens=4, extra_body={"ignore_eos": True})
     spans = SPANS.get_finished_spans()
     router_spans = [s for s in spans if s.name == "chat llama-3.1-8b"]
     node_spans = [s for s in spans if s.name == "node.generate"]
