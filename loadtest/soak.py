@@ -127,24 +127,24 @@ class Verdict:
         return self.rise <= self.tolerance or self.t_stat <= T_SIGNIFICANT
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-
-
 def _measure_block_bytes(blocks: int) -> float:
     from tierflow.rdu.kvcache import KVCache, block_hashes
     from tierflow.rdu.memory import TransferLedger
 
     cache = KVCache(block_size=16, hbm_bytes=1 << 50, ddr_bytes=1 << 50, copy_bw=1e12, ledger=TransferLedger())
     prompts = [block_hashes(list(range(i * 1600, (i + 1) * 1600)), 16) for i in range(blocks // 100)]
-    before = _rss_bytes()
+    def rss_mib() -> float:
+        got = _proc(os.getpid())
+        assert got is not None
+        return got[0]
+
+    before = rss_mib()
     for hashes in prompts:
         alloc = cache.allocate("m", 1 << 20, hashes, len(hashes))
         assert alloc is not None
         cache.commit(alloc)
         cache.release(alloc)
-    return (_rss_bytes() - before) / (len(prompts) * 100)
+    return (rss_mib() - before) * 2**20 / (len(prompts) * 100)
 
 
 def cache_bytes_per_block(blocks: int = 200_000) -> float:

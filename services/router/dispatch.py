@@ -589,7 +589,7 @@ class Dispatcher:
                     expected = progress.next_index
                     if event.index != expected:  # type: ignore[union-attr]
                         if event.index > expected:  # type: ignore[union-attr]
-                            if not getattr(stream, "link_broke", False):  # lost on our side: not the node's fault
+                            if not stream.link_broke:  # lost on our side: not the node's fault
                                 self._suspect(node_id)
                             raise _LegFailed(f"node {node_id} skipped tokens {expected}..{event.index - 1} (a message was lost)", "gap")  # type: ignore[union-attr]
                         trimmed = _trim(event, expected - event.index)  # type: ignore[arg-type, union-attr]
@@ -607,7 +607,7 @@ class Dispatcher:
                     yield event  # type: ignore[misc]
                 elif kind is messages.Finished:
                     if event.completion_tokens > progress.next_index:  # type: ignore[union-attr]
-                        if not getattr(stream, "link_broke", False):
+                        if not stream.link_broke:
                             self._suspect(node_id)
                         raise _LegFailed(f"node {node_id} finished at {event.completion_tokens} tokens but sent {progress.next_index} (a message was lost)", "gap")  # type: ignore[union-attr]
                     finished = True

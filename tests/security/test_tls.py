@@ -190,6 +190,17 @@ def _refused_reasons(exc: BaseException) -> str:
     return " <- ".join(seen)
 
 
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes, resets or stays silent past the timeout."""
+    answer = b""
+    try:
+        while chunk := sock.recv(4096):
+            answer += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return answer
+
+
 def _plain_nats_refused(host: str, port: int) -> bool:
     """A client speaking NATS in the clear: the server says TLS is required and never
     answers its PING."""
@@ -197,12 +208,7 @@ def _plain_nats_refused(host: str, port: int) -> bool:
         info = sock.makefile("rb").readline()
         assert info.startswith(b"INFO ") and json.loads(info[5:])["tls_required"] is True, info
         sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"tls_required":false}\r\nPING\r\n')
-        answer = b""
-        try:
-            while chunk := sock.recv(4096):
-                answer += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
+        answer = _read_until_closed(sock)
     return b"PONG" not in answer
 
 
@@ -236,12 +242,7 @@ async def test_openai_client_without_the_ca_refuses_the_server(fabric: Fabric) -
 def test_plain_http_gets_no_answer(fabric: Fabric) -> None:
     with socket.create_connection((fabric.host, fabric.http_port), timeout=5) as sock:
         sock.sendall(f"GET /health HTTP/1.1\r\nHost: {fabric.host}\r\n\r\n".encode())
-        answer = b""
-        try:
-            while chunk := sock.recv(4096):
-                answer += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
+        answer = _read_until_closed(sock)
     assert not answer.startswith(b"HTTP/"), answer[:200]
 
 
