@@ -130,6 +130,18 @@ class NodeTable:
         versions = {key: predicted(s) for key, s in node.versions.items()}
         self._replace(node_id, queue_depth=node.queue_depth + 1, slots=slots, versions=versions)
 
+    def may_return(self, model: str, now: float, *, within: float) -> bool:
+        """Whether a node serving `model` is out only for a moment: suspect, or silent for
+        less than `within` seconds (its NATS link broke, it is restarting). A request that
+        finds no node may wait for one of these rather than fail at once; a node that was
+        cordoned, is draining or went silent long ago is not coming back soon."""
+        for node in self._decode.values():
+            if model not in node.slots or node.blocked:
+                continue
+            if node.suspect_until > now or node.stale_after < now <= node.stale_after + within:
+                return True
+        return False
+
     def live(self, now: float) -> list[NodeView]:
         return [n for n in self._decode.values() if n.is_live(now)]
 

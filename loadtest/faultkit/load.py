@@ -68,6 +68,7 @@ class CallRecord(msgspec.Struct, kw_only=True):
     status: int = 0
     outcome: Outcome = "ok"
     error: str = ""
+    detail: str = ""  # the error's message, as the fabric wrote it (for the report)
     text_tokens: int = 0
     usage_tokens: int | None = None
     retry_after: str | None = None  # the Retry-After header of a refusal
@@ -137,8 +138,10 @@ async def stream_call(
         record.status = exc.status_code
         record.retry_after = exc.response.headers.get("retry-after")
         record.outcome, record.error = "failed", f"http {exc.status_code} {exc.code or getattr(exc, 'type', '') or ''}".strip()
+        record.detail = exc.message
     except StreamError as exc:
         record.outcome, record.error = "failed", f"sse {exc.code}"
+        record.detail = str(exc)
     except (openai.APIConnectionError, httpx2.TransportError) as exc:  # before the 200 / mid-stream
         record.outcome, record.error = "failed", _connection_error(exc)
     except openai.APIError as exc:

@@ -74,6 +74,7 @@ class Row:
     hung: int = 0
     failed: int = 0
     why: dict[str, int] = field(default_factory=dict)
+    why_example: dict[str, str] = field(default_factory=dict)  # one message per `why`
     before_first: int = 0
     router_conns: int = 0
     midstream: int = 0
@@ -181,6 +182,8 @@ def build_row(window: Window, calls: Sequence[CallRecord], routers: dict[str, Ro
         else:
             row.failed += 1
             why[call.error] += 1
+            if call.detail:
+                row.why_example.setdefault(call.error, call.detail)
             if killed_router and _is_router_conn(call):
                 row.router_conns += 1
             elif not call.had_first_token:
@@ -283,6 +286,8 @@ def format_table(rows: Sequence[Row]) -> str:
     for r in rows:
         if r.why:
             lines.append(f"{r.title}: failed because " + ", ".join(f"{why} x{n}" for why, n in r.why.items()))
+            for why, example in r.why_example.items():
+                lines.append(f"  {why}: {example[:400]}")
         for text, ok in r.musts:
             if not ok:
                 lines.append(f"{r.title}: MUST FAILED: {text}")

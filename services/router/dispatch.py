@@ -14,6 +14,10 @@ A request runs as one or more *legs*, each a node's stream:
   continues the same completion from that index (exact: the emulator is deterministic,
   keyed by model, seed and prompt). The client sees one stream; at most `max_migrations`
   times, then a clear error.
+- When no node can take the next leg this instant but one is out only for a moment
+  (suspect, or silent for under `resume_wait`: a NATS member died under it, it is
+  restarting), the request waits up to `resume_wait` for it, its deadline permitting,
+  rather than fail: a fresh request too, when every node of its model is so.
 - Token indices are checked on every message: a repeat (a resumed leg may overlap) is
   trimmed, a gap is a failure of the node, never text silently missing.
 - A deadline (the client's timeout, the tenant's or the router's default) goes to the node
@@ -391,17 +395,20 @@ class Dispatcher:
                 code="deadline_exceeded",
             )
 
-    def _place(self, placement: PlacementRequest, route: ModelRoute, tried: set[str], last_failure: str, progress: _Progress) -> tuple[str, str, PlacementRequest]:
-        """The next node to try, its placement reason, and the request (version may fall back)."""
+    def _place(
+        self, placement: PlacementRequest, route: ModelRoute, tried: set[str], last_failure: str, progress: _Progress, *, revisit: bool,
+    ) -> tuple[str, str, PlacementRequest]:
+        """The next node to try, its placement reason, and the request (version may fall back).
+        `revisit`: with no untried node, a node that failed this request may take it again."""
         while True:
             try:
                 try:
                     ranked = self._candidates.rank(self._policy, replace(placement, exclude=frozenset(tried)), self._clock.monotonic())
                 except NoEligibleNode:
-                    if not progress.token_ids:
+                    if not revisit:
                         raise
-                    # Mid-stream with no other node: a node that failed it and serves again
-                    # (its NATS link broke, its stall ended) resumes it just as exactly.
+                    # No other node: a node that failed it and serves again (its NATS link
+                    # broke, its stall ended) takes it again, mid-stream just as exactly.
                     ranked = self._candidates.rank(self._policy, placement, self._clock.monotonic())
                 choice = ranked.best
                 return choice.node_id, choice.reason, placement
@@ -436,18 +443,23 @@ class Dispatcher:
         last_failure = ""
         overloaded = retries = 0
         attempt = 0
-        resume_until = 0.0  # while a broken stream waits for a node to resume it
+        wait_until = 0.0  # while the request waits for a node to come back
         while True:
             self._check_deadline(deadline, record)
+            now = self._clock.monotonic()
             try:
-                node_id, reason, placement = self._place(placement, route, tried, last_failure, progress)
-            except NodeFailure:
+                node_id, reason, placement = self._place(placement, route, tried, last_failure, progress, revisit=bool(progress.token_ids) or now < wait_until)
+            except (NodeFailure, NoCapacity) as none:
                 if not progress.token_ids and tried and overloaded == len(tried):
                     break  # every node that could serve it is full: that is back-pressure, not failure
-                if progress.token_ids and self._clock.monotonic() < resume_until:
-                    # No node can resume it this instant (the only one of its deployment just
-                    # failed, or all are suspect after a NATS member died): one is usually back
-                    # within a heartbeat or two.
+                if not wait_until and not tried and none.code == "unavailable" and self._nodes.may_return(placement.model, now, within=self._resume_wait):
+                    # Every node of the model is out for a moment (suspect or just silent:
+                    # a NATS member died under them, one is restarting): wait for one.
+                    wait_until = min(deadline, now + self._resume_wait)
+                if now < wait_until:
+                    # No node can take it this instant (the only one just failed it, or all
+                    # are suspect after a NATS member died): one is usually back within a
+                    # heartbeat or two, and a client sees a wait rather than a failure.
                     await self._clock.sleep(_RESUME_POLL_S)
                     continue
                 raise
@@ -478,8 +490,9 @@ class Dispatcher:
                 if isinstance(failure, _PrefillFailed):
                     tried.discard(node_id)  # its decode node did nothing wrong
                     bad_prefill.add(failure.prefill_node)
+                if failure.code != "queue_full":
+                    wait_until = min(deadline, self._clock.monotonic() + self._resume_wait)
                 if progress.token_ids:
-                    resume_until = min(deadline, self._clock.monotonic() + self._resume_wait)
                     record.migrations += 1
                     self._metrics.migrations.labels(params.model, failure.code).inc()
                     span.add_event("tierflow.migration", {"tierflow.node": node_id, "tierflow.reason": failure.code, "tierflow.tokens_sent": progress.next_index})

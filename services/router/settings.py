@@ -22,8 +22,9 @@ class Settings(Struct, kw_only=True):
     # Times one request's stream may be resumed on another node after its node failed
     # mid-generation; one more failure is a clear error to the client.
     max_migrations: Annotated[int, Meta(ge=0, le=10)] = 2
-    # Seconds a broken stream may wait for a node to resume it when none can at once (the
-    # only node of its deployment lost it; every node suspect after a NATS member died).
+    # Seconds a request may wait for a node to come back when none can take it at once (the
+    # only node of its deployment lost it; every node suspect after a NATS member died),
+    # mid-stream or before its first token.
     resume_wait: Annotated[float, Meta(ge=0, le=60)] = 5.0
     # The deadline of a request that names none (its timeout header, its gRPC deadline,
     # its tenant's `timeout_s`): 10 minutes, the OpenAI clients' own default.

@@ -150,19 +150,54 @@ async def test_a_broken_stream_with_no_other_node_waits_and_resumes_on_the_same_
     run = asyncio.create_task(_run(dispatcher))
     for _ in range(100):
         await asyncio.sleep(0)
-    assert not run.done() and [n.node_id for n in nodes.views if n.suspect_until > clock.monotonic()] == ["a"]
-    for seq in (1, 2):  # two heartbeats after the failure: a is back
+    assert [n.node_id for n in nodes.views if n.suspect_until > clock.monotonic()] == ["a"]
+    await _beat_back(run, clock, nodes)
+    events, record = await asyncio.wait_for(run, 5)
+    tokens = [e for e in events if isinstance(e, messages.Tokens)]
+    assert [(t.index, t.token_ids) for t in tokens] == [(0, [1]), (1, [1]), (2, [2])]
+    assert record.nodes_tried == ["a", "a"] and record.migrations == 1
+    assert transport.opened[1][1].resume_token_ids == [1]
+
+
+async def _beat_back(run: asyncio.Task, clock: VirtualClock, nodes: NodeTable, *, seqs: tuple[int, ...] = (1, 2)) -> None:
+    """Node a beats after its failure (twice: no longer suspect), then time runs on."""
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not run.done()
+    for seq in seqs:
         clock.advance(0.5)
         nodes.apply(messages.NodeHeartbeat(node_id="a", models=[messages.ModelState(name="m")], max_batch=4, started_at=1.0, seq=seq, sent_at=clock.now()), clock.monotonic())
     for _ in range(5):
         clock.advance(0.1)
         for _ in range(50):
             await asyncio.sleep(0)
+
+
+async def test_a_request_without_output_waits_for_its_only_node_rather_than_fail() -> None:
+    """Its node lost it before the first token (a NATS member died under the node) and no
+    other node serves the model: the client sees a wait, not a 502."""
+    attempts = iter([lost_before_tokens, ok(2)])
+    clock = VirtualClock(100.0)
+    dispatcher, _, nodes = _setup({"a": lambda req: next(attempts)(req)}, resume_wait=5.0, clock=clock)
+    run = asyncio.create_task(_run(dispatcher))
+    await _beat_back(run, clock, nodes)
     events, record = await asyncio.wait_for(run, 5)
-    tokens = [e for e in events if isinstance(e, messages.Tokens)]
-    assert [(t.index, t.token_ids) for t in tokens] == [(0, [1]), (1, [1]), (2, [2])]
-    assert record.nodes_tried == ["a", "a"] and record.migrations == 1
-    assert transport.opened[1][1].resume_token_ids == [1]
+    assert len(events) == 3 and record.nodes_tried == ["a", "a"] and record.migrations == 0
+
+
+async def test_a_fresh_request_waits_while_every_node_is_out_only_for_a_moment() -> None:
+    clock = VirtualClock(100.0)
+    dispatcher, transport, nodes = _setup({"a": ok(2)}, resume_wait=5.0, clock=clock)
+    nodes.mark_suspect("a", clock.monotonic())  # another request's stream broke on it
+    run = asyncio.create_task(_run(dispatcher))
+    await _beat_back(run, clock, nodes)
+    events, record = await asyncio.wait_for(run, 5)
+    assert len(events) == 3 and record.nodes_tried == ["a"]
+    # A node silent for longer than the wait is not coming back soon: no wait, a clear 503.
+    clock.advance(60.0)
+    with pytest.raises(NoCapacity, match="1 silent"):
+        await asyncio.wait_for(_run(dispatcher), 1)
+    assert len(transport.opened) == 1
 
 
 async def test_retryable_failure_moves_on_but_client_errors_do_not() -> None:
