@@ -3,6 +3,10 @@
     Actuator            start_nodes(deployment, pool, n) -> [node ids], stop_node(...)
     SupportsInventory   provisioned(deployment, pool) -> n   (optional: nodes it runs,
                         started or not; lets the shell count nodes still starting)
+    ChoosesVictims      choose_victims(deployment, pool, nodes, n) -> [node ids]
+                        (optional: for platforms that decide which node a scale-down
+                        removes, a StatefulSet its highest ordinal; without it the shell
+                        drains the cheapest nodes, tierflow.scaling.choose_victims)
 
 Connectors: `LocalActuator` (asks `tierflow up` over NATS, tierflow.services.autoscaler.local),
 `KubernetesActuator` (scales a Deployment, .kubernetes), `VirtualActuator` (in memory,
@@ -20,16 +24,18 @@ deployment record, Kubernetes keeps the Deployment's pod template untouched.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from nats.aio.client import Client as NATS
 
 from tierflow.contracts import registry
+from tierflow.scaling.victims import NodeLoad
 
 if TYPE_CHECKING:
     from tierflow.services.autoscaler.settings import Settings
 
-__all__ = ["Actuator", "ActuatorError", "SupportsInventory", "VirtualActuator", "make_actuator"]
+__all__ = ["Actuator", "ActuatorError", "ChoosesVictims", "SupportsInventory", "VirtualActuator", "make_actuator"]
 
 
 class ActuatorError(Exception):
@@ -52,6 +58,14 @@ class Actuator(Protocol):
 class SupportsInventory(Protocol):
     async def provisioned(self, deployment: registry.DeploymentRecord, pool: str) -> int:
         """Nodes of the pool this actuator runs now, whether they report yet or not."""
+        ...
+
+
+@runtime_checkable
+class ChoosesVictims(Protocol):
+    def choose_victims(self, deployment: registry.DeploymentRecord, pool: str, nodes: Sequence[NodeLoad], count: int) -> list[str]:
+        """Up to `count` of `nodes` (the pool's live nodes, those being removed left out) to
+        drain and stop: the ones this actuator's platform removes when the pool shrinks."""
         ...
 
 

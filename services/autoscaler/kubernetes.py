@@ -1,34 +1,38 @@
-"""The Kubernetes actuator: each pool of a tierflow deployment is one apps/v1 Deployment.
+"""The Kubernetes actuator: each pool of a tierflow deployment is one apps/v1 StatefulSet.
 
 Convention (the manifests in deploy/ follow it):
 
-- Deployment name: `kube_name_template` with `{deployment}` = the tierflow deployment
+- StatefulSet name: `kube_name_template` with `{deployment}` = the tierflow deployment
   name lower-cased, every run of characters outside [a-z0-9-] replaced by one "-",
   leading/trailing "-" dropped; `{pool}` = "decode" or "prefill". Default template
   `tierflow-{deployment}-{pool}`: deployment "default" -> `tierflow-default-decode`.
-  A name over 63 characters is cut to 54 and suffixed "-" + the first 8 hex digits of
-  sha1(tierflow deployment name).
-- Each node's id is its pod name (TIERFLOW_NODE_ID from the downward API
-  `metadata.name`), so the autoscaler can point at the pod it drained.
-- Scale-up: PATCH the Deployment's `scale` subresource to replicas + n.
-- Scale-down (after cordon and drain): annotate the drained pod with
-  `controller.kubernetes.io/pod-deletion-cost: "-1000"` so the ReplicaSet removes that
-  pod and no other, then PATCH `scale` to replicas - 1. The pod still gets SIGTERM and
-  drains itself; terminationGracePeriodSeconds must exceed the node's drain grace.
-  If anything after the annotation fails, the annotation is removed again (a merge
-  patch with null) before the error is reported: a pod that stays must not remain the
-  ReplicaSet's first choice for the next, unrelated scale-down.
+  A name over 52 characters (a StatefulSet's limit: its pods carry the label
+  controller-revision-hash = name + "-" + 10 characters, at most 63) is cut to 43 and
+  suffixed "-" + the first 8 hex digits of sha1(tierflow deployment name).
+- Each node's id is its pod name, `<statefulset>-<ordinal>` (TIERFLOW_NODE_ID from the
+  downward API `metadata.name`). Why a StatefulSet: a node's NATS identity must exist
+  before its pod does (deploy/init-secrets.sh makes one per ordinal up to the pool's max
+  replicas), so pod names must be known in advance.
+- Scale-up: PATCH the StatefulSet's `scale` subresource to replicas + n.
+- Scale-down: a StatefulSet always removes its highest ordinal, so the autoscaler drains
+  exactly that pod (`choose_victims`: the highest ordinals among the live nodes; the
+  shell asks this actuator instead of its cheapest-node rule), then `stop_node` PATCHes
+  `scale` to that ordinal. A node that is not the highest ordinal left is refused
+  (ActuatorError: the shell puts it back in rotation and decides again next tick),
+  since scaling down would remove another pod, possibly one still serving streams. The
+  pod still gets SIGTERM and drains itself; terminationGracePeriodSeconds must exceed
+  the node's drain grace.
 - Stopping is idempotent, since a restarted autoscaler repeats a stop it may have
-  begun: a pod already terminating (`deletionTimestamp` set) has had its replica given
-  back, so nothing more is done. A pod already gone still gives its replica back.
-- The pod template is never touched: region (node selectors, topology) and residency
-  stay what the manifest says.
-- RBAC for the autoscaler's service account, in the namespace: `deployments/scale`
-  get + patch, `pods` get + patch.
+  begun: a node whose ordinal is at or above the replicas already has had its replica
+  given back, so nothing more is done.
+- Neither the pod template nor any pod is touched: region (node selectors, topology)
+  and residency stay what the manifest says.
+- RBAC for the autoscaler's service account, in the namespace: `statefulsets/scale`
+  get + patch, for the pools' names only.
 
 The API is reached with the in-cluster service-account token (re-read per call: it is
 rotated) over HTTPS with the cluster CA, through urllib in a worker thread. No client
-library: three calls do not justify one.
+library: two calls do not justify one.
 """
 
 from __future__ import annotations
@@ -36,32 +40,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import re
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tierflow.contracts import registry
+from tierflow.scaling.victims import NodeLoad, highest_ordinals, ordinal
 from tierflow.services.autoscaler.actuators import ActuatorError
 
-__all__ = ["KubeApi", "KubeApiError", "KubernetesActuator", "kube_name", "DELETION_COST"]
+__all__ = ["KubeApi", "KubeApiError", "KubernetesActuator", "kube_name", "MAX_NAME"]
 
-log = logging.getLogger("tierflow.autoscaler")
-DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+MAX_NAME = 52  # a StatefulSet's name: its pods' controller-revision-hash label adds 11 characters, at most 63
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _MERGE_PATCH = "application/merge-patch+json"
 
 
 def kube_name(template: str, deployment: str, pool: str) -> str:
-    """The Kubernetes Deployment running `pool` of tierflow deployment `deployment`."""
+    """The Kubernetes StatefulSet running `pool` of tierflow deployment `deployment`."""
     slug = re.sub(r"[^a-z0-9-]+", "-", deployment.lower()).strip("-") or "x"
     name = template.format(deployment=slug, pool=pool)
-    if len(name) > 63:
-        name = name[:54].rstrip("-") + "-" + hashlib.sha1(deployment.encode()).hexdigest()[:8]
+    if len(name) > MAX_NAME:
+        name = name[: MAX_NAME - 9].rstrip("-") + "-" + hashlib.sha1(deployment.encode()).hexdigest()[:8]
     return name
 
 
@@ -142,14 +146,14 @@ class KubernetesActuator:
         return kube_name(self._template, deployment, pool)
 
     def _scale_path(self, name: str) -> str:
-        return f"/apis/apps/v1/namespaces/{self.namespace}/deployments/{name}/scale"
+        return f"/apis/apps/v1/namespaces/{self.namespace}/statefulsets/{name}/scale"
 
     async def _replicas(self, name: str) -> int:
         try:
             scale = await self._api.request("GET", self._scale_path(name))
         except KubeApiError as exc:
             if exc.status == 404:
-                raise ActuatorError(f"no Deployment {self.namespace}/{name} (tierflow expects one per deployment and pool)") from None
+                raise ActuatorError(f"no StatefulSet {self.namespace}/{name} (tierflow expects one per deployment and pool)") from None
             raise
         return int(scale.get("spec", {}).get("replicas", 0))
 
@@ -159,53 +163,30 @@ class KubernetesActuator:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    def choose_victims(self, deployment: registry.DeploymentRecord, pool: str, nodes: Sequence[NodeLoad], count: int) -> list[str]:
+        """The pods the StatefulSet removes when scaled down by `count`: its highest
+        ordinals among `nodes` (the pool's live nodes), never past a cordoned one."""
+        return highest_ordinals(nodes, count, self.deployment_name(deployment.name, pool))
+
     async def start_nodes(self, deployment: registry.DeploymentRecord, pool: str, count: int) -> list[str]:
         name = self.deployment_name(deployment.name, pool)
         async with self._lock(name):
             await self._set_replicas(name, await self._replicas(name) + count)
-        return []  # Kubernetes names the pods
-
-    def _pod_path(self, pod: str) -> str:
-        return f"/api/v1/namespaces/{self.namespace}/pods/{pod}"
-
-    async def _terminating(self, pod: str) -> bool:
-        """The pod is on its way out already (deletionTimestamp set); False when it is gone."""
-        try:
-            found = await self._api.request("GET", self._pod_path(pod))
-        except KubeApiError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return bool(found.get("metadata", {}).get("deletionTimestamp"))
+        return []  # the new pods' names follow the ordinals, but they are not started yet
 
     async def stop_node(self, deployment: registry.DeploymentRecord, pool: str, node_id: str) -> None:
         name = self.deployment_name(deployment.name, pool)
+        index = ordinal(node_id, name)
+        if index is None:
+            raise ActuatorError(f"{node_id} is no pod of StatefulSet {self.namespace}/{name} (node ids are pod names, {name}-<ordinal>)")
         async with self._lock(name):
-            if await self._terminating(node_id):
+            replicas = await self._replicas(name)
+            if index >= replicas:
                 return  # its replica was given back already (a stop repeated after a restart)
-            annotated = False
-            try:
-                await self._api.request("PATCH", self._pod_path(node_id), {"metadata": {"annotations": {DELETION_COST: "-1000"}}})
-                annotated = True
-            except KubeApiError as exc:
-                if exc.status != 404:  # no such pod: it is gone already; still give the replica back
-                    raise
-            try:
-                await self._set_replicas(name, max(0, await self._replicas(name) - 1))
-            except Exception as exc:
-                if annotated:
-                    await self._unmark(node_id, exc)
-                raise
-
-    async def _unmark(self, pod: str, cause: BaseException) -> None:
-        """Take the deletion cost off a pod that stays (the scale-down failed)."""
-        try:
-            await self._api.request("PATCH", self._pod_path(pod), {"metadata": {"annotations": {DELETION_COST: None}}})
-        except KubeApiError as exc:
-            if exc.status == 404:
-                return
-            log.error("pod %s keeps %s after a failed scale-down (%s): the next scale-down of its Deployment removes it first; "
-                      "remove it by hand: kubectl -n %s annotate pod %s %s- (could not: %s)", pod, DELETION_COST, cause, self.namespace, pod, DELETION_COST, exc)  # fmt: skip
+            if index != replicas - 1:
+                raise ActuatorError(f"{node_id} is not the highest ordinal of StatefulSet {self.namespace}/{name} ({replicas} replicas): "
+                                    f"scaling down would remove {name}-{replicas - 1} instead")  # fmt: skip
+            await self._set_replicas(name, index)
 
     async def provisioned(self, deployment: registry.DeploymentRecord, pool: str) -> int:
         return await self._replicas(self.deployment_name(deployment.name, pool))

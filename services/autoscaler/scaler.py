@@ -7,7 +7,8 @@ that change something, and carries them out:
 
 - up: first take back nodes it is still draining (uncordon: warm capacity at once),
   then ask the actuator for the rest;
-- down: pick the cheapest nodes (`choose_victims`) and hand each to the `Remover`
+- down: pick the cheapest nodes (`choose_victims`; or the actuator's choice where the
+  platform decides, `ChoosesVictims`) and hand each to the `Remover`
   (remover.py): record it in the removal book, drain it over its control endpoint
   (cordon; the router stops sending at its next heartbeat), wait until nothing is in
   flight (or `drain_timeout`), then have the actuator stop it. Nothing in flight is
@@ -33,7 +34,7 @@ from tierflow.runtime.clock import Clock
 from tierflow.runtime.waiting import first
 from tierflow.scaling import Decision, DeploymentState, PoolDecision, ScalingConfig, choose_victims, tick
 from tierflow.scaling.fleet import FleetView, pool_bounds
-from tierflow.services.autoscaler.actuators import Actuator, ActuatorError, SupportsInventory
+from tierflow.services.autoscaler.actuators import Actuator, ActuatorError, ChoosesVictims, SupportsInventory
 from tierflow.services.autoscaler.metrics import AutoscalerMetrics
 from tierflow.services.autoscaler.node_control import NodeControl
 from tierflow.services.autoscaler.removals import RemovalBook
@@ -143,7 +144,10 @@ class Autoscaler:
         if decision.action != "down" or self.actuator is None:
             return []
         busy = set(self.removing(record.name, decision.pool))
-        return choose_victims(self.fleet.candidates(record.name, decision.pool, now, exclude=busy), decision.current - decision.desired)
+        candidates, count = self.fleet.candidates(record.name, decision.pool, now, exclude=busy), decision.current - decision.desired
+        if isinstance(self.actuator, ChoosesVictims):  # the platform decides which node goes (a StatefulSet: its highest ordinal)
+            return self.actuator.choose_victims(record, decision.pool, candidates, count)
+        return choose_victims(candidates, count)
 
     async def _report(self, record: registry.DeploymentRecord, d: PoolDecision, victims: list[str]) -> None:
         self._metrics.decisions.labels(record.name, d.pool, d.action, d.signal).inc()

@@ -16,7 +16,8 @@ from tierflow.runtime.clock import VirtualClock
 from tierflow.scaling import ScalingConfig
 from tierflow.services.autoscaler.actuators import ActuatorError
 from tierflow.scaling.fleet import FleetView
-from tierflow.services.autoscaler.kubernetes import DELETION_COST, KubeApi, KubeApiError, KubernetesActuator, kube_name
+from tierflow.scaling.victims import NodeLoad
+from tierflow.services.autoscaler.kubernetes import MAX_NAME, KubeApi, KubeApiError, KubernetesActuator, kube_name
 from tierflow.services.autoscaler.metrics import AutoscalerMetrics
 from tierflow.services.autoscaler.scaler import Autoscaler
 from tierflow.services.autoscaler.settings import Settings
@@ -25,15 +26,12 @@ NS = "tierflow"
 
 
 class FakeKube:
-    """Deployments' scale subresources and pod annotations, as the API server keeps them."""
+    """StatefulSets' scale subresources, as the API server keeps them."""
 
     def __init__(self) -> None:
         self.replicas: dict[str, int] = {}
-        self.annotations: dict[str, dict[str, str]] = {"pod-a": {}, "pod-b": {}}
         self.log: list[tuple[str, str, str, str, dict]] = []  # method, path, auth, content type, body
         self.forbidden = False
-        self.terminating: set[str] = set()  # pods with a deletionTimestamp
-        self.scale_patch_fails = False  # the scale subresource refuses a PATCH (e.g. an admission webhook)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -57,31 +55,15 @@ class FakeKube:
                 body = json.loads(self.rfile.read(length)) if length else {}
                 kube.log.append((self.command, self.path, self.headers.get("Authorization", ""), self.headers.get("Content-Type", ""), body))
                 if kube.forbidden:
-                    return self._reply(403, {"kind": "Status", "message": 'deployments.apps "x" is forbidden: User "system:serviceaccount:tierflow:autoscaler" cannot patch'})
+                    return self._reply(403, {"kind": "Status", "message": 'statefulsets.apps "x" is forbidden: User "system:serviceaccount:tierflow:autoscaler" cannot patch'})
                 parts = self.path.strip("/").split("/")
-                if self.path.startswith(f"/apis/apps/v1/namespaces/{NS}/deployments/") and parts[-1] == "scale":
+                if self.path.startswith(f"/apis/apps/v1/namespaces/{NS}/statefulsets/") and parts[-1] == "scale":
                     name = parts[-2]
                     if name not in kube.replicas:
-                        return self._reply(404, {"kind": "Status", "message": f'deployments.apps "{name}" not found'})
+                        return self._reply(404, {"kind": "Status", "message": f'statefulsets.apps "{name}" not found'})
                     if self.command == "PATCH":
-                        if kube.scale_patch_fails:
-                            return self._reply(500, {"kind": "Status", "message": "Internal error occurred: admission webhook timed out"})
                         kube.replicas[name] = body["spec"]["replicas"]
                     return self._reply(200, {"kind": "Scale", "spec": {"replicas": kube.replicas[name]}, "status": {"replicas": kube.replicas[name]}})
-                if self.path.startswith(f"/api/v1/namespaces/{NS}/pods/"):
-                    pod = parts[-1]
-                    if pod not in kube.annotations:
-                        return self._reply(404, {"kind": "Status", "message": f'pods "{pod}" not found'})
-                    if self.command == "PATCH":  # a JSON merge patch: null removes the key
-                        for key, value in body["metadata"]["annotations"].items():
-                            if value is None:
-                                kube.annotations[pod].pop(key, None)
-                            else:
-                                kube.annotations[pod][key] = value
-                    metadata = {"name": pod, "annotations": kube.annotations[pod]}
-                    if pod in kube.terminating:
-                        metadata["deletionTimestamp"] = "2026-12-07T11:20:03Z"
-                    return self._reply(200, {"kind": "Pod", "metadata": metadata})
                 return self._reply(404, {"kind": "Status", "message": "no route"})
 
             do_GET = do_PATCH = _handle
@@ -114,12 +96,15 @@ def record(name: str = "default") -> registry.DeploymentRecord:
     return registry.DeploymentRecord(name=name, bundle="b", models=[], replicas=1, min_replicas=1, max_replicas=4, region="eu-west", residency="eu")
 
 
-def test_deployment_names_follow_the_convention() -> None:
+def test_statefulset_names_follow_the_convention() -> None:
     template = "tierflow-{deployment}-{pool}"
     assert kube_name(template, "default", "decode") == "tierflow-default-decode"
     assert kube_name(template, "Llama_3.1/Chat", "prefill") == "tierflow-llama-3-1-chat-prefill"
     long = kube_name(template, "x" * 80, "decode")
-    assert len(long) <= 63 and long.startswith("tierflow-xxx") and long != kube_name(template, "x" * 81, "decode")
+    assert len(long) <= MAX_NAME == 52 and long.startswith("tierflow-xxx") and long != kube_name(template, "x" * 81, "decode")
+
+
+SCALE = f"/apis/apps/v1/namespaces/{NS}/statefulsets/tierflow-default-decode/scale"
 
 
 async def test_scale_up_patches_the_scale_subresource(kube: FakeKube, token: Path) -> None:
@@ -129,55 +114,55 @@ async def test_scale_up_patches_the_scale_subresource(kube: FakeKube, token: Pat
     assert await act.start_nodes(record(), "decode", 2) == []
     assert kube.replicas["tierflow-default-decode"] == 3
     method, path, auth, content_type, body = kube.log[-1]
-    assert (method, path) == ("PATCH", f"/apis/apps/v1/namespaces/{NS}/deployments/tierflow-default-decode/scale")
+    assert (method, path) == ("PATCH", SCALE)
     assert auth == "Bearer token-1" and content_type == "application/merge-patch+json" and body == {"spec": {"replicas": 3}}
     token.write_text("token-2")  # the projected token is rotated: read per call
     assert await act.provisioned(record(), "decode") == 3
     assert kube.log[-1][2] == "Bearer token-2"
 
 
-async def test_scale_down_marks_the_drained_pod_then_gives_one_replica_back(kube: FakeKube, token: Path) -> None:
-    kube.replicas["tierflow-default-decode"] = 2
-    await actuator(kube, token).stop_node(record(), "decode", "pod-b")
-    assert kube.annotations == {"pod-a": {}, "pod-b": {DELETION_COST: "-1000"}}
-    assert kube.replicas["tierflow-default-decode"] == 1
-    pod, scale = f"/api/v1/namespaces/{NS}/pods/pod-b", f"/apis/apps/v1/namespaces/{NS}/deployments/tierflow-default-decode/scale"
-    assert [entry[:2] for entry in kube.log] == [("GET", pod), ("PATCH", pod), ("GET", scale), ("PATCH", scale)]  # annotate first, then scale
-
-
-async def test_a_failed_scale_down_leaves_no_deletion_cost_behind(kube: FakeKube, token: Path) -> None:
-    """The pod stays (the scale patch failed), so it must not stay marked: the next,
-    unrelated scale-down would remove it first, whatever the autoscaler chose then."""
-    kube.replicas["tierflow-default-decode"] = 2
-    kube.scale_patch_fails = True
-    with pytest.raises(KubeApiError, match="500.*admission webhook"):
-        await actuator(kube, token).stop_node(record(), "decode", "pod-b")
-    assert kube.annotations == {"pod-a": {}, "pod-b": {}}
+async def test_scale_down_gives_back_the_drained_highest_ordinal(kube: FakeKube, token: Path) -> None:
+    kube.replicas["tierflow-default-decode"] = 3
+    await actuator(kube, token).stop_node(record(), "decode", "tierflow-default-decode-2")
     assert kube.replicas["tierflow-default-decode"] == 2
-    method, path, _, content_type, body = kube.log[-1]
-    assert (method, path, content_type) == ("PATCH", f"/api/v1/namespaces/{NS}/pods/pod-b", "application/merge-patch+json")
-    assert body == {"metadata": {"annotations": {DELETION_COST: None}}}
+    assert [entry[:2] for entry in kube.log] == [("GET", SCALE), ("PATCH", SCALE)]  # no pod is touched
+
+
+async def test_a_node_below_the_highest_ordinal_is_refused(kube: FakeKube, token: Path) -> None:
+    """Scaling down would remove the highest ordinal, not the node drained: refused, and
+    nothing changes (the shell puts the node back in rotation)."""
+    kube.replicas["tierflow-default-decode"] = 3
+    act = actuator(kube, token)
+    with pytest.raises(ActuatorError, match="not the highest ordinal.*would remove tierflow-default-decode-2"):
+        await act.stop_node(record(), "decode", "tierflow-default-decode-1")
+    with pytest.raises(ActuatorError, match="no pod of StatefulSet"):
+        await act.stop_node(record(), "decode", "tierflow-default-prefill-2")
+    assert kube.replicas["tierflow-default-decode"] == 3 and [entry[0] for entry in kube.log] == ["GET"]
 
 
 async def test_a_stop_repeated_after_a_restart_gives_no_second_replica_back(kube: FakeKube, token: Path) -> None:
-    """A restarted autoscaler repeats a stop it may have begun: a pod already terminating
-    had its replica given back, so the Deployment is not scaled down again."""
-    kube.replicas["tierflow-default-decode"] = 1  # pod-b's replica is given back already
-    kube.terminating.add("pod-b")
-    await actuator(kube, token).stop_node(record(), "decode", "pod-b")
+    """A restarted autoscaler repeats a stop it may have begun: a node whose ordinal is at or
+    above the replicas had its replica given back already, so nothing is scaled again."""
+    kube.replicas["tierflow-default-decode"] = 1  # tierflow-default-decode-1's replica is given back already
+    await actuator(kube, token).stop_node(record(), "decode", "tierflow-default-decode-1")
     assert kube.replicas["tierflow-default-decode"] == 1
-    assert [entry[0] for entry in kube.log] == ["GET"] and kube.annotations["pod-b"] == {}
+    assert [entry[0] for entry in kube.log] == ["GET"]
 
 
-async def test_a_pod_already_gone_still_gives_its_replica_back(kube: FakeKube, token: Path) -> None:
-    kube.replicas["tierflow-default-prefill"] = 3
-    await actuator(kube, token).stop_node(record(), "prefill", "pod-gone")
-    assert kube.replicas["tierflow-default-prefill"] == 2
+def test_victims_are_the_highest_ordinals_whatever_their_load(kube: FakeKube, token: Path) -> None:
+    act = actuator(kube, token)
+    nodes = [NodeLoad(node_id="tierflow-default-decode-0"), NodeLoad(node_id="tierflow-default-decode-10", in_flight=9, prefix_cache_blocks=500),
+             NodeLoad(node_id="tierflow-default-decode-2", in_flight=3), NodeLoad(node_id="decode-7")]  # fmt: skip
+    assert act.choose_victims(record(), "decode", nodes, 2) == ["tierflow-default-decode-10", "tierflow-default-decode-2"]
+    assert act.choose_victims(record(), "decode", nodes, 0) == []
+    cordoned = [*nodes[:2], NodeLoad(node_id="tierflow-default-decode-2", cordoned=True)]
+    assert act.choose_victims(record(), "decode", cordoned, 2) == ["tierflow-default-decode-10"], "never past an operator's cordon"
+    assert act.choose_victims(record(), "prefill", nodes, 1) == []
 
 
 async def test_errors_name_the_deployment_and_the_refusal(kube: FakeKube, token: Path) -> None:
     act = actuator(kube, token)
-    with pytest.raises(ActuatorError, match=f"no Deployment {NS}/tierflow-default-decode"):
+    with pytest.raises(ActuatorError, match=f"no StatefulSet {NS}/tierflow-default-decode"):
         await act.start_nodes(record(), "decode", 1)
     kube.forbidden = True
     with pytest.raises(KubeApiError, match="403.*forbidden") as err:
@@ -203,8 +188,8 @@ def test_in_cluster_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         KubernetesActuator.from_settings(Settings(actuator="kubernetes"))
 
 
-async def test_the_autoscaler_scales_a_deployment_through_the_api(kube: FakeKube, token: Path) -> None:
-    """The shell with this actuator: load on the one pod -> the Deployment is scaled, and the
+async def test_the_autoscaler_scales_a_statefulset_through_the_api(kube: FakeKube, token: Path) -> None:
+    """The shell with this actuator: load on the one pod -> the StatefulSet is scaled, and the
     pods Kubernetes is starting count as starting (no second scale-up meanwhile)."""
     kube.replicas["tierflow-default-decode"] = 1
     clock = VirtualClock(100.0)
@@ -227,3 +212,44 @@ async def test_the_autoscaler_scales_a_deployment_through_the_api(kube: FakeKube
     assert kube.replicas["tierflow-default-decode"] == 4  # ceil(20 requests / (8 slots * 0.7)), = max_replicas
     assert [d.action for d in published] == ["up", "hold", "hold"]
     assert published[1].inputs["starting"] == 3 and published[0].actuator == "kubernetes"
+
+
+async def test_the_autoscaler_drains_and_removes_the_pod_the_statefulset_removes(kube: FakeKube, token: Path) -> None:
+    """Scale-down through the shell: of three idle pods, the cheapest by the default rule is
+    -0 (coldest, oldest ... ) but the StatefulSet removes -2, so -2 is drained and stopped."""
+    import asyncio
+
+    kube.replicas["tierflow-default-decode"] = 3
+    clock = VirtualClock(100.0)
+    fleet = FleetView()
+    fleet.put_deployment(record())
+    published: list[messages.AutoscalerDecision] = []
+    commands: list[tuple[str, str]] = []
+
+    async def publish(data: bytes) -> None:
+        published.append(messages.decision_decoder.decode(data))
+
+    class DrainedAtOnce:
+        async def command(self, node_id: str, action: str) -> messages.NodeCommandReply:
+            commands.append((node_id, action))
+            cordoned = action != "uncordon"
+            return messages.NodeCommandReply(node_id=node_id, cordoned=cordoned, draining=cordoned, in_flight=0, cordon_owner="autoscaler" if cordoned else "")
+
+    config = ScalingConfig(panic_window=0.0, stable_window=1.0, cooldown_up=0.0, cooldown_down=0.0, max_signal_age=5.0)
+    scaler = Autoscaler(fleet, actuator(kube, token), DrainedAtOnce(), publish, clock, config, AutoscalerMetrics(CollectorRegistry()), drain_poll=0.01)
+    cache = {"tierflow-default-decode-0": 0, "tierflow-default-decode-1": 10, "tierflow-default-decode-2": 500}  # -2 the warmest
+    for _ in range(4):
+        for node_id, blocks in cache.items():
+            fleet.heard(messages.NodeHeartbeat(node_id=node_id, deployment="default", max_batch=8, prefix_cache_blocks=blocks), clock.monotonic())
+        await scaler.tick()
+        clock.advance(0.5)
+    down = [d for d in published if d.action == "down"]
+    assert down and down[0].victims == ["tierflow-default-decode-2"]
+
+    async def given_back() -> None:
+        while kube.replicas["tierflow-default-decode"] != 2:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(given_back(), 10)
+    assert ("tierflow-default-decode-2", "drain") in commands and all(node == "tierflow-default-decode-2" for node, _ in commands)
+    await scaler.close()
