@@ -151,6 +151,39 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def fleet_deployments() -> list[dict[str, Any]]:
+    return yaml.safe_load((DEPLOY / "examples" / "fleet.yaml").read_text())["deployments"]
+
+
+def _pool_max(dep: dict[str, Any], pool: str, manifest_replicas: int) -> int:
+    """The most replicas a pool may have: the fleet's bounds (as the autoscaler reads them),
+    or the manifest's count for a pool the autoscaler does not scale (a bundle's prefill)."""
+    from tierflow.contracts import registry
+    from tierflow.scaling.fleet import pool_bounds
+
+    record = registry.DeploymentRecord(name=dep["name"], bundle=dep["bundle"], models=[], replicas=dep.get("replicas", 1),
+                                       min_replicas=dep.get("min_replicas", 1), max_replicas=dep.get("max_replicas", 1),
+                                       mode=dep.get("mode", "bundle"), prefill_replicas=dep.get("prefill_replicas", 0))  # fmt: skip
+    bounds = pool_bounds(record).get(pool)
+    return max(manifest_replicas, bounds.max_replicas if bounds else 0)
+
+
+def node_pools() -> list[tuple[str, dict[str, Any], int, dict[str, Any]]]:
+    """(StatefulSet name, StatefulSet, max replicas, fleet deployment) of every fleet deployment's pools."""
+    from tierflow.services.autoscaler.kubernetes import kube_name
+    from tierflow.services.autoscaler.settings import Settings
+
+    template = Settings().kube_name_template
+    sets = {doc["metadata"]["name"]: doc for _, doc in k8s_documents() if doc["kind"] == "StatefulSet"}
+    out = []
+    for dep in fleet_deployments():
+        for pool in ("decode", "prefill"):
+            name = kube_name(template, dep["name"], pool)
+            assert name in sets, f"no StatefulSet {name} for pool {pool} of fleet deployment {dep['name']!r}"
+            out.append((name, sets[name], _pool_max(dep, pool, sets[name]["spec"]["replicas"]), dep))
+    return out
+
+
 def run_init_secrets(secrets: Path) -> subprocess.CompletedProcess[str]:
     """deploy/init-secrets.sh SECRETS_DIR, with this environment's `tierflow` on PATH."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -150,7 +150,7 @@ def test_secrets_init_runs_the_script_it_mounts() -> None:
 
 
 def test_the_kubernetes_router_reads_its_tenants_from_a_secret() -> None:
-    router = next(doc for _, doc in k8s_documents() if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "router")
+    router = next(doc for _, doc in k8s_documents() if pod_spec(doc) is not None and doc["metadata"]["name"] == "router")
     spec = pod_spec(router)
     assert spec is not None
     container = spec["containers"][0]

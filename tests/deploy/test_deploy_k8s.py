@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_checks import DEPLOY, container_env, k8s_documents, option_value, pod_spec, tierflow_command_problems
+from deploy_checks import DEPLOY, container_env, k8s_documents, node_pools, option_value, pod_spec, tierflow_command_problems
 
 from tierflow.runtime.nats_server import find_nats_server_binary
 
@@ -27,6 +27,11 @@ DOCS = k8s_documents()
 
 def _objects(kind: str) -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for _, doc in DOCS if doc["kind"] == kind}
+
+
+def _workloads() -> dict[str, dict[str, Any]]:
+    """Deployments and StatefulSets by name."""
+    return {doc["metadata"]["name"]: doc for _, doc in DOCS if doc["kind"] in ("Deployment", "StatefulSet")}
 
 
 def _tierflow_containers() -> list[tuple[str, dict[str, Any]]]:
@@ -58,7 +63,7 @@ def test_every_manifest_matches_the_kubernetes_schema() -> None:
 
 def test_the_schema_check_catches_a_misspelt_field() -> None:
     pytest.importorskip("kubernetes_validate")
-    router = _objects("Deployment")["router"]
+    router = _workloads()["router"]
     broken = yaml.safe_load(yaml.safe_dump(router))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGets"] = {"path": "/health"}
     assert _validate(broken)
@@ -99,12 +104,13 @@ def test_every_tierflow_container_runs_a_valid_command() -> None:
 
 
 def test_probes_and_scrape_annotations_use_the_ports_the_commands_open() -> None:
-    workloads = _objects("Deployment")
+    workloads = _workloads()
     for name, container in _tierflow_containers():
         args = [str(a) for a in container["args"]]
         ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
         annotations = workloads[name]["spec"]["template"]["metadata"]["annotations"]
         metrics = int(option_value(args, "--metrics-port") or 0) or int(option_value(args, "--http-port") or 0)
+        assert option_value(args, "--metrics-host") == "0.0.0.0" or not option_value(args, "--metrics-port"), f"{name}: Prometheus scrapes from another pod"
         assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == metrics, name
         assert metrics in ports.values(), f"{name}: metrics port {metrics} is not a declared container port"
         for flag in ("--http-host", "--grpc-host"):
@@ -128,37 +134,26 @@ def test_node_ids_come_from_the_pod_name() -> None:
             assert "--node-id" not in container["args"], f"{name}: replicas would share one node id"
 
 
-def _fleet_deployments() -> list[dict[str, Any]]:
-    return yaml.safe_load((DEPLOY / "examples" / "fleet.yaml").read_text())["deployments"]
-
-
-def test_node_pools_are_deployments_the_kubernetes_actuator_finds() -> None:
-    """Names, replicas and grace periods as services/autoscaler/kubernetes.py expects them."""
-    from tierflow.services.autoscaler.kubernetes import kube_name
-    from tierflow.services.autoscaler.settings import Settings
-
-    template = Settings().kube_name_template
-    workloads = _objects("Deployment")
+def test_node_pools_are_statefulsets_the_kubernetes_actuator_finds() -> None:
+    """Names, replicas and grace periods as services/autoscaler/kubernetes.py expects them:
+    StatefulSets, so pod names (node ids) are known before the pods exist."""
     pools = {"decode": "decode-node", "prefill": "prefill-node"}
-    for dep in _fleet_deployments():
-        for pool, service in pools.items():
-            name = kube_name(template, dep["name"], pool)
-            assert name in workloads, f"no Deployment {name} for pool {pool} of fleet deployment {dep['name']!r}"
-            spec = workloads[name]["spec"]
-            container = spec["template"]["spec"]["containers"][0]
-            args = [str(a) for a in container["args"]]
-            assert args[0] == service and option_value(args, "--deployment") == dep["name"]
-            drain = float(option_value(args, "--drain-grace") or 10)
-            assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > drain, f"{name}: a removed node must finish its streams"
-            if pool == "decode":
-                assert dep["min_replicas"] <= spec["replicas"] <= dep["max_replicas"]
-                assert spec["replicas"] == dep["replicas"]
+    assert not {n for n, d in _objects("Deployment").items() if "tierflow.io/pool" in d["metadata"]["labels"]}, "node pools are StatefulSets"
+    for name, sts, _, dep in node_pools():
+        pool = sts["metadata"]["labels"]["tierflow.io/pool"]
+        spec = sts["spec"]
+        container = spec["template"]["spec"]["containers"][0]
+        args = [str(a) for a in container["args"]]
+        assert args[0] == pools[pool] and option_value(args, "--deployment") == dep["name"]
+        assert spec.get("podManagementPolicy") == "Parallel", f"{name}: a scale-up of several starts them together"
+        drain = float(option_value(args, "--drain-grace") or 10)
+        assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > drain, f"{name}: a removed node must finish its streams"
+        if pool == "decode":
+            assert dep["min_replicas"] <= spec["replicas"] <= dep["max_replicas"]
+            assert spec["replicas"] == dep["replicas"]
 
 
-def test_the_autoscaler_may_scale_the_pools_and_pick_the_pod_removed() -> None:
-    from tierflow.services.autoscaler.kubernetes import kube_name
-    from tierflow.services.autoscaler.settings import Settings
-
+def test_the_autoscaler_may_scale_the_pools_and_nothing_else() -> None:
     autoscaler = _objects("Deployment")["autoscaler"]
     container = autoscaler["spec"]["template"]["spec"]["containers"][0]
     assert container_env(container).get("TIERFLOW_ACTUATOR") == "kubernetes" or option_value(container["args"], "--actuator") == "kubernetes"
@@ -173,15 +168,12 @@ def test_the_autoscaler_may_scale_the_pools_and_pick_the_pod_removed() -> None:
             for r in rules
         )
 
-    template = Settings().kube_name_template
-    for dep in _fleet_deployments():
-        for pool in ("decode", "prefill"):
-            name = kube_name(template, dep["name"], pool)
-            assert allowed("apps", "deployments/scale", "get", name) and allowed("apps", "deployments/scale", "patch", name), name
-    assert allowed("", "pods", "patch", "decode-pod"), "the actuator annotates the drained pod with a deletion cost"
+    for name, *_ in node_pools():
+        assert allowed("apps", "statefulsets/scale", "get", name) and allowed("apps", "statefulsets/scale", "patch", name), name
+    assert not allowed("", "pods", "patch", "tierflow-default-decode-0"), "a StatefulSet removes its highest ordinal: no pod is marked"
 
 
-def test_nats_is_a_three_server_jetstream_cluster() -> None:
+def test_nats_is_a_three_server_jetstream_cluster(init_secrets: Path, tmp_path: Path) -> None:
     nats = _objects("StatefulSet")["nats"]
     assert nats["spec"]["replicas"] == 3
     assert nats["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
@@ -190,7 +182,11 @@ def test_nats_is_a_three_server_jetstream_cluster() -> None:
     conf = DEPLOY / "k8s" / "nats.conf"
     routes = set(re.findall(r"nats-route://([\w.-]+):6222", conf.read_text()))
     assert routes == {f"nats-{i}.{nats['spec']['serviceName']}" for i in range(3)}
-    out = subprocess.run([str(find_nats_server_binary()), "-c", str(conf), "-t"], capture_output=True, text=True, timeout=30, env={**os.environ, "SERVER_NAME": "nats-0"})
+    # As the pod sees /etc/nats: the ConfigMap's nats.conf and the Secret's nats-auth.conf.
+    shutil.copy(conf, tmp_path / "nats.conf")
+    shutil.copy(init_secrets / "nats" / "nats-auth.conf", tmp_path / "nats-auth.conf")
+    out = subprocess.run([str(find_nats_server_binary()), "-c", str(tmp_path / "nats.conf"), "-t"], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "SERVER_NAME": "nats-0"})  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "jetstream" in conf.read_text()
 
@@ -226,43 +222,49 @@ def test_kustomization_lists_every_manifest_and_generates_every_configmap_used()
     assert kz["namespace"] == next(iter(_objects("Namespace")))
 
 
-def test_secrets_used_are_generated_from_the_secrets_directory() -> None:
-    """Secrets come from deploy/secrets/ (never committed; deploy/init-secrets.sh writes it)."""
+def test_secrets_used_are_generated_from_the_secrets_directory(init_secrets: Path) -> None:
+    """Secrets come from deploy/secrets/ (never committed), every file of which
+    deploy/init-secrets.sh makes (the NATS ones through `tierflow nats-auth generate`)."""
     kz = _kustomization()
     generated = {gen["name"]: gen for gen in kz.get("secretGenerator", [])}
     used = {v["secret"]["secretName"] for _, doc in DOCS for v in (pod_spec(doc) or {}).get("volumes", []) if "secret" in v}
+    used |= {s["secret"]["name"] for _, doc in DOCS for v in (pod_spec(doc) or {}).get("volumes", []) for s in v.get("projected", {}).get("sources", [])
+             if "secret" in s}  # fmt: skip
     used |= {e["valueFrom"]["secretKeyRef"]["name"] for _, doc in DOCS for c in (pod_spec(doc) or {}).get("containers", [])
              for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}  # fmt: skip
     assert used == set(generated), f"used {sorted(used)}, generated {sorted(generated)}"
-    script = (DEPLOY / "init-secrets.sh").read_text()
     for gen in generated.values():
         for entry in gen["files"]:
             source = entry.split("=", 1)[-1]
             assert source.startswith("secrets/"), f"{gen['name']}: {source} must live in deploy/secrets (gitignored)"
-            assert f'"$secrets/{source.removeprefix("secrets/")}"' in script, f"deploy/init-secrets.sh does not write {source}"
+            assert (init_secrets / source.removeprefix("secrets/")).is_file(), f"deploy/init-secrets.sh does not make {source}"
     ignored = (DEPLOY / "secrets" / ".gitignore").read_text().splitlines()
     assert "*" in ignored, "deploy/secrets/ must never be committed"
 
 
-def test_kustomize_build_renders_and_validates(tmp_path: Path) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed; the kustomization was checked structurally above")
-    # A copy with stand-in secrets: the real ones are made per installation and never committed.
+def kustomize_root(tmp_path: Path, secrets: Path) -> Path:
+    """A copy of deploy/ with `secrets` as its secrets (the real ones are made per
+    installation and never committed)."""
     root = tmp_path / "deploy"
     shutil.copytree(DEPLOY, root, ignore=shutil.ignore_patterns("secrets"))
-    (root / "secrets").mkdir()
-    (root / "secrets" / "router.yaml").write_text("tenants: [{name: default, api_keys: ['sha256:00:00']}]\n")
-    (root / "secrets" / "admin-token.hash").write_text("sha256:00:00\n")
+    shutil.copytree(secrets, root / "secrets")
+    return root
+
+
+def kustomize(root: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed; the kustomization was checked structurally")
     out = subprocess.run([kubectl, "kustomize", str(root)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_kustomize_build_renders_and_validates(tmp_path: Path, init_secrets: Path) -> None:
+    rendered = kustomize(kustomize_root(tmp_path, init_secrets))
     kz = _kustomization()
     assert len(rendered) == len(DOCS) + len(kz["configMapGenerator"]) + len(kz.get("secretGenerator", []))
-    cluster_scoped = {"Namespace", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
-    assert all(d["metadata"].get("namespace") == "tierflow" for d in rendered if d["kind"] not in cluster_scoped)
-    assert not any("namespace" in d["metadata"] for d in rendered if d["kind"] in cluster_scoped - {"Namespace"}), \
-        "kustomize set a namespace on a cluster-scoped object"  # fmt: skip
+    assert all(d["metadata"].get("namespace") == "tierflow" for d in rendered if d["kind"] != "Namespace")
     fleet = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tierflow-fleet"))
     assert fleet["data"]["fleet.yaml"] == (DEPLOY / "examples" / "fleet.yaml").read_text()
     try:

@@ -3,11 +3,10 @@
 A fake Kubernetes API server (real HTTP on 127.0.0.1) authorizes every request the way
 the API server would with deploy/k8s: the bearer token names a service account, the
 RoleBindings give it Roles, a request is allowed only if a rule matches its API group,
-resource, subresource, name and verb; then pod updates pass the ValidatingAdmissionPolicy
-of deploy/k8s/autoscaler-pod-patch-policy.yaml, its CEL evaluated by cel-python. The
-real KubernetesActuator then scales each node pool and removes a drained pod, which must
-all be allowed, and a list of things the autoscaler must not do must all be refused.
-The fake is the API server (not ours); the Role, the policy and the actuator are what we ship.
+resource, subresource, name and verb. The real KubernetesActuator then scales each node
+pool (a StatefulSet) up and back down, which must all be allowed, and a list of things
+the autoscaler must not do (pods included: it no longer touches any) must all be refused.
+The fake is the API server (not ours); the Role and the actuator are what we ship.
 """
 
 from __future__ import annotations
@@ -26,9 +25,7 @@ import pytest
 from deploy_checks import k8s_documents
 
 from tierflow.contracts import registry
-from tierflow.services.autoscaler.kubernetes import DELETION_COST, KubeApi, KubeApiError, KubernetesActuator
-
-celpy = pytest.importorskip("celpy", reason="pip install cel-python (evaluates the admission policy's CEL)")
+from tierflow.services.autoscaler.kubernetes import KubeApi, KubeApiError, KubernetesActuator
 
 NS = "tierflow"
 DOCS = k8s_documents()
@@ -40,51 +37,9 @@ def _objects(kind: str) -> list[dict[str, Any]]:
     return [doc for _, doc in DOCS if doc["kind"] == kind]
 
 
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (what the actuator sends as application/merge-patch+json)."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
-
-
-class AdmissionPolicy:
-    """A ValidatingAdmissionPolicy's matchConditions and validations, compiled once."""
-
-    def __init__(self, policy: dict[str, Any]) -> None:
-        self._env = celpy.Environment()
-        self.rules = policy["spec"]["matchConstraints"]["resourceRules"]
-        self.conditions = [self._compile(c["expression"]) for c in policy["spec"].get("matchConditions", [])]
-        self.validations = [(self._compile(v["expression"]), v.get("message", v["expression"])) for v in policy["spec"]["validations"]]
-
-    def _compile(self, expression: str) -> Any:
-        return self._env.program(self._env.compile(expression))
-
-    def matches(self, resource: str, operation: str) -> bool:
-        return any(resource in r["resources"] and operation in r["operations"] for r in self.rules)
-
-    def denials(self, user: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-        """The failed validations' messages; [] when the request is admitted (or not matched)."""
-        activation = {"object": celpy.json_to_cel(new), "oldObject": celpy.json_to_cel(old),
-                      "request": celpy.json_to_cel({"userInfo": {"username": user}, "operation": "UPDATE"})}  # fmt: skip
-        if not all(bool(c.evaluate(activation)) for c in self.conditions):
-            return []
-        return [message for program, message in self.validations if _false(program.evaluate(activation))]
-
-
-def _false(result: Any) -> bool:
-    """A validation fails on false and on an evaluation error (failurePolicy: Fail)."""
-    return isinstance(result, celpy.CELEvalError) or not bool(result)
-
-
 @dataclass
 class FakeApiServer:
-    """Deployments' scale and pods, behind RBAC from the manifests and the admission policy."""
+    """StatefulSets' scale and their pods, behind RBAC from the manifests."""
 
     replicas: dict[str, int] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -94,24 +49,22 @@ class FakeApiServer:
     def __post_init__(self) -> None:
         self.roles = {r["metadata"]["name"]: r["rules"] for r in _objects("Role")}
         self.bindings = [(f"system:serviceaccount:{NS}:{s['name']}", b["roleRef"]["name"]) for b in _objects("RoleBinding") for s in b["subjects"]]
-        self.policies = [AdmissionPolicy(p) for p in _objects("ValidatingAdmissionPolicy")]
         self.reset()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def reset(self) -> None:
-        """Every Deployment at its manifest's replicas, its pods as the template makes them."""
+        """Every StatefulSet at its manifest's replicas, its pods as the template makes them."""
         self.replicas, self.pods, self.refused, self.fail_scale_patch = {}, {}, [], False
-        for doc in _objects("Deployment"):
+        for doc in _objects("StatefulSet"):
             self.replicas[doc["metadata"]["name"]] = doc["spec"]["replicas"]
             for i in range(doc["spec"]["replicas"]):
-                name = f"{doc['metadata']['name']}-7c9f8d6b5-{i}"
+                name = f"{doc['metadata']['name']}-{i}"
                 template = doc["spec"]["template"]
                 self.pods[name] = {
                     "apiVersion": "v1", "kind": "Pod",
                     "metadata": {"name": name, "namespace": NS, "labels": dict(template["metadata"]["labels"]),
-                                 "annotations": dict(template["metadata"].get("annotations", {})),
-                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{doc['metadata']['name']}-7c9f8d6b5", "uid": "u1"}]},
+                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": doc["metadata"]["name"], "uid": "u1"}]},
                     "spec": copy.deepcopy(template["spec"]),
                 }  # fmt: skip
 
@@ -165,9 +118,9 @@ class FakeApiServer:
                 full = f"{resource}/{sub}" if sub else resource
                 if namespace != NS or not api.authorized(user, group, full, name, verb):
                     return self._status(403, f'{full} "{name}" is forbidden: User "{user}" cannot {verb} {full} in the namespace "{namespace}"')
-                if (group, full) == ("apps", "deployments/scale"):
+                if (group, full) == ("apps", "statefulsets/scale"):
                     if name not in api.replicas:
-                        return self._status(404, f'deployments.apps "{name}" not found')
+                        return self._status(404, f'statefulsets.apps "{name}" not found')
                     if verb == "patch":
                         if api.fail_scale_patch:
                             return self._status(500, "Internal error occurred: admission webhook timed out")
@@ -176,13 +129,7 @@ class FakeApiServer:
                 if (group, full) == ("", "pods") and name:
                     if name not in api.pods:
                         return self._status(404, f'pods "{name}" not found')
-                    if verb == "patch":
-                        new = merge_patch(api.pods[name], body)
-                        for policy in api.policies:
-                            if policy.matches("pods", "UPDATE") and (denied := policy.denials(user, api.pods[name], new)):
-                                return self._status(422, f'pods "{name}" is forbidden: ValidatingAdmissionPolicy denied: {"; ".join(denied)}')
-                        api.pods[name] = new
-                    elif verb == "delete":
+                    if verb == "delete":
                         del api.pods[name]
                     return self._reply(200, api.pods.get(name, {}))
                 return self._status(404, "the fake API server serves only what the actuator uses")
@@ -219,47 +166,40 @@ def _record() -> registry.DeploymentRecord:
 
 
 @pytest.mark.parametrize("pool", ["decode", "prefill"])
-def test_the_actuator_scales_a_pool_and_removes_the_drained_pod_within_its_rights(kube: FakeApiServer, tmp_path: Path, pool: str) -> None:
+def test_the_actuator_scales_a_pool_up_and_gives_back_the_drained_pod_within_its_rights(kube: FakeApiServer, tmp_path: Path, pool: str) -> None:
     actuator = KubernetesActuator(_api(kube, tmp_path), NS)
     name = actuator.deployment_name("default", pool)
+    assert name in kube.replicas, f"no StatefulSet {name} in deploy/k8s"
     before = kube.replicas[name]
 
     async def scenario() -> None:
         await actuator.start_nodes(_record(), pool, 1)
         assert kube.replicas[name] == before + 1
-        drained = kube.pods_of(name)[0]
-        await actuator.stop_node(_record(), pool, drained)
-        assert kube.pods[drained]["metadata"]["annotations"][DELETION_COST] == "-1000"
+        assert await actuator.provisioned(_record(), pool) == before + 1
+        await actuator.stop_node(_record(), pool, f"{name}-{before}")  # the highest ordinal: the pod the StatefulSet removes
         assert kube.replicas[name] == before
 
     asyncio.run(scenario())
-    assert kube.refused == [], "the Role or the admission policy refused a call the actuator makes"
+    assert kube.refused == [], "the Role refused a call the actuator makes"
 
 
-def test_a_failed_scale_down_may_take_the_deletion_cost_off_again(kube: FakeApiServer, tmp_path: Path) -> None:
-    actuator = KubernetesActuator(_api(kube, tmp_path), NS)
-    pod = kube.pods_of("tierflow-default-decode")[0]
-    kube.fail_scale_patch = True
-    with pytest.raises(KubeApiError):
-        asyncio.run(actuator.stop_node(_record(), "decode", pod))
-    assert DELETION_COST not in kube.pods[pod]["metadata"]["annotations"], "the annotation was not removed (the policy refused the null patch?)"
-    assert [code for code, _, _ in kube.refused] == [500]
-
-
-DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NS}/deployments"
+STATEFULSETS = f"/apis/apps/v1/namespaces/{NS}/statefulsets"
 PODS = f"/api/v1/namespaces/{NS}/pods"
 FORBIDDEN = [
-    ("GET", f"{DEPLOYMENTS}/tierflow-default-decode", None),  # the Deployment itself: its template, image
-    ("PATCH", f"{DEPLOYMENTS}/tierflow-default-decode", {"spec": {"template": {"spec": {"serviceAccountName": "autoscaler"}}}}),
-    ("PATCH", f"{DEPLOYMENTS}/router/scale", {"spec": {"replicas": 0}}),  # not a node pool
-    ("PATCH", f"{DEPLOYMENTS}/model-registry/scale", {"spec": {"replicas": 0}}),
-    ("PUT", f"{DEPLOYMENTS}/tierflow-default-decode/scale", {"spec": {"replicas": 9}}),  # update: not needed
-    ("GET", DEPLOYMENTS, None),  # list
+    ("GET", f"{STATEFULSETS}/tierflow-default-decode", None),  # the StatefulSet itself: its template, image
+    ("PATCH", f"{STATEFULSETS}/tierflow-default-decode", {"spec": {"template": {"spec": {"serviceAccountName": "autoscaler"}}}}),
+    ("PATCH", f"{STATEFULSETS}/router/scale", {"spec": {"replicas": 0}}),  # not a node pool
+    ("PATCH", f"{STATEFULSETS}/nats/scale", {"spec": {"replicas": 0}}),
+    ("PATCH", f"/apis/apps/v1/namespaces/{NS}/deployments/model-registry/scale", {"spec": {"replicas": 0}}),
+    ("PUT", f"{STATEFULSETS}/tierflow-default-decode/scale", {"spec": {"replicas": 9}}),  # update: not needed
+    ("GET", STATEFULSETS, None),  # list
     ("GET", PODS, None),  # list pods
+    ("GET", f"{PODS}/<pod>", None),  # pods: nothing at all any more
+    ("PATCH", f"{PODS}/<pod>", {"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "-1000"}}}),
     ("DELETE", f"{PODS}/<pod>", None),
     ("POST", PODS, {"metadata": {"name": "x"}}),
     ("GET", "/api/v1/namespaces/kube-system/pods/<pod>", None),
-    ("GET", f"/api/v1/namespaces/{NS}/secrets/nats-credentials", None),
+    ("GET", f"/api/v1/namespaces/{NS}/secrets/nats-nodes-tierflow-default-decode", None),
 ]
 
 
@@ -269,35 +209,3 @@ def test_the_role_refuses_what_the_autoscaler_does_not_need(kube: FakeApiServer,
     with pytest.raises(KubeApiError) as refused:
         asyncio.run(_api(kube, tmp_path).request(method, path, body))
     assert refused.value.status == 403, refused.value
-
-
-# (patch, the policy's message that must refuse it)
-TAMPERING = [
-    ({"metadata": {"labels": {"app.kubernetes.io/component": "router"}}}, "labels"),  # would join the router's Service and policies
-    ({"metadata": {"labels": {"tierflow.io/pool": None}}}, "labels"),
-    ({"metadata": {"annotations": {"prometheus.io/scrape": "false"}}}, "only add or change"),
-    ({"metadata": {"annotations": {"prometheus.io/port": None}}}, "only remove"),
-    ({"metadata": {"annotations": {DELETION_COST: "cheap"}}}, "must be an integer"),
-    ({"metadata": {"finalizers": ["example.com/keep"]}}, "finalizers or owners"),
-    ({"metadata": {"ownerReferences": None}}, "finalizers or owners"),
-    ({"spec": {"activeDeadlineSeconds": 1}}, "spec"),
-]
-
-
-@pytest.mark.parametrize(("patch", "reason"), TAMPERING, ids=[json.dumps(p)[:60] for p, _ in TAMPERING])
-def test_the_admission_policy_allows_only_the_deletion_cost(kube: FakeApiServer, tmp_path: Path, patch: dict[str, Any], reason: str) -> None:
-    pod = kube.pods_of("tierflow-default-decode")[0]
-    before = copy.deepcopy(kube.pods[pod])
-    with pytest.raises(KubeApiError) as refused:
-        asyncio.run(_api(kube, tmp_path).request("PATCH", f"{PODS}/{pod}", patch))
-    assert refused.value.status == 422 and "ValidatingAdmissionPolicy" in str(refused.value) and reason in str(refused.value)
-    assert kube.pods[pod] == before
-
-
-def test_the_admission_policy_concerns_only_the_autoscaler() -> None:
-    policy = AdmissionPolicy(_objects("ValidatingAdmissionPolicy")[0])
-    pod = {"metadata": {"name": "p", "labels": {"a": "1"}}, "spec": {"containers": []}}
-    relabelled = merge_patch(pod, {"metadata": {"labels": {"a": "2"}}})
-    assert policy.denials(TOKENS["autoscaler-token"], pod, relabelled)
-    assert policy.denials("system:serviceaccount:kube-system:replicaset-controller", pod, relabelled) == []
-    assert policy.denials(TOKENS["autoscaler-token"], pod, merge_patch(pod, {"metadata": {"annotations": {DELETION_COST: "-1000"}}})) == []

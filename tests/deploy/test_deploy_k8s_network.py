@@ -65,7 +65,7 @@ def test_every_policy_selects_pods_and_every_peer_names_pods() -> None:
 def test_from_outside_the_namespace_only_the_router_is_reachable() -> None:
     reachable = {(name, port) for name, pod in PODS.items() for port in _ports(name) if allowed(POLICIES, "Ingress", pod, OUTSIDE, port)}
     assert reachable == {("router", port) for port in ROUTER_PORTS}
-    assert _ports("router") == ROUTER_PORTS, "the router's ports changed: update the router-ingress policy"
+    assert _ports("router") == ROUTER_PORTS | {9100}, "the router's ports changed: update the router-ingress policy"
 
 
 @pytest.mark.parametrize("source", sorted(PODS) + ["stranger"])
@@ -91,9 +91,8 @@ def test_prometheus_scrapes_every_annotated_pod() -> None:
     assert FABRIC <= set(annotated) and "otel-collector" in annotated
     for name, port in annotated.items():
         assert connects(POLICIES, prometheus, PODS[name], port), f"prometheus cannot scrape {name}:{port}"
-        if name != "router":
-            assert not allowed(POLICIES, "Ingress", PODS[name], OUTSIDE, port), f"{name}'s metrics are open to everyone"
-            assert not allowed(POLICIES, "Ingress", PODS[name], PODS["grafana"], port), f"{name}'s metrics are open to more than Prometheus"
+        assert not allowed(POLICIES, "Ingress", PODS[name], OUTSIDE, port), f"{name}'s metrics are open to everyone"
+        assert not allowed(POLICIES, "Ingress", PODS[name], PODS["grafana"], port), f"{name}'s metrics are open to more than Prometheus"
 
 
 def test_the_services_reach_nats_and_the_collector_and_nothing_outside() -> None:

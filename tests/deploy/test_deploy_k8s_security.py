@@ -5,7 +5,7 @@ with no capabilities, no privilege escalation, the runtime's default seccomp pro
 a read-only root filesystem, its writable paths being volumes. Only pods that call the
 Kubernetes API get a token. No Role grants a wildcard; the autoscaler's grants exactly
 what services/autoscaler/kubernetes.py calls (a fake API server that enforces the Role
-and the admission policy checks it against the real actuator).
+checks it against the real actuator).
 """
 
 from __future__ import annotations
@@ -128,9 +128,9 @@ def _autoscaler_rules() -> list[dict[str, Any]]:
 
 
 def test_the_autoscaler_role_is_limited_to_scaling_its_node_pools() -> None:
-    """Verbs per resource within what the brief allows; Deployments only by name, and only the node pools."""
-    ceiling = {("apps", "deployments/scale"): {"get", "patch", "update"}, ("apps", "deployments"): {"get", "patch", "update"},
-               ("", "pods"): {"get", "list", "watch", "patch"}}  # fmt: skip
+    """Verbs per resource within what the actuator needs: the node pools' StatefulSets' scale
+    subresource, by name; no pods (a StatefulSet removes its highest ordinal: nothing to mark)."""
+    ceiling = {("apps", "statefulsets/scale"): {"get", "patch"}}
     pools = {name for name, doc in WORKLOADS.items() if "tierflow.io/pool" in doc["metadata"]["labels"]}
     assert pools == {"tierflow-default-decode", "tierflow-default-prefill"}
     for rule in _autoscaler_rules():
@@ -139,25 +139,9 @@ def test_the_autoscaler_role_is_limited_to_scaling_its_node_pools() -> None:
                 assert (group, resource) in ceiling, f"the autoscaler may not touch {group or 'core'}/{resource}"
                 assert set(rule["verbs"]) <= ceiling[(group, resource)], f"{group}/{resource}: {rule['verbs']}"
                 if group == "apps":
-                    assert set(rule.get("resourceNames", [])) == pools, "deployments only by name: the node pools, all of them"
+                    assert set(rule.get("resourceNames", [])) == pools, "statefulsets only by name: the node pools, all of them"
 
 
-# --------------------------------------------------------------------------- the admission policy
-
-
-def _policy() -> dict[str, Any]:
-    return _objects("ValidatingAdmissionPolicy")["tierflow-autoscaler-pod-patch"]
-
-
-def test_the_pod_patch_policy_is_bound_to_the_autoscaler_in_this_namespace() -> None:
-    import yaml
-
-    namespace = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["namespace"]
-    policy = _policy()
-    binding = _objects("ValidatingAdmissionPolicyBinding")["tierflow-autoscaler-pod-patch"]
-    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
-    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
-    account = WORKLOADS["autoscaler"]["spec"]["template"]["spec"]["serviceAccountName"]
-    condition = policy["spec"]["matchConditions"][0]["expression"]
-    assert f"'system:serviceaccount:{namespace}:{account}'" in condition
-    assert policy["spec"]["failurePolicy"] == "Fail"
+def test_no_admission_policy_is_left_behind() -> None:
+    """The deletion-cost policy guarded pod patches the autoscaler no longer makes."""
+    assert not _objects("ValidatingAdmissionPolicy") and not _objects("ValidatingAdmissionPolicyBinding")
