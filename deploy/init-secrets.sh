@@ -18,8 +18,8 @@
 #   never mounted), server.pem/server-key.pem for every service and NATS server, named for
 #   every host below plus TIERFLOW_TLS_HOSTS (space-separated: the names clients reach the
 #   router by), client.pem/client-key.pem for the CLI; and SECRETS_DIR/tls/kustomization.yaml,
-#   the Secret `tierflow-tls` that deploy/overlays/tls adds. Used by
-#   docker-compose.tls.yml and deploy/overlays/tls.
+#   the Secret `tierflow-tls` that deploy-tls adds. Used by
+#   docker-compose.tls.yml and deploy-tls.
 # - SECRETS_DIR/router.yaml: the router's tenants, one tenant `default` whose API key is
 #   stored only as a salted hash; the key itself goes to SECRETS_DIR/api-key.
 # - SECRETS_DIR/admin.token: the registry's admin token (Apply, SetTraffic, rollouts), and
@@ -84,7 +84,7 @@ if [ "${TIERFLOW_TLS:-0}" = 1 ]; then
   # shellcheck disable=SC2086
   tierflow tls generate --out "$secrets/tls" $host_flags >/dev/null
   {
-    echo "# The Secret deploy/overlays/tls mounts in every pod (deploy/init-secrets.sh made it)."
+    echo "# The Secret deploy-tls mounts in every pod (deploy/init-secrets.sh made it)."
     echo "# The CA's key (ca-key.pem) stays here: no pod gets it."
     echo "apiVersion: kustomize.config.k8s.io/v1beta1"
     echo "kind: Kustomization"

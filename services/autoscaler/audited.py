@@ -7,17 +7,20 @@ virtual) is audited the same way without knowing of it: `start_nodes` becomes a
 as before. The cordon and drain of a scale-down are recorded by the nodes themselves
 (`tierflow.audit.node`, with the autoscaler as `by`). Recording never blocks or fails the
 action (`runtime.audit`). An inner actuator that can count its nodes
-(`SupportsInventory`) is wrapped by a class that can too, so optional abilities stay
-optional (checked with isinstance, not by attribute lookup at call time).
+(`SupportsInventory`) or chooses which nodes a scale-down removes (`ChoosesVictims`, the
+Kubernetes one) is wrapped by a class that can too, so optional abilities stay optional
+(checked with isinstance, not by attribute lookup at call time).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from tierflow.contracts import registry
 from tierflow.runtime.audit import AuditLog
-from tierflow.services.autoscaler.actuators import Actuator, SupportsInventory
+from tierflow.scaling.victims import NodeLoad
+from tierflow.services.autoscaler.actuators import Actuator, ChoosesVictims, SupportsInventory
 
 __all__ = ["AuditedActuator"]
 
@@ -34,7 +37,9 @@ class AuditedActuator:
         """`inner` audited; as it is when there is no actuator (advisory) or no audit log."""
         if inner is None or audit is None:
             return inner
-        return _AuditedInventory(inner, audit, identity) if isinstance(inner, SupportsInventory) else cls(inner, audit, identity)
+        inventory, victims = isinstance(inner, SupportsInventory), isinstance(inner, ChoosesVictims)
+        kind = {(True, True): _AuditedInventoryVictims, (True, False): _AuditedInventory, (False, True): _AuditedVictims}.get((inventory, victims), cls)
+        return kind(inner, audit, identity)
 
     async def start_nodes(self, deployment: registry.DeploymentRecord, pool: str, count: int) -> list[str]:
         target = f"{deployment.name}/{pool}"
@@ -61,3 +66,12 @@ class AuditedActuator:
 class _AuditedInventory(AuditedActuator):
     async def provisioned(self, deployment: registry.DeploymentRecord, pool: str) -> int:
         return await self._inner.provisioned(deployment, pool)  # type: ignore[attr-defined]
+
+
+class _AuditedVictims(AuditedActuator):
+    def choose_victims(self, deployment: registry.DeploymentRecord, pool: str, nodes: Sequence[NodeLoad], count: int) -> list[str]:
+        return self._inner.choose_victims(deployment, pool, nodes, count)  # type: ignore[attr-defined]
+
+
+class _AuditedInventoryVictims(_AuditedInventory, _AuditedVictims):
+    pass

@@ -16,3 +16,12 @@ def init_secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     first = run_init_secrets(secrets)
     assert first.returncode == 0, first.stdout + first.stderr
     return secrets
+
+
+@pytest.fixture(scope="session")
+def init_secrets_tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """deploy/secrets as `docker-compose ... -f docker-compose.tls.yml up` leaves it (TLS files too)."""
+    secrets = tmp_path_factory.mktemp("init-secrets-tls") / "secrets"
+    first = run_init_secrets(secrets, tls=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    return secrets

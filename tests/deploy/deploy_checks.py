@@ -184,7 +184,8 @@ def node_pools() -> list[tuple[str, dict[str, Any], int, dict[str, Any]]]:
     return out
 
 
-def run_init_secrets(secrets: Path) -> subprocess.CompletedProcess[str]:
-    """deploy/init-secrets.sh SECRETS_DIR, with this environment's `tierflow` on PATH."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+def run_init_secrets(secrets: Path, *, tls: bool = False) -> subprocess.CompletedProcess[str]:
+    """deploy/init-secrets.sh SECRETS_DIR, with this environment's `tierflow` on PATH
+    (`tls`: with TIERFLOW_TLS=1, as docker-compose.tls.yml runs it)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "TIERFLOW_TLS": "1" if tls else "0"}
     return subprocess.run(["sh", str(DEPLOY / "init-secrets.sh"), str(secrets)], capture_output=True, text=True, timeout=120, env=env)

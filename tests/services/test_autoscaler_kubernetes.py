@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import cast
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -253,3 +254,20 @@ async def test_the_autoscaler_drains_and_removes_the_pod_the_statefulset_removes
     await asyncio.wait_for(given_back(), 10)
     assert ("tierflow-default-decode-2", "drain") in commands and all(node == "tierflow-default-decode-2" for node, _ in commands)
     await scaler.close()
+
+
+def test_the_audited_actuator_keeps_the_victim_choice(kube: FakeKube, token: Path) -> None:
+    """The service wraps its actuator for the audit stream; the wrapper must still let the
+    StatefulSet's ordinals decide, or scale-down would drain a node Kubernetes keeps."""
+    from tierflow.runtime.audit import AuditLog
+    from tierflow.services.autoscaler.actuators import ChoosesVictims, SupportsInventory
+    from tierflow.services.autoscaler.audited import AuditedActuator
+
+    class Recorder:
+        def record(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    wrapped = AuditedActuator.wrap(actuator(kube, token), cast(AuditLog, Recorder()), "autoscaler")
+    assert isinstance(wrapped, ChoosesVictims) and isinstance(wrapped, SupportsInventory)
+    nodes = [NodeLoad(node_id=f"tierflow-default-decode-{i}") for i in range(3)]
+    assert wrapped.choose_victims(record(), "decode", nodes, 1) == ["tierflow-default-decode-2"]
