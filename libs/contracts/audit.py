@@ -1,6 +1,6 @@
 """The audit stream's record: who did what to which part of the fabric, and whether it held.
 
-One `AuditRecord` per message on `subjects.audit(kind)`, kept in the JetStream stream
+One `AuditRecord` per message on `subjects.audit(kind, speaker)`, kept in the JetStream stream
 `subjects.AUDIT_STREAM` for as long as its retention says. Kinds and who publishes them:
 
     registry  the model registry: every admin call that writes (Apply, Rollout, ...),

@@ -20,6 +20,7 @@ __all__ = [
     "AUDIT_STREAM",
     "AUDIT_SUBJECTS",
     "audit",
+    "audit_kind",
     "SERVICE_NAMES",
     "SERVICE_INFO",
     "SERVICE_API",
@@ -149,18 +150,24 @@ AUTOSCALER_DECISIONS: Final = "tierflow.autoscaler.decision"
 SUPERVISOR_CONTROL: Final = "tierflow.supervisor.control"
 
 # The audit stream (JetStream, made by the model registry at start): who changed what.
-# `audit(kind)` is `tierflow.audit.<kind>`; publishers, one per kind (NATS permissions
-# must let exactly these publish there):
+# `audit(kind, speaker)` is `tierflow.audit.<kind>.<speaker>`: the speaker is the process
+# that recorded it (a node's id, the registry's or autoscaler's instance), so NATS
+# permissions can let a node record only as itself. Publishers, one kind each:
 #   registry  the model registry (admin calls, refused ones included)
 #   node      decode and prefill nodes (cordon / uncordon / drain they carried out)
 #   scaling   the autoscaler (scale up / down it acted on)
-# Readers: `tierflow audit` (the observer identity may read it).
+# Readers: `tierflow audit` (the observer identity may read it), by kind: `audit_kind(kind)`.
 AUDIT_STREAM: Final = "TIERFLOW_AUDIT"
 AUDIT_SUBJECTS: Final = "tierflow.audit.>"
 
 
-def audit(kind: str) -> str:
-    return f"tierflow.audit.{check_token(kind, 'audit kind')}"
+def audit(kind: str, speaker: str) -> str:
+    return f"tierflow.audit.{check_token(kind, 'audit kind')}.{speaker if speaker == '*' else check_token(speaker, 'audit speaker')}"
+
+
+def audit_kind(kind: str) -> str:
+    """Every speaker's records of one kind (a filter for readers)."""
+    return f"tierflow.audit.{check_token(kind, 'audit kind')}.*"
 
 
 # A header on every message of one atomic KV batch (`<batch id> <position>/<size>`): readers

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, Final
@@ -93,6 +94,17 @@ async def ensure_audit_stream(js: JetStreamContext, *, max_age: float = DEFAULT_
     log.info("audit stream %s updated: %s", subjects.AUDIT_STREAM, update, extra={"fields": update})
 
 
+_NOT_IN_TOKEN: Final = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def speaker_of(source: str) -> str:
+    """The subject token naming who records (`decode-node/decode-0` -> `decode-0`): a node's
+    id is its NATS identity's, so its permissions can pin it; other instances (a host name
+    with dots) are made to fit one token."""
+    instance = source.rpartition("/")[2] or source
+    return _NOT_IN_TOKEN.sub("_", instance)[:128] or "_"
+
+
 class AuditLog:
     """Fire-and-forget audit records from one process (see the module docstring)."""
 
@@ -102,6 +114,7 @@ class AuditLog:
         self._js = nc.jetstream()
         self._clock = clock
         self._source = source
+        self._speaker = speaker_of(source)
         self._max_pending = max_pending
         self._timeout = timeout
         self._pending: set[asyncio.Task[None]] = set()
@@ -130,7 +143,7 @@ class AuditLog:
 
     async def _send(self, rec: contract.AuditRecord) -> None:
         try:
-            await self._js.publish(subjects.audit(rec.kind), contract.encoder.encode(rec), timeout=self._timeout, stream=subjects.AUDIT_STREAM)
+            await self._js.publish(subjects.audit(rec.kind, self._speaker), contract.encoder.encode(rec), timeout=self._timeout, stream=subjects.AUDIT_STREAM)
         except Exception as exc:  # nats-py raises several unrelated types; none may reach the caller
             self._count(rec.kind, "failed")
             log.warning(
@@ -162,7 +175,7 @@ async def read_records(
     Without `follow` it ends once it has caught up (or nothing came for `wait` seconds);
     with it, it waits for new records until the caller stops iterating. Records this
     version cannot decode are skipped."""
-    subject = subjects.audit(kind) if kind else subjects.AUDIT_SUBJECTS
+    subject = subjects.audit_kind(kind) if kind else subjects.AUDIT_SUBJECTS
     policy = DeliverPolicy.BY_START_TIME if since is not None else DeliverPolicy.ALL
     try:
         sub = await js.subscribe(subject, stream=subjects.AUDIT_STREAM, ordered_consumer=True, deliver_policy=policy,

@@ -13,7 +13,7 @@ Identities (`Identity(role, instance)`; the name is `role` or `role-instance`):
 | router | its router id | read heartbeats, presence, gossip, the registry bucket; send work to any node; read only *its own* reply streams; announce only its own presence and gossip |
 | registry | - | write the registry bucket (and create it), publish registry events; make the audit stream, record `audit("registry")` |
 | autoscaler | - | read heartbeats and the registry; write its own bucket; publish decisions; send node control and supervisor commands; record `audit("scaling")` |
-| node | its node id | publish only its own heartbeat; take work only on its own subjects; answer on router reply streams; read the registry; record `audit("node")` |
+| node | its node id | publish only its own heartbeat; take work only on its own subjects; answer on router reply streams; read the registry; record `audit("node", <its id>)`, never as another node |
 | supervisor | - | (`tierflow up`) answer supervisor commands; discover services |
 | observer | - | subscribe to the event subjects (heartbeats, registry events, decisions, router presence, audit records as they are stored); publish nothing. What external NATS subscribers are given. |
 | admin | - | (the CLI, tests, benchmarks) discover services, read heartbeats/events and both buckets, cordon/drain nodes, send supervisor commands, probe a node directly with replies on its own stream (`router_stream("admin", ...)`), and the JetStream API whole: the only identity that may delete a stream |
@@ -210,7 +210,7 @@ def _kv_write(bucket: str) -> list[str]:
 
 def _audit_owner() -> list[str]:
     """Who makes the audit stream (the registry, at start: `audit.ensure_audit_stream`).
-    Its records are JetStream publishes on `subjects.audit(kind)`, acknowledged in the
+    Its records are JetStream publishes on `subjects.audit(kind, speaker)`, acknowledged in the
     publisher's inbox; each publisher may use only its own kind."""
     stream = subjects.AUDIT_STREAM
     return [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"]
@@ -259,14 +259,14 @@ def permissions(identity: Identity) -> Permissions:
         )  # fmt: skip
     if role == REGISTRY:
         return Permissions(
-            publish=(subjects.REGISTRY_EVENTS, *_kv_write(subjects.REGISTRY_BUCKET), subjects.audit("registry"), *_audit_owner(), *discovered, *own),
+            publish=(subjects.REGISTRY_EVENTS, *_kv_write(subjects.REGISTRY_BUCKET), subjects.audit("registry", "*"), *_audit_owner(), *discovered, *own),
             subscribe=(*_micro("model-registry"), *own),
             responses=True,
         )
     if role == AUTOSCALER:
         return Permissions(
             publish=(
-                subjects.AUTOSCALER_DECISIONS, subjects.SUPERVISOR_CONTROL, subjects.node_control(any_node), subjects.audit("scaling"),
+                subjects.AUTOSCALER_DECISIONS, subjects.SUPERVISOR_CONTROL, subjects.node_control(any_node), subjects.audit("scaling", "*"),
                 *_kv_read(subjects.REGISTRY_BUCKET), *_kv_write(subjects.AUTOSCALER_BUCKET), *discovered, *own,
             ),
             subscribe=(subjects.NODE_HEARTBEATS, *_micro("autoscaler"), *own),
@@ -280,7 +280,7 @@ def permissions(identity: Identity) -> Permissions:
                 # Tokens go to whichever router sent the work (its reply subject); the
                 # request keys in these subjects are ids this node was given, unguessable.
                 subjects.router_stream("*", "*"),
-                subjects.audit("node"),
+                subjects.audit("node", node_id),  # its own records only
                 *_kv_read(subjects.REGISTRY_BUCKET), *_answers(ADMIN, SUPERVISOR, AUTOSCALER), *own,
             ),
             subscribe=(

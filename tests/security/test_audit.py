@@ -66,7 +66,7 @@ async def test_the_stream_is_made_once_its_retention_follows_the_settings_and_re
         await ensure_audit_stream(js, max_age=7200, max_msgs=0)
         info = await js.stream_info(subjects.AUDIT_STREAM)
         assert info.config.max_age == 7200 and info.config.max_msgs == -1
-        ack = await js.publish(subjects.audit("registry"), b"{}", stream=subjects.AUDIT_STREAM)
+        ack = await js.publish(subjects.audit("registry", "r1"), b"{}", stream=subjects.AUDIT_STREAM)
         with pytest.raises(APIError):
             await js.delete_msg(subjects.AUDIT_STREAM, ack.seq)
         with pytest.raises(APIError):

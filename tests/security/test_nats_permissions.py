@@ -219,8 +219,8 @@ async def test_every_role_can_do_its_job(secured: Secured) -> None:
     await registry.nc.publish(subjects.REGISTRY_EVENTS, b"{}")
     # The audit stream: the registry makes it; each publisher records its own kind.
     await rjs.add_stream(name=subjects.AUDIT_STREAM, subjects=[subjects.AUDIT_SUBJECTS])
-    for who, kind in ((registry, "registry"), (node, "node"), (autoscaler, "scaling")):
-        assert (await who.nc.jetstream().publish(subjects.audit(kind), b"{}")).stream == subjects.AUDIT_STREAM
+    for who, kind, speaker in ((registry, "registry", "r1"), (node, "node", "n1"), (autoscaler, "scaling", "a1")):
+        assert (await who.nc.jetstream().publish(subjects.audit(kind, speaker), b"{}")).stream == subjects.AUDIT_STREAM
     # Router and node: read it whole, and follow it (a push consumer into their inbox).
     for reader in (router, node, autoscaler):
         keys = {e.key for e in await snapshot(reader.nc.jetstream(), subjects.REGISTRY_BUCKET)}
@@ -283,12 +283,14 @@ async def test_every_role_can_do_its_job(secured: Secured) -> None:
     assert not any(problems.values()), problems
 
 
-async def test_audit_records_come_only_from_their_own_kind(secured: Secured) -> None:
+async def test_audit_records_come_only_from_their_own_kind_and_a_node_speaks_only_for_itself(secured: Secured) -> None:
     router, node = await secured.connect("router-r1"), await secured.connect("node-n1")
-    await router.nc.publish(subjects.audit("registry"), b"{}")
-    assert await router.denied(subjects.audit("registry"))
-    await node.nc.publish(subjects.audit("scaling"), b"{}")
-    assert await node.denied(subjects.audit("scaling"))
+    await router.nc.publish(subjects.audit("registry", "r1"), b"{}")
+    assert await router.denied(subjects.audit("registry", "r1"))
+    await node.nc.publish(subjects.audit("scaling", "n1"), b"{}")
+    assert await node.denied(subjects.audit("scaling", "n1"))
+    await node.nc.publish(subjects.audit("node", "n2"), b"{}")  # a record claiming another node's drain
+    assert await node.denied(subjects.audit("node", "n2"))
 
 
 async def test_only_the_registry_writes_the_registry_bucket(secured: Secured) -> None:
