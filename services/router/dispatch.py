@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import nullcontext
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 import msgspec
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode, use_span
 
 from tierflow.contracts import messages
 from tierflow.placement.admission import Admission, Ticket
@@ -62,7 +63,7 @@ from tierflow.runtime.errors import (
     TierflowError,
     Unauthenticated,
 )
-from tierflow.runtime.tracing import inject_headers, tracer
+from tierflow.runtime.tracing import exporting, inject_headers, tracer
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.placement.candidates import CandidateIndex
 from tierflow.placement.tables import ModelRoute, ModelTable, NodeTable
@@ -345,28 +346,35 @@ class Dispatcher:
         deadline = self._deadline(params, record)
         # Last of the checks, and released in the `finally` below on every way out.
         ticket = self._admission.admit(params.model, self._clock.monotonic()) if self._admission is not None else None
-        span_name = f"{'chat' if params.api == 'chat' else 'text_completion'} {params.model}"
-        with _spans.start_as_current_span(span_name) as span:
-            span.set_attribute("gen_ai.operation.name", "chat" if params.api == "chat" else "text_completion")
-            span.set_attribute("gen_ai.request.model", params.model)
-            span.set_attribute("gen_ai.request.max_tokens", max_tokens)
-            span.set_attribute("gen_ai.usage.input_tokens", len(params.prompt_token_ids))
-            span.set_attribute("tierflow.request_id", params.request_id)
-            span.set_attribute("tierflow.tenant", record.tenant)
+        # A span only when something exports it (tracing.exporting): otherwise it and its
+        # traceparent are work nobody sees (issue 16).
+        traced = exporting()
+        span: Span = _spans.start_span(f"{'chat' if params.api == 'chat' else 'text_completion'} {params.model}") if traced else INVALID_SPAN
+        with use_span(span, end_on_exit=True) if traced else nullcontext():
+            if traced:
+                span.set_attribute("gen_ai.operation.name", "chat" if params.api == "chat" else "text_completion")
+                span.set_attribute("gen_ai.request.model", params.model)
+                span.set_attribute("gen_ai.request.max_tokens", max_tokens)
+                span.set_attribute("gen_ai.usage.input_tokens", len(params.prompt_token_ids))
+                span.set_attribute("tierflow.request_id", params.request_id)
+                span.set_attribute("tierflow.tenant", record.tenant)
             try:
                 async for event in self._legs(params, record, placement, route, max_tokens, seed, deadline, span, ticket):
                     yield event
             except TierflowError as exc:
-                span.set_status(Status(StatusCode.ERROR, exc.message))
+                if traced:
+                    span.set_status(Status(StatusCode.ERROR, exc.message))
                 raise
             finally:
-                span.set_attribute("tierflow.migrations", record.migrations)
+                if traced:
+                    span.set_attribute("tierflow.migrations", record.migrations)
                 if ticket is not None:
                     ticket.release(self._clock.monotonic())
-            span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
-            span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
-            span.set_attribute("tierflow.node", record.node)
-            span.set_attribute("tierflow.tier", record.tier)
+            if traced:
+                span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
+                span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
+                span.set_attribute("tierflow.node", record.node)
+                span.set_attribute("tierflow.tier", record.tier)
 
     def _settle(self, params: GenerateParams, record: RequestRecord) -> None:
         """Book-keeping once the node says it finished, before the caller sees `Finished`
@@ -545,7 +553,7 @@ class Dispatcher:
         node_id = ranked.best.node_id
         record.prefill_node = node_id
         try:
-            stream = await self._transport.open(node_id, msgspec.structs.replace(request, max_tokens=0), inject_headers({}), role="prefill")
+            stream = await self._transport.open(node_id, msgspec.structs.replace(request, max_tokens=0), inject_headers({}) if exporting() else None, role="prefill")
         except NodeLost as lost:
             raise _PrefillFailed(f"prefill node {node_id}: {lost.reason}", "node_lost", node_id) from None
         finished = False
@@ -581,7 +589,7 @@ class Dispatcher:
         labels = (params.model, record.version, record.tenant)
         resumed = bool(progress.token_ids)
         try:
-            stream: NodeStream = await self._transport.open(node_id, request, inject_headers({}))
+            stream: NodeStream = await self._transport.open(node_id, request, inject_headers({}) if exporting() else None)
         except NodeLost as lost:
             raise _LegFailed(lost.reason, "node_lost") from None
         finished = False
