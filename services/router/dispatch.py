@@ -63,6 +63,7 @@ from tierflow.runtime.errors import (
     TierflowError,
     Unauthenticated,
 )
+from tierflow.runtime.logs import log_record
 from tierflow.runtime.tracing import exporting, inject_headers, tracer
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.placement.candidates import CandidateIndex
@@ -141,21 +142,18 @@ class RequestRecord:
     def emit(self) -> None:
         decode_time = self.e2e - self.time_to_first_token
         tps = (self.completion_tokens - 1) / decode_time if self.completion_tokens > 1 and decode_time > 0 else 0.0
-        log.info(
-            "request",
-            extra={"fields": {
-                "request_id": self.request_id, "api": self.api, "model": self.model, "model_version": self.version,
-                "tenant": self.tenant, "node": self.node, "prefill_node": self.prefill_node, "nodes_tried": self.nodes_tried,
-                "attempts": len(self.nodes_tried), "migrations": self.migrations, "placement": self.placement, "tier": self.tier,
-                "prefix_hit": self.prefix_hit_tokens > 0, "prefix_hit_tokens": self.prefix_hit_tokens,
-                "session": self.session, "session_nodes": self.session_nodes, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "max_tokens": self.max_tokens, "hash_ids": self.hash_ids,
-                "finish_reason": self.finish_reason, "stream": self.stream,
-                "outcome": self.outcome, "status": self.status, "error": self.error,
-                "decode_queue_time": round(self.decode_queue_time, 6), "time_to_first_token": round(self.time_to_first_token, 6),
-                "e2e_latency": round(self.e2e, 6), "completion_tokens_per_sec": round(tps, 2),
-            }},
-        )
+        log_record(log, "request", {
+            "request_id": self.request_id, "api": self.api, "model": self.model, "model_version": self.version,
+            "tenant": self.tenant, "node": self.node, "prefill_node": self.prefill_node, "nodes_tried": self.nodes_tried,
+            "attempts": len(self.nodes_tried), "migrations": self.migrations, "placement": self.placement, "tier": self.tier,
+            "prefix_hit": self.prefix_hit_tokens > 0, "prefix_hit_tokens": self.prefix_hit_tokens,
+            "session": self.session, "session_nodes": self.session_nodes, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "max_tokens": self.max_tokens, "hash_ids": self.hash_ids,
+            "finish_reason": self.finish_reason, "stream": self.stream,
+            "outcome": self.outcome, "status": self.status, "error": self.error,
+            "decode_queue_time": round(self.decode_queue_time, 6), "time_to_first_token": round(self.time_to_first_token, 6),
+            "e2e_latency": round(self.e2e, 6), "completion_tokens_per_sec": round(tps, 2),
+        })
 
 
 def trace_block_ids(hashes: list[int], block_size: int, token_ids: list[int]) -> list[int]:
