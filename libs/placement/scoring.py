@@ -25,6 +25,10 @@ nodes whose view changed (`CandidateIndex`); a decision adds the request's terms
 rows at once. At a few hundred candidates that is ~25 us a decision where a loop over the
 nodes took ~1 ms (`loadtest/placement_speed.py`). The sum is taken in the order written
 above, term by term, so it equals a per-node loop bit for bit (tests/placement/test_placement_rows.py).
+A model served by a few nodes (up to `SMALL_ROWS`) keeps its columns as Python lists and is
+scored by a plain loop over them (`_score_small`, the same sum in the same order): numpy's
+fixed cost per call (~20 us a decision) is most of the work when there are one to a dozen
+rows, which is the common case for a router (issue 16).
 
 Weights are configuration, e.g. in the router's YAML:
 
@@ -139,6 +143,8 @@ _HOT: Final = frozenset({"hbm", "sram"})  # tiers a model runs from without movi
 _WORKLOADS: Final = ("bundle", "high-interactivity", "high-throughput")
 _WORKLOAD_CODE: Final[Mapping[str, int]] = {w: i for i, w in enumerate(_WORKLOADS)}  # any other class: len(_WORKLOADS)
 _PLACE_CODE: dict[str, int] = {}  # region and residency names as small ints, for boundary masks
+SMALL_ROWS = 16
+"""Candidate sets up to this size are scored in plain Python (`_score_small`), larger ones in numpy."""
 
 
 def _place_code(name: str) -> int:
@@ -277,6 +283,8 @@ class HotnessAware:
         views = candidates.views
         if rows is None or rows.generation != candidates.generation:
             rows = candidates.columns[key] = _Rows(len(views), generation=candidates.generation)
+            if len(views) <= SMALL_ROWS:
+                rows.in_lists()  # and kept so: `_score_small` reads lists
             candidates.dirty[key] = set(range(len(views)))
         dirty = candidates.dirty[key]
         if dirty:
@@ -284,6 +292,8 @@ class HotnessAware:
             for r in dirty:
                 self._fill(rows, r, views[r], model, version)
             dirty.clear()
+        if type(rows.ok) is list:
+            return self._rank_small(rows, views, request, now, candidates.pos)
         cost, eligible_rows, blocks = self._score(rows, views, request, now, candidates.pos)
         n = len(eligible_rows)
         if not n:
@@ -295,6 +305,79 @@ class HotnessAware:
         r = int(eligible_rows[at])
         choice = self._choice(views[r], rows.slots[r], float(costs[at]), blocks.get(r, 0), request.affinity_node)
         return Placement(policy=self.name, choices=(choice,), eligible=n)
+
+    def _rank_small(self, rows: _Rows, views: Sequence[NodeView], request: PlacementRequest, now: float, pos: Mapping[str, int]) -> Placement:
+        """`rank_rows` over columns held as lists: the same costs, eligibility and tie-break."""
+        cost, eligible_rows, blocks = self._score_small(rows, views, request, now, pos)
+        n = len(eligible_rows)
+        if not n:
+            raise diagnose(views, request, now)
+        turn = self._next_turn()
+        costs = [cost[r] for r in eligible_rows]
+        low = min(costs)
+        ties = [i for i, c in enumerate(costs) if c == low]
+        at = ties[0] if len(ties) == 1 else min(ties, key=lambda i: (i + turn) % n)  # the first of equals, as argmin
+        r = eligible_rows[at]
+        choice = self._choice(views[r], rows.slots[r], costs[at], blocks.get(r, 0), request.affinity_node)
+        return Placement(policy=self.name, choices=(choice,), eligible=n)
+
+    def _score_small(
+        self, rows: _Rows, views: Sequence[NodeView], request: PlacementRequest, now: float, pos: Mapping[str, int]
+    ) -> tuple[list[float], list[int], dict[int, int]]:
+        """`_score` over columns held as lists, one row at a time: each row's sum is taken
+        in the same order as the columns' (float64 either way), so the costs are equal."""
+        ok, stale, suspect = rows.ok, rows.stale, rows.suspect
+        mask = [ok[r] and stale[r] >= now and suspect[r] <= now for r in range(len(ok))]
+        boundary = request.boundary
+        if boundary.regions is not None:
+            codes = {_PLACE_CODE.get(region, -1) for region in boundary.regions}
+            region = rows.region
+            mask = [m and region[r] in codes for r, m in enumerate(mask)]
+        if boundary.residency is not None:
+            code = _PLACE_CODE.get(boundary.residency, -1)
+            residency = rows.residency
+            mask = [m and residency[r] == code for r, m in enumerate(mask)]
+        exclude = request.exclude
+        if exclude:
+            for r in _rows_of(views, pos, exclude):
+                mask[r] = False
+        eligible_rows = [r for r, m in enumerate(mask) if m]
+        if not eligible_rows:
+            return list(rows.sw), eligible_rows, {}  # type: ignore[arg-type]
+        kq, _, _, kp, ka, _ = self._k
+        if self._batch_turn is not None:
+            measured = self._batch_turn(request.model)
+            if measured is not None:
+                kq = self.weights.queue * measured
+        sw: list[float] = list(rows.sw)  # type: ignore[arg-type]
+        if self._switch_cost is not None:
+            if rows.volatile:
+                switch_cost, slots = self._switch_cost, rows.slots
+                for r in rows.volatile:
+                    if mask[r]:
+                        sw[r] = switch_cost(views[r], slots[r])  # type: ignore[arg-type]
+            tier = self.weights.tier
+            sw = [tier * x for x in sw]
+        qnum, qden, okv, cont = rows.qnum, rows.qden, rows.okv, rows.cont
+        wl_cost = self._workload_rows.get(request.workload) if request.workload else None
+        if wl_cost is None:
+            cost = [sw[r] + kq * qnum[r] / qden[r] + okv[r] + cont[r] for r in range(len(sw))]
+        else:
+            wl, wl_row = rows.wl, wl_cost.tolist()
+            cost = [sw[r] + kq * qnum[r] / qden[r] + okv[r] + cont[r] + wl_row[wl[r]] for r in range(len(sw))]
+        blocks: dict[int, int] = {}
+        probe = request.probe
+        first = probe[0]
+        hashes = rows.hashes
+        for r in eligible_rows:
+            if first in hashes[r]:
+                run = blocks[r] = indexOf(map(hashes[r].__contains__, probe), False)
+                cost[r] -= kp * run
+        aff = request.affinity_node
+        if aff is not None:
+            for r in _rows_of(views, pos, (aff,)):
+                cost[r] -= ka
+        return cost, eligible_rows, blocks
 
     def _next_turn(self) -> int:
         self._turn += 1

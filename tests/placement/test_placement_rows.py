@@ -10,6 +10,7 @@ over random sequences of heartbeats, dispatches, failures and forgotten nodes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from operator import indexOf
 
 import pytest
@@ -18,8 +19,9 @@ from hypothesis import strategies as st
 
 from test_placement_properties import NOW, fleets, nodes, requests
 from tierflow.contracts import messages
-from tierflow.placement import HotnessAware, NoEligibleNode, NodeView, PlacementRequest, PlacementWeights
-from tierflow.placement.candidates import CandidateIndex
+from tierflow.placement import scoring
+from tierflow.placement import ANYWHERE, HotnessAware, NoEligibleNode, NodeView, PlacementRequest, PlacementWeights
+from tierflow.placement.candidates import CandidateIndex, ModelCandidates
 from tierflow.placement.filters import eligible
 from tierflow.placement.tables import NodeTable
 from tierflow.placement.view import ModelSlot
@@ -108,6 +110,49 @@ def test_rank_equals_the_per_node_loop(fleet: tuple[NodeView, ...], request: Pla
     assert got == reference(policy, measured, fleet, request, 7)
 
 
+def _open(view: NodeView, keep: bool) -> NodeView:
+    return view if keep else replace(view, cordoned=False, draining=False, suspect_until=0.0, last_seen=NOW - 0.5)
+
+
+# Fleets where most nodes take work (the shared strategy blocks three in four), some of
+# them identical but for their id (ties), and requests mostly without a boundary: so that
+# most examples end in a decision rather than NoEligibleNode.
+open_fleets = st.one_of(
+    st.tuples(fleets, st.lists(st.booleans(), min_size=12, max_size=12)).map(lambda f: tuple(_open(v, k and i % 3 == 0) for i, (v, k) in enumerate(zip(f[0], f[1], strict=False)))),
+    st.tuples(nodes(0), st.integers(1, 6)).map(lambda f: tuple(replace(_open(f[0], False), node_id=f"n{i}") for i in range(f[1]))),
+)
+open_requests = st.tuples(requests, st.booleans()).map(lambda r: replace(r[0], boundary=ANYWHERE) if r[1] else r[0])
+
+
+@pytest.mark.parametrize("small_rows", [scoring.SMALL_ROWS, 0], ids=["python-loop", "numpy"])
+@settings(max_examples=300, deadline=None)
+@given(fleet=open_fleets, request=open_requests, w=weights, measure=st.booleans(), turn=st.sampled_from((None, 0.05, 3.0)))
+def test_rank_rows_equals_the_per_node_loop(
+    small_rows: int, fleet: tuple[NodeView, ...], request: PlacementRequest, w: PlacementWeights, measure: bool, turn: float | None
+) -> None:
+    """The index's decision, from columns held as lists (a few rows) or as numpy arrays, is
+    the loop's best node with its score and prefix blocks."""
+    measured = _Measured() if measure else None
+    if measured is not None:
+        measured.turn = turn
+    policy = HotnessAware(w, switch_cost=measured.switch_cost, batch_turn=measured.batch_turn) if measured else HotnessAware(w)
+    policy._turn = 6  # the next decision's turn is 7
+    candidates = ModelCandidates(request.model)
+    for ordinal, view in enumerate(fleet):
+        if request.model in view.slots:
+            candidates._add(view, ordinal)
+    default, scoring.SMALL_ROWS = scoring.SMALL_ROWS, small_rows
+    try:
+        got = policy.rank_rows(candidates, request, NOW)
+    except NoEligibleNode:
+        assert not eligible(fleet, request, NOW)
+        return
+    finally:
+        scoring.SMALL_ROWS = default
+    expected = reference(policy, measured, list(candidates.views), request, 7)
+    assert _ranked(got) == expected[:1] and got.eligible == len(expected)
+
+
 @st.composite
 def histories(draw: st.DrawFn) -> list[tuple[str, object]]:
     """Heartbeats (new and repeated nodes), dispatches, failures, forgetting, and decisions."""
@@ -139,10 +184,20 @@ def _heartbeat(view: NodeView) -> messages.NodeHeartbeat:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("small_rows", [scoring.SMALL_ROWS, 0], ids=["python-loop", "numpy"])
 @settings(max_examples=200, deadline=None)
 @given(history=histories())
-def test_the_index_follows_every_change_of_the_table(history: list[tuple[str, object]]) -> None:
-    """Decisions through `CandidateIndex` equal `rank(..., limit=1)` over a fresh `FleetIndex`."""
+def test_the_index_follows_every_change_of_the_table(small_rows: int, history: list[tuple[str, object]]) -> None:
+    """Decisions through `CandidateIndex` equal `rank(..., limit=1)` over a fresh `FleetIndex`,
+    whether the index scores its few rows in a Python loop or in numpy columns."""
+    default, scoring.SMALL_ROWS = scoring.SMALL_ROWS, small_rows
+    try:
+        _follow(history)
+    finally:
+        scoring.SMALL_ROWS = default
+
+
+def _follow(history: list[tuple[str, object]]) -> None:
     table = NodeTable()
     measured = _Measured()
     measured.turn = 0.4
