@@ -30,6 +30,12 @@ so a `submit` or `cancel` during a run cuts it at the first boundary the step-by
 engine would have seen it at. Step ends are summed exactly as step by step, so both modes
 emit the same `RequestStarted` and `RequestFinished` events and pass through the same
 snapshots.
+
+The step-by-step engine takes the same shortcut when steps are already due: a decode step
+that `advance(now)` would finish by `now` starts a run of every step of that batch ending
+by `now` (up to the same boundaries), and the run emits each step's tokens with that
+step's time. A shell that fell behind, or a profile whose steps take no time (`zero`),
+pays the scheduling once per run instead of once per step; the events are the same.
 """
 
 from __future__ import annotations
@@ -329,6 +335,7 @@ class NodeEngine:
         self._busy = 0.0
         self._current: _Model | None = None
         self._slice_end = now
+        self._horizon = -math.inf  # the `now` of the advance under way (decode runs end by it)
 
     def _validate_model(self, m: _Model, weights_hbm: int, kv_hbm: int) -> None:
         gb = 1e9
@@ -498,6 +505,7 @@ class NodeEngine:
     def advance(self, now: float) -> list[EngineEvent]:
         """Run all work due up to `now`; return what happened, in time order."""
         events: list[EngineEvent] = []
+        self._horizon = now
         while True:
             work = self._pending
             if work is not None:
@@ -683,16 +691,20 @@ class NodeEngine:
     def _decode_work(self, m: _Model, t: float) -> _Work:
         if not self._token_events:
             return self._run(m, t)
-        dt = m.cost.step_seconds(len(m.running), m.ctx_sum)
-        return _Work(_DECODE, m, t, t + dt, m.running)
+        end = t + m.cost.step_seconds(len(m.running), m.ctx_sum)
+        if end > self._horizon:
+            return _Work(_DECODE, m, t, end, m.running)
+        return self._run(m, t, self._horizon)  # steps already due: one run, finished at once
 
-    def _run(self, m: _Model, t: float) -> _Run:
+    def _run(self, m: _Model, t: float, horizon: float = math.inf) -> _Run:
         """Fast mode: the batch's steps up to the first boundary that needs a decision.
 
         Inside the run every boundary is one where `_begin` would take its first branch,
         or pass through `_choose` and `_admissible` without changing anything: the head
         has not arrived yet, or the batch is full, or the head is refused for a reason no
         step can change (no KV room since the last release, or an older waiter elsewhere).
+        Token mode passes `horizon`: the run stops at the last boundary by then, which is
+        a boundary `_begin` then sees as the step-by-step engine would.
         """
         running = m.running
         steps = min([r.target - r.generated for r in running])
@@ -709,7 +721,12 @@ class NodeEngine:
         renew = self._n_waiting == len(m.waiting) and self._n_admitted == len(running)
         if not renew and self._slice_end < until:
             until = self._slice_end
-        ends = m.cost.step_ends(len(running), m.ctx_sum, t, steps, until)
+        if horizon < math.inf:  # token mode: only the steps ending by `horizon`
+            ends = m.cost.step_ends(len(running), m.ctx_sum, t, steps, min(until, math.nextafter(horizon, math.inf)))
+            if len(ends) > 1 and ends[-1] > horizon:
+                ends.pop()  # not due yet: the run ends at the boundary before it
+        else:
+            ends = m.cost.step_ends(len(running), m.ctx_sum, t, steps, until)
         return _Run(m, t, ends, renew)
 
     def _admit(self, m: _Model, t: float, events: list[EngineEvent]) -> list[_Req]:
@@ -832,6 +849,8 @@ class NodeEngine:
                 slice_end = ends[i] + ts
                 i = bisect_left(ends, slice_end, i + 1, inner)
             self._slice_end = slice_end
+        if self._token_events:
+            self._run_tokens(m.running, ends, events)
         done: list[_Req] = []
         for r in m.running:
             r.generated += steps
@@ -843,6 +862,17 @@ class NodeEngine:
                 m.ctx_sum -= r.prompt_len + r.generated
                 self._finish(r, run.end, events)
             m.running = [r for r in m.running if r.state == _RUNNING]
+
+    def _run_tokens(self, running: list[_Req], ends: list[float], events: list[EngineEvent]) -> None:
+        """The tokens of a run's steps, step by step as `_decode` emits them."""
+        texts = self._texts
+        append = events.append
+        token = TokenGenerated
+        for j, t in enumerate(ends):
+            for r in running:
+                i = r.generated + j
+                tok = r.tokens[i]
+                append(token(r.id, t, i, tok, texts[tok]))
 
     def _finish(self, r: _Req, t: float, events: list[EngineEvent]) -> None:
         events.append(RequestFinished(r.id, t, r.reason, r.prompt_len, r.generated, r.hit_tokens))

@@ -160,12 +160,14 @@ class Recorder:
         self.rejected: list[tuple[str, str]] = []
         self.snapshots: list[EngineSnapshot] = []
         self.token_events = 0
+        self.tokens: list[TokenGenerated] = []
 
     def advance(self, t: float) -> None:
         self.calls.append(("advance", (t,)))
         for ev in self.engine.advance(t):
             if type(ev) is TokenGenerated:
                 self.token_events += 1
+                self.tokens.append(ev)
             else:
                 self.events.append(ev)
 
@@ -320,6 +322,29 @@ def check_both_modes(
     assert starts >= finishes and finishes | cancelled | rejected >= {
         f"r{i}" for i in range(len(traffic))
     }
+
+
+@given(
+    st.one_of(mixed_traffic, crowded_traffic),
+    st.one_of(scenario, scenario.map(lambda s: {**s, "profile": BUILTIN_PROFILES["zero"]})),
+    tick_times,
+)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_steps_already_due_run_at_once_with_the_same_tokens(
+    traffic: list, setup: dict[str, Any], ticks: list[float]
+) -> None:
+    """A shell that advances now and then (each advance finds many decode steps due, and
+    the engine runs them as one piece of work) gets the very events, every token with its
+    index, id and time, of one that advances at every step; on the zero profile every
+    step is due at once even then."""
+    actions = actions_of(traffic, setup)
+    stepwise = drive(make_engine(setup, fast=False), setup, actions, "events", ticks)
+    coarse = drive(make_engine(setup, fast=False), setup, actions, "coarse", ticks)
+    assert coarse.rejected == stepwise.rejected
+    same(coarse.events, stepwise.events)
+    assert coarse.tokens == stepwise.tokens  # exact: same ids, indices, texts and times
+    finished = [e for e in stepwise.events if type(e) is RequestFinished]
+    assert len(stepwise.tokens) >= sum(e.completion_tokens for e in finished)
 
 
 def emulator_like(fast: bool, seconds: float) -> Recorder:
