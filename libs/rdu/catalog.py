@@ -74,6 +74,10 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     experts_per_token: _NonNegInt = 0
     moe_layers: _NonNegInt = 0
     draft: ModelSpec | None = None
+    # -- tensor classes (0 = unknown: every parameter counts as a streamed matmul weight) --
+    lookup_params: _NonNegInt = 0  # untied input embedding: looked up, never streamed or multiplied
+    head_params: _NonNegInt = 0  # unembedding: prefill computes it for each sequence's last token only
+    bf16_params: _NonNegInt = 0  # kept in BF16 whatever `dtype` says (gpt-oss: all but the experts)
 
     def __post_init__(self) -> None:
         if self.active_params > self.total_params:
@@ -97,12 +101,34 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(
                 "a dense model (num_experts 0) must have active_params == total_params"
             )
+        if self.lookup_params + self.head_params > self.active_params:
+            raise ValueError("lookup_params + head_params exceed active_params")
+        if self.bf16_params > self.total_params:
+            raise ValueError("bf16_params exceed total_params")
         if self.draft is not None and self.draft.draft is not None:
             raise ValueError(f"draft model {self.draft.name!r} must not have a draft of its own")
 
     @property
     def weight_bytes(self) -> float:
-        return self.total_params * self.bytes_per_param
+        """Checkpoint bytes: `dtype` for most tensors, BF16 for the `bf16_params`."""
+        return (self.total_params - self.bf16_params) * self.bytes_per_param + self.bf16_params * 2.0
+
+    @property
+    def shared_read_bytes(self) -> float:
+        """Bytes every pass streams whatever the tokens route to: the non-expert weights
+        (attention, norms, router, dense layers, shared experts, unembedding), less the
+        embedding table a token only looks up. BF16 tensors sit here (gpt-oss)."""
+        routed_active = (
+            self.routed_params * self.experts_per_token / self.num_experts if self.num_experts else 0
+        )
+        shared = self.active_params - routed_active - self.lookup_params
+        bf16 = min(float(self.bf16_params), shared)
+        return (shared - bf16) * self.bytes_per_param + bf16 * 2.0
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters one prompt token multiplies in prefill (no lookup, no unembedding)."""
+        return self.active_params - self.lookup_params - self.head_params
 
     @property
     def is_moe(self) -> bool:
@@ -144,7 +170,15 @@ def _llama(
     heads: int,
     head_dim: int,
     draft: ModelSpec | None = None,
+    *,
+    vocab: int = 128_256,
+    kv_heads: int = 8,
+    tied: bool = False,
+    context: int = 131072,
 ) -> ModelSpec:
+    # Llama-style dense decoder in BF16. Embedding and unembedding are vocab x hidden each;
+    # a tied pair (Llama 3.2 1B) is one table, streamed as the unembedding.
+    table = vocab * hidden
     return ModelSpec(
         name=name,
         total_params=params,
@@ -153,18 +187,23 @@ def _llama(
         num_layers=layers,
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=8,
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
-        kv_bytes_per_token=gqa_kv_bytes_per_token(layers, 8, head_dim),
-        max_context=131072,
+        kv_bytes_per_token=gqa_kv_bytes_per_token(layers, kv_heads, head_dim),
+        max_context=context,
         dtype="bf16",
         draft=draft,
+        lookup_params=0 if tied else table,
+        head_params=table,
     )
 
 
 def _deepseek(name: str) -> ModelSpec:
     # 61 layers (3 dense + 58 MoE), 256 routed experts of which 8 per token + 1 shared,
-    # FP8 weights as released, MLA with kv_lora_rank 512 and a 64-dim RoPE key.
+    # FP8 weights as released, MLA with kv_lora_rank 512 and a 64-dim RoPE key. Vocabulary
+    # 129,280 x 7,168 for the embedding and (untied) output head; the 37B active count is
+    # taken to include the embedding (the report does not say). The MTP module (14B) is
+    # not served: no source says SambaNova uses it.
     return ModelSpec(
         name=name,
         total_params=671_000_000_000,
@@ -181,12 +220,21 @@ def _deepseek(name: str) -> ModelSpec:
         num_experts=256,
         experts_per_token=8,
         moe_layers=58,
+        lookup_params=129_280 * 7168,
+        head_params=129_280 * 7168,
     )
 
 
-def _gpt_oss(name: str, total: int, active: int, layers: int, experts: int) -> ModelSpec:
-    # MXFP4 checkpoint; 64 query heads and 8 KV heads of 64 dims; every layer is MoE, top-4.
-    # (Half the layers use a 128-token sliding window; their KV is counted in full here.)
+def _gpt_oss(
+    name: str, total: int, active: int, layers: int, experts: int, expert_params: int
+) -> ModelSpec:
+    # Model card (arXiv 2508.10925, Tab. 1): MXFP4 on the MoE expert weights only; attention,
+    # router, embedding and unembedding stay BF16 (`bf16_params` = total - experts). The
+    # active count includes the unembedding, not the embedding. 64 query heads and 8 KV
+    # heads of 64 dims; every layer is MoE, top-4. Layers alternate dense and 128-token
+    # banded attention: only the dense half keeps KV for the whole context (the banded
+    # half's <=128 tokens a sequence are left out of the per-token figure).
+    vocab_table = 201_088 * 2880
     return ModelSpec(
         name=name,
         total_params=total,
@@ -198,15 +246,17 @@ def _gpt_oss(name: str, total: int, active: int, layers: int, experts: int) -> M
         num_heads=64,
         num_kv_heads=8,
         head_dim=64,
-        kv_bytes_per_token=gqa_kv_bytes_per_token(layers, 8, 64),
+        kv_bytes_per_token=gqa_kv_bytes_per_token(layers // 2, 8, 64),
         max_context=131072,
         num_experts=experts,
         experts_per_token=4,
         moe_layers=layers,
+        head_params=vocab_table,
+        bf16_params=total - expert_params,
     )
 
 
-_LLAMA_1B: Final = _llama("llama-3.2-1b", 1_235_814_400, 16, 2048, 32, 64)
+_LLAMA_1B: Final = _llama("llama-3.2-1b", 1_235_814_400, 16, 2048, 32, 64, tied=True)
 
 BUILTIN_MODELS: Final[Mapping[str, ModelSpec]] = MappingProxyType(
     {
@@ -214,12 +264,20 @@ BUILTIN_MODELS: Final[Mapping[str, ModelSpec]] = MappingProxyType(
         for m in (
             _LLAMA_1B,
             _llama("llama-3.1-8b", 8_030_261_248, 32, 4096, 32, 128),
+            # Mistral 7B v0.1 and Llama 2 7B: the 8-socket figures (LLM-Inference-Bench) and
+            # the SN40L paper's Samba-CoE experts. 32k vocabulary.
+            _llama("mistral-7b", 7_241_732_096, 32, 4096, 32, 128, vocab=32_000, context=32768),
+            _llama(
+                "llama-2-7b", 6_738_415_616, 32, 4096, 32, 128,
+                vocab=32_000, kv_heads=32, context=4096,
+            ),
             _llama("llama-3.1-70b", 70_553_706_496, 80, 8192, 64, 128, draft=_LLAMA_1B),
             _llama("llama-3.1-405b", 405_853_388_800, 126, 16384, 128, 128, draft=_LLAMA_1B),
             _deepseek("deepseek-r1"),
             _deepseek("deepseek-v3"),
-            _gpt_oss("gpt-oss-120b", 116_830_000_000, 5_130_000_000, 36, 128),
-            _gpt_oss("gpt-oss-20b", 20_910_000_000, 3_610_000_000, 24, 32),
+            # MLP parameters (experts) per the model card: 114.71B and 19.12B.
+            _gpt_oss("gpt-oss-120b", 116_830_000_000, 5_130_000_000, 36, 128, 114_710_000_000),
+            _gpt_oss("gpt-oss-20b", 20_910_000_000, 3_610_000_000, 24, 32, 19_120_000_000),
         )
     }
 )

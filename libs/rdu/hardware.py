@@ -14,7 +14,8 @@ the count of parameters against figures. Other profiles carry stated assumptions
 Weights reach HBM by one of two paths (`weights_path`):
 
 * ``"ddr"``: an RDU socket copies from its own DDR into its own HBM by DMA, so the node
-  rate is ``sockets × ddr_hbm_bw`` (a 16-socket SN40L node: >1 TB/s).
+  rate is ``sockets × min(ddr_bw, ddr_hbm_bw)``: each socket's DDR read or its DMA
+  engine, whichever is slower, with every socket copying its own shard in parallel.
 * ``"host_link"``: a GPU node keeps off-HBM weights in host DRAM and copies them over
   PCIe; the whole node loads at ``host_link_bw`` (~64 GB/s on a DGX H100).
 """
@@ -59,7 +60,7 @@ class HardwareProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hbm_bw: _PosFloat  # HBM bandwidth per socket, bytes/s
     ddr_bw: _PosFloat  # DDR streaming bandwidth per socket, bytes/s
     flops: _PosFloat  # dense BF16 FLOP/s per socket
-    ddr_hbm_bw: _PosFloat  # DDR -> HBM DMA rate per socket, bytes/s ("ddr" path)
+    ddr_hbm_bw: _PosFloat  # DDR -> HBM DMA ceiling per socket, bytes/s ("ddr" path)
     storage_bw: _PosFloat  # node: host storage -> DDR (cold loads), bytes/s
     host_link_bw: _PosFloat  # node: host <-> accelerator link, per direction, bytes/s
     internode_bw: _PosFloat  # node: to another node (KV transfer, disaggregation), bytes/s
@@ -97,16 +98,27 @@ class HardwareProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """Node rate at which weights (and spilled KV) move between DDR and HBM."""
         if self.weights_path == "host_link":
             return self.host_link_bw
-        return self.sockets * self.ddr_hbm_bw
+        return self.sockets * min(self.ddr_bw, self.ddr_hbm_bw)
 
 
 _INF: Final = math.inf
 
-# SN40L, per socket: 520 MiB SRAM, 64 GiB HBM at ~1.8 TB/s, 1.5 TiB DDR at ~200 GB/s,
-# 638 BF16 TFLOP/s (published). DDR->HBM: the published node figure is ">1 TB/s" for 16
-# sockets; 64 GB/s per socket gives 1.02 TB/s. Storage and inter-node rates are not
-# published: NVMe RAID at ~25 GB/s and 800 Gb/s of NICs are estimates.
-# The efficiency block is the fit from tierflow.rdu.calibrate.fit_parameters().
+# Fitted (tierflow.rdu.calibrate.fit_parameters); tests check these are the fit.
+FIT_HBM: Final = 0.976
+FIT_COMPUTE: Final = 0.0997
+FIT_LAYER: Final = 13.83e-6
+FIT_MOE: Final = 4.85e-6
+FIT_SPEC: Final = 0.781
+
+# SN40L, per socket (Prabhakar et al., "SambaNova SN40L", arXiv 2405.07518, MICRO'24, §I and
+# Tab. II): 520 MiB SRAM, 64 GiB HBM at 1.8 TB/s, 1.5 TiB DDR at 200 GB/s, 638 BF16 TFLOP/s.
+# DDR -> HBM: the paper's 8-socket node copies at ">1 TB/s" (§I, §VI-C), i.e. a DMA ceiling of
+# 125 GB/s per socket. The 16-socket SambaRack's DDR is 1,600 GB/s in total (Hot Chips 2024,
+# R. Prabhakar, slide 3), 100 GB/s a socket: there the DDR read, not the DMA, bounds a switch.
+# Storage and inter-node rates are not published: NVMe RAID at ~25 GB/s and 800 Gb/s of
+# NICs are estimates. The efficiency block is the fit from
+# tierflow.rdu.calibrate.fit_parameters() against tierflow.rdu.figures (shared by both
+# socket counts and every model); see tierflow.rdu.timing for what each one means.
 _SN40L_SOCKET: Final[dict[str, Any]] = {
     "sram_bytes": 520 * (1 << 20),
     "hbm_bytes": 64 * GiB,
@@ -114,23 +126,24 @@ _SN40L_SOCKET: Final[dict[str, Any]] = {
     "hbm_bw": 1.8 * _TB,
     "ddr_bw": 200 * _GB,
     "flops": 638e12,
-    "ddr_hbm_bw": 64 * _GB,
+    "ddr_hbm_bw": 125 * _GB,
     "storage_bw": 25 * _GB,
     "host_link_bw": 64 * _GB,
     "internode_bw": 100 * _GB,
     "weights_path": "ddr",
-    "hbm_efficiency": 0.872,
-    "compute_efficiency": 0.5,  # assumed: no published figure isolates prefill
+    "hbm_efficiency": FIT_HBM,
+    "compute_efficiency": FIT_COMPUTE,
     "step_overhead_s": 0.0,  # fitting it too drives it to 0: the per-layer term covers it
-    "layer_overhead_s": 11.1e-6,
-    "moe_dispatch_s": 30.8e-6,
-    "spec_acceptance": 0.798,
+    "layer_overhead_s": FIT_LAYER,
+    "moe_dispatch_s": FIT_MOE,
+    "spec_acceptance": FIT_SPEC,
 }
+_SN40L_16: Final[dict[str, Any]] = {**_SN40L_SOCKET, "ddr_bw": 100 * _GB}  # Hot Chips 2024
 
 BUILTIN_PROFILES: Final[Mapping[str, HardwareProfile]] = MappingProxyType(
     {
         "sn40l-8": HardwareProfile(name="sn40l-8", sockets=8, **_SN40L_SOCKET),
-        "sn40l-16": HardwareProfile(name="sn40l-16", sockets=16, **_SN40L_SOCKET),
+        "sn40l-16": HardwareProfile(name="sn40l-16", sockets=16, **_SN40L_16),
         # SN50: ESTIMATES, not published specifications. Assumed one generation on from
         # SN40L: same SRAM, HBM3E (96 GiB at ~3.2 TB/s), 2 TiB DDR at ~300 GB/s, ~1.1 PFLOP/s
         # BF16, a faster DDR->HBM DMA; SN40L's fitted efficiencies carried over unchanged.
@@ -138,7 +151,7 @@ BUILTIN_PROFILES: Final[Mapping[str, HardwareProfile]] = MappingProxyType(
             name="sn50-16",
             sockets=16,
             **{
-                **_SN40L_SOCKET,
+                **_SN40L_16,
                 "hbm_bytes": 96 * GiB,
                 "hbm_bw": 3.2 * _TB,
                 "ddr_bytes": 2048 * GiB,
@@ -167,6 +180,30 @@ BUILTIN_PROFILES: Final[Mapping[str, HardwareProfile]] = MappingProxyType(
             storage_bw=25 * _GB,
             host_link_bw=64 * _GB,
             internode_bw=400 * _GB,
+            weights_path="host_link",
+            hbm_efficiency=0.8,
+            compute_efficiency=0.6,
+            step_overhead_s=50e-6,
+            layer_overhead_s=15e-6,
+            moe_dispatch_s=30e-6,
+            spec_acceptance=None,
+        ),
+        # DGX A100 (80 GB): 8 x (80 GB HBM2e at 2,039 GB/s, 312 dense BF16 TFLOP/s), 2 TB host
+        # DRAM; host-to-GPU at 32 GB/s, the figure the SN40L paper assumes for its 31x
+        # switching comparison (§VI-C). Efficiencies: the h100-8x assumptions, not fitted.
+        "a100-8x": HardwareProfile(
+            name="a100-8x",
+            sockets=8,
+            sram_bytes=40 * (1 << 20),
+            hbm_bytes=80 * 10**9,
+            ddr_bytes=250 * 10**9,
+            hbm_bw=2.039 * _TB,
+            ddr_bw=100 * _GB,
+            flops=312e12,
+            ddr_hbm_bw=8 * _GB,
+            storage_bw=25 * _GB,
+            host_link_bw=32 * _GB,
+            internode_bw=200 * _GB,
             weights_path="host_link",
             hbm_efficiency=0.8,
             compute_efficiency=0.6,

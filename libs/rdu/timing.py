@@ -18,10 +18,14 @@ Physics
 
   plus a latency floor: ``step_overhead_s`` per pass (launch, sampling, host round
   trip), ``layers × layer_overhead_s`` (tensor-parallel collectives and synchronisation
-  across sockets) and ``moe_layers × moe_dispatch_s`` (the all-to-all that routes tokens
-  to experts and back).
+  across sockets) and ``moe_layers × experts_per_token × moe_dispatch_s`` (each routed
+  expert a token picks is a separate gather from a data-dependent address, plus its share
+  of the dispatch and combine). Weight bytes are per tensor class
+  (`ModelSpec.shared_read_bytes`): an untied embedding table is looked up, not streamed;
+  gpt-oss keeps attention and unembedding in BF16 and only its experts in MXFP4.
 * **Prefill** is a forward pass over the prompt's uncached tokens; prefix-cache hits are
-  neither computed nor attended from scratch (their KV is only read).
+  neither computed nor attended from scratch (their KV is only read). The unembedding is
+  computed for each sequence's last prompt token only (`ModelSpec.matmul_params`).
 * **Decode** is memory-bound: one pass per token at small batch. With speculative
   decoding (profile `spec_acceptance` α set and the model has a `draft`), a round is
   ``k`` draft passes plus one target pass verifying ``k + 1`` tokens, and yields
@@ -30,25 +34,26 @@ Physics
   second, as a deployment would tune it; 0 is plain decode, which wins at large batch.
   The engine emits speculated tokens at the round's average rate, not in bursts.
 * **Switch** (DDR -> HBM) moves the resident weights (target + draft) at the profile's
-  switch bandwidth: sockets × DDR->HBM DMA on an RDU, the host link on a GPU node.
+  switch bandwidth: on an RDU every socket copies its own shard from its own DDR, at the
+  slower of its DDR read and its DMA ceiling; on a GPU node everything crosses the host
+  link. `switch_then_prefill_time` overlaps a switch with the first prefill layer by layer.
   **Cold load** adds host storage -> DDR first.
 
 Where the numbers come from: capacities, bandwidths and FLOP/s are the published
 per-socket figures (`tierflow.rdu.hardware`); parameter counts, layers, heads, KV layout
 and dtypes are the models' published configurations (`tierflow.rdu.catalog`).
 
-Calibration (`tierflow.rdu.calibrate`)
---------------------------------------
-**Four free parameters fit five figures.** Shared by every model on the SN40L profiles,
-`hbm_efficiency` (0.872), `layer_overhead_s` (11.1 µs), `moe_dispatch_s` (30.8 µs) and
-`spec_acceptance` (0.798) are fitted to the five published single-user decode speeds on
-16 sockets (Llama-3.1-8B, -70B, -405B, DeepSeek-R1, gpt-oss-120b, measured here at a
-1,024-token context); every figure lands within 8%. A per-pass `step_overhead_s` fitted
-as a fifth parameter goes to zero (the per-layer term explains the floor better), so on
-SN40L it is pinned at 0 and not counted. **The sixth figure is predicted, not fitted**:
-model switching 15× faster than a DGX H100 follows from the published link rates alone
-(>1 TB/s DDR->HBM on the node vs ~64 GB/s PCIe), with no parameter. `compute_efficiency`
-(0.5) is an assumption, not a fit: no public figure isolates prefill.
+Calibration (`tierflow.rdu.calibrate`, figures in `tierflow.rdu.figures`)
+--------------------------------------------------------------------------
+**Five free constants fit eleven figures**, shared by every model and by both SN40L socket
+counts: `hbm_efficiency` (0.976), `layer_overhead_s` (13.8 µs), `moe_dispatch_s` (4.85 µs
+per routed expert), `spec_acceptance` (0.781; fitted, no published acceptance for the
+Llama 3.2 1B draft was found) and `compute_efficiency` (0.0997, from the only SN40L TTFT
+figures found). The figures: five single-user decode speeds on 16 sockets, four batch-1
+end-to-end latencies on 8 sockets, two TTFTs on 8 sockets. Leave-one-out errors are
+printed by `tierflow emulator calibrate`. Switching takes no fitted constant: the paper's
+15x/31x against DGX H100/A100 and Hot Chips' 0.01 s for an 8B switch follow from the
+published DDR, DMA and host-link rates.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ __all__ = [
     "decode_step_time",
     "decode_tokens_per_second",
     "switch_time",
+    "switch_then_prefill_time",
     "storage_load_time",
     "cold_load_time",
     "kv_bytes",
@@ -113,13 +119,17 @@ def resident_bytes(spec: ModelSpec, profile: HardwareProfile) -> float:
 
 
 def weights_read_bytes(spec: ModelSpec, tokens: int) -> float:
-    """Weight bytes one pass over `tokens` tokens reads (all of them once, for a dense model)."""
+    """Weight bytes one pass over `tokens` tokens streams from HBM.
+
+    Every pass reads the shared tensors (`ModelSpec.shared_read_bytes`: for a dense model
+    all of it but an untied embedding table, which is only looked up) plus, for an MoE,
+    the routed experts its tokens pick: expected coverage ``1 - (1 - k/E)^n``.
+    """
+    shared = spec.shared_read_bytes
     if not spec.num_experts:
-        return spec.weight_bytes
-    routed = spec.routed_params
-    shared = spec.active_params - routed * spec.experts_per_token / spec.num_experts
+        return shared
     coverage = 1.0 - (1.0 - spec.experts_per_token / spec.num_experts) ** max(tokens, 1)
-    return (shared + routed * coverage) * spec.bytes_per_param
+    return shared + spec.routed_params * coverage * spec.bytes_per_param
 
 
 def _rate(bandwidth: float, efficiency: float) -> float:
@@ -131,7 +141,7 @@ def _overhead(spec: ModelSpec, profile: HardwareProfile) -> float:
     return (
         profile.step_overhead_s
         + spec.num_layers * profile.layer_overhead_s
-        + spec.moe_layers * profile.moe_dispatch_s
+        + spec.moe_layers * spec.experts_per_token * profile.moe_dispatch_s
     )
 
 
@@ -145,7 +155,7 @@ def _pass_coeffs(
     return (
         weights_read_bytes(spec, n) / bw,
         spec.kv_bytes_per_token / bw,
-        2.0 * spec.active_params * n / fl,
+        2.0 * (spec.active_params - spec.lookup_params) * n / fl,
         spec.attn_flops_per_pair * q / fl,
         _overhead(spec, profile),
     )
@@ -180,10 +190,12 @@ def prefill_time(
     new_total = 0
     pairs = 0.0
     cached_total = 0
+    sequences = 0
     for new, cached in segments:
         new_total += new
         cached_total += cached
         pairs += new * cached + new * (new + 1) / 2
+        sequences += 1 if new else 0
     if new_total == 0:
         return 0.0
     bw = _rate(profile.node_hbm_bw, profile.hbm_efficiency)
@@ -191,7 +203,9 @@ def prefill_time(
     mem = (
         weights_read_bytes(spec, new_total) + spec.kv_bytes_per_token * (cached_total + new_total)
     ) / bw
-    comp = (2.0 * spec.active_params * new_total + spec.attn_flops_per_pair * pairs) / fl
+    # the unembedding runs only where a token is sampled: each sequence's last prompt token
+    matmul = spec.matmul_params * new_total + spec.head_params * sequences
+    comp = (2.0 * matmul + spec.attn_flops_per_pair * pairs) / fl
     overhead = _overhead(spec, profile)
     return max(mem, comp) + overhead
 
@@ -238,6 +252,16 @@ def decode_tokens_per_second(
 def switch_time(spec: ModelSpec, profile: HardwareProfile) -> float:
     """DDR -> HBM copy of the resident weights."""
     return resident_bytes(spec, profile) / profile.switch_bw
+
+
+def switch_then_prefill_time(spec: ModelSpec, profile: HardwareProfile, prefill_s: float) -> float:
+    """A switch followed by a prefill, overlapped layer by layer: layer i computes once its
+    weights have arrived, so the pair ends at the later of the copy plus one layer's compute
+    and one layer's copy plus the whole prefill (not at their sum)."""
+    copy = switch_time(spec, profile)
+    per_layer_copy = copy / spec.num_layers
+    per_layer_compute = prefill_s / spec.num_layers
+    return max(copy + per_layer_compute, per_layer_copy + prefill_s)
 
 
 def storage_load_time(spec: ModelSpec, profile: HardwareProfile) -> float:

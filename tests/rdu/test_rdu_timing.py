@@ -7,13 +7,15 @@ import pytest
 
 from tierflow.rdu import BUILTIN_MODELS, BUILTIN_PROFILES
 from tierflow.rdu.calibrate import (
-    DECODE_FIGURES,
+    FIT_TOLERANCE,
     FITTED_FIELDS,
+    FITTED_PROFILES,
     TOLERANCE,
     calibration_rows,
     fit_objective,
     fit_parameters,
 )
+from tierflow.rdu.figures import FIGURES
 from tierflow.rdu.timing import (
     CALIBRATION_CONTEXT,
     DecodeCostModel,
@@ -25,6 +27,7 @@ from tierflow.rdu.timing import (
     prefill_time,
     resident_bytes,
     spec_plan,
+    switch_then_prefill_time,
     switch_time,
     weights_read_bytes,
 )
@@ -36,29 +39,74 @@ M8B, M70B, M405B = (BUILTIN_MODELS[n] for n in ("llama-3.1-8b", "llama-3.1-70b",
 R1, OSS = BUILTIN_MODELS["deepseek-r1"], BUILTIN_MODELS["gpt-oss-120b"]
 
 
-def test_every_published_figure_is_within_tolerance() -> None:
+# Figures the cited sources cannot meet honestly: the two 8-socket TTFTs have the same
+# FLOPs (Llama-3-8B and Mistral-7B multiply ~6.98B parameters a token) but were measured
+# 19% apart, so each predicts the other 16-19% off. Change this only with a new figure.
+KNOWN_LOO_MISSES = {"ttft llama-3.1-8b bs16 1024 (8 sockets)", "ttft mistral-7b bs16 1024 (8 sockets)"}
+
+
+def test_every_figure_is_within_tolerance_fitted_and_left_out() -> None:
     rows = calibration_rows()
-    assert len(rows) == len(DECODE_FIGURES) + 2
+    assert len(rows) == len(FIGURES)
+    fitted = [r for r in rows if r.in_fit]
+    assert len(fitted) > 2 * len(FITTED_FIELDS)  # far more figures than free constants
     for row in rows:
-        assert row.within_tolerance, row
-        assert abs(row.relative_error) <= TOLERANCE
+        if not row.gated:
+            continue
+        assert abs(row.error) <= (FIT_TOLERANCE if row.in_fit else TOLERANCE), row
+        if row.figure in KNOWN_LOO_MISSES:
+            assert TOLERANCE < abs(row.loo_error) < 0.25, row
+        else:
+            assert abs(row.loo_error) <= TOLERANCE, row
+            assert row.within_tolerance, row
 
 
 def test_the_baked_parameters_are_the_fit() -> None:
     """hardware.py's SN40L numbers are what fit_parameters() finds (to their rounding)."""
     fit = fit_parameters()
     for field in FITTED_FIELDS:
-        assert getattr(SN40L, field) == pytest.approx(fit[field], rel=0.01), field
-    refit = msgspec.structs.replace(SN40L, **fit)
-    assert fit_objective(SN40L) <= fit_objective(refit) * 1.01 + 1e-6
+        for name in FITTED_PROFILES:
+            assert getattr(BUILTIN_PROFILES[name], field) == pytest.approx(fit[field], rel=0.03)
+    refit = dict(BUILTIN_PROFILES)
+    for name in FITTED_PROFILES:
+        refit[name] = msgspec.structs.replace(refit[name], **fit)
+    assert fit_objective() <= fit_objective(refit) * 1.01 + 1e-6
 
 
-def test_switching_an_8b_model_takes_tens_of_ms_on_16_sockets() -> None:
+def test_switching_follows_ddr_per_socket_and_the_host_link() -> None:
     t = switch_time(M8B, SN40L)
-    assert 0.010 < t < 0.050
-    assert switch_time(M8B, BUILTIN_PROFILES["sn40l-8"]) == pytest.approx(2 * t)
-    # the published comparison: ~15x a DGX H100 loading over ~64 GB/s PCIe
-    assert switch_time(M8B, H100) / t == pytest.approx(15, rel=TOLERANCE)
+    assert t == pytest.approx(M8B.weight_bytes / (16 * SN40L.ddr_bw))  # DDR-bound on 16
+    eight = BUILTIN_PROFILES["sn40l-8"]
+    assert eight.switch_bw == pytest.approx(8 * eight.ddr_hbm_bw)  # DMA-bound on 8
+    # the paper's comparison: an 8-socket node 15x-31x faster than DGX H100 / A100
+    l2 = BUILTIN_MODELS["llama-2-7b"]
+    for dgx in ("h100-8x", "a100-8x"):
+        ratio = switch_time(l2, BUILTIN_PROFILES[dgx]) / switch_time(l2, eight)
+        assert 15 <= ratio <= 31 * (1 + TOLERANCE), dgx
+
+
+def test_gpt_oss_reads_bf16_attention_and_mxfp4_experts() -> None:
+    # ~5 GB a token (model card arithmetic), not active_params x 4.25 bits (2.7 GB)
+    assert 4.8e9 < weights_read_bytes(OSS, 1) < 5.2e9
+    assert OSS.weight_bytes / 2**30 == pytest.approx(60.8, rel=0.02)  # the checkpoint's GiB
+
+
+def test_untied_embedding_is_looked_up_not_streamed() -> None:
+    assert weights_read_bytes(M8B, 1) == pytest.approx(M8B.weight_bytes - 2 * 128_256 * 4096)
+    one_b = BUILTIN_MODELS["llama-3.2-1b"]  # tied: the one table is the unembedding
+    assert weights_read_bytes(one_b, 1) == pytest.approx(one_b.weight_bytes)
+
+
+def test_moe_dispatch_is_charged_per_routed_expert() -> None:
+    base = msgspec.structs.replace(SN40L, moe_dispatch_s=0.0)
+    extra = forward_time(R1, SN40L) - forward_time(R1, base)
+    assert extra == pytest.approx(R1.moe_layers * R1.experts_per_token * SN40L.moe_dispatch_s)
+
+
+def test_a_switch_overlaps_the_first_prefill() -> None:
+    pre = prefill_time(M70B, SN40L, [(4096, 0)])
+    both = switch_then_prefill_time(M70B, SN40L, pre)
+    assert max(pre, switch_time(M70B, SN40L)) < both < pre + switch_time(M70B, SN40L)
 
 
 def test_cold_load_pays_storage_then_the_copy() -> None:
@@ -96,10 +144,13 @@ def test_large_batches_become_compute_bound() -> None:
 
 
 def test_moe_batches_touch_more_experts() -> None:
-    assert weights_read_bytes(R1, 1) == pytest.approx(R1.active_params * R1.bytes_per_param)
+    looked_up = R1.lookup_params * R1.bytes_per_param  # the embedding table: never streamed
+    assert weights_read_bytes(R1, 1) == pytest.approx(
+        R1.active_params * R1.bytes_per_param - looked_up
+    )
     assert weights_read_bytes(R1, 8) > 4 * weights_read_bytes(R1, 1)
-    assert weights_read_bytes(R1, 100_000) == pytest.approx(R1.weight_bytes, rel=1e-3)
-    assert weights_read_bytes(M8B, 100) == M8B.weight_bytes
+    assert weights_read_bytes(R1, 100_000) == pytest.approx(R1.weight_bytes - looked_up, rel=1e-3)
+    assert weights_read_bytes(M8B, 100) == weights_read_bytes(M8B, 1)
 
 
 def test_speculative_decoding_where_published_and_not_at_large_batch() -> None:
@@ -115,7 +166,7 @@ def test_prefill_is_compute_bound_and_prefix_hits_skip_work() -> None:
     cold = prefill_time(M70B, SN40L, [(4096, 0)])
     warm = prefill_time(M70B, SN40L, [(96, 4000)])
     assert cold > 10 * warm  # the warm pass is bound by one read of the weights
-    flops = 2 * M70B.active_params * 4096 / (SN40L.node_flops * SN40L.compute_efficiency)
+    flops = 2 * M70B.matmul_params * 4096 / (SN40L.node_flops * SN40L.compute_efficiency)
     assert cold > flops
     assert prefill_time(M70B, SN40L, []) == 0.0
 
@@ -150,8 +201,12 @@ def test_single_user_speed_is_the_inverse_step() -> None:
     )
 
 
-def test_a_per_step_overhead_fitted_as_a_fifth_parameter_goes_to_zero() -> None:
-    """Why SN40L pins step_overhead_s at 0 and counts four free parameters, not five."""
+def test_a_sixth_parameter_buys_little() -> None:
+    """Why SN40L pins step_overhead_s at 0 and counts five free parameters, not six: freed,
+    a per-pass constant trades places with the per-layer one (the two are nearly
+    degenerate across these layer counts) and the fit improves by under a fifth."""
     fit = fit_parameters(fields=(*FITTED_FIELDS, "step_overhead_s"))
-    assert fit["step_overhead_s"] < 1e-6  # under a microsecond per pass
-    assert fit["hbm_efficiency"] == pytest.approx(SN40L.hbm_efficiency, rel=0.01)
+    six = dict(BUILTIN_PROFILES)
+    for name in FITTED_PROFILES:
+        six[name] = msgspec.structs.replace(six[name], **fit)
+    assert fit_objective(six) > 0.8 * fit_objective()
