@@ -12,6 +12,12 @@ Silence is the node's, not the router's: when this process's own event loop was 
 (a big request being parsed, a GC pause), the timer that says "silent" fires late, before
 the loop has read what the node sent meanwhile. A wait that ends late therefore gets one
 more window to read its socket before the node is called lost.
+
+No timer per message: a stream that waits records when its silence would become too long
+and parks a future; a message resolves the future directly, and one sweep per transport
+(every `_TICK` while anything waits) ends the waits whose time has passed. An
+`asyncio.wait_for` per message (a task, a timer and their cancellation) was several
+percent of the router's CPU at load (issue 16).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -35,6 +42,9 @@ _decode_event = messages.stream_decoder.decode
 _encode = messages.encoder.encode
 # A wait that ends this much after its timeout means our own loop was stalled.
 _STALL = 0.1
+# How often waits are checked for silence: well under _STALL, so the sweep's own
+# granularity never looks like a stall.
+_TICK = 0.025
 
 
 class NodeLost(Exception):
@@ -59,6 +69,7 @@ class NodeStream(Protocol):
     link_broke: bool
 
     async def next(self) -> messages.StreamEvent: ...
+    def buffered(self) -> bool: ...  # a message is here already: next() returns without waiting
     async def cancel(self) -> None: ...
     def close(self) -> None: ...
 
@@ -68,44 +79,65 @@ class NodeTransport(Protocol):
 
 
 class _NatsStream:
-    __slots__ = ("node_id", "link_broke", "_request_id", "_key", "_queue", "_owner", "_timeout", "_closed", "_epoch")
+    __slots__ = ("node_id", "link_broke", "_request_id", "_key", "_pending", "_waiter", "_due", "_owner", "_timeout", "_closed", "_epoch")
 
     def __init__(self, owner: "NatsNodeTransport", node_id: str, request_id: str, key: str, timeout: float) -> None:
         self.node_id = node_id
         self.link_broke = False
         self._request_id = request_id
         self._key = key
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._pending: deque[Msg] = deque()
+        self._waiter: asyncio.Future[float | None] | None = None  # set while next() waits
+        self._due = 0.0  # when the current wait becomes silence (loop time)
         self._owner = owner
         self._timeout = timeout
         self._closed = False
         self._epoch = owner.link_epoch()
 
-    async def next(self) -> messages.StreamEvent:
-        queue = self._queue
+    def _deliver(self, msg: Msg) -> None:
+        self._pending.append(msg)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self) -> float | None:
+        """Until a message comes (None) or `_timeout` of silence passed (how late the
+        sweep noticed it, in seconds)."""
         owner = self._owner
-        if queue.empty():
-            loop = asyncio.get_running_loop()
-            began = loop.time()
-            try:
-                msg = await asyncio.wait_for(queue.get(), self._timeout)
-            except asyncio.TimeoutError:
+        loop = owner._loop or asyncio.get_running_loop()
+        waiter: asyncio.Future[float | None] = loop.create_future()
+        self._waiter = waiter
+        self._due = loop.time() + self._timeout
+        owner._watch(self)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+            owner._waiting.discard(self)
+
+    def buffered(self) -> bool:
+        return bool(self._pending)
+
+    async def next(self) -> messages.StreamEvent:
+        pending = self._pending
+        owner = self._owner
+        if not pending:
+            late = await self._wait()
+            if late is not None and not pending:
                 if owner.link_epoch() != self._epoch or not owner.connected():
                     # Our own connection broke: wait for it (bounded), then let the stream
                     # move on without blaming the node.
                     await owner.wait_connected(self._timeout * 4)
                     raise NodeLost(self.node_id, "this router's NATS connection broke meanwhile", ours=True) from None
-                late = loop.time() - began - self._timeout
                 if late < _STALL:
                     raise NodeLost(self.node_id, f"silent for {self._timeout:.2f}s") from None
                 # Our loop was stalled: what the node sent may be unread in the socket.
                 log.info("router loop stalled %.2fs; giving %s one more window", late, self.node_id)
-                try:
-                    msg = await asyncio.wait_for(queue.get(), self._timeout)
-                except asyncio.TimeoutError:
+                if await self._wait() is not None and not pending:
                     raise NodeLost(self.node_id, f"silent for {self._timeout:.2f}s (after a {late:.2f}s stall of the router)") from None
-        else:
-            msg = queue.get_nowait()
+        msg = pending.popleft()
         epoch = owner.link_epoch()
         self.link_broke = epoch != self._epoch
         self._epoch = epoch
@@ -144,6 +176,9 @@ class NatsNodeTransport:
         self._liveness_timeout = liveness_timeout
         self._streams: dict[str, _NatsStream] = {}
         self._prefix_len = len(subjects.router_stream(router_id, ""))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: set[_NatsStream] = set()  # streams whose next() waits for a message
+        self._sweep_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         await self._nc.subscribe(subjects.router_streams(self._router_id), cb=self._on_message)
@@ -167,7 +202,32 @@ class NatsNodeTransport:
     async def _on_message(self, msg: Msg) -> None:
         stream = self._streams.get(msg.subject[self._prefix_len:])
         if stream is not None:
-            stream._queue.put_nowait(msg)
+            stream._deliver(msg)
+
+    def _watch(self, stream: _NatsStream) -> None:
+        """`stream` waits: the sweep (armed while anything waits) ends its wait when due."""
+        self._waiting.add(stream)
+        if self._sweep_timer is None:
+            loop = self._loop = self._loop or asyncio.get_running_loop()
+            self._sweep_timer = loop.call_later(_TICK, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        waiting = self._waiting
+        if not waiting:
+            return
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        for stream in [s for s in waiting if s._due <= now]:
+            waiting.discard(stream)
+            waiter = stream._waiter
+            if waiter is not None:
+                stream._waiter = None
+                if not waiter.done():
+                    waiter.set_result(now - stream._due)
+        if waiting:
+            self._sweep_timer = loop.call_later(_TICK, self._sweep)
 
     async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None, *, role: str = "decode") -> _NatsStream:
         # Each attempt has its own reply subject: a slow first node that wakes up after
