@@ -209,6 +209,34 @@ def _trim(event: messages.Tokens, skip: int) -> messages.Tokens | None:
     return messages.Tokens(request_id=event.request_id, index=event.index + skip, token_ids=ids, text=decode_output(ids))
 
 
+async def _coalesce(stream: NodeStream, event: messages.Tokens) -> tuple[messages.Tokens, messages.StreamEvent | NodeLost | None]:
+    """`event` and the Tokens messages that follow it already received, as one (the client
+    gets them in one SSE frame, the router does one pass of its per-message work), and the
+    first message read that does not continue them (or its NodeLost), to be handled next.
+    Only what is already here is taken: the first token is never held back for more."""
+    ids: list[int] | None = None
+    texts: list[str] = []
+    index = event.index + len(event.token_ids)
+    held: messages.StreamEvent | NodeLost | None = None
+    while stream.buffered():
+        try:
+            following = await stream.next()  # returns at once: the message is here
+        except NodeLost as lost:
+            held = lost
+            break
+        if type(following) is not messages.Tokens or following.index != index:  # type: ignore[union-attr]
+            held = following  # Finished, a repeat or a gap: the loop's checks handle it
+            break
+        if ids is None:
+            ids, texts = list(event.token_ids), [event.text]
+        ids.extend(following.token_ids)  # type: ignore[union-attr]
+        texts.append(following.text)  # type: ignore[union-attr]
+        index += len(following.token_ids)  # type: ignore[union-attr]
+    if ids is None:
+        return event, held
+    return messages.Tokens(request_id=event.request_id, index=event.index, token_ids=ids, text="".join(texts)), held
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -592,10 +620,16 @@ class Dispatcher:
             raise _LegFailed(lost.reason, "node_lost") from None
         finished = False
         last_token_at = 0.0
+        held: messages.StreamEvent | NodeLost | None = None  # read while coalescing, handled next
         try:
             while True:
                 try:
-                    event = await stream.next()
+                    if held is None:
+                        event = await stream.next()
+                    elif type(held) is NodeLost:
+                        raise held
+                    else:
+                        event, held = held, None  # type: ignore[assignment]
                 except NodeLost as lost:
                     if not lost.ours:
                         self._suspect(node_id)
@@ -615,6 +649,8 @@ class Dispatcher:
                         if trimmed is None:
                             continue
                         event = trimmed
+                    if stream.buffered():
+                        event, held = await _coalesce(stream, event)  # type: ignore[arg-type]
                     if not record.time_to_first_token:
                         record.time_to_first_token = t - record.arrived
                         self._metrics.ttft.labels(*labels).observe(record.time_to_first_token)

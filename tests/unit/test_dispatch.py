@@ -37,6 +37,10 @@ class ScriptedStream:
         self.cancelled = False
         self.closed = False
         self.link_broke = False
+        self.ahead = False  # report the rest of the script as already received (buffered)
+
+    def buffered(self) -> bool:
+        return self.ahead and bool(self._script)
 
     async def next(self) -> messages.StreamEvent:
         item = self._script.pop(0)
@@ -58,9 +62,11 @@ class ScriptedTransport:
     def __init__(self, behaviour: dict[str, Callable[[messages.GenerateRequest], Script]]) -> None:
         self.behaviour = behaviour
         self.opened: list[tuple[str, messages.GenerateRequest, ScriptedStream]] = []
+        self.ahead = False  # streams say their messages are all here already
 
     async def open(self, node_id: str, request: messages.GenerateRequest, headers: Mapping[str, str] | None, *, role: str = "decode") -> ScriptedStream:
         stream = ScriptedStream(node_id, self.behaviour[node_id](request))
+        stream.ahead = self.ahead
         self.opened.append((node_id, request, stream))
         return stream
 
@@ -115,6 +121,36 @@ async def test_happy_path_streams_and_records() -> None:
     assert [type(e).__name__ for e in events] == ["Tokens"] * 3 + ["Finished"]
     assert record.node == "a" and record.tier == "ddr" and record.completion_tokens == 3 and record.nodes_tried == ["a"]
     assert transport.opened[0][2].closed and not transport.opened[0][2].cancelled
+
+
+def _tokens(events: list[messages.Tokens | messages.Finished]) -> list[tuple[int, list[int], str]]:
+    return [(e.index, list(e.token_ids), e.text) for e in events if type(e) is messages.Tokens]
+
+
+async def test_tokens_already_received_go_out_as_one_event_with_exact_indices() -> None:
+    dispatcher, transport, _ = _setup({"a": ok(5)})
+    transport.ahead = True
+    events, record = await _run(dispatcher)
+    assert [type(e).__name__ for e in events] == ["Tokens", "Finished"]
+    assert _tokens(events) == [(0, [0, 1, 2, 3, 4], " t0 t1 t2 t3 t4")]
+    assert record.completion_tokens == 5 and record.finish_reason == "length"
+
+
+async def test_coalescing_stops_at_a_gap_or_a_lost_node_and_the_stream_migrates_exactly() -> None:
+    def gap(req: messages.GenerateRequest) -> Script:
+        return [messages.Tokens(request_id=req.request_id, index=i, token_ids=[i], text=f" t{i}") for i in (0, 1, 3)]
+
+    def lost(req: messages.GenerateRequest) -> Script:
+        return [*(messages.Tokens(request_id=req.request_id, index=i, token_ids=[i], text=f" t{i}") for i in (0, 1)), NodeLost("a", "no responders")]
+
+    for script in (gap, lost):
+        dispatcher, transport, nodes = _setup({"a": script, "b": ok(4)})
+        transport.ahead = True
+        events, record = await _run(dispatcher)
+        # a's two tokens as one event; b repeats them (trimmed), then 2 and 3 as one event
+        assert _tokens(events) == [(0, [0, 1], " t0 t1"), (2, [2, 3], " t2 t3")]
+        assert type(events[-1]) is messages.Finished and record.migrations == 1 and record.nodes_tried == ["a", "b"]
+        assert [n.node_id for n in nodes.views if n.suspect_until > 100.0] == ["a"]
 
 
 async def test_node_lost_before_first_token_retries_elsewhere_and_marks_it() -> None:
