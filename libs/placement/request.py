@@ -8,7 +8,7 @@ tenant configuration loads, the prompt's block hashes once per request (not per 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -81,6 +81,19 @@ class PlacementRequest:
     exclude: frozenset[str] = frozenset()
     # The prefix walk's input, with a sentinel so the walk never runs off the end.
     probe: tuple[object, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def excluding(self, nodes: Collection[str]) -> PlacementRequest:
+        """This request with `exclude` = `nodes`: itself when that is already so (a first
+        attempt), else a copy that keeps the prompt's probe (`dataclasses.replace` would
+        rebuild it, and re-run the checks, per attempt)."""
+        if len(nodes) == len(self.exclude) and all(node in self.exclude for node in nodes):
+            return self
+        new = object.__new__(PlacementRequest)
+        put = object.__setattr__
+        for name in PlacementRequest.__slots__:
+            put(new, name, getattr(self, name))
+        put(new, "exclude", frozenset(nodes))
+        return new
 
     def __post_init__(self) -> None:
         if self.workload not in (None, "interactive", "batch"):

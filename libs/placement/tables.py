@@ -109,7 +109,7 @@ class NodeTable:
             return
         slot = node.slots.get(model)
         if slot is None:
-            self._replace(node_id, queue_depth=node.queue_depth + 1)
+            self._put(node_id, node.dispatched())
             return
 
         made: dict[int, ModelSlot] = {}  # a view shares slot objects between `slots` and `versions`
@@ -128,7 +128,12 @@ class NodeTable:
 
         slots = {name: predicted(s) for name, s in node.slots.items()}
         versions = {key: predicted(s) for key, s in node.versions.items()}
-        self._replace(node_id, queue_depth=node.queue_depth + 1, slots=slots, versions=versions)
+        self._put(node_id, node.dispatched(slots, versions))
+
+    def _put(self, node_id: str, view: NodeView) -> None:
+        table = self._decode if node_id in self._decode else self._prefill
+        table[node_id] = view
+        self._changed(node_id)
 
     def may_return(self, model: str, now: float, *, within: float) -> bool:
         """Whether a node serving `model` is out only for a moment: suspect, or silent for

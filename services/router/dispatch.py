@@ -80,6 +80,8 @@ _spans = tracer("tierflow.router")
 # Codes a node may send that are the caller's fault: no other node would do better.
 _CLIENT_ERRORS = {"context_length_exceeded", "bad_request", "invalid_request"}
 _RESUME_POLL_S = 0.1  # how often a broken stream waiting for a node looks again
+_TOKENIZED_MAX_CHARS = 2048  # prompts up to this long are remembered tokenized ...
+_TOKENIZED_ENTRIES = 1024  # ... this many of them (oldest out first: at most ~2 MiB of text)
 
 
 @dataclass(slots=True)
@@ -280,6 +282,9 @@ class Dispatcher:
         self._on_session = on_session
         self._on_suspect = on_suspect
         self._admission = admission
+        # Short prompts recently tokenized (rendered chat text -> ids): a system prompt or a
+        # benchmark's body comes back again and again, and the tokenizer is deterministic.
+        self._tokenized: dict[str, tuple[int, ...]] = {}
 
     # ------------------------------------------------------------------ admission
 
@@ -304,14 +309,25 @@ class Dispatcher:
         flowing), and tokenizing stops once the prompt cannot fit the model's context, so
         an 8 MiB prompt costs what its first `max_context` tokens cost, then a 400."""
         route = self.resolve(model, tenant)  # an unknown model is a 404 before any work
+        cacheable = len(text) <= _TOKENIZED_MAX_CHARS
+        if cacheable:
+            known = self._tokenized.get(text)
+            if known is not None and len(known) <= route.max_context:
+                return list(known)  # a copy: the caller owns its list
         try:
-            return await encode_async(text, limit=route.max_context)
+            ids = await encode_async(text, limit=route.max_context)
         except TokenLimitExceeded as too_long:
             raise InvalidRequest(
                 f"This model's maximum context length is {route.max_context} tokens. However, your prompt has more than "
                 f"{too_long.limit} tokens (counting stopped at {too_long.found}). Please reduce the length of the prompt.",
                 param="messages", code="context_length_exceeded",
             ) from None
+        if cacheable:
+            tokenized = self._tokenized
+            if len(tokenized) >= _TOKENIZED_ENTRIES:
+                del tokenized[next(iter(tokenized))]  # the oldest entry
+            tokenized[text] = tuple(ids)
+        return ids
 
     def _limit_tokens(self, route: ModelRoute, params: GenerateParams) -> int:
         n_prompt = len(params.prompt_token_ids)
@@ -437,7 +453,7 @@ class Dispatcher:
         while True:
             try:
                 try:
-                    ranked = self._candidates.rank(self._policy, replace(placement, exclude=frozenset(tried)), self._clock.monotonic())
+                    ranked = self._candidates.rank(self._policy, placement.excluding(tried), self._clock.monotonic())
                 except NoEligibleNode:
                     if not revisit:
                         raise

@@ -254,3 +254,9 @@ def test_a_dispatch_predicts_slots_field_for_field() -> None:
     assert after.slots["m"] == replace(before.slots["m"], tier="hbm", queued=4)
     assert after.slots["x"] == replace(before.slots["x"], tier="ddr")
     assert after.versions == {("m", "v1"): after.slots["m"], ("x", "v2"): after.slots["x"]}
+    # The view itself is built by copying (for speed): every field, derived ones included,
+    # is what `dataclasses.replace` would make, for a model it serves and one it does not.
+    table.note_dispatch("n", "absent")
+    for got, want in ((after, replace(before, queue_depth=1, slots=after.slots, versions=after.versions)), (table.get("n"), replace(after, queue_depth=2))):
+        assert got is not None
+        assert {f: getattr(got, f) for f in NodeView.__slots__} == {f: getattr(want, f) for f in NodeView.__slots__}
