@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import signal
+import subprocess
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -74,8 +78,15 @@ def _command(name: str, package: str) -> Callable[..., None]:
     for part, what in _TLS_FLAGS.items():
         params.append(inspect.Parameter(f"tls_{part}", inspect.Parameter.KEYWORD_ONLY, default="",
                                         annotation=Annotated[str, typer.Option(envvar=f"TIERFLOW_TLS_{part.upper()}", help=what)]))
+    if name == "router":
+        params.append(inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[int, typer.Option(
+            min=1, help="Router processes sharing the HTTP and gRPC ports (SO_REUSEPORT), as `tierflow up --routers` starts them; "
+                        "worker i gets router id ID-i (fresh ids without --router-id) and /metrics on --metrics-port + i")]))
 
     def run(**values: Any) -> None:
+        workers = values.pop("workers", 1)
+        if workers > 1:
+            raise typer.Exit(_run_workers(workers, values))
         metrics_port = values.pop("metrics_port")
         metrics_host = values.pop("metrics_host")
         log_level = values.pop("log_level")
@@ -96,6 +107,53 @@ def _command(name: str, package: str) -> Callable[..., None]:
     run.__name__ = name.replace("-", "_")
     run.__doc__ = f"Run the {name} service (one process)."
     return run
+
+
+def _run_workers(workers: int, values: dict[str, Any]) -> int:
+    """`tierflow router --workers N`: N router processes on one port, the way `tierflow up
+    --routers N` runs them (each its own `tierflow router --reuse-port`, its own router id
+    and metrics port), this process forwarding SIGTERM/SIGINT and stopping all of them
+    when one exits (a supervisor then restarts the whole). Each worker is configured by
+    the same TIERFLOW_* variables the flags read. Returns the exit code."""
+    from tierflow.runtime import nats_auth
+    from tierflow.runtime.processes import die_with_parent_preexec
+
+    if os.environ.get(nats_auth.CREDS_ENV):
+        raise typer.BadParameter(
+            "--workers needs one NATS identity per worker (a router reads only its own reply subjects): use `tierflow up --routers N`, "
+            "or run N `tierflow router --reuse-port` processes, each with its own TIERFLOW_NATS_CREDS", param_hint="--workers")
+    base = {f"TIERFLOW_{key.upper()}": str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
+    router_id = str(values.get("router_id") or "")
+    metrics_port = int(values.get("metrics_port") or 0)
+    children = []
+    for i in range(workers):
+        env = {**os.environ, **base, "TIERFLOW_REUSE_PORT": "true", "TIERFLOW_ROUTER_ID": f"{router_id}-{i}" if router_id else "",
+               "TIERFLOW_METRICS_PORT": str(metrics_port + i if metrics_port else 0)}  # fmt: skip
+        children.append(subprocess.Popen([sys.executable, "-m", "tierflow", "router"], env=env, preexec_fn=die_with_parent_preexec()))  # noqa: S603
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = 0
+    while True:
+        exited = [child for child in children if child.poll() is not None]
+        if exited:
+            code = exited[0].returncode
+            forward(signal.SIGTERM, None)
+            for child in children:
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+            return code if code >= 0 else 128 - code
+        try:  # until a child exits, without reaping it (poll() above does, keeping its code)
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass
 
 
 def add_service_commands(app: typer.Typer) -> None:

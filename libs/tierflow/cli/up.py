@@ -1004,7 +1004,8 @@ def up(
     nats_monitor_port: Annotated[int, typer.Option(help="NATS monitoring port, /healthz (cluster member i: +i).")] = 8222,
     nats_cluster: Annotated[int, typer.Option(min=1, help="NATS servers: 1, or a JetStream cluster of N (3 survives losing one).")] = 1,
     nats_cluster_port: Annotated[int, typer.Option(help="First NATS cluster route port (member i: +i); used with --nats-cluster > 1.")] = 6222,
-    routers: Annotated[int, typer.Option(min=1, help="Router processes sharing the HTTP and gRPC ports (SO_REUSEPORT).")] = 1,
+    routers: Annotated[int, typer.Option("--routers", "--router-workers", min=1, help="Router processes sharing the HTTP and gRPC ports "
+                                         "(SO_REUSEPORT), each with its own NATS identity; --router-workers is the same option.")] = 1,
     restart: Annotated[bool, typer.Option(help="Restart children that die after the fabric is ready (with backoff; gives up after 6 exits in 60 s).")] = True,
     allow_anonymous: Annotated[bool, typer.Option("--allow-anonymous/--require-api-keys", help="Routers serve every caller, with any API key "
                                                   "or none, as the open tenant `anonymous` (local runs); --require-api-keys: 401 without a tenants file.")] = True,  # fmt: skip
