@@ -14,7 +14,6 @@ import sys
 import textwrap
 
 import pytest
-
 from tierflow.runtime.logs import log_record
 from tierflow.services.router.dispatch import RequestRecord
 
