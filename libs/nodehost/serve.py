@@ -26,17 +26,18 @@ from tierflow.nodehost.driver import EngineDriver
 from tierflow.nodehost.routers import RouterLiveness
 from tierflow.nodehost.beat import NodeIdentity
 from tierflow.nodehost.heartbeat import heartbeat_loop
-from tierflow.nodehost.metrics import NodeMetrics
+from tierflow.nodehost.metrics import ModelMetrics, NodeMetrics
 from tierflow.nodehost.settings import NodeSettings
 from tierflow.nodehost.preload import preload_models
 from tierflow.rdu import NodeEngine
 from tierflow.runtime import discovery
 from tierflow.runtime.audit import AuditLog
+from tierflow.runtime.logs import log_record
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.runtime.supervise import supervised
 from tierflow.runtime.waiting import first
-from tierflow.runtime.tracing import extract_context, tracer
+from tierflow.runtime.tracing import exporting, extract_context, tracer
 
 __all__ = ["NodeSettings", "serve_node"]
 
@@ -64,33 +65,33 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         started_at=time.time(),
     )
     metrics = NodeMetrics(ctx.metrics)
+    per_model: dict[str, ModelMetrics] = {}
     spans = tracer("tierflow.node")
 
     def record(request_id: str, stream: object, finished: messages.Finished, at: float) -> None:
         s = stream  # a driver _Stream
         model = s.model  # type: ignore[attr-defined]
-        labels = (settings.node_id, model)
+        m = per_model.get(model)
+        if m is None:
+            m = per_model[model] = ModelMetrics(metrics, settings.node_id, model)
         ttft = s.first_token_at - s.received_at if s.tokens else 0.0  # type: ignore[attr-defined]
         decode_time = at - s.first_token_at if s.tokens > 1 else 0.0  # type: ignore[attr-defined]
-        metrics.queue_time.labels(*labels).observe(s.queue_time)  # type: ignore[attr-defined]
+        m.queue_time.observe(s.queue_time)  # type: ignore[attr-defined]
         if s.tokens:  # type: ignore[attr-defined]
-            metrics.ttft.labels(*labels).observe(ttft)
-        metrics.prompt_tokens.labels(*labels).inc(finished.prompt_tokens)
-        metrics.generation_tokens.labels(*labels).inc(finished.completion_tokens)
-        metrics.prefix_cache_queries.labels(*labels).inc(finished.prompt_tokens)
-        metrics.prefix_cache_hits.labels(*labels).inc(finished.cached_tokens)
-        metrics.requests.labels(*labels, finished.finish_reason).inc()
-        metrics.loads.labels(*labels, s.tier or "hbm").inc()  # type: ignore[attr-defined]
-        log.info(
-            "served",
-            extra={"fields": {
-                "request_id": request_id, "node": settings.node_id, "model": model,
-                "decode_queue_time": round(s.queue_time, 6), "time_to_first_token": round(ttft, 6),  # type: ignore[attr-defined]
-                "completion_tokens_per_sec": round((finished.completion_tokens - 1) / decode_time, 2) if decode_time > 0 else 0.0,
-                "prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-                "cached_tokens": finished.cached_tokens, "tier": s.tier, "finish_reason": finished.finish_reason,  # type: ignore[attr-defined]
-            }},
-        )
+            m.ttft.observe(ttft)
+        m.prompt_tokens.inc(finished.prompt_tokens)
+        m.generation_tokens.inc(finished.completion_tokens)
+        m.prefix_cache_queries.inc(finished.prompt_tokens)
+        m.prefix_cache_hits.inc(finished.cached_tokens)
+        m.requests(finished.finish_reason).inc()
+        m.loads(s.tier or "hbm").inc()  # type: ignore[attr-defined]
+        log_record(log, "served", {
+            "request_id": request_id, "node": settings.node_id, "model": model,
+            "decode_queue_time": round(s.queue_time, 6), "time_to_first_token": round(ttft, 6),  # type: ignore[attr-defined]
+            "completion_tokens_per_sec": round((finished.completion_tokens - 1) / decode_time, 2) if decode_time > 0 else 0.0,
+            "prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
+            "cached_tokens": finished.cached_tokens, "tier": s.tier, "finish_reason": finished.finish_reason,  # type: ignore[attr-defined]
+        })  # fmt: skip
 
     def dropped(request_id: str, model: str, reason: str) -> None:
         metrics.dropped.labels(settings.node_id, model, reason).inc()
@@ -131,6 +132,9 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
             return
         if identity.cordoned:  # sent before the router saw the cordon: let it go elsewhere
             await nc.publish(reply, messages.encoder.encode(messages.Failed(request_id=request.request_id, code="node_cordoned", message=f"node {settings.node_id} is cordoned", retryable=True)))
+            return
+        if not exporting():  # a span nobody sees: skip it and its context (issue 16)
+            await driver.submit(request, reply)
             return
         with spans.start_as_current_span("node.generate", context=extract_context(msg.headers)) as span:  # type: ignore[attr-defined]
             span.set_attribute("gen_ai.operation.name", "text_completion")
