@@ -5,6 +5,14 @@ or until a request arrives, calls `advance(now)`, and publishes what happened. T
 emitted in one advance for the same request go out as one message, so a driver that
 falls behind catches up in fewer, larger messages instead of queueing more of them.
 
+Token coalescing (`coalesce_window`, `coalesce_tokens`): a stream's tokens go out at once
+when its last `Tokens` message is at least `coalesce_window` old (so its first token,
+and every token of a model slower than the window, is never delayed); otherwise they are
+held until the window since that message has passed, or `coalesce_tokens` are held, or
+the stream finishes (its `Finished` follows them at once). A fast model's stream then
+costs one message per window instead of one per step, on the node, the router and the
+client's connection. Times are the driver's clock, as the engine's.
+
 It also keeps the node's own latency view (p95 TTFT and inter-token latency over a
 sliding window, `load_report`) that the heartbeat carries to the autoscaler.
 
@@ -23,7 +31,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.beat import LoadReport
@@ -51,6 +59,7 @@ DROP_REASONS = ("deadline_exceeded", "router_gone", "publish_failed")
 
 @dataclass(slots=True)
 class _Stream:
+    request_id: str
     reply: str
     model: str
     received_at: float
@@ -65,6 +74,11 @@ class _Stream:
     last_token_at: float = 0.0
     router: str | None = None  # the router reading the reply subject, when it is one of ours
     deadline: float = math.inf
+    # Tokens not sent yet (coalescing): the first one's index, the ids, their texts.
+    held_index: int = 0
+    held_ids: list[int] = field(default_factory=list)
+    held_text: list[str] = field(default_factory=list)
+    tokens_sent_at: float = -math.inf  # when its last Tokens message went out
 
 
 class EngineDriver:
@@ -81,9 +95,14 @@ class EngineDriver:
         on_dropped: Callable[[str, str, str], None] | None = None,
         routers: RouterLiveness | None = None,
         latency_window: float = 10.0,
+        coalesce_window: float = 0.003,
+        coalesce_tokens: int = 64,
     ) -> None:
         """`on_dropped(request_id, model, reason)`: the driver ended a stream itself, one of
-        `DROP_REASONS`. `routers`: whose presence the node hears (None: never judge)."""
+        `DROP_REASONS`. `routers`: whose presence the node hears (None: never judge).
+        `coalesce_window` seconds (0: off) and `coalesce_tokens`: see the module docstring."""
+        if coalesce_window < 0 or coalesce_tokens < 1:
+            raise ValueError("coalesce_window >= 0 and coalesce_tokens >= 1")
         self.engine = engine
         self._clock = clock
         self._publish = publish
@@ -97,6 +116,13 @@ class EngineDriver:
         self._on_switch = on_switch
         self._on_dropped = on_dropped
         self._routers = routers
+        self._window = coalesce_window
+        self._max_held = coalesce_tokens
+        self._held: dict[str, _Stream] = {}  # streams holding tokens, by request id
+        # Deadlines, router silence and keep-alives are checked over every stream at most
+        # this often, not every loop turn (a turn per decode step, or per arrival).
+        self._tend_every = keepalive_interval / 5
+        self._next_tend = -math.inf
 
     @property
     def in_flight(self) -> int:
@@ -145,7 +171,7 @@ class EngineDriver:
         if transfer <= 0 and not await self._admit(engine_request, reply, now):
             return
         stream = self._streams[request.request_id] = _Stream(
-            reply=reply, model=request.model, received_at=now, last_sent=now,
+            request_id=request.request_id, reply=reply, model=request.model, received_at=now, last_sent=now,
             prompt_tokens=0 if request.kv_source else len(prompt),
             router=subjects.router_of_reply(reply),
             deadline=now + request.timeout_s if request.timeout_s > 0 else math.inf,
@@ -191,6 +217,7 @@ class EngineDriver:
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
+        self._held.pop(request_id, None)
         self.engine.cancel(request_id, self._clock.monotonic())
         self._wake.set()
         log.warning("dropped %s: %s%s", request_id, reason, f" ({detail})" if detail else "",
@@ -208,6 +235,7 @@ class EngineDriver:
             self._streams.pop(engine_request.request_id, None)
 
     def cancel(self, request_id: str) -> None:
+        self._held.pop(request_id, None)
         if self._streams.pop(request_id, None) is not None:
             self.engine.cancel(request_id, self._clock.monotonic())  # a no-op if it never reached the engine
             self._wake.set()
@@ -218,54 +246,80 @@ class EngineDriver:
         now = self._clock.monotonic()
         streams = list(self._streams.items())
         self._streams.clear()
+        self._held.clear()
         for request_id, stream in streams:
             self.engine.cancel(request_id, now)
             await self._send_once(stream.reply, messages.Failed(request_id=request_id, code=code, message=message, retryable=retryable))
 
     async def run(self, stopping: asyncio.Event) -> None:
+        """Turn after turn until `stopping`: each `tick`, then wait for its answer or a
+        wake-up (a request arrived, a stream was cancelled)."""
+        loop = asyncio.get_running_loop()
+        wake = self._wake
+        clock = self._clock
         while not stopping.is_set():
-            now = self._clock.monotonic()
-            await self._dispatch(self.engine.advance(now), now)
-            await self._tend(now)
-            due = self.engine.next_event_time()
-            wait = self._keepalive if due is None else min(self._keepalive, max(0.0, due - self._clock.monotonic()))
+            wait = await self.tick() - clock.monotonic()
             if wait > 0:
-                self._wake.clear()
+                # An Event and a timer, not asyncio.wait_for (a task per turn).
+                wake.clear()
+                timer = loop.call_later(wait, wake.set)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
-                except asyncio.TimeoutError:
-                    pass
+                    await wake.wait()
+                finally:
+                    timer.cancel()
             else:
                 await asyncio.sleep(0)  # let NATS I/O run between back-to-back steps
 
+    async def tick(self) -> float:
+        """One turn at the clock's now: run the engine up to it, publish what happened and
+        the held tokens now due, tend the streams; returns when the next turn is due
+        (the engine's next event, held tokens' release, or a keep-alive check)."""
+        now = self._clock.monotonic()
+        events = self.engine.advance(now)
+        if events:
+            await self._dispatch(events, now)
+        until = await self._flush_held(now) if self._held else math.inf
+        if now >= self._next_tend:
+            self._next_tend = now + self._tend_every
+            await self._tend(now)
+        if now + self._keepalive < until:
+            until = now + self._keepalive
+        due = self.engine.next_event_time()
+        if due is not None and due < until:
+            until = due
+        return until
+
     async def _dispatch(self, events: list[object], now: float) -> None:
-        pending_tokens: dict[str, tuple[int, list[int], list[str]]] = {}
+        streams = self._streams
+        held = self._held
+        token_event = TokenGenerated
         for event in events:
-            if isinstance(event, TokenGenerated):
-                stream = self._streams.get(event.request_id)
+            if type(event) is token_event:
+                stream = streams.get(event.request_id)  # type: ignore[attr-defined]
                 if stream is None:
                     continue
+                t = event.time  # type: ignore[attr-defined]
                 if stream.tokens == 0:
-                    stream.first_token_at = event.time
-                    self._ttft.observe(event.time, max(0.0, event.time - stream.received_at))
+                    stream.first_token_at = t
+                    self._ttft.observe(t, max(0.0, t - stream.received_at))
                 else:
-                    self._itl.observe(event.time, max(0.0, event.time - stream.last_token_at))
-                stream.last_token_at = event.time
+                    self._itl.observe(t, max(0.0, t - stream.last_token_at))
+                stream.last_token_at = t
                 stream.tokens += 1
-                batch = pending_tokens.get(event.request_id)
-                if batch is None:
-                    pending_tokens[event.request_id] = (event.index, [event.token_id], [event.text])
-                else:
-                    batch[1].append(event.token_id)
-                    batch[2].append(event.text)
+                if not stream.held_ids:
+                    stream.held_index = event.index  # type: ignore[attr-defined]
+                    held[stream.request_id] = stream
+                stream.held_ids.append(event.token_id)  # type: ignore[attr-defined]
+                stream.held_text.append(event.text)  # type: ignore[attr-defined]
                 continue
-            # Flush tokens before a lifecycle event of the same request keeps order.
             request_id = getattr(event, "request_id", "")
-            if request_id in pending_tokens:
-                await self._flush_tokens(request_id, pending_tokens.pop(request_id), now)
-            stream = self._streams.get(request_id)
+            stream = streams.get(request_id)
             if stream is None:
                 continue
+            # Tokens go out before a lifecycle event of the same request keeps order.
+            if stream.held_ids:
+                del held[request_id]
+                await self._flush_tokens(stream, now)
             if isinstance(event, RequestStarted):
                 if event.tier != "hbm" and self._on_switch is not None:
                     self._on_switch()  # weights move (and others may be evicted): tell the router now
@@ -275,7 +329,7 @@ class EngineDriver:
                 stream.prefix_hit_tokens = event.prefix_hit_tokens
                 msg: messages.StreamEvent = messages.Started(request_id=request_id, queue_time=event.queue_time, tier=event.tier, switch_seconds=event.switch_seconds, prefix_hit_tokens=event.prefix_hit_tokens)
             elif isinstance(event, RequestFinished):
-                del self._streams[request_id]
+                del streams[request_id]
                 if stream.tokens == 0 and event.finish_reason == "prefill":  # a prefill node's "first token": its KV
                     self._ttft.observe(event.time, max(0.0, event.time - stream.received_at))
                 msg = messages.Finished(
@@ -291,16 +345,32 @@ class EngineDriver:
                 continue
             stream.last_sent = now
             await self._send(request_id, stream, msg)
-        for request_id, batch in pending_tokens.items():
-            await self._flush_tokens(request_id, batch, now)
 
-    async def _flush_tokens(self, request_id: str, batch: tuple[int, list[int], list[str]], now: float) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        stream.last_sent = now
-        index, token_ids, texts = batch
-        await self._send(request_id, stream, messages.Tokens(request_id=request_id, index=index, token_ids=token_ids, text="".join(texts)))
+    async def _flush_held(self, now: float) -> float:
+        """Send the held tokens that are due (see the module docstring); returns when the
+        next of the others is (inf: none held)."""
+        window = self._window
+        most = self._max_held
+        nxt = math.inf
+        due = []
+        for stream in self._held.values():
+            release = stream.tokens_sent_at + window
+            if release <= now or len(stream.held_ids) >= most:
+                due.append(stream)
+            elif release < nxt:
+                nxt = release
+        for stream in due:
+            del self._held[stream.request_id]
+            await self._flush_tokens(stream, now)
+        return nxt
+
+    async def _flush_tokens(self, stream: _Stream, now: float) -> None:
+        """One Tokens message with every token `stream` holds (the caller took it off `_held`)."""
+        ids, texts = stream.held_ids, stream.held_text
+        stream.held_ids, stream.held_text = [], []
+        stream.last_sent = stream.tokens_sent_at = now
+        request_id = stream.request_id
+        await self._send(request_id, stream, messages.Tokens(request_id=request_id, index=stream.held_index, token_ids=ids, text="".join(texts)))
 
     async def _tend(self, now: float) -> None:
         """Once per loop turn over every stream: keep-alives to the quiet ones, and the

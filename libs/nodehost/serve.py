@@ -102,6 +102,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         engine, clock, nc.publish, settings.node_id,
         keepalive_interval=settings.keepalive_interval, on_finished=record, on_switch=beat_now.set,
         on_dropped=dropped, routers=routers,
+        coalesce_window=settings.coalesce_window, coalesce_tokens=settings.coalesce_tokens,
     )
 
     async def on_presence(msg: object) -> None:

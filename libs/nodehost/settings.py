@@ -20,6 +20,11 @@ class NodeSettings(Struct, kw_only=True):
     heartbeat_interval: Annotated[float, Meta(gt=0)] = 1.0
     keepalive_interval: Annotated[float, Meta(gt=0)] = 0.25
     drain_grace: Annotated[float, Meta(ge=0)] = 10.0
+    # Token coalescing: a stream's tokens produced within this many seconds of its last
+    # Tokens message wait for the window to pass (or for this many tokens, or the end of
+    # the stream) and go out as one message; its first token never waits. 0: off.
+    coalesce_window: Annotated[float, Meta(ge=0, le=1)] = 0.003
+    coalesce_tokens: Annotated[int, Meta(ge=1, le=4096)] = 64
     # Drop the streams of a router silent this long (it died: nobody reads them).
     router_abandon_after: Annotated[float, Meta(gt=0)] = 10.0
     # Where the bundle's weights are when the node starts: "hbm" = all in DDR and as many
