@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -51,6 +53,17 @@ async def path(private_nats_url: str):
         for t in tasks:
             if t.done():
                 t.result()
+        await asyncio.sleep(0.05)
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=5) as resp:
+                return resp.status == 200
+        except urllib.error.HTTPError:
+            return False
+
+    for _ in range(200):  # and the router has heard the node (no test may race its first heartbeat)
+        if await asyncio.to_thread(healthy):
+            break
         await asyncio.sleep(0.05)
     yield client, contexts
     for ctx in contexts.values():
