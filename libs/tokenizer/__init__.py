@@ -27,6 +27,8 @@ import zlib
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Final
 
+from .pieces import is_piece, piece_text
+
 __all__ = [
     "VOCAB_SIZE",
     "OUTPUT_VOCAB",
@@ -186,10 +188,11 @@ OUTPUT_VOCAB: Final[tuple[str, ...]] = _build_output_vocab()
 
 
 def decode_output(token_ids: Iterable[int]) -> str:
-    """Text of generated token ids (indices into OUTPUT_VOCAB)."""
+    """Text of generated token ids: indices into OUTPUT_VOCAB, or structured-output
+    pieces (`tierflow.tokenizer.pieces`: JSON a schema asked for)."""
     vocab = OUTPUT_VOCAB
     size = len(vocab)
-    return "".join(vocab[i % size] for i in token_ids)
+    return "".join(vocab[i] if i < size else piece_text(i) if is_piece(i) else vocab[i % size] for i in token_ids)
 
 
 def render_chat(messages: Sequence[tuple[str, str]]) -> str:
