@@ -1,4 +1,11 @@
-"""Node metrics, with vLLM's names under the `tierflow_` prefix where one exists.
+"""Node metrics: `tierflow_*`, and vLLM's engine-side `vllm:*` beside them.
+
+The `vllm:*` ones are labelled (model_name, engine), the engine being this node, and
+per model: running and waiting requests, the KV pool's usage, prefix-cache counters and
+where each request's time went (queue, prefill, decode); tierflow.runtime.vllm_metrics
+says why both sets and which tier exposes what. The KV pool is shared by the models on a
+node, so each model's `vllm:kv_cache_usage_perc` is the pool it draws from, as a vLLM
+server's is for its one model.
 
 `ModelMetrics` holds one model's children on this node: `labels()` looks a child up
 through a lock and a tuple of strings every call, eight times a finished request; the
@@ -9,9 +16,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tierflow.runtime import vllm_metrics as vllm
+
 __all__ = ["ModelMetrics", "NodeMetrics"]
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# fine at the fast end, and vLLM's top buckets so a long wait does not land in +Inf
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 
 
 class NodeMetrics:
@@ -31,12 +41,41 @@ class NodeMetrics:
         self.requests = Counter("tierflow_node_requests", "Requests finished on the node", (*labels, "finish_reason"), registry=registry)
         self.dropped = Counter("tierflow_node_requests_dropped", "Streams the node ended itself: deadline passed, router gone, or a message could not be published", (*labels, "reason"), registry=registry)
         self.loads = Counter("tierflow_model_loads", "Requests that found their model in each tier", (*labels, "tier"), registry=registry)
+        self.vllm = VllmEngineMetrics(registry)
+
+    def set_model_state(self, node: str, model: str, running: int, waiting: int, kv_usage: float) -> None:
+        """A model's scheduler state on this node, as vLLM reports it (per model_name)."""
+        v = self.vllm
+        v.running.labels(model, node).set(running)
+        v.waiting.labels(model, node).set(waiting)
+        v.kv_usage.labels(model, node).set(kv_usage)
+
+
+class VllmEngineMetrics:
+    """vLLM's engine-side metrics, labelled (model_name, engine)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = (vllm.MODEL_LABEL, vllm.ENGINE_LABEL)
+        kw: dict = {"registry": registry}
+        latency: dict = {"buckets": vllm.REQUEST_LATENCY_BUCKETS, **kw}
+        self.running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", labels, **kw)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels, **kw)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, **kw)
+        self.prefix_cache_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", labels, **kw)
+        self.prefix_cache_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels, **kw)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", labels, **latency)
+        self.inference_time = Histogram("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.", labels, **latency)
+        self.prefill_time = Histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", labels, **latency)
+        self.decode_time = Histogram("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", labels, **latency)
 
 
 class ModelMetrics:
     """One model's per-request metric children on one node, resolved once."""
 
-    __slots__ = ("_labels", "_loads", "_metrics", "_requests", "generation_tokens", "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens", "queue_time", "ttft")
+    __slots__ = (
+        "_labels", "_loads", "_metrics", "_requests", "_vllm", "generation_tokens", "prefix_cache_hits", "prefix_cache_queries",
+        "prompt_tokens", "queue_time", "ttft",
+    )  # fmt: skip
 
     def __init__(self, metrics: NodeMetrics, node: str, model: str) -> None:
         self._labels = (node, model)
@@ -49,6 +88,20 @@ class ModelMetrics:
         self.generation_tokens = metrics.generation_tokens.labels(node, model)
         self.prefix_cache_queries = metrics.prefix_cache_queries.labels(node, model)
         self.prefix_cache_hits = metrics.prefix_cache_hits.labels(node, model)
+        v = metrics.vllm
+        self._vllm = tuple(m.labels(model, node) for m in (
+            v.queue_time, v.prefill_time, v.decode_time, v.inference_time, v.prefix_cache_queries, v.prefix_cache_hits))  # fmt: skip
+
+    def served(self, queue_time: float, prefill_time: float, decode_time: float, prompt_tokens: int, cached_tokens: int) -> None:
+        """vLLM's view of one request finished here: where its time on this node went
+        (queued, prefill to the first token, decode after it) and its prefix-cache use."""
+        queue, prefill, decode, inference, queries, hits = self._vllm
+        queue.observe(queue_time)
+        prefill.observe(prefill_time)
+        decode.observe(decode_time)
+        inference.observe(prefill_time + decode_time)
+        queries.inc(prompt_tokens)
+        hits.inc(cached_tokens)
 
     def requests(self, finish_reason: str) -> Counter:
         child = self._requests.get(finish_reason)

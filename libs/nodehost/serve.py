@@ -84,6 +84,8 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         m.prefix_cache_queries.inc(finished.prompt_tokens)
         m.prefix_cache_hits.inc(finished.cached_tokens)
         m.requests(finished.finish_reason).inc()
+        started = s.received_at + s.queue_time  # type: ignore[attr-defined]
+        m.served(s.queue_time, max(0.0, (s.first_token_at if s.tokens else at) - started), decode_time, finished.prompt_tokens, finished.cached_tokens)  # type: ignore[attr-defined]
         m.loads(s.tier or "hbm").inc()  # type: ignore[attr-defined]
         log_record(log, "served", {
             "request_id": request_id, "node": settings.node_id, "model": model,
@@ -157,6 +159,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         metrics.requests_waiting.labels(settings.node_id).set(snap.queue_depth)
         metrics.kv_cache_usage.labels(settings.node_id).set(snap.kv_usage)
         for m in snap.models:
+            metrics.set_model_state(settings.node_id, m.name, m.in_flight, m.queued, snap.kv_usage)
             for tier in ("hbm", "ddr", "loading", "cold"):
                 metrics.model_tier.labels(settings.node_id, m.name, tier).set(1.0 if m.tier == tier else 0.0)
 

@@ -718,6 +718,7 @@ def finish_record(record: RequestRecord, metrics: RouterMetrics, clock: Clock) -
         metrics.requests.labels(*labels, record.outcome).inc()
         if record.outcome == "ok":
             metrics.e2e.labels(*labels).observe(record.e2e)
+            metrics.vllm.served(record.model, record.finish_reason or "stop", record.prompt_tokens, record.completion_tokens)
     if record.outcome not in ("ok", "cancelled"):
         metrics.errors.labels(record.model or "-", record.error or record.outcome).inc()
     record.emit()

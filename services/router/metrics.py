@@ -1,4 +1,11 @@
-"""Router metrics: the client's view of latency, with vLLM's names under `tierflow_`.
+"""Router metrics: the client's view of latency, as `tierflow_*` and as vLLM's `vllm:*`.
+
+The request-level `vllm:*` metrics (tierflow.runtime.vllm_metrics says which tier has
+which) are recorded by the same calls as their `tierflow_*` twins: `labels()` of ttft,
+itl, e2e and the token counters hands out a child that records to both, so the
+dispatcher records once and the two can never disagree. `tierflow_*` keep finer buckets
+at the fast end (the emulator streams tokens a few ms apart), extended to vLLM's top
+bucket so long requests do not all land in +Inf; `vllm:*` use vLLM's buckets exactly.
 
 Labels are bounded: model and version come from the registry, node from heartbeats,
 tenant from configuration; nothing per request or per user ends up in a label. So each
@@ -17,12 +24,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tierflow.placement.admission import Admission
+from tierflow.runtime import vllm_metrics as vllm
 
 __all__ = ["RouterMetrics", "AdmissionCollector", "HttpServerCollector"]
 
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
+_TTFT_BUCKETS = vllm.TIME_TO_FIRST_TOKEN_BUCKETS
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, *vllm.INTER_TOKEN_LATENCY_BUCKETS[1:])
+_E2E_BUCKETS = (0.01, 0.05, 0.1, *vllm.REQUEST_LATENCY_BUCKETS)
 
 
 class _Children:
@@ -45,6 +53,78 @@ class _Children:
         return getattr(self._metric, name)
 
 
+class _Both:
+    """One label set's child of a `tierflow_*` metric and of its `vllm:*` alias."""
+
+    __slots__ = ("_ours", "_vllm")
+
+    def __init__(self, ours: Any, alias: Any) -> None:
+        self._ours = ours
+        self._vllm = alias
+
+    def observe(self, value: float) -> None:
+        self._ours.observe(value)
+        self._vllm.observe(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._ours.inc(amount)
+        self._vllm.inc(amount)
+
+
+class _Aliased(_Children):
+    """A `tierflow_*` metric labelled (model, version, tenant) whose children also record
+    to a `vllm:*` alias labelled by model_name alone."""
+
+    __slots__ = ("_alias", "_alias_children")
+
+    def __init__(self, metric: Any, alias: Any) -> None:
+        super().__init__(metric)
+        self._alias = alias
+        self._alias_children: dict[str, Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            model = values[0]
+            alias = self._alias_children.get(model)
+            if alias is None:
+                alias = self._alias_children[model] = self._alias.labels(model)
+            child = self._children[values] = _Both(self._metric.labels(*values), alias)
+        return child
+
+
+class _VllmRequests:
+    """vLLM's per-request counts that have no `tierflow_*` twin: finish reasons and token
+    counts per request (vLLM's heatmaps of prompt and generation length)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        model = (vllm.MODEL_LABEL,)
+        kw: dict[str, Any] = {"registry": registry}
+        self.success = Counter("vllm:request_success", "Count of successfully processed requests.", (*model, "finished_reason"), **kw)
+        self.prompt = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", model, buckets=vllm.REQUEST_TOKENS_BUCKETS, **kw)
+        self.generation = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.", model, buckets=vllm.REQUEST_TOKENS_BUCKETS, **kw)
+        self.max_generation = Histogram(
+            "vllm:request_max_num_generation_tokens", "Generation tokens of a request's longest choice.", model,
+            buckets=vllm.REQUEST_TOKENS_BUCKETS, **kw)  # fmt: skip
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+
+    def served(self, model: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """One request answered in full (the router's outcome "ok"); a request's choices are
+        one stream here, so its longest choice is its completion."""
+        key = (model, finish_reason)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.success.labels(model, finish_reason), self.prompt.labels(model),
+                self.generation.labels(model), self.max_generation.labels(model),
+            )  # fmt: skip
+        success, prompt, generation, max_generation = children
+        success.inc()
+        prompt.observe(prompt_tokens)
+        generation.observe(completion_tokens)
+        max_generation.observe(completion_tokens)
+
+
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         kw = {"registry": registry}
@@ -65,8 +145,18 @@ class RouterMetrics:
         self.peers = Gauge("tierflow_router_peers", "Routers on NATS (this one included) that split the tenants' limits", **kw)
         self.heartbeats_rejected = Counter(
             "tierflow_router_heartbeats_rejected", "Node heartbeats not believed, by reason (tierflow.placement.heartbeats.REASONS)", ("reason",), **kw)
+        model = (vllm.MODEL_LABEL,)
+        aliases = {
+            "ttft": Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", model, buckets=vllm.TIME_TO_FIRST_TOKEN_BUCKETS, **kw),
+            "itl": Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", model, buckets=vllm.INTER_TOKEN_LATENCY_BUCKETS, **kw),
+            "e2e": Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", model, buckets=vllm.REQUEST_LATENCY_BUCKETS, **kw),
+            "prompt_tokens": Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", model, **kw),
+            "completion_tokens": Counter("vllm:generation_tokens", "Number of generation tokens processed.", model, **kw),
+        }
+        self.vllm = _VllmRequests(registry)
         for name in ("ttft", "itl", "e2e", "requests", "errors", "prompt_tokens", "completion_tokens", "retries", "migrations", "routing", "tiers"):
-            setattr(self, name, _Children(getattr(self, name)))
+            metric = getattr(self, name)
+            setattr(self, name, _Aliased(metric, aliases[name]) if name in aliases else _Children(metric))
 
 
 class AdmissionCollector(Collector):
