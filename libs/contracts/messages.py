@@ -155,6 +155,12 @@ class GenerateRequest(Struct, kw_only=True):
     # Seconds the request may still take, counted from when the node receives it (0: no
     # deadline). Past it the node drops the work and answers `deadline_exceeded`.
     timeout_s: NonNegFloat = 0.0
+    # Structured output (a tool call's arguments, JSON a schema asked for): the whole
+    # completion's token ids, decided by the router from the request's seed
+    # (tierflow.rdu.structured). The node emits them, with its usual timing, instead of
+    # drawn words, and finishes when they end ("stop") or at max_tokens ("length").
+    # Empty: words drawn as usual.
+    output_token_ids: TokenIds = []
 
 
 class CancelRequest(Struct, kw_only=True):

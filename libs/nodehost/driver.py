@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.beat import LoadReport
 from tierflow.nodehost.routers import RouterLiveness
+from tierflow.nodehost.stops import StopMatcher
 from tierflow.rdu import (
     EngineRequest,
     kv_transfer_time,
@@ -79,6 +80,8 @@ class _Stream:
     held_ids: list[int] = field(default_factory=list)
     held_text: list[str] = field(default_factory=list)
     tokens_sent_at: float = -math.inf  # when its last Tokens message went out
+    stops: StopMatcher | None = None  # the request's stop strings (stops.py), if any
+    prompt_len: int = 0  # the prompt proper, for a Finished the driver makes (a stop string)
 
 
 class EngineDriver:
@@ -166,6 +169,7 @@ class EngineDriver:
             ignore_eos=request.ignore_eos,
             prefilled=bool(request.kv_source),
             resume_from=len(resumed),
+            output_token_ids=request.output_token_ids or None,
         )
         transfer = self._kv_transfer_seconds(request, len(prompt)) if request.kv_source else 0.0
         if transfer <= 0 and not await self._admit(engine_request, reply, now):
@@ -175,6 +179,7 @@ class EngineDriver:
             prompt_tokens=0 if request.kv_source else len(prompt),
             router=subjects.router_of_reply(reply),
             deadline=now + request.timeout_s if request.timeout_s > 0 else math.inf,
+            stops=StopMatcher(request.stop) if request.stop else None, prompt_len=len(request.prompt_token_ids),
         )
         if not await self._send(request.request_id, stream, messages.Accepted(request_id=request.request_id, node_id=self._node_id)):
             return
@@ -310,14 +315,25 @@ class EngineDriver:
                     stream.held_index = event.index  # type: ignore[attr-defined]
                     held[stream.request_id] = stream
                 stream.held_ids.append(event.token_id)  # type: ignore[attr-defined]
-                stream.held_text.append(event.text)  # type: ignore[attr-defined]
+                if stream.stops is None:
+                    stream.held_text.append(event.text)  # type: ignore[attr-defined]
+                    continue
+                text, hit = stream.stops.feed(event.text)  # type: ignore[attr-defined]
+                stream.held_text.append(text)
+                if hit:
+                    await self._stopped(stream, event.index + 1, now, t)  # type: ignore[attr-defined]
                 continue
             request_id = getattr(event, "request_id", "")
             stream = streams.get(request_id)
             if stream is None:
                 continue
+            if stream.stops and isinstance(event, RequestFinished) and stream.stops.pending:
+                if not stream.held_ids:  # the text held back goes out with no token of its own
+                    stream.held_index = stream.tokens
+                    held[request_id] = stream
+                stream.held_text.append(stream.stops.flush())
             # Tokens go out before a lifecycle event of the same request keeps order.
-            if stream.held_ids:
+            if stream.held_ids or stream.held_text:
                 del held[request_id]
                 await self._flush_tokens(stream, now)
             if isinstance(event, RequestStarted):
@@ -345,6 +361,23 @@ class EngineDriver:
                 continue
             stream.last_sent = now
             await self._send(request_id, stream, msg)
+
+    async def _stopped(self, stream: _Stream, completion_tokens: int, now: float, t: float) -> None:
+        """A stop string appeared: the tokens up to it go out, the engine drops the rest of
+        the request, and the stream ends as the engine would have ended it ("stop")."""
+        request_id = stream.request_id
+        del self._streams[request_id]
+        self._held.pop(request_id, None)
+        self.engine.cancel(request_id, now)
+        self._wake.set()
+        await self._flush_tokens(stream, now)
+        msg = messages.Finished(
+            request_id=request_id, finish_reason="stop", prompt_tokens=stream.prompt_len,
+            completion_tokens=completion_tokens, cached_tokens=stream.prefix_hit_tokens,
+        )
+        if self._on_finished is not None:
+            self._on_finished(request_id, stream, msg, t)
+        await self._send(request_id, stream, msg)
 
     async def _flush_held(self, now: float) -> float:
         """Send the held tokens that are due (see the module docstring); returns when the

@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from typing import Final, Literal
 
 from tierflow.tokenizer import OUTPUT_VOCAB, decode_output
+from tierflow.tokenizer.pieces import OutputTexts
 
 from .catalog import ModelSpec
 from .deployment import DeploymentConfig
@@ -323,8 +324,11 @@ class NodeEngine:
             self._weights.add(m.name, m.resident, tier=where)
 
         self._token_events = token_events
+        # Word ids index the vocabulary; a structured-output id decodes itself (pieces.py).
         self._texts = (
-            tuple(decode_output([i]) for i in range(len(OUTPUT_VOCAB))) if token_events else ()
+            OutputTexts((i, decode_output([i])) for i in range(len(OUTPUT_VOCAB)))
+            if token_events
+            else OutputTexts()
         )
         self._requests: dict[str, _Req] = {}
         self._n_waiting = 0
@@ -453,10 +457,13 @@ class NodeEngine:
         # Keyed by the prompt alone: a resumed request continues the same completion.
         plan_bytes = packed[: 4 * n] if resumed else packed
         natural, key = output_plan(m.name, request.seed, plan_bytes) if draws else (0, 0)
+        forced = request.output_token_ids
+        if forced:  # the router's plan (structured output): it ends where the plan does
+            natural = len(forced)
         reason: Literal["stop", "length", "prefill"]
         if max_tokens == 0:
             target, reason = 0, "prefill"
-        elif not request.ignore_eos and natural <= max_tokens:
+        elif (forced or not request.ignore_eos) and natural <= max_tokens:
             target, reason = natural, "stop"
         else:
             target, reason = max_tokens, "length"
@@ -468,6 +475,8 @@ class NodeEngine:
             elif run.renew:
                 run.cut(max(now, self._slice_end))  # the slice no longer renews unseen
         r = _Req(rid, m, n, max_tokens, now, target, reason, key, hashes, request.prefilled, resumed)
+        if forced:
+            r.tokens = forced
         m.waiting.append(r)
         self._requests[rid] = r
         self._n_waiting += 1
@@ -795,7 +804,7 @@ class NodeEngine:
     def _finish_prefill(self, m: _Model, work: _Work, events: list[EngineEvent]) -> None:
         t = work.end
         texts = self._texts
-        vocab = len(texts)
+        vocab = len(OUTPUT_VOCAB)
         for r in work.batch:
             if r.state == _DONE:  # cancelled while its prompt was being computed
                 continue
@@ -805,7 +814,8 @@ class NodeEngine:
                 self._finish(r, t, events)
                 continue
             if self._token_events:
-                r.tokens = completion_tokens(r.key, r.target, vocab)
+                if not r.tokens:  # else the plan the request brought
+                    r.tokens = completion_tokens(r.key, r.target, vocab)
                 tok = r.tokens[i]
                 events.append(TokenGenerated(r.id, t, i, tok, texts[tok]))
             r.generated = i = i + 1

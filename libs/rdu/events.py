@@ -67,6 +67,10 @@ class EngineRequest(msgspec.Struct):
     prefilled: bool = False  # KV arrived from a prefill node: charge only its write into HBM
     prompt_block_hashes: list[int] | None = None
     resume_from: int = 0
+    # The completion's token ids, decided by the caller (structured output: JSON a schema
+    # asked for), emitted in place of drawn ones; it ends with them ("stop") or at
+    # max_tokens ("length"). None: drawn as usual.
+    output_token_ids: list[int] | None = None
 
 
 class RequestRejected(Exception):

@@ -33,7 +33,7 @@ from typing import Any
 from tierflow.tokenizer import OUTPUT_VOCAB
 from tierflow.tokenizer.pieces import encode_pieces
 
-__all__ = ["Unsatisfiable", "unsupported", "instance", "structured_text", "structured_tokens", "rng_for"]
+__all__ = ["Unsatisfiable", "instance", "rng_for", "structured_text", "structured_tokens", "unsupported"]
 
 _SHALLOW = 4  # deeper than this, generate the least each schema allows
 _MAX_DEPTH = 48  # recursion that has not ended by here never will

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["PIECE_BASE", "PIECE_CHARS", "encode_pieces", "piece_text", "is_piece"]
+__all__ = ["PIECE_BASE", "PIECE_CHARS", "OutputTexts", "encode_pieces", "is_piece", "piece_text"]
 
 PIECE_BASE: Final = 1 << 31
 PIECE_CHARS: Final = 4
@@ -60,3 +60,11 @@ def piece_text(token_id: int) -> str:
     n = (token_id >> 28 & 3) + 1
     value = token_id & ((1 << 28) - 1)
     return "".join(chr(value >> (7 * (PIECE_CHARS - 1 - i)) & 0x7F) for i in range(n))
+
+
+class OutputTexts(dict[int, str]):
+    """Token id -> text for a node's engine: the word vocabulary, looked up like a tuple,
+    and any structured-output piece decoded on demand (not kept: ids are unbounded)."""
+
+    def __missing__(self, token_id: int) -> str:
+        return piece_text(token_id)

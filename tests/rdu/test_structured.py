@@ -7,8 +7,13 @@ import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from tierflow.rdu.structured import Unsatisfiable, instance, rng_for, structured_tokens, unsupported
+from tierflow.rdu.structured import (
+    Unsatisfiable,
+    instance,
+    rng_for,
+    structured_tokens,
+    unsupported,
+)
 from tierflow.tokenizer import decode_output
 
 WEATHER = {
