@@ -100,6 +100,7 @@ class GenerateParams:
     user: str = ""
     workload: str | None = None  # "interactive" | "batch" | None (the tenant's default)
     timeout: float | None = None  # seconds the client will wait (its header, its gRPC deadline); None: not said
+    output_token_ids: list[int] = field(default_factory=list)  # a planned completion (structured output); empty: drawn
 
 
 @dataclass(slots=True)
@@ -526,7 +527,7 @@ class Dispatcher:
                 prompt_token_ids=params.prompt_token_ids, max_tokens=max_tokens, seed=seed,
                 temperature=params.temperature, ignore_eos=params.ignore_eos, stop=params.stop, tenant=record.tenant,
                 session_id=record.session, attempt=attempt, resume_token_ids=list(progress.token_ids),
-                timeout_s=max(0.001, deadline - self._clock.monotonic()),
+                timeout_s=max(0.001, deadline - self._clock.monotonic()), output_token_ids=params.output_token_ids,
             )  # fmt: skip
             try:
                 deployment = self._models.deployment(view.deployment) if view is not None else None
