@@ -11,14 +11,17 @@ Per-token work is kept small: the JSON around a streamed token is built once per
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
+import random
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -31,7 +34,8 @@ from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.http_server import Request, Response, StreamingResponse
 from tierflow.services.router.metrics import RouterMetrics
-from tierflow.services.router.openai_schema import ChatCompletionRequest, CompletionRequest, chat_decoder, check_limits, completion_decoder
+from tierflow.services.router.openai_schema import ChatCompletionRequest, CompletionRequest, chat_decoder, check_limits, check_supported, completion_decoder
+from tierflow.services.router.structured_output import OutputPlan, chat_logprobs, check_schemas, completion_logprobs, plan
 from tierflow.services.router.openapi import openapi_json
 from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.placement import Tenant
@@ -201,6 +205,9 @@ class OpenAIApi:
             body = self._parse(request.body, chat)
             record.stream = body.stream
             params = await self._params(body, request_id, chat, request, tenant)
+            logprobs = body.logprobs if chat else body.logprobs is not None
+            if body.n > 1 or logprobs or (chat and (body.tools or body.response_format is not None)):
+                return await self._generate_choices(body, params, record, chat)
             events = self._dispatcher.generate(params, record)
             self._metrics.in_flight.inc()
             if body.stream:
@@ -220,9 +227,11 @@ class OpenAIApi:
             raise _invalid_body(exc) from None
         except RecursionError:  # msgspec's own guard, anywhere in the body (unknown fields too)
             raise InvalidRequest("The request body nests JSON too deeply") from None
-        too_deep = check_limits(body)
+        too_deep = check_limits(body) or check_supported(body)
         if too_deep is not None:
             raise InvalidRequest(too_deep[1], param=too_deep[0])
+        if isinstance(body, ChatCompletionRequest):
+            check_schemas(body)
         if body.stream_options is not None and not body.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         return body
@@ -358,6 +367,191 @@ class OpenAIApi:
         headers = (("cache-control", "no-cache"), *_record_headers(record))
         return StreamingResponse(200, chunks(), headers=headers)
 
+    # ----------------------------------------------------------------- rich answers
+
+    async def _generate_choices(self, body: Any, params: GenerateParams, record: RequestRecord, chat: bool) -> Response | StreamingResponse:
+        """`n` choices, tool calls, JSON a schema asks for, log-probabilities: each choice a
+        generation of its own (seed + index; choice i > 0 logged as `<id>-i`), planned by
+        structured_output.plan. Unstreamed, the choices run at once; streamed, one after
+        the other (each choice's chunks carry its index, as clients expect either way)."""
+        seed = params.seed if params.seed is not None else random.getrandbits(31)
+        params.seed = seed
+        plans = [plan(body, seed, i) if chat else OutputPlan() for i in range(body.n)]
+        choices: list[_Choice] = []
+        for i, p in enumerate(plans):
+            rec = record if i == 0 else RequestRecord(request_id=f"{record.request_id}-{i}", api=record.api, arrived=record.arrived, stream=body.stream)
+            cp = replace(params, request_id=rec.request_id, seed=seed + i, output_token_ids=p.token_ids)
+            choices.append(_Choice(i, p, rec, seed + i, self._dispatcher.generate(cp, rec)))
+        self._metrics.in_flight.inc()
+        if body.stream:
+            return await self._stream_choices(body, choices, chat)
+        return await self._complete_choices(body, choices, chat)
+
+    async def _run_choice(self, c: _Choice) -> None:
+        try:
+            async with aclosing(c.events):
+                async for event in c.events:
+                    if type(event) is messages.Tokens:
+                        c.texts.append(event.text)
+                        c.ids.extend(event.token_ids)
+        except TierflowError as exc:
+            c.record.failed(exc)
+            raise
+        except BaseException:
+            c.record.cancelled()
+            raise
+        finally:
+            finish_record(c.record, self._metrics, self._clock)
+
+    def _choices_usage(self, choices: list[_Choice]) -> dict[str, Any]:
+        first = choices[0].record
+        completion = sum(c.record.completion_tokens for c in choices)
+        return {
+            "prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": first.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": first.prefix_hit_tokens},
+        }
+
+    async def _complete_choices(self, body: Any, choices: list[_Choice], chat: bool) -> Response:
+        tasks = [asyncio.ensure_future(self._run_choice(c)) for c in choices]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        finally:
+            self._metrics.in_flight.dec()
+        for task in tasks:
+            exc = task.exception() if not task.cancelled() else None
+            if isinstance(exc, TierflowError):
+                return error_response(exc)
+            if exc is not None:
+                raise exc
+        out = []
+        for c in choices:
+            text = "".join(c.texts)
+            finish = c.record.finish_reason
+            if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if c.plan.kind == "tool":
+                    message = {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": c.plan.call_id, "type": "function", "function": {"name": c.plan.tool, "arguments": text}}]}
+                    finish = "tool_calls" if finish == "stop" else finish
+                logprobs = {"content": chat_logprobs(c.ids, 0, c.seed, body.top_logprobs or 0), "refusal": None} if body.logprobs else None
+                out.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            else:
+                logprobs = completion_logprobs(c.ids, 0, 0, c.seed, body.logprobs) if body.logprobs is not None else None
+                out.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        record = choices[0].record
+        payload = {
+            "id": record.request_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": body.model, "system_fingerprint": f"tierflow-{record.version}", "choices": out, "usage": self._choices_usage(choices),
+        }
+        return Response(200, _encode(payload), headers=_record_headers(record))
+
+    async def _stream_choices(self, body: Any, choices: list[_Choice], chat: bool) -> Response | StreamingResponse:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        record = choices[0].record
+        head = choices[0]
+        try:
+            first = await anext(head.events)
+        except TierflowError as exc:
+            self._metrics.in_flight.dec()
+            await head.events.aclose()
+            record.failed(exc)
+            finish_record(record, self._metrics, self._clock)
+            return error_response(exc)
+        except BaseException:
+            self._metrics.in_flight.dec()
+            await head.events.aclose()
+            record.cancelled()
+            finish_record(record, self._metrics, self._clock)
+            raise
+        top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
+
+        def frame(choice: dict[str, Any] | None, usage: bool = False) -> bytes:
+            chunk: dict[str, Any] = {"id": record.request_id, "object": obj, "created": created, "model": body.model,
+                                     "system_fingerprint": f"tierflow-{record.version}", "choices": [choice] if choice else []}
+            if include_usage:
+                chunk["usage"] = self._choices_usage(choices) if usage else None
+            return b"data: " + _encode(chunk) + b"\n\n"
+
+        def opening(c: _Choice) -> bytes:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""}
+            if c.plan.kind == "tool":
+                delta = {"role": "assistant", "content": None, "tool_calls": [
+                    {"index": 0, "id": c.plan.call_id, "type": "function", "function": {"name": c.plan.tool, "arguments": ""}}]}
+            return frame({"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None})
+
+        def tokens(c: _Choice, event: messages.Tokens) -> bytes:
+            start = len(c.ids)
+            c.ids.extend(event.token_ids)
+            if chat:
+                delta: dict[str, Any] = {"content": event.text}
+                if c.plan.kind == "tool":
+                    delta = {"tool_calls": [{"index": 0, "function": {"arguments": event.text}}]}
+                logprobs = {"content": chat_logprobs(event.token_ids, start, c.seed, top), "refusal": None} if body.logprobs else None
+                return frame({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": None})
+            logprobs = completion_logprobs(event.token_ids, start, c.offset, c.seed, top) if body.logprobs is not None else None
+            c.offset += len(event.text)
+            return frame({"index": c.index, "text": event.text, "logprobs": logprobs, "finish_reason": None})
+
+        def closing(c: _Choice) -> bytes:
+            finish = c.record.finish_reason
+            if c.plan.kind == "tool" and finish == "stop":
+                finish = "tool_calls"
+            choice: dict[str, Any] = {"index": c.index, "logprobs": None, "finish_reason": finish}
+            if chat:
+                choice["delta"] = {}
+            else:
+                choice["text"] = ""
+            return frame(choice)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            current = head
+            try:
+                for c in choices:
+                    current = c
+                    async with aclosing(c.events):
+                        event: messages.Tokens | messages.Finished = first if c is head else await anext(c.events)
+                        if chat:
+                            yield opening(c)
+                        while True:
+                            if type(event) is messages.Tokens:
+                                yield tokens(c, event)
+                            else:
+                                yield closing(c)
+                                break
+                            event = await anext(c.events)
+                    if c is not head:
+                        finish_record(c.record, self._metrics, self._clock)
+                if include_usage:
+                    yield frame(None, usage=True)
+                yield _DONE
+            except TierflowError as exc:
+                current.record.failed(exc)
+                if current is not head:
+                    finish_record(current.record, self._metrics, self._clock)
+                yield b"data: " + _encode({"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}) + b"\n\n"
+            except BaseException:
+                current.record.cancelled()
+                if current is not head:
+                    finish_record(current.record, self._metrics, self._clock)
+                raise
+            finally:
+                self._metrics.in_flight.dec()
+                finish_record(record, self._metrics, self._clock)
+
+        headers = (("cache-control", "no-cache"), *_record_headers(record))
+        return StreamingResponse(200, chunks(), headers=headers)
+
     # ----------------------------------------------------------------- catalog & ops
 
     def _model_obj(self, name: str) -> dict[str, Any]:
@@ -391,6 +585,20 @@ class OpenAIApi:
 
     async def _openapi(self, request: Request) -> Response:
         return Response(200, openapi_json())
+
+
+@dataclass(slots=True, eq=False)
+class _Choice:
+    """One choice of a rich answer: its plan, record, seed and stream, and what came."""
+
+    index: int
+    plan: OutputPlan
+    record: RequestRecord
+    seed: int
+    events: AsyncIterator[messages.Tokens | messages.Finished]
+    texts: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    offset: int = 0  # text offset of the next token (legacy completions' logprobs)
 
 
 class _NotFound(TierflowError):

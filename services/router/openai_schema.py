@@ -32,6 +32,9 @@ __all__ = [
     "Tool",
     "LIMITS",
     "check_limits",
+    "check_supported",
+    "ResponseFormat",
+    "NamedToolChoice",
 ]
 
 # One place for every bound (README "Hostile input" lists them).
@@ -48,11 +51,14 @@ MAX_TOOL_DESCRIPTION_CHARS = 1 << 16
 MAX_LOGIT_BIAS = 300
 MAX_TOKENS = 1 << 24  # above any context; the model's own limit is checked per request
 MAX_JSON_DEPTH = 32  # free-form JSON (a tool's `parameters`) may nest this deep
+MAX_CHOICES = 16  # `n`: each choice is a generation of its own
+MAX_TOP_LOGPROBS = 20  # vLLM's and OpenAI's chat limit
 LIMITS: dict[str, int] = {
     "messages": MAX_MESSAGES, "content_parts": MAX_CONTENT_PARTS, "text_chars": MAX_TEXT_CHARS,
     "stop": MAX_STOP, "stop_chars": MAX_STOP_CHARS, "prompt_token_ids": MAX_PROMPT_IDS,
     "name_chars": MAX_NAME_CHARS, "user_chars": MAX_USER_CHARS, "tools": MAX_TOOLS,
     "logit_bias": MAX_LOGIT_BIAS, "max_tokens": MAX_TOKENS, "json_depth": MAX_JSON_DEPTH,
+    "n": MAX_CHOICES, "top_logprobs": MAX_TOP_LOGPROBS,
 }
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
@@ -70,21 +76,44 @@ class StreamOptions(Struct):
 
 
 class ContentPart(Struct):
+    """Only text parts are served: any other type (image_url, input_audio, file) is a 400
+    naming it (`check_supported`), never silently left out of the prompt."""
+
     type: Name
     text: Text = ""
+
+
+class FunctionCall(Struct):
+    name: Name
+    arguments: Text = ""
+
+
+class ToolCall(Struct):
+    """A tool call of an earlier assistant turn (agent history)."""
+
+    function: FunctionCall
+    id: Name = ""
+    type: Literal["function"] = "function"
 
 
 class ChatMessage(Struct):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Text | Annotated[list[ContentPart], Meta(max_length=MAX_CONTENT_PARTS)] | None = None
     name: Name | None = None
+    tool_calls: Annotated[list[ToolCall], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: Name | None = None
 
     def text(self) -> str:
+        """What the prompt holds of this message: its text, then its tool calls."""
         if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content if p.type == "text")
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            text = "".join(p.text for p in self.content if p.type == "text")
+        if self.tool_calls:
+            text += "".join(f"<tool_call>{c.function.name}({c.function.arguments})</tool_call>" for c in self.tool_calls)
+        return text
 
 
 class FunctionDefinition(Struct):
@@ -95,7 +124,8 @@ class FunctionDefinition(Struct):
 
 
 class Tool(Struct):
-    """Accepted so clients that always send tools work; the emulator calls none."""
+    """A function the model may call: the emulator answers with a call whose arguments
+    validate against `parameters` (see services/router/structured_output.py)."""
 
     function: FunctionDefinition
     type: Literal["function"] = "function"
@@ -106,23 +136,50 @@ class _Sampling(Struct, kw_only=True):
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    n: Annotated[int, Meta(ge=1, le=1)] = 1  # one choice per request; n > 1 is refused, not ignored
+    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopText | Annotated[list[StopText], Meta(max_length=MAX_STOP)] | None = None
     seed: Int64 | None = None
     user: Annotated[str, Meta(max_length=MAX_USER_CHARS)] | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks, replay)
-    # Accepted and bounded, not applied (the emulator's sampling has no logits to bias).
+    # Bounded, and refused unless they ask for nothing (`check_supported`): the emulator's
+    # sampling has no logits to bias or penalise, and a parameter is never silently dropped.
     logit_bias: Annotated[dict[str, Annotated[float, Meta(ge=-100, le=100)]], Meta(max_length=MAX_LOGIT_BIAS)] | None = None
     presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+
+
+class NamedFunction(Struct):
+    name: Name
+
+
+class NamedToolChoice(Struct):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+class JsonSchemaFormat(Struct):
+    name: Annotated[str, Meta(max_length=MAX_NAME_CHARS)] = "response"
+    schema: dict[str, Any] | None = None  # free-form, so depth-checked
+    description: Annotated[str, Meta(max_length=MAX_TOOL_DESCRIPTION_CHARS)] = ""
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: PositiveInt | None = None
     tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # one call per answer either way
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -130,6 +187,9 @@ class CompletionRequest(_Sampling, kw_only=True):
     # unions may hold only one array type).
     prompt: Text | Annotated[list[Text | TokenId], Meta(min_length=1, max_length=MAX_PROMPT_IDS)]
     echo: Literal[False] = False
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    suffix: None = None  # insertion is not served: a suffix is a 400, not ignored
+    best_of: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = None  # only equal to n (no ranking)
 
     def prompt_input(self) -> str | list[int]:
         """The prompt as text or as token ids; ValueError says what shape is wrong."""
@@ -171,6 +231,42 @@ def check_limits(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, 
             if parameters is not None and _too_deep(parameters, MAX_JSON_DEPTH):
                 return (f"tools[{i}].function.parameters",
                         f"tools[{i}].function.parameters nests deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(body, ChatCompletionRequest) and body.response_format is not None and body.response_format.json_schema is not None:
+        schema = body.response_format.json_schema.schema
+        if schema is not None and _too_deep(schema, MAX_JSON_DEPTH):
+            return ("response_format.json_schema.schema", f"response_format.json_schema.schema nests deeper than {MAX_JSON_DEPTH} levels")
+    return None
+
+
+def check_supported(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, str] | None:
+    """(param, message) of the first field the fabric cannot honour, or None: such a
+    field is a 400 naming it, never accepted and silently dropped (issue 20)."""
+    if body.logit_bias:
+        return "logit_bias", "logit_bias is not supported: the emulated models sample no logits to bias (send none or {})"
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            return name, f"{name} is not supported: the emulated models sample no logits to penalise (send 0 or none)"
+    if isinstance(body, CompletionRequest):
+        if body.best_of is not None and body.best_of != body.n:
+            return "best_of", "best_of other than n is not supported (no ranking of candidates)"
+        return None
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.type != "text":
+                    return (f"messages[{i}].content[{j}].type",
+                            f"content parts of type {part.type!r} are not supported: the served models take text only")
+    names = [tool.function.name for tool in body.tools or ()]
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        return "tool_choice", f"tool_choice names the function {choice.function.name!r}, which is not among tools"
+    if choice == "required" and not names:
+        return "tool_choice", "tool_choice is 'required' but no tools are given"
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema is None):
+        return "response_format.json_schema.schema", "response_format of type json_schema needs json_schema.schema"
+    if body.top_logprobs and not body.logprobs:
+        return "top_logprobs", "top_logprobs needs logprobs: true"
     return None
 
 
