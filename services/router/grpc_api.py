@@ -19,7 +19,8 @@ from tierflow.runtime.grpc_server import start_grpc_server
 from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.metrics import RouterMetrics
-from tierflow.services.router.openai_schema import MAX_MESSAGES, MAX_NAME_CHARS, MAX_USER_CHARS
+from tierflow.services.router.openai_schema import MAX_MESSAGES, MAX_NAME_CHARS, MAX_STOP, MAX_STOP_CHARS, MAX_USER_CHARS
+from tierflow.services.router.structured_output import OutputPlan, grpc_plan
 from tierflow.placement import Tenant
 from tierflow.tokenizer import render_chat
 from tierflow.v1 import inference_pb2 as pb
@@ -81,9 +82,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             seed=request.seed if request.HasField("seed") else None,
             temperature=request.temperature if request.HasField("temperature") else 1.0,
             ignore_eos=request.ignore_eos, session_header=request.session_id, user=request.user, timeout=timeout, tenant=tenant,
+            stop=list(request.stop),
         )
 
-    async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[messages.Tokens | messages.Finished, RequestRecord]]:
+    async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[messages.Tokens | messages.Finished, RequestRecord, OutputPlan]]:
         request_id = f"gen-{uuid.uuid4().hex}"
         record = RequestRecord(request_id=request_id, api="grpc", arrived=self._clock.monotonic(), stream=True)
         self._metrics.in_flight.inc()
@@ -92,10 +94,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             tenant = self._dispatcher.authenticate(bearer_token(metadata.get("authorization")))
             remaining = context.time_remaining()  # the client's gRPC deadline, None without one
             params = await self._params(request, request_id, tenant, remaining if remaining is not None and remaining > 0 else None)
+            if len(request.stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in request.stop):
+                raise InvalidRequest(f"at most {MAX_STOP} stop strings of {MAX_STOP_CHARS} characters", param="stop")
+            plan = grpc_plan(request, params)  # tools / response_format: sets params' seed and planned tokens
             events = self._dispatcher.generate(params, record)
             async with aclosing(events):
                 async for event in events:
-                    yield event, record
+                    yield event, record, plan
         except TierflowError as exc:
             record.failed(exc)
             await context.abort(STATUS_BY_HTTP.get(exc.http_status, grpc.StatusCode.INTERNAL), exc.message)
@@ -114,18 +119,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        async for event, record in self._events(request, context):
+        arguments: list[str] = []
+        async for event, record, plan in self._events(request, context):
             if type(event) is messages.Tokens:
+                if plan.kind == "tool":
+                    arguments.append(event.text)
                 yield pb.GenerateResponse(id=record.request_id, model=record.model, text=event.text, token_ids=event.token_ids, node_id=record.node, model_version=record.version)
             else:
-                yield pb.GenerateResponse(id=record.request_id, model=record.model, finish_reason=event.finish_reason, usage=self._usage(record), node_id=record.node, model_version=record.version)
+                call = pb.ToolCall(id=plan.call_id, name=plan.tool, arguments="".join(arguments)) if plan.kind == "tool" else None
+                finish = "tool_calls" if call is not None and event.finish_reason == "stop" else event.finish_reason
+                yield pb.GenerateResponse(id=record.request_id, model=record.model, finish_reason=finish, usage=self._usage(record), node_id=record.node, model_version=record.version, tool_call=call)
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         texts: list[str] = []
         ids: list[int] = []
         final: RequestRecord | None = None
         finish = ""
-        async for event, record in self._events(request, context):
+        plan = OutputPlan()
+        async for event, record, plan in self._events(request, context):
             final = record
             if type(event) is messages.Tokens:
                 texts.append(event.text)
@@ -133,7 +144,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             else:
                 finish = event.finish_reason
         assert final is not None  # _events yields Finished or aborts
-        return pb.GenerateResponse(id=final.request_id, model=final.model, text="".join(texts), token_ids=ids, finish_reason=finish, usage=self._usage(final), node_id=final.node, model_version=final.version)
+        call = pb.ToolCall(id=plan.call_id, name=plan.tool, arguments="".join(texts)) if plan.kind == "tool" else None
+        finish = "tool_calls" if call is not None and finish == "stop" else finish
+        return pb.GenerateResponse(id=final.request_id, model=final.model, text="".join(texts), token_ids=ids, finish_reason=finish, usage=self._usage(final), node_id=final.node, model_version=final.version, tool_call=call)
 
 
 async def start_grpc(

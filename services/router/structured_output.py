@@ -21,11 +21,13 @@ the output vocabulary with lower values.
 
 from __future__ import annotations
 
+import random
 import zlib
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
 from tierflow.rdu.structured import (
     Unsatisfiable,
     rng_for,
@@ -35,11 +37,24 @@ from tierflow.rdu.structured import (
 from tierflow.runtime.errors import InvalidRequest
 from tierflow.services.router.openai_schema import (
     ChatCompletionRequest,
+    ChatMessage,
     NamedToolChoice,
+    ResponseFormat,
+    Tool,
+    check_limits,
+    check_supported,
 )
 from tierflow.tokenizer import OUTPUT_VOCAB, decode_output
 
-__all__ = ["OutputPlan", "call_id", "chat_logprobs", "check_schemas", "completion_logprobs", "plan"]
+__all__ = [
+    "OutputPlan",
+    "call_id",
+    "chat_logprobs",
+    "check_schemas",
+    "completion_logprobs",
+    "grpc_plan",
+    "plan",
+]
 
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -163,3 +178,41 @@ def completion_logprobs(token_ids: list[int], start: int, offset: int, seed: int
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+
+_GRPC_FIELDS: dict[str, Any] = {
+    "tools": list[Tool],
+    "tool_choice": Literal["none", "auto", "required"] | NamedToolChoice,
+    "response_format": ResponseFormat,
+}
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def grpc_plan(request: Any, params: Any) -> OutputPlan:
+    """The gRPC twin of `plan`: the request's `tools_json`, `tool_choice_json` and
+    `response_format_json` read as the OpenAI fields of the same names (and checked the
+    same way); `params` (GenerateParams) gets the seed, drawn when not given, and the
+    planned tokens."""
+    if not (request.tools_json or request.response_format_json):
+        return OutputPlan()
+    fields: dict[str, Any] = {}
+    for name, kind in _GRPC_FIELDS.items():
+        raw = getattr(request, f"{name}_json")
+        if raw:
+            try:
+                fields[name] = msgspec.json.decode(raw, type=kind)
+            except (msgspec.MsgspecError, RecursionError) as exc:
+                raise InvalidRequest(f"{name}_json is not a valid OpenAI `{name}`: {exc}", param=f"{name}_json") from None
+    chat = request.messages.messages if request.WhichOneof("input") == "messages" else ()
+    last_role = chat[-1].role if chat and chat[-1].role in _ROLES else "user"
+    body = ChatCompletionRequest(model=params.model, messages=[ChatMessage(role=last_role)], **fields)
+    problem = check_limits(body) or check_supported(body)
+    if problem is not None:
+        raise InvalidRequest(problem[1], param=problem[0] + "_json" if problem[0] in _GRPC_FIELDS else problem[0])
+    check_schemas(body)
+    if params.seed is None:
+        params.seed = random.getrandbits(31)
+    out = plan(body, params.seed, 0)
+    params.output_token_ids = out.token_ids
+    return out

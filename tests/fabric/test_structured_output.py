@@ -145,3 +145,30 @@ def test_what_cannot_be_honoured_is_a_400_naming_it(client: openai.OpenAI, extra
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(**body)
     assert err.value.body["param"] == param
+
+
+def test_over_grpc_tools_schema_and_stop(fabric) -> None:
+    import grpc
+    from tierflow.v1 import inference_pb2 as pb
+    from tierflow.v1 import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"{fabric.host}:{fabric.grpc_port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Weather in Paris?")])
+        req = pb.GenerateRequest(model=MODEL, messages=chat, max_tokens=400, seed=4, tools_json=json.dumps(TOOLS), tool_choice_json='"required"')
+        unary = stub.GenerateUnary(req, timeout=30)
+        assert unary.finish_reason == "tool_calls" and unary.tool_call.id.startswith("call_")
+        jsonschema.validate(json.loads(unary.tool_call.arguments), SCHEMAS[unary.tool_call.name])
+        chunks = list(stub.Generate(req, timeout=30))
+        assert "".join(c.text for c in chunks) == unary.tool_call.arguments
+        assert chunks[-1].tool_call.arguments == unary.tool_call.arguments and chunks[-1].finish_reason == "tool_calls"
+        fmt = json.dumps({"type": "json_schema", "json_schema": {"name": "b", "schema": BOOKING}})
+        content = stub.GenerateUnary(pb.GenerateRequest(model=MODEL, messages=chat, max_tokens=400, seed=4, response_format_json=fmt), timeout=30)
+        jsonschema.validate(json.loads(content.text), BOOKING)
+        free = stub.GenerateUnary(pb.GenerateRequest(model=MODEL, prompt="Once", max_tokens=30, seed=6, ignore_eos=True), timeout=30).text
+        stop = free.split(" ")[4]
+        cut = stub.GenerateUnary(pb.GenerateRequest(model=MODEL, prompt="Once", max_tokens=30, seed=6, ignore_eos=True, stop=[stop]), timeout=30)
+        assert cut.text == free[: free.index(stop)] and cut.finish_reason == "stop"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GenerateUnary(pb.GenerateRequest(model=MODEL, prompt="x", tools_json="[{]"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools_json" in err.value.details()
