@@ -48,16 +48,55 @@ class Usage(Struct):
     prompt_tokens_details: PromptTokensDetails
 
 
+class CalledFunction(Struct):
+    name: str
+    arguments: str  # JSON valid against the tool's `parameters`
+
+
+class ToolCallOut(Struct):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(Struct):
+    """`content` is null when the answer is a tool call (`tool_calls`, finish_reason `tool_calls`)."""
+
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class ChatChoice(Struct):
     index: int
     message: AssistantMessage
-    logprobs: None
-    finish_reason: str
+    logprobs: ChatLogprobs | None  # with `logprobs: true`
+    finish_reason: str  # stop | length | tool_calls
 
 
 class ChatCompletion(Struct):
@@ -73,7 +112,7 @@ class ChatCompletion(Struct):
 class CompletionChoice(Struct):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None  # with `logprobs: <int>`
     finish_reason: str
 
 
@@ -87,15 +126,23 @@ class Completion(Struct):
     usage: Usage
 
 
+class ToolCallDelta(Struct):
+    index: int
+    function: dict[str, str]  # the first: name and arguments ""; then arguments as they come
+    id: str | None = None
+    type: Literal["function"] | None = None
+
+
 class Delta(Struct):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(Struct):
     index: int
     delta: Delta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: str | None
 
 
@@ -113,7 +160,7 @@ class ChatCompletionChunk(Struct):
 class CompletionChunkChoice(Struct):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: str | None
 
 
