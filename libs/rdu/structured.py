@@ -37,6 +37,8 @@ __all__ = ["Unsatisfiable", "instance", "rng_for", "structured_text", "structure
 
 _SHALLOW = 4  # deeper than this, generate the least each schema allows
 _MAX_DEPTH = 48  # recursion that has not ended by here never will
+_MAX_VALUES = 20_000  # values in one instance: a schema asking for more is refused
+_MAX_STRING = 1 << 16  # characters of one string (minLength)
 _UNSUPPORTED = (
     "pattern", "patternProperties", "not", "if", "then", "else", "dependentSchemas",
     "dependentRequired", "contains", "propertyNames", "unevaluatedProperties",
@@ -108,11 +110,15 @@ class _Gen:
     def __init__(self, root: Any, rng: random.Random) -> None:
         self.root = root
         self.rng = rng
+        self.budget = _MAX_VALUES  # a hostile minItems/minProperties must not cost unbounded work
 
     # ------------------------------------------------------------------ dispatch
     def value(self, schema: Any, depth: int) -> Any:
         if depth > _MAX_DEPTH:
             raise Unsatisfiable("the schema recurses without end (a required property or item refers back to itself)")
+        self.budget -= 1
+        if self.budget < 0:
+            raise Unsatisfiable(f"the schema asks for an instance of more than {_MAX_VALUES} values")
         if schema is True or schema == {}:
             return self.words(1, 3)
         if schema is False:
@@ -228,6 +234,8 @@ class _Gen:
 
     def gen_string(self, schema: dict[str, Any], depth: int) -> str:
         lo = int(schema.get("minLength", 0))
+        if lo > _MAX_STRING:
+            raise Unsatisfiable(f"minLength {lo} is more than {_MAX_STRING} characters")
         hi = schema.get("maxLength")
         if hi is not None and int(hi) < lo:
             raise Unsatisfiable(f"maxLength {hi} < minLength {lo}")

@@ -99,3 +99,10 @@ def test_contradictions_are_unsatisfiable() -> None:
                    {"$ref": "#/$defs/a", "$defs": {"a": {"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "required": ["a"]}}}):
         with pytest.raises(Unsatisfiable):
             instance(schema, rng_for(1))
+
+
+def test_hostile_sizes_are_refused_not_built() -> None:
+    for schema in ({"type": "array", "minItems": 10**9}, {"type": "string", "minLength": 10**9},
+                   {"type": "object", "minProperties": 10**9}):
+        with pytest.raises(Unsatisfiable):
+            instance(schema, rng_for(1))
