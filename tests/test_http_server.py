@@ -128,10 +128,10 @@ def post(path: str, body: bytes, extra: str = "") -> bytes:
     return head.encode() + body
 
 
-def assert_openai_error(body: bytes, kind: str = "invalid_request_error") -> str:
+def assert_openai_error(body: bytes, kind: str = "invalid_request_error", code: str | None = None) -> str:
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == kind and error["param"] is None and error["code"] is None
+    assert error["type"] == kind and error["param"] is None and error["code"] == code
     assert error["message"]
     return str(error["message"])
 
@@ -308,7 +308,7 @@ async def test_stream_failing_before_its_first_chunk_gives_500(start: Start) -> 
     raw.send(get("/s"))
     status, _, body = await raw.response()
     assert status == 500
-    assert_openai_error(body, "server_error")
+    assert_openai_error(body, "server_error", "internal_error")
     raw.send(get("/ok"))
     assert (await raw.response())[0] == 200
     await raw.close()
@@ -534,7 +534,7 @@ async def test_handler_exception_gives_500_and_the_connection_survives(
         raw.send(get("/boom"))
         status, headers, body = await raw.response()
     assert status == 500 and "connection" not in headers
-    assert_openai_error(body, "server_error")
+    assert_openai_error(body, "server_error", "internal_error")
     assert any(r.exc_info and "kaboom" in str(r.exc_info[1]) for r in caplog.records)
     raw.send(get("/fine"))  # same connection
     status, _, body = await raw.response()
@@ -608,7 +608,7 @@ async def test_connections_over_the_limit_get_503_and_a_closed_one_frees_its_slo
         over.send(get("/never-parsed"))
         status, headers, body = await over.response()
         assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
-        assert "limit of 2 open connections" in assert_openai_error(body, "service_unavailable")
+        assert "limit of 2 open connections" in assert_openai_error(body, "server_error", "too_many_connections")
         assert await over.at_eof()
         assert calls == 1 and server.refused_connections == 1  # type: ignore[attr-defined]
         served.send(get("/again"))  # the two admitted connections are unaffected

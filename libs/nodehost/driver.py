@@ -33,6 +33,8 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import Span, StatusCode
+
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.beat import LoadReport
 from tierflow.nodehost.routers import RouterLiveness
@@ -82,6 +84,22 @@ class _Stream:
     tokens_sent_at: float = -math.inf  # when its last Tokens message went out
     stops: StopMatcher | None = None  # the request's stop strings (stops.py), if any
     prompt_len: int = 0  # the prompt proper, for a Finished the driver makes (a stop string)
+    span: Span | None = None  # the request's node span (only when traces are exported): ended with the stream
+
+
+def _end_span(span: Span | None, error: str = "", finished: messages.Finished | None = None) -> None:
+    """End a request's node span: after its last token (`finished`), or at its refusal,
+    drop or cancel (`error`, the span's `error.type`)."""
+    if span is None:
+        return
+    if finished is not None:
+        span.set_attribute("gen_ai.usage.output_tokens", finished.completion_tokens)
+        span.set_attribute("gen_ai.usage.cache_read.input_tokens", finished.cached_tokens)
+        span.set_attribute("gen_ai.response.finish_reasons", [finished.finish_reason])
+    if error:
+        span.set_attribute("error.type", error)
+        span.set_status(StatusCode.ERROR)
+    span.end()
 
 
 class EngineDriver:
@@ -142,8 +160,9 @@ class EngineDriver:
             queued_prompt_tokens=sum(s.prompt_tokens for s in self._streams.values() if not s.started),
         )
 
-    async def submit(self, request: messages.GenerateRequest, reply: str) -> None:
-        """Queue a request, or answer at once with why it cannot be served.
+    async def submit(self, request: messages.GenerateRequest, reply: str, span: Span | None = None) -> None:
+        """Queue a request, or answer at once with why it cannot be served. `span`, the
+        request's node span, ends with its stream (after the last token) or its refusal.
 
         A request whose KV was computed by a prefill node (`kv_source`) first waits for
         that KV to cross the link between the nodes, at the profile's inter-node
@@ -154,6 +173,7 @@ class EngineDriver:
         if existing is not None:
             if existing.reply == reply:
                 await self._send_once(reply, messages.Failed(request_id=request.request_id, code="duplicate_request", message="a request with this id is already in flight on this node", retryable=False))
+                _end_span(span, "duplicate_request")
                 return
             # The router resumed this request on a new attempt (its own reply subject): it has
             # given up on the old stream, whose cancel may have been lost with our link.
@@ -173,12 +193,13 @@ class EngineDriver:
         )
         transfer = self._kv_transfer_seconds(request, len(prompt)) if request.kv_source else 0.0
         if transfer <= 0 and not await self._admit(engine_request, reply, now):
+            _end_span(span, "rejected")
             return
         stream = self._streams[request.request_id] = _Stream(
             request_id=request.request_id, reply=reply, model=request.model, received_at=now, last_sent=now,
             prompt_tokens=0 if request.kv_source else len(prompt),
             router=subjects.router_of_reply(reply),
-            deadline=now + request.timeout_s if request.timeout_s > 0 else math.inf,
+            deadline=now + request.timeout_s if request.timeout_s > 0 else math.inf, span=span,
             stops=StopMatcher(request.stop) if request.stop else None, prompt_len=len(request.prompt_token_ids),
         )
         if not await self._send(request.request_id, stream, messages.Accepted(request_id=request.request_id, node_id=self._node_id)):
@@ -225,6 +246,7 @@ class EngineDriver:
         self._held.pop(request_id, None)
         self.engine.cancel(request_id, self._clock.monotonic())
         self._wake.set()
+        _end_span(stream.span, reason)
         log.warning("dropped %s: %s%s", request_id, reason, f" ({detail})" if detail else "",
                     extra={"fields": {"request_id": request_id, "model": stream.model, "reason": reason, "tokens_sent": stream.tokens}})  # fmt: skip
         if self._on_dropped is not None:
@@ -237,13 +259,16 @@ class EngineDriver:
         if await self._admit(engine_request, reply, self._clock.monotonic()):
             self._wake.set()
         else:
-            self._streams.pop(engine_request.request_id, None)
+            stream = self._streams.pop(engine_request.request_id, None)
+            _end_span(stream.span if stream is not None else None, "rejected")
 
     def cancel(self, request_id: str) -> None:
         self._held.pop(request_id, None)
-        if self._streams.pop(request_id, None) is not None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
             self.engine.cancel(request_id, self._clock.monotonic())  # a no-op if it never reached the engine
             self._wake.set()
+            _end_span(stream.span, "cancelled")
 
     async def fail_all(self, code: str, message: str, *, retryable: bool) -> None:
         """Tell every requester this node will not finish its request (shutdown). A stream
@@ -255,6 +280,7 @@ class EngineDriver:
         for request_id, stream in streams:
             self.engine.cancel(request_id, now)
             await self._send_once(stream.reply, messages.Failed(request_id=request_id, code=code, message=message, retryable=retryable))
+            _end_span(stream.span, code)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Turn after turn until `stopping`: each `tick`, then wait for its answer or a
@@ -361,6 +387,9 @@ class EngineDriver:
                 continue
             stream.last_sent = now
             await self._send(request_id, stream, msg)
+            if stream.span is not None and type(msg) is messages.Finished:  # its last token is out
+                _end_span(stream.span, finished=msg)
+                stream.span = None
 
     async def _stopped(self, stream: _Stream, completion_tokens: int, now: float, t: float) -> None:
         """A stop string appeared: the tokens up to it go out, the engine drops the rest of
@@ -378,6 +407,8 @@ class EngineDriver:
         if self._on_finished is not None:
             self._on_finished(request_id, stream, msg, t)
         await self._send(request_id, stream, msg)
+        _end_span(stream.span, finished=msg)
+        stream.span = None
 
     async def _flush_held(self, now: float) -> float:
         """Send the held tokens that are due (see the module docstring); returns when the

@@ -17,6 +17,7 @@ import logging
 import time
 
 import msgspec
+from opentelemetry.trace import SpanKind
 
 from tierflow.contracts import messages, subjects
 from tierflow.nodehost.control import add_control_endpoint
@@ -37,7 +38,7 @@ from tierflow.runtime.clock import WallClock
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.runtime.supervise import supervised
 from tierflow.runtime.waiting import first
-from tierflow.runtime.tracing import exporting, extract_context, tracer
+from tierflow.runtime.tracing import PROVIDER_NAME, exporting, extract_context, tracer
 
 __all__ = ["NodeSettings", "serve_node"]
 
@@ -139,13 +140,16 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         if not exporting():  # a span nobody sees: skip it and its context (issue 16)
             await driver.submit(request, reply)
             return
-        with spans.start_as_current_span("node.generate", context=extract_context(msg.headers)) as span:  # type: ignore[attr-defined]
-            span.set_attribute("gen_ai.operation.name", "text_completion")
-            span.set_attribute("gen_ai.request.model", request.model)
-            span.set_attribute("gen_ai.usage.input_tokens", len(request.prompt_token_ids))
-            span.set_attribute("tierflow.node", settings.node_id)
-            span.set_attribute("tierflow.request_id", request.request_id)
-            await driver.submit(request, reply)
+        # CONSUMER of the router's publish (its PRODUCER span is the parent); the driver ends
+        # it with the request's stream, after the last token (or at its refusal or drop).
+        span = spans.start_span("node.generate", context=extract_context(msg.headers), kind=SpanKind.CONSUMER, attributes={  # type: ignore[attr-defined]
+            "messaging.system": "nats", "messaging.operation.type": "process", "messaging.destination.name": subject,
+            "gen_ai.operation.name": "text_completion", "gen_ai.provider.name": PROVIDER_NAME,
+            "gen_ai.request.model": request.model, "gen_ai.response.id": request.request_id,
+            "gen_ai.usage.input_tokens": len(request.prompt_token_ids) + len(request.resume_token_ids),
+            "tierflow.node": settings.node_id, "tierflow.request_id": request.request_id,
+        })
+        await driver.submit(request, reply, span)
 
     async def on_cancel(msg: object) -> None:
         try:

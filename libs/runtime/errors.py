@@ -11,6 +11,12 @@
 
 The router turns these into OpenAI error bodies and gRPC status codes; nodes send
 them as `messages.Failed` with the same `code`.
+
+Every 5xx has OpenAI's one server-side `type`, `server_error` (what the OpenAI API
+sends with its 500s, and with its 503 "model overloaded" on chat completions), so a
+client branches on the status and `type` as it would against OpenAI; what went wrong
+stays in `code` (`no_capacity`, `node_lost`, `deadline_exceeded`, ...), which is also
+the gRPC ErrorInfo reason.
 """
 
 from __future__ import annotations
@@ -24,17 +30,22 @@ __all__ = [
     "NoCapacity",
     "NodeFailure",
     "DeadlineExceeded",
+    "SERVER_ERROR",
 ]
+
+SERVER_ERROR = "server_error"
+"""The OpenAI error `type` of every 5xx (the `code` says which failure it was)."""
 
 
 class TierflowError(Exception):
     http_status = 500
-    error_type = "internal_error"
+    error_type = SERVER_ERROR
+    default_code = "internal_error"  # the `code` of a 5xx raised without one (a 5xx always names its failure)
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None, retryable: bool = False) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code
+        self.code = code if code is not None or self.http_status < 500 else self.default_code
         self.param = param
         self.retryable = retryable
 
@@ -65,12 +76,14 @@ class RateLimited(TierflowError):
 
 class NoCapacity(TierflowError):
     http_status = 503
-    error_type = "service_unavailable"
+    error_type = SERVER_ERROR
+    default_code = "no_capacity"
 
 
 class NodeFailure(TierflowError):
     http_status = 502
-    error_type = "node_failure"
+    error_type = SERVER_ERROR
+    default_code = "node_failure"
 
 
 class DeadlineExceeded(TierflowError):
@@ -78,4 +91,5 @@ class DeadlineExceeded(TierflowError):
     passed first: the work was dropped everywhere, retrying with the same deadline will not help."""
 
     http_status = 504
-    error_type = "timeout_error"
+    error_type = SERVER_ERROR
+    default_code = "deadline_exceeded"

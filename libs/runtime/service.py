@@ -3,7 +3,7 @@
 A service is an `async def main(ctx: ServiceContext)` that sets itself up, awaits
 `ctx.stopping.wait()`, and tears down. `run_service` owns the rest: JSON logging,
 uvloop, SIGTERM/SIGINT -> graceful stop, a NATS connection that reconnects forever,
-Prometheus on `metrics_port` and the tracer. Nothing here runs at import.
+Prometheus on `metrics_port` and the tracer (from the `OTEL_*` environment). Nothing here runs at import.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tierflow.runtime import nats_auth
 from tierflow.runtime.logs import configure_logging
 from tierflow.runtime.looplag import watch_loop_lag
 from tierflow.runtime.tls import TlsFiles, client_ssl_context
-from tierflow.runtime.tracing import configure_tracing
+from tierflow.runtime.tracing import TracingConfigError, configure_tracing
 
 __all__ = ["ServiceContext", "run_service", "connect_nats", "nats_servers", "server_round_trip"]
 
@@ -160,7 +160,10 @@ def run_service(
     `tls` reaches the service as `ctx.tls`; /metrics stays plain HTTP (bind it to
     loopback or a scrape-only network: it carries counts, never prompts)."""
     configure_logging(service, log_level)
-    configure_tracing(service)
+    try:
+        configure_tracing(service)  # from the standard OTEL_* environment (runtime/tracing.py)
+    except TracingConfigError as exc:
+        raise SystemExit(f"tierflow {service}: tracing: {exc}") from None
 
     async def _wrapped() -> None:
         ctx = ServiceContext(service=service, instance=instance or socket.gethostname(), tls=tls or TlsFiles())

@@ -37,9 +37,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 import msgspec
-from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode, use_span
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode, use_span
 
-from tierflow.contracts import messages
+from tierflow.contracts import messages, subjects
 from tierflow.placement.admission import Admission, Ticket
 from tierflow.placement import (
     ANYWHERE,
@@ -64,7 +64,7 @@ from tierflow.runtime.errors import (
     Unauthenticated,
 )
 from tierflow.runtime.logs import log_record
-from tierflow.runtime.tracing import exporting, inject_headers, tracer
+from tierflow.runtime.tracing import PROVIDER_NAME, exporting, front_door, start_send, tracer
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.placement.candidates import CandidateIndex
 from tierflow.placement.tables import ModelRoute, ModelTable, NodeTable
@@ -392,12 +392,11 @@ class Dispatcher:
         # A span only when something exports it (tracing.exporting): otherwise it and its
         # traceparent are work nobody sees (issue 16).
         traced = exporting()
-        span: Span = _spans.start_span(f"{'chat' if params.api == 'chat' else 'text_completion'} {params.model}") if traced else INVALID_SPAN
+        # SERVER, in the caller's trace when it sent a traceparent (the front door made it current).
+        span: Span = _spans.start_span(f"{'chat' if params.api == 'chat' else 'text_completion'} {params.model}", kind=SpanKind.SERVER) if traced else INVALID_SPAN
         with use_span(span, end_on_exit=True) if traced else nullcontext():
             if traced:
-                span.set_attribute("gen_ai.operation.name", "chat" if params.api == "chat" else "text_completion")
-                span.set_attribute("gen_ai.request.model", params.model)
-                span.set_attribute("gen_ai.request.max_tokens", max_tokens)
+                _request_attributes(span, params, max_tokens, seed)
                 span.set_attribute("gen_ai.usage.input_tokens", len(params.prompt_token_ids))
                 span.set_attribute("tierflow.request_id", params.request_id)
                 span.set_attribute("tierflow.tenant", record.tenant)
@@ -406,7 +405,13 @@ class Dispatcher:
                     yield event
             except TierflowError as exc:
                 if traced:
+                    span.set_attribute("error.type", exc.code or exc.error_type)
                     span.set_status(Status(StatusCode.ERROR, exc.message))
+                raise
+            except Exception as exc:  # a bug: the span says which, as the convention asks
+                if traced:
+                    span.set_attribute("error.type", type(exc).__qualname__)
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
                 raise
             finally:
                 if traced:
@@ -414,8 +419,10 @@ class Dispatcher:
                 if ticket is not None:
                     ticket.release(self._clock.monotonic())
             if traced:
+                span.set_attribute("gen_ai.usage.input_tokens", record.prompt_tokens)
                 span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
                 span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
+                span.set_attribute("gen_ai.response.model", record.model)
                 span.set_attribute("tierflow.node", record.node)
                 span.set_attribute("tierflow.tier", record.tier)
 
@@ -596,7 +603,12 @@ class Dispatcher:
         node_id = ranked.best.node_id
         record.prefill_node = node_id
         try:
-            stream = await self._transport.open(node_id, msgspec.structs.replace(request, max_tokens=0), inject_headers({}) if exporting() else None, role="prefill")
+            headers, sent = start_send(subjects.prefill_run(node_id))
+            try:
+                stream = await self._transport.open(node_id, msgspec.structs.replace(request, max_tokens=0), headers, role="prefill")
+            finally:
+                if sent is not None:
+                    sent.end()
         except NodeLost as lost:
             raise _PrefillFailed(f"prefill node {node_id}: {lost.reason}", "node_lost", node_id) from None
         finished = False
@@ -632,7 +644,12 @@ class Dispatcher:
         labels = (params.model, record.version, record.tenant)
         resumed = bool(progress.token_ids)
         try:
-            stream: NodeStream = await self._transport.open(node_id, request, inject_headers({}) if exporting() else None)
+            headers, sent = start_send(subjects.node_generate(node_id))  # PRODUCER span, or the caller's context passed on
+            try:
+                stream: NodeStream = await self._transport.open(node_id, request, headers)
+            finally:
+                if sent is not None:
+                    sent.end()
         except NodeLost as lost:
             raise _LegFailed(lost.reason, "node_lost") from None
         finished = False
@@ -709,6 +726,26 @@ class Dispatcher:
                 stream.close()
             else:
                 await stream.cancel()  # client gone, error, deadline or migration: free the node's slot
+
+
+def _request_attributes(span: Span, params: GenerateParams, max_tokens: int, seed: int) -> None:
+    """The GenAI request attributes, and where the caller reached us (the front door's note)."""
+    span.set_attribute("gen_ai.operation.name", "chat" if params.api == "chat" else "text_completion")
+    span.set_attribute("gen_ai.provider.name", PROVIDER_NAME)
+    span.set_attribute("gen_ai.request.model", params.model)
+    span.set_attribute("gen_ai.request.max_tokens", max_tokens)
+    span.set_attribute("gen_ai.request.temperature", params.temperature)
+    span.set_attribute("gen_ai.request.seed", seed)
+    if params.stop:
+        span.set_attribute("gen_ai.request.stop_sequences", params.stop)
+    span.set_attribute("gen_ai.response.id", params.request_id)
+    door = front_door()
+    if door is not None:
+        address, port, client_request_id = door
+        span.set_attribute("server.address", address)
+        span.set_attribute("server.port", port)
+        if client_request_id:
+            span.set_attribute("tierflow.client_request_id", client_request_id)
 
 
 def finish_record(record: RequestRecord, metrics: RouterMetrics, clock: Clock) -> None:

@@ -44,6 +44,17 @@ Semantics worth knowing:
 * ``authorize(method, path, headers)`` runs when the head is complete, before any of the
   body is read: a ``Response`` it returns (a 401) is sent at once and the body is
   discarded unread; anything else rides on ``Request.auth`` to the handler.
+* ``HEAD`` is ``GET`` without the body (RFC 9110 9.3.2): the handler sees a ``GET`` and
+  the response goes out with its status and headers (``content-length`` included) only.
+* ``X-Request-Id``: a caller's id (at most 128 characters of ``[A-Za-z0-9._~:/+=@-]``)
+  comes back as the response's ``x-request-id``, in place of the handler's own (the
+  router's id stays in the body's ``id``). It is not adopted as the request's id: that
+  one names the request's NATS stream and must be unique, which a caller's id (reused
+  by its retries, or by a proxy's bug) is not. An id that fails the check is not echoed.
+* Trace context: a ``traceparent`` (and ``tracestate``) becomes the request task's
+  current OpenTelemetry context, so the request's span continues the caller's trace;
+  with an exporter the task also notes ``server.address``/``server.port`` (from ``Host``)
+  and the caller's request id for that span (``tracing.note_front_door``).
 """
 
 from __future__ import annotations
@@ -64,6 +75,7 @@ from urllib.parse import unquote
 
 import httptools
 import msgspec
+from tierflow.runtime.tracing import continue_trace, exporting, note_front_door
 
 __all__ = ["Authorize", "Handler", "Request", "Response", "StreamingResponse", "serve", "shutdown"]
 
@@ -114,12 +126,36 @@ _HEADER_NAMES: dict[bytes, str] = {
     for spelling in (name, name.title(), name.upper())
 }
 _ERRORS = msgspec.json.Encoder()
+_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~:/+=@-")
+MAX_REQUEST_ID = 128
+"""The longest caller ``X-Request-Id`` echoed (a UUID is 36, a W3C trace id 32)."""
 
 
-def _error_body(message: str, kind: str = "invalid_request_error") -> bytes:
+def client_request_id(headers: dict[str, str]) -> str | None:
+    """The caller's ``X-Request-Id`` when it is one we echo (see the module docstring)."""
+    value = headers.get("x-request-id")
+    if value is None or not 0 < len(value) <= MAX_REQUEST_ID or not _REQUEST_ID_CHARS.issuperset(value):
+        return None
+    return value
+
+
+def _server_address(host: str | None, sockname: object) -> tuple[str, int]:
+    """``server.address``/``server.port`` of a request: its ``Host`` header (what the
+    caller asked for), else the socket it arrived on."""
+    if host:
+        name, sep, port = host.rpartition(":")
+        if sep and port.isdigit() and (not name.startswith("[") or name.endswith("]")):
+            return name.strip("[]"), int(port)
+        return host.strip("[]"), 80
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return str(sockname[0]), int(sockname[1])
+    return "", 0
+
+
+def _error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> bytes:
     """An OpenAI-shaped error document, so SDK clients surface our message verbatim."""
     return _ERRORS.encode(
-        {"error": {"message": message, "type": kind, "param": None, "code": None}}
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}
     )
 
 
@@ -129,7 +165,7 @@ def _refusal_tail(max_connections: int, per_client: bool = False) -> bytes:
         f"your address has {max_connections} connections open, the most one client may hold; "
         "retry after 1 s, or reuse a keep-alive connection" if per_client else
         f"the server is at its limit of {max_connections} open connections; "
-        "retry after 1 s, or reuse a keep-alive connection", "service_unavailable")
+        "retry after 1 s, or reuse a keep-alive connection", "server_error", "too_many_connections")
     return (
         b"content-type: application/json\r\nretry-after: 1\r\ncontent-length: %d\r\n%b\r\n%b"
         % (len(body), _CONNECTION_CLOSE, body)
@@ -198,7 +234,7 @@ Authorize = Callable[[str, str, dict[str, str]], object]
 """``(method, path, headers)`` when a head is complete: a ``Response`` refuses the request
 before its body is read; any other value becomes ``Request.auth``."""
 
-_INTERNAL_ERROR = Response(500, _error_body("internal server error", "server_error"))
+_INTERNAL_ERROR = Response(500, _error_body("internal server error", "server_error", "internal_error"))
 
 
 # ----------------------------------------------------------------------------- serving
@@ -863,18 +899,27 @@ class _Connection(asyncio.Protocol):
             return
         assert isinstance(item, Request)
         keep = keep_alive
+        headers = item.headers
+        echo = client_request_id(headers) if "x-request-id" in headers else None
+        continue_trace(headers)  # this task is the request's: the caller's trace context becomes current
+        if exporting():
+            address, port = _server_address(headers.get("host"), self._transport.get_extra_info("sockname"))
+            note_front_door(address, port, echo or "")
+        head_only = item.method == "HEAD"
+        if head_only:
+            item = Request("GET", item.path, item.query, headers, item.body, item.peer, item.auth)
         try:
             response = await self._state.handler(item)
             # Decided now, not before the handler: shutdown may have begun meanwhile.
             if (self._done_reading or self._state.draining) and not self._queue:
                 keep = False
             if isinstance(response, StreamingResponse):
-                keep = await self._stream(response, keep, http10)
+                keep = await self._stream(response, keep, http10, echo, head_only)
             else:
-                self._write(response, keep, http10)
+                self._write(response, keep, http10, echo, head_only)
         except Exception:
             log.exception("handler failed on %s %s", item.method, item.path)
-            self._write(_INTERNAL_ERROR, keep, http10)
+            self._write(_INTERNAL_ERROR, keep, http10, echo, head_only)
         if self._write_paused and not self._closing:
             await self._drain()
         self._busy = False
@@ -893,26 +938,36 @@ class _Connection(asyncio.Protocol):
             self._close()
 
     def _head(
-        self, status: int, content_type: str, extra: tuple[tuple[str, str], ...]
+        self, status: int, content_type: str, extra: tuple[tuple[str, str], ...], echo: str | None = None
     ) -> list[bytes]:
-        """Status line, Date and content-type (all cached), then the handler's headers."""
+        """Status line, Date and content-type (all cached), then the handler's headers
+        (and the caller's ``x-request-id`` in place of the handler's, when ``echo``)."""
         line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
         head = [line, self._state.date, self._state.content_type_header(content_type)]
-        for name, value in extra:
-            head.append(_header_line(name, value))
+        if echo is None:
+            for name, value in extra:
+                head.append(_header_line(name, value))
+        else:
+            for name, value in extra:
+                if name.lower() != "x-request-id":
+                    head.append(_header_line(name, value))
+            head.append(_header_line("x-request-id", echo))
         return head
 
-    def _write(self, response: Response, keep: bool, http10: bool) -> None:
+    def _write(self, response: Response, keep: bool, http10: bool, echo: str | None = None, head_only: bool = False) -> None:
         """Render and send a complete response in one write (raises before writing
-        anything, so a bad header still becomes a clean 500)."""
+        anything, so a bad header still becomes a clean 500). ``head_only``: a HEAD's
+        answer, whose ``content-length`` is the body's but the body stays home."""
         if not isinstance(response, Response):
             raise TypeError(f"handler returned {type(response).__name__}, not a Response")
-        head = self._head(response.status, response.content_type, response.headers)
+        head = self._head(response.status, response.content_type, response.headers, echo)
         body = response.body
         if response.status in _NO_BODY_STATUSES:
             body = b""
         else:
             head.append(b"content-length: %d\r\n" % len(body))
+            if head_only:
+                body = b""
         if not keep:
             head.append(_CONNECTION_CLOSE)
         elif http10:
@@ -924,7 +979,7 @@ class _Connection(asyncio.Protocol):
         else:  # do not copy a large body just to save one write
             self._transport.writelines((b"".join(head), body))
 
-    async def _stream(self, response: StreamingResponse, keep: bool, http10: bool) -> bool:
+    async def _stream(self, response: StreamingResponse, keep: bool, http10: bool, echo: str | None = None, head_only: bool = False) -> bool:
         """Send the chunks as the iterator yields them, waiting while the client's socket
         is full; returns whether the connection may be reused.
 
@@ -937,7 +992,15 @@ class _Connection(asyncio.Protocol):
         chunks = response.chunks
         transport = self._transport
         try:
-            head = self._head(response.status, response.content_type, response.headers)
+            head = self._head(response.status, response.content_type, response.headers, echo)
+            if head_only:  # the head a GET would get, and no body: the iterator is closed unread
+                if not http10:
+                    head.append(_CHUNKED)
+                if not keep:
+                    head.append(_CONNECTION_CLOSE)
+                head.append(b"\r\n")
+                transport.write(b"".join(head))
+                return keep
             if http10:  # no chunked coding in HTTP/1.0: the body ends at close
                 keep = False
             else:

@@ -89,7 +89,10 @@ async def test_one_connected_trace_per_request_across_router_and_node(path) -> N
     assert len(router_spans) == 3 and len(node_spans) == 3
     for node_span in node_spans:
         parent = next(s for s in router_spans if s.context.trace_id == node_span.context.trace_id)
-        assert node_span.parent is not None and node_span.parent.span_id == parent.context.span_id
+        # router (SERVER) -> its NATS publish (PRODUCER, "send <subject>") -> node (CONSUMER)
+        send = next(s for s in spans if s.context.trace_id == node_span.context.trace_id and s.name.startswith("send "))
+        assert node_span.parent is not None and node_span.parent.span_id == send.context.span_id
+        assert send.parent is not None and send.parent.span_id == parent.context.span_id
         assert parent.attributes["gen_ai.request.model"] == "llama-3.1-8b"
         assert parent.attributes["gen_ai.usage.output_tokens"] == 4
     assert len({s.context.trace_id for s in router_spans}) == 3
