@@ -2,24 +2,33 @@
 
 Every tierflow gRPC server needs both (health for load balancers and `tierflow up`,
 reflection so grpcurl works without .proto files); this is the one place that wires them.
+
+Health follows the service's readiness, not merely the port: a server started with
+`serving=False` answers NOT_SERVING until its owner calls `set_serving(server, True)`
+(the router does once NATS is connected and a node is live, and back when either is
+lost), and `stop_grpc_server` turns every service NOT_SERVING before the grace period,
+so a balancer stops sending new calls while the running ones finish.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from tierflow.runtime.grpc_guard import MalformedRequestGuard
 
-__all__ = ["start_grpc_server"]
+__all__ = ["set_serving", "start_grpc_server", "stop_grpc_server"]
+
+# Each server's health servicer and the names it reports ("" is the server as a whole).
+_health: weakref.WeakKeyDictionary[grpc.aio.Server, tuple[health.aio.HealthServicer, tuple[str, ...]]] = weakref.WeakKeyDictionary()
 
 
 async def start_grpc_server(
     add_servicers: Callable[[grpc.aio.Server], None], service_names: Sequence[str], host: str, port: int, *, max_calls: int = 0,
-    credentials: grpc.ServerCredentials | None = None, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None, interceptors: Sequence[grpc.aio.ServerInterceptor] = (), serving: bool = True,
 ) -> grpc.aio.Server:
     """Start serving `service_names` (full names, e.g. tierflow.v1.Inference) on host:port.
 
@@ -28,7 +37,8 @@ async def start_grpc_server(
     (`tierflow.runtime.tls.grpc_server_credentials`) the port speaks TLS only: a
     plaintext client fails its handshake, and health and reflection are behind TLS too.
     `interceptors` run around every call (the registry's admin credential check is one),
-    after `MalformedRequestGuard` (undecodable request bytes: INVALID_ARGUMENT, not INTERNAL)."""
+    after `MalformedRequestGuard` (undecodable request bytes: INVALID_ARGUMENT, not INTERNAL).
+    `serving`: the health status it starts with (see the module docstring)."""
     server = grpc.aio.server(maximum_concurrent_rpcs=max_calls or None, interceptors=[MalformedRequestGuard(), *interceptors])
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
@@ -42,6 +52,23 @@ async def start_grpc_server(
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}: the port is in use")
     await server.start()
-    for name in ("", *service_names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    names = ("", *service_names)
+    _health[server] = (health_servicer, names)
+    await set_serving(server, serving)
     return server
+
+
+async def set_serving(server: grpc.aio.Server, serving: bool) -> None:
+    """Report every service of `server` SERVING or NOT_SERVING (watchers hear the change)."""
+    health_servicer, names = _health[server]
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in names:
+        await health_servicer.set(name, status)
+
+
+async def stop_grpc_server(server: grpc.aio.Server, grace: float | None) -> None:
+    """NOT_SERVING for good (later `set_serving` calls are ignored), then stop after `grace`."""
+    entry = _health.get(server)
+    if entry is not None:
+        await entry[0].enter_graceful_shutdown()
+    await server.stop(grace=grace)

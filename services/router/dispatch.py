@@ -414,17 +414,19 @@ class Dispatcher:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                 raise
             finally:
+                # Here, not after the loop: a front door stops iterating at Finished (a
+                # streamed request's generator is closed there), so nothing after it runs.
                 if traced:
                     span.set_attribute("tierflow.migrations", record.migrations)
+                    if record.finish_reason:
+                        span.set_attribute("gen_ai.usage.input_tokens", record.prompt_tokens)
+                        span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
+                        span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
+                        span.set_attribute("gen_ai.response.model", record.model)
+                    span.set_attribute("tierflow.node", record.node)
+                    span.set_attribute("tierflow.tier", record.tier)
                 if ticket is not None:
                     ticket.release(self._clock.monotonic())
-            if traced:
-                span.set_attribute("gen_ai.usage.input_tokens", record.prompt_tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
-                span.set_attribute("gen_ai.response.finish_reasons", [record.finish_reason])
-                span.set_attribute("gen_ai.response.model", record.model)
-                span.set_attribute("tierflow.node", record.node)
-                span.set_attribute("tierflow.tier", record.tier)
 
     def _settle(self, params: GenerateParams, record: RequestRecord) -> None:
         """Book-keeping once the node says it finished, before the caller sees `Finished`

@@ -1,7 +1,14 @@
 """The gRPC front door: tierflow.v1.Inference, plus the standard health and reflection services.
 
 Same request path as the HTTP API (the Dispatcher); errors map to gRPC status codes
-the way the OpenAI surface maps them to HTTP statuses.
+the way the OpenAI surface maps them to HTTP statuses, and carry `google.rpc` details in
+`grpc-status-details-bin` (what `grpc_status.rpc_status.from_call` decodes): an ErrorInfo
+whose reason is the OpenAI error code (domain "tierflow", metadata type/param/http_status),
+and a RetryInfo when trying again may succeed (429, 502, 503).
+
+A call's `traceparent` metadata continues the caller's trace (as the HTTP header does);
+the call's initial metadata carries `x-request-id`: the caller's own when it sent a valid
+one (the HTTP server's rule), else the router's request id. Health: see runtime/grpc_server.
 """
 
 from __future__ import annotations
@@ -11,11 +18,16 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from tierflow.contracts import messages
 from tierflow.runtime.clock import Clock
 from tierflow.runtime.errors import InvalidRequest, TierflowError
 from tierflow.runtime.grpc_server import start_grpc_server
+from tierflow.runtime.tracing import continue_trace, exporting, note_front_door
+from tierflow.services.router.http_server import client_request_id
 from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.metrics import RouterMetrics
@@ -57,11 +69,34 @@ def _check_bounds(request: pb.GenerateRequest) -> None:
                 raise InvalidRequest(f"messages[{i}].role is longer than 64 characters", param=f"messages[{i}].role")
 
 
+_RETRYABLE_HTTP = frozenset({429, 502, 503})
+ERROR_DOMAIN = "tierflow"
+
+
+def error_status(exc: TierflowError) -> grpc.Status:
+    """The gRPC status of a fabric error, with its ErrorInfo (and RetryInfo when a retry
+    may succeed) as `google.rpc.Status` details."""
+    code = STATUS_BY_HTTP.get(exc.http_status, grpc.StatusCode.INTERNAL)
+    info = error_details_pb2.ErrorInfo(reason=exc.code or exc.error_type, domain=ERROR_DOMAIN, metadata={
+        "type": exc.error_type, "http_status": str(exc.http_status), **({"param": exc.param} if exc.param else {}),
+    })  # fmt: skip
+    details = [any_pb2.Any()]
+    details[0].Pack(info)
+    if exc.http_status in _RETRYABLE_HTTP or exc.retryable:
+        delay = max(float(getattr(exc, "retry_after", 1.0)), 0.0)
+        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int((delay % 1) * 1e9)))
+        details.append(any_pb2.Any())
+        details[1].Pack(retry)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=exc.message, details=details)
+    return rpc_status.to_status(status)
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, dispatcher: Dispatcher, clock: Clock, metrics: RouterMetrics) -> None:
+    def __init__(self, dispatcher: Dispatcher, clock: Clock, metrics: RouterMetrics, address: tuple[str, int] = ("", 0)) -> None:
         self._dispatcher = dispatcher
         self._clock = clock
         self._metrics = metrics
+        self._address = address  # server.address/server.port on the request's span
 
     async def _params(self, request: pb.GenerateRequest, request_id: str, tenant: Tenant, timeout: float | None = None) -> GenerateParams:
         if not request.model:
@@ -91,6 +126,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._metrics.in_flight.inc()
         try:
             metadata = dict(context.invocation_metadata() or ())
+            echo = client_request_id(metadata) if "x-request-id" in metadata else None
+            await context.send_initial_metadata((("x-request-id", echo or request_id),))
+            continue_trace(metadata)  # this RPC's task: the caller's trace context becomes current
+            if exporting():
+                note_front_door(*self._address, echo or "")
             tenant = self._dispatcher.authenticate(bearer_token(metadata.get("authorization")))
             remaining = context.time_remaining()  # the client's gRPC deadline, None without one
             params = await self._params(request, request_id, tenant, remaining if remaining is not None and remaining > 0 else None)
@@ -103,7 +143,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield event, record, plan
         except TierflowError as exc:
             record.failed(exc)
-            await context.abort(STATUS_BY_HTTP.get(exc.http_status, grpc.StatusCode.INTERNAL), exc.message)
+            status = error_status(exc)
+            await context.abort(status.code, status.details, status.trailing_metadata)
         except BaseException:
             record.cancelled()
             raise
@@ -151,9 +192,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 async def start_grpc(
     dispatcher: Dispatcher, clock: Clock, metrics: RouterMetrics, host: str, port: int, *, max_calls: int = 0,
-    credentials: grpc.ServerCredentials | None = None,
+    credentials: grpc.ServerCredentials | None = None, serving: bool = True,
 ) -> grpc.aio.Server:
-    servicer = InferenceServicer(dispatcher, clock, metrics)
+    """`serving`: the health status to start with (the router starts NOT_SERVING and
+    follows its readiness with `runtime.grpc_server.set_serving`)."""
+    servicer = InferenceServicer(dispatcher, clock, metrics, (host, port))
     name = pb.DESCRIPTOR.services_by_name["Inference"].full_name
     return await start_grpc_server(lambda server: pb_grpc.add_InferenceServicer_to_server(servicer, server), [name], host, port,
-                                   max_calls=max_calls, credentials=credentials)  # fmt: skip
+                                   max_calls=max_calls, credentials=credentials, serving=serving)  # fmt: skip

@@ -16,6 +16,7 @@ from tierflow.contracts import messages, registry, subjects
 from tierflow.runtime import discovery, nats_auth
 from tierflow.runtime.waiting import first
 from tierflow.runtime.clock import WallClock
+from tierflow.runtime.grpc_server import set_serving, stop_grpc_server
 from tierflow.runtime.kv import follow
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.runtime.supervise import supervised
@@ -147,7 +148,21 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     )  # fmt: skip
     ctx.metrics.register(HttpServerCollector(http))
     grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port, max_calls=settings.max_grpc_calls,
-                                   credentials=grpc_server_credentials(ctx.tls) if tls else None)  # fmt: skip
+                                   credentials=grpc_server_credentials(ctx.tls) if tls else None, serving=False)  # fmt: skip
+
+    async def grpc_health() -> None:
+        """gRPC health follows readiness, as /health does: SERVING while NATS is connected
+        and a node is live, NOT_SERVING otherwise (and for good from shutdown on)."""
+        serving: bool | None = None  # unknown: the first turn (and one after a restart) always says
+        while not ctx.stopping.is_set():
+            ready = nc.is_connected and bool(nodes.live(clock.monotonic()))
+            if ready != serving:
+                await set_serving(grpc_server, ready)
+                serving = ready
+                log.info("gRPC health: %s", "SERVING" if ready else "NOT_SERVING (NATS disconnected or no live node)")
+            await first(ctx.stopping.wait(), timeout=0.25)
+
+    tasks.append(asyncio.create_task(supervised("router grpc-health", grpc_health, ctx.stopping), name="grpc-health"))
     micro = await discovery.register(
         nc, "router", router_id,
         http=f"{scheme}://{settings.http_host}:{settings.http_port}", grpc=f"{settings.grpc_host}:{settings.grpc_port}",
@@ -156,7 +171,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
              settings.grpc_port, " (TLS)" if tls else "", extra={"fields": {"router_id": router_id, "tls": tls}})  # fmt: skip
     await ctx.stopping.wait()
 
-    await asyncio.gather(shutdown(http, settings.drain_grace), grpc_server.stop(grace=settings.drain_grace))
+    await asyncio.gather(shutdown(http, settings.drain_grace), stop_grpc_server(grpc_server, settings.drain_grace))
     await peers.close()
     for task in tasks:
         task.cancel()
