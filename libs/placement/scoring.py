@@ -208,6 +208,13 @@ def _rows_of(views: Sequence[NodeView], pos: Mapping[str, int] | None, node_ids:
     return [r for r, view in enumerate(views) if view.node_id in wanted]
 
 
+def _credit_affinity(cost: Any, views: Sequence[NodeView], pos: Mapping[str, int] | None, affinity_node: str | None, credit: float) -> None:
+    """The session's last node costs `credit` less (a list or an array of costs, by row)."""
+    if affinity_node is not None:
+        for r in _rows_of(views, pos, (affinity_node,)):
+            cost[r] -= credit
+
+
 class HotnessAware:
     """The hotness-aware policy: filter (`filters.eligible`'s rules), then rank by estimated cost.
 
@@ -373,10 +380,7 @@ class HotnessAware:
             if first in hashes[r]:
                 run = blocks[r] = indexOf(map(hashes[r].__contains__, probe), False)
                 cost[r] -= kp * run
-        aff = request.affinity_node
-        if aff is not None:
-            for r in _rows_of(views, pos, (aff,)):
-                cost[r] -= ka
+        _credit_affinity(cost, views, pos, request.affinity_node, ka)
         return cost, eligible_rows, blocks
 
     def _next_turn(self) -> int:
@@ -466,10 +470,7 @@ class HotnessAware:
             if mask[r]:  # `policy.prefix_run`, inlined
                 run = blocks[r] = indexOf(map(hashes[r].__contains__, probe), False)
                 cost[r] -= kp * run
-        aff = request.affinity_node
-        if aff is not None:
-            for r in _rows_of(views, pos, (aff,)):
-                cost[r] -= ka
+        _credit_affinity(cost, views, pos, request.affinity_node, ka)
         return cost, eligible_rows, blocks
 
     def _choice(self, node: NodeView, slot: ModelSlot | None, cost: float, blocks: int, aff: str | None) -> Choice:

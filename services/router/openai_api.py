@@ -50,8 +50,17 @@ _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 _DONE = b"data: [DONE]\n\n"
 
 
+def _error_body(exc: TierflowError) -> bytes:
+    return _encode({"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}})
+
+
+def sse_error(exc: TierflowError) -> bytes:
+    """A failure after the 200: an SSE event the official clients raise as an APIError."""
+    return b"data: " + _error_body(exc) + b"\n\n"
+
+
 def error_response(exc: TierflowError) -> Response:
-    body = _encode({"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}})
+    body = _error_body(exc)
     headers: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, RateLimited) or exc.http_status in (429, 503):
         headers = (("retry-after", str(max(1, round(getattr(exc, "retry_after", 1.0))))),)
@@ -356,7 +365,7 @@ class OpenAIApi:
                         event = await anext(events)
             except TierflowError as exc:
                 record.failed(exc)
-                yield frame({"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}})
+                yield sse_error(exc)
             except BaseException:
                 record.cancelled()
                 raise
@@ -539,7 +548,7 @@ class OpenAIApi:
                 current.record.failed(exc)
                 if current is not head:
                     finish_record(current.record, self._metrics, self._clock)
-                yield b"data: " + _encode({"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}) + b"\n\n"
+                yield sse_error(exc)
             except BaseException:
                 current.record.cancelled()
                 if current is not head:
