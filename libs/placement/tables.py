@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from tierflow.contracts import messages, registry
 from tierflow.placement.view import FleetIndex, ModelSlot, NodeView
-from tierflow.rdu import cold_load_time, load_catalog, load_profiles, model_from_dict, resident_bytes, switch_time
+from tierflow.rdu import ModelSpec, cold_load_time, load_catalog, load_profiles, model_from_dict, resident_bytes, switch_time
 from tierflow.rdu.engine import DEFAULT_KV_CACHE_FRACTION
 from tierflow.rdu.kvcache import DEFAULT_BLOCK_SIZE
 from tierflow.rdu.deployment import DeploymentConfig
@@ -169,6 +169,10 @@ class ModelRoute:
     weights: tuple[tuple[str, float], ...]
     max_context: int
     created_at: float
+    # What the model does (tierflow.rdu.catalog.ModelKind): each endpoint serves one kind.
+    kind: str = "generate"
+    embedding_dims: int = 0  # an embedder's vector length
+    matryoshka_dims: tuple[int, ...] = ()  # shorter lengths it may be truncated to
 
     def pick_version(self, rng: random.Random) -> str:
         if len(self.weights) <= 1:
@@ -277,6 +281,16 @@ class ModelTable:
             return None
         return min(hot, key=lambda s: (s.in_flight + s.queued, self._resident.get((dep, s.name), 0.0)))
 
+    def _spec(self, model: registry.ModelRecord, version_name: str) -> ModelSpec | None:
+        """A version's architecture: its bring-your-own spec or its catalog entry."""
+        version = next((v for v in model.versions if v.version == version_name), None)
+        if version is None:
+            return None
+        try:
+            return model_from_dict(version.spec, name=model.name) if version.spec else self._catalog.get(version.catalog or model.name)
+        except ValueError:
+            return None
+
     def _costs(self, dep: registry.DeploymentRecord) -> None:
         profile = self._profiles.get(dep.profile)
         for entry in dep.models:
@@ -329,7 +343,12 @@ class ModelTable:
             if name not in context:
                 continue
             weights = tuple((v, w) for v, w in sorted(m.traffic.items()) if w > 0) or ((m.default_version, 1.0),)
-            routes[name] = ModelRoute(name=name, default_version=m.default_version, weights=weights, max_context=context[name], created_at=m.created_at)
+            spec = self._spec(m, m.default_version)
+            routes[name] = ModelRoute(
+                name=name, default_version=m.default_version, weights=weights, max_context=context[name], created_at=m.created_at,
+                kind=spec.kind if spec else "generate", embedding_dims=spec.embedding_dims if spec else 0,
+                matryoshka_dims=spec.matryoshka_dims if spec else (),
+            )
         self.routes = routes
         self._tier_seconds, self._resident, self._weights_room = {}, {}, {}
         for dep in self._deployments.values():

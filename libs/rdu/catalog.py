@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 __all__ = [
     "DTYPE_BYTES",
+    "ModelKind",
     "ModelSpec",
     "gqa_kv_bytes_per_token",
     "mla_kv_bytes_per_token",
@@ -52,6 +53,11 @@ DTYPE_BYTES: Final[Mapping[str, float]] = MappingProxyType(
 )
 
 _PosInt = Annotated[int, msgspec.Meta(gt=0)]
+# What a model does: `generate` (a decoder: tokens out), `embed` (an encoder: one vector per
+# input) or `rerank` (a cross-encoder: one relevance score per query/document pair). The
+# router sends each kind only to its endpoint; a node runs an encoder's request as one
+# forward pass over its input (a prefill with nothing decoded).
+ModelKind = Literal["generate", "embed", "rerank"]
 _NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -78,8 +84,20 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lookup_params: _NonNegInt = 0  # untied input embedding: looked up, never streamed or multiplied
     head_params: _NonNegInt = 0  # unembedding: prefill computes it for each sequence's last token only
     bf16_params: _NonNegInt = 0  # kept in BF16 whatever `dtype` says (gpt-oss: all but the experts)
+    # -- encoders (kind embed / rerank) --
+    kind: ModelKind = "generate"
+    embedding_dims: _NonNegInt = 0  # an embedder's vector length (0 for the other kinds)
+    # Shorter lengths the model was trained to be truncated to (Matryoshka representation
+    # learning): what the OpenAI `dimensions` parameter may ask. Empty: the full length only.
+    matryoshka_dims: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.kind == "embed" and not self.embedding_dims:
+            raise ValueError(f"embedding model {self.name!r} needs embedding_dims")
+        if self.kind != "embed" and (self.embedding_dims or self.matryoshka_dims):
+            raise ValueError(f"embedding_dims/matryoshka_dims set on a {self.kind!r} model")
+        if any(not 0 < d < self.embedding_dims for d in self.matryoshka_dims):
+            raise ValueError(f"matryoshka_dims must lie in 1..{self.embedding_dims - 1}, got {self.matryoshka_dims}")
         if self.active_params > self.total_params:
             raise ValueError(
                 f"active_params ({self.active_params}) exceeds total_params ({self.total_params})"
@@ -256,6 +274,68 @@ def _gpt_oss(
     )
 
 
+def _encoder(
+    name: str,
+    params: int,
+    layers: int,
+    hidden: int,
+    heads: int,
+    vocab: int,
+    context: int,
+    *,
+    kind: ModelKind,
+    dims: int = 0,
+    matryoshka: tuple[int, ...] = (),
+) -> ModelSpec:
+    # A BERT-style bidirectional encoder served in BF16 (the checkpoints ship FP32; servers
+    # cast them). The token embedding table is looked up, never multiplied; there is no
+    # unembedding (a pooler or a one-logit classifier head is counted in the matmuls). KV is
+    # not kept between requests, but one pass holds each layer's K and V for its tokens,
+    # which is what the engine reserves while the pass runs.
+    head_dim = hidden // heads
+    return ModelSpec(
+        name=name,
+        total_params=params,
+        active_params=params,
+        bytes_per_param=2.0,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        kv_bytes_per_token=gqa_kv_bytes_per_token(layers, heads, head_dim),
+        max_context=context,
+        dtype="bf16",
+        lookup_params=vocab * hidden,
+        kind=kind,
+        embedding_dims=dims,
+        matryoshka_dims=matryoshka,
+    )
+
+
+# Encoders beside the chat models (issue 20): the shapes are the checkpoints' config.json,
+# the dims, lengths and parameter counts their model cards.
+#  - BAAI/bge-large-en-v1.5 (huggingface.co/BAAI/bge-large-en-v1.5): BertModel, 24 layers,
+#    hidden 1024, 16 heads, vocab 30,522, max_position_embeddings 512; 1024-dim vectors,
+#    512 tokens; 335M parameters (1.34 GB of FP32).
+#  - intfloat/e5-large-v2 (huggingface.co/intfloat/e5-large-v2): the same BERT-large shape,
+#    1024 dims, 512 tokens.
+#  - nomic-ai/nomic-embed-text-v1.5 (huggingface.co/nomic-ai/nomic-embed-text-v1.5): NomicBert,
+#    12 layers, n_embd 768, 12 heads, 8192-token context, 137M parameters; Matryoshka-trained
+#    for 768, 512, 256, 128 and 64 dims.
+#  - BAAI/bge-reranker-v2-m3 (huggingface.co/BAAI/bge-reranker-v2-m3): a cross-encoder
+#    (XLMRobertaForSequenceClassification) fine-tuned from bge-m3, 24 layers, hidden 1024,
+#    16 heads, vocab 250,002, max length 8192; 568M parameters.
+_ENCODERS: Final = (
+    _encoder("bge-large-en-v1.5", 335_141_888, 24, 1024, 16, 30_522, 512, kind="embed", dims=1024),
+    _encoder("e5-large-v2", 335_141_888, 24, 1024, 16, 30_522, 512, kind="embed", dims=1024),
+    _encoder(
+        "nomic-embed-text-v1.5", 136_731_648, 12, 768, 12, 30_528, 8192,
+        kind="embed", dims=768, matryoshka=(512, 256, 128, 64),
+    ),
+    _encoder("bge-reranker-v2-m3", 568_000_000, 24, 1024, 16, 250_002, 8192, kind="rerank"),
+)
+
 _LLAMA_1B: Final = _llama("llama-3.2-1b", 1_235_814_400, 16, 2048, 32, 64, tied=True)
 
 BUILTIN_MODELS: Final[Mapping[str, ModelSpec]] = MappingProxyType(
@@ -278,6 +358,7 @@ BUILTIN_MODELS: Final[Mapping[str, ModelSpec]] = MappingProxyType(
             # MLP parameters (experts) per the model card: 114.71B and 19.12B.
             _gpt_oss("gpt-oss-120b", 116_830_000_000, 5_130_000_000, 36, 128, 114_710_000_000),
             _gpt_oss("gpt-oss-20b", 20_910_000_000, 3_610_000_000, 24, 32, 19_120_000_000),
+            *_ENCODERS,
         )
     }
 )

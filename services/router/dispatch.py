@@ -72,7 +72,7 @@ from tierflow.services.router.transport import NodeLost, NodeStream, NodeTranspo
 from tierflow.tokenizer import TokenLimitExceeded, decode_output, encode_async
 from tierflow.workload.trace_text import TRACE_BLOCK_TOKENS
 
-__all__ = ["Dispatcher", "GenerateParams", "RequestRecord", "finish_record", "trace_block_ids"]
+__all__ = ["ENCODER_APIS", "Dispatcher", "GenerateParams", "RequestRecord", "finish_record", "trace_block_ids"]
 
 log = logging.getLogger("tierflow.request")
 _spans = tracer("tierflow.router")
@@ -82,6 +82,18 @@ _CLIENT_ERRORS = {"context_length_exceeded", "bad_request", "invalid_request"}
 _RESUME_POLL_S = 0.1  # how often a broken stream waiting for a node looks again
 _TOKENIZED_MAX_CHARS = 2048  # prompts up to this long are remembered tokenized ...
 _TOKENIZED_ENTRIES = 1024  # ... this many of them (oldest out first: at most ~2 MiB of text)
+
+
+# Front-door APIs served by encoder models: api -> the model kind it needs. Their requests
+# run on the node as prefill-only requests (max_tokens 0): one forward pass, its time and
+# its place in the chip's schedule emulated; the front door computes the vectors/scores.
+ENCODER_APIS = {"embeddings": "embed", "rerank": "rerank"}
+_ENDPOINT_OF = {"generate": "/v1/chat/completions or /v1/completions", "embed": "/v1/embeddings", "rerank": "/v1/rerank"}
+
+
+def _operation(api: str) -> str:
+    """The GenAI operation name of a front-door API."""
+    return {"chat": "chat", "embeddings": "embeddings", "rerank": "rerank"}.get(api, "text_completion")
 
 
 @dataclass(slots=True)
@@ -333,6 +345,13 @@ class Dispatcher:
     def _limit_tokens(self, route: ModelRoute, params: GenerateParams) -> int:
         n_prompt = len(params.prompt_token_ids)
         limit = route.max_context
+        if params.api in ENCODER_APIS:  # one forward pass, nothing decoded (a prefill-only request)
+            if n_prompt > limit:
+                raise InvalidRequest(
+                    f"This model's maximum context length is {limit} tokens. However, an input has {n_prompt} tokens. "
+                    "Please reduce the length of the input.", param="input", code="context_length_exceeded",
+                )
+            return 0
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - n_prompt
         if n_prompt + max_tokens > limit or max_tokens < 1:
             raise InvalidRequest(
@@ -362,6 +381,13 @@ class Dispatcher:
         tenant = params.tenant
         record.tenant = tenant.name if tenant is not None else "anonymous"
         route = self.resolve(params.model, tenant)
+        wanted = ENCODER_APIS.get(params.api, "generate")
+        if route.kind != wanted:
+            raise InvalidRequest(
+                f"The model `{params.model}` is a {route.kind} model; "
+                + (f"use {_ENDPOINT_OF[route.kind]}" if route.kind in _ENDPOINT_OF else "it does not take this request"),
+                param="model", code="wrong_model_kind",
+            )
         max_tokens = self._limit_tokens(route, params)
         if tenant is not None:
             tenant.admit(self._clock.monotonic())
@@ -393,7 +419,7 @@ class Dispatcher:
         # traceparent are work nobody sees (issue 16).
         traced = exporting()
         # SERVER, in the caller's trace when it sent a traceparent (the front door made it current).
-        span: Span = _spans.start_span(f"{'chat' if params.api == 'chat' else 'text_completion'} {params.model}", kind=SpanKind.SERVER) if traced else INVALID_SPAN
+        span: Span = _spans.start_span(f"{_operation(params.api)} {params.model}", kind=SpanKind.SERVER) if traced else INVALID_SPAN
         with use_span(span, end_on_exit=True) if traced else nullcontext():
             if traced:
                 _request_attributes(span, params, max_tokens, seed)
@@ -732,7 +758,7 @@ class Dispatcher:
 
 def _request_attributes(span: Span, params: GenerateParams, max_tokens: int, seed: int) -> None:
     """The GenAI request attributes, and where the caller reached us (the front door's note)."""
-    span.set_attribute("gen_ai.operation.name", "chat" if params.api == "chat" else "text_completion")
+    span.set_attribute("gen_ai.operation.name", _operation(params.api))
     span.set_attribute("gen_ai.provider.name", PROVIDER_NAME)
     span.set_attribute("gen_ai.request.model", params.model)
     span.set_attribute("gen_ai.request.max_tokens", max_tokens)

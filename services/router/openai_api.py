@@ -156,6 +156,9 @@ class OpenAIApi:
             ("GET", "/metrics"): self._prometheus,
             ("GET", "/openapi.json"): self._openapi,
         }
+        from tierflow.services.router.encoders_api import EncodersApi  # here: it renders errors with this module
+
+        self._routes.update(EncodersApi(dispatcher, clock, metrics, self._ids).routes)  # /v1/embeddings, /v1/rerank
 
     @property
     def paths(self) -> frozenset[str]:
@@ -164,7 +167,7 @@ class OpenAIApi:
         return frozenset(path for _, path in self._routes) | {"/v1/models/{model}"}
 
     # Routes that need a tenant: their key is checked when the head is in, before the body.
-    _AUTHENTICATED = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions")})
+    _AUTHENTICATED = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("POST", "/v1/rerank")})
 
     def authorize(self, method: str, path: str, headers: dict[str, str]) -> object:
         """`http_server.serve(authorize=...)`: the tenant of a generation request, or its 401
