@@ -7,6 +7,13 @@ tokens over that energy. Power is the node's published figure (`PowerFigure`): a
 while serving where the vendor gives one (SambaRack), else the maximum rating (DGX), so a
 GPU node's energy is an upper bound. Idle power is not published for any of these nodes:
 `node_idle_w` stays None rather than a guess, and only busy time is charged.
+
+The engine (`tierflow.rdu.NodeEngine`) charges the same way as it runs, from its own
+clock-time accounting: every piece of work (a weight load, a batched prefill, a decode
+step) costs ``node power × its duration``; a prefill's or a step's share goes in equal parts
+to the sequences in it (a request's ``energy_j``), and all of it to the model it ran for
+(per-model counters: loads included). Time between pieces of work is charged at
+`node_idle_w` to the node only, when a figure exists (`node_energy`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ __all__ = [
     "RequestEnergy",
     "request_energy",
     "JOULES_PER_KWH",
+    "power_for",
+    "node_energy",
+    "tokens_per_kwh",
 ]
 
 JOULES_PER_KWH: Final = 3.6e6
@@ -49,6 +59,12 @@ POWER: Final[Mapping[str, PowerFigure]] = MappingProxyType(
             " serving, air-cooled (as transcribed, e.g. aiwiki.ai/wiki/sambanova_sn40l);"
             " no per-socket or idle figure published",
         ),
+        "sn40l-8": PowerFigure(
+            5_000.0,
+            "average",
+            "sn40l-16's published 10 kW average scaled by sockets (8 of 16): no 8-socket"
+            " power figure is published",
+        ),
         "h100-8x": PowerFigure(
             10_200.0,
             "max",
@@ -65,6 +81,26 @@ POWER: Final[Mapping[str, PowerFigure]] = MappingProxyType(
         ),
     }
 )
+
+
+def power_for(profile: HardwareProfile | str) -> PowerFigure | None:
+    """The published power of a profile's node, by name; None when there is none (the
+    `zero` profile, a custom profile): its work is then charged nothing."""
+    return POWER.get(profile if isinstance(profile, str) else profile.name)
+
+
+def node_energy(power: PowerFigure | None, busy_s: float, up_s: float) -> float:
+    """Joules a node drew over `up_s` seconds of which `busy_s` were busy: active power
+    while busy, idle power (when published) for the rest."""
+    if power is None:
+        return 0.0
+    idle = power.node_idle_w or 0.0
+    return power.node_active_w * busy_s + idle * max(0.0, up_s - busy_s)
+
+
+def tokens_per_kwh(tokens: float, joules: float) -> float | None:
+    """Output tokens per kilowatt-hour; None when nothing was charged (no power figure)."""
+    return tokens * JOULES_PER_KWH / joules if joules > 0 else None
 
 
 class RequestEnergy(msgspec.Struct, frozen=True):

@@ -29,7 +29,14 @@ model's waiting head arrives and might be admitted). Arrivals are not known in a
 so a `submit` or `cancel` during a run cuts it at the first boundary the step-by-step
 engine would have seen it at. Step ends are summed exactly as step by step, so both modes
 emit the same `RequestStarted` and `RequestFinished` events and pass through the same
-snapshots.
+snapshots. What fast mode keeps of the tokens is each request's gaps between them, as a
+small histogram (`tierflow.rdu.itl`): a run's gaps are counted once for its whole batch.
+
+Energy (`tierflow.rdu.energy`) is charged from the same clock-time accounting, in both
+modes: each piece of work costs the node's active power times its duration, all of it to
+the model it ran for; a prefill's cost is shared equally by its batch, and a decode
+step's by the sequences in it (per model, one running sum of "joules per sequence" that a
+request reads when it joins the batch and when it leaves, so a step costs O(1)).
 
 The step-by-step engine takes the same shortcut when steps are already due: a decode step
 that `advance(now)` would finish by `now` starts a run of every step of that batch ending
@@ -63,7 +70,9 @@ from .events import (
     TierCounts,
     TokenGenerated,
 )
+from .energy import node_energy, power_for
 from .hardware import HardwareProfile
+from .itl import bucket
 from .kvcache import DEFAULT_BLOCK_SIZE, KVAllocation, KVCache, hashes_from_packed, pack_tokens
 from .memory import TransferLedger, WeightTiers
 from .outputs import completion_tokens, output_plan
@@ -100,6 +109,9 @@ class _Req:
         "state",
         "hit_tokens",
         "resumed",
+        "energy",
+        "last_at",
+        "itl",
     )
 
     def __init__(
@@ -135,6 +147,10 @@ class _Req:
         self.prefilled = prefilled
         self.state = _WAITING
         self.hit_tokens = 0
+        # Joules: its prefill share; while running, minus the model's `per_seq` at joining.
+        self.energy = 0.0
+        self.last_at = 0.0  # fast mode: its last token's time
+        self.itl: dict[int, int] | None = None  # fast mode: its gaps, by `itl.bucket`
 
 
 class _Model:
@@ -157,6 +173,8 @@ class _Model:
         "load_end",
         "blocked_since",
         "kv_blocked_epoch",
+        "energy",
+        "per_seq",
     )
 
     def __init__(
@@ -180,6 +198,8 @@ class _Model:
         self.load_end: float | None = None
         self.blocked_since: float | None = None  # arrival of a waiter denied HBM (weights or KV)
         self.kv_blocked_epoch = -1  # KV release epoch at which its head last failed to fit
+        self.energy = 0.0  # joules of its finished work (loads, prefills, decode steps)
+        self.per_seq = 0.0  # joules each sequence in its batch has paid for decode steps so far
 
 
 class _Work:
@@ -337,6 +357,9 @@ class NodeEngine:
         self._pending: _Work | None = None
         self._free_at = now
         self._busy = 0.0
+        self._started = now
+        self._power = power_for(profile)
+        self._active_w = self._power.node_active_w if self._power is not None else 0.0
         self._current: _Model | None = None
         self._slice_end = now
         self._horizon = -math.inf  # the `now` of the advance under way (decode runs end by it)
@@ -524,6 +547,8 @@ class NodeEngine:
                 self._pending = None
                 self._free_at = end
                 self._busy += end - work.start
+                if self._active_w:
+                    self._charge(work)
                 if work.kind == _DECODE:
                     self._decode(work.model, end, events)
                 elif work.kind == _RUN:
@@ -539,6 +564,31 @@ class NodeEngine:
             run.seen = now
         return events
 
+    def _charge(self, work: _Work) -> None:
+        """The work's energy: all to its model, shared by the sequences it ran for. A run
+        is charged step by step, in the same float operations as the step-by-step engine,
+        so a request's energy does not depend on how often `advance` was called."""
+        m = work.model
+        if type(work) is _Run:
+            w, n = self._active_w, len(m.running)
+            energy, per_seq, prev = m.energy, m.per_seq, work.start
+            for end in work.ends:
+                joules = w * (end - prev)
+                energy += joules
+                if n:
+                    per_seq += joules / n
+                prev = end
+            m.energy, m.per_seq = energy, per_seq
+            return
+        joules = self._active_w * (work.end - work.start)
+        m.energy += joules
+        if work.kind == _PREFILL:
+            share = joules / len(work.batch)
+            for r in work.batch:
+                r.energy += share
+        elif work.kind != _LOAD and m.running:
+            m.per_seq += joules / len(m.running)
+
     def snapshot(self, now: float, *, node_hashes: bool = True) -> EngineSnapshot:
         """The node as heartbeats report it; cheap enough to take every second on every
         node of a simulated fleet, so a hash list that has not changed is the same list
@@ -550,11 +600,13 @@ class NodeEngine:
         work = self._pending
         busy_until = None if work is None else work.end
         busy = self._busy
+        run_model, run_energy = None, 0.0
         if type(work) is _Run:  # report the step under way, as the step-by-step engine does
             i = bisect_right(work.ends, work.seen)
             busy_until = work.ends[i]
             if i:
                 busy += work.ends[i - 1] - work.start
+                run_model, run_energy = work.model, self._active_w * (work.ends[i - 1] - work.start)
         w, kv = self._weights, self._kv
         models = [
             ModelState(
@@ -568,9 +620,13 @@ class NodeEngine:
                 max_batch=m.max_batch,
                 config=m.config_name,
                 recent_prefix_hashes=kv.recent_hashes(m.name),
+                energy_joules=m.energy + run_energy if m is run_model else m.energy,
             )
             for m in self._models
         ]
+        power = self._power
+        working = work is not None and work.start <= now
+        power_w = 0.0 if power is None else power.node_active_w if working else power.node_idle_w or 0.0
         return EngineSnapshot(
             time=now,
             profile=self._profile.name,
@@ -589,6 +645,8 @@ class NodeEngine:
             current_model=self._current.name if self._current is not None else None,
             busy_until=busy_until,
             busy_seconds=busy,
+            energy_joules=node_energy(power, busy, now - self._started),
+            power_w=power_w,
         )
 
     # ------------------------------------------------------------------ scheduling
@@ -818,11 +876,15 @@ class NodeEngine:
                     r.tokens = completion_tokens(r.key, r.target, vocab)
                 tok = r.tokens[i]
                 events.append(TokenGenerated(r.id, t, i, tok, texts[tok]))
+            else:
+                r.last_at = t
+                r.itl = {}
             r.generated = i = i + 1
             if i >= r.target:
                 self._finish(r, t, events)
             else:
                 r.state = _RUNNING
+                r.energy -= m.per_seq
                 m.running.append(r)
                 m.ctx_sum += r.prompt_len + i
 
@@ -861,6 +923,8 @@ class NodeEngine:
             self._slice_end = slice_end
         if self._token_events:
             self._run_tokens(m.running, ends, events)
+        else:
+            self._run_gaps(m.running, ends)
         done: list[_Req] = []
         for r in m.running:
             r.generated += steps
@@ -884,8 +948,32 @@ class NodeEngine:
                 tok = r.tokens[i]
                 append(token(r.id, t, i, tok, texts[tok]))
 
+    @staticmethod
+    def _run_gaps(running: list[_Req], ends: list[float]) -> None:
+        """Fast mode: the run's gaps into each request's histogram. The gaps between the
+        run's steps are the same for the whole batch, so they are counted once."""
+        inner: dict[int, int] = {}
+        prev = ends[0]
+        for t in ends[1:]:
+            b = bucket(t - prev)
+            inner[b] = inner.get(b, 0) + 1
+            prev = t
+        first, last = ends[0], ends[-1]
+        pairs = inner.items()
+        for r in running:
+            h = r.itl
+            if h is None:
+                continue
+            b = bucket(first - r.last_at)
+            h[b] = h.get(b, 0) + 1
+            for b, n in pairs:
+                h[b] = h.get(b, 0) + n
+            r.last_at = last
+
     def _finish(self, r: _Req, t: float, events: list[EngineEvent]) -> None:
-        events.append(RequestFinished(r.id, t, r.reason, r.prompt_len, r.generated, r.hit_tokens))
+        energy = r.energy + r.model.per_seq if r.state == _RUNNING else r.energy
+        itl = tuple(r.itl.items()) if r.itl else ()
+        events.append(RequestFinished(r.id, t, r.reason, r.prompt_len, r.generated, r.hit_tokens, energy, itl))
         del self._requests[r.id]
         self._release(r)
         r.state = _DONE

@@ -104,12 +104,20 @@ class TokenGenerated(msgspec.Struct, frozen=True, gc=False, tag=True):
 
 
 class RequestFinished(msgspec.Struct, frozen=True, gc=False, tag=True):
+    """`energy_j`: the request's share of the node's energy (`tierflow.rdu.energy`): an
+    equal part of each prefill and decode step it was in; 0 on a profile without a power
+    figure. `itl_buckets`: fast mode only (no token events), the request's gaps between
+    consecutive tokens as (bucket, count) pairs of `tierflow.rdu.itl`, so a simulated node
+    keeps the per-token latency a live one measures; empty in token mode."""
+
     request_id: str
     time: float
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    energy_j: float = 0.0
+    itl_buckets: tuple[tuple[int, int], ...] = ()
 
 
 EngineEvent = RequestStarted | TokenGenerated | RequestFinished
@@ -126,6 +134,7 @@ class ModelState(msgspec.Struct, frozen=True):
     max_batch: int = 0
     config: str = ""
     recent_prefix_hashes: list[int] = []  # this model's most recently used, newest first
+    energy_joules: float = 0.0  # drawn for this model's finished work: loads, prefills, steps
 
 
 class TierCounts(msgspec.Struct, frozen=True):
@@ -155,3 +164,7 @@ class EngineSnapshot(msgspec.Struct, frozen=True):
     current_model: str | None = None
     busy_until: float | None = None  # end of the work the chip is committed to
     busy_seconds: float = 0.0  # chip time spent on finished work since start (utilisation)
+    # The node's energy since start (busy at active power, the rest at idle power where
+    # published) and its power now; 0 on a profile without a power figure.
+    energy_joules: float = 0.0
+    power_w: float = 0.0
