@@ -33,6 +33,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from tierflow.tokenizer import encode
+
 from .catalog import ModelSpec
 from .hardware import HardwareProfile
 from .timing import prefill_time
@@ -53,6 +55,21 @@ RERANK_DIMS = 256  # a reranker's internal comparison space (it outputs scores, 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _MIX = np.uint64(0xFF51AFD7ED558CCD)
+
+
+# Function words and punctuation weigh little, as a trained encoder learns they say little
+# about a text (an IDF-like prior): without it "What is the X in Paris?" would be closest to
+# whatever shares "is", "the" and "in". Their ids under the fabric's one tokenizer.
+_FUNCTION_WORDS = (
+    "a an the and or but if of in on at to for from by with about as into over under is are was were be been being "
+    "do does did have has had it its this that these those there here what which who whom whose when where why how "
+    "i you he she we they me him her us them my your his our their not no so than too very can will would should "
+    "could may might must shall just also , . ? ! : ; ' \" ( ) - like"
+).split()
+_STOP_IDS = np.array(sorted({
+    i for w in _FUNCTION_WORDS for form in (w, " " + w, w.capitalize(), " " + w.capitalize()) for i in encode(form)
+}), dtype=np.uint64)
+_STOP_WEIGHT = 0.1
 
 
 @lru_cache(maxsize=16)
@@ -79,9 +96,10 @@ def _features(token_ids: Sequence[int]) -> np.ndarray:
         feats ^= feats >> np.uint64(32)
     buckets = (feats % np.uint64(_BUCKETS)).astype(np.int64)
     signs = np.where((feats >> np.uint64(40)) & np.uint64(1), 1.0, -1.0).astype(np.float32)
-    # Bigrams weigh half a unigram: shared words matter most, shared phrases some more.
-    weights = np.ones(len(feats), dtype=np.float32)
-    weights[len(ids):] = 0.5
+    # Bigrams weigh half a unigram: shared words matter most, shared phrases some more;
+    # function words a tenth, and a bigram of two of them next to nothing.
+    word = np.where(np.isin(ids, _STOP_IDS), _STOP_WEIGHT, 1.0).astype(np.float32)
+    weights = np.concatenate([word, 0.5 * np.maximum(word[:-1], word[1:]) * np.minimum(word[:-1], word[1:]) ** 0.5]) if len(ids) > 1 else word
     np.add.at(bag, buckets, signs * weights)
     return np.sign(bag) * np.log1p(np.abs(bag))
 

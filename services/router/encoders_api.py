@@ -18,6 +18,7 @@ router and only timed by the node.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -245,9 +246,15 @@ def _check_ids(ids: list[int], param: str) -> None:
             raise InvalidRequest(f"'{param}[{j}]' is not a token id (0 <= id < 2**31), got {t}", param=f"{param}[{j}]")
 
 
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+
+
 def _invalid(exc: msgspec.MsgspecError) -> InvalidRequest:
     from tierflow.services.router.openai_api import _invalid_body  # one place renders msgspec errors
 
+    unknown = _UNKNOWN_FIELD.search(str(exc))
+    if unknown:  # a field this endpoint does not take: refused, never silently dropped
+        return InvalidRequest(f"Unrecognized request argument supplied: {unknown.group(1)}", param=unknown.group(1))
     return _invalid_body(exc)
 
 
