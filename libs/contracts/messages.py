@@ -124,6 +124,10 @@ class NodeHeartbeat(Struct, kw_only=True):
     latency_window_s: Seconds = 0.0
     in_flight: Count = 0  # requests the node holds (queued, running, or waiting for their KV)
     queued_prompt_tokens: BigCount = 0  # prompt tokens of requests not started yet
+    # Power drawn now, watts, and energy since the node started, joules (tierflow.rdu.energy:
+    # the node's published power while busy, its idle power if published); 0: not known.
+    power_w: Annotated[float, Meta(ge=0.0)] = 0.0
+    energy_j: Annotated[float, Meta(ge=0.0)] = 0.0
 
 
 class GenerateRequest(Struct, kw_only=True):
@@ -213,6 +217,8 @@ class Finished(Struct, tag="finished", kw_only=True):
     prompt_tokens: NonNegInt
     completion_tokens: NonNegInt
     cached_tokens: NonNegInt = 0
+    # The request's share of the node's energy, joules (tierflow.rdu.energy); 0: not known
+    energy_j: Annotated[float, Meta(ge=0.0)] = 0.0
 
 
 class Failed(Struct, tag="failed", kw_only=True):

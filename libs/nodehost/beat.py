@@ -95,4 +95,6 @@ def build_heartbeat(
         latency_window_s=report.latency_window,
         in_flight=report.in_flight,
         queued_prompt_tokens=report.queued_prompt_tokens,
+        power_w=snap.power_w,
+        energy_j=snap.energy_joules,
     )

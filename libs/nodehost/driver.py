@@ -380,6 +380,7 @@ class EngineDriver:
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
                     cached_tokens=event.cached_prompt_tokens,
+                    energy_j=event.energy_j,
                 )
                 if self._on_finished is not None:
                     self._on_finished(request_id, stream, msg, event.time)
