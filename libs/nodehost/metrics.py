@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tierflow.rdu import EngineSnapshot
 from tierflow.runtime import vllm_metrics as vllm
 
 __all__ = ["ModelMetrics", "NodeMetrics"]
@@ -41,7 +42,26 @@ class NodeMetrics:
         self.requests = Counter("tierflow_node_requests", "Requests finished on the node", (*labels, "finish_reason"), registry=registry)
         self.dropped = Counter("tierflow_node_requests_dropped", "Streams the node ended itself: deadline passed, router gone, or a message could not be published", (*labels, "reason"), registry=registry)
         self.loads = Counter("tierflow_model_loads", "Requests that found their model in each tier", (*labels, "tier"), registry=registry)
+        # Energy (tierflow.rdu.energy): joules drawn for each model's work (loads, prefills,
+        # decode steps) at the node's published power, and the node's power now.
+        self.energy = Counter("tierflow_node_energy_joules", "Energy drawn for each model's work on the node, joules", labels, registry=registry)
+        self.power = Gauge("tierflow_node_power_watts", "Power the node draws now, watts (0: no published figure)", ("node",), registry=registry)
+        self._energy_seen: dict[tuple[str, str], float] = {}
         self.vllm = VllmEngineMetrics(registry)
+
+    def set_energy(self, node: str, snap: EngineSnapshot) -> None:
+        """The engine's energy figures: each model's counter moves by what it drew since the last call."""
+        self.power.labels(node).set(snap.power_w)
+        seen = self._energy_seen
+        for m in snap.models:
+            key = (node, m.name)
+            grown = m.energy_joules - seen.get(key, 0.0)
+            if grown > 0:
+                self.energy.labels(node, m.name).inc(grown)
+                seen[key] = m.energy_joules
+            elif key not in seen:
+                self.energy.labels(node, m.name)  # present at 0 from the start
+                seen[key] = m.energy_joules
 
     def set_model_state(self, node: str, model: str, running: int, waiting: int, kv_usage: float) -> None:
         """A model's scheduler state on this node, as vLLM reports it (per model_name)."""

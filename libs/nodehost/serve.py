@@ -94,6 +94,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
             "completion_tokens_per_sec": round((finished.completion_tokens - 1) / decode_time, 2) if decode_time > 0 else 0.0,
             "prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
             "cached_tokens": finished.cached_tokens, "tier": s.tier, "finish_reason": finished.finish_reason,  # type: ignore[attr-defined]
+            "energy_j": round(finished.energy_j, 3),
         })  # fmt: skip
 
     def dropped(request_id: str, model: str, reason: str) -> None:
@@ -162,6 +163,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         metrics.requests_running.labels(settings.node_id).set(snap.running)
         metrics.requests_waiting.labels(settings.node_id).set(snap.queue_depth)
         metrics.kv_cache_usage.labels(settings.node_id).set(snap.kv_usage)
+        metrics.set_energy(settings.node_id, snap)
         for m in snap.models:
             metrics.set_model_state(settings.node_id, m.name, m.in_flight, m.queued, snap.kv_usage)
             for tier in ("hbm", "ddr", "loading", "cold"):
