@@ -146,6 +146,7 @@ class RequestRecord:
     decode_queue_time: float = 0.0
     time_to_first_token: float = 0.0
     e2e: float = 0.0
+    energy_j: float = 0.0  # the nodes' Finished energy: prefill leg + the leg that finished
 
     def failed(self, exc: TierflowError) -> None:
         self.outcome, self.status, self.error = "error", exc.http_status, exc.code or exc.error_type
@@ -164,7 +165,7 @@ class RequestRecord:
             "prefix_hit": self.prefix_hit_tokens > 0, "prefix_hit_tokens": self.prefix_hit_tokens,
             "session": self.session, "session_nodes": self.session_nodes, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "max_tokens": self.max_tokens, "hash_ids": self.hash_ids,
-            "finish_reason": self.finish_reason, "stream": self.stream,
+            "finish_reason": self.finish_reason, "stream": self.stream, "energy_j": round(self.energy_j, 3),
             "outcome": self.outcome, "status": self.status, "error": self.error,
             "decode_queue_time": round(self.decode_queue_time, 6), "time_to_first_token": round(self.time_to_first_token, 6),
             "e2e_latency": round(self.e2e, 6), "completion_tokens_per_sec": round(tps, 2),
@@ -651,6 +652,7 @@ class Dispatcher:
                 if type(event) is messages.Finished:
                     finished = True
                     record.prefix_hit_tokens = event.cached_tokens
+                    record.energy_j += event.energy_j
                     return node_id
                 if type(event) is messages.Failed:
                     failure = self._failed(node_id, event, record, deadline)
@@ -732,6 +734,7 @@ class Dispatcher:
                     record.prompt_tokens = event.prompt_tokens  # type: ignore[union-attr]
                     record.completion_tokens = event.completion_tokens  # type: ignore[union-attr]
                     record.prefix_hit_tokens = max(record.prefix_hit_tokens, event.cached_tokens)  # type: ignore[union-attr]
+                    record.energy_j += event.energy_j  # type: ignore[union-attr]
                     self._metrics.prompt_tokens.labels(*labels).inc(event.prompt_tokens)  # type: ignore[union-attr]
                     self._metrics.completion_tokens.labels(*labels).inc(event.completion_tokens)  # type: ignore[union-attr]
                     self._settle(params, record)
