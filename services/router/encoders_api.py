@@ -55,7 +55,13 @@ class EmbeddingsBody(Struct, forbid_unknown_fields=True):
     """OpenAI's embeddings request; an unknown field is a 400 naming it."""
 
     model: _Name
-    input: Any = None  # checked by `_inputs`: four shapes no one msgspec type expresses
+    # Checked by `_inputs`: four shapes no one msgspec type expresses; documented here.
+    input: Annotated[Any, Meta(extra_json_schema={"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_INPUTS},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}, "minItems": 1, "maxItems": MAX_INPUTS},
+    ]})]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Meta(ge=1)] | None = None
     user: _User | None = None

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
+from tierflow.services.router.encoders_api import EmbeddingsBody, RerankBody
 from tierflow.services.router.openai_schema import LIMITS, ChatCompletionRequest, CompletionRequest
 
 __all__ = ["PATHS", "openapi_document", "openapi_json"]
@@ -195,9 +196,50 @@ class Health(Struct):
     models: int
 
 
+class Embedding(Struct):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32 (`encoding_format`)
+
+
+class EmbeddingUsage(Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Struct):
+    """OpenAI's embeddings response: one unit vector per input, in input order."""
+
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class RerankDocument(Struct):
+    text: str
+
+
+class RerankResult(Struct):
+    index: int  # the document's position in the request
+    relevance_score: float  # in (0, 1); results are sorted by it, best first
+    document: RerankDocument | None = None  # with `return_documents` (the default)
+
+
+class RerankResponse(Struct):
+    """The rerank response Cohere, Jina and vLLM share."""
+
+    id: str
+    object: Literal["rerank"]
+    model: str
+    created: int
+    results: list[RerankResult]
+    usage: EmbeddingUsage
+
+
 _STRUCTS = (
     ChatCompletionRequest, CompletionRequest, ErrorResponse, ChatCompletion, Completion, ChatCompletionChunk, CompletionChunk,
-    Model, ModelList, Health,
+    Model, ModelList, Health, EmbeddingsBody, RerankBody, EmbeddingList, RerankResponse,
 )
 
 
@@ -261,6 +303,18 @@ def _generation(summary: str, request: str, response: str, chunk: str) -> dict[s
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": _generation("Chat completion (OpenAI)", "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),
     "/v1/completions": _generation("Text completion (OpenAI)", "CompletionRequest", "Completion", "CompletionChunk"),
+    "/v1/embeddings": {"post": {
+        "summary": "Embeddings (OpenAI): one vector per input from an embedding model; `dimensions` on Matryoshka models",
+        "parameters": _HEADERS[1:],
+        "requestBody": {"required": True, "content": _json("EmbeddingsBody")},
+        "responses": {"200": {"description": "The vectors", "content": _json("EmbeddingList")}, **_errors(400, 401, 404, 408, 413, 429, 503, 504)},
+    }},
+    "/v1/rerank": {"post": {
+        "summary": "Rerank (Cohere/Jina/vLLM shape): documents scored against a query by a reranker model, best first",
+        "parameters": _HEADERS[1:],
+        "requestBody": {"required": True, "content": _json("RerankBody")},
+        "responses": {"200": {"description": "The ranking", "content": _json("RerankResponse")}, **_errors(400, 401, 404, 408, 413, 429, 503, 504)},
+    }},
     "/v1/models": {"get": {"summary": "Models registered and deployed", "responses": {"200": {"description": "The models", "content": _json("ModelList")}}}},
     "/v1/models/{model}": {"get": {
         "summary": "One model",

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.fabric
 
 MODEL = "llama-3.1-8b"
 GENERATION = ("/v1/chat/completions", "/v1/completions")
-EXAMPLES = 100  # ~5 s on 2 cores
+EXAMPLES = 150  # ~7 s on 2 cores (the embeddings and rerank paths share the draw since issue 20)
 
 
 def _url(fabric: Fabric, path: str) -> str:
