@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-__all__ = ["RollingQuantile", "quantile"]
+__all__ = ["RollingHistogram", "RollingQuantile", "quantile"]
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -61,3 +61,53 @@ class RollingQuantile:
         if not self._samples:
             return None
         return quantile([v for _, v in self._samples], q)
+
+
+class RollingHistogram:
+    """`RollingQuantile` for samples that come as counts per bucket (`tierflow.rdu.itl`):
+    the fleet simulator's fast mode hands over each request's gaps between tokens when it
+    finishes, not token by token. Bounded like `RollingQuantile`: the last `window`
+    seconds, and the newest entries holding at least `max_samples` samples."""
+
+    __slots__ = ("window", "max_samples", "_entries", "_count")
+
+    def __init__(self, window: float = 10.0, max_samples: int = 2048) -> None:
+        if window <= 0:
+            raise ValueError(f"window must be positive, got {window}")
+        self.window = window
+        self.max_samples = max_samples
+        self._entries: deque[tuple[float, tuple[tuple[int, int], ...], int]] = deque()
+        self._count = 0
+
+    def observe(self, now: float, counts: tuple[tuple[int, int], ...]) -> None:
+        n = sum(c for _, c in counts)
+        if not n:
+            return
+        entries = self._entries
+        entries.append((now, counts, n))
+        self._count += n
+        while self._count - entries[0][2] >= self.max_samples:
+            self._count -= entries.popleft()[2]
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.window
+        entries = self._entries
+        while entries and entries[0][0] < horizon:
+            self._count -= entries.popleft()[2]
+
+    def count(self, now: float) -> int:
+        """Samples inside the window at `now`."""
+        self._expire(now)
+        return self._count
+
+    def value(self, now: float, q: float = 0.95) -> float | None:
+        """The `q` quantile of the window at `now` (a bucket's middle); None when empty."""
+        from tierflow.rdu import itl  # the buckets' meaning lives with the engine that fills them
+
+        self._expire(now)
+        if not self._entries:
+            return None
+        merged: dict[int, int] = {}
+        for _, counts, _n in self._entries:
+            itl.add(merged, counts)
+        return itl.quantile(merged, q)

@@ -65,13 +65,13 @@ class Call:
     Router side: `tenant`, `route`, `placement`, the nodes `tried`, how many of those
     answered queue_full (`overloaded`), the `attempt` count and the `last_failure`.
     Node side: the decode `node`, the `tier` the model was found in and the prompt tokens
-    served from a prefix cache (`cached_tokens`).
+    served from a prefix cache (`cached_tokens`), and the energy its finished legs drew (`energy_j`).
     """
 
     __slots__ = (
         "request_id", "run", "step", "model", "prompt_tokens", "prompt_hashes", "prompt_ids", "max_tokens", "sent_at",
         "tenant", "route", "placement", "tried", "overloaded", "attempt", "last_failure",
-        "node", "tier", "cached_tokens",
+        "node", "tier", "cached_tokens", "energy_j",
     )  # fmt: skip
 
     def __init__(
@@ -104,6 +104,7 @@ class Call:
         self.node = ""
         self.tier = ""
         self.cached_tokens = 0
+        self.energy_j = 0.0  # the Finished energy of its legs so far (prefill, then decode)
 
     def engine_prompt(self) -> Sequence[int]:
         """The prompt for `EngineRequest.prompt_token_ids`: its ids when they were built,

@@ -93,13 +93,14 @@ class SessionRun:
 
 def ok_record(
     run: SessionRun, step: CallPlan, request_id: str, *, sent_at: float, first_token_at: float, finished_at: float,
-    prompt_tokens: int, completion_tokens: int, cached_tokens: int, tier: str, node: str,
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int, tier: str, node: str, energy_j: float = 0.0,
 ) -> RequestRecord:  # fmt: skip
     plan = run.plan
     return RequestRecord(
         request_id=request_id, session_id=plan.session_key, tenant=plan.tenant, flow=plan.flow, step=step.index,
         model=step.model, sent_at=sent_at, first_token_at=first_token_at, finished_at=finished_at,
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens, tier=tier, node=node,
+        energy_j=energy_j,
     )  # fmt: skip
 
 

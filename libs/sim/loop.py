@@ -40,6 +40,7 @@ from tierflow.nodehost.preload import preload_models
 from tierflow.placement import PlacementConfig, TenantDirectory
 from tierflow.placement.tables import ModelTable
 from tierflow.rdu import RequestFinished, RequestStarted
+from tierflow.rdu.energy import tokens_per_kwh
 from tierflow.runtime.errors import InvalidRequest, NodeFailure as RouterNodeFailure, TierflowError
 from tierflow.sim.autoscale import AUTOSCALER_INTERVAL_S, DRAIN_POLL_S, DRAIN_TIMEOUT_S, SimAutoscaler
 from tierflow.sim.calls import Call
@@ -350,6 +351,7 @@ class Simulation:
                     call.tier = event.tier
             elif type(event) is RequestFinished:
                 call.cached_tokens = max(call.cached_tokens, event.cached_prompt_tokens)
+                call.energy_j += event.energy_j
                 if prefill:  # the KV is ready: via the router to the decode node chosen for it
                     self._push(event.time + 2 * hop, _RECEIVE, call, (call.node, node.node_id))
                 else:
@@ -369,7 +371,7 @@ class Simulation:
         self.records.append(ok_record(
             run, call.step, call.request_id, sent_at=call.sent_at, first_token_at=first_token_at + 2 * hop,
             finished_at=finished_at, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-            cached_tokens=call.cached_tokens, tier=call.tier, node=call.node,
+            cached_tokens=call.cached_tokens, tier=call.tier, node=call.node, energy_j=call.energy_j,
         ))  # fmt: skip
         if run.position < len(run.plan.steps):  # a reply no later step reads is not worth tokenizing
             run.record_reply(event.completion_tokens)
@@ -489,12 +491,16 @@ class Simulation:
     def _result(self, end: float) -> SimResult:
         up: dict[str, float] = dict.fromkeys(self.plans, 0.0)
         busy_in: dict[str, float] = dict.fromkeys(self.plans, 0.0)
+        energy = 0.0
         everyone = [*self.nodes.values(), *self.retired]
         for n in everyone:
             deployment = n.identity.deployment
             up[deployment] += (n.stopped_at if n.stopped_at is not None else end) - n.up_at
-            busy_in[deployment] += n.busy_seconds if n.stopped_at is not None else n.engine.snapshot(end).busy_seconds
+            snap = n.engine.snapshot(n.stopped_at if n.stopped_at is not None else end, node_hashes=False)
+            busy_in[deployment] += n.busy_seconds if n.stopped_at is not None else snap.busy_seconds
+            energy += snap.energy_joules
         node_seconds, busy = sum(up.values()), sum(busy_in.values())
+        tokens = sum(r.completion_tokens for r in self.records if r.outcome == "ok")
         initial = sum(p.initial(pool) for p in self.plans.values() for pool in p.pools)
         stats = SimStats(
             virtual_s=end, events=self._events, sessions=len(self.sessions), calls=self._calls, heartbeats=self._beats,
@@ -503,5 +509,6 @@ class Simulation:
             nodes_initial=initial, nodes_peak=max((p.nodes for p in self.timeline), default=initial),
             nodes_final=len(self.nodes), nodes_started=len(everyone) - initial, nodes_stopped=len(self.retired),
             scale_events=list(self.autoscaler.events) if self.autoscaler is not None else [],
+            energy_j=energy, tokens_per_kwh=tokens_per_kwh(tokens, energy),
         )  # fmt: skip
         return SimResult(records=self.records, fleet_timeline=self.timeline, stats=stats)

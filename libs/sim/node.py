@@ -14,10 +14,12 @@ time and in the same order, so the router and the autoscaler see the same node:
   as the driver's `on_switch` does, so the router learns of the move before the next beat;
 - the heartbeat itself is `tierflow.nodehost.beat.build_heartbeat`, shared with live nodes.
 
-With the engine's per-token events off (the simulator's default), inter-token latency
-is sampled once per request as its mean gap instead of once per token; its p95 over the
-window then describes requests rather than tokens (a switch stall inside one request is
-spread over its tokens).
+With the engine's per-token events off (the simulator's default), a request's gaps
+between tokens come with its finish, counted in the engine's fixed buckets
+(`RequestFinished.itl_buckets`, `tierflow.rdu.itl`), and the window keeps those counts
+(`RollingHistogram`): its p95 is the per-token p95 the live driver reports, to a bucket's
+width (2.2%), except that a request's gaps enter the window when it finishes rather than
+as they happen.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tierflow.contracts import messages
 from tierflow.nodehost.beat import LoadReport, NodeIdentity, build_heartbeat
 from tierflow.nodehost.preload import preload_models
 from tierflow.rdu import EngineEvent, EngineRequest, NodeEngine, RequestFinished, RequestRejected, RequestStarted, TokenGenerated, kv_transfer_time
-from tierflow.scaling.window import RollingQuantile
+from tierflow.scaling.window import RollingHistogram, RollingQuantile
 from tierflow.sim.calls import Call
 from tierflow.sim.fleet import DeploymentPlan
 
@@ -87,7 +89,7 @@ class SimNode:
         self.token_events = token_events
         self.streams: dict[str, _Stream] = {}
         self.ttft = RollingQuantile(LATENCY_WINDOW_S)
-        self.itl = RollingQuantile(LATENCY_WINDOW_S)
+        self.itl: RollingQuantile | RollingHistogram = RollingQuantile(LATENCY_WINDOW_S) if token_events else RollingHistogram(LATENCY_WINDOW_S)
         self.seq = 0
         self.up_at = now
         self.stopped_at: float | None = None
@@ -180,7 +182,7 @@ class SimNode:
                     stream.first_token_at = event.time
                     self.ttft.observe(event.time, max(0.0, event.time - stream.received_at))
                 else:
-                    self.itl.observe(event.time, max(0.0, event.time - stream.last_token_at))
+                    self.itl.observe(event.time, max(0.0, event.time - stream.last_token_at))  # type: ignore[arg-type]
                 stream.last_token_at = event.time
                 stream.tokens += 1
                 continue
@@ -209,9 +211,9 @@ class SimNode:
     def _observe_finish(self, event: RequestFinished, stream: _Stream) -> None:
         if event.finish_reason == "prefill":  # a prefill node's "first token": its KV
             self.ttft.observe(event.time, max(0.0, event.time - stream.received_at))
-        elif not self.token_events and event.completion_tokens > 1:
-            # Per-token events are off: one sample of this request's mean gap (module docstring).
-            self.itl.observe(event.time, (event.time - stream.first_token_at) / (event.completion_tokens - 1))
+        elif not self.token_events and event.itl_buckets:
+            # Per-token events are off: this request's gaps, counted by the engine (module docstring).
+            self.itl.observe(event.time, event.itl_buckets)  # type: ignore[arg-type]
 
     def fail_all(self, now: float) -> list[_Stream]:
         """The node stops with requests still on it: they end here (the shell's `fail_all`)."""

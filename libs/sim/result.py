@@ -32,6 +32,10 @@ class SimStats(msgspec.Struct, frozen=True, kw_only=True):
     `utilisation`: chip busy time over node-up time, all nodes (the engine's `busy_seconds`:
     loads, prefills and decode steps), and `by_deployment` the same per deployment.
     `events`: events the loop processed.
+    `energy_j`: what every node drew while up (`tierflow.rdu.energy`: its work at active
+    power, loads and idle gaps included, idle at idle power where published), and
+    `tokens_per_kwh` the fleet's: completion tokens of ok requests per kWh of it (None: no
+    node has a power figure). A report's per-model figures count the requests' shares only.
     """
 
     virtual_s: float
@@ -49,6 +53,8 @@ class SimStats(msgspec.Struct, frozen=True, kw_only=True):
     nodes_started: int
     nodes_stopped: int
     scale_events: list[ScaleEvent]
+    energy_j: float = 0.0
+    tokens_per_kwh: float | None = None
 
 
 class SimResult(msgspec.Struct, frozen=True, kw_only=True):

@@ -23,6 +23,7 @@ from typing import Any
 
 from tierflow.contracts import registry
 from tierflow.placement import TenantDirectory
+from tierflow.rdu.energy import tokens_per_kwh
 from tierflow.sim.autoscale import ScaleEvent
 from tierflow.sim.result import FleetPoint, SimResult, SimStats
 from tierflow.workload.sessions import SessionPlan
@@ -160,6 +161,7 @@ def merge(results: Sequence[SimResult]) -> SimResult:
     node_seconds = sum(s.node_seconds for s in stats)
     busy = sum(s.busy_seconds for s in stats)
     events: list[ScaleEvent] = sorted((e for s in stats for e in s.scale_events), key=lambda e: (e.t, e.deployment, e.pool))
+    energy = sum(s.energy_j for s in stats)
     return SimResult(
         records=records,
         fleet_timeline=timeline,
@@ -172,5 +174,6 @@ def merge(results: Sequence[SimResult]) -> SimResult:
             nodes_initial=sum(s.nodes_initial for s in stats), nodes_peak=max((p.nodes for p in timeline), default=0),
             nodes_final=sum(s.nodes_final for s in stats), nodes_started=sum(s.nodes_started for s in stats),
             nodes_stopped=sum(s.nodes_stopped for s in stats), scale_events=events,
+            energy_j=energy, tokens_per_kwh=tokens_per_kwh(sum(r.completion_tokens for r in records if r.outcome == "ok"), energy),
         ),  # fmt: skip
     )

@@ -44,6 +44,7 @@ class RequestRecord(msgspec.Struct, kw_only=True, gc=False):
     outcome: Outcome = "ok"
     status: int = 200
     error: str = ""
+    energy_j: float = 0.0  # the request's share of its nodes' energy (tierflow.rdu.energy); 0: unknown
 
     @property
     def ttft(self) -> float | None:

@@ -26,6 +26,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from tierflow.rdu.energy import JOULES_PER_KWH
 from tierflow.workload.records import RequestRecord
 from tierflow.workload.spec import Slo
 from tierflow.workload.trace_stats import TraceSummary, measured_stats
@@ -72,6 +73,10 @@ DEFINITIONS: dict[str, str] = {
     "prefix_hit_share": "ok requests with at least one cached prompt token, as a share of ok requests",
     "nodes_per_session": "distinct nodes that served a session (any outcome, known nodes only), mean over "
     "the sessions with at least one known node; _p95 (linear) and _max alongside",
+    "energy_j": "sum of energy_j over ok requests: each request's share of the node's energy (the "
+    "emulator's power model, tierflow.rdu.energy); 0 when no node reported one",
+    "tokens_per_kwh": "completion tokens of ok requests per kWh of their energy_j; null when no energy was "
+    "reported",
     "timeline": "windows of window_s seconds from 0; a request belongs to the window it was SENT in, "
     "so its latency and tokens count there; the windows cover [0, max(meta.duration_s, last sent_at)), "
     "the last one possibly shorter",
@@ -125,6 +130,8 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
     nodes_per_session_p95: float | None
     nodes_per_session_max: int | None
     sessions: int
+    energy_j: float = 0.0
+    tokens_per_kwh: float | None = None
 
 
 class Window(msgspec.Struct, frozen=True, kw_only=True):
@@ -245,6 +252,7 @@ class _Columns:
         first_at, finished_at = _floats(records, "first_token_at"), _floats(records, "finished_at")
         self.prompt, self.completion = _ints(records, "prompt_tokens"), _ints(records, "completion_tokens")
         self.cached = _ints(records, "cached_tokens")
+        self.energy = _floats(records, "energy_j")
         outcome_codes, outcome_names = _factorize(records, "outcome")
         self.ok = _mask_of(outcome_codes, outcome_names, ["ok"])
         self.error = _mask_of(outcome_codes, outcome_names, ["error"])
@@ -309,6 +317,8 @@ def _summarize(cols: _Columns, mask: BoolArray, session_nodes: IntArray, duratio
     requests = int(mask.sum())
     prompt_ok = int(cols.prompt[ok].sum())
     good = int((mask & cols.good).sum())
+    completion_ok = int(cols.completion[ok].sum())
+    energy = float(cols.energy[ok].sum())
     nodes_mean, nodes_p95, nodes_max = _nodes_per_session(session_nodes, cols.node_count)
     return Summary(
         requests=requests,
@@ -322,7 +332,7 @@ def _summarize(cols: _Columns, mask: BoolArray, session_nodes: IntArray, duratio
         goodput_rps=good / duration_s,
         throughput_rps=n_ok / duration_s,
         input_tokens_per_s=prompt_ok / duration_s,
-        output_tokens_per_s=int(cols.completion[ok].sum()) / duration_s,
+        output_tokens_per_s=completion_ok / duration_s,
         cold_share=_share(int((mask & cols.ok_cold).sum()), int((mask & cols.ok_tier_known).sum())),
         prefix_hit_rate=_share(int(cols.cached[ok].sum()), prompt_ok),
         prefix_hit_share=_share(int((ok & (cols.cached > 0)).sum()), n_ok),
@@ -330,6 +340,8 @@ def _summarize(cols: _Columns, mask: BoolArray, session_nodes: IntArray, duratio
         nodes_per_session_p95=nodes_p95,
         nodes_per_session_max=nodes_max,
         sessions=int(np.count_nonzero(np.bincount(cols.session[mask], minlength=cols.session_count))),
+        energy_j=energy,
+        tokens_per_kwh=completion_ok * JOULES_PER_KWH / energy if energy > 0 else None,
     )
 
 

@@ -58,6 +58,13 @@ def test_a_run_writes_a_report_and_plots_and_prints_a_summary(tmp_path: Path) ->
     assert any(w.nodes == 2 for w in report.timeline)  # the fleet's columns come from the simulator
     assert sorted(p.name for p in plots.iterdir()) == ["cache.png", "fleet.png", "latency.png", "throughput.png"]
     assert "cli-small: simulated, policy round-robin" in result.output and "all" in result.output
+    # Energy (issue 19): tokens per kWh per model and for the fleet, on sn40l-16's published power.
+    for summary in (*report.per_model.values(), report.totals):
+        assert summary.energy_j > 0 and summary.tokens_per_kwh is not None and summary.tokens_per_kwh > 0
+    fleet_per_kwh = report.meta.notes["tokens_per_kwh"]
+    # The fleet also pays for weight loads and idle power (none published, none loaded here): no more per kWh
+    assert 0 < fleet_per_kwh <= report.totals.tokens_per_kwh + 1
+    assert "output tokens/kWh" in result.output and "tok/" in result.output
 
 
 def test_nodes_rescale_the_fleet(tmp_path: Path) -> None:

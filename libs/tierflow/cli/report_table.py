@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 __all__ = ["report_table"]
 
-COLUMNS = ("req", "ok", "rej", "err", "TTFT\np50", "TTFT\np95", "ITL\np50", "E2E\np95", "good\nput", "cache\nhits", "cold")
+COLUMNS = ("req", "ok", "rej", "err", "TTFT\np50", "TTFT\np95", "ITL\np50", "E2E\np95", "good\nput", "cache\nhits", "cold", "tok/\nkWh")
 
 
 def _ms(value: float | None) -> str:
@@ -24,10 +24,18 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+def _per_kwh(value: float | None) -> str:
+    """Tokens per kWh (the requests' energy shares: `tierflow.rdu.energy`); "-" when none was reported."""
+    if value is None:
+        return "-"
+    return f"{value / 1e6:,.1f}M" if value >= 1e6 else f"{value / 1e3:,.0f}k"
+
+
 def _cells(s: Summary) -> tuple[str, ...]:
     return (
         str(s.requests), str(s.ok), str(s.rejected), str(s.errors), _ms(s.ttft_ms.p50), _ms(s.ttft_ms.p95),
         _ms(s.itl_ms.p50), _ms(s.e2e_ms.p95), _share(s.goodput_share), _share(s.prefix_hit_rate), _share(s.cold_share),
+        _per_kwh(s.tokens_per_kwh),
     )  # fmt: skip
 
 

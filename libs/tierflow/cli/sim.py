@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from tierflow.sim import FleetRecords, SimConfig, SimResult
+    from tierflow.sim.result import SimStats
     from tierflow.workload.report import Report
     from tierflow.workload.sessions import SessionPlan
     from tierflow.workload.spec import WorkloadSpec
@@ -220,6 +221,7 @@ def sim_report(
     the time arrivals were offered (`duration_s`, by default the spec's arrivals as the live
     driver takes them), the fleet's samples in the timeline, the run's own figures in
     `meta.notes`, and a trace replay's summary when there was one."""
+    from tierflow.rdu.energy import JOULES_PER_KWH
     from tierflow.workload.arrivals import run_length
     from tierflow.workload.report import ReportMeta, build_report
 
@@ -232,7 +234,9 @@ def sim_report(
         "virtual_s": round(stats.virtual_s, 3), "speed": round(stats.virtual_s / wall_s, 2) if wall_s > 0 else 0.0,
         "sessions": stats.sessions, "utilisation": round(stats.utilisation, 4), "nodes_initial": stats.nodes_initial,
         "nodes_peak": stats.nodes_peak, "nodes_final": stats.nodes_final, "nodes_started": stats.nodes_started,
-        "nodes_stopped": stats.nodes_stopped, "heartbeats": stats.heartbeats, "events": stats.events, **(notes or {}),
+        "nodes_stopped": stats.nodes_stopped, "heartbeats": stats.heartbeats, "events": stats.events,
+        "energy_kwh": round(stats.energy_j / JOULES_PER_KWH, 6),
+        **({"tokens_per_kwh": round(stats.tokens_per_kwh)} if stats.tokens_per_kwh is not None else {}), **(notes or {}),
     }  # fmt: skip
     offered = duration_s if duration_s is not None else run_length(spec.arrivals, duration_s=cap)
     meta = ReportMeta(spec=spec.name, source="sim", policy=policy, duration_s=offered, wall_s=wall_s, started_at=started_at, notes=everything)
@@ -263,6 +267,15 @@ def _run_with_progress(
     return result
 
 
+def _fleet_energy(stats: SimStats) -> str:
+    """The fleet's energy line: every node while up (loads and idle included), per kWh."""
+    from tierflow.rdu.energy import JOULES_PER_KWH
+
+    if stats.tokens_per_kwh is None:
+        return "energy: no node has a power figure"
+    return f"fleet energy {stats.energy_j / JOULES_PER_KWH:,.3f} kWh, {stats.tokens_per_kwh:,.0f} output tokens/kWh"
+
+
 def summary_table(report: Report, result: SimResult) -> Table:
     """Per model and in total, with the fleet's figures in the caption."""
     from tierflow.cli.report_table import report_table
@@ -276,7 +289,8 @@ def summary_table(report: Report, result: SimResult) -> Table:
         ),
         caption=(
             f"nodes {stats.nodes_initial} at start, {stats.nodes_peak} at peak, {stats.nodes_final} at the end "
-            f"({stats.nodes_started} started, {stats.nodes_stopped} stopped); chip utilisation {stats.utilisation:.1%}. "
+            f"({stats.nodes_started} started, {stats.nodes_stopped} stopped); chip utilisation {stats.utilisation:.1%}; "
+            f"{_fleet_energy(stats)}. "
             "Latencies in ms; cache hits: prompt tokens found in the prefix cache; cold: model not in HBM"
         ),
     )
