@@ -14,6 +14,7 @@ one (the HTTP server's rule), else the router's request id. Health: see runtime/
 from __future__ import annotations
 
 import uuid
+from typing import Any
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -30,6 +31,7 @@ from tierflow.runtime.tracing import continue_trace, exporting, note_front_door
 from tierflow.services.router.http_server import client_request_id
 from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
+from tierflow.services.router.encoders_api import MAX_DOCUMENTS, MAX_INPUTS, Encoders
 from tierflow.services.router.metrics import RouterMetrics
 from tierflow.services.router.openai_schema import MAX_MESSAGES, MAX_NAME_CHARS, MAX_STOP, MAX_STOP_CHARS, MAX_USER_CHARS
 from tierflow.services.router.structured_output import OutputPlan, grpc_plan
@@ -97,6 +99,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._clock = clock
         self._metrics = metrics
         self._address = address  # server.address/server.port on the request's span
+        self._encoders = Encoders(dispatcher, clock, metrics)  # Embed and Rerank (services/router/encoders_api.py)
 
     async def _params(self, request: pb.GenerateRequest, request_id: str, tenant: Tenant, timeout: float | None = None) -> GenerateParams:
         if not request.model:
@@ -188,6 +191,45 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         call = pb.ToolCall(id=plan.call_id, name=plan.tool, arguments="".join(texts)) if plan.kind == "tool" else None
         finish = "tool_calls" if call is not None and finish == "stop" else finish
         return pb.GenerateResponse(id=final.request_id, model=final.model, text="".join(texts), token_ids=ids, finish_reason=finish, usage=self._usage(final), node_id=final.node, model_version=final.version, tool_call=call)
+
+    async def _encoder_call(self, kind: str, context: grpc.aio.ServicerContext, run: Any) -> Any:
+        """Embed and Rerank: metadata, auth and deadline as for Generate, then `run(tenant,
+        request_id, timeout)` on the shared core; a refusal is the same gRPC status."""
+        request_id = f"{kind}-{uuid.uuid4().hex}"
+        try:
+            metadata = dict(context.invocation_metadata() or ())
+            echo = client_request_id(metadata) if "x-request-id" in metadata else None
+            await context.send_initial_metadata((("x-request-id", echo or request_id),))
+            continue_trace(metadata)
+            tenant = self._dispatcher.authenticate(bearer_token(metadata.get("authorization")))
+            remaining = context.time_remaining()
+            return await run(tenant, request_id, remaining if remaining is not None and remaining > 0 else None)
+        except TierflowError as exc:
+            status = error_status(exc)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        async def run(tenant: Tenant, request_id: str, timeout: float | None) -> pb.EmbedResponse:
+            if len(request.model) > MAX_NAME_CHARS or len(request.inputs) > MAX_INPUTS:
+                raise InvalidRequest(f"model has at most {MAX_NAME_CHARS} characters, inputs at most {MAX_INPUTS} items", param="inputs")
+            done = await self._encoders.embed(request.model, list(request.inputs), dimensions=request.dimensions or None, tenant=tenant,
+                                              request_id=request_id, timeout=timeout)
+            usage = pb.Usage(prompt_tokens=done.prompt_tokens, total_tokens=done.prompt_tokens)
+            return pb.EmbedResponse(id=request_id, model=request.model, usage=usage,
+                                    data=[pb.Embedding(index=i, values=v.tolist()) for i, v in enumerate(done.vectors)])
+        return await self._encoder_call("embd", context, run)
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        async def run(tenant: Tenant, request_id: str, timeout: float | None) -> pb.RerankResponse:
+            if len(request.model) > MAX_NAME_CHARS or len(request.documents) > MAX_DOCUMENTS:
+                raise InvalidRequest(f"model has at most {MAX_NAME_CHARS} characters, documents at most {MAX_DOCUMENTS} items", param="documents")
+            docs = list(request.documents)
+            done = await self._encoders.rerank(request.model, request.query, docs, top_n=request.top_n or None, tenant=tenant,
+                                               request_id=request_id, timeout=timeout)
+            results = [pb.RerankResult(index=i, relevance_score=score, document=docs[i] if request.return_documents else "") for i, score in done.results]
+            return pb.RerankResponse(id=request_id, model=request.model, results=results,
+                                     usage=pb.Usage(prompt_tokens=done.prompt_tokens, total_tokens=done.prompt_tokens))
+        return await self._encoder_call("rerank", context, run)
 
 
 async def start_grpc(

@@ -11,12 +11,15 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import jsonschema
 import numpy as np
 import openai
 import pytest
 
 from tierflow.harness import Fabric
+from tierflow.v1 import inference_pb2 as pb
+from tierflow.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.fabric
 
@@ -139,3 +142,18 @@ def test_agent_pipeline_retrieve_rerank_then_chat_with_tools(client: openai.Open
     assert call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)
     assert 1 <= len(nodes) <= 2  # four models, one deployment of two nodes: they share the nodes
+
+
+def test_grpc_embed_and_rerank_match_http(agents: Fabric, client: openai.OpenAI) -> None:
+    auth = (("authorization", "Bearer test-key"),)
+    with grpc.insecure_channel(f"{agents.host}:{agents.grpc_port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        answer = stub.Embed(pb.EmbedRequest(model=MATRYOSHKA, inputs=DOCS[:3], dimensions=128), metadata=auth, timeout=30)
+        http = client.embeddings.create(model=MATRYOSHKA, input=DOCS[:3], dimensions=128, encoding_format="float")
+        assert [e.index for e in answer.data] == [0, 1, 2] and answer.usage.prompt_tokens == http.usage.prompt_tokens
+        assert np.allclose([list(e.values) for e in answer.data], [d.embedding for d in http.data], atol=1e-6)
+        ranked = stub.Rerank(pb.RerankRequest(model=RERANK, query=QUERY, documents=DOCS, top_n=2, return_documents=True), metadata=auth, timeout=30)
+        assert [r.index for r in ranked.results][0] == 4 and ranked.results[0].document == DOCS[4]
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Embed(pb.EmbedRequest(model=CHAT, inputs=["x"]), metadata=auth, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

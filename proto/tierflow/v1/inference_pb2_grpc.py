@@ -44,6 +44,16 @@ class InferenceStub:
                 request_serializer=tierflow_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tierflow_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/tierflow.v1.Inference/Embed',
+                request_serializer=tierflow_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=tierflow_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/tierflow.v1.Inference/Rerank',
+                request_serializer=tierflow_dot_v1_dot_inference__pb2.RerankRequest.SerializeToString,
+                response_deserializer=tierflow_dot_v1_dot_inference__pb2.RerankResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -63,6 +73,20 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One vector per input from an embedding model (the twin of POST /v1/embeddings).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rerank(self, request, context):
+        """Documents scored against a query by a reranker model, best first (POST /v1/rerank).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +99,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GenerateUnary,
                     request_deserializer=tierflow_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=tierflow_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=tierflow_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=tierflow_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=tierflow_dot_v1_dot_inference__pb2.RerankRequest.FromString,
+                    response_serializer=tierflow_dot_v1_dot_inference__pb2.RerankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +165,60 @@ class Inference:
             '/tierflow.v1.Inference/GenerateUnary',
             tierflow_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             tierflow_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierflow.v1.Inference/Embed',
+            tierflow_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            tierflow_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierflow.v1.Inference/Rerank',
+            tierflow_dot_v1_dot_inference__pb2.RerankRequest.SerializeToString,
+            tierflow_dot_v1_dot_inference__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,
