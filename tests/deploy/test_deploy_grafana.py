@@ -88,6 +88,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for(dashboard: dict[str, Any]) 
         "tierflow_num_requests_running", "tierflow_num_requests_waiting", "tierflow_kv_cache_usage_perc",
         "tierflow_prefix_cache_hits_total", "tierflow_prefix_cache_queries_total", "tierflow_model_tier",
         "tierflow_router_retries_total", "tierflow_routing_decisions_total", "tierflow_autoscaler_desired_replicas",
+        "tierflow_node_energy_joules_total", "tierflow_node_power_watts",  # energy (issue 19)
     ):  # fmt: skip
         assert needle in exprs, f"no panel shows {needle}"
 
