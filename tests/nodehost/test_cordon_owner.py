@@ -52,7 +52,7 @@ def test_the_heartbeat_names_the_owner_while_cordoned() -> None:
     node = identity()
     # the engine snapshot's fields build_heartbeat reads (an idle node)
     snap = SimpleNamespace(models=(), block_size=64, queue_depth=0, running=0, max_batch=8, kv_usage=0.0,
-                           prefix_cache_blocks=SimpleNamespace(hbm=0, ddr=0))  # fmt: skip
+                           prefix_cache_blocks=SimpleNamespace(hbm=0, ddr=0), power_w=0.0, energy_joules=0.0)  # fmt: skip
     report = LoadReport(ttft_p95=None, itl_p95=None, latency_samples=0, latency_window=10.0, in_flight=0, queued_prompt_tokens=0)
     apply_command(node, cmd("drain", AUTOSCALER_OWNER))
     hb = build_heartbeat(node, snap, report, seq=1, interval=1.0, sent_at=0.0)  # type: ignore[arg-type]
