@@ -41,6 +41,16 @@ log = logging.getLogger(__name__)
 
 
 
+async def _until_ready(catalog_loaded: asyncio.Event, wait: float, stopping: asyncio.Event) -> None:
+    """Hold the ports closed until the router knows the catalog (the registry watch's first
+    snapshot), at most `wait` seconds: a restarted router sharing a port (--reuse-port)
+    would otherwise answer its peers' clients "model does not exist" until the watch caught
+    up. Nodes are not waited for: without one the answer is a retryable 503, which is true."""
+    await first(catalog_loaded.wait(), stopping.wait(), timeout=wait)
+    if not catalog_loaded.is_set() and not stopping.is_set():
+        log.warning("router opens its ports without the registry's catalog after %.0fs: is the model registry up?", wait)
+
+
 async def main(ctx: ServiceContext, settings: Settings) -> None:
     # With NATS credentials the id is theirs (they allow only that router's subjects).
     router_id = subjects.check_token(nats_auth.own_id(nats_auth.ROUTER, settings.router_id) or f"r{uuid.uuid4().hex[:12]}", "router id")
@@ -119,8 +129,10 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
             metrics.peers.set(counted)
             await first(ctx.stopping.wait(), timeout=settings.peer_interval)
 
+    catalog_loaded = asyncio.Event()
     loops = {
-        "registry-watch": lambda: follow(nc.jetstream(), subjects.REGISTRY_BUCKET, ">", on_put=on_put, on_delete=on_delete, stopping=ctx.stopping),
+        "registry-watch": lambda: follow(nc.jetstream(), subjects.REGISTRY_BUCKET, ">", on_put=on_put, on_delete=on_delete,
+                                         on_snapshot=catalog_loaded.set, stopping=ctx.stopping),  # fmt: skip
         "housekeeping": housekeeping,
         "peers": lambda: peers.run(ctx.stopping),
     }
@@ -135,6 +147,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         on_session=peers.note_session, on_suspect=peers.note_suspect, admission=admission,
     )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
+    await _until_ready(catalog_loaded, settings.ready_wait, ctx.stopping)
     # With --tls-cert/--tls-key both front doors speak TLS only (clients bring no certificate:
     # tenants are told apart by their API keys).
     tls = ctx.tls.can_serve

@@ -38,6 +38,11 @@ class Settings(Struct, kw_only=True):
     # How often the router announces itself (nodes drop the streams of a silent router).
     presence_interval: Annotated[float, Meta(gt=0, le=60)] = 1.0
     drain_grace: Annotated[float, Meta(ge=0)] = 5.0
+    # Seconds a starting router waits for the registry's catalog (its first snapshot) before
+    # it opens its ports: until then it could only answer 404, and with --reuse-port a
+    # restarted router takes connections from its peers the moment it listens. Past this it
+    # listens anyway (the registry may be down: requests then get clear errors).
+    ready_wait: Annotated[float, Meta(ge=0, le=300)] = 10.0
     # A YAML file with `tenants:` / `anonymous_tenant:` (tierflow.placement.tenants) and
     # `placement:` (policy and weights). Without tenants every request is refused (401)
     # unless `allow_anonymous`; placement is then hotness-aware with default weights.
