@@ -12,7 +12,7 @@ import logging
 import uuid
 import msgspec
 
-from tierflow.contracts import messages, registry, subjects
+from tierflow.contracts import registry, subjects
 from tierflow.runtime import discovery, nats_auth
 from tierflow.runtime.waiting import first
 from tierflow.runtime.clock import WallClock
@@ -131,8 +131,9 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
 
     catalog_loaded = asyncio.Event()
     loops = {
-        "registry-watch": lambda: follow(nc.jetstream(), subjects.REGISTRY_BUCKET, ">", on_put=on_put, on_delete=on_delete,
-                                         on_snapshot=catalog_loaded.set, stopping=ctx.stopping),  # fmt: skip
+        "registry-watch": lambda: follow(
+            nc.jetstream(), subjects.REGISTRY_BUCKET, ">", on_put=on_put, on_delete=on_delete, on_snapshot=catalog_loaded.set, stopping=ctx.stopping
+        ),
         "housekeeping": housekeeping,
         "peers": lambda: peers.run(ctx.stopping),
     }
