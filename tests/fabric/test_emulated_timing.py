@@ -71,6 +71,8 @@ def test_ddr_switch_costs_milliseconds_and_a_cold_load_costs_storage_time(tier_f
     hbm_ttft, hbm_headers, _ = _timed(client, SMALL, question)
     assert (ddr_headers["x-tierflow-tier"], hbm_headers["x-tierflow-tier"]) == ("ddr", "hbm")
     assert _router_record(tier_fabric, ddr_headers["x-request-id"])["tier"] == "ddr"
+    # its share of the node's energy (issue 19): the node's Finished, copied into the router's record
+    assert _router_record(tier_fabric, hbm_headers["x-request-id"])["energy_j"] > 0
     assert 0.010 < ddr_ttft < 0.5  # an 8B over >1 TB/s DDR->HBM: ~16 ms of copy
 
     # Swap the node for one that starts cold (weights in host storage): a real second process.
