@@ -35,6 +35,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -159,13 +160,34 @@ def find_nats_server_binary() -> Path:
 # --------------------------------------------------------------------------- ports / HTTP
 
 
+def listen_port_range() -> tuple[int, int]:
+    """Ports to pick listening ports from: below the kernel's ephemeral range, which every
+    outgoing connection (a NATS client, an HTTP client) draws its local port from, so a port
+    picked here and bound a moment later is not taken by a connection in between (in a
+    test run of many fabrics on one machine, that race once stopped a service at start)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return 20000, max(20000 + 1000, low) - 1
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the OS considers free right now.
+    """A TCP port free right now, outside the ephemeral range (`listen_port_range`).
 
     Racy by nature (someone may take it before we bind it again); good enough for tests
     and for picking ports on a developer machine.
     """
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+    first, last = listen_port_range()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, random.randint(first, last)))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    with socket.socket(family, socket.SOCK_STREAM) as sock:  # the range is full: let the OS choose
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

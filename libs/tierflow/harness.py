@@ -25,7 +25,7 @@ from typing import Any
 
 from tierflow.cli.children_file import FILE_NAME as CHILDREN_FILE
 from tierflow.cli.children_file import ChildRecord, read_children
-from tierflow.runtime.nats_server import NatsServerConfig
+from tierflow.runtime.nats_server import NatsServerConfig, listen_port_range
 from tierflow.runtime.tls import LocalPki, TlsFiles, client_ssl_context
 
 __all__ = ["Fabric", "MetricsScrape", "start_fabric", "free_port_run"]
@@ -209,8 +209,9 @@ class _PortPicker:
 
     def run(self, n: int) -> int:
         """The first of `n` consecutive free ports (`tierflow up` hands out metrics ports in a run)."""
+        first, last = listen_port_range()
         for _ in range(200):
-            base = random.randint(20000, 60000 - n)
+            base = random.randint(first, last - n)
             socks: list[socket.socket] = []
             try:
                 for port in range(base, base + n):
@@ -224,9 +225,7 @@ class _PortPicker:
         raise RuntimeError(f"no run of {n} free ports")
 
     def one(self) -> int:
-        sock = self._bind(0)
-        self._held.append(sock)
-        return int(sock.getsockname()[1])
+        return self.run(1)
 
     def release(self) -> None:
         for sock in self._held:
