@@ -398,12 +398,13 @@ class EngineDriver:
         request_id = stream.request_id
         del self._streams[request_id]
         self._held.pop(request_id, None)
+        energy = self.engine.energy_of(request_id)
         self.engine.cancel(request_id, now)
         self._wake.set()
         await self._flush_tokens(stream, now)
         msg = messages.Finished(
             request_id=request_id, finish_reason="stop", prompt_tokens=stream.prompt_len,
-            completion_tokens=completion_tokens, cached_tokens=stream.prefix_hit_tokens,
+            completion_tokens=completion_tokens, cached_tokens=stream.prefix_hit_tokens, energy_j=energy,
         )
         if self._on_finished is not None:
             self._on_finished(request_id, stream, msg, t)

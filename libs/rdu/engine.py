@@ -504,6 +504,14 @@ class NodeEngine:
         self._requests[rid] = r
         self._n_waiting += 1
 
+    def energy_of(self, request_id: str) -> float:
+        """Joules charged to a request so far (its `RequestFinished.energy_j` if it ended now):
+        for a shell that ends it itself (a stop string) and still reports its energy."""
+        r = self._requests.get(request_id)
+        if r is None:
+            return 0.0
+        return r.energy + r.model.per_seq if r.state == _RUNNING else r.energy
+
     def cancel(self, request_id: str, now: float) -> None:
         """The client went away: drop it from the queue or free its batch slot and KV.
 
@@ -971,7 +979,7 @@ class NodeEngine:
             r.last_at = last
 
     def _finish(self, r: _Req, t: float, events: list[EngineEvent]) -> None:
-        energy = r.energy + r.model.per_seq if r.state == _RUNNING else r.energy
+        energy = r.energy + r.model.per_seq if r.state == _RUNNING else r.energy  # as energy_of
         itl = tuple(r.itl.items()) if r.itl else ()
         events.append(RequestFinished(r.id, t, r.reason, r.prompt_len, r.generated, r.hit_tokens, energy, itl))
         del self._requests[r.id]

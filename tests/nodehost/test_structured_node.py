@@ -63,7 +63,7 @@ async def test_a_planned_completion_is_emitted_as_planned() -> None:
 
 @pytest.mark.parametrize("window", [0.0, 0.003])
 async def test_a_stop_string_ends_the_stream_before_it(window: float) -> None:
-    free, ids, fin = text_ids_finish(await serve(window, max_tokens=60, ignore_eos=True, seed=5))
+    free, ids, whole = text_ids_finish(await serve(window, max_tokens=60, ignore_eos=True, seed=5))
     assert len(ids) == 60
     words = free.split(" ")
     stop = " ".join(words[20:22])  # spans two tokens: the first must not leak
@@ -72,6 +72,7 @@ async def test_a_stop_string_ends_the_stream_before_it(window: float) -> None:
     assert text == free[:cut] and stop not in text
     assert fin.finish_reason == "stop" and fin.completion_tokens == len(got) == 21 and got == ids[:21]
     assert fin.prompt_tokens == len(PROMPT)
+    assert 0 < fin.energy_j < whole.energy_j  # what its 21 tokens cost, not nothing (issue 19)
 
 
 async def test_text_held_back_for_a_stop_string_goes_out_at_the_end() -> None:
