@@ -53,6 +53,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final, Literal
 
+import numpy as np
+
 from tierflow.tokenizer import OUTPUT_VOCAB, decode_output
 from tierflow.tokenizer.pieces import OutputTexts
 
@@ -72,7 +74,7 @@ from .events import (
 )
 from .energy import node_energy, power_for
 from .hardware import HardwareProfile
-from .itl import bucket
+from .itl import bucket, buckets
 from .kvcache import DEFAULT_BLOCK_SIZE, KVAllocation, KVCache, hashes_from_packed, pack_tokens
 from .memory import TransferLedger, WeightTiers
 from .outputs import completion_tokens, output_plan
@@ -89,6 +91,7 @@ _LOAD: Final = 0
 _PREFILL: Final = 1
 _DECODE: Final = 2
 _RUN: Final = 3  # fast mode: many decode steps of one batch
+_NUMPY_STEPS: Final = 32  # a run's energy and gaps vectorised past this many steps
 
 
 class _Req:
@@ -149,8 +152,8 @@ class _Req:
         self.hit_tokens = 0
         # Joules: its prefill share; while running, minus the model's `per_seq` at joining.
         self.energy = 0.0
-        self.last_at = 0.0  # fast mode: its last token's time
-        self.itl: dict[int, int] | None = None  # fast mode: its gaps, by `itl.bucket`
+        self.last_at = 0.0  # fast mode: its first token's time
+        self.itl: dict[int, int] | None = None  # fast mode: its model's `gaps` when it joined (corrected)
 
 
 class _Model:
@@ -175,6 +178,9 @@ class _Model:
         "kv_blocked_epoch",
         "energy",
         "per_seq",
+        "gaps",
+        "run_end",
+        "joined",
     )
 
     def __init__(
@@ -200,6 +206,10 @@ class _Model:
         self.kv_blocked_epoch = -1  # KV release epoch at which its head last failed to fit
         self.energy = 0.0  # joules of its finished work (loads, prefills, decode steps)
         self.per_seq = 0.0  # joules each sequence in its batch has paid for decode steps so far
+        # fast mode: gaps between tokens (see NodeEngine._run_gaps)
+        self.gaps: dict[int, int] = {}
+        self.run_end = 0.0
+        self.joined: list[_Req] = []
 
 
 class _Work:
@@ -575,12 +585,23 @@ class NodeEngine:
     def _charge(self, work: _Work) -> None:
         """The work's energy: all to its model, shared by the sequences it ran for. A run
         is charged step by step, in the same float operations as the step-by-step engine,
-        so a request's energy does not depend on how often `advance` was called."""
+        so a request's energy does not depend on how often `advance` was called, nor on
+        the mode (the simulator compares records bit for bit)."""
         m = work.model
         if type(work) is _Run:
-            w, n = self._active_w, len(m.running)
+            w, n, ends = self._active_w, len(m.running), work.ends
+            if len(ends) > _NUMPY_STEPS:  # the same operations, vectorised (accumulate sums left to right)
+                steps = np.empty(len(ends) + 1)
+                steps[0], steps[1:] = work.start, ends
+                joules = w * np.diff(steps)
+                steps[0], steps[1:] = m.energy, joules
+                m.energy = float(np.add.accumulate(steps)[-1])
+                if n:
+                    steps[0], steps[1:] = m.per_seq, joules / n
+                    m.per_seq = float(np.add.accumulate(steps)[-1])
+                return
             energy, per_seq, prev = m.energy, m.per_seq, work.start
-            for end in work.ends:
+            for end in ends:
                 joules = w * (end - prev)
                 energy += joules
                 if n:
@@ -884,15 +905,15 @@ class NodeEngine:
                     r.tokens = completion_tokens(r.key, r.target, vocab)
                 tok = r.tokens[i]
                 events.append(TokenGenerated(r.id, t, i, tok, texts[tok]))
-            else:
-                r.last_at = t
-                r.itl = {}
             r.generated = i = i + 1
             if i >= r.target:
                 self._finish(r, t, events)
             else:
                 r.state = _RUNNING
                 r.energy -= m.per_seq
+                if not self._token_events:
+                    r.last_at = t
+                    m.joined.append(r)
                 m.running.append(r)
                 m.ctx_sum += r.prompt_len + i
 
@@ -932,7 +953,7 @@ class NodeEngine:
         if self._token_events:
             self._run_tokens(m.running, ends, events)
         else:
-            self._run_gaps(m.running, ends)
+            self._run_gaps(m, ends)
         done: list[_Req] = []
         for r in m.running:
             r.generated += steps
@@ -957,30 +978,50 @@ class NodeEngine:
                 append(token(r.id, t, i, tok, texts[tok]))
 
     @staticmethod
-    def _run_gaps(running: list[_Req], ends: list[float]) -> None:
-        """Fast mode: the run's gaps into each request's histogram. The gaps between the
-        run's steps are the same for the whole batch, so they are counted once."""
-        inner: dict[int, int] = {}
-        prev = ends[0]
-        for t in ends[1:]:
-            b = bucket(t - prev)
-            inner[b] = inner.get(b, 0) + 1
-            prev = t
-        first, last = ends[0], ends[-1]
-        pairs = inner.items()
-        for r in running:
-            h = r.itl
-            if h is None:
+    def _run_gaps(m: _Model, ends: list[float]) -> None:
+        """Fast mode: the run's gaps, counted once for its whole batch (as `per_seq` for
+        energy). `m.gaps` counts every gap a sequence in the batch since the model started
+        would have seen: a sequence that was in the last run waited from its end to this
+        run's first step, then the gaps between steps. A request keeps `m.gaps` as it was
+        when it joined, corrected for its own first gap (from its prefill, not from the
+        last run), and its gaps at the end are the difference."""
+        acc = m.gaps
+        first = ends[0]
+        carried = bucket(first - m.run_end)
+        for r in m.joined:
+            if r.state != _RUNNING:
                 continue
-            b = bucket(first - r.last_at)
-            h[b] = h.get(b, 0) + 1
-            for b, n in pairs:
-                h[b] = h.get(b, 0) + n
-            r.last_at = last
+            own = bucket(first - r.last_at)
+            acc.setdefault(own, 0)  # so the difference at its end sees every bucket its base has
+            base = dict(acc)
+            base[own] = base.get(own, 0) - 1
+            base[carried] = base.get(carried, 0) + 1
+            r.itl = base
+        m.joined.clear()
+        acc[carried] = acc.get(carried, 0) + 1
+        steps = len(ends)
+        if steps < 2:
+            pass
+        elif (b := bucket(ends[1] - first)) == bucket(ends[-1] - ends[-2]):
+            # Steps only get longer as the context grows: all between the first two and the
+            # last two are in the same bucket (decode's usual case: one bucket a run).
+            acc[b] = acc.get(b, 0) + steps - 1
+        elif steps > _NUMPY_STEPS:
+            values, counts = np.unique(buckets(np.diff(np.asarray(ends))), return_counts=True)
+            for b, n in zip(values.tolist(), counts.tolist(), strict=True):
+                acc[b] = acc.get(b, 0) + n
+        else:
+            prev = first
+            for t in ends[1:]:
+                b = bucket(t - prev)
+                acc[b] = acc.get(b, 0) + 1
+                prev = t
+        m.run_end = ends[-1]
 
     def _finish(self, r: _Req, t: float, events: list[EngineEvent]) -> None:
         energy = r.energy + r.model.per_seq if r.state == _RUNNING else r.energy  # as energy_of
-        itl = tuple(r.itl.items()) if r.itl else ()
+        base = r.itl
+        itl = () if base is None else tuple((b, n - base.get(b, 0)) for b, n in r.model.gaps.items() if n != base.get(b, 0))
         events.append(RequestFinished(r.id, t, r.reason, r.prompt_len, r.generated, r.hit_tokens, energy, itl))
         del self._requests[r.id]
         self._release(r)

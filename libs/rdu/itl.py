@@ -15,7 +15,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-__all__ = ["BUCKETS_PER_OCTAVE", "FLOOR", "add", "bucket", "bucket_value", "quantile"]
+import numpy as np
+
+__all__ = ["BUCKETS_PER_OCTAVE", "FLOOR", "add", "bucket", "bucket_value", "buckets", "quantile"]
 
 FLOOR: Final = 1e-6  # seconds
 BUCKETS_PER_OCTAVE: Final = 16
@@ -27,6 +29,14 @@ def bucket(gap: float) -> int:
     if gap < FLOOR:
         return 0
     return 1 + int(math.log(gap / FLOOR) * _SCALE)
+
+
+def buckets(gaps: np.ndarray) -> np.ndarray:
+    """`bucket` of every gap (NumPy's log may differ from `math.log` in the last bit, which
+    moves a gap only across a bucket's edge)."""
+    with np.errstate(divide="ignore"):
+        b = 1 + np.floor(np.log(np.maximum(gaps, FLOOR) / FLOOR) * _SCALE).astype(np.int64)
+    return np.where(gaps < FLOOR, 0, b)
 
 
 def bucket_value(b: int) -> float:
