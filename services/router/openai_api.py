@@ -121,9 +121,10 @@ class _ChunkFormat:
 
     __slots__ = ("_head", "_tail", "_usage_field")
 
-    def __init__(self, obj: str, request_id: str, created: int, model: str, chat: bool, include_usage: bool) -> None:
+    def __init__(self, obj: str, request_id: str, created: int, model: str, chat: bool, include_usage: bool, fingerprint: str) -> None:
         self._usage_field = include_usage
-        prefix = f'data: {{"id":"{request_id}","object":"{obj}","created":{created},"model":{_encode(model).decode()},"choices":[{{"index":0,'
+        prefix = (f'data: {{"id":"{request_id}","object":"{obj}","created":{created},"model":{_encode(model).decode()},'
+                  f'"system_fingerprint":{_encode(fingerprint).decode()},"choices":[{{"index":0,')  # fmt: skip
         self._head = (prefix + ('"delta":{"content":' if chat else '"text":')).encode()
         self._tail = (('},' if chat else ',') + '"logprobs":null,"finish_reason":null}]' + (',"usage":null' if include_usage else "") + "}\n\n").encode()
 
@@ -313,7 +314,6 @@ class OpenAIApi:
     async def _stream(self, events: AsyncIterator[messages.Tokens | messages.Finished], body: Any, record: RequestRecord, chat: bool) -> Response | StreamingResponse:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created = int(time.time())
-        fmt = _ChunkFormat("chat.completion.chunk" if chat else "text_completion", record.request_id, created, body.model, chat, include_usage)
         # Wait for the first event before committing to a 200: errors before output keep their status.
         try:
             first = await anext(events)
@@ -330,6 +330,9 @@ class OpenAIApi:
             finish_record(record, self._metrics, self._clock)
             raise
 
+        fingerprint = f"tierflow-{record.version}"  # the version is known once a node answered
+        fmt = _ChunkFormat("chat.completion.chunk" if chat else "text_completion", record.request_id, created, body.model, chat, include_usage, fingerprint)
+
         def frame(obj: dict[str, Any]) -> bytes:
             return b"data: " + _encode(obj) + b"\n\n"
 
@@ -339,7 +342,8 @@ class OpenAIApi:
                 choice["delta"] = {}
             else:
                 choice["text"] = ""
-            obj: dict[str, Any] = {"id": record.request_id, "object": fmt_obj, "created": created, "model": body.model, "choices": [choice]}
+            obj: dict[str, Any] = {"id": record.request_id, "object": fmt_obj, "created": created, "model": body.model,
+                                   "system_fingerprint": fingerprint, "choices": [choice]}  # fmt: skip
             if include_usage:
                 obj["usage"] = None
             return frame(obj)
@@ -351,7 +355,7 @@ class OpenAIApi:
                 async with aclosing(events):
                     if chat:
                         role: dict[str, Any] = {"id": record.request_id, "object": fmt_obj, "created": created, "model": body.model,
-                                                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+                                                "system_fingerprint": fingerprint, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
                         if include_usage:
                             role["usage"] = None
                         yield frame(role)
@@ -362,7 +366,8 @@ class OpenAIApi:
                         else:
                             yield final_chunk(record.finish_reason)
                             if include_usage:
-                                yield frame({"id": record.request_id, "object": fmt_obj, "created": created, "model": body.model, "choices": [], "usage": self._usage(record)})
+                                yield frame({"id": record.request_id, "object": fmt_obj, "created": created, "model": body.model,
+                                             "system_fingerprint": fingerprint, "choices": [], "usage": self._usage(record)})
                             yield _DONE
                             return
                         event = await anext(events)

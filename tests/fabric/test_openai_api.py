@@ -57,6 +57,7 @@ def test_streamed_chat_matches_unstreamed_and_reports_usage(client: openai.OpenA
     stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=32, seed=11, stream=True, stream_options={"include_usage": True})
     pieces, usage, finish = [], None, None
     for chunk in stream:
+        assert chunk.system_fingerprint == whole.system_fingerprint  # on every chunk, as OpenAI's
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
