@@ -255,6 +255,18 @@ def _check_ids(ids: list[int], param: str) -> None:
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 
 
+def _decode_body(raw: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
+    """The request body as the route's type, or a 400 a person can act on."""
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object")
+    try:
+        return decoder.decode(raw)
+    except msgspec.MsgspecError as exc:
+        raise _invalid(exc) from None
+    except RecursionError:
+        raise InvalidRequest("The request body nests JSON too deeply") from None
+
+
 def _invalid(exc: msgspec.MsgspecError) -> InvalidRequest:
     from tierflow.services.router.openai_api import _invalid_body  # one place renders msgspec errors
 
@@ -300,14 +312,7 @@ class EncodersApi:
         request_id = f"embd-{self._ids()}"
         try:
             tenant = self._tenant(request)
-            if not request.body:
-                raise InvalidRequest("The request body is empty; send a JSON object")
-            try:
-                body = _embeddings_decoder.decode(request.body)
-            except msgspec.MsgspecError as exc:
-                raise _invalid(exc) from None
-            except RecursionError:
-                raise InvalidRequest("The request body nests JSON too deeply") from None
+            body = _decode_body(request.body, _embeddings_decoder)
             inputs = _inputs(body.input)
             done = await self._core.embed(body.model, inputs, dimensions=body.dimensions, tenant=tenant, request_id=request_id,
                                           timeout=_client_timeout(request, False), workload=_workload(request))
@@ -327,14 +332,7 @@ class EncodersApi:
         request_id = f"rerank-{self._ids()}"
         try:
             tenant = self._tenant(request)
-            if not request.body:
-                raise InvalidRequest("The request body is empty; send a JSON object")
-            try:
-                body = _rerank_decoder.decode(request.body)
-            except msgspec.MsgspecError as exc:
-                raise _invalid(exc) from None
-            except RecursionError:
-                raise InvalidRequest("The request body nests JSON too deeply") from None
+            body = _decode_body(request.body, _rerank_decoder)
             texts = [d if isinstance(d, str) else d.text for d in body.documents]
             for i, t in enumerate([body.query, *texts]):
                 if len(t) > MAX_INPUT_CHARS:
