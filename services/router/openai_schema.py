@@ -180,6 +180,13 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # Read only to refuse (`check_supported`): the legacy form of tools, and output other
+    # than text. (store, metadata, service_tier, reasoning_effort, prediction change nothing
+    # a client reads back here, so they are accepted and ignored like any unknown field.)
+    functions: Any = None
+    function_call: Any = None
+    modalities: Annotated[list[Annotated[str, Meta(max_length=16)]], Meta(max_length=4)] | None = None
+    audio: Any = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -256,6 +263,11 @@ def check_supported(body: ChatCompletionRequest | CompletionRequest) -> tuple[st
                 if part.type != "text":
                     return (f"messages[{i}].content[{j}].type",
                             f"content parts of type {part.type!r} are not supported: the served models take text only")
+    if body.functions is not None or body.function_call is not None:
+        which = "functions" if body.functions is not None else "function_call"
+        return which, f"{which} is the deprecated form of tools: send tools (type function) and tool_choice instead"
+    if body.audio is not None or any(m != "text" for m in body.modalities or ()):
+        return ("audio" if body.audio is not None else "modalities"), "only text output is served (modalities ['text'], no audio)"
     names = [tool.function.name for tool in body.tools or ()]
     choice = body.tool_choice
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:

@@ -139,6 +139,8 @@ def test_logprobs_and_n_choices(client: openai.OpenAI) -> None:
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^A"}}}}}]},
      "tools[0].function.parameters.properties.code.pattern"),
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS}, "tool_choice"),
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
 ])
 def test_what_cannot_be_honoured_is_a_400_naming_it(client: openai.OpenAI, extra: dict, param: str) -> None:
     body = {"model": MODEL, "messages": ASK, **extra}
