@@ -12,6 +12,8 @@ so a balancer stops sending new calls while the running ones finish.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -20,7 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tierflow.runtime.grpc_guard import MalformedRequestGuard
 
-__all__ = ["set_serving", "start_grpc_server", "stop_grpc_server"]
+__all__ = ["health_follows", "set_serving", "start_grpc_server", "stop_grpc_server"]
+
+log = logging.getLogger(__name__)
 
 # Each server's health servicer and the names it reports ("" is the server as a whole).
 _health: weakref.WeakKeyDictionary[grpc.aio.Server, tuple[health.aio.HealthServicer, tuple[str, ...]]] = weakref.WeakKeyDictionary()
@@ -64,6 +68,23 @@ async def set_serving(server: grpc.aio.Server, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in names:
         await health_servicer.set(name, status)
+
+
+async def health_follows(server: grpc.aio.Server, ready: Callable[[], bool], stopping: asyncio.Event, *, what: str, interval: float = 0.25) -> None:
+    """Keep `server`'s health equal to `ready()` (checked every `interval` s) until
+    `stopping`: load balancers and `grpc_health_probe` see what /health says, not SERVING
+    forever. `what` names the condition in the log line each change writes."""
+    serving: bool | None = None  # unknown: the first turn always says
+    while not stopping.is_set():
+        now_ready = bool(ready())
+        if now_ready != serving:
+            await set_serving(server, now_ready)
+            serving = now_ready
+            log.info("gRPC health: %s", "SERVING" if now_ready else f"NOT_SERVING ({what})")
+        try:
+            await asyncio.wait_for(stopping.wait(), interval)
+        except TimeoutError:
+            pass
 
 
 async def stop_grpc_server(server: grpc.aio.Server, grace: float | None) -> None:

@@ -38,7 +38,7 @@ from tierflow.runtime.clock import Clock, WallClock
 from tierflow.nodehost.profiles import read_profiles_file
 from tierflow.runtime.audit import AuditLog, ensure_audit_stream
 from tierflow.runtime.kv import open_bucket
-from tierflow.runtime.grpc_server import stop_grpc_server
+from tierflow.runtime.grpc_server import health_follows, stop_grpc_server
 from tierflow.runtime.service import ServiceContext, connect_nats, server_round_trip
 from tierflow.runtime.supervise import Backoff
 from tierflow.runtime.tls import grpc_server_credentials
@@ -154,7 +154,8 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     server = await start_grpc(service, clock, metrics, settings.grpc_host, settings.grpc_port, auth=auth, audit=audit, credentials=credentials)
     micro = await discovery.register(nc, "model-registry", ctx.instance, grpc=f"{settings.grpc_host}:{settings.grpc_port}")
     log.info("model registry serving gRPC on %s:%d%s", settings.grpc_host, settings.grpc_port, " (TLS)" if credentials else "")
-    await ctx.stopping.wait()
+    # Health follows the NATS link: without it no admin call can be stored.
+    await health_follows(server, lambda: nc.is_connected, ctx.stopping, what="NATS disconnected")
     await stop_grpc_server(server, grace=2.0)  # NOT_SERVING first: balancers stop sending
     await audit.flush(timeout=2.0)
     for step in (micro.stop, nc.drain):  # NATS may be down at exit: stop anyway

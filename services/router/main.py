@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable
 import msgspec
 
 from tierflow.contracts import registry, subjects
 from tierflow.runtime import discovery, nats_auth
 from tierflow.runtime.waiting import first
 from tierflow.runtime.clock import WallClock
-from tierflow.runtime.grpc_server import set_serving, stop_grpc_server
+from tierflow.runtime.grpc_server import health_follows, stop_grpc_server
 from tierflow.runtime.kv import follow
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.runtime.supervise import supervised
@@ -164,17 +165,9 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     grpc_server = await start_grpc(dispatcher, clock, metrics, settings.grpc_host, settings.grpc_port, max_calls=settings.max_grpc_calls,
                                    credentials=grpc_server_credentials(ctx.tls) if tls else None, serving=False)  # fmt: skip
 
-    async def grpc_health() -> None:
-        """gRPC health follows readiness, as /health does: SERVING while NATS is connected
-        and a node is live, NOT_SERVING otherwise (and for good from shutdown on)."""
-        serving: bool | None = None  # unknown: the first turn (and one after a restart) always says
-        while not ctx.stopping.is_set():
-            ready = nc.is_connected and bool(nodes.live(clock.monotonic()))
-            if ready != serving:
-                await set_serving(grpc_server, ready)
-                serving = ready
-                log.info("gRPC health: %s", "SERVING" if ready else "NOT_SERVING (NATS disconnected or no live node)")
-            await first(ctx.stopping.wait(), timeout=0.25)
+    def grpc_health() -> Awaitable[None]:  # SERVING while NATS is connected and a node is live, as /health
+        return health_follows(grpc_server, lambda: nc.is_connected and bool(nodes.live(clock.monotonic())), ctx.stopping,
+                              what="NATS disconnected or no live node")  # fmt: skip
 
     tasks.append(asyncio.create_task(supervised("router grpc-health", grpc_health, ctx.stopping), name="grpc-health"))
     micro = await discovery.register(

@@ -270,3 +270,29 @@ async def _ready(fabric: Fabric) -> None:
         return status == 200
 
     await _until(healthy, "router /health 200 (it has heard the node)")
+
+
+async def test_the_registrys_grpc_health_follows_its_nats_link(tmp_path: pathlib.Path) -> None:
+    """No NATS, no admin call can be stored: the registry says NOT_SERVING until it is back."""
+    from tierflow.runtime.nats_server import NatsServerConfig, NatsServerProcess, free_port
+    from tierflow.services.model_registry.main import main as registry_main
+    from tierflow.services.model_registry.settings import Settings as RegistrySettings
+
+    config = NatsServerConfig(store_dir=tmp_path / "store", port=free_port(), monitor_port=free_port(), name="registry-health")
+    server = NatsServerProcess(config, tmp_path / "nats.log")
+    await server.start()
+    ctx, port = ServiceContext(service="model-registry", instance="health"), free_port()
+    registry = asyncio.create_task(registry_main(ctx, RegistrySettings(nats_url=server.url, grpc_port=port, allow_unauthenticated_admin=True)))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await _until(lambda: _served(health, {health_pb2.HealthCheckResponse.SERVING}), "registry SERVING with NATS up")
+            await server.stop(grace=1)
+            await _until(lambda: _served(health, {health_pb2.HealthCheckResponse.NOT_SERVING}), "registry NOT_SERVING without NATS")
+            server = NatsServerProcess(config, tmp_path / "nats-again.log")  # the same port and store
+            await server.start()
+            await _until(lambda: _served(health, {health_pb2.HealthCheckResponse.SERVING}), "registry SERVING once NATS is back", tries=600)
+    finally:
+        ctx.stopping.set()
+        await asyncio.gather(registry, return_exceptions=True)
+        await server.stop(grace=1)
