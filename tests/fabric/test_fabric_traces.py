@@ -38,7 +38,9 @@ def test_each_request_is_one_trace_from_router_process_to_node_process(tmp_path_
     for r in router:
         (child,) = [n for n in nodes if n["attributes"]["tierflow.request_id"] == r["attributes"]["tierflow.request_id"]]
         assert child["context"]["trace_id"] == r["context"]["trace_id"]
-        assert child["parent_id"] == r["context"]["span_id"]
+        # router SERVER span -> its PRODUCER span for the NATS publish -> the node's CONSUMER span
+        (send,) = [s for s in spans_by_file["router"] if s["context"]["span_id"] == child["parent_id"]]
+        assert send["parent_id"] == r["context"]["span_id"] and send["kind"].endswith("PRODUCER"), send
         assert r["resource"]["attributes"]["service.name"] == "tierflow-router"
         assert child["resource"]["attributes"]["service.name"] == "tierflow-decode-node"
     assert len({r["context"]["trace_id"] for r in router}) == 4
