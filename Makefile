@@ -23,7 +23,7 @@ up: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(ARGS)
 
 # Regenerate the gRPC stubs from proto/ (they are committed, generated with grpcio-tools
 # pinned to the grpcio runtime in pyproject.toml).
