@@ -82,6 +82,7 @@ _CLIENT_ERRORS = {"context_length_exceeded", "bad_request", "invalid_request"}
 _RESUME_POLL_S = 0.1  # how often a broken stream waiting for a node looks again
 _TOKENIZED_MAX_CHARS = 2048  # prompts up to this long are remembered tokenized ...
 _TOKENIZED_ENTRIES = 1024  # ... this many of them (oldest out first: at most ~2 MiB of text)
+_HASHED_MAX_TOKENS = 512  # prompts up to this many tokens have their block hashes remembered
 
 
 # Front-door APIs served by encoder models: api -> the model kind it needs. Their requests
@@ -299,6 +300,8 @@ class Dispatcher:
         # Short prompts recently tokenized (rendered chat text -> ids): a system prompt or a
         # benchmark's body comes back again and again, and the tokenizer is deterministic.
         self._tokenized: dict[str, tuple[int, ...]] = {}
+        # Short prompts' block hashes and trace block ids, by token ids (see _prompt_hashes).
+        self._hashed: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
 
     # ------------------------------------------------------------------ admission
 
@@ -342,6 +345,30 @@ class Dispatcher:
                 del tokenized[next(iter(tokenized))]  # the oldest entry
             tokenized[text] = tuple(ids)
         return ids
+
+    def _prompt_hashes(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """The prompt's placement block hashes and its trace block ids. Short prompts'
+        are remembered (a system prompt or a benchmark's body comes back again and again;
+        hashing is deterministic): the lists are shared, read only by placement and the
+        record. Ids outside [0, 2**32) are a 400 (a remembered prompt was checked)."""
+        block_size = self._nodes.block_size
+        short = len(token_ids) <= _HASHED_MAX_TOKENS
+        if short:
+            key = tuple(token_ids)
+            known = self._hashed.get(key)
+            if known is not None:
+                return known
+        try:
+            hashes = block_hashes(token_ids, block_size)
+        except ValueError as exc:  # token ids outside [0, 2**32)
+            raise InvalidRequest(f"Invalid prompt token ids: {exc}", param="prompt", code="invalid_prompt") from None
+        both = (hashes, trace_block_ids(hashes, block_size, token_ids))
+        if short:
+            hashed = self._hashed
+            if len(hashed) >= _TOKENIZED_ENTRIES:
+                del hashed[next(iter(hashed))]  # the oldest entry
+            hashed[key] = both
+        return both
 
     def _limit_tokens(self, route: ModelRoute, params: GenerateParams) -> int:
         n_prompt = len(params.prompt_token_ids)
@@ -396,12 +423,8 @@ class Dispatcher:
         record.model, record.version, record.prompt_tokens = params.model, version, len(params.prompt_token_ids)
         session = session_key(record.tenant, params.session_header or None, params.user or None) if (params.session_header or params.user) else ""
         record.session = session
-        try:
-            prompt_hashes = block_hashes(params.prompt_token_ids, self._nodes.block_size)
-        except ValueError as exc:  # token ids outside [0, 2**32)
-            raise InvalidRequest(f"Invalid prompt token ids: {exc}", param="prompt", code="invalid_prompt") from None
+        prompt_hashes, record.hash_ids = self._prompt_hashes(params.prompt_token_ids)
         record.max_tokens = max_tokens
-        record.hash_ids = trace_block_ids(prompt_hashes, self._nodes.block_size, params.prompt_token_ids)
         placement = PlacementRequest(
             model=params.model,
             version=version,

@@ -132,6 +132,58 @@ class _ChunkFormat:
         return self._head + _encode(text) + self._tail
 
 
+# The unstreamed answer as Structs: one msgspec encode, no dicts built per request (issue 16).
+# Field order is the JSON's (as OpenAI sends it); None fields are encoded as null.
+class _Cached(msgspec.Struct, gc=False):
+    cached_tokens: int
+
+
+class _Usage(msgspec.Struct, gc=False):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: _Cached
+
+
+class _Message(msgspec.Struct, gc=False):
+    role: str
+    content: str
+
+
+class _ChatChoice(msgspec.Struct, gc=False):
+    index: int
+    message: _Message
+    logprobs: None
+    finish_reason: str
+
+
+class _TextChoice(msgspec.Struct, gc=False):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str
+
+
+class _Completion(msgspec.Struct, gc=False):
+    id: str
+    object: str
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: tuple[_ChatChoice, ...]
+    usage: _Usage
+
+
+class _TextCompletion(msgspec.Struct, gc=False):
+    id: str
+    object: str
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: tuple[_TextChoice, ...]
+    usage: _Usage
+
+
 class OpenAIApi:
     def __init__(
         self, dispatcher: Dispatcher, models: ModelTable, nodes: NodeTable, clock: Clock, metrics: RouterMetrics,
@@ -298,17 +350,17 @@ class OpenAIApi:
             self._metrics.in_flight.dec()
             finish_record(record, self._metrics, self._clock)
         text = "".join(parts)
-        created = int(time.time())
+        usage = _Usage(record.prompt_tokens, record.completion_tokens, record.prompt_tokens + record.completion_tokens, _Cached(record.prefix_hit_tokens))
         if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": record.finish_reason}
-            obj = "chat.completion"
+            payload: _Completion | _TextCompletion = _Completion(
+                record.request_id, "chat.completion", int(time.time()), body.model, f"tierflow-{record.version}",
+                (_ChatChoice(0, _Message("assistant", text), None, record.finish_reason),), usage,
+            )
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": record.finish_reason}
-            obj = "text_completion"
-        payload = {
-            "id": record.request_id, "object": obj, "created": created, "model": body.model,
-            "system_fingerprint": f"tierflow-{record.version}", "choices": [choice], "usage": self._usage(record),
-        }
+            payload = _TextCompletion(
+                record.request_id, "text_completion", int(time.time()), body.model, f"tierflow-{record.version}",
+                (_TextChoice(0, text, None, record.finish_reason),), usage,
+            )
         return Response(200, _encode(payload), headers=_record_headers(record))
 
     async def _stream(self, events: AsyncIterator[messages.Tokens | messages.Finished], body: Any, record: RequestRecord, chat: bool) -> Response | StreamingResponse:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 from collections import deque
 from collections.abc import Mapping
 from typing import Protocol
@@ -179,6 +179,17 @@ class NatsNodeTransport:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: set[_NatsStream] = set()  # streams whose next() waits for a message
         self._sweep_timer: asyncio.TimerHandle | None = None
+        self._entropy = b""  # random bytes for reply subjects (see _secret)
+        self._entropy_at = 0
+
+    def _secret(self) -> str:
+        """16 hex digits from the OS's CSPRNG, drawn 4 KiB at a time: `secrets.token_hex`
+        per request was a getrandom syscall each (issue 16); the bytes are as unguessable."""
+        if self._entropy_at >= len(self._entropy):
+            self._entropy, self._entropy_at = os.urandom(4096), 0
+        at = self._entropy_at
+        self._entropy_at = at + 8
+        return self._entropy[at : at + 8].hex()
 
     async def start(self) -> None:
         await self._nc.subscribe(subjects.router_streams(self._router_id), cb=self._on_message)
@@ -234,7 +245,7 @@ class NatsNodeTransport:
         # the retry went elsewhere can never interleave its tokens into the new stream.
         # Its random part makes it unguessable: request ids count up, so a node that saw
         # one could otherwise aim forged tokens at another client's stream.
-        key = f"{request.request_id}_{request.attempt}_{secrets.token_hex(8)}"
+        key = f"{request.request_id}_{request.attempt}_{self._secret()}"
         stream = _NatsStream(self, node_id, request.request_id, key, self._liveness_timeout)
         self._streams[key] = stream
         try:
