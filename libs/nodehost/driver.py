@@ -140,6 +140,9 @@ class EngineDriver:
         self._window = coalesce_window
         self._max_held = coalesce_tokens
         self._held: dict[str, _Stream] = {}  # streams holding tokens, by request id
+        # Streams submitted since the last turn: the turn's Started stands for their
+        # Accepted, which goes out only for those still queued (see `_announce`).
+        self._unannounced: list[_Stream] = []
         # Deadlines, router silence and keep-alives are checked over every stream at most
         # this often, not every loop turn (a turn per decode step, or per arrival).
         self._tend_every = keepalive_interval / 5
@@ -202,8 +205,7 @@ class EngineDriver:
             deadline=now + request.timeout_s if request.timeout_s > 0 else math.inf, span=span,
             stops=StopMatcher(request.stop) if request.stop else None, prompt_len=len(request.prompt_token_ids),
         )
-        if not await self._send(request.request_id, stream, messages.Accepted(request_id=request.request_id, node_id=self._node_id)):
-            return
+        self._unannounced.append(stream)
         if transfer > 0:
             asyncio.get_running_loop().call_later(transfer, lambda: asyncio.ensure_future(self._admit_arrived(engine_request, reply)))
         self._wake.set()
@@ -277,6 +279,7 @@ class EngineDriver:
         streams = list(self._streams.items())
         self._streams.clear()
         self._held.clear()
+        self._unannounced.clear()
         for request_id, stream in streams:
             self.engine.cancel(request_id, now)
             await self._send_once(stream.reply, messages.Failed(request_id=request_id, code=code, message=message, retryable=retryable))
@@ -309,6 +312,8 @@ class EngineDriver:
         events = self.engine.advance(now)
         if events:
             await self._dispatch(events, now)
+        if self._unannounced:
+            await self._announce()
         until = await self._flush_held(now) if self._held else math.inf
         if now >= self._next_tend:
             self._next_tend = now + self._tend_every
@@ -391,6 +396,21 @@ class EngineDriver:
             if stream.span is not None and type(msg) is messages.Finished:  # its last token is out
                 _end_span(stream.span, finished=msg)
                 stream.span = None
+
+    async def _announce(self) -> None:
+        """Accepted for each stream submitted since the last turn that did not start in
+        this one. A request that starts at once needs none (its Started, in the same
+        socket write as its first tokens, proves the node has it: the router reads both
+        only as proof of life); one that waits gets it now, within a loop turn of its
+        arrival, so the router's liveness watch hears from the node before keep-alives
+        take over. One message and one socket write fewer per request (issue 16)."""
+        fresh, self._unannounced = self._unannounced, []
+        streams = self._streams
+        for stream in fresh:
+            request_id = stream.request_id
+            if stream.started or streams.get(request_id) is not stream:
+                continue  # started (Started went out), or finished, dropped or superseded
+            await self._send(request_id, stream, messages.Accepted(request_id=request_id, node_id=self._node_id))
 
     async def _stopped(self, stream: _Stream, completion_tokens: int, now: float, t: float) -> None:
         """A stop string appeared: the tokens up to it go out, the engine drops the rest of

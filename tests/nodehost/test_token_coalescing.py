@@ -50,7 +50,7 @@ async def test_tokens_within_the_window_go_out_together_the_first_at_once() -> N
     for reply in ("reply.0", "reply.1"):
         one_by_one, merged = stream_of(plain, reply), stream_of(coalesced, reply)
         # the same stream, token for token, and the same lifecycle around it
-        assert [type(e) for _, e in merged if not isinstance(e, messages.Tokens)] == [messages.Accepted, messages.Started, messages.Finished]
+        assert [type(e) for _, e in merged if not isinstance(e, messages.Tokens)] == [messages.Started, messages.Finished]
         ids = [i for _, e in tokens_of(merged) for i in e.token_ids]
         assert ids == [i for _, e in tokens_of(one_by_one) for i in e.token_ids] and len(ids) == 40
         assert "".join(e.text for _, e in tokens_of(merged)) == "".join(e.text for _, e in tokens_of(one_by_one))
@@ -89,3 +89,16 @@ async def test_the_token_count_bounds_a_message() -> None:
     sent = await serve(1.0, requests=1, max_tokens=30, most=8)
     sizes = [len(e.token_ids) for _, e in tokens_of(stream_of(sent, "reply.0"))]
     assert sizes[0] == 1 and max(sizes) <= 8 and sum(sizes) == 30
+
+
+async def test_a_request_that_waits_is_accepted_at_once_one_that_starts_needs_no_accepted() -> None:
+    """Four batch slots, six requests: the four that start at once say Started first (it
+    stands for Accepted), the two that queue say Accepted in the same turn, Started later."""
+    sent = await serve(0.003, requests=6, max_tokens=3)
+    for i in range(6):
+        lifecycle = [(t, type(e)) for t, e in stream_of(sent, f"reply.{i}") if not isinstance(e, messages.Tokens)]
+        if i < 4:
+            assert [k for _, k in lifecycle] == [messages.Started, messages.Finished]
+        else:
+            assert [k for _, k in lifecycle] == [messages.Accepted, messages.Started, messages.Finished]
+            assert lifecycle[0][0] == 0.0 < lifecycle[1][0]  # accepted on arrival, started once a slot freed
