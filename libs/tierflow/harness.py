@@ -154,6 +154,28 @@ class Fabric:
         path = self.data_dir / "logs" / f"{name}.log"
         return path.read_text() if path.exists() else ""
 
+    def request_records(self, router: str = "router", *, at_least: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The router's request records so far, waiting (up to `timeout`) until there are
+        `at_least`: a router writes its records buffered, once per loop turn, so the one for
+        a response just read may land a moment after the response."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = [r for r in (_json_line(line) for line in self.log(router).splitlines()) if r is not None and r.get("msg") == "request"]
+            if len(records) >= at_least or time.monotonic() >= deadline:
+                return records
+            time.sleep(0.05)
+
+    def request_record(self, request_id: str, router: str = "router", *, timeout: float = 5.0) -> dict[str, Any]:
+        """The router's record of one request (see `request_records`); AssertionError if none comes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for record in self.request_records(router, timeout=0):
+                if record.get("request_id") == request_id:
+                    return record
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no request record for {request_id} in the {router} log")
+            time.sleep(0.05)
+
     def scrape_router(self) -> MetricsScrape:
         """One read of the router's `/metrics` (compare series from the same scrape: two
         reads of a live histogram race)."""
@@ -231,6 +253,16 @@ class _PortPicker:
         for sock in self._held:
             sock.close()
         self._held = []
+
+
+def _json_line(line: str) -> dict[str, Any] | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:  # a line cut by a write in progress
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def free_port_run(n: int) -> int:

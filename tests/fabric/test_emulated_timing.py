@@ -47,10 +47,7 @@ def _timed(client: openai.OpenAI, model: str, messages: list[dict[str, str]]) ->
 
 
 def _router_record(fabric, request_id: str) -> dict:
-    for line in fabric.log("router").splitlines():
-        if request_id in line and '"msg":"request"' in line:
-            return json.loads(line)
-    raise AssertionError(f"no request record for {request_id}")
+    return fabric.request_record(request_id)  # waits: records are written once per router loop turn
 
 
 def test_repeated_system_prompt_hits_the_prefix_cache(tier_fabric) -> None:

@@ -8,7 +8,6 @@ and whose decode (~130 tokens/s) is slow enough to kill it mid-stream.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import threading
@@ -164,8 +163,16 @@ def _stream_text(client: openai.OpenAI, *, on_token=None, max_tokens: int = 300)
     return "".join(parts), usage
 
 
-def _request_records(fabric) -> list[dict]:
-    return [r for r in (json.loads(line) for line in fabric.log("router").splitlines() if line.startswith("{")) if r.get("msg") == "request"]
+def _migrated_record(fabric, timeout: float = 5.0) -> dict:
+    """The newest record of a migrated request (records are written once per router loop
+    turn: the one for a stream just read may land a moment later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        migrated = [r for r in fabric.request_records(timeout=0) if r.get("migrations")]
+        if migrated or time.monotonic() >= deadline:
+            assert migrated, "no record of a migrated request"
+            return migrated[-1]
+        time.sleep(0.05)
 
 
 def test_node_killed_mid_stream_is_resumed_elsewhere_and_the_client_sees_one_stream(big_fabric) -> None:
@@ -189,7 +196,7 @@ def test_node_killed_mid_stream_is_resumed_elsewhere_and_the_client_sees_one_str
         assert time.monotonic() - started < 30
         assert (text, tokens) == (reference, reference_tokens) and tokens == 300
         assert watch.dispatched[-1] != killed[0]
-        record = _request_records(big_fabric)[-1]
+        record = _migrated_record(big_fabric)
         assert record["migrations"] == 1 and record["outcome"] == "ok" and record["nodes_tried"][0] == killed[0]
     finally:
         watch.close()

@@ -59,9 +59,14 @@ def test_a_trace_replays_live_with_its_exact_tokens_and_exports_back(fabric, tmp
     # The trace's arrivals at twice the speed: 0, 0.15, 0.35, 0.55, 0.75 | 1.25, 1.5, 1.75 s: 5 in the first second, 3 in the next.
     assert [w.requests for w in report.timeline] == [5, 3]
 
-    lines = [line.encode() for line in fabric.log("router").splitlines() if '"msg":"request"' in line]
-    ours = [line for line in lines if float(line.split(b'"ts":', 1)[1].split(b",", 1)[0]) >= before]
-    exported = export_router_log(ours)
+    def ours() -> list[bytes]:
+        lines = [line.encode() for line in fabric.log("router").splitlines() if '"msg":"request"' in line]
+        return [line for line in lines if float(line.split(b'"ts":', 1)[1].split(b",", 1)[0]) >= before]
+
+    deadline = time.monotonic() + 5  # the router writes its records once per loop turn: the last may lag its response
+    while len(ours()) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    exported = export_router_log(ours())
     assert len(exported.rows) == 8 and not exported.skipped
     rows = exported.rows
     assert [(r.input_length, r.output_length) for r in rows] == [(i, o) for _, i, o, _ in ROWS]

@@ -92,8 +92,11 @@ def test_both_routers_serve_on_the_one_port(cluster_fabric: Fabric) -> None:
         reply = _client(fabric).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=2,
                                                         extra_body={"ignore_eos": True})  # fmt: skip
         assert reply.usage is not None and reply.usage.completion_tokens == 2  # (without ignore_eos the emulator may end at 1)
-    served = {name: _requests_served(fabric, name) - before[name] for name in before}
-    assert sum(served.values()) == 24 and all(n >= 1 for n in served.values()), served
+    def served() -> dict[str, int]:
+        return {name: _requests_served(fabric, name) - before[name] for name in before}
+
+    _wait(lambda: sum(served().values()) == 24, "every request's record (written once per router loop turn)", timeout=5, state=served)
+    assert all(n >= 1 for n in served().values()), served()
 
 
 class StreamLoad:
