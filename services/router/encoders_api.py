@@ -37,6 +37,7 @@ from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.http_server import Request, Response
 from tierflow.services.router.metrics import RouterMetrics
+from tierflow.services.router.openai_errors import client_timeout, decode_body, error_response, invalid_body
 
 __all__ = ["EncodersApi", "Encoders", "Embedded", "Ranked", "MAX_INPUTS", "MAX_DOCUMENTS"]
 
@@ -255,25 +256,11 @@ def _check_ids(ids: list[int], param: str) -> None:
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 
 
-def _decode_body(raw: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
-    """The request body as the route's type, or a 400 a person can act on."""
-    if not raw:
-        raise InvalidRequest("The request body is empty; send a JSON object")
-    try:
-        return decoder.decode(raw)
-    except msgspec.MsgspecError as exc:
-        raise _invalid(exc) from None
-    except RecursionError:
-        raise InvalidRequest("The request body nests JSON too deeply") from None
-
-
 def _invalid(exc: msgspec.MsgspecError) -> InvalidRequest:
-    from tierflow.services.router.openai_api import _invalid_body  # one place renders msgspec errors
-
     unknown = _UNKNOWN_FIELD.search(str(exc))
     if unknown:  # a field this endpoint does not take: refused, never silently dropped
         return InvalidRequest(f"Unrecognized request argument supplied: {unknown.group(1)}", param=unknown.group(1))
-    return _invalid_body(exc)
+    return invalid_body(exc)
 
 
 class EncodersApi:
@@ -293,8 +280,6 @@ class EncodersApi:
         return self._dispatcher.authenticate(bearer_token(request.headers.get("authorization")))
 
     def _refused(self, request_id: str, api: str, exc: TierflowError) -> Response:
-        from tierflow.services.router.openai_api import error_response
-
         record = RequestRecord(request_id=request_id, api=api, arrived=self._clock.monotonic())
         record.failed(exc)
         finish_record(record, self._metrics, self._clock)  # counted and logged like any refusal
@@ -307,15 +292,13 @@ class EncodersApi:
                 ("x-tierflow-model-version", records[0].version if records else ""))
 
     async def _embeddings(self, request: Request) -> Response:
-        from tierflow.services.router.openai_api import _client_timeout
-
         request_id = f"embd-{self._ids()}"
         try:
             tenant = self._tenant(request)
-            body = _decode_body(request.body, _embeddings_decoder)
+            body = decode_body(request.body, _embeddings_decoder, _invalid)
             inputs = _inputs(body.input)
             done = await self._core.embed(body.model, inputs, dimensions=body.dimensions, tenant=tenant, request_id=request_id,
-                                          timeout=_client_timeout(request, False), workload=_workload(request))
+                                          timeout=client_timeout(request, False), workload=_workload(request))
         except TierflowError as exc:
             return self._refused(request_id, "embeddings", exc)
         if body.encoding_format == "base64":
@@ -327,19 +310,17 @@ class EncodersApi:
         return Response(200, _encode(payload), headers=self._headers(request_id, done.records))
 
     async def _rerank(self, request: Request) -> Response:
-        from tierflow.services.router.openai_api import _client_timeout
-
         request_id = f"rerank-{self._ids()}"
         try:
             tenant = self._tenant(request)
-            body = _decode_body(request.body, _rerank_decoder)
+            body = decode_body(request.body, _rerank_decoder, _invalid)
             texts = [d if isinstance(d, str) else d.text for d in body.documents]
             for i, t in enumerate([body.query, *texts]):
                 if len(t) > MAX_INPUT_CHARS:
                     param = "query" if i == 0 else f"documents[{i - 1}]"
                     raise InvalidRequest(f"'{param}' is longer than {MAX_INPUT_CHARS} characters", param=param)
             done = await self._core.rerank(body.model, body.query, texts, top_n=body.top_n, tenant=tenant, request_id=request_id,
-                                           timeout=_client_timeout(request, False), workload=_workload(request))
+                                           timeout=client_timeout(request, False), workload=_workload(request))
         except TierflowError as exc:
             return self._refused(request_id, "rerank", exc)
         results = []

@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import random
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,11 +27,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from tierflow.contracts import messages
 from tierflow.runtime.clock import Clock
-from tierflow.runtime.errors import InvalidRequest, ModelNotFound, RateLimited, TierflowError
+from tierflow.runtime.errors import InvalidRequest, ModelNotFound, TierflowError
 from tierflow.services.router.auth import bearer_token
 from tierflow.services.router.dispatch import Dispatcher, GenerateParams, RequestRecord, finish_record
 from tierflow.services.router.http_server import Request, Response, StreamingResponse
+from tierflow.services.router.encoders_api import EncodersApi
 from tierflow.services.router.metrics import RouterMetrics
+from tierflow.services.router.openai_errors import client_timeout, decode_body, error_response, sse_error
 from tierflow.services.router.openai_schema import ChatCompletionRequest, CompletionRequest, chat_decoder, check_limits, check_supported, completion_decoder
 from tierflow.services.router.structured_output import OutputPlan, chat_logprobs, check_schemas, completion_logprobs, plan
 from tierflow.services.router.openapi import openapi_json
@@ -41,67 +41,11 @@ from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.placement import Tenant
 from tierflow.tokenizer import render_chat
 
-__all__ = ["OpenAIApi", "error_response"]
+__all__ = ["OpenAIApi"]
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.encode
-_PATH_IN_ERROR = re.compile(r"at `\$\.?([^`]*)`")
-_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 _DONE = b"data: [DONE]\n\n"
-
-
-def _error_body(exc: TierflowError) -> bytes:
-    return _encode({"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}})
-
-
-def sse_error(exc: TierflowError) -> bytes:
-    """A failure after the 200: an SSE event the official clients raise as an APIError."""
-    return b"data: " + _error_body(exc) + b"\n\n"
-
-
-def error_response(exc: TierflowError) -> Response:
-    body = _error_body(exc)
-    headers: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, RateLimited) or exc.http_status in (429, 503):
-        headers = (("retry-after", str(max(1, round(getattr(exc, "retry_after", 1.0))))),)
-    return Response(exc.http_status, body, headers=headers)
-
-
-def _invalid_body(exc: msgspec.MsgspecError) -> InvalidRequest:
-    text = str(exc)
-    if isinstance(exc, msgspec.ValidationError):
-        missing = _MISSING_FIELD.search(text)
-        where = _PATH_IN_ERROR.search(text)
-        if missing:
-            parent = where.group(1) if where else ""
-            param = f"{parent}.{missing.group(1)}" if parent else missing.group(1)
-            return InvalidRequest(f"'{param}' is a required property: {text}", param=param)
-        param = where.group(1) if where else None
-        return InvalidRequest(f"Invalid value for '{param}': {text}" if param else text, param=param)
-    return InvalidRequest(f"The request body is not valid JSON: {text}")
-
-
-def _client_timeout(request: Request, stream: bool) -> float | None:
-    """How long the client will wait, when it says so: `x-tierflow-timeout` (seconds, the
-    whole request), or for a non-streamed request the OpenAI SDKs' `x-stainless-read-timeout`
-    (they give up reading after it, so work past it is wasted)."""
-    raw = request.headers.get("x-tierflow-timeout")
-    if raw is not None:
-        try:
-            seconds = float(raw)
-        except ValueError:
-            seconds = math.nan
-        if not (math.isfinite(seconds) and seconds > 0):
-            raise InvalidRequest(f"x-tierflow-timeout must be a positive number of seconds, got {raw[:40]!r}", param="x-tierflow-timeout")
-        return seconds
-    raw = request.headers.get("x-stainless-read-timeout")
-    if raw is not None and not stream:
-        try:
-            seconds = float(raw)
-        except ValueError:
-            return None
-        return seconds if math.isfinite(seconds) and seconds > 0 else None
-    return None
 
 
 def _record_headers(record: RequestRecord) -> tuple[tuple[str, str], ...]:
@@ -209,8 +153,6 @@ class OpenAIApi:
             ("GET", "/metrics"): self._prometheus,
             ("GET", "/openapi.json"): self._openapi,
         }
-        from tierflow.services.router.encoders_api import EncodersApi  # here: it renders errors with this module
-
         self._routes.update(EncodersApi(dispatcher, clock, metrics, self._ids).routes)  # /v1/embeddings, /v1/rerank
 
     @property
@@ -284,14 +226,7 @@ class OpenAIApi:
             return error_response(exc)
 
     def _parse(self, raw: bytes, chat: bool) -> ChatCompletionRequest | CompletionRequest:
-        if not raw:
-            raise InvalidRequest("The request body is empty; send a JSON object")
-        try:
-            body = chat_decoder.decode(raw) if chat else completion_decoder.decode(raw)
-        except msgspec.MsgspecError as exc:
-            raise _invalid_body(exc) from None
-        except RecursionError:  # msgspec's own guard, anywhere in the body (unknown fields too)
-            raise InvalidRequest("The request body nests JSON too deeply") from None
+        body = decode_body(raw, chat_decoder if chat else completion_decoder)
         too_deep = check_limits(body) or check_supported(body)
         if too_deep is not None:
             raise InvalidRequest(too_deep[1], param=too_deep[0])
@@ -322,7 +257,7 @@ class OpenAIApi:
             api="chat" if chat else "completions", seed=body.seed,
             temperature=body.temperature if body.temperature is not None else 1.0,
             ignore_eos=body.ignore_eos, stop=stop, session_header=request.headers.get("x-session-id", ""),
-            user=body.user or "", workload=workload, timeout=_client_timeout(request, body.stream), tenant=tenant,
+            user=body.user or "", workload=workload, timeout=client_timeout(request, body.stream), tenant=tenant,
         )
 
     def _usage(self, record: RequestRecord) -> dict[str, Any]:
