@@ -35,6 +35,7 @@ import random
 from contextlib import nullcontext
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import msgspec
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode, use_span
@@ -90,6 +91,17 @@ _HASHED_MAX_TOKENS = 512  # prompts up to this many tokens have their block hash
 # its place in the chip's schedule emulated; the front door computes the vectors/scores.
 ENCODER_APIS = {"embeddings": "embed", "rerank": "rerank"}
 _ENDPOINT_OF = {"generate": "/v1/chat/completions or /v1/completions", "embed": "/v1/embeddings", "rerank": "/v1/rerank"}
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(cache: dict[K, V], key: K, value: V) -> None:
+    """Put `value` in one of the dispatcher's bounded caches, the oldest entry out when full."""
+    if len(cache) >= _TOKENIZED_ENTRIES:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def _operation(api: str) -> str:
@@ -340,10 +352,7 @@ class Dispatcher:
                 param="messages", code="context_length_exceeded",
             ) from None
         if cacheable:
-            tokenized = self._tokenized
-            if len(tokenized) >= _TOKENIZED_ENTRIES:
-                del tokenized[next(iter(tokenized))]  # the oldest entry
-            tokenized[text] = tuple(ids)
+            _remember(self._tokenized, text, tuple(ids))
         return ids
 
     def _prompt_hashes(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -364,10 +373,7 @@ class Dispatcher:
             raise InvalidRequest(f"Invalid prompt token ids: {exc}", param="prompt", code="invalid_prompt") from None
         both = (hashes, trace_block_ids(hashes, block_size, token_ids))
         if short:
-            hashed = self._hashed
-            if len(hashed) >= _TOKENIZED_ENTRIES:
-                del hashed[next(iter(hashed))]  # the oldest entry
-            hashed[key] = both
+            _remember(self._hashed, key, both)
         return both
 
     def _limit_tokens(self, route: ModelRoute, params: GenerateParams) -> int:
