@@ -1,11 +1,14 @@
 """The front door side by side: the fabric's HTTP path against a Rust router, in one run.
 
 `wrk` (Debian's C load generator; 1 thread, keep-alive connections, a Lua script for the
-POST body and, when streaming, for counting) drives three paths in turn:
+POST body and, when streaming, for counting) drives four paths in turn:
 
   direct       a zero-compute OpenAI-shaped backend (loadtest/frontdoor/backend.py)
   vllm-router  vllm-router 0.1.17 (Rust) in front of that backend (a separate venv under
                /tmp/tierflow-bench, installed on first use; --skip-vllm-router without it)
+  floor        the architecture with none of the fabric's work: HTTP -> NATS -> a bare
+               responder (frontdoor/floor.py; --skip-floor without it), the ceiling any
+               router on this path reaches here
   fabric       `tierflow up`: router -> NATS -> one decode node on the `zero` profile, no
                prefill node, anonymous HTTP; the fleet is loadtest/fleets/zero.yaml with 64
                batch slots (frontdoor/zero-c64.yaml: with zero.yaml's 4 the router's
@@ -48,6 +51,7 @@ from frontdoor.targets import (
     find_vllm_router,
     start_backend,
     start_fabric_target,
+    start_floor,
     start_vllm_router,
 )  # fmt: skip
 from frontdoor.wrk import WRK, lua_script, run_wrk
@@ -189,6 +193,9 @@ def main() -> int:
         "--skip-vllm-router", action="store_true", help="measure without vllm-router"
     )
     parser.add_argument(
+        "--skip-floor", action="store_true", help="measure without the floor path"
+    )
+    parser.add_argument(
         "--no-install",
         action="store_true",
         help="use vllm-router if found, never pip install it",
@@ -249,6 +256,8 @@ def main() -> int:
                             executable, backend, tmp_dir, args.vllm_policy
                         )
                     )
+            if not args.skip_floor:
+                targets.append(start_floor(tmp_dir))
             (tmp_dir / "fabric").mkdir()
             targets.append(
                 start_fabric_target(

