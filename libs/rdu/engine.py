@@ -75,7 +75,7 @@ from .events import (
 from .energy import node_energy, power_for
 from .hardware import HardwareProfile
 from .itl import bucket, buckets
-from .kvcache import DEFAULT_BLOCK_SIZE, KVAllocation, KVCache, hashes_from_packed, pack_tokens
+from .kvcache import DEFAULT_BLOCK_SIZE, KVAllocation, KVCache, KvChanges, hashes_from_packed, pack_tokens
 from .memory import TransferLedger, WeightTiers
 from .outputs import completion_tokens, output_plan
 from .timing import DecodeCostModel, prefill_time, resident_bytes
@@ -292,12 +292,14 @@ class NodeEngine:
         switch_patience: float = 0.5,
         recent_hashes: int = 256,
         token_events: bool = True,
+        kv_events: bool = False,
     ) -> None:
         """`preload`: models already in HBM; `ddr_resident`: models already in DDR (default:
         the whole bundle; the rest start cold, in host storage). `kv_cache_fraction` of HBM
         is the KV pool; `ddr_kv_cache_bytes` bounds KV spilled to DDR (default 2x the pool).
         `token_events=False` is fast mode (see the module docstring): same starts, finishes
-        and snapshots, no tokens.
+        and snapshots, no tokens. `kv_events=True` logs the KV cache's changes for
+        `drain_kv_events` (a node host publishes them to the routers' prefix index).
         """
         if not bundle:
             raise ValueError("bundle is empty: a node serves at least one model")
@@ -341,6 +343,7 @@ class NodeEngine:
             copy_bw=profile.switch_bw,
             ledger=self._ledger,
             recent_limit=recent_hashes,
+            events=kv_events,
         )
         self._models = [_Model(i, b, profile, block_size) for i, b in enumerate(bundle)]
         self._by_name = {m.name: m for m in self._models}
@@ -406,6 +409,14 @@ class NodeEngine:
     @property
     def block_size(self) -> int:
         return self._block_size
+
+    def drain_kv_events(self) -> KvChanges:
+        """The KV cache's net changes since the last drain (`KVCache.drain_events`)."""
+        return self._kv.drain_events()
+
+    def kv_held(self) -> dict[str, tuple[list[int], list[int]]]:
+        """Every cached KV block, per model: (HBM, DDR) hashes (`KVCache.held`)."""
+        return self._kv.held()
 
     def submit(self, request: EngineRequest, now: float) -> None:
         """Queue a request that arrived at `now`.

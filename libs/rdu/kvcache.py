@@ -15,10 +15,27 @@ reserved up front for prompt + max_tokens (TensorRT-LLM's "guaranteed no evict" 
 admitted requests are never preempted). Hit blocks are shared and pinned; the rest is
 private until the prompt is computed, when its full blocks join the cache (`commit`).
 
-When HBM runs short, unpinned cached blocks are evicted in LRU order (a released
-request's tail blocks go first, since a prefix outlives its extensions) and spill to
-DDR, itself LRU-bounded. A hit in HBM costs nothing; a hit in DDR costs the DDR -> HBM
-copy; a spill costs the HBM -> DDR copy. All copies are charged to the ledger.
+When HBM runs short, unpinned cached blocks are evicted and spill to DDR, itself
+bounded (its capacity comes from the profile, through the engine). The order keeps what
+will be reused (issue 17): each tier is a segmented LRU. A block starts "once" (stored,
+never hit); its first hit makes it "reused", for good. Evictions take the least recently
+used "once" block first, so a one-shot prompt's tail goes before a shared system prompt
+or a conversation's history that its next turn will read again; the reused segment is
+protected up to `reused_share` of a tier's evictable bytes, past which its own least
+recently used blocks go first, so a cache full of old conversations still admits new
+ones. Within a segment a released request's tail goes before its prefix (a prefix
+outlives its extensions; hits are always a chain's prefix, so a reused block's prefix is
+reused too). A hit in HBM costs nothing; a hit in DDR costs the DDR -> HBM copy; a spill
+costs the HBM -> DDR copy. All copies are charged to the ledger.
+
+KV events (issue 17): with `events=True` the cache logs what changes, per model, as
+unsalted block hashes: blocks stored (commit), spilled HBM -> DDR, restored DDR -> HBM
+(a DDR hit) and removed (dropped from DDR, or too big for it). The log is a list of
+batches (one append per commit, allocation or eviction pass); `drain_events` nets it out
+(each hash's last change) for a node host that publishes it, so the router knows which
+node holds which blocks exactly, not just the 256 most recent. The log is bounded
+(`event_limit` hashes): past it the log is dropped and the next drain says `lost`, and
+the reader takes a full `held()` snapshot instead.
 """
 
 from __future__ import annotations
@@ -43,11 +60,20 @@ __all__ = [
     "hashes_from_packed",
     "KVAllocation",
     "KVCache",
+    "KvChanges",
+    "ModelKvChanges",
 ]
 
 DEFAULT_BLOCK_SIZE: Final = 64
 _MERGE_AFTER: Final = 64  # uses logged per list before a merge bounds the log
 _ROOT: Final = bytes(8)
+# Kinds of KV change, in `ModelKvChanges` field order (a hash's last one wins in a drain).
+STORED: Final = 0
+SPILLED: Final = 1
+RESTORED: Final = 2
+REMOVED: Final = 3
+DEFAULT_REUSED_SHARE: Final = 0.8
+DEFAULT_EVENT_LIMIT: Final = 1 << 20
 
 
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
@@ -99,8 +125,29 @@ class _Block(msgspec.Struct, gc=False):
 
     key: int  # hash ^ model salt
     nbytes: int
+    model: str  # whose block (events name it by model and unsalted hash)
     in_hbm: bool = True
     refs: int = 1
+    reused: bool = False  # hit at least once since stored: evicted after the never-hit ones
+
+
+class ModelKvChanges(msgspec.Struct, gc=False):
+    """One model's net KV changes since the last drain: each hash is in one list, the
+    one of its last change. stored and restored blocks are in HBM now, spilled ones in
+    DDR, removed ones nowhere."""
+
+    stored: list[int]
+    spilled: list[int]
+    restored: list[int]
+    removed: list[int]
+
+
+class KvChanges(msgspec.Struct, gc=False):
+    """What `KVCache.drain_events` returns. `lost`: the log overflowed (or events were
+    off) since the last drain, so these changes are not all of them: take `held()`."""
+
+    models: dict[str, ModelKvChanges]
+    lost: bool = False
 
 
 # (hashes looked up, (model, total_blocks, max_hit_blocks), the blocks found)
@@ -150,9 +197,17 @@ class KVCache:
         copy_bw: float,
         ledger: TransferLedger,
         recent_limit: int = 256,
+        reused_share: float = DEFAULT_REUSED_SHARE,
+        events: bool = False,
+        event_limit: int = DEFAULT_EVENT_LIMIT,
     ) -> None:
+        """`reused_share`: the share of a tier's evictable bytes that blocks hit before
+        keep against never-hit ones (module docstring). `events`: log KV changes for
+        `drain_events`, at most `event_limit` hashes between two drains."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if not 0.0 <= reused_share <= 1.0:
+            raise ValueError(f"reused_share must be in [0, 1], got {reused_share}")
         self.block_size = block_size
         self.hbm_capacity = hbm_bytes
         self.ddr_capacity = ddr_bytes
@@ -161,12 +216,23 @@ class KVCache:
         self._salts: dict[str, int] = {}
         self._last_lookup: _Lookup | None = None
         self._blocks: dict[int, _Block] = {}
-        # unpinned cached blocks in HBM, and every block in DDR; least recently used first
-        self._hbm_lru: OrderedDict[int, _Block] = OrderedDict()
-        self._ddr_lru: OrderedDict[int, _Block] = OrderedDict()
+        # Unpinned cached blocks in HBM, and every block in DDR, least recently used first;
+        # never-hit ("once") and hit ("reused") blocks apart (module docstring).
+        self._hbm_once: OrderedDict[int, _Block] = OrderedDict()
+        self._hbm_reused: OrderedDict[int, _Block] = OrderedDict()
+        self._ddr_once: OrderedDict[int, _Block] = OrderedDict()
+        self._ddr_reused: OrderedDict[int, _Block] = OrderedDict()
+        self._reused_share = reused_share
         self.hbm_used = 0  # every HBM byte: pinned, cached-unpinned, private
-        self.hbm_evictable = 0  # bytes in _hbm_lru
+        self.hbm_evictable = 0  # bytes in the two HBM segments
+        self.hbm_reused_bytes = 0  # bytes in _hbm_reused
         self.ddr_used = 0
+        self.ddr_reused_bytes = 0  # bytes in _ddr_reused
+        # The event log: (kind, model, unsalted hashes) or (kind, None, blocks); None: off.
+        self._log: list[tuple[int, str | None, Sequence[object]]] | None = [] if events else None
+        self._logged = 0
+        self._event_limit = event_limit
+        self._lost = False
         self.hbm_blocks = 0
         self.query_tokens = 0
         self.hit_tokens = 0
@@ -179,7 +245,7 @@ class KVCache:
     # -- inspection --
     @property
     def ddr_blocks(self) -> int:
-        return len(self._ddr_lru)
+        return len(self._ddr_once) + len(self._ddr_reused)
 
     @property
     def usage(self) -> float:
@@ -310,13 +376,22 @@ class KVCache:
         for b in hits:  # pin HBM hits, lift DDR hits out of DDR so spills cannot drop them
             if b.in_hbm:
                 if b.refs == 0:
-                    del self._hbm_lru[b.key]
+                    if b.reused:
+                        del self._hbm_reused[b.key]
+                        self.hbm_reused_bytes -= b.nbytes
+                    else:
+                        del self._hbm_once[b.key]
                     self.hbm_evictable -= b.nbytes
                 b.refs += 1
             else:
-                del self._ddr_lru[b.key]
+                if b.reused:
+                    del self._ddr_reused[b.key]
+                    self.ddr_reused_bytes -= b.nbytes
+                else:
+                    del self._ddr_once[b.key]
                 self.ddr_used -= b.nbytes
                 ddr_hits.append(b)
+            b.reused = True
         if free < need:
             alloc.seconds += self._evict(need - free)
         fetched = 0
@@ -325,6 +400,8 @@ class KVCache:
             b.refs = 1
             fetched += b.nbytes
         self.hbm_blocks += len(ddr_hits)
+        if ddr_hits and self._log is not None:
+            self._record(RESTORED, None, ddr_hits)
         alloc.seconds += self._ledger.charge("ddr", "hbm", fetched, self._copy_bw)
         alloc.blocks = hits
         alloc.hit_blocks = len(hits)
@@ -339,32 +416,63 @@ class KVCache:
         return alloc
 
     def _evict(self, nbytes: int) -> float:
-        """Free at least `nbytes` of HBM by spilling LRU unpinned blocks to DDR."""
-        pop_hbm = self._hbm_lru.popitem
-        pop_ddr = self._ddr_lru.popitem
-        ddr_lru, blocks = self._ddr_lru, self._blocks
-        ddr_capacity, ddr_used = self.ddr_capacity, self.ddr_used
+        """Free at least `nbytes` of HBM by spilling unpinned blocks to DDR, in the
+        segmented order of the module docstring (and dropping DDR's blocks in that order)."""
+        hbm_once, hbm_reused = self._hbm_once, self._hbm_reused
+        ddr_once, ddr_reused, blocks = self._ddr_once, self._ddr_reused, self._blocks
+        share = self._reused_share
+        ddr_capacity, ddr_used, ddr_reused_bytes = self.ddr_capacity, self.ddr_used, self.ddr_reused_bytes
+        evictable, reused_bytes = self.hbm_evictable, self.hbm_reused_bytes
+        logging = self._log is not None
+        spilled_blocks: list[_Block] = []
+        removed_blocks: list[_Block] = []
         freed = spilled = evicted = 0
         while freed < nbytes:
-            key, b = pop_hbm(last=False)
+            # the reused segment's LRU goes first only past its share of what is evictable
+            if hbm_once and (reused_bytes <= share * evictable or not hbm_reused):
+                key, b = hbm_once.popitem(last=False)
+            else:
+                key, b = hbm_reused.popitem(last=False)
+                reused_bytes -= b.nbytes
             size = b.nbytes
             freed += size
+            evictable -= size
             evicted += 1
             if size > ddr_capacity:
                 del blocks[key]
+                if logging:
+                    removed_blocks.append(b)
                 continue
             while ddr_used + size > ddr_capacity:
-                old_key, old = pop_ddr(last=False)
+                if ddr_once and (ddr_reused_bytes <= share * ddr_used or not ddr_reused):
+                    old_key, old = ddr_once.popitem(last=False)
+                else:
+                    old_key, old = ddr_reused.popitem(last=False)
+                    ddr_reused_bytes -= old.nbytes
                 ddr_used -= old.nbytes
                 del blocks[old_key]
+                if logging:
+                    removed_blocks.append(old)
             b.in_hbm = False
-            ddr_lru[key] = b
+            if b.reused:
+                ddr_reused[key] = b
+                ddr_reused_bytes += size
+            else:
+                ddr_once[key] = b
             ddr_used += size
             spilled += size
+            if logging:
+                spilled_blocks.append(b)
         self.ddr_used = ddr_used
-        self.hbm_evictable -= freed
+        self.ddr_reused_bytes = ddr_reused_bytes
+        self.hbm_evictable = evictable
+        self.hbm_reused_bytes = reused_bytes
         self.hbm_used -= freed
         self.hbm_blocks -= evicted
+        if spilled_blocks:  # spilled first: a block spilled and then dropped in this pass is gone
+            self._record(SPILLED, None, spilled_blocks)
+        if removed_blocks:
+            self._record(REMOVED, None, removed_blocks)
         return self._ledger.charge("hbm", "ddr", spilled, self._copy_bw)
 
     def commit(self, alloc: KVAllocation) -> None:
@@ -378,7 +486,7 @@ class KVCache:
         pending = alloc.pending
         keys = [h ^ salt for h in pending]
         if blocks.keys().isdisjoint(keys) and len(set(keys)) == len(keys):  # the usual case, in bulk
-            made = list(map(_Block, keys, repeat(bb)))
+            made = list(map(_Block, keys, repeat(bb), repeat(model)))
             blocks.update(zip(keys, made))
             owned += made
             added = pending
@@ -386,7 +494,7 @@ class KVCache:
             added = []
             for h, key in zip(pending, keys):
                 if key not in blocks:  # else someone cached it meanwhile: ours stays private
-                    blocks[key] = b = _Block(key, bb)
+                    blocks[key] = b = _Block(key, bb, model)
                     owned.append(b)
                     added.append(h)
         alloc.private_bytes -= bb * len(added)
@@ -394,20 +502,89 @@ class KVCache:
         alloc.pending = []
         if added:
             self._touch(model, added)
+            if self._log is not None:
+                self._record(STORED, model, added)
 
     def release(self, alloc: KVAllocation) -> None:
         """The request is done: private bytes are freed, shared blocks become evictable."""
         if alloc.released:
             return
         alloc.released = True
-        lru = self._hbm_lru
-        freed = 0
+        once, reused = self._hbm_once, self._hbm_reused
+        freed = freed_reused = 0
         for b in reversed(alloc.blocks):  # tail first, so it is evicted before its prefix
             b.refs -= 1
             if not b.refs:
-                lru[b.key] = b
+                if b.reused:
+                    reused[b.key] = b
+                    freed_reused += b.nbytes
+                else:
+                    once[b.key] = b
                 freed += b.nbytes
         self.hbm_evictable += freed
+        self.hbm_reused_bytes += freed_reused
         self.hbm_used -= alloc.private_bytes
         alloc.blocks = []
         alloc.private_bytes = 0
+
+    # -- KV events --
+    @property
+    def events(self) -> bool:
+        """Whether changes are logged for `drain_events`."""
+        return self._log is not None
+
+    def _record(self, kind: int, model: str | None, items: Sequence[object]) -> None:
+        log = self._log
+        if log is None or self._lost:
+            return
+        self._logged += len(items)
+        if self._logged > self._event_limit:  # nobody drains: drop the log, say so at the drain
+            log.clear()
+            self._lost = True
+            return
+        log.append((kind, model, items))
+
+    def drain_events(self) -> KvChanges:
+        """The net changes since the last drain, per model (each hash under its last
+        change), and forget them. `lost` says the log overflowed (or events are off), so
+        a reader must replace what it knows with `held()`, taken right after."""
+        log = self._log
+        if log is None:
+            return KvChanges({}, lost=True)
+        self._log = []
+        lost, self._lost, self._logged = self._lost, False, 0
+        salts = self._salts
+        last: dict[str, dict[int, int]] = {}
+        for kind, model, items in log:
+            if model is not None:  # unsalted hashes of one model
+                net = last.get(model)
+                if net is None:
+                    net = last[model] = {}
+                net.update(zip(items, repeat(kind)))  # type: ignore[arg-type]
+            else:  # blocks, of any model
+                for b in items:
+                    m = b.model  # type: ignore[attr-defined]
+                    net = last.get(m)
+                    if net is None:
+                        net = last[m] = {}
+                    net[b.key ^ salts[m]] = kind  # type: ignore[attr-defined]
+        models: dict[str, ModelKvChanges] = {}
+        for model, net in last.items():
+            lists: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+            for h, kind in net.items():
+                lists[kind].append(h)
+            models[model] = ModelKvChanges(*lists)
+        return KvChanges(models, lost=lost)
+
+    def held(self) -> dict[str, tuple[list[int], list[int]]]:
+        """Every cached block now, per model: (unsalted hashes in HBM, in DDR). What a
+        snapshot says; a walk over every block, so for seconds apart, not per request."""
+        salts = self._salts
+        out: dict[str, tuple[list[int], list[int]]] = {}
+        for b in self._blocks.values():
+            m = b.model
+            lists = out.get(m)
+            if lists is None:
+                lists = out[m] = ([], [])
+            lists[0 if b.in_hbm else 1].append(b.key ^ salts[m])
+        return out
