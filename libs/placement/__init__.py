@@ -29,7 +29,7 @@ from tierflow.placement.filters import Candidate, IneligibleCode, NoEligibleNode
 from tierflow.placement.policy import Choice, Placement, PlacementPolicy, prefix_run
 from tierflow.placement.registry import POLICIES, PlacementConfig, PolicyFactory, make_policy
 from tierflow.placement.request import ANYWHERE, Boundary, PlacementRequest, RequestWorkload
-from tierflow.placement.scoring import BatchTurn, HotnessAware, PlacementWeights, SwitchCost
+from tierflow.placement.scoring import BatchTurn, HotnessAware, PlacementWeights, PrefillRate, SwitchCost
 from tierflow.placement.sessions import SessionInfo, SessionTable, session_key
 from tierflow.placement.tables import ModelRoute, ModelTable, NodeTable
 from tierflow.placement.tenants import (
@@ -72,6 +72,7 @@ __all__ = [
     "PlacementWeights",
     "SwitchCost",
     "BatchTurn",
+    "PrefillRate",
     "RoundRobin",
     "LeastLoaded",
     "Random",

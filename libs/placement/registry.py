@@ -18,30 +18,35 @@ import msgspec
 
 from tierflow.placement.baselines import LeastLoaded, Random, RoundRobin
 from tierflow.placement.policy import PlacementPolicy
-from tierflow.placement.scoring import BatchTurn, HotnessAware, PlacementWeights, SwitchCost
+from tierflow.placement.scoring import BatchTurn, HotnessAware, PlacementWeights, PrefillRate, SwitchCost
 
 __all__ = ["PolicyFactory", "POLICIES", "PlacementConfig", "make_policy"]
 
 
 class PolicyFactory(Protocol):
     def __call__(
-        self, *, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None
+        self, *, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None,
+        prefill_rate: PrefillRate | None = None,
     ) -> PlacementPolicy: ...
 
 
-def _hotness(*, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None) -> PlacementPolicy:
-    return HotnessAware(weights, switch_cost=switch_cost, batch_turn=batch_turn)
+def _hotness(*, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None,
+             prefill_rate: PrefillRate | None = None) -> PlacementPolicy:
+    return HotnessAware(weights, switch_cost=switch_cost, batch_turn=batch_turn, prefill_rate=prefill_rate)
 
 
-def _round_robin(*, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None) -> PlacementPolicy:
+def _round_robin(*, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None,
+             prefill_rate: PrefillRate | None = None) -> PlacementPolicy:
     return RoundRobin()
 
 
-def _least_loaded(*, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None) -> PlacementPolicy:
+def _least_loaded(*, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None,
+             prefill_rate: PrefillRate | None = None) -> PlacementPolicy:
     return LeastLoaded()
 
 
-def _random(*, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None) -> PlacementPolicy:
+def _random(*, weights: PlacementWeights, seed: int | None, switch_cost: SwitchCost | None, batch_turn: BatchTurn | None = None,
+             prefill_rate: PrefillRate | None = None) -> PlacementPolicy:
     return Random(seed)
 
 
@@ -60,12 +65,13 @@ def make_policy(
     seed: int | None = None,
     switch_cost: SwitchCost | None = None,
     batch_turn: BatchTurn | None = None,
+    prefill_rate: PrefillRate | None = None,
 ) -> PlacementPolicy:
     """A new policy instance by name; an unknown name is a `ValueError` listing the known ones."""
     factory = POLICIES.get(name)
     if factory is None:
         raise ValueError(f"unknown placement policy {name!r}; choose one of {', '.join(sorted(POLICIES))}")
-    return factory(weights=weights or PlacementWeights(), seed=seed, switch_cost=switch_cost, batch_turn=batch_turn)
+    return factory(weights=weights or PlacementWeights(), seed=seed, switch_cost=switch_cost, batch_turn=batch_turn, prefill_rate=prefill_rate)
 
 
 class PlacementConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -85,5 +91,9 @@ class PlacementConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             raise ValueError(f"unknown placement policy {config.policy!r}; choose one of {', '.join(sorted(POLICIES))}")
         return config
 
-    def build(self, *, switch_cost: SwitchCost | None = None, batch_turn: BatchTurn | None = None) -> PlacementPolicy:
-        return make_policy(self.policy, weights=self.weights, seed=self.seed, switch_cost=switch_cost, batch_turn=batch_turn)
+    def build(
+        self, *, switch_cost: SwitchCost | None = None, batch_turn: BatchTurn | None = None, prefill_rate: PrefillRate | None = None
+    ) -> PlacementPolicy:
+        return make_policy(
+            self.policy, weights=self.weights, seed=self.seed, switch_cost=switch_cost, batch_turn=batch_turn, prefill_rate=prefill_rate
+        )

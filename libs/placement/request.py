@@ -69,6 +69,7 @@ class PlacementRequest:
     - `workload`: "interactive" prefers high-interactivity deployments, "batch"
       high-throughput ones; None has no preference.
     - `exclude`: nodes already tried for this request (retries go elsewhere).
+    - `prompt_tokens`: the prompt's length, to price its prefill on each node.
     """
 
     model: str
@@ -79,6 +80,7 @@ class PlacementRequest:
     boundary: Boundary = ANYWHERE
     workload: RequestWorkload | None = None
     exclude: frozenset[str] = frozenset()
+    prompt_tokens: int = 0  # the prompt's length (0: unknown; its full blocks then stand for it)
     # The prefix walk's input, with a sentinel so the walk never runs off the end.
     probe: tuple[object, ...] = field(init=False, repr=False, compare=False, default=())
 

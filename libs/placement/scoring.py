@@ -8,10 +8,24 @@ tuned one at a time; a weight of 0 turns its term off. Lower cost ranks first.
          + queue    * batches of this model's work ahead beyond its batch * batch_turn_seconds
          + occupancy* running / batch size * full_batch_seconds
          + kv       * kv_usage * full_kv_seconds
+         + queue    * prompt tokens queued on the node * prefill seconds per token
          + workload * mismatch * workload_mismatch_seconds
          + contention * contention_seconds  (other models of the bundle have work on the node)
-         - prefix   * leading cached prompt blocks * prefix_block_seconds
+         + prefix   * prompt tokens * prefill seconds per token
+         - prefix   * leading cached prompt blocks * block size * prefill seconds per token
          - affinity * affinity_seconds              (the node this session used last)
+
+The prefill terms price a prompt where it runs (issue 17): its own prefill, less what the
+node's prefix cache saves, plus the prompts queued ahead of it there, each at the
+node's seconds per prompt token for the model (`prefill_rate(node, slot)`: the router's
+and the simulator's `ModelTable` take it from the emulator's timing model over the
+model's shape and the deployment's profile: ~15 us a token for an 8B model on
+sn40l-16). In seconds of the same kind as the switch and queue terms, a cached prefix is
+worth what it saves and no more, so a long conversation is not pinned to a node whose
+queue costs it more than its cache saves, and at low load (nothing queued) the node
+holding the prefix wins by exactly the prefill it spares. Without a rate (hardware or
+model unknown) a cached block is credited `prefix_block_seconds` and queued prompts are
+not priced, as before.
 
 The seconds until the model can run come from the weights' per-tier figures, or from a
 `switch_cost(node, slot)` callable given to `HotnessAware` when the caller knows better
@@ -56,14 +70,18 @@ from tierflow.placement.filters import diagnose, eligible
 from tierflow.placement.policy import Choice, Placement, check_limit
 from tierflow.placement.request import PlacementRequest
 from tierflow.placement.view import ModelSlot, NodeView
+from tierflow.rdu.kvcache import DEFAULT_BLOCK_SIZE
 
-__all__ = ["PlacementWeights", "HotnessAware", "SwitchCost", "BatchTurn"]
+__all__ = ["PlacementWeights", "HotnessAware", "SwitchCost", "BatchTurn", "PrefillRate"]
 
 Seconds = Annotated[float, Meta(ge=0.0)]
 Weight = Annotated[float, Meta(ge=0.0)]
 
 SwitchCost = Callable[[NodeView, ModelSlot], float]
 """Estimated seconds until `slot`'s model can run on `node` (0 when it is in HBM)."""
+
+PrefillRate = Callable[[NodeView, ModelSlot], "float | None"]
+"""Seconds `node` takes to prefill one prompt token of `slot`'s model; None when unknown."""
 
 BatchTurn = Callable[[str], "float | None"]
 """Measured seconds a request of the model waits per batch of work ahead of it (about one
@@ -162,7 +180,7 @@ class _Rows:
 
     __slots__ = (
         "generation", "slots", "ok", "stale", "suspect", "region", "residency", "sw", "volatile", "qnum", "qden", "okv", "cont",
-        "wl", "hashes",
+        "wl", "hashes", "ptok", "pfx",
     )  # fmt: skip
 
     def __init__(self, n: int, *, generation: int) -> None:
@@ -182,10 +200,13 @@ class _Rows:
         self.cont = np.zeros(n)  # contention term (0 or its weight)
         self.wl = np.full(n, len(_WORKLOADS), dtype=np.intp)  # the node's workload class, coded
         self.hashes: list[frozenset[int]] = [frozenset()] * n  # recently cached prompt blocks
+        self.ptok = np.zeros(n)  # prefix weight * prefill seconds per prompt token
+        self.pfx = np.zeros(n)  # credit per cached prompt block
 
     _ARRAYS: Final[Mapping[str, type]] = {
         "ok": np.bool_, "stale": np.float64, "suspect": np.float64, "region": np.intp, "residency": np.intp, "sw": np.float64,
-        "qnum": np.float64, "qden": np.float64, "okv": np.float64, "cont": np.float64, "wl": np.intp,
+        "qnum": np.float64, "qden": np.float64, "okv": np.float64, "cont": np.float64, "wl": np.intp, "ptok": np.float64,
+        "pfx": np.float64,
     }  # fmt: skip
 
     def in_lists(self) -> None:
@@ -224,15 +245,20 @@ class HotnessAware:
 
     name = "hotness"
 
-    __slots__ = ("weights", "_switch_cost", "_batch_turn", "_tier_cost", "_unknown_tier", "_workload_cost", "_workload_rows", "_turn", "_k")
+    __slots__ = (
+        "weights", "_switch_cost", "_batch_turn", "_prefill_rate", "_tier_cost", "_unknown_tier", "_workload_cost", "_workload_rows",
+        "_turn", "_k",
+    )  # fmt: skip
 
     def __init__(
-        self, weights: PlacementWeights | None = None, *, switch_cost: SwitchCost | None = None, batch_turn: BatchTurn | None = None
+        self, weights: PlacementWeights | None = None, *, switch_cost: SwitchCost | None = None, batch_turn: BatchTurn | None = None,
+        prefill_rate: PrefillRate | None = None,
     ) -> None:
         w = weights or PlacementWeights()
         self.weights = w
         self._switch_cost = switch_cost
         self._batch_turn = batch_turn
+        self._prefill_rate = prefill_rate
         self._tier_cost = {t: w.tier * s for t, s in w.tier_seconds().items()}
         self._unknown_tier = w.tier * w.cold_seconds
         self._workload_cost = {
@@ -351,7 +377,7 @@ class HotnessAware:
         eligible_rows = [r for r, m in enumerate(mask) if m]
         if not eligible_rows:
             return list(rows.sw), eligible_rows, {}  # type: ignore[arg-type]
-        kq, _, _, kp, ka, _ = self._k
+        kq, _, _, _, ka, _ = self._k
         if self._batch_turn is not None:
             measured = self._batch_turn(request.model)
             if measured is not None:
@@ -372,14 +398,18 @@ class HotnessAware:
         else:
             wl, wl_row = rows.wl, wl_cost.tolist()
             cost = [sw[r] + kq * qnum[r] / qden[r] + okv[r] + cont[r] + wl_row[wl[r]] for r in range(len(sw))]
+        prompt = request.prompt_tokens
+        if prompt:
+            ptok = rows.ptok
+            cost = [c + prompt * ptok[r] for r, c in enumerate(cost)]
         blocks: dict[int, int] = {}
         probe = request.probe
         first = probe[0]
-        hashes = rows.hashes
+        hashes, pfx = rows.hashes, rows.pfx
         for r in eligible_rows:
             if first in hashes[r]:
                 run = blocks[r] = indexOf(map(hashes[r].__contains__, probe), False)
-                cost[r] -= kp * run
+                cost[r] -= pfx[r] * run
         _credit_affinity(cost, views, pos, request.affinity_node, ka)
         return cost, eligible_rows, blocks
 
@@ -401,7 +431,7 @@ class HotnessAware:
         rows.ok[r] = not view.blocked
         rows.stale[r] = view.stale_after
         rows.suspect[r] = view.suspect_until
-        _, ko, kk, _, _, kc = self._k
+        _, ko, kk, kp, _, kc = self._k
         if self._switch_cost is None:
             rows.sw[r] = self._tier_cost.get(slot.tier, self._unknown_tier)
         elif slot.tier in _HOT:
@@ -413,7 +443,15 @@ class HotnessAware:
             rows.qnum[r], rows.qden[r] = max(0, slot.queued + slot.in_flight + 1 - batch), batch
         else:
             rows.qnum[r], rows.qden[r] = view.backlog, 1.0
-        rows.okv[r] = ko * view.occupancy + kk * view.kv_usage
+        rate = self._prefill_rate(view, slot) if self._prefill_rate is not None else None
+        if rate is None:  # hardware or model unknown: a flat credit per cached block, no queue priced
+            rows.okv[r] = ko * view.occupancy + kk * view.kv_usage
+            rows.ptok[r], rows.pfx[r] = 0.0, kp
+        else:
+            w = self.weights
+            rows.okv[r] = ko * view.occupancy + kk * view.kv_usage + w.queue * view.queued_prompt_tokens * rate
+            rows.ptok[r] = w.prefix * rate
+            rows.pfx[r] = w.prefix * rate * DEFAULT_BLOCK_SIZE
         rows.cont[r] = kc if view.running + view.queue_depth > slot.in_flight + slot.queued else 0.0  # another model's work
         rows.wl[r] = _WORKLOAD_CODE.get(view.workload, len(_WORKLOADS))
         hashes = slot.prefix_hashes
@@ -440,7 +478,7 @@ class HotnessAware:
         eligible_rows = np.flatnonzero(mask)
         if not len(eligible_rows):
             return rows.sw, eligible_rows, {}
-        kq, _, _, kp, ka, _ = self._k
+        kq, _, _, _, ka, _ = self._k
         if self._batch_turn is not None:
             measured = self._batch_turn(request.model)  # once per decision: every row serves this model
             if measured is not None:
@@ -462,14 +500,16 @@ class HotnessAware:
         wl_cost = self._workload_rows.get(request.workload) if request.workload else None
         if wl_cost is not None:
             cost += wl_cost[rows.wl]
+        if request.prompt_tokens:
+            cost += request.prompt_tokens * rows.ptok
         blocks: dict[int, int] = {}
         probe = request.probe
         first = probe[0]  # END_OF_PROMPT when there is no prompt: in no node's hashes
-        hashes = rows.hashes
+        hashes, pfx = rows.hashes, rows.pfx
         for r in compress(range(len(hashes)), map(contains, hashes, repeat(first))):  # rows holding the prompt's start
             if mask[r]:  # `policy.prefix_run`, inlined
                 run = blocks[r] = indexOf(map(hashes[r].__contains__, probe), False)
-                cost[r] -= kp * run
+                cost[r] -= pfx[r] * run
         _credit_affinity(cost, views, pos, request.affinity_node, ka)
         return cost, eligible_rows, blocks
 

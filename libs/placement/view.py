@@ -83,6 +83,10 @@ class NodeView:
     deployment: str = ""
     workload: str = "bundle"  # DeploymentWorkload
     prefix_hashes: frozenset[int] = frozenset()
+    # Prompt tokens of requests the node holds but has not started prefilling: work every
+    # new request's first token waits behind (a node prefills one pass at a time), and
+    # what a batch-slot count cannot show (one 85k-token prompt is seconds of it).
+    queued_prompt_tokens: int = 0
     # Derived once per view (see the module docstring); not constructor arguments.
     stale_after: float = field(init=False, repr=False, compare=False, default=0.0)
     blocked: bool = field(init=False, repr=False, compare=False, default=False)
@@ -106,17 +110,22 @@ class NodeView:
         put(self, "occupancy", min(1.0, self.running / batch))
         put(self, "backlog", self.queue_depth / batch)
 
-    def dispatched(self, slots: Mapping[str, ModelSlot] | None = None, versions: Mapping[tuple[str, str], ModelSlot] | None = None) -> NodeView:
-        """`dataclasses.replace(self, queue_depth=+1, slots=..., versions=...)` for
-        `NodeTable.note_dispatch`, built by copying the fields and rederiving only what
-        those change (`tiers`, `backlog`): replace re-runs the whole constructor, ~10 us
-        per request on the router's path. `slots` keeps the same model names."""
+    def dispatched(
+        self, slots: Mapping[str, ModelSlot] | None = None, versions: Mapping[tuple[str, str], ModelSlot] | None = None,
+        *, prompt_tokens: int = 0,
+    ) -> NodeView:
+        """`dataclasses.replace(self, queue_depth=+1, queued_prompt_tokens=+prompt_tokens,
+        slots=..., versions=...)` for `NodeTable.note_dispatch`, built by copying the fields
+        and rederiving only what those change (`tiers`, `backlog`): replace re-runs the whole
+        constructor, ~10 us per request on the router's path. `slots` keeps the same model
+        names; `prompt_tokens` is what the dispatched request will prefill there."""
         new = object.__new__(NodeView)
         put = object.__setattr__
         for name in _VIEW_FIELDS:
             put(new, name, getattr(self, name))
         queue_depth = self.queue_depth + 1
         put(new, "queue_depth", queue_depth)
+        put(new, "queued_prompt_tokens", self.queued_prompt_tokens + prompt_tokens)
         put(new, "backlog", queue_depth / max(1, self.max_batch))
         if slots is not None:
             put(new, "slots", slots)
@@ -174,6 +183,7 @@ class NodeView:
             deployment=hb.deployment,
             workload=workload,
             prefix_hashes=frozenset(hb.recent_prefix_hashes),
+            queued_prompt_tokens=hb.queued_prompt_tokens,
         )
 
     def is_live(self, now: float, missed_beats: float = MISSED_BEATS) -> bool:

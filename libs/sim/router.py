@@ -80,7 +80,7 @@ class SimRouter:
         self.nodes = NodeTable()
         self.models = models
         self.sessions = SessionTable()
-        self.policy = placement.build(switch_cost=models.switch_cost, batch_turn=models.batch_turn)
+        self.policy = placement.build(switch_cost=models.switch_cost, batch_turn=models.batch_turn, prefill_rate=models.prefill_rate)
         self._tenants = tenants
         self._open = Tenant.from_policy(TenantPolicy(name=OPEN_TENANT))
         self._max_attempts = max_attempts
@@ -128,6 +128,7 @@ class SimRouter:
             affinity_node=self.sessions.last_node(session) if session else None,
             boundary=tenant.boundary,
             workload=workload or tenant.workload,  # type: ignore[arg-type]
+            prompt_tokens=n_prompt,
         )
 
     # -- placement --------------------------------------------------------------------
@@ -157,12 +158,14 @@ class SimRouter:
                         code="no_healthy_node", retryable=True,
                     ) from None  # fmt: skip
                 raise NoCapacity(none.reason, code=none.code) from None
-        node_id = ranked.best.node_id
+        best = ranked.best
+        node_id = best.node_id
         call.attempt += 1
         tried.add(node_id)
         call.node = node_id
         view = self.nodes.get(node_id)
-        self.nodes.note_dispatch(node_id, call.model, evicts=self.models.at_risk(view, call.model) if view else ())
+        self.nodes.note_dispatch(node_id, call.model, evicts=self.models.at_risk(view, call.model) if view else (),
+                                 prompt_tokens=max(0, call.prompt_tokens - best.prefix_blocks * self.nodes.block_size))
         self._touched.add(node_id)
         return node_id
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from tierflow.placement import BatchTurn, PlacementConfig, PlacementPolicy, SwitchCost, Tenant, TenantDirectory, TenantPolicy
+from tierflow.placement import BatchTurn, PlacementConfig, PlacementPolicy, PrefillRate, SwitchCost, Tenant, TenantDirectory, TenantPolicy
 
 __all__ = ["RouterConfig", "load_router_config", "read_router_config"]
 
@@ -80,7 +80,7 @@ def _tenants(section: dict[str, Any], path: str, allow_anonymous: bool) -> Tenan
 
 def load_router_config(
     path: str, *, policy_override: str = "", switch_cost: SwitchCost | None = None, batch_turn: BatchTurn | None = None,
-    allow_anonymous: bool = False,
+    prefill_rate: PrefillRate | None = None, allow_anonymous: bool = False,
 ) -> RouterConfig:
     raw = read_router_config(path) if path else {}
     tenant_section = {k: raw[k] for k in ("tenants", "anonymous_tenant") if k in raw}
@@ -88,4 +88,4 @@ def load_router_config(
     placement = dict(raw.get("placement") or {})
     if policy_override:
         placement["policy"] = policy_override
-    return RouterConfig(tenants=tenants, policy=PlacementConfig.from_config(placement).build(switch_cost=switch_cost, batch_turn=batch_turn))
+    return RouterConfig(tenants=tenants, policy=PlacementConfig.from_config(placement).build(switch_cost=switch_cost, batch_turn=batch_turn, prefill_rate=prefill_rate))

@@ -44,6 +44,7 @@ from tierflow.contracts import messages, subjects
 from tierflow.placement.admission import Admission, Ticket
 from tierflow.placement import (
     ANYWHERE,
+    Choice,
     NoEligibleNode,
     PlacementPolicy,
     PlacementRequest,
@@ -439,6 +440,7 @@ class Dispatcher:
             affinity_node=self._sessions.last_node(session) if session else None,
             boundary=tenant.boundary if tenant is not None else ANYWHERE,
             workload=params.workload or (tenant.workload if tenant is not None else None),  # type: ignore[arg-type]
+            prompt_tokens=len(params.prompt_token_ids),
         )
         # One seed for every leg: a migrated leg must continue the same completion.
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
@@ -513,8 +515,8 @@ class Dispatcher:
 
     def _place(
         self, placement: PlacementRequest, route: ModelRoute, tried: set[str], last_failure: str, progress: _Progress, *, revisit: bool,
-    ) -> tuple[str, str, PlacementRequest]:
-        """The next node to try, its placement reason, and the request (version may fall back).
+    ) -> tuple[Choice, PlacementRequest]:
+        """The next node to try (with its placement reason and cached prefix), and the request (version may fall back).
         `revisit`: with no untried node, a node that failed this request may take it again."""
         while True:
             try:
@@ -526,8 +528,7 @@ class Dispatcher:
                     # No other node: a node that failed it and serves again (its NATS link
                     # broke, its stall ended) takes it again, mid-stream just as exactly.
                     ranked = self._candidates.rank(self._policy, placement, self._clock.monotonic())
-                choice = ranked.best
-                return choice.node_id, choice.reason, placement
+                return ranked.best, placement
             except NoEligibleNode as none:
                 if none.code == "version_not_served" and placement.version != route.default_version and not progress.token_ids:
                     # A canary version with no live node: its traffic goes to the stable version
@@ -564,7 +565,7 @@ class Dispatcher:
             self._check_deadline(deadline, record)
             now = self._clock.monotonic()
             try:
-                node_id, reason, placement = self._place(placement, route, tried, last_failure, progress, revisit=bool(progress.token_ids) or now < wait_until)
+                choice, placement = self._place(placement, route, tried, last_failure, progress, revisit=bool(progress.token_ids) or now < wait_until)
             except (NodeFailure, NoCapacity) as none:
                 if not progress.token_ids and tried and overloaded == len(tried):
                     break  # every node that could serve it is full: that is back-pressure, not failure
@@ -579,6 +580,7 @@ class Dispatcher:
                     await self._clock.sleep(_RESUME_POLL_S)
                     continue
                 raise
+            node_id, reason = choice.node_id, choice.reason
             attempt += 1
             record.version = placement.version or record.version
             tried.add(node_id)
@@ -586,7 +588,8 @@ class Dispatcher:
             record.node, record.placement = node_id, reason
             self._metrics.routing.labels(params.model, reason).inc()
             view = self._nodes.get(node_id)
-            self._nodes.note_dispatch(node_id, params.model, evicts=self._models.at_risk(view, params.model) if view else ())
+            self._nodes.note_dispatch(node_id, params.model, evicts=self._models.at_risk(view, params.model) if view else (),
+                                      prompt_tokens=max(0, placement.prompt_tokens - choice.prefix_blocks * self._nodes.block_size))
             request = messages.GenerateRequest(
                 request_id=params.request_id, model=params.model, version=record.version,
                 prompt_token_ids=params.prompt_token_ids, max_tokens=max_tokens, seed=seed,

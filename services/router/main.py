@@ -62,7 +62,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     # A bad configuration file stops the router here, with the problem named.
     config = load_router_config(
         settings.config, policy_override=settings.placement_policy, switch_cost=models.switch_cost, batch_turn=models.batch_turn,
-        allow_anonymous=settings.allow_anonymous,
+        prefill_rate=models.prefill_rate, allow_anonymous=settings.allow_anonymous,
     )
     metrics = RouterMetrics(ctx.metrics)
 

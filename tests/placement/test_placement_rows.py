@@ -44,6 +44,10 @@ class _Measured:
     def batch_turn(self, model: str) -> float | None:
         return self.turn
 
+    def prefill_rate(self, node: NodeView, slot: ModelSlot) -> float | None:
+        """Seconds per prompt token: differs by node (hardware), unknown for model "x"."""
+        return None if slot.name == "x" else 1.5e-5 * (1 + len(node.node_id) % 3)
+
 
 def reference(policy: HotnessAware, measured: _Measured | None, nodes: Sequence[NodeView], request: PlacementRequest, turn: int) -> list[tuple[str, float, int]]:
     """(node, score, prefix blocks), best first: the per-node loop, with the policy's turn."""
@@ -58,27 +62,50 @@ def reference(policy: HotnessAware, measured: _Measured | None, nodes: Sequence[
                 "batch": {"high-throughput": 0.0, "bundle": 0.5, "high-interactivity": 1.0}}  # fmt: skip
     probe = request.probe
     scored = []
+    prefill = policy._prefill_rate
     for i, (node, slot) in enumerate(candidates):
+        rate = prefill(node, slot) if prefill is not None else None
         cost = w.tier * measured.switch_cost(node, slot) if measured is not None else tier_cost.get(slot.tier, w.tier * w.cold_seconds)
         batch = slot.max_batch
         if batch:
             cost += kq * max(0, slot.queued + slot.in_flight + 1 - batch) / batch
         else:
             cost += kq * node.backlog
-        cost += w.occupancy * w.full_batch_seconds * node.occupancy + w.kv * w.full_kv_seconds * node.kv_usage
+        if rate is None:
+            cost += w.occupancy * w.full_batch_seconds * node.occupancy + w.kv * w.full_kv_seconds * node.kv_usage
+        else:  # the prompts queued on the node, priced at its rate
+            cost += w.occupancy * w.full_batch_seconds * node.occupancy + w.kv * w.full_kv_seconds * node.kv_usage + w.queue * node.queued_prompt_tokens * rate
         if node.running + node.queue_depth > slot.in_flight + slot.queued:
             cost += w.contention * w.contention_seconds
         if request.workload:
             cost += w.workload * w.workload_mismatch_seconds * mismatch[request.workload].get(node.workload, 0.0)
+        if rate is not None and request.prompt_tokens:
+            cost += request.prompt_tokens * (w.prefix * rate)  # the prompt's own prefill there
         hashes = slot.prefix_hashes if slot.prefix_hashes is not None else node.prefix_hashes
         blocks = 0
         if probe[0] in hashes:
             blocks = indexOf(map(hashes.__contains__, probe), False)
-            cost -= w.prefix * w.prefix_block_seconds * blocks
+            cost -= (w.prefix * w.prefix_block_seconds if rate is None else w.prefix * rate * 64) * blocks
         if request.affinity_node is not None and node.node_id == request.affinity_node:
             cost -= w.affinity * w.affinity_seconds
         scored.append((cost, (i + turn) % n, blocks, node.node_id))
     return [(node_id, cost, blocks) for cost, _, blocks, node_id in sorted(scored)]
+
+
+def _policy(w: PlacementWeights, measured: _Measured | None) -> HotnessAware:
+    if measured is None:
+        return HotnessAware(w)
+    return HotnessAware(w, switch_cost=measured.switch_cost, batch_turn=measured.batch_turn, prefill_rate=measured.prefill_rate)
+
+
+# Requests with a prompt length (priced where a rate is known) or without one, and fleets
+# whose nodes have prompts queued: the prefill terms of the sum.
+def _with_prompt(request: PlacementRequest, tokens: int) -> PlacementRequest:
+    return replace(request, prompt_tokens=tokens)
+
+
+def _with_queue(fleet: tuple[NodeView, ...], queued: list[int]) -> tuple[NodeView, ...]:
+    return tuple(replace(v, queued_prompt_tokens=q) for v, q in zip(fleet, queued + [0] * len(fleet), strict=False))
 
 
 def _ranked(placement: object) -> list[tuple[str, float, int]]:
@@ -95,12 +122,16 @@ weights = st.builds(
 
 
 @settings(max_examples=300, deadline=None)
-@given(fleet=fleets, request=requests, w=weights, measure=st.booleans(), turn=st.sampled_from((None, 0.05, 3.0)))
-def test_rank_equals_the_per_node_loop(fleet: tuple[NodeView, ...], request: PlacementRequest, w: PlacementWeights, measure: bool, turn: float | None) -> None:
+@given(fleet=fleets, request=requests, w=weights, measure=st.booleans(), turn=st.sampled_from((None, 0.05, 3.0)),
+       prompt=st.sampled_from((0, 1, 700, 50_000)), queued=st.lists(st.sampled_from((0, 0, 300, 90_000)), max_size=12))
+def test_rank_equals_the_per_node_loop(
+    fleet: tuple[NodeView, ...], request: PlacementRequest, w: PlacementWeights, measure: bool, turn: float | None, prompt: int, queued: list[int]
+) -> None:
+    fleet, request = _with_queue(fleet, queued), _with_prompt(request, prompt)
     measured = _Measured() if measure else None
     if measured is not None:
         measured.turn = turn
-    policy = HotnessAware(w, switch_cost=measured.switch_cost, batch_turn=measured.batch_turn) if measured else HotnessAware(w)
+    policy = _policy(w, measured)
     policy._turn = 6  # the next decision's turn is 7
     try:
         got = _ranked(policy.rank(fleet, request, NOW))
@@ -126,16 +157,19 @@ open_requests = st.tuples(requests, st.booleans()).map(lambda r: replace(r[0], b
 
 @pytest.mark.parametrize("small_rows", [scoring.SMALL_ROWS, 0], ids=["python-loop", "numpy"])
 @settings(max_examples=300, deadline=None)
-@given(fleet=open_fleets, request=open_requests, w=weights, measure=st.booleans(), turn=st.sampled_from((None, 0.05, 3.0)))
+@given(fleet=open_fleets, request=open_requests, w=weights, measure=st.booleans(), turn=st.sampled_from((None, 0.05, 3.0)),
+       prompt=st.sampled_from((0, 1, 700, 50_000)), queued=st.lists(st.sampled_from((0, 0, 300, 90_000)), max_size=12))
 def test_rank_rows_equals_the_per_node_loop(
-    small_rows: int, fleet: tuple[NodeView, ...], request: PlacementRequest, w: PlacementWeights, measure: bool, turn: float | None
+    small_rows: int, fleet: tuple[NodeView, ...], request: PlacementRequest, w: PlacementWeights, measure: bool, turn: float | None,
+    prompt: int, queued: list[int],
 ) -> None:
     """The index's decision, from columns held as lists (a few rows) or as numpy arrays, is
     the loop's best node with its score and prefix blocks."""
+    fleet, request = _with_queue(fleet, queued), _with_prompt(request, prompt)
     measured = _Measured() if measure else None
     if measured is not None:
         measured.turn = turn
-    policy = HotnessAware(w, switch_cost=measured.switch_cost, batch_turn=measured.batch_turn) if measured else HotnessAware(w)
+    policy = _policy(w, measured)
     policy._turn = 6  # the next decision's turn is 7
     candidates = ModelCandidates(request.model)
     for ordinal, view in enumerate(fleet):
@@ -180,7 +214,7 @@ def _heartbeat(view: NodeView) -> messages.NodeHeartbeat:
         models=[messages.ModelState(name=s.name, version=s.version, tier=s.tier, in_flight=s.in_flight, queued=s.queued,  # type: ignore[arg-type]
                                     max_batch=s.max_batch) for s in view.versions.values()],
         queue_depth=view.queue_depth, running=view.running, max_batch=view.max_batch, kv_usage=view.kv_usage,
-        recent_prefix_hashes=sorted(view.prefix_hashes), cordoned=view.cordoned, draining=view.draining, interval_s=1.0,
+        recent_prefix_hashes=sorted(view.prefix_hashes), queued_prompt_tokens=view.queued_prompt_tokens, cordoned=view.cordoned, draining=view.draining, interval_s=1.0,
     )  # fmt: skip
 
 
@@ -201,7 +235,7 @@ def _follow(history: list[tuple[str, object]]) -> None:
     table = NodeTable()
     measured = _Measured()
     measured.turn = 0.4
-    with_rows, plain = (HotnessAware(switch_cost=measured.switch_cost, batch_turn=measured.batch_turn) for _ in range(2))
+    with_rows, plain = (_policy(PlacementWeights(), measured) for _ in range(2))
     index = CandidateIndex(table)
     for kind, arg in history:
         if kind == "beat":
@@ -209,7 +243,7 @@ def _follow(history: list[tuple[str, object]]) -> None:
             table.apply(_heartbeat(arg), arg.last_seen, workload=arg.workload)
         elif kind == "dispatch":
             node_id, model = arg  # type: ignore[misc]
-            table.note_dispatch(node_id, model, evicts=("x",) if model == "m" else ())
+            table.note_dispatch(node_id, model, evicts=("x",) if model == "m" else (), prompt_tokens=900)
         elif kind == "suspect":
             table.mark_suspect(arg[0], NOW - 1.0)  # type: ignore[index]
         elif kind == "forget":

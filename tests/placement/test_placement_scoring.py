@@ -155,3 +155,54 @@ def test_per_model_prefix_sets_win_over_the_node_wide_set() -> None:
                           last_seen=0.0)
     placement = HotnessAware().rank([other_model_only, this_model], PlacementRequest(model="m", prompt_hashes=PROMPT), 0.0)
     assert placement.node_ids == ["y", "x"] and [c.prefix_blocks for c in placement.choices] == [3, 0]
+
+
+# -- prefill priced in seconds (issue 17) ----------------------------------------------
+RATE = 1.5e-5  # seconds per prompt token: an 8B model on sn40l-16
+
+
+def _queued(node: NodeView, tokens: int) -> NodeView:
+    from dataclasses import replace
+
+    return replace(node, queued_prompt_tokens=tokens)
+
+
+def test_a_cached_prefix_is_worth_the_prefill_it_saves_and_no_more() -> None:
+    policy = HotnessAware(prefill_rate=lambda node, slot: RATE)
+    request = PlacementRequest(model="m", prompt_hashes=PROMPT, prompt_tokens=64 * 10 + 5)
+    placement = policy.rank([_node("cold-cache"), _node("warm", hashes=PROMPT[:6])], request, 0.0)
+    warm, other = placement.choices
+    assert (warm.node_id, warm.prefix_blocks) == ("warm", 6)
+    assert other.score - warm.score == pytest.approx(6 * 64 * RATE)  # 6 blocks' prefill, ~6 ms: not PlacementWeights' flat 5 ms a block
+    assert warm.score == pytest.approx((645 - 6 * 64) * RATE)  # what remains is the prompt's own prefill there
+
+
+def test_prompts_queued_ahead_outweigh_a_prefix_that_saves_less() -> None:
+    policy = HotnessAware(prefill_rate=lambda node, slot: RATE)
+    request = PlacementRequest(model="m", prompt_hashes=PROMPT, prompt_tokens=640)
+    warm = _node("warm", hashes=PROMPT)  # saves 640 tokens of prefill, ~10 ms
+    assert _order([_node("idle"), _queued(warm, 200)], request, policy)[0] == "warm"  # 3 ms queued: the cache wins
+    assert _order([_node("idle"), _queued(warm, 60_000)], request, policy)[0] == "idle"  # 0.9 s queued: go elsewhere
+    # without a rate (hardware unknown) the queue is not priced and the flat credit applies
+    assert _order([_node("idle"), _queued(warm, 60_000)], request)[0] == "warm"
+
+
+def test_the_prompt_runs_where_its_prefill_is_fastest() -> None:
+    """Heterogeneous hardware: the same prompt prefills faster on one deployment."""
+    rates = {"slow": 4 * RATE, "fast": RATE}
+    policy = HotnessAware(prefill_rate=lambda node, slot: rates[node.node_id])
+    request = PlacementRequest(model="m", prompt_tokens=20_000)
+    assert _order([_node("slow"), _node("fast", running=3)], request, policy) == ["fast", "slow"]
+
+
+def test_a_dispatch_queues_its_uncached_prompt_until_the_next_heartbeat() -> None:
+    from tierflow.placement.tables import NodeTable
+
+    table = NodeTable()
+    hb = messages.NodeHeartbeat(node_id="n", models=[messages.ModelState(name="m", tier="hbm")], max_batch=4, queued_prompt_tokens=100)  # type: ignore[arg-type]
+    table.apply(hb, 0.0)
+    table.note_dispatch("n", "m", prompt_tokens=5_000)
+    table.note_dispatch("n", "other-model", prompt_tokens=7)
+    assert table.get("n").queued_prompt_tokens == 5_107  # type: ignore[union-attr]
+    table.apply(hb, 1.0)  # the node's own figure replaces the prediction
+    assert table.get("n").queued_prompt_tokens == 100  # type: ignore[union-attr]

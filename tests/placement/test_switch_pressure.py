@@ -109,3 +109,21 @@ def test_queue_and_drain_are_priced_by_the_measured_decode_time() -> None:
     nodes.apply(_beat("free", {}), now=0.0)
     ranked = policy.rank([nodes.get("full"), nodes.get("free")], PlacementRequest(model="planner"), 1.0)  # type: ignore[list-item]
     assert abs(ranked.choices[1].score - ranked.choices[0].score - 0.4 / 4) < 1e-9
+
+
+def test_prefill_rate_comes_from_the_emulators_timing_model() -> None:
+    """Seconds per prompt token for a model on a deployment's hardware: the emulator's
+    prefill time of a 4,096-token prompt over 4,096; unknown deployments have none."""
+    from tierflow.rdu.timing import prefill_time
+
+    models, nodes = _models(), NodeTable()
+    nodes.apply(_beat("n", {}), now=0.0)
+    view = nodes.get("n")
+    assert view is not None
+    rate = models.prefill_rate(view, view.slots["planner"])
+    expected = prefill_time(BUILTIN_MODELS["llama-3.1-70b"], BUILTIN_PROFILES["sn40l-8"], ((4096, 0),)) / 4096
+    assert rate == expected and 5e-5 < rate < 1e-3  # a 70B model on 8 sockets: ~0.1-0.3 ms a token
+    stranger = msgspec.structs.replace(_beat("m", {}), deployment="unknown")
+    nodes.apply(stranger, now=0.0)
+    other = nodes.get("m")
+    assert other is not None and models.prefill_rate(other, other.slots["planner"]) is None
