@@ -44,12 +44,19 @@ class SessionInfo:
 
 
 class _Entry:
-    __slots__ = ("last", "nodes", "requests")
+    __slots__ = ("by_model", "last", "nodes", "requests")
 
     def __init__(self, node: str) -> None:
         self.last = node
         self.nodes = {node}
         self.requests = 0
+        # model -> the node that served the session's last request for it: a prompt's KV is
+        # per model, so an agent's planner and coder steps each have their own warm node
+        self.by_model: dict[str, str] = {}
+
+    def note_model(self, model: str, node: str, cap: int) -> None:
+        if model in self.by_model or len(self.by_model) < cap:
+            self.by_model[model] = node
 
 
 class SessionTable:
@@ -61,6 +68,8 @@ class SessionTable:
 
     __slots__ = ("capacity", "max_nodes", "_entries")
 
+    MAX_MODELS: Final = 16  # models remembered per session (an agent flow calls a handful)
+
     def __init__(self, capacity: int = 100_000, *, max_nodes: int = 64) -> None:
         if capacity < 1 or max_nodes < 1:
             raise ValueError(f"capacity and max_nodes must be at least 1, got {capacity} and {max_nodes}")
@@ -68,8 +77,9 @@ class SessionTable:
         self.max_nodes = max_nodes
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
-    def touch(self, session: str, node: str) -> int:
-        """Record that `session` sent a request to `node`; returns the nodes it has touched.
+    def touch(self, session: str, node: str, model: str = "") -> int:
+        """Record that `session` sent a request for `model` to `node`; returns the nodes it
+        has touched.
 
         An empty session id records nothing and returns 0 (a request outside any session).
         """
@@ -86,6 +96,8 @@ class SessionTable:
             entry.last = node
             if len(entry.nodes) < self.max_nodes:
                 entry.nodes.add(node)
+        if model:
+            entry.note_model(model, node, self.MAX_MODELS)
         entry.requests += 1
         return len(entry.nodes)
 
@@ -104,10 +116,14 @@ class SessionTable:
         if len(entry.nodes) < self.max_nodes:
             entry.nodes.add(node)
 
-    def last_node(self, session: str) -> str | None:
-        """The node `session` used last (for `PlacementRequest.affinity_node`), or None."""
+    def last_node(self, session: str, model: str = "") -> str | None:
+        """The node `session` used last for `model` (for `PlacementRequest.affinity_node`),
+        else the node it used last for any model (another router's gossip names no model),
+        or None."""
         entry = self._entries.get(session) if session else None
-        return entry.last if entry is not None else None
+        if entry is None:
+            return None
+        return entry.by_model.get(model, entry.last) if model else entry.last
 
     def nodes_touched(self, session: str) -> int:
         entry = self._entries.get(session) if session else None

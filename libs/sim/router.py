@@ -125,7 +125,7 @@ class SimRouter:
             version=route.pick_version(self._rng),
             prompt_hashes=call.prompt_hashes,  # at self.nodes.block_size: see Simulation._send
             session_id=session,
-            affinity_node=self.sessions.last_node(session) if session else None,
+            affinity_node=self.sessions.last_node(session, call.model) if session else None,
             boundary=tenant.boundary,
             workload=workload or tenant.workload,  # type: ignore[arg-type]
             prompt_tokens=n_prompt,
@@ -221,7 +221,7 @@ class SimRouter:
             tenant.quota.charge(now, prompt_tokens + completion_tokens)
         placement = call.placement
         if placement is not None and placement.session_id:
-            self.sessions.touch(placement.session_id, call.node)
+            self.sessions.touch(placement.session_id, call.node, call.model)
         if completion_tokens > 1:
             self.models.observe_decode(call.model, decode_s)
 

@@ -437,7 +437,7 @@ class Dispatcher:
             version=version,
             prompt_hashes=prompt_hashes,
             session_id=session,
-            affinity_node=self._sessions.last_node(session) if session else None,
+            affinity_node=self._sessions.last_node(session, params.model) if session else None,
             boundary=tenant.boundary if tenant is not None else ANYWHERE,
             workload=params.workload or (tenant.workload if tenant is not None else None),  # type: ignore[arg-type]
             prompt_tokens=len(params.prompt_token_ids),
@@ -493,7 +493,7 @@ class Dispatcher:
         if tenant is not None and tenant.quota is not None:
             tenant.quota.charge(self._clock.monotonic(), record.prompt_tokens + record.completion_tokens)
         if record.session:
-            record.session_nodes = self._sessions.touch(record.session, record.node)
+            record.session_nodes = self._sessions.touch(record.session, record.node, record.model)
             if self._on_session is not None:
                 self._on_session(record.session, record.node)
         if record.completion_tokens > 1 and record.time_to_first_token > 0 and not record.migrations:

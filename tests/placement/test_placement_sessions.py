@@ -50,3 +50,20 @@ def test_session_keys_are_scoped_by_tenant_and_bounded() -> None:
     assert session_key("acme", "x") != session_key("other", "x")
     long = session_key("acme", "x" * 10_000)
     assert long.startswith("acme/sha256:") and len(long) < 100
+
+
+def test_each_model_of_a_session_keeps_its_own_node() -> None:
+    """An agent's planner and coder steps have their KV on different nodes: each step's
+    affinity is the node that served that model last, else the session's last node."""
+    table = SessionTable()
+    table.touch("t/s", "n1", "planner")
+    table.touch("t/s", "n2", "coder")
+    assert table.last_node("t/s", "planner") == "n1"
+    assert table.last_node("t/s", "coder") == "n2"
+    assert table.last_node("t/s", "summarizer") == "n2"  # never seen: the session's last node
+    assert table.last_node("t/s") == "n2"
+    table.learn("t/s", "n3")  # another router's gossip names no model
+    assert table.last_node("t/s", "planner") == "n1" and table.last_node("t/s", "summarizer") == "n3"
+    for i in range(40):  # a session cannot grow its entry without bound by naming models
+        table.touch("t/s", "n4", f"m{i}")
+    assert len(table._entries["t/s"].by_model) == SessionTable.MAX_MODELS
