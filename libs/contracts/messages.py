@@ -40,6 +40,10 @@ __all__ = [
     "SupervisorReply",
     "RouterPresence",
     "RouterGossip",
+    "ModelKvEvents",
+    "KvEvents",
+    "KvSyncRequest",
+    "MAX_KV_EVENT_HASHES",
 ]
 
 Tier = Literal["sram", "hbm", "ddr", "loading", "cold"]
@@ -55,6 +59,10 @@ BlockHash = Annotated[int, Meta(ge=0)]
 TokenIds = Annotated[list[Annotated[int, Meta(ge=0, lt=1 << 32)]], Meta(max_length=1 << 20)]
 MAX_RECENT_HASHES = 4096  # a node sends its 256 most recent per model
 MAX_BUNDLE_MODELS = 64
+# Hashes in one KV-events message, all lists together: a node splits what it has to say
+# over several messages (about 20 bytes a hash in JSON: ~330 KB, under NATS's 1 MB payload).
+MAX_KV_EVENT_HASHES = 16_384
+KvHashes = Annotated[list[BlockHash], Meta(max_length=MAX_KV_EVENT_HASHES)]
 
 
 class ModelState(Struct, kw_only=True):
@@ -327,6 +335,45 @@ class RouterGossip(Struct, kw_only=True):
     suspects: Annotated[list[Label], Meta(max_length=10_000)] = []
 
 
+class ModelKvEvents(Struct, kw_only=True, gc=False):
+    """One model's KV changes on a node, as unsalted block hashes (`tierflow.rdu.block_hashes`).
+
+    Each hash is in one list at most, the one of its last change: stored and restored
+    blocks are in HBM now (restored: brought back from DDR by a hit), spilled ones in DDR,
+    removed ones gone. `cleared`: forget every block of this model first."""
+
+    name: Label
+    cleared: bool = False
+    stored: KvHashes = []
+    spilled: KvHashes = []
+    restored: KvHashes = []
+    removed: KvHashes = []
+
+
+class KvEvents(Struct, kw_only=True, gc=False):
+    """A node's KV cache changes since its last message (on `subjects.node_kv_events`).
+
+    `seq` counts the node's messages from 1 at its start, one by one: a reader that sees
+    one missing knows it no longer knows the node's blocks, and asks for a snapshot
+    (`subjects.node_kv_sync`). `snapshot`: the node's whole cache starts here: forget
+    every block of the node, then apply the lists (a large snapshot continues in the
+    following messages, as plain changes). `started_at` tells a restarted node from the
+    one a reader knew."""
+
+    v: int = 1
+    node_id: Token
+    seq: BigCount
+    started_at: float = 0.0
+    snapshot: bool = False
+    models: Annotated[list[ModelKvEvents], Meta(max_length=MAX_BUNDLE_MODELS)] = []
+
+
+class KvSyncRequest(Struct, kw_only=True):
+    """Router -> node: send a KV snapshot (the router missed events; `router_id` for the log)."""
+
+    router_id: Label = ""
+
+
 # Built once, reused everywhere (msgspec perf tip): encoders/decoders are not free to make.
 encoder = msgspec.json.Encoder()
 heartbeat_decoder = msgspec.json.Decoder(NodeHeartbeat)
@@ -340,3 +387,5 @@ supervisor_command_decoder = msgspec.json.Decoder(SupervisorCommand)
 supervisor_reply_decoder = msgspec.json.Decoder(SupervisorReply)
 presence_decoder = msgspec.json.Decoder(RouterPresence)
 gossip_decoder = msgspec.json.Decoder(RouterGossip)
+kv_events_decoder = msgspec.json.Decoder(KvEvents)
+kv_sync_decoder = msgspec.json.Decoder(KvSyncRequest)

@@ -28,6 +28,10 @@ __all__ = [
     "check_token",
     "node_heartbeat",
     "node_of_heartbeat",
+    "NODE_KV_EVENTS",
+    "node_kv_events",
+    "node_of_kv_events",
+    "node_kv_sync",
     "node_generate",
     "node_cancel",
     "node_control",
@@ -83,6 +87,31 @@ def node_of_heartbeat(subject: str) -> str | None:
         return None
     node_id = subject[len(_HEARTBEAT_PREFIX):]
     return node_id if node_id and "." not in node_id else None
+
+
+# Nodes publish their KV cache's changes (issue 17): which blocks they store, spill,
+# bring back and drop, so a router's prefix index knows where each prompt's blocks are.
+NODE_KV_EVENTS: Final = "tierflow.node.kv.*"
+_KV_EVENTS_PREFIX: Final = "tierflow.node.kv."
+
+
+def node_kv_events(node_id: str) -> str:
+    return f"{_KV_EVENTS_PREFIX}{node_id}"
+
+
+def node_of_kv_events(subject: str) -> str | None:
+    """The node id token of a subject made by `node_kv_events` (None for any other): the
+    only node whose events may arrive on it."""
+    if not subject.startswith(_KV_EVENTS_PREFIX):
+        return None
+    node_id = subject[len(_KV_EVENTS_PREFIX):]
+    return node_id if node_id and "." not in node_id else None
+
+
+def node_kv_sync(node_id: str) -> str:
+    """Fire-and-forget: a router that missed some of a node's KV events (a gap in their
+    sequence numbers) asks for a full snapshot, which then goes to every router."""
+    return f"tierflow.node.kvsync.{node_id}"
 
 
 def node_generate(node_id: str) -> str:

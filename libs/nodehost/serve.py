@@ -27,6 +27,7 @@ from tierflow.nodehost.driver import EngineDriver
 from tierflow.nodehost.routers import RouterLiveness
 from tierflow.nodehost.beat import NodeIdentity
 from tierflow.nodehost.heartbeat import heartbeat_loop
+from tierflow.nodehost.kv_events import KvEventFeed, kv_events_loop
 from tierflow.nodehost.metrics import ModelMetrics, NodeMetrics
 from tierflow.nodehost.settings import NodeSettings
 from tierflow.nodehost.preload import preload_models
@@ -59,6 +60,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         profile, bundle, now=clock.monotonic(),
         preload=preload_models(profile, bundle, settings.node_id) if settings.preload == "hbm" else (),
         ddr_resident=[] if settings.preload == "cold" else None,
+        kv_events=settings.kv_events_interval > 0,
     )
     identity = NodeIdentity(
         node_id=settings.node_id, role=role, deployment=deployment.name,
@@ -152,6 +154,12 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         })
         await driver.submit(request, reply, span)
 
+    kv_feed = KvEventFeed(settings.node_id, identity.started_at, snapshot_every=settings.kv_snapshot_every)
+
+    async def on_kv_sync(msg: object) -> None:
+        """A router missed some of this node's KV events: a snapshot goes out at the next poll."""
+        kv_feed.request_snapshot()
+
     async def on_cancel(msg: object) -> None:
         try:
             driver.cancel(messages.cancel_decoder.decode(msg.data).request_id)  # type: ignore[attr-defined]
@@ -188,6 +196,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     gen_sub = await nc.subscribe(subject, cb=on_generate)
     cancel_sub = await nc.subscribe(subjects.node_cancel(settings.node_id), cb=on_cancel)
     presence_sub = await nc.subscribe(subjects.ROUTER_PRESENCE, cb=on_presence)
+    kv_sync_sub = await nc.subscribe(subjects.node_kv_sync(settings.node_id), cb=on_kv_sync)
     micro = await discovery.register(nc, service, settings.node_id, deployment=deployment.name, region=identity.region, profile=profile_name)
     audit = AuditLog(nc, clock, source=f"{role}-node/{settings.node_id}", metrics=ctx.metrics)
     await add_control_endpoint(micro, identity, driver, beat_now, audit)
@@ -199,6 +208,8 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         "bundle-watch": lambda: watch_bundle(js, deployment, bundle, on_outdated, engine_stop),
         "connection-watch": watch_own_connection,
     }
+    if settings.kv_events_interval > 0:
+        loops["kv-events"] = lambda: kv_events_loop(nc, kv_feed, engine, clock, settings.kv_events_interval, engine_stop)
     tasks = [asyncio.create_task(supervised(f"node {name}", loop, engine_stop), name=name) for name, loop in loops.items()]
     served = describe_bundle(bundle)
     log.info("node %s serving %s on %s (%s)", settings.node_id, served, profile_name, role, extra={"fields": {"bundle": served}})
@@ -215,7 +226,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
     await driver.fail_all("node_shutdown", f"node {settings.node_id} is shutting down", retryable=True)
     engine_stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for sub in (cancel_sub, presence_sub):
+    for sub in (cancel_sub, presence_sub, kv_sync_sub):
         await sub.unsubscribe()
     await micro.stop()
     await nc.drain()

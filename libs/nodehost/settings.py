@@ -31,4 +31,9 @@ class NodeSettings(Struct, kw_only=True):
     # as fit in HBM (hot at once); "ddr" = all in DDR (first use of each costs a switch);
     # "cold" = in host storage (first use costs a load into DDR, then the switch).
     preload: Literal["hbm", "ddr", "cold"] = "hbm"
+    # KV-cache events for the routers' prefix index (tierflow.nodehost.kv_events): batched
+    # every this many seconds (0: none, the routers place by heartbeats' recent hashes),
+    # with a full snapshot at start, on a router's request and every kv_snapshot_every (0: never).
+    kv_events_interval: Annotated[float, Meta(ge=0, le=10)] = 0.05
+    kv_snapshot_every: Annotated[float, Meta(ge=0)] = 30.0
 

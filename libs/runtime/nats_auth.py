@@ -10,12 +10,12 @@ Identities (`Identity(role, instance)`; the name is `role` or `role-instance`):
 
 | role | instance | may |
 |---|---|---|
-| router | its router id | read heartbeats, presence, gossip, the registry bucket; send work to any node; read only *its own* reply streams; announce only its own presence and gossip |
+| router | its router id | read heartbeats, KV events, presence, gossip, the registry bucket; send work and KV snapshot requests to any node; read only *its own* reply streams; announce only its own presence and gossip |
 | registry | - | write the registry bucket (and create it), publish registry events; make the audit stream, record `audit("registry")` |
 | autoscaler | - | read heartbeats and the registry; write its own bucket; publish decisions; send node control and supervisor commands; record `audit("scaling")` |
-| node | its node id | publish only its own heartbeat; take work only on its own subjects; answer on router reply streams; read the registry; record `audit("node", <its id>)`, never as another node |
+| node | its node id | publish only its own heartbeat and KV events; take work (and KV snapshot requests) only on its own subjects; answer on router reply streams; read the registry; record `audit("node", <its id>)`, never as another node |
 | supervisor | - | (`tierflow up`) answer supervisor commands; discover services |
-| observer | - | subscribe to the event subjects (heartbeats, registry events, decisions, router presence, audit records as they are stored); publish nothing. What external NATS subscribers are given. |
+| observer | - | subscribe to the event subjects (heartbeats, KV events, registry events, decisions, router presence, audit records as they are stored); publish nothing. What external NATS subscribers are given. |
 | admin | - | (the CLI, tests, benchmarks) discover services, read heartbeats/events and both buckets, cordon/drain nodes, send supervisor commands, probe a node directly with replies on its own stream (`router_stream("admin", ...)`), and the JetStream API whole: the only identity that may delete a stream |
 
 Each identity has its own inbox prefix (`_INBOX_<name>`, given to nats-py's
@@ -111,6 +111,7 @@ ADMIN_STREAM_ID: Final = "admin"
 # The subjects external subscribers may watch: what happened, never what was asked.
 EVENT_SUBJECTS: Final = (
     subjects.NODE_HEARTBEATS,
+    subjects.NODE_KV_EVENTS,
     subjects.REGISTRY_EVENTS,
     subjects.AUTOSCALER_DECISIONS,
     subjects.ROUTER_PRESENCE,
@@ -248,12 +249,12 @@ def permissions(identity: Identity) -> Permissions:
         return Permissions(
             publish=(
                 subjects.node_generate(any_node), subjects.prefill_run(any_node), subjects.node_cancel(any_node),
-                subjects.router_presence(router_id), subjects.router_gossip(router_id),
+                subjects.node_kv_sync(any_node), subjects.router_presence(router_id), subjects.router_gossip(router_id),
                 *_kv_read(subjects.REGISTRY_BUCKET), *discovered, *own,
             ),
             subscribe=(
-                subjects.NODE_HEARTBEATS, subjects.router_streams(router_id), subjects.ROUTER_PRESENCE, subjects.ROUTER_GOSSIP,
-                *_micro("router"), *own,
+                subjects.NODE_HEARTBEATS, subjects.NODE_KV_EVENTS, subjects.router_streams(router_id), subjects.ROUTER_PRESENCE,
+                subjects.ROUTER_GOSSIP, *_micro("router"), *own,
             ),
             responses=True,
         )  # fmt: skip
@@ -276,7 +277,7 @@ def permissions(identity: Identity) -> Permissions:
         node_id = identity.instance
         return Permissions(
             publish=(
-                subjects.node_heartbeat(node_id),
+                subjects.node_heartbeat(node_id), subjects.node_kv_events(node_id),
                 # Tokens go to whichever router sent the work (its reply subject); the
                 # request keys in these subjects are ids this node was given, unguessable.
                 subjects.router_stream("*", "*"),
@@ -285,7 +286,7 @@ def permissions(identity: Identity) -> Permissions:
             ),
             subscribe=(
                 subjects.node_generate(node_id), subjects.prefill_run(node_id), subjects.node_cancel(node_id),
-                subjects.node_control(node_id), subjects.ROUTER_PRESENCE, *_micro("decode-node", "prefill-node"), *own,
+                subjects.node_control(node_id), subjects.node_kv_sync(node_id), subjects.ROUTER_PRESENCE, *_micro("decode-node", "prefill-node"), *own,
             ),
             responses=True,
         )  # fmt: skip
