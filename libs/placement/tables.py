@@ -11,7 +11,7 @@ table change by change (`NodeTable.watch`) instead of rebuilding anything.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass, replace
 
 from tierflow.contracts import messages, registry
@@ -30,9 +30,17 @@ class NodeTable:
     `tierflow.placement.heartbeats`).
 
     `block_size` is the fabric's KV block size, fixed here: prompts are hashed with it for
-    prefix placement, and no heartbeat can change it (one once did, for every prompt)."""
+    prefix placement, and no heartbeat can change it (one once did, for every prompt).
 
-    def __init__(self, *, suspect_seconds: float = 3.0, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    `prefix_sets(node_id, model)`: where views take each model's cached blocks from when
+    it answers (the router's `PrefixIndex.holder`, exact and live), else the heartbeat's
+    recent hashes; settable after construction."""
+
+    def __init__(
+        self, *, suspect_seconds: float = 3.0, block_size: int = DEFAULT_BLOCK_SIZE,
+        prefix_sets: Callable[[str, str], Container[int] | None] | None = None,
+    ) -> None:  # fmt: skip
+        self.prefix_sets = prefix_sets
         self._decode: dict[str, NodeView] = {}
         self._prefill: dict[str, NodeView] = {}
         self._started: dict[str, float] = {}
@@ -69,7 +77,7 @@ class NodeTable:
                 suspect_until = 0.0
                 del self._marked[hb.node_id]
         self._seq[hb.node_id] = hb.seq
-        table[hb.node_id] = NodeView.from_heartbeat(hb, now, workload=workload, suspect_until=suspect_until)
+        table[hb.node_id] = NodeView.from_heartbeat(hb, now, workload=workload, suspect_until=suspect_until, prefix_sets=self.prefix_sets)
         self._changed(hb.node_id)
 
     def index(self) -> FleetIndex:

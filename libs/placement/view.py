@@ -12,7 +12,7 @@ requested model (O(candidates), not O(fleet)).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -48,10 +48,12 @@ class ModelSlot:
     in_flight: int = 0
     queued: int = 0
     max_batch: int = 0  # this model's batch limit on the node (0 = unknown)
-    # This model's recently cached prompt blocks, when the node reports them per model;
-    # None falls back to the node's set (over all models: a prompt cached for one model
-    # then looks cached for another, since block hashes do not depend on the model).
-    prefix_hashes: frozenset[int] | None = None
+    # This model's cached prompt blocks, when the node reports them per model: the
+    # router's prefix index's live set when it knows the node (`NodeTable.prefix_sets`),
+    # else the heartbeat's recent ones; None falls back to the node's set (over all
+    # models: a prompt cached for one model then looks cached for another, since block
+    # hashes do not depend on the model). Read only with `in`.
+    prefix_hashes: Container[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,7 @@ class NodeView:
         *,
         workload: str = "bundle",
         suspect_until: float = 0.0,
+        prefix_sets: Callable[[str, str], Container[int] | None] | None = None,
     ) -> NodeView:
         """The view of a node as of a heartbeat received at `now` (the receiver's clock).
 
@@ -153,13 +156,17 @@ class NodeView:
 
         When a heartbeat lists one model name at two versions, `slots[name]` is the hotter
         of the two (what a version-agnostic request would use) and `versions` has both.
+
+        `prefix_sets(node_id, model)`: the blocks the router knows exactly the node holds
+        for the model (a live set: `PrefixIndex.holder`), or None to use the heartbeat's.
         """
         slots: dict[str, ModelSlot] = {}
         versions: dict[tuple[str, str], ModelSlot] = {}
         for m in hb.models:
+            held = prefix_sets(hb.node_id, m.name) if prefix_sets is not None else None
             slot = ModelSlot(
                 name=m.name, version=m.version, tier=m.tier, in_flight=m.in_flight, queued=m.queued, max_batch=m.max_batch,
-                prefix_hashes=frozenset(m.recent_prefix_hashes) if m.recent_prefix_hashes else None,
+                prefix_hashes=held if held is not None else frozenset(m.recent_prefix_hashes) if m.recent_prefix_hashes else None,
             )
             versions[(m.name, m.version)] = slot
             held = slots.get(m.name)

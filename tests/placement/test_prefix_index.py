@@ -115,3 +115,23 @@ def test_forget_empties_the_live_sets_rows_still_hold() -> None:
 def test_bad_bound() -> None:
     with pytest.raises(ValueError):
         PrefixIndex(max_blocks=0)
+
+
+def test_views_take_the_index_s_live_set_when_it_knows_the_node_else_the_heartbeat_s() -> None:
+    from tierflow.contracts.messages import ModelState, NodeHeartbeat
+    from tierflow.placement.tables import NodeTable
+
+    index = PrefixIndex()
+    table = NodeTable(prefix_sets=index.holder)
+    beat = NodeHeartbeat(node_id="n1", models=[ModelState(name="m", tier="hbm", recent_prefix_hashes=[1])])
+    table.apply(beat, 0.0)
+    view = table.get("n1")
+    assert view is not None and view.slots["m"].prefix_hashes == frozenset({1})  # the index does not know n1 yet
+    index.apply(ev(1, snapshot=True, m={"stored": [1, 2, 3]}), now=0.0)
+    table.apply(beat, 1.0)
+    view = table.get("n1")
+    assert view is not None
+    held = view.slots["m"].prefix_hashes
+    assert held is index.holder("n1", "m")
+    index.apply(ev(2, m={"stored": [4]}), now=1.1)
+    assert 4 in held  # the row sees changes between heartbeats
