@@ -749,22 +749,29 @@ class NodeEngine:
             return cur
         n = len(self._models)
         first = cur.index + 1 if cur is not None else 0
-        hot = cold = None
-        for j in range(n):
-            m = self._models[(first + j) % n]
-            if not self._runnable(m, t):
-                continue
-            if self._weights.tier(m.name) == "hbm":
-                hot = hot or m
-            elif m.waiting and t - m.waiting[0].arrival >= self._switch_patience:
-                hot = None
-                cold = m
+        while True:
+            hot = cold = None
+            for j in range(n):
+                m = self._models[(first + j) % n]
+                if not self._runnable(m, t):
+                    continue
+                if self._weights.tier(m.name) == "hbm":
+                    hot = hot or m
+                elif m.waiting and t - m.waiting[0].arrival >= self._switch_patience:
+                    hot = None
+                    cold = m
+                    break
+                else:
+                    cold = cold or m
+            chosen = hot or cold
+            if chosen is None:
+                raise RuntimeError("scheduler invariant broken: requests are pending but no model can run")
+            # Checking a later model may mark it blocked (no HBM to load it into), and an
+            # older blocked waiter makes an earlier pick wait its turn (`_fair`): choose
+            # again until the pick still holds. Each pass that changes the answer has set
+            # some model's `blocked_since`, so this ends within a pass per model.
+            if self._runnable(chosen, t):
                 break
-            else:
-                cold = cold or m
-        chosen = hot or cold
-        if chosen is None:
-            raise RuntimeError("scheduler invariant broken: requests are pending but no model can run")
         self._current = chosen
         self._slice_end = t + self._time_slice
         return chosen
