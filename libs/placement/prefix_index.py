@@ -52,12 +52,11 @@ class _Node:
     started_at: float = 0.0
     seq: int = 0  # the last message applied
     known: bool = False  # the sets are exact (a snapshot was applied, and no message missed since)
-    asked_at: float = float(
-        "-inf"
-    )  # when the shell was last told to ask for a snapshot
-    models: dict[str, dict[int, bool]] = field(
-        default_factory=dict
-    )  # model -> hash -> in DDR
+    # when the shell was last told to ask for a snapshot, and when the node was last heard
+    asked_at: float = float("-inf")
+    heard_at: float = 0.0
+    # model -> hash -> in DDR
+    models: dict[str, dict[int, bool]] = field(default_factory=dict)
     trimmed: int = 0
 
 
@@ -112,6 +111,7 @@ class PrefixIndex:
         node = self._nodes.get(events.node_id)
         if node is None:
             node = self._nodes[events.node_id] = _Node(started_at=events.started_at)
+        node.heard_at = now
         if events.snapshot:
             for held in node.models.values():
                 held.clear()
@@ -175,6 +175,14 @@ class PrefixIndex:
         if node is not None:
             for held in node.models.values():
                 held.clear()
+
+    def forget_silent(self, now: float, after: float) -> list[str]:
+        """Forget every node not heard from in `after` seconds (a node with nothing to say
+        still sends its periodic snapshot); returns them."""
+        gone = [n for n, node in self._nodes.items() if now - node.heard_at > after]
+        for n in gone:
+            self.forget(n)
+        return gone
 
     def forget_all_but(self, node_ids: Iterable[str]) -> list[str]:
         """Forget every node not in `node_ids` (the router's live nodes); returns them."""

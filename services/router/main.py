@@ -32,6 +32,8 @@ from tierflow.services.router.http_server import serve, shutdown
 from tierflow.services.router.metrics import AdmissionCollector, HttpServerCollector, RouterMetrics
 from tierflow.services.router.openai_api import OpenAIApi
 from tierflow.services.router.peers import RouterPeers
+from tierflow.services.router.prefix_feed import PrefixFeed
+from tierflow.placement.prefix_index import PrefixIndex
 from tierflow.services.router.settings import Settings
 from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.services.router.transport import NatsNodeTransport
@@ -57,7 +59,10 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     router_id = subjects.check_token(nats_auth.own_id(nats_auth.ROUTER, settings.router_id) or f"r{uuid.uuid4().hex[:12]}", "router id")
     nc = await connect_nats(settings.nats_url, f"tierflow-router-{router_id}", stopping=ctx.stopping, tls=ctx.tls)
     clock = WallClock()
-    nodes = NodeTable()
+    # Which node holds which prompt blocks, exactly, from the nodes' KV events (issue 17):
+    # placement reads it through the node table, the heartbeats' recent hashes otherwise.
+    prefix_index = PrefixIndex()
+    nodes = NodeTable(prefix_sets=prefix_index.holder)
     models = ModelTable()
     # A bad configuration file stops the router here, with the problem named.
     config = load_router_config(
@@ -78,6 +83,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
             nodes.apply(hb, clock.monotonic(), workload=models.workload(hb.deployment))
         except Exception:  # never let one heartbeat end the subscription's callbacks
             log.exception("applying the heartbeat of %s failed", hb.node_id)
+        await prefix_feed.heard(hb.node_id)
 
     def on_put(key: str, value: bytes, revision: int) -> None:
         try:
@@ -97,6 +103,8 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
 
     transport = NatsNodeTransport(nc, router_id, liveness_timeout=settings.liveness_timeout)
     await transport.start()
+    prefix_feed = PrefixFeed(nc, router_id, clock, prefix_index)
+    await prefix_feed.start()
     await nc.subscribe(subjects.NODE_HEARTBEATS, cb=on_heartbeat)
     sessions = SessionTable(settings.session_capacity)
     peers = RouterPeers(nc, router_id, clock, sessions=sessions, nodes=nodes, interval=settings.presence_interval)
@@ -110,6 +118,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         while not ctx.stopping.is_set():
             now = clock.monotonic()
             nodes.forget_dead(now)
+            prefix_feed.housekeeping(now)
             metrics.nodes.set(len(nodes.live(now)))
             if admission is not None:
                 admission.set_capacities(capacity_of(nodes.views, now))
