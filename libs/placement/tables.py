@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from tierflow.contracts import messages, registry
 from tierflow.placement.view import FleetIndex, ModelSlot, NodeView
 from tierflow.rdu import ModelSpec, cold_load_time, load_catalog, load_profiles, model_from_dict, resident_bytes, switch_time
-from tierflow.rdu.engine import DEFAULT_KV_CACHE_FRACTION
+from tierflow.rdu.engine import DEFAULT_KV_CACHE_FRACTION, DEFAULT_SWITCH_PATIENCE
 from tierflow.rdu.kvcache import DEFAULT_BLOCK_SIZE
 from tierflow.rdu.timing import prefill_time
 from tierflow.rdu.deployment import DeploymentConfig
@@ -252,12 +252,16 @@ class ModelTable:
         for the victim's batch to drain (`drain_seconds` per batch of its work), and the
         victim's next request pays to bring it back. Both are counted, so placement queues
         behind a hot model rather than start a ping-pong of switches on a full node.
+        And while other models have work on the node, the engine starts a switch only once
+        the request has waited its switch patience (`DEFAULT_SWITCH_PATIENCE`).
         """
         dep = node.deployment
         seconds = self._tier_seconds.get((dep, slot.name), self.FALLBACK_SECONDS)
         cost = seconds.get(slot.tier, self.FALLBACK_SECONDS["cold"])
         if slot.tier in ("hbm", "sram"):
             return cost
+        if node.running + node.queue_depth > slot.in_flight + slot.queued:
+            cost += DEFAULT_SWITCH_PATIENCE
         victim = self._victim(node, slot.name)
         if victim is not None:
             reload = self._tier_seconds.get((dep, victim.name), self.FALLBACK_SECONDS)["ddr"]

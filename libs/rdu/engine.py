@@ -252,6 +252,9 @@ class _Run(_Work):
 
 
 DEFAULT_KV_CACHE_FRACTION: Final = 0.25
+# A model not in HBM is switched in while other models have work only once its oldest
+# request has waited this long (`NodeEngine._choose`); the router prices it in (ModelTable).
+DEFAULT_SWITCH_PATIENCE: Final = 0.5
 
 
 def hbm_preload(profile: HardwareProfile, bundle: Sequence[BundleModel], *, kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION) -> list[str]:
@@ -289,7 +292,7 @@ class NodeEngine:
         time_slice: float = 0.05,
         max_prefill_tokens: int = 16384,
         hotness_half_life: float = 300.0,
-        switch_patience: float = 0.5,
+        switch_patience: float = DEFAULT_SWITCH_PATIENCE,
         recent_hashes: int = 256,
         token_events: bool = True,
         kv_events: bool = False,

@@ -127,3 +127,18 @@ def test_prefill_rate_comes_from_the_emulators_timing_model() -> None:
     nodes.apply(stranger, now=0.0)
     other = nodes.get("m")
     assert other is not None and models.prefill_rate(other, other.slots["planner"]) is None
+
+
+def test_a_switch_on_a_busy_node_waits_the_engines_switch_patience() -> None:
+    """The engine switches a model in while others have work only after its request waited
+    `DEFAULT_SWITCH_PATIENCE`: that wait is part of the price, and absent on an idle node."""
+    from tierflow.rdu.engine import DEFAULT_SWITCH_PATIENCE
+
+    models, nodes = _models(), NodeTable()
+    nodes.apply(_beat("idle", {}), now=0.0)
+    nodes.apply(_beat("busy", {"planner": 1}), now=0.0)
+    idle, busy = nodes.get("idle"), nodes.get("busy")
+    assert idle is not None and busy is not None
+    at_idle = models.switch_cost(idle, idle.slots["summarizer"])
+    assert models.switch_cost(busy, busy.slots["summarizer"]) == at_idle + DEFAULT_SWITCH_PATIENCE
+    assert models.switch_cost(busy, busy.slots["planner"]) == 0.0  # hot: no switch, no patience

@@ -44,24 +44,26 @@ arrivals:
 
 
 def _placed(policy: str) -> tuple[collections.Counter[str], float]:
-    """Calls per tier the model was in when served, and the TTFT p95."""
+    """Calls per tier the model was in when served, and the TTFT p99."""
     result = run(AGENTS, CROWDED, policy=policy, seed=2, autoscale=False)
     assert all(r.outcome == "ok" for r in result.records)
     ttft = sorted(r.ttft for r in result.records if r.ttft is not None)
-    return collections.Counter(r.tier for r in result.records), ttft[int(0.95 * (len(ttft) - 1))]
+    return collections.Counter(r.tier for r in result.records), ttft[int(0.99 * (len(ttft) - 1))]
 
 
 def test_hotness_finds_models_hot_where_round_robin_makes_nodes_switch_weights() -> None:
-    (hot, hot_p95), (spread, spread_p95) = _placed("hotness"), _placed("round-robin")
+    (hot, hot_p99), (spread, spread_p99) = _placed("hotness"), _placed("round-robin")
     assert sum(hot.values()) == sum(spread.values()) > 200  # the same calls, placed two ways
     switched_hot = sum(n for tier, n in hot.items() if tier != "hbm")
     switched_spread = sum(n for tier, n in spread.items() if tier != "hbm")
     assert switched_spread > 30  # round-robin lands a quarter-plus of the calls on a node without the model in HBM
     # Hotness switches a model in only where that beats waiting behind the prompts queued at
-    # a node that has it hot (a 70B prompt prefills ~0.3 s on sn40l-8, a switch ~0.3 s): a
-    # few switches, against round-robin's many, and an earlier first token for it.
-    assert switched_hot * 3 < switched_spread
-    assert hot_p95 <= spread_p95
+    # a node that has it hot (a 70B prompt prefills ~0.3 s on sn40l-8, a switch ~0.3 s plus
+    # the engine's switch patience on a busy node): few switches against round-robin's
+    # many, and a shorter tail of first tokens. (At 236 calls the p95 is one of the flow's
+    # fixed prefill times, which both policies share; the p99 is where switches show.)
+    assert switched_hot * 5 < switched_spread
+    assert hot_p99 <= spread_p99
 
 
 REGIONS = """
