@@ -551,6 +551,8 @@ class KVCache:
         log = self._log
         if log is None:
             return KvChanges({}, lost=True)
+        if not log and not self._lost:  # the usual poll: nothing happened
+            return KvChanges({})
         self._log = []
         lost, self._lost, self._logged = self._lost, False, 0
         salts = self._salts

@@ -39,6 +39,7 @@ from typing import Any, Final
 from tierflow.nodehost.preload import preload_models
 from tierflow.placement import PlacementConfig, TenantDirectory
 from tierflow.placement.tables import ModelTable
+from tierflow.placement.prefix_index import PrefixIndex
 from tierflow.rdu import RequestFinished, RequestStarted
 from tierflow.rdu.energy import tokens_per_kwh
 from tierflow.runtime.errors import InvalidRequest, NodeFailure as RouterNodeFailure, TierflowError
@@ -134,6 +135,10 @@ class Simulation:
         for plan in self.plans.values():
             models.put_deployment(plan.record)
         self.router = SimRouter(models, placement=placement, tenants=tenants, max_attempts=config.max_attempts, seed=config.seed)
+        # The router's exact prefix index (issue 17), fed by the nodes' KV events in process,
+        # with no delay: placement reads it as the live router does (`NodeTable.prefix_sets`).
+        self.prefix_index = PrefixIndex()
+        self.router.nodes.prefix_sets = self.prefix_index.holder
         if sessions is None:
             sessions = plan_sessions(spec, seed=config.seed, duration_s=config.duration_s, rate_scale=config.rate_scale)
         served = models.routes
@@ -210,8 +215,9 @@ class Simulation:
         return f"{plan.name}-{pool}-{ordinal}"
 
     def _new_node(self, plan: DeploymentPlan, pool: str, now: float, node_id: str | None = None) -> SimNode:
-        node = SimNode(plan, pool, node_id or self._node_id(plan, pool), now, token_events=self.config.token_events)
+        node = SimNode(plan, pool, node_id or self._node_id(plan, pool), now, token_events=self.config.token_events, kv_events=True)
         self.nodes[node.node_id] = node
+        self._kv_events(node, now)  # its start snapshot: known before its first heartbeat
         self._up[(plan.name, pool)] = self._up.get((plan.name, pool), 0) + 1
         return node
 
@@ -356,9 +362,15 @@ class Simulation:
                     self._push(event.time + 2 * hop, _RECEIVE, call, (call.node, node.node_id))
                 else:
                     self._finished(call, event, stream.first_token_at)
+        self._kv_events(node, t)
         if node.switched:
             self._beat(node, t)
         self._wake(node, t)
+
+    def _kv_events(self, node: SimNode, t: float) -> None:
+        apply = self.prefix_index.apply
+        for message in node.kv_events(t):
+            apply(message, t)
 
     def _finished(self, call: Call, event: RequestFinished, first_token_at: float) -> None:
         hop = self.hop
@@ -452,6 +464,7 @@ class Simulation:
         node.busy_seconds = node.engine.snapshot(t).busy_seconds
         identity = node.identity
         del self.nodes[node.node_id]
+        self.prefix_index.forget(node.node_id)
         self._up[(identity.deployment, identity.role)] -= 1
         self.retired.append(node)
         self.autoscaler.stopped(identity.deployment, identity.role, node.node_id, t)

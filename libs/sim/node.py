@@ -12,7 +12,10 @@ time and in the same order, so the router and the autoscaler see the same node:
   node, and p95 inter-token latency, over a sliding window, as the driver keeps them;
 - a request that starts with a weight switch asks for a heartbeat at once (`beat_now`),
   as the driver's `on_switch` does, so the router learns of the move before the next beat;
-- the heartbeat itself is `tierflow.nodehost.beat.build_heartbeat`, shared with live nodes.
+- the heartbeat itself is `tierflow.nodehost.beat.build_heartbeat`, shared with live nodes;
+- its KV-cache events are `tierflow.nodehost.kv_events.KvEventFeed`'s messages, as a live
+  node publishes them (a snapshot at start, then changes; no periodic snapshots: nothing
+  is lost in process), for the router's prefix index (issue 17).
 
 With the engine's per-token events off (the simulator's default), a request's gaps
 between tokens come with its finish, counted in the engine's fixed buckets
@@ -30,6 +33,7 @@ import msgspec
 
 from tierflow.contracts import messages
 from tierflow.nodehost.beat import LoadReport, NodeIdentity, build_heartbeat
+from tierflow.nodehost.kv_events import KvEventFeed
 from tierflow.nodehost.preload import preload_models
 from tierflow.rdu import EngineEvent, EngineRequest, NodeEngine, RequestFinished, RequestRejected, RequestStarted, TokenGenerated, kv_transfer_time
 from tierflow.scaling.window import RollingHistogram, RollingQuantile
@@ -72,12 +76,13 @@ class SimNode:
 
     __slots__ = (
         "identity", "plan", "engine", "token_events", "streams", "ttft", "itl", "seq", "up_at", "stopped_at",
-        "beat_due", "wake_due", "switched", "busy_seconds", "last_beat", "dirty",
+        "beat_due", "wake_due", "switched", "busy_seconds", "last_beat", "dirty", "kv_feed",
     )  # fmt: skip
 
-    def __init__(self, plan: DeploymentPlan, role: str, node_id: str, now: float, *, token_events: bool = False) -> None:
+    def __init__(self, plan: DeploymentPlan, role: str, node_id: str, now: float, *, token_events: bool = False, kv_events: bool = False) -> None:
         """A node that is up at `now` with `preload_models` of its bundle in HBM (what a
-        live node does at start; the time that load takes is `fleet.start_delay`)."""
+        live node does at start; the time that load takes is `fleet.start_delay`).
+        `kv_events`: its KV cache's changes are read by `kv_events`."""
         record = plan.record
         preload = preload_models(plan.profile, plan.bundle, node_id)
         self.identity = NodeIdentity(
@@ -85,7 +90,8 @@ class SimNode:
             residency=record.residency, profile=plan.profile.name, started_at=now,
         )  # fmt: skip
         self.plan = plan
-        self.engine = NodeEngine(plan.profile, plan.bundle, now=now, preload=preload, token_events=token_events)
+        self.engine = NodeEngine(plan.profile, plan.bundle, now=now, preload=preload, token_events=token_events, kv_events=kv_events)
+        self.kv_feed = KvEventFeed(node_id, now, snapshot_every=0.0) if kv_events else None
         self.token_events = token_events
         self.streams: dict[str, _Stream] = {}
         self.ttft = RollingQuantile(LATENCY_WINDOW_S)
@@ -223,6 +229,11 @@ class SimNode:
             self.engine.cancel(stream.call.request_id, now)
         self.streams.clear()
         return dropped
+
+    def kv_events(self, now: float) -> list[messages.KvEvents]:
+        """The KV-event messages a live node would publish now (none without `kv_events`)."""
+        feed = self.kv_feed
+        return feed.poll(self.engine, now) if feed is not None else []
 
     # -- heartbeats -------------------------------------------------------------------
     def load_report(self, now: float) -> LoadReport:
