@@ -46,6 +46,7 @@ class NodeTable:
         self._started: dict[str, float] = {}
         self._seq: dict[str, int] = {}  # the last heartbeat heard from each node
         self._marked: dict[str, int] = {}  # suspect nodes: the heartbeat heard when marked
+        self._booked: dict[str, int] = {}  # prompt tokens this router sent each node since its last heartbeat
         self._suspect_seconds = suspect_seconds
         self._watchers: list[Callable[[str], None]] = []
         self.block_size = block_size  # the nodes' KV block size: prompts are hashed alike
@@ -77,6 +78,7 @@ class NodeTable:
                 suspect_until = 0.0
                 del self._marked[hb.node_id]
         self._seq[hb.node_id] = hb.seq
+        self._booked.pop(hb.node_id, None)  # the node's own count replaces the router's bookings
         table[hb.node_id] = NodeView.from_heartbeat(hb, now, workload=workload, suspect_until=suspect_until, prefix_sets=self.prefix_sets)
         self._changed(hb.node_id)
 
@@ -117,6 +119,8 @@ class NodeTable:
         node = self._decode.get(node_id) or self._prefill.get(node_id)
         if node is None:
             return
+        if prompt_tokens:
+            self._booked[node_id] = self._booked.get(node_id, 0) + prompt_tokens
         slot = node.slots.get(model)
         if slot is None:
             self._put(node_id, node.dispatched(prompt_tokens=prompt_tokens))
@@ -139,6 +143,21 @@ class NodeTable:
         slots = {name: predicted(s) for name, s in node.slots.items()}
         versions = {key: predicted(s) for key, s in node.versions.items()}
         self._put(node_id, node.dispatched(slots, versions, prompt_tokens=prompt_tokens))
+
+    def note_prefilled(self, node_id: str, prompt_tokens: int) -> None:
+        """A request's first token came back: its prompt is no longer queued on the node.
+        Only what this router booked since the node's last heartbeat is taken back (a
+        heartbeat's count already left it out, or will); otherwise a prompt that finished
+        prefilling would still look queued until the next heartbeat, and the request
+        after it would go elsewhere for nothing."""
+        booked = self._booked.get(node_id, 0)
+        take = min(booked, prompt_tokens)
+        if take <= 0:
+            return
+        self._booked[node_id] = booked - take
+        node = self._decode.get(node_id) or self._prefill.get(node_id)
+        if node is not None:
+            self._put(node_id, node.prefilled(take))
 
     def _put(self, node_id: str, view: NodeView) -> None:
         table = self._decode if node_id in self._decode else self._prefill
@@ -167,6 +186,7 @@ class NodeTable:
                 del table[k]
                 self._seq.pop(k, None)
                 self._marked.pop(k, None)
+                self._booked.pop(k, None)
                 self._changed(k)
 
 

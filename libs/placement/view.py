@@ -138,6 +138,16 @@ class NodeView:
                 put(new, "versions", {(s.name, s.version): s for s in slots.values()})
         return new
 
+    def prefilled(self, prompt_tokens: int) -> NodeView:
+        """This view with `prompt_tokens` fewer queued for prefill (a request's first token
+        came back), copied as `dispatched` copies."""
+        new = object.__new__(NodeView)
+        put = object.__setattr__
+        for name in _VIEW_FIELDS:
+            put(new, name, getattr(self, name))
+        put(new, "queued_prompt_tokens", max(0, self.queued_prompt_tokens - prompt_tokens))
+        return new
+
     @classmethod
     def from_heartbeat(
         cls,

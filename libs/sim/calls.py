@@ -71,7 +71,7 @@ class Call:
     __slots__ = (
         "request_id", "run", "step", "model", "prompt_tokens", "prompt_hashes", "prompt_ids", "max_tokens", "sent_at",
         "tenant", "route", "placement", "tried", "overloaded", "attempt", "last_failure",
-        "node", "tier", "cached_tokens", "energy_j",
+        "node", "tier", "cached_tokens", "energy_j", "booked",
     )  # fmt: skip
 
     def __init__(
@@ -105,6 +105,7 @@ class Call:
         self.tier = ""
         self.cached_tokens = 0
         self.energy_j = 0.0  # the Finished energy of its legs so far (prefill, then decode)
+        self.booked = 0  # prompt tokens the router booked on `node` as queued for prefill (NodeTable.note_dispatch)
 
     def engine_prompt(self) -> Sequence[int]:
         """The prompt for `EngineRequest.prompt_token_ids`: its ids when they were built,

@@ -62,7 +62,7 @@ HOUSEKEEPING_S: Final = 1.0  # the router forgets long-dead nodes this often, as
 _CLIENT_ERRORS: Final = frozenset({"context_length_exceeded", "bad_request", "invalid_request"})  # the dispatcher's
 
 # Event kinds, in no particular order.
-_SESSION, _STEP, _TOOL_DONE, _RECEIVE, _KV_ARRIVED, _RETRY, _WAKE, _BEAT, _TICK, _HOUSEKEEPING, _SAMPLE, _UP, _COMMAND, _POLL = range(14)
+_SESSION, _STEP, _TOOL_DONE, _RECEIVE, _KV_ARRIVED, _RETRY, _WAKE, _BEAT, _TICK, _HOUSEKEEPING, _SAMPLE, _UP, _COMMAND, _POLL, _PREFILLED = range(15)
 
 
 def prepare(
@@ -162,7 +162,7 @@ class Simulation:
         self._handlers: list[Callable[[float, Any, Any], None]] = [
             self._on_session, self._on_step, self._on_tool_done, self._on_receive, self._on_kv_arrived, self._on_retry,
             self._on_wake, self._on_beat, self._on_tick, self._on_housekeeping, self._on_sample, self._on_up,
-            self._on_command, self._on_poll,
+            self._on_command, self._on_poll, self._on_prefilled,
         ]  # fmt: skip
 
     # -- the loop ---------------------------------------------------------------------
@@ -355,6 +355,8 @@ class Simulation:
             if type(event) is RequestStarted:
                 if not prefill:
                     call.tier = event.tier
+                    if call.booked:  # the router hears the first token a hop after it is made
+                        self._push(max(t, stream.first_token_at) + hop, _PREFILLED, call, node.node_id)
             elif type(event) is RequestFinished:
                 call.cached_tokens = max(call.cached_tokens, event.cached_prompt_tokens)
                 call.energy_j += event.energy_j
@@ -366,6 +368,10 @@ class Simulation:
         if node.switched:
             self._beat(node, t)
         self._wake(node, t)
+
+    def _on_prefilled(self, t: float, call: Call, node_id: str) -> None:
+        if call.node == node_id:  # not retried elsewhere meanwhile
+            self.router.prefilled(call, node_id)
 
     def _kv_events(self, node: SimNode, t: float) -> None:
         apply = self.prefix_index.apply

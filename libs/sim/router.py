@@ -164,8 +164,8 @@ class SimRouter:
         tried.add(node_id)
         call.node = node_id
         view = self.nodes.get(node_id)
-        self.nodes.note_dispatch(node_id, call.model, evicts=self.models.at_risk(view, call.model) if view else (),
-                                 prompt_tokens=max(0, call.prompt_tokens - best.prefix_blocks * self.nodes.block_size))
+        call.booked = max(0, call.prompt_tokens - best.prefix_blocks * self.nodes.block_size)
+        self.nodes.note_dispatch(node_id, call.model, evicts=self.models.at_risk(view, call.model) if view else (), prompt_tokens=call.booked)
         self._touched.add(node_id)
         return node_id
 
@@ -189,8 +189,17 @@ class SimRouter:
             return None
         return ranked.best.node_id
 
+    def prefilled(self, call: Call, node_id: str) -> None:
+        """The call's first token reached the router: its prompt is no longer queued there
+        (the dispatcher's `NodeTable.note_prefilled` at a leg's first token)."""
+        if call.booked:
+            self.nodes.note_prefilled(node_id, call.booked)
+            call.booked = 0
+            self._touched.add(node_id)
+
     def attempt_failed(self, call: Call, node_id: str, code: str, message: str) -> None:
         """A node refused the call before its first token (retryable): remember why."""
+        self.prefilled(call, node_id)  # nothing of it is queued there any more
         call.last_failure = f"{node_id}: {code}: {message}"
         if code == "queue_full":
             call.overloaded += 1

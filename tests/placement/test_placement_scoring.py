@@ -204,5 +204,10 @@ def test_a_dispatch_queues_its_uncached_prompt_until_the_next_heartbeat() -> Non
     table.note_dispatch("n", "m", prompt_tokens=5_000)
     table.note_dispatch("n", "other-model", prompt_tokens=7)
     assert table.get("n").queued_prompt_tokens == 5_107  # type: ignore[union-attr]
+    table.note_prefilled("n", 5_000)  # its first token came back: no longer queued there
+    assert table.get("n").queued_prompt_tokens == 107  # type: ignore[union-attr]
     table.apply(hb, 1.0)  # the node's own figure replaces the prediction
+    assert table.get("n").queued_prompt_tokens == 100  # type: ignore[union-attr]
+    table.note_dispatch("n", "m", prompt_tokens=50)
+    table.note_prefilled("n", 5_000)  # only what was booked since the heartbeat comes off
     assert table.get("n").queued_prompt_tokens == 100  # type: ignore[union-attr]
