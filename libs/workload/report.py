@@ -73,6 +73,10 @@ DEFINITIONS: dict[str, str] = {
     "prefix_hit_share": "ok requests with at least one cached prompt token, as a share of ok requests",
     "nodes_per_session": "distinct nodes that served a session (any outcome, known nodes only), mean over "
     "the sessions with at least one known node; _p95 (linear) and _max alongside",
+    "nodes_per_session_model": "distinct nodes that served one session's requests to one model (any outcome, "
+    "known nodes only), mean over the (session, model) pairs with at least one known node; _max alongside. A "
+    "session that calls two models needs at least two nodes only when no node serves both; within a model "
+    "each extra node is a prefix cache the session left behind",
     "energy_j": "sum of energy_j over ok requests: each request's share of the node's energy (the "
     "emulator's power model, tierflow.rdu.energy); 0 when no node reported one",
     "tokens_per_kwh": "completion tokens of ok requests per kWh of their energy_j; null when no energy was "
@@ -132,6 +136,8 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
     sessions: int
     energy_j: float = 0.0
     tokens_per_kwh: float | None = None
+    nodes_per_session_model: float | None = None
+    nodes_per_session_model_max: int | None = None
 
 
 class Window(msgspec.Struct, frozen=True, kw_only=True):
@@ -272,6 +278,7 @@ class _Columns:
         key = (self.session * self.node_count + self.node) * models + self.model
         distinct = _distinct(key[node_known])
         self.key_model, self.key_session_node = distinct % models, distinct // models
+        self.key_session_model = (self.key_session_node // max(self.node_count, 1)) * models + self.key_model
 
         with np.errstate(invalid="ignore", divide="ignore"):
             self.ttft_ms = np.where(self.ok, (first_at - self.sent) * 1e3, np.nan)
@@ -310,8 +317,19 @@ def _nodes_per_session(pairs: IntArray, node_count: int) -> tuple[float | None, 
     return float(per_session.mean()), p95, int(per_session.max())
 
 
-def _summarize(cols: _Columns, mask: BoolArray, session_nodes: IntArray, duration_s: float) -> Summary:
-    """`session_nodes`: the distinct session/node keys of the requests in `mask` (see _Columns)."""
+def _nodes_per_session_model(pairs: IntArray) -> tuple[float | None, int | None]:
+    """Mean and max distinct nodes per (session, model), from one session*models+model key per
+    DISTINCT (session, node, model): a pair's count of keys is its count of nodes."""
+    if pairs.size == 0:
+        return None, None
+    per_pair = np.bincount(pairs)
+    per_pair = per_pair[per_pair > 0]
+    return float(per_pair.mean()), int(per_pair.max())
+
+
+def _summarize(cols: _Columns, mask: BoolArray, session_nodes: IntArray, duration_s: float, session_models: IntArray) -> Summary:
+    """`session_nodes`: the distinct session/node keys of the requests in `mask`; `session_models`:
+    the session/model key of each of their distinct (session, node, model) triples (see _Columns)."""
     ok = mask & cols.ok
     n_ok = int(ok.sum())
     requests = int(mask.sum())
@@ -320,6 +338,7 @@ def _summarize(cols: _Columns, mask: BoolArray, session_nodes: IntArray, duratio
     completion_ok = int(cols.completion[ok].sum())
     energy = float(cols.energy[ok].sum())
     nodes_mean, nodes_p95, nodes_max = _nodes_per_session(session_nodes, cols.node_count)
+    pair_mean, pair_max = _nodes_per_session_model(session_models)
     return Summary(
         requests=requests,
         ok=n_ok,
@@ -342,6 +361,8 @@ def _summarize(cols: _Columns, mask: BoolArray, session_nodes: IntArray, duratio
         sessions=int(np.count_nonzero(np.bincount(cols.session[mask], minlength=cols.session_count))),
         energy_j=energy,
         tokens_per_kwh=completion_ok * JOULES_PER_KWH / energy if energy > 0 else None,
+        nodes_per_session_model=pair_mean,
+        nodes_per_session_model_max=pair_max,
     )
 
 
@@ -489,13 +510,16 @@ def build_report(
     cols = _Columns(records if isinstance(records, Sequence) else list(records), slo)
     everyone = np.ones(cols.size, dtype=np.bool_)
     per_model = {
-        name: _summarize(cols, cols.model == code, cols.key_session_node[cols.key_model == code], meta.duration_s)
+        name: _summarize(
+            cols, cols.model == code, cols.key_session_node[cols.key_model == code], meta.duration_s,
+            cols.key_session_model[cols.key_model == code],
+        )
         for code, name in sorted(enumerate(cols.model_names), key=lambda pair: pair[1])
     }
     window = window_s if window_s is not None else default_window_s(meta.duration_s)
     return Report(
         meta=meta,
-        totals=_summarize(cols, everyone, _distinct(cols.key_session_node), meta.duration_s),
+        totals=_summarize(cols, everyone, _distinct(cols.key_session_node), meta.duration_s, cols.key_session_model),
         per_model=per_model,
         timeline=_timeline(cols, meta.duration_s, window, fleet_timeline),
         window_s=window,
