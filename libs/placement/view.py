@@ -138,14 +138,40 @@ class NodeView:
                 put(new, "versions", {(s.name, s.version): s for s in slots.values()})
         return new
 
-    def prefilled(self, prompt_tokens: int) -> NodeView:
-        """This view with `prompt_tokens` fewer queued for prefill (a request's first token
-        came back), copied as `dispatched` copies."""
+    def adjusted(self, model: str, *, queued: int = 0, in_flight: int = 0, prompt_tokens: int = 0) -> NodeView:
+        """This view with `model`'s requests moved (a request started: queued -1, in_flight
+        +1; finished: in_flight -1) and `prompt_tokens` taken off the prefill queue, as the
+        router sees them happen between heartbeats; counts never go below 0. Copied as
+        `dispatched` copies (no constructor run)."""
         new = object.__new__(NodeView)
         put = object.__setattr__
         for name in _VIEW_FIELDS:
             put(new, name, getattr(self, name))
+        queue_depth = max(0, self.queue_depth + queued)
+        running = max(0, self.running + in_flight)
+        put(new, "queue_depth", queue_depth)
+        put(new, "running", running)
         put(new, "queued_prompt_tokens", max(0, self.queued_prompt_tokens - prompt_tokens))
+        batch = max(1, self.max_batch)
+        put(new, "occupancy", min(1.0, running / batch))
+        put(new, "backlog", queue_depth / batch)
+        if (queued or in_flight) and model in self.slots:
+            made: dict[int, ModelSlot] = {}
+
+            def moved(s: ModelSlot) -> ModelSlot:
+                if s.name != model:
+                    return s
+                slot = made.get(id(s))
+                if slot is None:
+                    slot = made[id(s)] = ModelSlot(
+                        name=s.name, version=s.version, tier=s.tier, in_flight=max(0, s.in_flight + in_flight),
+                        queued=max(0, s.queued + queued), max_batch=s.max_batch, prefix_hashes=s.prefix_hashes,
+                    )
+                return slot
+
+            slots = {name: moved(s) for name, s in self.slots.items()}
+            put(new, "slots", slots)
+            put(new, "versions", {key: moved(s) for key, s in self.versions.items()})
         return new
 
     @classmethod

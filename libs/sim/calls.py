@@ -71,7 +71,7 @@ class Call:
     __slots__ = (
         "request_id", "run", "step", "model", "prompt_tokens", "prompt_hashes", "prompt_ids", "max_tokens", "sent_at",
         "tenant", "route", "placement", "tried", "overloaded", "attempt", "last_failure",
-        "node", "tier", "cached_tokens", "energy_j", "booked",
+        "node", "tier", "cached_tokens", "energy_j", "booked", "started",
     )  # fmt: skip
 
     def __init__(
@@ -106,6 +106,7 @@ class Call:
         self.cached_tokens = 0
         self.energy_j = 0.0  # the Finished energy of its legs so far (prefill, then decode)
         self.booked = 0  # prompt tokens the router booked on `node` as queued for prefill (NodeTable.note_dispatch)
+        self.started = False  # its first token reached the router from `node` (NodeTable.note_started)
 
     def engine_prompt(self) -> Sequence[int]:
         """The prompt for `EngineRequest.prompt_token_ids`: its ids when they were built,

@@ -355,8 +355,14 @@ class Simulation:
             if type(event) is RequestStarted:
                 if not prefill:
                     call.tier = event.tier
-                    if call.booked:  # the router hears the first token a hop after it is made
-                        self._push(max(t, stream.first_token_at) + hop, _PREFILLED, call, node.node_id)
+                    # the router hears the first token a hop after it is made: at the end of
+                    # the prefill it started in, as fast mode infers it (SimNode.advance), so
+                    # that both modes move the router's views at the same instants
+                    first = stream.first_token_at
+                    if node.token_events and stream.tokens == 0:
+                        due = node.engine.next_event_time()
+                        first = due if due is not None else t
+                    self._push(max(t, first) + hop, _PREFILLED, call, node.node_id)
             elif type(event) is RequestFinished:
                 call.cached_tokens = max(call.cached_tokens, event.cached_prompt_tokens)
                 call.energy_j += event.energy_j
@@ -371,7 +377,7 @@ class Simulation:
 
     def _on_prefilled(self, t: float, call: Call, node_id: str) -> None:
         if call.node == node_id:  # not retried elsewhere meanwhile
-            self.router.prefilled(call, node_id)
+            self.router.started(call, node_id)
 
     def _kv_events(self, node: SimNode, t: float) -> None:
         apply = self.prefix_index.apply

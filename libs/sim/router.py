@@ -165,6 +165,7 @@ class SimRouter:
         call.node = node_id
         view = self.nodes.get(node_id)
         call.booked = max(0, call.prompt_tokens - best.prefix_blocks * self.nodes.block_size)
+        call.started = False
         self.nodes.note_dispatch(node_id, call.model, evicts=self.models.at_risk(view, call.model) if view else (), prompt_tokens=call.booked)
         self._touched.add(node_id)
         return node_id
@@ -189,17 +190,21 @@ class SimRouter:
             return None
         return ranked.best.node_id
 
-    def prefilled(self, call: Call, node_id: str) -> None:
-        """The call's first token reached the router: its prompt is no longer queued there
-        (the dispatcher's `NodeTable.note_prefilled` at a leg's first token)."""
-        if call.booked:
-            self.nodes.note_prefilled(node_id, call.booked)
+    def started(self, call: Call, node_id: str) -> None:
+        """The call's first token reached the router: it is in the node's batch and its
+        prompt no longer queued there (the dispatcher's `NodeTable.note_started`)."""
+        if not call.started:
+            call.started = True
+            self.nodes.note_started(node_id, call.model, call.booked)
             call.booked = 0
             self._touched.add(node_id)
 
     def attempt_failed(self, call: Call, node_id: str, code: str, message: str) -> None:
         """A node refused the call before its first token (retryable): remember why."""
-        self.prefilled(call, node_id)  # nothing of it is queued there any more
+        if not call.started:  # nothing of it is queued there any more
+            self.nodes.note_refused(node_id, call.model, call.booked)
+            call.booked = 0
+            self._touched.add(node_id)
         call.last_failure = f"{node_id}: {code}: {message}"
         if code == "queue_full":
             call.overloaded += 1
@@ -233,4 +238,7 @@ class SimRouter:
             self.sessions.touch(placement.session_id, call.node, call.model)
         if completion_tokens > 1:
             self.models.observe_decode(call.model, decode_s)
+        self.started(call, call.node)  # a one-token answer ends before its _PREFILLED event
+        self.nodes.note_finished(call.node, call.model)
+        self._touched.add(call.node)
 

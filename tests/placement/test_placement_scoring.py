@@ -195,19 +195,34 @@ def test_the_prompt_runs_where_its_prefill_is_fastest() -> None:
     assert _order([_node("slow"), _node("fast", running=3)], request, policy) == ["fast", "slow"]
 
 
-def test_a_dispatch_queues_its_uncached_prompt_until_the_next_heartbeat() -> None:
+def test_the_node_table_follows_a_request_between_heartbeats() -> None:
+    """Dispatched: queued with its uncached prompt; first token back: in the batch, prompt
+    off the prefill queue; finished: out. A heartbeat replaces all of it with the node's
+    own counts, and only prompt tokens booked since then are taken back."""
     from tierflow.placement.tables import NodeTable
 
     table = NodeTable()
-    hb = messages.NodeHeartbeat(node_id="n", models=[messages.ModelState(name="m", tier="hbm")], max_batch=4, queued_prompt_tokens=100)  # type: ignore[arg-type]
+    hb = messages.NodeHeartbeat(node_id="n", models=[messages.ModelState(name="m", tier="hbm", max_batch=4)], max_batch=4, queued_prompt_tokens=100)  # type: ignore[arg-type]
     table.apply(hb, 0.0)
+
+    def state() -> tuple[int, int, int, int, int]:
+        view = table.get("n")
+        assert view is not None
+        slot = view.slots["m"]
+        return view.queue_depth, view.running, slot.queued, slot.in_flight, view.queued_prompt_tokens
+
     table.note_dispatch("n", "m", prompt_tokens=5_000)
     table.note_dispatch("n", "other-model", prompt_tokens=7)
-    assert table.get("n").queued_prompt_tokens == 5_107  # type: ignore[union-attr]
-    table.note_prefilled("n", 5_000)  # its first token came back: no longer queued there
-    assert table.get("n").queued_prompt_tokens == 107  # type: ignore[union-attr]
-    table.apply(hb, 1.0)  # the node's own figure replaces the prediction
-    assert table.get("n").queued_prompt_tokens == 100  # type: ignore[union-attr]
+    assert state() == (2, 0, 1, 0, 5_107)
+    table.note_started("n", "m", 5_000)
+    assert state() == (1, 1, 0, 1, 107)
+    table.note_refused("n", "other-model", 7)
+    assert state() == (0, 1, 0, 1, 100)
+    table.note_finished("n", "m")
+    assert state() == (0, 0, 0, 0, 100)
+    table.note_finished("n", "m")  # counts never go below zero
+    assert state() == (0, 0, 0, 0, 100)
+    table.apply(hb, 1.0)  # the node's own figures replace the router's
     table.note_dispatch("n", "m", prompt_tokens=50)
-    table.note_prefilled("n", 5_000)  # only what was booked since the heartbeat comes off
-    assert table.get("n").queued_prompt_tokens == 100  # type: ignore[union-attr]
+    table.note_started("n", "m", 5_000)  # only what was booked since the heartbeat comes off
+    assert state() == (0, 1, 0, 1, 100)

@@ -98,6 +98,7 @@ def test_the_routers_candidate_lists_are_the_tables_index_exactly() -> None:
 def test_a_reused_heartbeat_says_what_a_fresh_one_would() -> None:
     sim = Simulation(spec_of(AGENT), fleet_of(PAIR), SimConfig(seed=5, autoscale=False))
     sim.run()
+    with_content = 0
     for node in sim.nodes.values():
         node.heartbeat(100.0, 1.0)  # after the run: nothing happens on the node any more
         reused, unchanged = node.heartbeat(101.0, 1.0)
@@ -105,7 +106,8 @@ def test_a_reused_heartbeat_says_what_a_fresh_one_would() -> None:
         fresh, _ = node.heartbeat(101.0, 1.0)
         assert unchanged
         assert msgspec.structs.replace(reused, seq=fresh.seq) == fresh
-        assert any(m.recent_prefix_hashes for m in fresh.models)  # a heartbeat with content, not an empty one
+        with_content += any(m.recent_prefix_hashes for m in fresh.models)
+    assert with_content >= 2  # heartbeats with content, not only empty ones (an idle spare node may have none)
 
 
 def test_a_replys_token_ids_are_those_the_conversation_would_encode() -> None:
