@@ -162,6 +162,8 @@ _WORKLOADS: Final = ("bundle", "high-interactivity", "high-throughput")
 _WORKLOAD_CODE: Final[Mapping[str, int]] = {w: i for i, w in enumerate(_WORKLOADS)}  # any other class: len(_WORKLOADS)
 _PLACE_CODE: dict[str, int] = {}  # region and residency names as small ints, for boundary masks
 SMALL_ROWS = 16
+RHO_CAP: Final = 0.9
+"""The fleet load above which recomputing a prompt costs no more (`_load_factor` at most 10)."""
 """Candidate sets up to this size are scored in plain Python (`_score_small`), larger ones in numpy."""
 
 
@@ -180,7 +182,7 @@ class _Rows:
 
     __slots__ = (
         "generation", "slots", "ok", "stale", "suspect", "region", "residency", "sw", "volatile", "qnum", "qden", "okv", "cont",
-        "wl", "hashes", "ptok", "pfx",
+        "wl", "hashes", "ptok", "pfx", "occ",
     )  # fmt: skip
 
     def __init__(self, n: int, *, generation: int) -> None:
@@ -202,11 +204,12 @@ class _Rows:
         self.hashes: list[frozenset[int]] = [frozenset()] * n  # recently cached prompt blocks
         self.ptok = np.zeros(n)  # prefix weight * prefill seconds per prompt token
         self.pfx = np.zeros(n)  # credit per cached prompt block
+        self.occ = np.zeros(n)  # occupancy + backlog, at most 1: the load that prices recomputed prompt tokens
 
     _ARRAYS: Final[Mapping[str, type]] = {
         "ok": np.bool_, "stale": np.float64, "suspect": np.float64, "region": np.intp, "residency": np.intp, "sw": np.float64,
         "qnum": np.float64, "qden": np.float64, "okv": np.float64, "cont": np.float64, "wl": np.intp, "ptok": np.float64,
-        "pfx": np.float64,
+        "pfx": np.float64, "occ": np.float64,
     }  # fmt: skip
 
     def in_lists(self) -> None:
@@ -398,7 +401,8 @@ class HotnessAware:
         else:
             wl, wl_row = rows.wl, wl_cost.tolist()
             cost = [sw[r] + kq * qnum[r] / qden[r] + okv[r] + cont[r] + wl_row[wl[r]] for r in range(len(sw))]
-        prompt = request.prompt_tokens
+        factor = self._load_factor(rows.occ, eligible_rows)  # type: ignore[arg-type]
+        prompt = request.prompt_tokens * factor
         if prompt:
             ptok = rows.ptok
             cost = [c + prompt * ptok[r] for r, c in enumerate(cost)]
@@ -409,9 +413,24 @@ class HotnessAware:
         for r in eligible_rows:
             if first in hashes[r]:
                 run = blocks[r] = indexOf(map(hashes[r].__contains__, probe), False)
-                cost[r] -= pfx[r] * run
+                cost[r] -= pfx[r] * factor * run
         _credit_affinity(cost, views, pos, request.affinity_node, ka)
         return cost, eligible_rows, blocks
+
+    def _load_factor(self, occ: Any, eligible_rows: list[int]) -> float:
+        """How much a prompt token computed now costs beyond its own request's time.
+
+        A token recomputed on a node takes that node's time from the requests that queue
+        behind it; at utilization rho a request finds about rho / (1 - rho) others waiting
+        (M/M/1), so its prefill costs the fleet 1 / (1 - rho) times its own duration. rho
+        is the mean load of the eligible nodes (running and queued requests per batch
+        slot, at most 1 a node; capped at `RHO_CAP`), so at low
+        load a prompt goes where it starts soonest (spreading work) and at high load where
+        its prefix is cached (keeping locality). 1 without a prefill rate (the flat credit)."""
+        if self._prefill_rate is None or not eligible_rows:
+            return 1.0
+        rho = sum([occ[r] for r in eligible_rows]) / len(eligible_rows)
+        return 1.0 / (1.0 - min(rho, RHO_CAP))
 
     def _next_turn(self) -> int:
         self._turn += 1
@@ -452,6 +471,7 @@ class HotnessAware:
             rows.okv[r] = ko * view.occupancy + kk * view.kv_usage + w.queue * view.queued_prompt_tokens * rate
             rows.ptok[r] = w.prefix * rate
             rows.pfx[r] = w.prefix * rate * DEFAULT_BLOCK_SIZE
+        rows.occ[r] = min(1.0, view.occupancy + view.backlog)
         rows.cont[r] = kc if view.running + view.queue_depth > slot.in_flight + slot.queued else 0.0  # another model's work
         rows.wl[r] = _WORKLOAD_CODE.get(view.workload, len(_WORKLOADS))
         hashes = slot.prefix_hashes
@@ -500,8 +520,10 @@ class HotnessAware:
         wl_cost = self._workload_rows.get(request.workload) if request.workload else None
         if wl_cost is not None:
             cost += wl_cost[rows.wl]
-        if request.prompt_tokens:
-            cost += request.prompt_tokens * rows.ptok
+        factor = self._load_factor(rows.occ, eligible_rows.tolist())
+        prompt = request.prompt_tokens * factor
+        if prompt:
+            cost += prompt * rows.ptok
         blocks: dict[int, int] = {}
         probe = request.probe
         first = probe[0]  # END_OF_PROMPT when there is no prompt: in no node's hashes
@@ -509,7 +531,7 @@ class HotnessAware:
         for r in compress(range(len(hashes)), map(contains, hashes, repeat(first))):  # rows holding the prompt's start
             if mask[r]:  # `policy.prefix_run`, inlined
                 run = blocks[r] = indexOf(map(hashes[r].__contains__, probe), False)
-                cost[r] -= pfx[r] * run
+                cost[r] -= float(pfx[r]) * factor * run
         _credit_affinity(cost, views, pos, request.affinity_node, ka)
         return cost, eligible_rows, blocks
 

@@ -63,6 +63,9 @@ def reference(policy: HotnessAware, measured: _Measured | None, nodes: Sequence[
     probe = request.probe
     scored = []
     prefill = policy._prefill_rate
+    factor = 1.0  # the load factor: 1 / (1 - mean occupancy of the eligible nodes, capped)
+    if prefill is not None and candidates:
+        factor = 1.0 / (1.0 - min(sum([min(1.0, node.occupancy + node.backlog) for node, _ in candidates]) / n, scoring.RHO_CAP))
     for i, (node, slot) in enumerate(candidates):
         rate = prefill(node, slot) if prefill is not None else None
         cost = w.tier * measured.switch_cost(node, slot) if measured is not None else tier_cost.get(slot.tier, w.tier * w.cold_seconds)
@@ -80,12 +83,12 @@ def reference(policy: HotnessAware, measured: _Measured | None, nodes: Sequence[
         if request.workload:
             cost += w.workload * w.workload_mismatch_seconds * mismatch[request.workload].get(node.workload, 0.0)
         if rate is not None and request.prompt_tokens:
-            cost += request.prompt_tokens * (w.prefix * rate)  # the prompt's own prefill there
+            cost += (request.prompt_tokens * factor) * (w.prefix * rate)  # the prompt's own prefill there
         hashes = slot.prefix_hashes if slot.prefix_hashes is not None else node.prefix_hashes
         blocks = 0
         if probe[0] in hashes:
             blocks = indexOf(map(hashes.__contains__, probe), False)
-            cost -= (w.prefix * w.prefix_block_seconds if rate is None else w.prefix * rate * 64) * blocks
+            cost -= (w.prefix * w.prefix_block_seconds if rate is None else w.prefix * rate * 64) * factor * blocks
         if request.affinity_node is not None and node.node_id == request.affinity_node:
             cost -= w.affinity * w.affinity_seconds
         scored.append((cost, (i + turn) % n, blocks, node.node_id))
