@@ -59,6 +59,7 @@ from typing import Final
 
 import msgspec
 import numpy as np
+from mooncake_like_trace import HashIds  # this directory is on sys.path when run or imported as a script
 from tierflow.workload.trace_export import write_trace
 from tierflow.workload.trace_stats import TraceStats, trace_stats
 from tierflow.workload.traces import TraceRow
@@ -74,18 +75,6 @@ def _lognormal(rng: np.random.Generator, median: float, sigma: float, low: int =
     return int(min(max(rng.lognormal(math.log(median), sigma), low), high))
 
 
-class _Ids:
-    """Mooncake's hash ids: the next integer for every block never seen before."""
-
-    def __init__(self) -> None:
-        self.next = 0
-
-    def fresh(self, n: int) -> list[int]:
-        out = list(range(self.next, self.next + n))
-        self.next += n
-        return out
-
-
 @dataclass
 class _Session:
     """One session's prompt as it grows: its full blocks' ids and its length in tokens."""
@@ -96,7 +85,7 @@ class _Session:
     length: int
     rows: list[tuple[float, TraceRow]]
 
-    def send(self, ids: _Ids, t: float, output: int) -> bool:
+    def send(self, ids: HashIds, t: float, output: int) -> bool:
         """Add a request at `t` with the prompt as it stands; False (nothing sent) once it would pass the context."""
         if self.length + output > MAX_CONTEXT:
             return False
@@ -111,7 +100,7 @@ class _Session:
         return True
 
 
-def _templates(rng: np.random.Generator, ids: _Ids, count: int, low: int, high: int) -> tuple[list[list[int]], np.ndarray]:
+def _templates(rng: np.random.Generator, ids: HashIds, count: int, low: int, high: int) -> tuple[list[list[int]], np.ndarray]:
     """`count` shared prefixes of `low`..`high` whole blocks, and their Zipf(1.1) popularity."""
     blocks = [ids.fresh(int(rng.integers(low, high + 1))) for _ in range(count)]
     popularity = 1.0 / np.arange(1, count + 1) ** 1.1
@@ -119,7 +108,7 @@ def _templates(rng: np.random.Generator, ids: _Ids, count: int, low: int, high: 
 
 
 # A shape runs one session from its start: (rng, ids, session, start) -> None, appending rows.
-_Run = Callable[[np.random.Generator, _Ids, _Session, float], None]
+_Run = Callable[[np.random.Generator, HashIds, _Session, float], None]
 
 
 @dataclass(frozen=True)
@@ -129,7 +118,7 @@ class Shape:
     before the trace's start sessions begin (`lead_s`), and its default rate."""
 
     name: str
-    opening: Callable[[np.random.Generator, _Ids], tuple[list[int], int]]  # shared blocks, own tokens
+    opening: Callable[[np.random.Generator, HashIds], tuple[list[int], int]]  # shared blocks, own tokens
     run: _Run
     mean_turns: float
     lead_s: float
@@ -139,12 +128,12 @@ class Shape:
 # --------------------------------------------------------------------------- conversation
 
 
-def _conversation_opening(rng: np.random.Generator, ids: _Ids, systems: list[list[int]], popularity: np.ndarray) -> tuple[list[int], int]:
+def _conversation_opening(rng: np.random.Generator, ids: HashIds, systems: list[list[int]], popularity: np.ndarray) -> tuple[list[int], int]:
     system = systems[int(rng.choice(len(systems), p=popularity))] if rng.random() < 0.75 else []
     return list(system), _lognormal(rng, 3000.0, 1.5, high=MAX_CONTEXT // 2)
 
 
-def _conversation_run(rng: np.random.Generator, ids: _Ids, session: _Session, start: float) -> None:
+def _conversation_run(rng: np.random.Generator, ids: HashIds, session: _Session, start: float) -> None:
     t = start
     for _ in range(int(rng.geometric(0.3))):
         answer = _lognormal(rng, 400.0, 0.8, high=8192)
@@ -160,7 +149,7 @@ def _conversation_run(rng: np.random.Generator, ids: _Ids, session: _Session, st
 # --------------------------------------------------------------------------- tool-agent
 
 
-def _agent_run(rng: np.random.Generator, ids: _Ids, session: _Session, start: float) -> None:
+def _agent_run(rng: np.random.Generator, ids: HashIds, session: _Session, start: float) -> None:
     t = start
     for _ in range(min(int(rng.geometric(0.15)), 40)):
         call = _lognormal(rng, 90.0, 0.7, high=2048)
@@ -173,11 +162,11 @@ def _agent_run(rng: np.random.Generator, ids: _Ids, session: _Session, start: fl
 # --------------------------------------------------------------------------- coding, chat
 
 
-def _coding_run(rng: np.random.Generator, ids: _Ids, session: _Session, start: float) -> None:
+def _coding_run(rng: np.random.Generator, ids: HashIds, session: _Session, start: float) -> None:
     session.send(ids, start, _lognormal(rng, 16.0, 0.8, high=256))
 
 
-def _chat_run(rng: np.random.Generator, ids: _Ids, session: _Session, start: float) -> None:
+def _chat_run(rng: np.random.Generator, ids: HashIds, session: _Session, start: float) -> None:
     t = start
     for _ in range(min(int(rng.geometric(0.6)), 4)):
         answer = _lognormal(rng, 350.0, 0.7, high=4096)
@@ -187,33 +176,33 @@ def _chat_run(rng: np.random.Generator, ids: _Ids, session: _Session, start: flo
         t += float(rng.lognormal(math.log(20.0), 0.9))
 
 
-def _shapes() -> dict[str, Callable[[np.random.Generator, _Ids], Shape]]:
+def _shapes() -> dict[str, Callable[[np.random.Generator, HashIds], Shape]]:
     """Each shape's factory: it draws the shape's shared prefixes (ids first, so a seed fixes them)."""
 
-    def conversation(rng: np.random.Generator, ids: _Ids) -> Shape:
+    def conversation(rng: np.random.Generator, ids: HashIds) -> Shape:
         systems, popularity = _templates(rng, ids, 8, 1, 1)
         return Shape("conversation", lambda r, i: _conversation_opening(r, i, systems, popularity), _conversation_run, 1 / 0.3, 1800.0, 3.3)
 
-    def tool_agent(rng: np.random.Generator, ids: _Ids) -> Shape:
+    def tool_agent(rng: np.random.Generator, ids: HashIds) -> Shape:
         templates, popularity = _templates(rng, ids, 24, 2, 10)
 
-        def opening(r: np.random.Generator, i: _Ids) -> tuple[list[int], int]:
+        def opening(r: np.random.Generator, i: HashIds) -> tuple[list[int], int]:
             return list(templates[int(r.choice(len(templates), p=popularity))]), _lognormal(r, 1500.0, 0.9, high=32_768)
 
         return Shape("tool-agent", opening, _agent_run, 1 / 0.15, 120.0, 4.0)
 
-    def coding(rng: np.random.Generator, ids: _Ids) -> Shape:
+    def coding(rng: np.random.Generator, ids: HashIds) -> Shape:
         systems, popularity = _templates(rng, ids, 3, 1, 1)
 
-        def opening(r: np.random.Generator, i: _Ids) -> tuple[list[int], int]:
+        def opening(r: np.random.Generator, i: HashIds) -> tuple[list[int], int]:
             return list(systems[int(r.choice(len(systems), p=popularity))]), _lognormal(r, 1800.0, 0.6, high=16_384)
 
         return Shape("coding", opening, _coding_run, 1.0, 0.0, 10.0)
 
-    def chat(rng: np.random.Generator, ids: _Ids) -> Shape:
+    def chat(rng: np.random.Generator, ids: HashIds) -> Shape:
         systems, popularity = _templates(rng, ids, 4, 1, 3)
 
-        def opening(r: np.random.Generator, i: _Ids) -> tuple[list[int], int]:
+        def opening(r: np.random.Generator, i: HashIds) -> tuple[list[int], int]:
             return list(systems[int(r.choice(len(systems), p=popularity))]), _lognormal(r, 250.0, 1.0, high=8192)
 
         return Shape("chat", opening, _chat_run, 1 / 0.6, 120.0, 5.0)
@@ -227,7 +216,7 @@ SHAPES: Final = tuple(_FACTORIES)
 
 def default_rate(shape: str) -> float:
     """The shape's default requests per second."""
-    return _FACTORIES[shape](np.random.default_rng(0), _Ids()).rate
+    return _FACTORIES[shape](np.random.default_rng(0), HashIds()).rate
 
 
 def _starts(rng: np.random.Generator, rate: float, lead_s: float, seconds: float) -> list[float]:
@@ -244,7 +233,7 @@ def generate(shape: str, seconds: float, seed: int = 7, rate: float | None = Non
     shape's default when None), by arrival; every row names its model and session."""
     if shape not in _FACTORIES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    ids = _Ids()
+    ids = HashIds()
     kind = _FACTORIES[shape](np.random.default_rng([seed, 1]), ids)
     session_rate = (kind.rate if rate is None else rate) / kind.mean_turns
     rows: list[tuple[float, int, TraceRow]] = []

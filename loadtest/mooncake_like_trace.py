@@ -63,7 +63,7 @@ def _session_starts(rng: np.random.Generator, seconds: float) -> np.ndarray:
     return candidates[rng.random(candidates.size) * peak < _rate(candidates)]  # thinning (Lewis and Shedler)
 
 
-class _Ids:
+class HashIds:
     """Mooncake's hash ids: the next integer for every block never seen before."""
 
     def __init__(self) -> None:
@@ -78,7 +78,7 @@ class _Ids:
 def generate(seconds: float = 3600.0, seed: int = 7) -> list[TraceRow]:
     """The rows of `seconds` of traffic, by arrival."""
     rng = np.random.default_rng(seed)
-    ids = _Ids()
+    ids = HashIds()
     template_blocks = [ids.fresh(int(rng.integers(1, 7))) for _ in range(TEMPLATES)]
     popularity = 1.0 / np.arange(1, TEMPLATES + 1) ** 1.1
     popularity /= popularity.sum()

@@ -146,29 +146,27 @@ class NodeTable:
 
     def note_started(self, node_id: str, model: str, prompt_tokens: int = 0) -> None:
         """A request's first token came back: it moved from the node's queue to its batch,
-        and its prompt is no longer queued for prefill. Of the prompt, only what this
-        router booked since the node's last heartbeat is taken back (a heartbeat's count
-        already left it out, or will). Without this a request would look queued until the
-        next heartbeat, and the node that just reported would look emptier than the rest
-        and draw every request until its bookings caught up (a herd at high rates)."""
-        booked = self._booked.get(node_id, 0)
-        take = min(booked, prompt_tokens)
-        if take:
-            self._booked[node_id] = booked - take
-        node = self._decode.get(node_id) or self._prefill.get(node_id)
-        if node is not None:
-            self._put(node_id, node.adjusted(model, queued=-1, in_flight=1, prompt_tokens=take))
+        and its prompt is no longer queued for prefill. Without this a request would look
+        queued until the next heartbeat, and the node that just reported would look emptier
+        than the rest and draw every request until its bookings caught up (a herd at high
+        rates)."""
+        self._left_queue(node_id, model, prompt_tokens, in_flight=1)
 
     def note_refused(self, node_id: str, model: str, prompt_tokens: int = 0) -> None:
         """A request the router sent `node_id` left its queue without starting (refused,
         or its leg failed before the first token): neither it nor its booked prompt is there."""
+        self._left_queue(node_id, model, prompt_tokens, in_flight=0)
+
+    def _left_queue(self, node_id: str, model: str, prompt_tokens: int, *, in_flight: int) -> None:
+        """Of the prompt, only what this router booked since the node's last heartbeat is
+        taken back (a heartbeat's count already left it out, or will)."""
         booked = self._booked.get(node_id, 0)
         take = min(booked, prompt_tokens)
         if take:
             self._booked[node_id] = booked - take
         node = self._decode.get(node_id) or self._prefill.get(node_id)
         if node is not None:
-            self._put(node_id, node.adjusted(model, queued=-1, prompt_tokens=take))
+            self._put(node_id, node.adjusted(model, queued=-1, in_flight=in_flight, prompt_tokens=take))
 
     def note_finished(self, node_id: str, model: str) -> None:
         """A request the router sent `node_id` finished there: one fewer in its batch,
