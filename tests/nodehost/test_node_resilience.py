@@ -120,7 +120,9 @@ async def test_a_new_attempt_of_a_request_supersedes_the_old_stream_and_a_resend
     await old_sub.next_msg(timeout=5)
     await nc.publish(subjects.node_generate(NODE), _long("again-1", attempt=2, resume_token_ids=[7, 8]), reply=second)
     event = messages.stream_decoder.decode((await new_sub.next_msg(timeout=5)).data)
-    assert isinstance(event, messages.Started)  # it started at once: its Started stands for Accepted
+    if isinstance(event, messages.Accepted):  # queued for a moment (the engine was mid-step on a busy machine)
+        event = messages.stream_decoder.decode((await new_sub.next_msg(timeout=5)).data)
+    assert isinstance(event, messages.Started)  # the new attempt runs
     assert await _in_flight(nc) == 1  # the old stream is gone, not running beside it
     assert ctx.metrics.get_sample_value("tierflow_node_requests_dropped_total", {"node": NODE, "model": MODEL, "reason": "superseded"}) == 1
     await nc.publish(subjects.node_generate(NODE), _long("again-1", attempt=2), reply=second)
