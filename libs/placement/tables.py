@@ -144,18 +144,31 @@ class NodeTable:
         versions = {key: predicted(s) for key, s in node.versions.items()}
         self._put(node_id, node.dispatched(slots, versions, prompt_tokens=prompt_tokens))
 
-    def note_started(self, node_id: str, model: str, prompt_tokens: int = 0) -> None:
-        """A request's first token came back: it moved from the node's queue to its batch,
-        and its prompt is no longer queued for prefill. Without this a request would look
-        queued until the next heartbeat, and the node that just reported would look emptier
-        than the rest and draw every request until its bookings caught up (a herd at high
-        rates)."""
-        self._left_queue(node_id, model, prompt_tokens, in_flight=1)
+    # A prompt under one KV block prefills in well under a millisecond: its first token
+    # does not move the node's view (a view change costs the router ~15 us), its end does.
+    START_TOKENS = 64
 
-    def note_refused(self, node_id: str, model: str, prompt_tokens: int = 0) -> None:
-        """A request the router sent `node_id` left its queue without starting (refused,
-        or its leg failed before the first token): neither it nor its booked prompt is there."""
-        self._left_queue(node_id, model, prompt_tokens, in_flight=0)
+    def note_started(self, node_id: str, model: str, prompt_tokens: int = 0) -> bool:
+        """A request's first token came back: it moved from the node's queue to its batch,
+        and its prompt is no longer queued for prefill; returns whether the view changed
+        (not for a prompt under `START_TOKENS`). Without this a request would look queued
+        until the next heartbeat, and the node that just reported would look emptier than
+        the rest and draw every request until its bookings caught up (a herd at high rates)."""
+        if prompt_tokens < self.START_TOKENS:
+            return False
+        self._left_queue(node_id, model, prompt_tokens, in_flight=1)
+        return True
+
+    def note_ended(self, node_id: str, model: str, *, started: bool, prompt_tokens: int = 0) -> None:
+        """A request the router sent `node_id` is done there (finished, refused, or its leg
+        failed): out of the batch if `note_started` moved it there, else out of the queue
+        with its booked prompt. Until the node's next heartbeat says what it holds."""
+        if started:
+            node = self._decode.get(node_id) or self._prefill.get(node_id)
+            if node is not None:
+                self._put(node_id, node.adjusted(model, in_flight=-1))
+        else:
+            self._left_queue(node_id, model, prompt_tokens, in_flight=0)
 
     def _left_queue(self, node_id: str, model: str, prompt_tokens: int, *, in_flight: int) -> None:
         """Of the prompt, only what this router booked since the node's last heartbeat is
@@ -167,13 +180,6 @@ class NodeTable:
         node = self._decode.get(node_id) or self._prefill.get(node_id)
         if node is not None:
             self._put(node_id, node.adjusted(model, queued=-1, in_flight=in_flight, prompt_tokens=take))
-
-    def note_finished(self, node_id: str, model: str) -> None:
-        """A request the router sent `node_id` finished there: one fewer in its batch,
-        until the node's next heartbeat says what it holds."""
-        node = self._decode.get(node_id) or self._prefill.get(node_id)
-        if node is not None:
-            self._put(node_id, node.adjusted(model, in_flight=-1))
 
     def _put(self, node_id: str, view: NodeView) -> None:
         table = self._decode if node_id in self._decode else self._prefill

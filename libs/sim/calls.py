@@ -105,8 +105,8 @@ class Call:
         self.tier = ""
         self.cached_tokens = 0
         self.energy_j = 0.0  # the Finished energy of its legs so far (prefill, then decode)
-        self.booked = 0  # prompt tokens the router booked on `node` as queued for prefill (NodeTable.note_dispatch)
-        self.started = False  # its first token reached the router from `node` (NodeTable.note_started)
+        self.booked = 0  # prompt tokens the router booked on `node` as queued for prefill (NodeTable.note_dispatch); -1 once ended
+        self.started = False  # the router moved it into `node`'s batch (NodeTable.note_started); True once ended
 
     def engine_prompt(self) -> Sequence[int]:
         """The prompt for `EngineRequest.prompt_token_ids`: its ids when they were built,

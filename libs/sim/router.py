@@ -193,18 +193,21 @@ class SimRouter:
     def started(self, call: Call, node_id: str) -> None:
         """The call's first token reached the router: it is in the node's batch and its
         prompt no longer queued there (the dispatcher's `NodeTable.note_started`)."""
-        if not call.started:
+        if not call.started and self.nodes.note_started(node_id, call.model, call.booked):
             call.started = True
-            self.nodes.note_started(node_id, call.model, call.booked)
-            call.booked = 0
+            self._touched.add(node_id)
+
+    def _ended(self, call: Call, node_id: str) -> None:
+        """The call's leg on `node_id` is done (the dispatcher's `NodeTable.note_ended`);
+        a first token heard after it moves nothing."""
+        if call.booked >= 0:
+            self.nodes.note_ended(node_id, call.model, started=call.started, prompt_tokens=call.booked)
+            call.started, call.booked = True, -1
             self._touched.add(node_id)
 
     def attempt_failed(self, call: Call, node_id: str, code: str, message: str) -> None:
         """A node refused the call before its first token (retryable): remember why."""
-        if not call.started:  # nothing of it is queued there any more
-            self.nodes.note_refused(node_id, call.model, call.booked)
-            call.booked = 0
-            self._touched.add(node_id)
+        self._ended(call, node_id)  # nothing of it is queued there any more
         call.last_failure = f"{node_id}: {code}: {message}"
         if code == "queue_full":
             call.overloaded += 1
@@ -238,7 +241,5 @@ class SimRouter:
             self.sessions.touch(placement.session_id, call.node, call.model)
         if completion_tokens > 1:
             self.models.observe_decode(call.model, decode_s)
-        self.started(call, call.node)  # a one-token answer ends before its _PREFILLED event
-        self.nodes.note_finished(call.node, call.model)
-        self._touched.add(call.node)
+        self._ended(call, call.node)  # a one-token answer may end before its _PREFILLED event
 

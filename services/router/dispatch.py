@@ -590,7 +590,7 @@ class Dispatcher:
             view = self._nodes.get(node_id)
             booked = max(0, placement.prompt_tokens - choice.prefix_blocks * self._nodes.block_size)  # to prefill there
             self._nodes.note_dispatch(node_id, params.model, evicts=self._models.at_risk(view, params.model) if view else (), prompt_tokens=booked)
-            started = False  # the leg's first token came back (the node table moved it into the batch)
+            seen = started = False  # the leg's first event came; the node table moved it into the batch
             request = messages.GenerateRequest(
                 request_id=params.request_id, model=params.model, version=record.version,
                 prompt_token_ids=params.prompt_token_ids, max_tokens=max_tokens, seed=seed,
@@ -603,9 +603,9 @@ class Dispatcher:
                 if deployment is not None and deployment.mode == "disaggregated":
                     request.kv_source = await self._prefill(request, deployment.name, placement, record, deadline, bad_prefill)
                 async for event in self._stream(node_id, request, record, params, progress, deadline, ticket):
-                    if not started:  # prefilled: in the node's batch, its prompt no longer queued there
-                        started = True
-                        self._nodes.note_started(node_id, params.model, booked)
+                    if not seen:  # prefilled: in the node's batch, its prompt no longer queued there
+                        seen = True
+                        started = self._nodes.note_started(node_id, params.model, booked)
                     yield event
                 return
             except _LegFailed as failure:
@@ -635,10 +635,7 @@ class Dispatcher:
                 if retries >= self._max_attempts:
                     break
             finally:  # the node table follows the leg until the node's next heartbeat
-                if started:
-                    self._nodes.note_finished(node_id, params.model)
-                else:  # it ended before its first token: nothing of it is queued there
-                    self._nodes.note_refused(node_id, params.model, booked)
+                self._nodes.note_ended(node_id, params.model, started=started, prompt_tokens=booked)
         if overloaded == len(tried):
             raise RateLimited(f"every node serving {params.model!r} is at capacity; retry shortly", retry_after=1.0, code="overloaded")
         raise NodeFailure(

@@ -214,15 +214,16 @@ def test_the_node_table_follows_a_request_between_heartbeats() -> None:
     table.note_dispatch("n", "m", prompt_tokens=5_000)
     table.note_dispatch("n", "other-model", prompt_tokens=7)
     assert state() == (2, 0, 1, 0, 5_107)
-    table.note_started("n", "m", 5_000)
+    assert table.note_started("n", "m", 5_000)
     assert state() == (1, 1, 0, 1, 107)
-    table.note_refused("n", "other-model", 7)
+    assert not table.note_started("n", "other-model", 7)  # under a block: its first token moves nothing
+    table.note_ended("n", "other-model", started=False, prompt_tokens=7)  # out of the queue at its end
     assert state() == (0, 1, 0, 1, 100)
-    table.note_finished("n", "m")
+    table.note_ended("n", "m", started=True)
     assert state() == (0, 0, 0, 0, 100)
-    table.note_finished("n", "m")  # counts never go below zero
+    table.note_ended("n", "m", started=True)  # counts never go below zero
     assert state() == (0, 0, 0, 0, 100)
     table.apply(hb, 1.0)  # the node's own figures replace the router's
     table.note_dispatch("n", "m", prompt_tokens=50)
-    table.note_started("n", "m", 5_000)  # only what was booked since the heartbeat comes off
-    assert state() == (0, 1, 0, 1, 100)
+    table.note_ended("n", "m", started=False, prompt_tokens=5_000)  # only what was booked since the heartbeat comes off
+    assert state() == (0, 0, 0, 0, 100)
