@@ -29,7 +29,7 @@ from tierflow.services.router.config import load_router_config
 from tierflow.services.router.dispatch import Dispatcher
 from tierflow.services.router.grpc_api import start_grpc
 from tierflow.services.router.http_server import serve, shutdown
-from tierflow.services.router.metrics import AdmissionCollector, HttpServerCollector, RouterMetrics
+from tierflow.services.router.metrics import AdmissionCollector, HttpServerCollector, PrefixIndexCollector, RouterMetrics
 from tierflow.services.router.openai_api import OpenAIApi
 from tierflow.services.router.peers import RouterPeers
 from tierflow.services.router.prefix_feed import PrefixFeed
@@ -105,6 +105,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     await transport.start()
     prefix_feed = PrefixFeed(nc, router_id, clock, prefix_index)
     await prefix_feed.start()
+    ctx.metrics.register(PrefixIndexCollector(prefix_feed))
     await nc.subscribe(subjects.NODE_HEARTBEATS, cb=on_heartbeat)
     sessions = SessionTable(settings.session_capacity)
     peers = RouterPeers(nc, router_id, clock, sessions=sessions, nodes=nodes, interval=settings.presence_interval)

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from tierflow.placement.admission import Admission
 from tierflow.runtime import vllm_metrics as vllm
 
-__all__ = ["RouterMetrics", "AdmissionCollector", "HttpServerCollector"]
+__all__ = ["RouterMetrics", "AdmissionCollector", "HttpServerCollector", "PrefixIndexCollector"]
 
 _TTFT_BUCKETS = vllm.TIME_TO_FIRST_TOKEN_BUCKETS
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, *vllm.INTER_TOKEN_LATENCY_BUCKETS[1:])
@@ -178,6 +178,29 @@ class AdmissionCollector(Collector):
             refused.add_metric([stats.model], stats.refused)
             cuts.add_metric([stats.model], stats.cuts)
         yield from (limit, slots, in_flight, refused, cuts)
+
+
+class PrefixIndexCollector(Collector):
+    """The exact prefix index the nodes' KV events keep (issue 17), read when Prometheus
+    scrapes: blocks known per node, and the feed's gaps, snapshot requests and rejects."""
+
+    def __init__(self, feed: Any) -> None:
+        self._feed = feed  # prefix_feed.PrefixFeed: index, asked, rejected
+
+    def collect(self) -> Iterator[Metric]:
+        feed = self._feed
+        index = feed.index
+        blocks = GaugeMetricFamily("tierflow_router_prefix_index_blocks", "KV blocks (all models, HBM and DDR) the router knows a node holds", labels=["node"])
+        known = GaugeMetricFamily("tierflow_router_prefix_index_known", "1 when the router has the node's blocks exactly (a snapshot and every event since)", labels=["node"])
+        trimmed = CounterMetricFamily("tierflow_router_prefix_index_trimmed", "Block hashes dropped by the per-node bound", labels=["node"])
+        for node in index.nodes():
+            blocks.add_metric([node], index.blocks(node))
+            known.add_metric([node], 1.0 if index.knows(node) else 0.0)
+            trimmed.add_metric([node], index.trimmed(node))
+        yield from (blocks, known, trimmed)
+        yield CounterMetricFamily("tierflow_router_prefix_index_gaps", "KV event messages that were not the next of their node (a snapshot is asked for)", value=index.gaps)
+        yield CounterMetricFamily("tierflow_router_prefix_snapshot_requests", "KV snapshots this router asked nodes for", value=feed.asked)
+        yield CounterMetricFamily("tierflow_router_prefix_events_rejected", "KV event messages refused (undecodable, or naming another node than their subject)", value=feed.rejected)
 
 
 class HttpServerCollector(Collector):
