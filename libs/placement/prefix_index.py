@@ -137,9 +137,7 @@ class PrefixIndex:
                 pop = held.pop
                 for h in m.removed:
                     pop(h, None)
-            if (
-                m.restored
-            ):  # back in HBM after a hit: recent again, for the bound's order
+            if m.restored:  # back in HBM after a hit: recent again, for the bound's order
                 pop = held.pop
                 for h in m.restored:
                     pop(h, None)

@@ -55,6 +55,7 @@ Weights are configuration, e.g. in the router's YAML:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import compress, repeat
 from operator import contains, indexOf
@@ -401,7 +402,8 @@ class HotnessAware:
         else:
             wl, wl_row = rows.wl, wl_cost.tolist()
             cost = [sw[r] + kq * qnum[r] / qden[r] + okv[r] + cont[r] + wl_row[wl[r]] for r in range(len(sw))]
-        factor = self._load_factor(rows.occ, eligible_rows)  # type: ignore[arg-type]
+        occ = rows.occ
+        factor = self._load_factor([occ[r] for r in eligible_rows])  # type: ignore[index]
         prompt = request.prompt_tokens * factor
         if prompt:
             ptok = rows.ptok
@@ -417,7 +419,7 @@ class HotnessAware:
         _credit_affinity(cost, views, pos, request.affinity_node, ka)
         return cost, eligible_rows, blocks
 
-    def _load_factor(self, occ: Any, eligible_rows: list[int]) -> float:
+    def _load_factor(self, loads: list[float]) -> float:
         """How much a prompt token computed now costs beyond its own request's time.
 
         A token recomputed on a node takes that node's time from the requests that queue
@@ -427,9 +429,9 @@ class HotnessAware:
         slot, at most 1 a node; capped at `RHO_CAP`), so at low
         load a prompt goes where it starts soonest (spreading work) and at high load where
         its prefix is cached (keeping locality). 1 without a prefill rate (the flat credit)."""
-        if self._prefill_rate is None or not eligible_rows:
+        if self._prefill_rate is None or not loads:
             return 1.0
-        rho = sum([occ[r] for r in eligible_rows]) / len(eligible_rows)
+        rho = math.fsum(loads) / len(loads)  # exact, so list and numpy columns agree to the bit
         return 1.0 / (1.0 - min(rho, RHO_CAP))
 
     def _next_turn(self) -> int:
@@ -520,7 +522,7 @@ class HotnessAware:
         wl_cost = self._workload_rows.get(request.workload) if request.workload else None
         if wl_cost is not None:
             cost += wl_cost[rows.wl]
-        factor = self._load_factor(rows.occ, eligible_rows.tolist())
+        factor = self._load_factor(rows.occ[eligible_rows].tolist())  # one gather, not a numpy scalar per row
         prompt = request.prompt_tokens * factor
         if prompt:
             cost += prompt * rows.ptok

@@ -126,22 +126,16 @@ class NodeTable:
             self._put(node_id, node.dispatched(prompt_tokens=prompt_tokens))
             return
 
-        made: dict[int, ModelSlot] = {}  # a view shares slot objects between `slots` and `versions`
-
-        def predicted(s: ModelSlot) -> ModelSlot:
+        def predicted(s: ModelSlot) -> ModelSlot | None:
             if s.name != model and s.name not in evicts:
-                return s
-            new = made.get(id(s))
-            if new is None:  # built directly: `dataclasses.replace` costs several times more, per dispatch
-                hot = s.name == model
-                new = made[id(s)] = ModelSlot(
-                    name=s.name, version=s.version, tier="hbm" if hot else "ddr", in_flight=s.in_flight,
-                    queued=s.queued + hot, max_batch=s.max_batch, prefix_hashes=s.prefix_hashes,
-                )  # fmt: skip
-            return new
+                return None
+            hot = s.name == model  # built directly: `dataclasses.replace` costs several times more, per dispatch
+            return ModelSlot(
+                name=s.name, version=s.version, tier="hbm" if hot else "ddr", in_flight=s.in_flight,
+                queued=s.queued + hot, max_batch=s.max_batch, prefix_hashes=s.prefix_hashes,
+            )  # fmt: skip
 
-        slots = {name: predicted(s) for name, s in node.slots.items()}
-        versions = {key: predicted(s) for key, s in node.versions.items()}
+        slots, versions = node.remap_slots(predicted)
         self._put(node_id, node.dispatched(slots, versions, prompt_tokens=prompt_tokens))
 
     # A prompt under one KV block prefills in well under a millisecond: its first token

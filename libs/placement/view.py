@@ -112,19 +112,41 @@ class NodeView:
         put(self, "occupancy", min(1.0, self.running / batch))
         put(self, "backlog", self.queue_depth / batch)
 
+    def _copy(self) -> NodeView:
+        """A field-for-field copy that skips the constructor: `dataclasses.replace` re-runs
+        it, ~10 us per request on the router's path. Callers set what they change and
+        rederive only what that touches."""
+        new = object.__new__(NodeView)
+        put = object.__setattr__
+        for name in _VIEW_FIELDS:
+            put(new, name, getattr(self, name))
+        return new
+
+    def remap_slots(
+        self, change: Callable[[ModelSlot], ModelSlot | None]
+    ) -> tuple[dict[str, ModelSlot], dict[tuple[str, str], ModelSlot]]:
+        """`slots` and `versions` with `change` applied to each slot (None: keep it as is).
+        The two maps share slot objects; a shared slot is changed once, so they still do."""
+        made: dict[int, ModelSlot] = {}
+
+        def once(slot: ModelSlot) -> ModelSlot:
+            new = made.get(id(slot))
+            if new is None:
+                new = made[id(slot)] = change(slot) or slot
+            return new
+
+        return {name: once(s) for name, s in self.slots.items()}, {key: once(s) for key, s in self.versions.items()}
+
     def dispatched(
         self, slots: Mapping[str, ModelSlot] | None = None, versions: Mapping[tuple[str, str], ModelSlot] | None = None,
         *, prompt_tokens: int = 0,
     ) -> NodeView:
         """`dataclasses.replace(self, queue_depth=+1, queued_prompt_tokens=+prompt_tokens,
-        slots=..., versions=...)` for `NodeTable.note_dispatch`, built by copying the fields
-        and rederiving only what those change (`tiers`, `backlog`): replace re-runs the whole
-        constructor, ~10 us per request on the router's path. `slots` keeps the same model
-        names; `prompt_tokens` is what the dispatched request will prefill there."""
-        new = object.__new__(NodeView)
+        slots=..., versions=...)` for `NodeTable.note_dispatch`, rederiving only what those
+        change (`tiers`, `backlog`). `slots` keeps the same model names; `prompt_tokens` is
+        what the dispatched request will prefill there."""
+        new = self._copy()
         put = object.__setattr__
-        for name in _VIEW_FIELDS:
-            put(new, name, getattr(self, name))
         queue_depth = self.queue_depth + 1
         put(new, "queue_depth", queue_depth)
         put(new, "queued_prompt_tokens", self.queued_prompt_tokens + prompt_tokens)
@@ -141,12 +163,9 @@ class NodeView:
     def adjusted(self, model: str, *, queued: int = 0, in_flight: int = 0, prompt_tokens: int = 0) -> NodeView:
         """This view with `model`'s requests moved (a request started: queued -1, in_flight
         +1; finished: in_flight -1) and `prompt_tokens` taken off the prefill queue, as the
-        router sees them happen between heartbeats; counts never go below 0. Copied as
-        `dispatched` copies (no constructor run)."""
-        new = object.__new__(NodeView)
+        router sees them happen between heartbeats; counts never go below 0."""
+        new = self._copy()
         put = object.__setattr__
-        for name in _VIEW_FIELDS:
-            put(new, name, getattr(self, name))
         queue_depth = max(0, self.queue_depth + queued)
         running = max(0, self.running + in_flight)
         put(new, "queue_depth", queue_depth)
@@ -156,22 +175,18 @@ class NodeView:
         put(new, "occupancy", min(1.0, running / batch))
         put(new, "backlog", queue_depth / batch)
         if (queued or in_flight) and model in self.slots:
-            made: dict[int, ModelSlot] = {}
 
-            def moved(s: ModelSlot) -> ModelSlot:
+            def moved(s: ModelSlot) -> ModelSlot | None:
                 if s.name != model:
-                    return s
-                slot = made.get(id(s))
-                if slot is None:
-                    slot = made[id(s)] = ModelSlot(
-                        name=s.name, version=s.version, tier=s.tier, in_flight=max(0, s.in_flight + in_flight),
-                        queued=max(0, s.queued + queued), max_batch=s.max_batch, prefix_hashes=s.prefix_hashes,
-                    )
-                return slot
+                    return None
+                return ModelSlot(
+                    name=s.name, version=s.version, tier=s.tier, in_flight=max(0, s.in_flight + in_flight),
+                    queued=max(0, s.queued + queued), max_batch=s.max_batch, prefix_hashes=s.prefix_hashes,
+                )
 
-            slots = {name: moved(s) for name, s in self.slots.items()}
+            slots, versions = self.remap_slots(moved)
             put(new, "slots", slots)
-            put(new, "versions", {key: moved(s) for key, s in self.versions.items()})
+            put(new, "versions", versions)
         return new
 
     @classmethod

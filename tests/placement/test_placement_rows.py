@@ -9,6 +9,7 @@ over random sequences of heartbeats, dispatches, failures and forgotten nodes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from operator import indexOf
@@ -65,7 +66,7 @@ def reference(policy: HotnessAware, measured: _Measured | None, nodes: Sequence[
     prefill = policy._prefill_rate
     factor = 1.0  # the load factor: 1 / (1 - mean occupancy of the eligible nodes, capped)
     if prefill is not None and candidates:
-        factor = 1.0 / (1.0 - min(sum([min(1.0, node.occupancy + node.backlog) for node, _ in candidates]) / n, scoring.RHO_CAP))
+        factor = 1.0 / (1.0 - min(math.fsum(min(1.0, node.occupancy + node.backlog) for node, _ in candidates) / n, scoring.RHO_CAP))
     for i, (node, slot) in enumerate(candidates):
         rate = prefill(node, slot) if prefill is not None else None
         cost = w.tier * measured.switch_cost(node, slot) if measured is not None else tier_cost.get(slot.tier, w.tier * w.cold_seconds)
