@@ -173,6 +173,10 @@ class GenerateRequest(Struct, kw_only=True):
     # drawn words, and finishes when they end ("stop") or at max_tokens ("length").
     # Empty: words drawn as usual.
     output_token_ids: TokenIds = []
+    # Who goes first where the node's queue forms (tierflow.placement.classes): the class
+    # in strict priority, then tenants of one class by weighted service received.
+    request_class: Literal["interactive", "standard", "batch"] = "standard"
+    tenant_weight: Annotated[float, Meta(gt=0.0, le=1e6)] = 1.0
 
 
 class CancelRequest(Struct, kw_only=True):

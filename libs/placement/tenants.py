@@ -17,6 +17,10 @@ Configuration (the router's YAML; `TenantDirectory.from_config` takes the parsed
         quota_window_s: 86400         # ... of this length (default: one day)
         workload: interactive         # default workload class: interactive | batch
         timeout_s: 120                # deadline of its requests unless the client asks for less
+        request_class: standard       # default class: interactive | standard | batch (tierflow.placement.classes)
+        max_class: interactive        # the highest class its requests may ask for (default: request_class)
+        weight: 3                     # its share beside other tenants of the same class (default 1)
+        agent_loops: {max_steps: 50, max_session_tokens: 2000000, action: reject}   # tierflow.placement.agent_loops
       - name: research
         api_keys: [sk-research-local]
         workload: batch
@@ -47,7 +51,9 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import Meta
 
+from tierflow.placement.agent_loops import AgentLoopPolicy
 from tierflow.placement.api_keys import ApiKeyEntry, BadKeyEntry, DuplicateKey, KeyRing, expiry_of
+from tierflow.placement.classes import CLASS_RANK, RequestClass, resolve_class
 from tierflow.placement.request import ANYWHERE, Boundary, RequestWorkload
 from tierflow.runtime.clock import Clock, WallClock
 from tierflow.runtime.errors import RateLimited
@@ -89,6 +95,10 @@ class TenantPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     quota_window_s: Annotated[float, Meta(gt=0.0)] = 86400.0
     workload: RequestWorkload | None = None
     timeout_s: Annotated[float, Meta(gt=0.0)] | None = None
+    request_class: RequestClass = "standard"
+    max_class: RequestClass | None = None
+    weight: Annotated[float, Meta(gt=0.0, le=1e6)] = 1.0
+    agent_loops: AgentLoopPolicy | None = None
 
 
 def hash_api_key(key: str) -> str:
@@ -243,6 +253,19 @@ class Tenant:
     def timeout_s(self) -> float | None:
         return self.policy.timeout_s
 
+    @property
+    def weight(self) -> float:
+        return self.policy.weight
+
+    @property
+    def highest_class(self) -> RequestClass:
+        """The highest class this tenant's requests may ask for."""
+        return self.policy.max_class if self.policy.max_class is not None else self.policy.request_class
+
+    def request_class(self, asked: str | None, *, param: str = "service_tier") -> RequestClass:
+        """The class a request of this tenant runs in (see `tierflow.placement.classes.resolve_class`)."""
+        return resolve_class(asked, self.policy.request_class, self.highest_class, tenant=self.name, param=param)
+
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
 
@@ -345,6 +368,8 @@ class TenantDirectory:
                 raise TenantConfigError(f"{label}: {exc}") from None
             if policy.burst is not None and policy.rate_limit_rps is None:
                 raise TenantConfigError(f"{label}: 'burst' needs 'rate_limit_rps'")
+            if policy.max_class is not None and CLASS_RANK[policy.max_class] > CLASS_RANK[policy.request_class]:
+                raise TenantConfigError(f"{label}: max_class {policy.max_class!r} is below request_class {policy.request_class!r}")
             tenants.append(Tenant.from_policy(policy))
         anonymous = config.get("anonymous_tenant")
         if anonymous is not None and not isinstance(anonymous, str):

@@ -3,6 +3,7 @@
     TierflowError               code, message, http_status, retryable
     ├── InvalidRequest          400: the caller must change the request
     ├── Unauthenticated         401
+    ├── PermissionDenied        403: authenticated, but not allowed this (a class, a policy)
     ├── ModelNotFound           404
     ├── RateLimited             429 (+ retry_after)
     ├── NoCapacity              503: nothing can serve it now (no node, residency boundary)
@@ -25,6 +26,7 @@ __all__ = [
     "TierflowError",
     "InvalidRequest",
     "Unauthenticated",
+    "PermissionDenied",
     "ModelNotFound",
     "RateLimited",
     "NoCapacity",
@@ -58,6 +60,14 @@ class InvalidRequest(TierflowError):
 class Unauthenticated(TierflowError):
     http_status = 401
     error_type = "authentication_error"
+
+
+class PermissionDenied(TierflowError):
+    """The tenant is known but may not do this: ask for a request class above its own, or
+    go on with an agent session its policy has stopped. Changing the request helps, retrying does not."""
+
+    http_status = 403
+    error_type = "permission_error"
 
 
 class ModelNotFound(TierflowError):

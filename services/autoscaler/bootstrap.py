@@ -25,7 +25,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
-from tierflow.contracts import messages, registry, subjects
+from tierflow.contracts import registry, subjects
 from tierflow.placement.heartbeats import HeartbeatGate
 from tierflow.runtime.audit import AuditLog
 from tierflow.runtime.clock import Clock, WallClock

@@ -32,7 +32,7 @@ from tierflow.services.model_registry.fleet import FleetError, FleetLocator, par
 from tierflow.services.model_registry.metrics import RegistryMetrics
 from tierflow.services.model_registry.plan import Change, plan
 from tierflow.services.model_registry.rules import RegistryLocator, RuleContext, format_problems, new_problems
-from tierflow.services.model_registry.state import Kind, Snapshot
+from tierflow.services.model_registry.state import Snapshot
 from tierflow.services.model_registry.store import Conflict, RegistryStore
 
 __all__ = ["RegistryService", "ModelResult", "Publish"]

@@ -127,6 +127,7 @@ class GenerateParams:
     workload: str | None = None  # "interactive" | "batch" | None (the tenant's default)
     timeout: float | None = None  # seconds the client will wait (its header, its gRPC deadline); None: not said
     output_token_ids: list[int] = field(default_factory=list)  # a planned completion (structured output); empty: drawn
+    request_class: str = "standard"  # resolved against the tenant's allowance (tierflow.placement.classes)
 
 
 @dataclass(slots=True)
@@ -138,6 +139,7 @@ class RequestRecord:
     model: str = ""
     version: str = ""
     tenant: str = "anonymous"
+    request_class: str = "standard"
     node: str = ""
     prefill_node: str = ""
     nodes_tried: list[str] = field(default_factory=list)
@@ -174,7 +176,7 @@ class RequestRecord:
         tps = (self.completion_tokens - 1) / decode_time if self.completion_tokens > 1 and decode_time > 0 else 0.0
         log_record(log, "request", {
             "request_id": self.request_id, "api": self.api, "model": self.model, "model_version": self.version,
-            "tenant": self.tenant, "node": self.node, "prefill_node": self.prefill_node, "nodes_tried": self.nodes_tried,
+            "tenant": self.tenant, "request_class": self.request_class, "node": self.node, "prefill_node": self.prefill_node, "nodes_tried": self.nodes_tried,
             "attempts": len(self.nodes_tried), "migrations": self.migrations, "placement": self.placement, "tier": self.tier,
             "prefix_hit": self.prefix_hit_tokens > 0, "prefix_hit_tokens": self.prefix_hit_tokens,
             "session": self.session, "session_nodes": self.session_nodes, "prompt_tokens": self.prompt_tokens,
@@ -415,6 +417,7 @@ class Dispatcher:
         """Stream one request's tokens: retried before the first token, migrated after it."""
         tenant = params.tenant
         record.tenant = tenant.name if tenant is not None else "anonymous"
+        record.request_class = params.request_class
         route = self.resolve(params.model, tenant)
         wanted = ENCODER_APIS.get(params.api, "generate")
         if route.kind != wanted:
@@ -597,6 +600,7 @@ class Dispatcher:
                 temperature=params.temperature, ignore_eos=params.ignore_eos, stop=params.stop, tenant=record.tenant,
                 session_id=record.session, attempt=attempt, resume_token_ids=list(progress.token_ids),
                 timeout_s=max(0.001, deadline - self._clock.monotonic()), output_token_ids=params.output_token_ids,
+                request_class=params.request_class, tenant_weight=params.tenant.weight if params.tenant is not None else 1.0,  # type: ignore[arg-type]
             )  # fmt: skip
             try:
                 deployment = self._models.deployment(view.deployment) if view is not None else None

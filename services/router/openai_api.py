@@ -252,12 +252,15 @@ class OpenAIApi:
         workload = request.headers.get("x-tierflow-workload") or None
         if workload not in (None, "interactive", "batch"):
             raise InvalidRequest("x-tierflow-workload must be 'interactive' or 'batch'", param="x-tierflow-workload")
+        header_class = request.headers.get("x-tierflow-class")
+        request_class = tenant.request_class(header_class, param="x-tierflow-class") if header_class else tenant.request_class(body.service_tier)
         return GenerateParams(
             request_id=request_id, model=body.model, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
             api="chat" if chat else "completions", seed=body.seed,
             temperature=body.temperature if body.temperature is not None else 1.0,
             ignore_eos=body.ignore_eos, stop=stop, session_header=request.headers.get("x-session-id", ""),
             user=body.user or "", workload=workload, timeout=client_timeout(request, body.stream), tenant=tenant,
+            request_class=request_class,
         )
 
     def _usage(self, record: RequestRecord) -> dict[str, Any]:

@@ -142,6 +142,9 @@ class _Sampling(Struct, kw_only=True):
     stop: StopText | Annotated[list[StopText], Meta(max_length=MAX_STOP)] | None = None
     seed: Int64 | None = None
     user: Annotated[str, Meta(max_length=MAX_USER_CHARS)] | None = None
+    # OpenAI's tier, or a tierflow class name: which class the request runs in
+    # (tierflow.placement.classes; the `x-tierflow-class` header says the same).
+    service_tier: Annotated[str, Meta(max_length=32)] | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks, replay)
     # Bounded, and refused unless they ask for nothing (`check_supported`): the emulator's
     # sampling has no logits to bias or penalise, and a parameter is never silently dropped.
@@ -181,7 +184,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     # Read only to refuse (`check_supported`): the legacy form of tools, and output other
-    # than text. (store, metadata, service_tier, reasoning_effort, prediction change nothing
+    # than text. (store, metadata, reasoning_effort, prediction change nothing
     # a client reads back here, so they are accepted and ignored like any unknown field.)
     functions: Any = None
     function_call: Any = None

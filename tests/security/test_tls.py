@@ -10,7 +10,6 @@ TLS configuration are tested first, without a fabric.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import os

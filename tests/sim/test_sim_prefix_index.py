@@ -5,7 +5,6 @@ recent hashes stopped listing it long ago."""
 from __future__ import annotations
 
 from collections import defaultdict
-from itertools import pairwise
 
 from sim_helpers import fleet_of, spec_of
 
