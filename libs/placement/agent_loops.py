@@ -158,6 +158,9 @@ class _Session:
         self.flagged = self.capped = False
 
 
+_FRESH: Final = _Session(0.0)  # a session with nothing counted yet (read only)
+
+
 def _common_blocks(prev: Sequence[int], stride: int, ids: Sequence[int]) -> int:
     """How many leading blocks `ids` shares with the prompt `prev` sampled (every `stride`-th
     id, the last of each stride): chained hashes match on a prefix, so bisect for its end
@@ -233,9 +236,11 @@ class AgentLoopTracker:
         limit, action = _over(entry, policy, prompt_tokens, pct)
         summarized = False
         if action == "summarize" and entry.peak and prompt_tokens <= policy.summarize_below * entry.peak:
-            entry.restart()  # a summarization: served, and the budget starts again
-            summarized = True
-            limit, action = _over(entry, policy, prompt_tokens, pct)
+            fresh = _over(_FRESH, policy, prompt_tokens, pct)  # a summarization: judged as a new session's first step
+            if fresh[1] != "reject" and fresh[1] != "summarize":
+                entry.restart()  # served, and the budget starts again
+                summarized = True
+                limit, action = fresh
         sizes = entry.sizes  # the prompts before this one, oldest first
         growth = (prompt_tokens - sizes[0]) / len(sizes) if sizes else 0.0
         if action == "reject" or action == "summarize":
@@ -335,9 +340,9 @@ def _refusal(session: str, entry: _Session, policy: AgentLoopPolicy, limit: str,
             code="agent_loop_limit",
         )
     most = int(policy.summarize_below * entry.peak)
-    return PermissionDenied(
-        f"The {what} is over its agent-loop budget ({why}): summarize the conversation and send a prompt of at most "
-        f"{_fmt(most)} tokens ({policy.summarize_below:.0%} of the session's longest, {_fmt(entry.peak)}) to go on; "
-        f"this prompt has {_fmt(n)}.",
-        code="summarization_required",
-    )
+    todo = (
+        f"summarize the conversation and send a prompt of at most {_fmt(most)} tokens ({policy.summarize_below:.0%} of the "
+        f"session's longest, {_fmt(entry.peak)}) to go on; this prompt has {_fmt(n)}"
+        if entry.peak and n > most else "this prompt alone is over it: send a shorter one"
+    )  # fmt: skip
+    return PermissionDenied(f"The {what} is over its agent-loop budget ({why}): {todo}.", code="summarization_required")

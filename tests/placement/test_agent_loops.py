@@ -188,6 +188,15 @@ def test_summarize_serves_a_short_prompt_and_refuses_a_long_one() -> None:
     assert over is not None and over.error is not None and over.event == "capped"  # a new budget: said again
 
 
+def test_summarize_refuses_a_first_prompt_over_the_limit_saying_to_send_a_shorter_one() -> None:
+    tracker = AgentLoopTracker()
+    policy = AgentLoopPolicy(max_prompt_tokens=4000, action="summarize", runaway=None)
+    verdict = tracker.check(SESSION, policy, 5000, [], 0.0)
+    assert verdict is not None and verdict.error is not None and verdict.error.code == "summarization_required"
+    assert "agent_loops.max_prompt_tokens is 4,000 and this prompt has 5,000): this prompt alone is over it" in verdict.error.message
+    assert tracker.check(SESSION, policy, 3000, [], 1.0) is None
+
+
 def test_memory_is_bounded_by_capacity_and_idle_time() -> None:
     tracker = AgentLoopTracker(capacity=100, idle_s=60.0)
     for i in range(1000):
