@@ -54,6 +54,9 @@ __all__ = [
     "BUNDLE_KEYS",
     "MODEL_KEYS",
     "DEPLOYMENT_KEYS",
+    "AGENT_LOOP_EVENTS",
+    "agent_loop_events",
+    "tenant_token",
 ]
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -170,6 +173,23 @@ ROUTER_GOSSIP: Final = "tierflow.router.gossip.*"
 
 def router_gossip(router_id: str) -> str:
     return f"tierflow.router.gossip.{router_id}"
+
+
+# The router's agent-loop policing (tierflow.placement.agent_loops): a session flagged or
+# capped, per tenant (contracts.events.AgentLoopEvent); the observer may watch them.
+AGENT_LOOP_EVENTS: Final = "tierflow.events.agent_loop.*"
+
+
+def tenant_token(tenant: str) -> str:
+    """A tenant name as one subject token, reversibly: tenant names may hold '.' (a subject
+    separator) and '_', so '_' is written '__' and '.' '_d'. Names without either, the
+    usual case, are themselves; no two names share a token, so a subscription to one
+    tenant's subject never sees another's."""
+    return check_token(tenant.replace("_", "__").replace(".", "_d"), "tenant")
+
+
+def agent_loop_events(tenant: str) -> str:
+    return f"tierflow.events.agent_loop.{tenant_token(tenant)}"
 
 
 REGISTRY_EVENTS: Final = "tierflow.registry.changed"

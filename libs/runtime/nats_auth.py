@@ -10,12 +10,12 @@ Identities (`Identity(role, instance)`; the name is `role` or `role-instance`):
 
 | role | instance | may |
 |---|---|---|
-| router | its router id | read heartbeats, KV events, presence, gossip, the registry bucket; send work and KV snapshot requests to any node; read only *its own* reply streams; announce only its own presence and gossip |
+| router | its router id | read heartbeats, KV events, presence, gossip, the registry bucket; send work and KV snapshot requests to any node; read only *its own* reply streams; announce only its own presence and gossip; publish agent-loop events |
 | registry | - | write the registry bucket (and create it), publish registry events; make the audit stream, record `audit("registry")` |
 | autoscaler | - | read heartbeats and the registry; write its own bucket; publish decisions; send node control and supervisor commands; record `audit("scaling")` |
 | node | its node id | publish only its own heartbeat and KV events; take work (and KV snapshot requests) only on its own subjects; answer on router reply streams; read the registry; record `audit("node", <its id>)`, never as another node |
 | supervisor | - | (`tierflow up`) answer supervisor commands; discover services |
-| observer | - | subscribe to the event subjects (heartbeats, KV events, registry events, decisions, router presence, audit records as they are stored); publish nothing. What external NATS subscribers are given. |
+| observer | - | subscribe to the event subjects (heartbeats, KV events, registry events, decisions, router presence, agent-loop events, audit records as they are stored); publish nothing. What external NATS subscribers are given. |
 | admin | - | (the CLI, tests, benchmarks) discover services, read heartbeats/events and both buckets, cordon/drain nodes, send supervisor commands, probe a node directly with replies on its own stream (`router_stream("admin", ...)`), and the JetStream API whole: the only identity that may delete a stream |
 
 Each identity has its own inbox prefix (`_INBOX_<name>`, given to nats-py's
@@ -115,6 +115,7 @@ EVENT_SUBJECTS: Final = (
     subjects.REGISTRY_EVENTS,
     subjects.AUTOSCALER_DECISIONS,
     subjects.ROUTER_PRESENCE,
+    subjects.AGENT_LOOP_EVENTS,
     subjects.AUDIT_SUBJECTS,  # live, as records are stored; the stream's history is the admin's to read
 )
 
@@ -250,7 +251,7 @@ def permissions(identity: Identity) -> Permissions:
             publish=(
                 subjects.node_generate(any_node), subjects.prefill_run(any_node), subjects.node_cancel(any_node),
                 subjects.node_kv_sync(any_node), subjects.router_presence(router_id), subjects.router_gossip(router_id),
-                *_kv_read(subjects.REGISTRY_BUCKET), *discovered, *own,
+                subjects.AGENT_LOOP_EVENTS, *_kv_read(subjects.REGISTRY_BUCKET), *discovered, *own,
             ),
             subscribe=(
                 subjects.NODE_HEARTBEATS, subjects.NODE_KV_EVENTS, subjects.router_streams(router_id), subjects.ROUTER_PRESENCE,

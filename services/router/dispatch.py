@@ -40,8 +40,9 @@ from typing import TypeVar
 import msgspec
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode, use_span
 
-from tierflow.contracts import messages, subjects
+from tierflow.contracts import events, messages, subjects
 from tierflow.placement.admission import Admission, Ticket
+from tierflow.placement.agent_loops import WATCH, AgentLoopTracker
 from tierflow.placement import (
     ANYWHERE,
     Choice,
@@ -163,6 +164,7 @@ class RequestRecord:
     time_to_first_token: float = 0.0
     e2e: float = 0.0
     energy_j: float = 0.0  # the nodes' Finished energy: prefill leg + the leg that finished
+    agent_loop: str = ""  # the agent-loop policy's word on this step (x-tierflow-agent-loop), "" for none
 
     def failed(self, exc: TierflowError) -> None:
         self.outcome, self.status, self.error = "error", exc.http_status, exc.code or exc.error_type
@@ -182,7 +184,7 @@ class RequestRecord:
             "session": self.session, "session_nodes": self.session_nodes, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "max_tokens": self.max_tokens, "hash_ids": self.hash_ids,
             "finish_reason": self.finish_reason, "stream": self.stream, "energy_j": round(self.energy_j, 3),
-            "outcome": self.outcome, "status": self.status, "error": self.error,
+            "outcome": self.outcome, "status": self.status, "error": self.error, "agent_loop": self.agent_loop,
             "decode_queue_time": round(self.decode_queue_time, 6), "time_to_first_token": round(self.time_to_first_token, 6),
             "e2e_latency": round(self.e2e, 6), "completion_tokens_per_sec": round(tps, 2),
         })
@@ -289,12 +291,16 @@ class Dispatcher:
         on_session: Callable[[str, str], None] | None = None,
         on_suspect: Callable[[str], None] | None = None,
         admission: Admission | None = None,
+        agent_loops: AgentLoopTracker | None = None,
+        on_agent_loop: Callable[[events.AgentLoopEvent], None] | None = None,
     ) -> None:
         """`on_session(session, node)` and `on_suspect(node)`: what this router learned
         that the other routers should hear about (see services/router/peers.py).
         `admission`: per-model limits on requests in flight (None: admit everything).
         `resume_wait`: how long a broken stream may wait for a node to resume it when
-        none can at once (its deadline permitting)."""
+        none can at once (its deadline permitting). `agent_loops`: the sessions' steps and
+        prompt growth against their tenants' agent-loop policies (a fresh tracker if None);
+        `on_agent_loop(event)`: a session was flagged or capped (published on NATS; must not block)."""
         self._nodes = nodes
         self._candidates = CandidateIndex(nodes)  # the nodes serving each model, kept current per heartbeat
         self._models = models
@@ -312,6 +318,9 @@ class Dispatcher:
         self._on_session = on_session
         self._on_suspect = on_suspect
         self._admission = admission
+        self._loops = agent_loops if agent_loops is not None else AgentLoopTracker()
+        self._on_agent_loop = on_agent_loop
+        metrics.agent_loop_sessions.set_function(self._loops.__len__)
         # Short prompts recently tokenized (rendered chat text -> ids): a system prompt or a
         # benchmark's body comes back again and again, and the tokenizer is deterministic.
         self._tokenized: dict[str, tuple[int, ...]] = {}
@@ -435,6 +444,8 @@ class Dispatcher:
         record.session = session
         prompt_hashes, record.hash_ids = self._prompt_hashes(params.prompt_token_ids)
         record.max_tokens = max_tokens
+        if session and params.api not in ENCODER_APIS:
+            self._police(params, record)
         placement = PlacementRequest(
             model=params.model,
             version=version,
@@ -461,6 +472,8 @@ class Dispatcher:
                 span.set_attribute("gen_ai.usage.input_tokens", len(params.prompt_token_ids))
                 span.set_attribute("tierflow.request_id", params.request_id)
                 span.set_attribute("tierflow.tenant", record.tenant)
+                if record.agent_loop:
+                    span.set_attribute("tierflow.agent_loop", record.agent_loop)
             try:
                 async for event in self._legs(params, record, placement, route, max_tokens, seed, deadline, span, ticket):
                     yield event
@@ -496,12 +509,39 @@ class Dispatcher:
         if tenant is not None and tenant.quota is not None:
             tenant.quota.charge(self._clock.monotonic(), record.prompt_tokens + record.completion_tokens)
         if record.session:
+            self._loops.settle(record.session, record.completion_tokens)
             record.session_nodes = self._sessions.touch(record.session, record.node, record.model)
             if self._on_session is not None:
                 self._on_session(record.session, record.node)
         if record.completion_tokens > 1 and record.time_to_first_token > 0 and not record.migrations:
             decode = self._clock.monotonic() - record.arrived - record.time_to_first_token
             self._models.observe_decode(record.model, decode)
+
+    def _police(self, params: GenerateParams, record: RequestRecord) -> None:
+        """The step against its tenant's agent-loop policy (tierflow.placement.agent_loops):
+        counted, flagged (the header, a metric, an event) or refused with its 403."""
+        tenant = params.tenant
+        policy = tenant.policy.agent_loops if tenant is not None and tenant.policy.agent_loops is not None else WATCH
+        if policy.inert:
+            return
+        verdict = self._loops.check(record.session, policy, record.prompt_tokens, record.hash_ids, self._clock.monotonic())
+        if verdict is None:
+            return
+        record.agent_loop = verdict.header
+        labels = (record.tenant, verdict.limit, verdict.action)
+        if verdict.event:
+            self._metrics.agent_loop_flagged.labels(*labels).inc()
+            log.info("agent session %s flagged (%s): %s", record.session, verdict.event, verdict.header,
+                     extra={"fields": {"request_id": params.request_id, "session": record.session, "agent_loop": verdict.header}})  # fmt: skip
+            if self._on_agent_loop is not None:
+                self._on_agent_loop(events.AgentLoopEvent(
+                    kind=verdict.event, tenant=record.tenant, session=record.session, limit=verdict.limit, action=verdict.action,  # type: ignore[arg-type]
+                    steps=verdict.steps, tokens=verdict.tokens, prompt_tokens=verdict.prompt_tokens, growth=round(verdict.growth, 1),
+                    repeated=round(verdict.repeated, 3), model=record.model, request_id=params.request_id, at=self._clock.now(),
+                ))  # fmt: skip
+        if verdict.error is not None:
+            self._metrics.agent_loop_refused.labels(*labels).inc()
+            raise verdict.error
 
     def _suspect(self, node_id: str) -> None:
         self._nodes.mark_suspect(node_id, self._clock.monotonic())

@@ -25,6 +25,7 @@ from tierflow.runtime.tls import grpc_server_credentials, server_ssl_context
 from tierflow.placement import SessionTable
 from tierflow.placement.admission import Admission, AdmissionConfig, capacity_of
 from tierflow.placement.heartbeats import HeartbeatGate
+from tierflow.services.router.agent_loop_events import AgentLoopEvents
 from tierflow.services.router.config import load_router_config
 from tierflow.services.router.dispatch import Dispatcher
 from tierflow.services.router.grpc_api import start_grpc
@@ -151,12 +152,14 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     if settings.peer_interval:
         loops["count-peers"] = count_peers
     tasks = [asyncio.create_task(supervised(f"router {name}", loop, ctx.stopping), name=name) for name, loop in loops.items()]
+    agent_loop_events = AgentLoopEvents(nc, router_id)  # sessions flagged or capped, onto NATS
     dispatcher = Dispatcher(
         nodes, models, transport, clock, metrics,
         policy=config.policy, tenants=config.tenants, sessions=sessions,
         max_attempts=settings.max_attempts, max_migrations=settings.max_migrations, resume_wait=settings.resume_wait,
         default_timeout=settings.request_timeout,
         on_session=peers.note_session, on_suspect=peers.note_suspect, admission=admission,
+        on_agent_loop=agent_loop_events.note,
     )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
     await _until_ready(catalog_loaded, settings.ready_wait, ctx.stopping)
@@ -190,6 +193,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
 
     await asyncio.gather(shutdown(http, settings.drain_grace), stop_grpc_server(grpc_server, settings.drain_grace))
     await peers.close()
+    await agent_loop_events.close()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -157,6 +157,16 @@ class RouterMetrics:
         for name in ("ttft", "itl", "e2e", "requests", "errors", "prompt_tokens", "completion_tokens", "retries", "migrations", "routing", "tiers"):
             metric = getattr(self, name)
             setattr(self, name, _Aliased(metric, aliases[name]) if name in aliases else _Children(metric))
+        # Agent-loop policing (tierflow.placement.agent_loops): policy is the limit crossed
+        # (max_steps, max_session_tokens, max_prompt_tokens, runaway), action what it did.
+        policing = ("tenant", "policy", "action")
+        self.agent_loop_flagged = _Children(Counter(
+            "tierflow_router_agent_loop_sessions_flagged", "Agent sessions over their tenant's agent-loop policy (each once, at its first step over)",
+            policing, **kw))  # fmt: skip
+        self.agent_loop_refused = _Children(Counter(
+            "tierflow_router_agent_loop_refused", "Agent-session steps refused by the agent-loop policy (403 agent_loop_limit or summarization_required)",
+            policing, **kw))  # fmt: skip
+        self.agent_loop_sessions = Gauge("tierflow_router_agent_loop_sessions", "Agent sessions the router tracks (idle ones forgotten)", **kw)
 
 
 class AdmissionCollector(Collector):

@@ -49,8 +49,9 @@ _DONE = b"data: [DONE]\n\n"
 
 
 def _record_headers(record: RequestRecord) -> tuple[tuple[str, str], ...]:
-    """Where the request ran, for clients and load generators: node, model version, tier."""
-    return (
+    """Where the request ran, for clients and load generators: node, model version, tier;
+    and the agent-loop policy's warning when the session is over a limit."""
+    headers = (
         ("x-request-id", record.request_id),
         ("x-tierflow-node", record.node),
         ("x-tierflow-model-version", record.version),
@@ -58,6 +59,9 @@ def _record_headers(record: RequestRecord) -> tuple[tuple[str, str], ...]:
         ("x-tierflow-attempts", str(len(record.nodes_tried))),
         ("x-tierflow-placement", record.placement),
     )
+    if record.agent_loop:
+        return (*headers, ("x-tierflow-agent-loop", record.agent_loop))
+    return headers
 
 
 class _ChunkFormat:
