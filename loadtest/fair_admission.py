@@ -22,7 +22,7 @@ The routers compared:
 - `reserve` (classes only): batch may not take the last 10% of the limit;
 - `share+headroom`: as `share`, plus 1/8 of the slots kept free while a flow under its
   share (or of a class above) is active: a flow over its share stops below them;
-- `default`: `share+headroom` with flows counted active for 1 s after their last request
+- `default`: `share+headroom` with flows counted active for 5 s after their last request
   left (`idle_grace_s`), so a client between two calls keeps its headroom: the defaults
   of `AdmissionConfig`.
 
