@@ -346,7 +346,7 @@ class Admission:
             if pool < limit or state.in_flight >= limit:  # else: the headroom, which no one else needs now
                 share = self._entitled(state, cls, pool) * weight / weights
                 if flow.in_flight >= share:
-                    raise self._refuse(state, cls, flow, share, weights)
+                    raise self._refuse(state, cls, flow, share, weights, pool)
         if not flow.in_flight:
             cls.active[tenant] = flow
         flow.in_flight += 1
@@ -406,7 +406,7 @@ class Admission:
             above += higher.in_flight
         return max(pool - above, pool * self.config.class_floor)
 
-    def _refuse(self, state: _Model, cls: _Class, flow: _Flow, share: float, weights: float) -> RateLimited:
+    def _refuse(self, state: _Model, cls: _Class, flow: _Flow, share: float, weights: float, pool: int) -> RateLimited:
         state.saturated = True
         state.refused += 1
         flow.refused += 1
@@ -414,9 +414,10 @@ class Admission:
         whole = share >= state.limit - 1e-9  # alone at the top: its share is the whole limit
         message = f"model {state.name!r} is at capacity: {state.in_flight} requests in flight for {state.floor} batch slots{self._share_note(state)}"
         if flow.tenant and not whole:
+            of = f"the limit of {pool}" if pool >= state.limit else f"{pool} (the slots less {state.headroom} kept free for tenants under their share)"
             message += (
-                f"; tenant {flow.tenant!r} has {flow.in_flight} of them, at or over its share of {share:.1f} of the "
-                f"limit of {state.limit} (weight {flow.weight:g} of {weights:g} active in the {cls.name} class)"
+                f"; tenant {flow.tenant!r} has {flow.in_flight} of them, at or over its share of {share:.1f} of "
+                f"{of} (weight {flow.weight:g} of {weights:g} active in the {cls.name} class)"
             )
         return RateLimited(f"{message}; retry after {wait} s", retry_after=float(wait), code="overloaded" if whole else "fair_share_exceeded")
 

@@ -154,6 +154,8 @@ def test_headroom_is_kept_for_a_tenant_under_its_share_and_only_then() -> None:
     steady = [admission.admit(M, 0.0, tenant="steady")]
     flood = _fill(admission, "flood")
     assert len(flood) == 13  # stops at 14 in flight, under the limit: 2 slots stay free
+    with pytest.raises(RateLimited, match=r"tenant 'flood' has 13 of them, at or over its share of 7\.0 of 14 \(the slots less 2 kept free"):
+        admission.admit(M, 0.0, tenant="flood")
     steady += _fill(admission, "steady", 0.0, most=2)
     assert len(steady) == 3 and admission.stats(M).in_flight == 16  # both found one
     for ticket in steady:
