@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from tierflow.placement import ModelRoute, PlacementRequest, Tenant
+from tierflow.placement.admission import Ticket
 from tierflow.workload.sessions import CallPlan
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ class Call:
     at the router's block size) and `prompt_ids`, the ids themselves only when the
     engines read them (None otherwise: see `engine_prompt`).
     Router side: `tenant`, `route`, `placement`, the nodes `tried`, how many of those
-    answered queue_full (`overloaded`), the `attempt` count and the `last_failure`.
+    answered queue_full (`overloaded`), the `attempt` count and the `last_failure`, and
+    its admission `ticket` (with the node's `queue_time`, fed back to admission).
     Node side: the decode `node`, the `tier` the model was found in and the prompt tokens
     served from a prefix cache (`cached_tokens`), and the energy its finished legs drew (`energy_j`).
     """
@@ -71,7 +73,7 @@ class Call:
     __slots__ = (
         "request_id", "run", "step", "model", "prompt_tokens", "prompt_hashes", "prompt_ids", "max_tokens", "sent_at",
         "tenant", "route", "placement", "tried", "overloaded", "attempt", "last_failure",
-        "node", "tier", "cached_tokens", "energy_j", "booked", "started",
+        "node", "tier", "cached_tokens", "energy_j", "booked", "started", "ticket", "queue_time",
     )  # fmt: skip
 
     def __init__(
@@ -107,6 +109,8 @@ class Call:
         self.energy_j = 0.0  # the Finished energy of its legs so far (prefill, then decode)
         self.booked = 0  # prompt tokens the router booked on `node` as queued for prefill (NodeTable.note_dispatch); -1 once ended
         self.started = False  # the router moved it into `node`'s batch (NodeTable.note_started); True once ended
+        self.ticket: Ticket | None = None  # its hold on the model's admission limit (SimRouter.admit), released once it ends
+        self.queue_time = 0.0  # how long its decode node queued it (`RequestStarted.queue_time`), for admission
 
     def engine_prompt(self) -> Sequence[int]:
         """The prompt for `EngineRequest.prompt_token_ids`: its ids when they were built,

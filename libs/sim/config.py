@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from tierflow.placement.admission import AdmissionConfig
 from tierflow.scaling import ScalingConfig
 
 __all__ = ["SimConfig", "SimError", "HOP_S"]
@@ -54,6 +55,9 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     - `sample_s`: how often the fleet is sampled for the timeline.
     - `token_events`: run the engines step by step with per-token events (exact ITL
       samples for the autoscaler, much slower); off by default.
+    - `admission`: the router's admission (`tierflow.placement.admission`: per-model
+      limits shared by request class and tenant weight), as the live router runs it by
+      default; None (the default here) admits everything, as `--queue-budget 0`.
     """
 
     nodes: Annotated[int, Meta(ge=1)] | None = None
@@ -69,6 +73,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_attempts: Annotated[int, Meta(ge=1)] = 3
     sample_s: Annotated[float, Meta(gt=0)] = 10.0
     token_events: bool = False
+    admission: AdmissionConfig | None = None
 
     def __post_init__(self) -> None:
         # The Meta limits bind when a config is decoded; a config built in code is checked here.

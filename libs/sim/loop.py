@@ -134,7 +134,10 @@ class Simulation:
             models.put_model(record)
         for plan in self.plans.values():
             models.put_deployment(plan.record)
-        self.router = SimRouter(models, placement=placement, tenants=tenants, max_attempts=config.max_attempts, seed=config.seed)
+        self.router = SimRouter(
+            models, placement=placement, tenants=tenants, max_attempts=config.max_attempts, seed=config.seed,
+            admission=config.admission, classes={t.name: getattr(t, "request_class", None) for t in spec.tenants},
+        )  # fmt: skip
         # The router's exact prefix index (issue 17), fed by the nodes' KV events in process,
         # with no delay: placement reads it as the live router does (`NodeTable.prefix_sets`).
         self.prefix_index = PrefixIndex()
@@ -268,10 +271,12 @@ class Simulation:
             self.router.admit(call, api_key=plan.api_key, session_id=plan.session_key, workload=plan.workload, now=at_router)
             self._attempt(call, at_router)
         except TierflowError as error:
-            self._fail(call, error)
+            self._fail(call, error, at_router)
 
-    def _fail(self, call: Call, error: TierflowError) -> None:
-        """The call ends in an error answer; the live driver ends its session there."""
+    def _fail(self, call: Call, error: TierflowError, now: float) -> None:
+        """The call ends in an error answer (the router gives up at `now`); the live
+        driver ends its session there."""
+        self.router.release(call, now)
         run = call.run
         self.records.append(failed_record(run, call.step, call.request_id, sent_at=call.sent_at, prompt_tokens=call.prompt_tokens, error=error))
         self._open_sessions -= 1
@@ -296,15 +301,15 @@ class Simulation:
         try:
             self._attempt(call, t)
         except TierflowError as error:
-            self._fail(call, error)
+            self._fail(call, error, t)
 
     def _refused(self, call: Call, node: SimNode, failure: NodeFailure, t: float) -> None:
         """A node said no (at `t`); the router hears it a hop later and retries or gives up,
         as the dispatcher does for a decode node, and for a prefill node (always a retry)."""
         if failure.code in _CLIENT_ERRORS:
-            self._fail(call, InvalidRequest(failure.message, code=failure.code))
+            self._fail(call, InvalidRequest(failure.message, code=failure.code), t + self.hop)
         elif node.identity.role == "decode" and not failure.retryable:
-            self._fail(call, RouterNodeFailure(f"node {node.node_id} failed the request: {failure.message}", code=failure.code))
+            self._fail(call, RouterNodeFailure(f"node {node.node_id} failed the request: {failure.message}", code=failure.code), t + self.hop)
         else:
             self.router.attempt_failed(call, node.node_id, failure.code, failure.message)
             self._push(t + self.hop, _RETRY, call)
@@ -355,6 +360,7 @@ class Simulation:
             if type(event) is RequestStarted:
                 if not prefill:
                     call.tier = event.tier
+                    call.queue_time = event.queue_time
                     # the router hears the first token a hop after it is made: at the end of
                     # the prefill it started in, as fast mode infers it (SimNode.advance), so
                     # that both modes move the router's views at the same instants
@@ -377,7 +383,7 @@ class Simulation:
 
     def _on_prefilled(self, t: float, call: Call, node_id: str) -> None:
         if call.node == node_id:  # not retried elsewhere meanwhile
-            self.router.started(call, node_id)
+            self.router.started(call, node_id, t)
 
     def _kv_events(self, node: SimNode, t: float) -> None:
         apply = self.prefix_index.apply
@@ -483,7 +489,7 @@ class Simulation:
         for stream in node.fail_all(t):
             call = stream.call
             if stream.started and identity.role == "decode":
-                self._fail(call, RouterNodeFailure(f"node {node.node_id} was lost after streaming tokens (node_shutdown)", code="node_lost"))
+                self._fail(call, RouterNodeFailure(f"node {node.node_id} was lost after streaming tokens (node_shutdown)", code="node_lost"), t + self.hop)
             else:
                 self.router.attempt_failed(call, node.node_id, "node_shutdown", f"node {node.node_id} is shutting down")
                 self._push(t + self.hop, _RETRY, call)

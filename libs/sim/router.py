@@ -19,6 +19,14 @@ Decisions go through `CandidateIndex.rank`, as the dispatcher's do: the candidat
 change, and the hotness policy scores them column-wise (`HotnessAware.rank_rows`), with
 the answer of its per-node ranking.
 
+Admission (`tierflow.placement.admission`, when `admission` is given) is the live router's:
+each call holds a ticket on its model's limit, shared by request class and tenant weight,
+from the end of `admit` until it finishes or fails (`release`); the nodes' queue times
+feed its learned limit when the first token arrives (`started`), and the fleet's batch
+slots are re-read from the node table every `CAPACITY_EVERY_S`, as the router's
+housekeeping does. A call's class is the one its workload tenant asks for (`classes`, by
+the spec tenant's name), resolved against the router tenant's allowance (a 403 above it).
+
 One difference in how, not what, for speed at a thousand nodes:
 
 - A heartbeat that repeats the last one (`heard(..., unchanged=True)`: the node did
@@ -48,14 +56,16 @@ from tierflow.placement import (
     TenantPolicy,
     session_key,
 )
+from tierflow.placement.admission import Admission, AdmissionConfig, capacity_of
 from tierflow.placement.candidates import CandidateIndex
 from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, RateLimited, TierflowError, Unauthenticated
 from tierflow.sim.calls import Call
 
-__all__ = ["SimRouter", "OPEN_TENANT", "tenants_from_config"]
+__all__ = ["SimRouter", "OPEN_TENANT", "tenants_from_config", "CAPACITY_EVERY_S"]
 
 OPEN_TENANT: Final = "anonymous"
+CAPACITY_EVERY_S: Final = 0.5  # the live router's housekeeping interval (services/router/main.py)
 
 
 def tenants_from_config(config: Mapping[str, Any] | None) -> TenantDirectory | None:
@@ -76,7 +86,12 @@ class SimRouter:
         tenants: TenantDirectory | None,
         max_attempts: int = 3,
         seed: int | None = None,
+        admission: AdmissionConfig | None = None,
+        classes: Mapping[str, str | None] | None = None,
     ) -> None:
+        """`admission`: the router's admission settings (None: admit everything, as
+        `--queue-budget 0`); `classes`: the class each workload tenant asks for, by name
+        (None or missing: the router tenant's default)."""
         self.nodes = NodeTable()
         self.models = models
         self.sessions = SessionTable()
@@ -88,6 +103,9 @@ class SimRouter:
         self.candidates = CandidateIndex(self.nodes)
         self._applied: dict[str, float] = {}  # node id -> when its view was last built from a heartbeat
         self._touched: set[str] = set()  # nodes whose view the router changed since then
+        self.admission = Admission(admission) if admission is not None else None
+        self._capacity_at = -math.inf  # when the admission's capacities were last read
+        self._classes = dict(classes or {})
 
     # -- what the router hears ----------------------------------------------------------
     def heard(self, hb: messages.NodeHeartbeat, now: float, *, unchanged: bool = False) -> None:
@@ -111,6 +129,7 @@ class SimRouter:
         if route is None or not tenant.allows_model(call.model):
             raise ModelNotFound(f"The model `{call.model}` does not exist or is not deployed.", param="model", code="model_not_found")
         call.route = route
+        request_class = tenant.request_class(self._classes.get(call.run.plan.tenant))  # a 403 above the tenant's allowance
         n_prompt = call.prompt_tokens
         if n_prompt + call.max_tokens > route.max_context:
             raise InvalidRequest(
@@ -130,6 +149,17 @@ class SimRouter:
             workload=workload or tenant.workload,  # type: ignore[arg-type]
             prompt_tokens=n_prompt,
         )
+        admission = self.admission
+        if admission is not None:  # last of the checks, as the dispatcher's
+            if now - self._capacity_at >= CAPACITY_EVERY_S:
+                admission.set_capacities(capacity_of(self.nodes.views, now))
+                self._capacity_at = now
+            call.ticket = admission.admit(call.model, now, tenant=tenant.name, weight=tenant.weight, request_class=request_class)
+
+    def release(self, call: Call, now: float) -> None:
+        """The call is over, however it ended: its admission ticket is given back (once)."""
+        if call.ticket is not None:
+            call.ticket.release(now)
 
     # -- placement --------------------------------------------------------------------
     def next_node(self, call: Call, now: float) -> str:
@@ -190,9 +220,12 @@ class SimRouter:
             return None
         return ranked.best.node_id
 
-    def started(self, call: Call, node_id: str) -> None:
+    def started(self, call: Call, node_id: str, now: float) -> None:
         """The call's first token reached the router: it is in the node's batch and its
-        prompt no longer queued there (the dispatcher's `NodeTable.note_started`)."""
+        prompt no longer queued there (the dispatcher's `NodeTable.note_started`), and
+        its queue time on the node feeds admission (`Ticket.started`)."""
+        if call.ticket is not None:
+            call.ticket.started(call.queue_time, now)
         if not call.started and self.nodes.note_started(node_id, call.model, call.booked):
             call.started = True
             self._touched.add(node_id)
@@ -242,4 +275,5 @@ class SimRouter:
         if completion_tokens > 1:
             self.models.observe_decode(call.model, decode_s)
         self._ended(call, call.node)  # a one-token answer may end before its _PREFILLED event
+        self.release(call, now)
 

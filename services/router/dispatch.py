@@ -460,7 +460,10 @@ class Dispatcher:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         deadline = self._deadline(params, record)
         # Last of the checks, and released in the `finally` below on every way out.
-        ticket = self._admission.admit(params.model, self._clock.monotonic()) if self._admission is not None else None
+        ticket = self._admission.admit(
+            params.model, self._clock.monotonic(), tenant=record.tenant, weight=tenant.weight if tenant is not None else 1.0,
+            request_class=params.request_class,
+        ) if self._admission is not None else None  # fmt: skip
         # A span only when something exports it (tracing.exporting): otherwise it and its
         # traceparent are work nobody sees (issue 16).
         traced = exporting()

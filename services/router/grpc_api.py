@@ -8,7 +8,10 @@ and a RetryInfo when trying again may succeed (429, 502, 503).
 
 A call's `traceparent` metadata continues the caller's trace (as the HTTP header does);
 the call's initial metadata carries `x-request-id`: the caller's own when it sent a valid
-one (the HTTP server's rule), else the router's request id. Health: see runtime/grpc_server.
+one (the HTTP server's rule), else the router's request id. A request's class (issue 21)
+is its `x-tierflow-class` metadata, else its `service_tier` field, as HTTP's header and
+body: the same names, the same 400/403 (INVALID_ARGUMENT/PERMISSION_DENIED). Health: see
+runtime/grpc_server.
 """
 
 from __future__ import annotations
@@ -102,10 +105,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._address = address  # server.address/server.port on the request's span
         self._encoders = Encoders(dispatcher, clock, metrics)  # Embed and Rerank (services/router/encoders_api.py)
 
-    async def _params(self, request: pb.GenerateRequest, request_id: str, tenant: Tenant, timeout: float | None = None) -> GenerateParams:
+    async def _params(self, request: pb.GenerateRequest, request_id: str, tenant: Tenant, timeout: float | None = None, asked_class: str = "") -> GenerateParams:
         if not request.model:
             raise InvalidRequest("model is required", param="model")
         _check_bounds(request)
+        # The class first (a 400/403 before any tokenizing): the metadata's, else the field's, as HTTP's header and body.
+        request_class = tenant.request_class(asked_class, param="x-tierflow-class") if asked_class else tenant.request_class(request.service_tier)
         which = request.WhichOneof("input")
         if which == "prompt":
             prompt_ids = await self._dispatcher.tokenize(request.model, request.prompt, tenant)
@@ -121,7 +126,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             seed=request.seed if request.HasField("seed") else None,
             temperature=request.temperature if request.HasField("temperature") else 1.0,
             ignore_eos=request.ignore_eos, session_header=request.session_id, user=request.user, timeout=timeout, tenant=tenant,
-            stop=list(request.stop),
+            stop=list(request.stop), request_class=request_class,
         )
 
     async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[messages.Tokens | messages.Finished, RequestRecord, OutputPlan]]:
@@ -137,7 +142,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 note_front_door(*self._address, echo or "")
             tenant = self._dispatcher.authenticate(bearer_token(metadata.get("authorization")))
             remaining = context.time_remaining()  # the client's gRPC deadline, None without one
-            params = await self._params(request, request_id, tenant, remaining if remaining is not None and remaining > 0 else None)
+            params = await self._params(request, request_id, tenant, remaining if remaining is not None and remaining > 0 else None, metadata.get("x-tierflow-class", ""))
             if len(request.stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in request.stop):
                 raise InvalidRequest(f"at most {MAX_STOP} stop strings of {MAX_STOP_CHARS} characters", param="stop")
             plan = grpc_plan(request, params)  # tools / response_format: sets params' seed and planned tokens

@@ -170,7 +170,8 @@ class RouterMetrics:
 
 
 class AdmissionCollector(Collector):
-    """Admission's state per model, read when Prometheus scrapes (nothing per request)."""
+    """Admission's state per model, by request class and per tenant, read when Prometheus
+    scrapes (nothing per request: the counters are admission's own)."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
@@ -181,13 +182,26 @@ class AdmissionCollector(Collector):
         in_flight = GaugeMetricFamily("tierflow_router_admission_in_flight", "The model's requests admitted and not finished", labels=["model"])
         refused = CounterMetricFamily("tierflow_router_admission_refused", "Requests refused at the door (429) because the model was at its limit", labels=["model"])
         cuts = CounterMetricFamily("tierflow_router_admission_cuts", "Times node queue times over the budget cut the model's limit", labels=["model"])
+        by_class = GaugeMetricFamily("tierflow_router_admission_class_in_flight", "The model's requests admitted and not finished, by request class", labels=["model", "class"])
         for stats in self._admission.snapshot():
             limit.add_metric([stats.model], stats.limit or 0)
             slots.add_metric([stats.model], stats.slots)
             in_flight.add_metric([stats.model], stats.in_flight)
             refused.add_metric([stats.model], stats.refused)
             cuts.add_metric([stats.model], stats.cuts)
-        yield from (limit, slots, in_flight, refused, cuts)
+            for name, count in stats.in_flight_by_class.items():
+                by_class.add_metric([stats.model, name], count)
+        # Per tenant and class (issue 21): who got in and who was refused for being over its share.
+        labels = ["model", "tenant", "class"]
+        tenant_admitted = CounterMetricFamily("tierflow_router_admission_tenant_admitted", "Requests admitted, by tenant and request class", labels=labels)
+        tenant_refused = CounterMetricFamily("tierflow_router_admission_tenant_refused", "Requests refused at the door (429), by tenant and request class", labels=labels)
+        tenant_in_flight = GaugeMetricFamily("tierflow_router_admission_tenant_in_flight", "Requests admitted and not finished, by tenant and request class", labels=labels)
+        for flow in self._admission.flows():
+            key = [flow.model, flow.tenant or "-", flow.request_class]
+            tenant_admitted.add_metric(key, flow.admitted)
+            tenant_refused.add_metric(key, flow.refused)
+            tenant_in_flight.add_metric(key, flow.in_flight)
+        yield from (limit, slots, in_flight, refused, cuts, by_class, tenant_admitted, tenant_refused, tenant_in_flight)
 
 
 class PrefixIndexCollector(Collector):

@@ -80,3 +80,24 @@ def test_registry_admin_lists_models_and_deployments(fabric) -> None:
         with pytest.raises(grpc.RpcError) as err:
             stub.GetModel(registry_pb2.GetModelRequest(name="nope"), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+
+def test_request_classes_over_grpc(fabric, channel) -> None:
+    """Issue 21, on the open tenant (default class standard, nothing higher): a class above
+    it, in the field or the metadata (which wins), is PERMISSION_DENIED naming it; a batch
+    request (`flex` in the field, `batch` in the metadata) runs as batch, in the request
+    record and in admission's per-tenant counters."""
+    stub = pb_grpc.InferenceStub(channel)
+    for request, metadata in ((_request(service_tier="interactive"), ()), (_request(service_tier="flex"), (("x-tierflow-class", "priority"),))):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GenerateUnary(request, metadata=metadata, timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'interactive'" in err.value.details()
+    batch = {"model": "llama-3.1-8b", "tenant": "anonymous", "class": "batch"}
+    before = fabric.router_metric("tierflow_router_admission_tenant_admitted_total", **batch)
+    for request, metadata in ((_request(service_tier="flex"), ()), (_request(), (("x-tierflow-class", "batch"),))):
+        response, call = stub.GenerateUnary.with_call(request, metadata=metadata, timeout=30)
+        assert response.usage.completion_tokens >= 1
+        request_id = dict(call.initial_metadata())["x-request-id"]
+        assert fabric.request_record(request_id)["request_class"] == "batch"
+    assert fabric.router_metric("tierflow_router_admission_tenant_admitted_total", **batch) == before + 2

@@ -102,6 +102,16 @@ def test_over_context_is_400_with_numbers(client: openai.OpenAI) -> None:
     assert err.value.body["code"] == "context_length_exceeded" and "8192" in err.value.body["message"]
 
 
+def test_request_class_above_the_tenants_is_403_and_flex_runs_as_batch(fabric, client: openai.OpenAI) -> None:
+    """Issue 21, on the open tenant (default class standard, nothing higher)."""
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, service_tier="priority")
+    assert denied.value.status_code == 403 and denied.value.body["code"] == "request_class_not_allowed"
+    assert "'interactive'" in denied.value.message and "'standard'" in denied.value.message
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=2, service_tier="flex")
+    assert fabric.request_record(raw.headers["x-request-id"])["request_class"] == "batch"
+
+
 def test_malformed_json_is_400(fabric) -> None:
     status, body = _post_raw(fabric, "/v1/chat/completions", b'{"model": "llama-3.1-8b", "messages": [')
     assert status == 400

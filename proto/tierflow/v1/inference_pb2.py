@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btierflow/v1/inference.proto\x12\x0btierflow.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd4\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.tierflow.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x0c\n\x04user\x18\t \x01(\t\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\ntools_json\x18\x0b \x01(\t\x12\x18\n\x10tool_choice_json\x18\x0c \x01(\t\x12\x1c\n\x14response_format_json\x18\r \x01(\tB\x07\n\x05inputB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.tierflow.v1.ChatMessage\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xda\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.tierflow.v1.Usage\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12(\n\ttool_call\x18\t \x01(\x0b\x32\x15.tierflow.v1.ToolCall\"A\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"s\n\rEmbedResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x16.tierflow.v1.Embedding\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.tierflow.v1.Usage\"i\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\"H\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"z\n\x0eRerankResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.tierflow.v1.RerankResult\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.tierflow.v1.Usage2\xa7\x02\n\tInference\x12I\n\x08Generate\x12\x1c.tierflow.v1.GenerateRequest\x1a\x1d.tierflow.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.tierflow.v1.GenerateRequest\x1a\x1d.tierflow.v1.GenerateResponse\x12>\n\x05\x45mbed\x12\x19.tierflow.v1.EmbedRequest\x1a\x1a.tierflow.v1.EmbedResponse\x12\x41\n\x06Rerank\x12\x1a.tierflow.v1.RerankRequest\x1a\x1b.tierflow.v1.RerankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btierflow/v1/inference.proto\x12\x0btierflow.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xea\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.tierflow.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x0c\n\x04user\x18\t \x01(\t\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\ntools_json\x18\x0b \x01(\t\x12\x18\n\x10tool_choice_json\x18\x0c \x01(\t\x12\x1c\n\x14response_format_json\x18\r \x01(\t\x12\x14\n\x0cservice_tier\x18\x0e \x01(\tB\x07\n\x05inputB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.tierflow.v1.ChatMessage\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xda\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.tierflow.v1.Usage\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12(\n\ttool_call\x18\t \x01(\x0b\x32\x15.tierflow.v1.ToolCall\"A\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"s\n\rEmbedResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x16.tierflow.v1.Embedding\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.tierflow.v1.Usage\"i\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\"H\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"z\n\x0eRerankResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.tierflow.v1.RerankResult\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.tierflow.v1.Usage2\xa7\x02\n\tInference\x12I\n\x08Generate\x12\x1c.tierflow.v1.GenerateRequest\x1a\x1d.tierflow.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.tierflow.v1.GenerateRequest\x1a\x1d.tierflow.v1.GenerateResponse\x12>\n\x05\x45mbed\x12\x19.tierflow.v1.EmbedRequest\x1a\x1a.tierflow.v1.EmbedResponse\x12\x41\n\x06Rerank\x12\x1a.tierflow.v1.RerankRequest\x1a\x1b.tierflow.v1.RerankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=44
   _globals['_CHATMESSAGE']._serialized_end=88
   _globals['_GENERATEREQUEST']._serialized_start=91
-  _globals['_GENERATEREQUEST']._serialized_end=431
-  _globals['_TOOLCALL']._serialized_start=433
-  _globals['_TOOLCALL']._serialized_end=488
-  _globals['_CHATMESSAGES']._serialized_start=490
-  _globals['_CHATMESSAGES']._serialized_end=548
-  _globals['_USAGE']._serialized_start=550
-  _globals['_USAGE']._serialized_end=652
-  _globals['_GENERATERESPONSE']._serialized_start=655
-  _globals['_GENERATERESPONSE']._serialized_end=873
-  _globals['_EMBEDREQUEST']._serialized_start=875
-  _globals['_EMBEDREQUEST']._serialized_end=940
-  _globals['_EMBEDDING']._serialized_start=942
-  _globals['_EMBEDDING']._serialized_end=984
-  _globals['_EMBEDRESPONSE']._serialized_start=986
-  _globals['_EMBEDRESPONSE']._serialized_end=1101
-  _globals['_RERANKREQUEST']._serialized_start=1103
-  _globals['_RERANKREQUEST']._serialized_end=1208
-  _globals['_RERANKRESULT']._serialized_start=1210
-  _globals['_RERANKRESULT']._serialized_end=1282
-  _globals['_RERANKRESPONSE']._serialized_start=1284
-  _globals['_RERANKRESPONSE']._serialized_end=1406
-  _globals['_INFERENCE']._serialized_start=1409
-  _globals['_INFERENCE']._serialized_end=1704
+  _globals['_GENERATEREQUEST']._serialized_end=453
+  _globals['_TOOLCALL']._serialized_start=455
+  _globals['_TOOLCALL']._serialized_end=510
+  _globals['_CHATMESSAGES']._serialized_start=512
+  _globals['_CHATMESSAGES']._serialized_end=570
+  _globals['_USAGE']._serialized_start=572
+  _globals['_USAGE']._serialized_end=674
+  _globals['_GENERATERESPONSE']._serialized_start=677
+  _globals['_GENERATERESPONSE']._serialized_end=895
+  _globals['_EMBEDREQUEST']._serialized_start=897
+  _globals['_EMBEDREQUEST']._serialized_end=962
+  _globals['_EMBEDDING']._serialized_start=964
+  _globals['_EMBEDDING']._serialized_end=1006
+  _globals['_EMBEDRESPONSE']._serialized_start=1008
+  _globals['_EMBEDRESPONSE']._serialized_end=1123
+  _globals['_RERANKREQUEST']._serialized_start=1125
+  _globals['_RERANKREQUEST']._serialized_end=1230
+  _globals['_RERANKRESULT']._serialized_start=1232
+  _globals['_RERANKRESULT']._serialized_end=1304
+  _globals['_RERANKRESPONSE']._serialized_start=1306
+  _globals['_RERANKRESPONSE']._serialized_end=1428
+  _globals['_INFERENCE']._serialized_start=1431
+  _globals['_INFERENCE']._serialized_end=1726
 # @@protoc_insertion_point(module_scope)
