@@ -24,7 +24,8 @@ because the machine is noisy:
 - interactive beside the batch flood: p95 inside the SLO (`--slo-ms`).
 
 `--sim` runs the same three phases in `tierflow sim` (the same fleet and router
-configuration; open-loop arrivals, the flood at `--sim-flood-rps`, 24x the steady rate),
+configuration, the router's admission on as live; open-loop arrivals, the flood at
+`--sim-flood-rps`, 24x the steady rate),
 judged with `--sim-bound` (1.2). Exit status 1 when a check fails.
 
     .venv/bin/python loadtest/tenant_flood.py [--seconds 30] [--steady-rps 10] [--flood 48]
@@ -312,19 +313,17 @@ def _sim_phase(name: str, args: argparse.Namespace, *, flood: str | None, steady
     import yaml
 
     from tierflow.cli.sim import read_fleet, run_simulation
+    from tierflow.placement.admission import AdmissionConfig
     from tierflow.sim import SimConfig
     from tierflow.workload.spec import parse_spec
 
-    steady = {"name": "steady", "api_key": "sk-steady", "weight": args.steady_rps}
+    steady = {"name": "steady", "api_key": "sk-steady", "weight": args.steady_rps, **({"request_class": steady_class} if steady_class else {})}
     tenants = [steady] + ([{"name": flood, "api_key": f"sk-{flood}", "weight": args.sim_flood_rps}] if flood else [])
     rate = args.steady_rps + (args.sim_flood_rps if flood else 0.0)
     spec = parse_spec(SIM_SPEC.format(seed=args.seed, seconds=args.sim_seconds, slo_ms=args.slo_ms, tenants=json.dumps(tenants),
                                       max_tokens=args.max_tokens, rate=rate))  # fmt: skip
     logging.getLogger("tierflow.placement.tenants").setLevel(logging.ERROR)  # the plain keys above are a benchmark's
-    router_config = yaml.safe_load(ROUTER_CONFIG)
-    if steady_class:
-        router_config["tenants"][0]["request_class"] = steady_class
-    config = SimConfig(router_config=router_config, autoscale=False, seed=args.seed)
+    config = SimConfig(router_config=yaml.safe_load(ROUTER_CONFIG), admission=AdmissionConfig(), autoscale=False, seed=args.seed)
     result = run_simulation(spec, read_fleet(FLEET), config)
     mine = [r for r in result.records if r.tenant == "steady"]
     others = [r for r in result.records if r.tenant != "steady"]
@@ -347,7 +346,7 @@ def simulate(args: argparse.Namespace) -> int:
     rows = [
         _sim_phase("alone", args, flood=None, steady_class=None),
         _sim_phase("flood", args, flood="flood", steady_class=None),
-        _sim_phase("batch flood", args, flood="bulk", steady_class="interactive"),
+        _sim_phase("batch flood", args, flood="bulk", steady_class="priority"),
     ]
     print(f"tierflow sim: steady Poisson {args.steady_rps:g}/s; flood Poisson {args.sim_flood_rps:g}/s; "
           f"{args.max_tokens}-token calls; {args.sim_seconds:.0f} s a phase; TTFT SLO {args.slo_ms:.0f} ms")  # fmt: skip

@@ -136,7 +136,7 @@ class Simulation:
             models.put_deployment(plan.record)
         self.router = SimRouter(
             models, placement=placement, tenants=tenants, max_attempts=config.max_attempts, seed=config.seed,
-            admission=config.admission, classes={t.name: getattr(t, "request_class", None) for t in spec.tenants},
+            admission=config.admission,
         )  # fmt: skip
         # The router's exact prefix index (issue 17), fed by the nodes' KV events in process,
         # with no delay: placement reads it as the live router does (`NodeTable.prefix_sets`).

@@ -24,8 +24,8 @@ each call holds a ticket on its model's limit, shared by request class and tenan
 from the end of `admit` until it finishes or fails (`release`); the nodes' queue times
 feed its learned limit when the first token arrives (`started`), and the fleet's batch
 slots are re-read from the node table every `CAPACITY_EVERY_S`, as the router's
-housekeeping does. A call's class is the one its workload tenant asks for (`classes`, by
-the spec tenant's name), resolved against the router tenant's allowance (a 403 above it).
+housekeeping does. A call's class is the one its session plan asks for (the spec tenant's
+`request_class`), resolved against the router tenant's allowance (a 403 above it).
 
 One difference in how, not what, for speed at a thousand nodes:
 
@@ -87,11 +87,9 @@ class SimRouter:
         max_attempts: int = 3,
         seed: int | None = None,
         admission: AdmissionConfig | None = None,
-        classes: Mapping[str, str | None] | None = None,
     ) -> None:
         """`admission`: the router's admission settings (None: admit everything, as
-        `--queue-budget 0`); `classes`: the class each workload tenant asks for, by name
-        (None or missing: the router tenant's default)."""
+        `--queue-budget 0`)."""
         self.nodes = NodeTable()
         self.models = models
         self.sessions = SessionTable()
@@ -105,7 +103,6 @@ class SimRouter:
         self._touched: set[str] = set()  # nodes whose view the router changed since then
         self.admission = Admission(admission) if admission is not None else None
         self._capacity_at = -math.inf  # when the admission's capacities were last read
-        self._classes = dict(classes or {})
 
     # -- what the router hears ----------------------------------------------------------
     def heard(self, hb: messages.NodeHeartbeat, now: float, *, unchanged: bool = False) -> None:
@@ -129,7 +126,7 @@ class SimRouter:
         if route is None or not tenant.allows_model(call.model):
             raise ModelNotFound(f"The model `{call.model}` does not exist or is not deployed.", param="model", code="model_not_found")
         call.route = route
-        request_class = tenant.request_class(self._classes.get(call.run.plan.tenant))  # a 403 above the tenant's allowance
+        request_class = tenant.request_class(call.run.plan.request_class)  # the spec tenant's; a 403 above the tenant's allowance
         n_prompt = call.prompt_tokens
         if n_prompt + call.max_tokens > route.max_context:
             raise InvalidRequest(

@@ -167,7 +167,8 @@ class _Driver:
             async with self._clients[plan.api_key].chat.completions.with_streaming_response.create(
                 model=step.model, messages=conversation.messages(step.system_text), max_tokens=step.max_tokens,  # type: ignore[arg-type]
                 stream=True, stream_options={"include_usage": True}, user=plan.session_key,
-                extra_body={"ignore_eos": True}, extra_headers={"x-tierflow-workload": plan.workload} if plan.workload else None,
+                extra_body={"ignore_eos": True, **({"service_tier": plan.request_class} if plan.request_class else {})},
+                extra_headers={"x-tierflow-workload": plan.workload} if plan.workload else None,
             ) as response:  # fmt: skip
                 record.request_id = response.headers.get("x-request-id") or record.request_id
                 record.node = response.headers.get("x-tierflow-node", "")
@@ -221,6 +222,8 @@ class _Driver:
         metadata = [("authorization", f"Bearer {plan.api_key}")]
         if plan.workload:
             metadata.append(("x-tierflow-workload", plan.workload))
+        if plan.request_class:
+            metadata.append(("x-tierflow-class", plan.request_class))
         pieces: list[str] = []
         usage = None
         try:

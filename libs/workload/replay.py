@@ -218,7 +218,7 @@ def plan_replay(trace: Trace, spec: WorkloadSpec, options: ReplayOptions) -> Rep
                 f"r{line}{suffix}", tenant.name, tenant.api_key, tenant.workload, "trace", start + gap * copy / count, "",
                 (CallPlan(0, models(row, sticky_key), "", "", int(trace.output_tokens[row])),), 0.0,
                 user=f"{session}{suffix}" if session else "",
-                task_prompt=TracePrompt(tokens, ids, line, _space(options.seed, copy)),
+                task_prompt=TracePrompt(tokens, ids, line, _space(options.seed, copy)), request_class=tenant.request_class,
             ))  # fmt: skip
     plans.sort(key=lambda p: p.start)  # stable: equal starts keep the trace's order
     window_s = (min(end, trace.span_s) - options.window_start_s) if options.window_s is None else options.window_s

@@ -82,6 +82,7 @@ class SessionPlan(msgspec.Struct, frozen=True):
     think_s: float
     user: str = ""
     task_prompt: TracePrompt | None = None
+    request_class: str | None = None  # the tenant's `request_class` (sent as service_tier); None: its default
 
     @property
     def calls(self) -> tuple[CallPlan, ...]:
@@ -175,5 +176,6 @@ def plan_sessions(spec: WorkloadSpec, *, seed: int | None = None, duration_s: fl
             task = _task_text(index, draw_tokens(choice.prompt_tokens, rng), label, rng)
             steps = (CallPlan(0, model, "", "", draw_tokens(choice.max_tokens, rng)),)
             flow, think_s = "mix", 0.0
-        plans.append(SessionPlan(f"s{index:06d}", tenant.name, tenant.api_key, tenant.workload, flow, start, task, steps, think_s))
+        plans.append(SessionPlan(f"s{index:06d}", tenant.name, tenant.api_key, tenant.workload, flow, start, task, steps, think_s,
+                                 request_class=tenant.request_class))  # fmt: skip
     return plans

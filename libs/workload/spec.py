@@ -110,6 +110,9 @@ class TenantSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api_key: str = "tierflow"  # what the live driver sends as the bearer token
     weight: Positive = 1.0
     workload: Literal["interactive", "batch"] | None = None
+    # The class its calls ask for (a class name or an OpenAI service_tier; None: the
+    # router tenant's default), as `service_tier` live and in the simulator.
+    request_class: Literal["interactive", "standard", "batch", "auto", "default", "priority", "flex", "scale"] | None = None
 
 
 class Distribution(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -27,8 +27,9 @@ ROUTER = {"tenants": [
 STEADY = 0.75  # calls/s of 512 tokens: ~0.5 s each alone on one node of 8 slots
 
 
-def _spec(flood: float) -> str:
-    tenants = "\n".join(f"  - {{name: {n}, api_key: sk-{n}, weight: {r}}}" for n, r in (("steady", STEADY), ("flood", flood)) if r)
+def _spec(flood: float, steady_class: str | None = None) -> str:
+    asks = {"steady": f", request_class: {steady_class}" if steady_class else ""}
+    tenants = "\n".join(f"  - {{name: {n}, api_key: sk-{n}, weight: {r}{asks.get(n, '')}}}" for n, r in (("steady", STEADY), ("flood", flood)) if r)
     return f"""
 name: fair
 seed: 3
@@ -68,7 +69,7 @@ def test_an_interactive_tenant_beside_a_batch_flood_keeps_its_ttft() -> None:
 
 def test_a_class_above_the_tenants_allowance_is_a_403() -> None:
     router = {"tenants": [{"name": "steady", "api_keys": ["sk-steady"], "request_class": "batch"}]}
-    sim = Simulation(spec_of(_spec(0.0)), fleet_of(FLEET), SimConfig(router_config=router, admission=AdmissionConfig(), autoscale=False, seed=3))
-    sim.router._classes["steady"] = "interactive"  # what a spec tenant's `request_class` would ask (the spec has no such field yet)
+    spec = spec_of(_spec(0.0, steady_class="interactive"))  # the spec tenant asks above what the router tenant allows
+    sim = Simulation(spec, fleet_of(FLEET), SimConfig(router_config=router, admission=AdmissionConfig(), autoscale=False, seed=3))
     records = sim.run().records
     assert records and all(r.status == 403 and "request_class_not_allowed" in r.error for r in records)

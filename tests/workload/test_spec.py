@@ -86,7 +86,7 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
     assert _problems(BAD) == [
         "$.seed: Expected `int` >= 0",
         "$.tenants[0].weight: Expected `float` > 0.0",
-        "$.tenants[2].nam: unknown field (expected one of: name, api_key, weight, workload)",
+        "$.tenants[2].nam: unknown field (expected one of: name, api_key, weight, workload, request_class)",
         "$.tenants[2]: missing required field `name`",
         "$.tenants: the tenant name 'a' is declared 2 times; names must be unique",
         "$.flows[0].tenants[1]: no tenant is named 'zz' (declared: a)",
