@@ -272,6 +272,7 @@ class Simulation:
 
     def _fail(self, call: Call, error: TierflowError) -> None:
         """The call ends in an error answer; the live driver ends its session there."""
+        self.router.failed(call)  # its quota reservation, if any, is released
         run = call.run
         self.records.append(failed_record(run, call.step, call.request_id, sent_at=call.sent_at, prompt_tokens=call.prompt_tokens, error=error))
         self._open_sessions -= 1

@@ -53,6 +53,7 @@ from tierflow.placement import (
     TenantDirectory,
     session_key,
 )
+from tierflow.placement.tenants import Reservation
 from tierflow.rdu.kvcache import block_hashes
 from tierflow.runtime.clock import Clock
 from tierflow.runtime.errors import (
@@ -163,6 +164,17 @@ class RequestRecord:
     time_to_first_token: float = 0.0
     e2e: float = 0.0
     energy_j: float = 0.0  # the nodes' Finished energy: prefill leg + the leg that finished
+    admitted_at: float = 0.0  # wall time its tenant admitted it (0: not admitted): it then has a usage ledger record
+    reservation: Reservation | None = None  # its tokens held against the tenant's quota until it ends (not logged)
+    booked: bool = False  # quota settled and ledger record written (once)
+
+    def charged(self) -> tuple[int, int, int]:
+        """(prompt, cached, completion) tokens its tenant is charged: a finished request its
+        usage; a failed or cancelled one its prompt once any output came, plus the completion
+        tokens the client received; nothing when no token came out."""
+        if self.finish_reason or self.completion_tokens:
+            return self.prompt_tokens, self.prefix_hit_tokens, self.completion_tokens
+        return 0, 0, 0
 
     def failed(self, exc: TierflowError) -> None:
         self.outcome, self.status, self.error = "error", exc.http_status, exc.code or exc.error_type
@@ -289,9 +301,12 @@ class Dispatcher:
         on_session: Callable[[str, str], None] | None = None,
         on_suspect: Callable[[str], None] | None = None,
         admission: Admission | None = None,
+        on_usage: Callable[[RequestRecord], None] | None = None,
     ) -> None:
         """`on_session(session, node)` and `on_suspect(node)`: what this router learned
         that the other routers should hear about (see services/router/peers.py).
+        `on_usage(record)`: a request its tenant admitted has ended (its usage ledger
+        record; called once, never blocking: see services/router/usage_ledger.py).
         `admission`: per-model limits on requests in flight (None: admit everything).
         `resume_wait`: how long a broken stream may wait for a node to resume it when
         none can at once (its deadline permitting)."""
@@ -312,6 +327,7 @@ class Dispatcher:
         self._on_session = on_session
         self._on_suspect = on_suspect
         self._admission = admission
+        self._on_usage = on_usage
         # Short prompts recently tokenized (rendered chat text -> ids): a system prompt or a
         # benchmark's body comes back again and again, and the tokenizer is deterministic.
         self._tokenized: dict[str, tuple[int, ...]] = {}
@@ -427,8 +443,6 @@ class Dispatcher:
                 param="model", code="wrong_model_kind",
             )
         max_tokens = self._limit_tokens(route, params)
-        if tenant is not None:
-            tenant.admit(self._clock.monotonic())
         version = route.pick_version(self._rng)
         record.model, record.version, record.prompt_tokens = params.model, version, len(params.prompt_token_ids)
         session = session_key(record.tenant, params.session_header or None, params.user or None) if (params.session_header or params.user) else ""
@@ -450,6 +464,8 @@ class Dispatcher:
         deadline = self._deadline(params, record)
         # Last of the checks, and released in the `finally` below on every way out.
         ticket = self._admission.admit(params.model, self._clock.monotonic()) if self._admission is not None else None
+        if tenant is not None:
+            max_tokens = self._admit_tenant(tenant, params, record, max_tokens, ticket)
         # A span only when something exports it (tracing.exporting): otherwise it and its
         # traceparent are work nobody sees (issue 16).
         traced = exporting()
@@ -465,6 +481,7 @@ class Dispatcher:
                 async for event in self._legs(params, record, placement, route, max_tokens, seed, deadline, span, ticket):
                     yield event
             except TierflowError as exc:
+                record.failed(exc)  # here too: the usage record is written below, before the front door sees it
                 if traced:
                     span.set_attribute("error.type", exc.code or exc.error_type)
                     span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -488,13 +505,45 @@ class Dispatcher:
                     span.set_attribute("tierflow.tier", record.tier)
                 if ticket is not None:
                     ticket.release(self._clock.monotonic())
+                if not record.booked and record.admitted_at:
+                    if record.outcome == "ok" and not record.finish_reason:
+                        record.cancelled()  # closed before it finished: the client went away
+                    self._book(record)
+
+    def _admit_tenant(self, tenant: Tenant, params: GenerateParams, record: RequestRecord, max_tokens: int, ticket: Ticket | None) -> int:
+        """The tenant's rate limit and token quota (`Tenant.admit`, in wall time: the quota's
+        windows and the usage ledger's are): the request's max_tokens, clamped to what the
+        quota can cover when the client sent none. A refusal gives back the admission ticket."""
+        now = self._clock.now()
+        try:
+            reservation = tenant.admit(now, len(params.prompt_token_ids), max_tokens, clamp=params.max_tokens is None and max_tokens > 0)
+        except TierflowError:
+            if ticket is not None:
+                ticket.release(self._clock.monotonic())
+            raise
+        record.admitted_at = now
+        if reservation is not None:
+            record.reservation = reservation
+            max_tokens = record.max_tokens = reservation.max_tokens
+        return max_tokens
+
+    def _book(self, record: RequestRecord) -> None:
+        """Close the request's account, once: the quota reservation settles to what it is
+        charged (`RequestRecord.charged`, the rest released) and its usage record goes to
+        the ledger (without waiting: `on_usage` only queues it)."""
+        record.booked = True
+        if record.reservation is not None:
+            prompt, _, completion = record.charged()
+            record.reservation.settle(prompt + completion)
+        if self._on_usage is not None:
+            self._on_usage(record)
 
     def _settle(self, params: GenerateParams, record: RequestRecord) -> None:
         """Book-keeping once the node says it finished, before the caller sees `Finished`
-        (a front door stops iterating at `Finished`, so nothing after it would run)."""
-        tenant = params.tenant
-        if tenant is not None and tenant.quota is not None:
-            tenant.quota.charge(self._clock.monotonic(), record.prompt_tokens + record.completion_tokens)
+        (a front door may stop iterating at `Finished`: the encoders' leaves the generator
+        to be closed later), so the quota and the ledger know at once."""
+        if record.admitted_at and not record.booked:
+            self._book(record)
         if record.session:
             record.session_nodes = self._sessions.touch(record.session, record.node, record.model)
             if self._on_session is not None:
