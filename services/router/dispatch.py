@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import nullcontext
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -301,12 +301,14 @@ class Dispatcher:
         on_session: Callable[[str, str], None] | None = None,
         on_suspect: Callable[[str], None] | None = None,
         admission: Admission | None = None,
-        on_usage: Callable[[RequestRecord], None] | None = None,
+        on_usage: Callable[[RequestRecord], Awaitable[None] | None] | None = None,
     ) -> None:
         """`on_session(session, node)` and `on_suspect(node)`: what this router learned
         that the other routers should hear about (see services/router/peers.py).
         `on_usage(record)`: a request its tenant admitted has ended (its usage ledger
-        record; called once, never blocking: see services/router/usage_ledger.py).
+        record; called once; see services/router/usage_ledger.py). What it returns, if
+        anything, is awaited before a finished request's `Finished` goes to the front door:
+        the ledger's acknowledgement, so an answer's usage is stored before it is reported.
         `admission`: per-model limits on requests in flight (None: admit everything).
         `resume_wait`: how long a broken stream may wait for a node to resume it when
         none can at once (its deadline permitting)."""
@@ -527,23 +529,22 @@ class Dispatcher:
             max_tokens = record.max_tokens = reservation.max_tokens
         return max_tokens
 
-    def _book(self, record: RequestRecord) -> None:
+    def _book(self, record: RequestRecord) -> Awaitable[None] | None:
         """Close the request's account, once: the quota reservation settles to what it is
         charged (`RequestRecord.charged`, the rest released) and its usage record goes to
-        the ledger (without waiting: `on_usage` only queues it)."""
+        the ledger (`on_usage` queues it; what it returns awaits its acknowledgement)."""
         record.booked = True
         if record.reservation is not None:
             prompt, _, completion = record.charged()
             record.reservation.settle(prompt + completion)
-        if self._on_usage is not None:
-            self._on_usage(record)
+        return self._on_usage(record) if self._on_usage is not None else None
 
-    def _settle(self, params: GenerateParams, record: RequestRecord) -> None:
+    def _settle(self, params: GenerateParams, record: RequestRecord) -> Awaitable[None] | None:
         """Book-keeping once the node says it finished, before the caller sees `Finished`
         (a front door may stop iterating at `Finished`: the encoders' leaves the generator
-        to be closed later), so the quota and the ledger know at once."""
-        if record.admitted_at and not record.booked:
-            self._book(record)
+        to be closed later), so the quota and the ledger know at once. Returns what to
+        await before `Finished` goes out (the usage record stored), if anything."""
+        stored = self._book(record) if record.admitted_at and not record.booked else None
         if record.session:
             record.session_nodes = self._sessions.touch(record.session, record.node, record.model)
             if self._on_session is not None:
@@ -551,6 +552,7 @@ class Dispatcher:
         if record.completion_tokens > 1 and record.time_to_first_token > 0 and not record.migrations:
             decode = self._clock.monotonic() - record.arrived - record.time_to_first_token
             self._models.observe_decode(record.model, decode)
+        return stored
 
     def _suspect(self, node_id: str) -> None:
         self._nodes.mark_suspect(node_id, self._clock.monotonic())
@@ -828,7 +830,9 @@ class Dispatcher:
                     record.energy_j += event.energy_j  # type: ignore[union-attr]
                     self._metrics.prompt_tokens.labels(*labels).inc(event.prompt_tokens)  # type: ignore[union-attr]
                     self._metrics.completion_tokens.labels(*labels).inc(event.completion_tokens)  # type: ignore[union-attr]
-                    self._settle(params, record)
+                    stored = self._settle(params, record)
+                    if stored is not None:  # its usage record in the ledger (bounded) before the answer reports it
+                        await stored
                     yield event  # type: ignore[misc]
                     return
                 elif kind is messages.Started:

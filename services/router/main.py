@@ -108,7 +108,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     # Usage: quotas admit nothing until the ledger was read back (restore-usage below).
     config.tenants.expect_restore()
     usage_restored = asyncio.Event()
-    ledger = UsageLedger(nc.jetstream(), router_id, clock, registry=ctx.metrics, capacity=settings.usage_buffer)
+    ledger = UsageLedger(nc.jetstream(), router_id, clock, registry=ctx.metrics, capacity=settings.usage_buffer, ack_wait=settings.usage_ack_wait)
     ctx.metrics.register(QuotaCollector(config.tenants, clock, usage_restored))
 
     # Heartbeats are checked against bounds, their subject and the registry before they
