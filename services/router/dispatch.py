@@ -195,6 +195,7 @@ class RequestRecord:
             "completion_tokens": self.completion_tokens, "max_tokens": self.max_tokens, "hash_ids": self.hash_ids,
             "finish_reason": self.finish_reason, "stream": self.stream, "energy_j": round(self.energy_j, 3),
             "outcome": self.outcome, "status": self.status, "error": self.error,
+            "quota_reserved": self.reservation.tokens if self.reservation is not None else 0,
             "decode_queue_time": round(self.decode_queue_time, 6), "time_to_first_token": round(self.time_to_first_token, 6),
             "e2e_latency": round(self.e2e, 6), "completion_tokens_per_sec": round(tps, 2),
         })

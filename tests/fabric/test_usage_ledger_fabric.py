@@ -18,7 +18,6 @@ import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import nats
 import openai
@@ -122,6 +121,13 @@ def test_a_router_killed_mid_window_neither_forgets_nor_double_counts_nor_oversh
     print(f"answered {len(before_restart)} before the kill ({sum(before_restart.values())} tokens), {after_restart} after; {sum(answered.values())} of {QUOTA}")
     assert after_restart >= 1  # it served what was left ...
     assert sum(answered.values()) <= QUOTA  # ... and no more: no overshoot, across the restart
+
+    scrape = metered.scrape_router()  # the restarted router's own books agree
+    assert scrape.value("tierflow_router_usage_restored") == 1
+    assert scrape.value("tierflow_router_quota_used_tokens", tenant="metered") == sum(answered.values())
+    assert scrape.value("tierflow_router_quota_reserved_tokens", tenant="metered") == 0
+    assert scrape.value("tierflow_router_usage_records_total", result="stored") >= after_restart
+    assert scrape.value("tierflow_router_usage_records_total", result="dropped") == 0
 
     ledger = asyncio.run(_ledger(metered))
     ids = [request_id for request_id, _, _, _ in ledger]
