@@ -106,3 +106,19 @@ async def test_a_router_records_only_as_itself_and_cannot_erase_the_ledger(secur
     observer, seen = await secured.connect("observer")
     await observer.subscribe(subjects.USAGE_SUBJECTS)
     assert any(subjects.USAGE_SUBJECTS in e for e in await _violations(observer, seen))
+
+
+def test_a_config_made_by_an_older_tierflow_gets_the_new_permissions_and_keeps_its_keys(tmp_path: Path) -> None:
+    """`tierflow up` on an existing data dir, `init-secrets.sh` run again: identities made
+    before the ledger existed must still be allowed to use it."""
+    store = AuthStore(tmp_path / "auth")
+    identities = nats_auth.fabric_identities(["r0"], ["n1"])
+    assert store.ensure(identities)
+    seeds = {c.identity.name: c.seed for c in store.credentials()}
+    text = store.server_config.read_text()
+    stale = text.replace(f'"{subjects.usage_of_router("r0")}", ', "")  # as written before the router recorded usage
+    assert stale != text
+    store.server_config.write_text(stale)
+    assert store.ensure(identities)  # rewritten ...
+    assert store.server_config.read_text() == text and {c.identity.name: c.seed for c in store.credentials()} == seeds  # ... same keys
+    assert not store.ensure(identities)  # and left alone when current
