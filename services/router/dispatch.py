@@ -480,6 +480,8 @@ class Dispatcher:
                 span.set_attribute("gen_ai.usage.input_tokens", len(params.prompt_token_ids))
                 span.set_attribute("tierflow.request_id", params.request_id)
                 span.set_attribute("tierflow.tenant", record.tenant)
+                if record.reservation is not None:
+                    span.set_attribute("tierflow.quota_reserved_tokens", record.reservation.tokens)
             try:
                 async for event in self._legs(params, record, placement, route, max_tokens, seed, deadline, span, ticket):
                     yield event
