@@ -38,7 +38,7 @@ renews) when that does not fit in what the window has left; when it ends the res
 settles to the tokens it was charged (prompt + completion; a failed or cancelled request
 what the client received, nothing if no token came out) and the rest is released. A
 client that sent no max_tokens asks for the model's whole remaining context; when that
-does not fit, its max_tokens is *clamped* to what the quota has left (it then ends with
+does not fit, its max_tokens is *clamped* to what the quota has left (it may then end with
 finish_reason "length"), rather than refused: most clients send no max_tokens, and a
 refusal would lock them out long before their quota is spent. A client that did send
 max_tokens asked for that budget, and gets a 429 when it does not fit. A request is
@@ -53,7 +53,12 @@ refused with a 503 rather than admitted against an empty count. A router restore
 (each router within its 1/N, so the fleet within the whole); and it never admits more than
 the whole fleet has left (the whole limit minus every other router's records), which makes
 a lone router exact even when its id changed across the restart (no NATS identity, no
---router-id). Rate buckets alike: the emptier of its own records' replay and the fleet's.
+--router-id). Restoring the fleet's total against the whole limit alone would let every
+other router go on spending its own share beside it (up to (N-1)/N too much); restoring
+only its own records would forget everything when its id changes. One of several routers
+whose id changed is the one inexact case: its old records count as the fleet's, so it is
+held to what the fleet has left rather than to its share. Rate buckets alike: the emptier
+of its own records' replay and the fleet's.
 
 Keys: `tierflow.placement.api_keys` says which forms are read (salted hashes; unsalted
 "sha256:<hex>" digests and plain keys of older files still work, plain ones with one

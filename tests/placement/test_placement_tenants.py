@@ -108,7 +108,7 @@ def test_token_quota_per_window() -> None:
     assert quota.retry_after(0.0) == 0.0 and quota.remaining(0.0) == 100
     quota.charge(1.0, 70)
     assert quota.remaining(2.0) == 30 and quota.retry_after(2.0) == 0.0
-    quota.charge(3.0, 50)  # the request that crosses the limit completes ...
+    quota.charge(3.0, 50)  # charged without a reservation (a tool, a test): the count may pass the limit ...
     assert quota.used(4.0) == 120 and quota.remaining(4.0) == 0
     assert quota.retry_after(45.0) == pytest.approx(15.0)  # ... the next waits for the window
     assert quota.retry_after(60.0) == 0.0 and quota.used(60.0) == 0
