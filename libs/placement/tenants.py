@@ -56,9 +56,10 @@ a lone router exact even when its id changed across the restart (no NATS identit
 --router-id). Restoring the fleet's total against the whole limit alone would let every
 other router go on spending its own share beside it (up to (N-1)/N too much); restoring
 only its own records would forget everything when its id changes. One of several routers
-whose id changed is the one inexact case: its old records count as the fleet's, so it is
-held to what the fleet has left rather than to its share. Rate buckets alike: the emptier
-of its own records' replay and the fleet's.
+whose id changed is the one inexact case: its old records count as other routers', so its
+share starts afresh (bounded only by what the fleet has left), and the fleet may pass the
+limit by what its old self had used. Stable router ids (NATS identities give them) avoid
+it. Rate buckets alike: the emptier of its own records' replay and the fleet's.
 
 Keys: `tierflow.placement.api_keys` says which forms are read (salted hashes; unsalted
 "sha256:<hex>" digests and plain keys of older files still work, plain ones with one
