@@ -104,7 +104,7 @@ class QuotaMachine(RuleBasedStateMachine):
 
 
 TestQuotaMachine = QuotaMachine.TestCase
-TestQuotaMachine.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
+TestQuotaMachine.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
 
 
 def test_random_request_sizes_never_overshoot_and_use_the_quota_up() -> None:
