@@ -21,6 +21,11 @@ __all__ = [
     "AUDIT_SUBJECTS",
     "audit",
     "audit_kind",
+    "USAGE_STREAM",
+    "USAGE_SUBJECTS",
+    "usage",
+    "usage_of_router",
+    "usage_of_tenant",
     "SERVICE_NAMES",
     "SERVICE_INFO",
     "SERVICE_API",
@@ -217,6 +222,33 @@ def audit(kind: str, speaker: str) -> str:
 def audit_kind(kind: str) -> str:
     """Every speaker's records of one kind (a filter for readers)."""
     return f"tierflow.audit.{check_token(kind, 'audit kind')}.*"
+
+
+# The usage ledger (JetStream, made by every router at start; tierflow.contracts.usage):
+# one record per admitted request, `tierflow.usage.<tenant>.<router>`. The router token lets
+# NATS permissions pin each router to its own records, and a restarted router read its own
+# back; the tenant token lets readers filter by tenant. Tenant names may hold '.', which a
+# subject token may not: it becomes '_' (the record's `tenant` field is the exact name).
+USAGE_STREAM: Final = "TIERFLOW_USAGE"
+USAGE_SUBJECTS: Final = "tierflow.usage.>"
+
+
+def _tenant_token(tenant: str) -> str:
+    return tenant if tenant == "*" else check_token(tenant.replace(".", "_"), "tenant name")
+
+
+def usage(tenant: str, router: str) -> str:
+    return f"tierflow.usage.{_tenant_token(tenant)}.{router if router == '*' else check_token(router, 'router id')}"
+
+
+def usage_of_tenant(tenant: str) -> str:
+    """Every router's records of one tenant (a filter for readers)."""
+    return usage(tenant, "*")
+
+
+def usage_of_router(router: str) -> str:
+    """One router's records of every tenant (its own permission, and its own on restart)."""
+    return usage("*", router)
 
 
 # A header on every message of one atomic KV batch (`<batch id> <position>/<size>`): readers

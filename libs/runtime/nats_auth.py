@@ -10,7 +10,7 @@ Identities (`Identity(role, instance)`; the name is `role` or `role-instance`):
 
 | role | instance | may |
 |---|---|---|
-| router | its router id | read heartbeats, KV events, presence, gossip, the registry bucket; send work and KV snapshot requests to any node; read only *its own* reply streams; announce only its own presence and gossip; publish agent-loop events |
+| router | its router id | read heartbeats, KV events, presence, gossip, the registry bucket; send work and KV snapshot requests to any node; read only *its own* reply streams; announce only its own presence and gossip; publish agent-loop events; make and read the usage ledger's stream, record usage only as itself (`usage(<any tenant>, <its id>)`) |
 | registry | - | write the registry bucket (and create it), publish registry events; make the audit stream, record `audit("registry")` |
 | autoscaler | - | read heartbeats and the registry; write its own bucket; publish decisions; send node control and supervisor commands; record `audit("scaling")` |
 | node | its node id | publish only its own heartbeat and KV events; take work (and KV snapshot requests) only on its own subjects; answer on router reply streams; read the registry; record `audit("node", <its id>)`, never as another node |
@@ -218,6 +218,26 @@ def _audit_owner() -> list[str]:
     return [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"]
 
 
+def _usage_ledger(router_id: str) -> list[str]:
+    """A router's use of the usage ledger (`subjects.USAGE_STREAM`): make it or bring its
+    retention up to date at start (`usage_stream.ensure_usage_stream`), read it back (an
+    ordered consumer into its inbox, flow control, delete when done), and record its own
+    requests' usage, as itself only (JetStream publishes, acknowledged in its inbox). It
+    may not delete or purge the stream, nor its records (the stream denies both anyway)."""
+    stream = subjects.USAGE_STREAM
+    return [
+        subjects.usage_of_router(router_id),
+        "$JS.API.INFO",
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.STREAM.UPDATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.API.CONSUMER.DELETE.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
 def _micro(*services: str) -> list[str]:
     """What a nats.micro service subscribes to for discovery (`$SRV.PING|INFO|STATS`, alone,
     with its name, with its name and id) under the names it registers as."""
@@ -251,7 +271,7 @@ def permissions(identity: Identity) -> Permissions:
             publish=(
                 subjects.node_generate(any_node), subjects.prefill_run(any_node), subjects.node_cancel(any_node),
                 subjects.node_kv_sync(any_node), subjects.router_presence(router_id), subjects.router_gossip(router_id),
-                subjects.AGENT_LOOP_EVENTS, *_kv_read(subjects.REGISTRY_BUCKET), *discovered, *own,
+                subjects.AGENT_LOOP_EVENTS, *_kv_read(subjects.REGISTRY_BUCKET), *_usage_ledger(router_id), *discovered, *own,
             ),
             subscribe=(
                 subjects.NODE_HEARTBEATS, subjects.NODE_KV_EVENTS, subjects.router_streams(router_id), subjects.ROUTER_PRESENCE,

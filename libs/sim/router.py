@@ -57,6 +57,7 @@ from tierflow.placement import (
     session_key,
 )
 from tierflow.placement.admission import Admission, AdmissionConfig, capacity_of
+from tierflow.placement.tenants import Reservation
 from tierflow.placement.candidates import CandidateIndex
 from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, RateLimited, TierflowError, Unauthenticated
@@ -103,6 +104,7 @@ class SimRouter:
         self._touched: set[str] = set()  # nodes whose view the router changed since then
         self.admission = Admission(admission) if admission is not None else None
         self._capacity_at = -math.inf  # when the admission's capacities were last read
+        self._reserved: dict[str, Reservation] = {}  # request id -> its quota reservation, until it ends
 
     # -- what the router hears ----------------------------------------------------------
     def heard(self, hb: messages.NodeHeartbeat, now: float, *, unchanged: bool = False) -> None:
@@ -134,7 +136,9 @@ class SimRouter:
                 f"and {call.max_tokens} for the completion.",
                 param="max_tokens", code="context_length_exceeded",
             )  # fmt: skip
-        tenant.admit(now)
+        reservation = tenant.admit(now, n_prompt, call.max_tokens)
+        if reservation is not None:
+            self._reserved[call.request_id] = reservation
         session = session_key(tenant.name, None, session_id) if session_id else ""
         call.placement = PlacementRequest(
             model=call.model,
@@ -253,6 +257,14 @@ class SimRouter:
             code="no_healthy_node", retryable=True,
         )  # fmt: skip
 
+    def failed(self, call: Call) -> None:
+        """The call ended in an error: its quota reservation is released (the simulator's
+        failures come before any output reaches the client, or end it at a node's loss,
+        which the live router would migrate; either way nothing is charged here)."""
+        reservation = self._reserved.pop(call.request_id, None)
+        if reservation is not None:
+            reservation.settle(0)
+
     def deployment_mode(self, node_id: str) -> tuple[str, str]:
         """(deployment, mode) of a decode node as the router knows it."""
         view = self.nodes.get(node_id)
@@ -261,11 +273,11 @@ class SimRouter:
 
     # -- completion -------------------------------------------------------------------
     def settle(self, call: Call, now: float, *, prompt_tokens: int, completion_tokens: int, decode_s: float) -> None:
-        """The dispatcher's books once the node finished: quota charged, session touched,
+        """The dispatcher's books once the node finished: quota reservation settled, session touched,
         the model's decode time (first token to last, as the router saw them) observed."""
-        tenant = call.tenant
-        if tenant is not None and tenant.quota is not None:
-            tenant.quota.charge(now, prompt_tokens + completion_tokens)
+        reservation = self._reserved.pop(call.request_id, None)
+        if reservation is not None:
+            reservation.settle(prompt_tokens + completion_tokens)
         placement = call.placement
         if placement is not None and placement.session_id:
             self.sessions.touch(placement.session_id, call.node, call.model)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import nullcontext
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -54,6 +54,7 @@ from tierflow.placement import (
     TenantDirectory,
     session_key,
 )
+from tierflow.placement.tenants import Reservation
 from tierflow.rdu.kvcache import block_hashes
 from tierflow.runtime.clock import Clock
 from tierflow.runtime.errors import (
@@ -165,6 +166,17 @@ class RequestRecord:
     e2e: float = 0.0
     energy_j: float = 0.0  # the nodes' Finished energy: prefill leg + the leg that finished
     agent_loop: str = ""  # the agent-loop policy's word on this step (x-tierflow-agent-loop), "" for none
+    admitted_at: float = 0.0  # wall time its tenant admitted it (0: not admitted): it then has a usage ledger record
+    reservation: Reservation | None = None  # its tokens held against the tenant's quota until it ends (not logged)
+    booked: bool = False  # quota settled and ledger record written (once)
+
+    def charged(self) -> tuple[int, int, int]:
+        """(prompt, cached, completion) tokens its tenant is charged: a finished request its
+        usage; a failed or cancelled one its prompt once any output came, plus the completion
+        tokens the client received; nothing when no token came out."""
+        if self.finish_reason or self.completion_tokens:
+            return self.prompt_tokens, self.prefix_hit_tokens, self.completion_tokens
+        return 0, 0, 0
 
     def failed(self, exc: TierflowError) -> None:
         self.outcome, self.status, self.error = "error", exc.http_status, exc.code or exc.error_type
@@ -185,6 +197,7 @@ class RequestRecord:
             "completion_tokens": self.completion_tokens, "max_tokens": self.max_tokens, "hash_ids": self.hash_ids,
             "finish_reason": self.finish_reason, "stream": self.stream, "energy_j": round(self.energy_j, 3),
             "outcome": self.outcome, "status": self.status, "error": self.error, "agent_loop": self.agent_loop,
+            "quota_reserved": self.reservation.tokens if self.reservation is not None else 0,
             "decode_queue_time": round(self.decode_queue_time, 6), "time_to_first_token": round(self.time_to_first_token, 6),
             "e2e_latency": round(self.e2e, 6), "completion_tokens_per_sec": round(tps, 2),
         })
@@ -293,9 +306,14 @@ class Dispatcher:
         admission: Admission | None = None,
         agent_loops: AgentLoopTracker | None = None,
         on_agent_loop: Callable[[events.AgentLoopEvent], None] | None = None,
+        on_usage: Callable[[RequestRecord], Awaitable[None] | None] | None = None,
     ) -> None:
         """`on_session(session, node)` and `on_suspect(node)`: what this router learned
         that the other routers should hear about (see services/router/peers.py).
+        `on_usage(record)`: a request its tenant admitted has ended (its usage ledger
+        record; called once; see services/router/usage_ledger.py). What it returns, if
+        anything, is awaited before a finished request's `Finished` goes to the front door:
+        the ledger's acknowledgement, so an answer's usage is stored before it is reported.
         `admission`: per-model limits on requests in flight (None: admit everything).
         `resume_wait`: how long a broken stream may wait for a node to resume it when
         none can at once (its deadline permitting). `agent_loops`: the sessions' steps and
@@ -321,6 +339,7 @@ class Dispatcher:
         self._loops = agent_loops if agent_loops is not None else AgentLoopTracker()
         self._on_agent_loop = on_agent_loop
         metrics.agent_loop_sessions.set_function(self._loops.__len__)
+        self._on_usage = on_usage
         # Short prompts recently tokenized (rendered chat text -> ids): a system prompt or a
         # benchmark's body comes back again and again, and the tokenizer is deterministic.
         self._tokenized: dict[str, tuple[int, ...]] = {}
@@ -436,8 +455,6 @@ class Dispatcher:
                 param="model", code="wrong_model_kind",
             )
         max_tokens = self._limit_tokens(route, params)
-        if tenant is not None:
-            tenant.admit(self._clock.monotonic())
         version = route.pick_version(self._rng)
         record.model, record.version, record.prompt_tokens = params.model, version, len(params.prompt_token_ids)
         session = session_key(record.tenant, params.session_header or None, params.user or None) if (params.session_header or params.user) else ""
@@ -464,6 +481,8 @@ class Dispatcher:
             params.model, self._clock.monotonic(), tenant=record.tenant, weight=tenant.weight if tenant is not None else 1.0,
             request_class=params.request_class,
         ) if self._admission is not None else None  # fmt: skip
+        if tenant is not None:
+            max_tokens = self._admit_tenant(tenant, params, record, max_tokens, ticket)
         # A span only when something exports it (tracing.exporting): otherwise it and its
         # traceparent are work nobody sees (issue 16).
         traced = exporting()
@@ -477,10 +496,13 @@ class Dispatcher:
                 span.set_attribute("tierflow.tenant", record.tenant)
                 if record.agent_loop:
                     span.set_attribute("tierflow.agent_loop", record.agent_loop)
+                if record.reservation is not None:
+                    span.set_attribute("tierflow.quota_reserved_tokens", record.reservation.tokens)
             try:
                 async for event in self._legs(params, record, placement, route, max_tokens, seed, deadline, span, ticket):
                     yield event
             except TierflowError as exc:
+                record.failed(exc)  # here too: the usage record is written below, before the front door sees it
                 if traced:
                     span.set_attribute("error.type", exc.code or exc.error_type)
                     span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -504,13 +526,44 @@ class Dispatcher:
                     span.set_attribute("tierflow.tier", record.tier)
                 if ticket is not None:
                     ticket.release(self._clock.monotonic())
+                if not record.booked and record.admitted_at:
+                    if record.outcome == "ok" and not record.finish_reason:
+                        record.cancelled()  # closed before it finished: the client went away
+                    self._book(record)
 
-    def _settle(self, params: GenerateParams, record: RequestRecord) -> None:
+    def _admit_tenant(self, tenant: Tenant, params: GenerateParams, record: RequestRecord, max_tokens: int, ticket: Ticket | None) -> int:
+        """The tenant's rate limit and token quota (`Tenant.admit`, in wall time: the quota's
+        windows and the usage ledger's are): the request's max_tokens, clamped to what the
+        quota can cover when the client sent none. A refusal gives back the admission ticket."""
+        now = self._clock.now()
+        try:
+            reservation = tenant.admit(now, len(params.prompt_token_ids), max_tokens, clamp=params.max_tokens is None and max_tokens > 0)
+        except TierflowError:
+            if ticket is not None:
+                ticket.release(self._clock.monotonic())
+            raise
+        record.admitted_at = now
+        if reservation is not None:
+            record.reservation = reservation
+            max_tokens = record.max_tokens = reservation.max_tokens
+        return max_tokens
+
+    def _book(self, record: RequestRecord) -> Awaitable[None] | None:
+        """Close the request's account, once: the quota reservation settles to what it is
+        charged (`RequestRecord.charged`, the rest released) and its usage record goes to
+        the ledger (`on_usage` queues it; what it returns awaits its acknowledgement)."""
+        record.booked = True
+        if record.reservation is not None:
+            prompt, _, completion = record.charged()
+            record.reservation.settle(prompt + completion)
+        return self._on_usage(record) if self._on_usage is not None else None
+
+    def _settle(self, params: GenerateParams, record: RequestRecord) -> Awaitable[None] | None:
         """Book-keeping once the node says it finished, before the caller sees `Finished`
-        (a front door stops iterating at `Finished`, so nothing after it would run)."""
-        tenant = params.tenant
-        if tenant is not None and tenant.quota is not None:
-            tenant.quota.charge(self._clock.monotonic(), record.prompt_tokens + record.completion_tokens)
+        (a front door may stop iterating at `Finished`: the encoders' leaves the generator
+        to be closed later), so the quota and the ledger know at once. Returns what to
+        await before `Finished` goes out (the usage record stored), if anything."""
+        stored = self._book(record) if record.admitted_at and not record.booked else None
         if record.session:
             self._loops.settle(record.session, record.completion_tokens)
             record.session_nodes = self._sessions.touch(record.session, record.node, record.model)
@@ -519,6 +572,7 @@ class Dispatcher:
         if record.completion_tokens > 1 and record.time_to_first_token > 0 and not record.migrations:
             decode = self._clock.monotonic() - record.arrived - record.time_to_first_token
             self._models.observe_decode(record.model, decode)
+        return stored
 
     def _police(self, params: GenerateParams, record: RequestRecord) -> None:
         """The step against its tenant's agent-loop policy (tierflow.placement.agent_loops):
@@ -822,7 +876,9 @@ class Dispatcher:
                     record.energy_j += event.energy_j  # type: ignore[union-attr]
                     self._metrics.prompt_tokens.labels(*labels).inc(event.prompt_tokens)  # type: ignore[union-attr]
                     self._metrics.completion_tokens.labels(*labels).inc(event.completion_tokens)  # type: ignore[union-attr]
-                    self._settle(params, record)
+                    stored = self._settle(params, record)
+                    if stored is not None:  # its usage record in the ledger (bounded) before the answer reports it
+                        await stored
                     yield event  # type: ignore[misc]
                     return
                 elif kind is messages.Started:

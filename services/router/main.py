@@ -2,7 +2,9 @@
 
 It keeps two caches fed from NATS — nodes from their heartbeats, models and
 deployments from the registry's KV bucket — and routes each request over NATS to a
-node chosen from them. It holds no state that must survive it.
+node chosen from them. The one state that must survive it, what each tenant used, is in
+the usage ledger (JetStream): it writes a record per admitted request, and reads the
+current quota windows back at start, before it opens its ports (usage_ledger.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Awaitable
 import msgspec
+from nats.js.client import JetStreamContext
 
 from tierflow.contracts import registry, subjects
 from tierflow.runtime import discovery, nats_auth
@@ -19,10 +22,11 @@ from tierflow.runtime.waiting import first
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.grpc_server import health_follows, stop_grpc_server
 from tierflow.runtime.kv import follow
+from tierflow.runtime.usage_stream import ensure_usage_stream
 from tierflow.runtime.service import ServiceContext, connect_nats
 from tierflow.runtime.supervise import supervised
 from tierflow.runtime.tls import grpc_server_credentials, server_ssl_context
-from tierflow.placement import SessionTable
+from tierflow.placement import SessionTable, TenantDirectory
 from tierflow.placement.admission import Admission, AdmissionConfig, capacity_of
 from tierflow.placement.heartbeats import HeartbeatGate
 from tierflow.services.router.agent_loop_events import AgentLoopEvents
@@ -36,6 +40,7 @@ from tierflow.services.router.peers import RouterPeers
 from tierflow.services.router.prefix_feed import PrefixFeed
 from tierflow.placement.prefix_index import PrefixIndex
 from tierflow.services.router.settings import Settings
+from tierflow.services.router.usage_ledger import QuotaCollector, UsageLedger, restore_usage
 from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.services.router.transport import NatsNodeTransport
 
@@ -45,14 +50,43 @@ log = logging.getLogger(__name__)
 
 
 
-async def _until_ready(catalog_loaded: asyncio.Event, wait: float, stopping: asyncio.Event) -> None:
+async def _until_ready(catalog_loaded: asyncio.Event, wait: float, stopping: asyncio.Event, usage_restored: asyncio.Event | None = None) -> None:
     """Hold the ports closed until the router knows the catalog (the registry watch's first
-    snapshot), at most `wait` seconds: a restarted router sharing a port (--reuse-port)
-    would otherwise answer its peers' clients "model does not exist" until the watch caught
-    up. Nodes are not waited for: without one the answer is a retryable 503, which is true."""
-    await first(catalog_loaded.wait(), stopping.wait(), timeout=wait)
+    snapshot) and its tenants' usage (the ledger read back), at most `wait` seconds: a
+    restarted router sharing a port (--reuse-port) would otherwise answer its peers'
+    clients "model does not exist" until the watch caught up. Nodes are not waited for:
+    without one the answer is a retryable 503, which is true; nor, past `wait`, the ledger:
+    until it is read, tenants with a quota get a 503 rather than a fresh quota."""
+    async def both() -> None:
+        await catalog_loaded.wait()
+        if usage_restored is not None:
+            await usage_restored.wait()
+
+    await first(both(), stopping.wait(), timeout=wait)
     if not catalog_loaded.is_set() and not stopping.is_set():
         log.warning("router opens its ports without the registry's catalog after %.0fs: is the model registry up?", wait)
+    if usage_restored is not None and not usage_restored.is_set() and not stopping.is_set():
+        log.warning("router opens its ports before it read the usage ledger after %.0fs: tenants with a token quota are refused (503) "
+                    "until it has", wait)  # fmt: skip
+
+
+async def _restore_usage(js: JetStreamContext, tenants: TenantDirectory, router_id: str, clock: WallClock, started_at: float,
+                         max_age: float, replicas: int, restored: asyncio.Event, stopping: asyncio.Event) -> None:
+    """Make the usage stream (idempotent) and rebuild the quotas from it, retrying until it
+    works or the router stops (a JetStream outage at start must not hand out fresh quotas)."""
+    delay = 0.2
+    while not stopping.is_set():
+        try:
+            await ensure_usage_stream(js, max_age=max_age, replicas=replicas)
+            read = await restore_usage(js, tenants, router_id, clock, started_at)
+        except Exception as exc:  # nats-py raises several unrelated types
+            log.warning("reading the usage ledger failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
+            await first(stopping.wait(), timeout=delay)
+            delay = min(5.0, delay * 2)
+            continue
+        restored.set()
+        log.info("usage restored from the ledger: %d records read", read, extra={"fields": {"usage_records_read": read}})
+        return
 
 
 async def main(ctx: ServiceContext, settings: Settings) -> None:
@@ -60,6 +94,7 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     router_id = subjects.check_token(nats_auth.own_id(nats_auth.ROUTER, settings.router_id) or f"r{uuid.uuid4().hex[:12]}", "router id")
     nc = await connect_nats(settings.nats_url, f"tierflow-router-{router_id}", stopping=ctx.stopping, tls=ctx.tls)
     clock = WallClock()
+    started_at = clock.now()  # the ledger's records of this router admitted later are this process's own
     # Which node holds which prompt blocks, exactly, from the nodes' KV events (issue 17):
     # placement reads it through the node table, the heartbeats' recent hashes otherwise.
     prefix_index = PrefixIndex()
@@ -71,6 +106,11 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         prefill_rate=models.prefill_rate, allow_anonymous=settings.allow_anonymous,
     )
     metrics = RouterMetrics(ctx.metrics)
+    # Usage: quotas admit nothing until the ledger was read back (restore-usage below).
+    config.tenants.expect_restore()
+    usage_restored = asyncio.Event()
+    ledger = UsageLedger(nc.jetstream(), router_id, clock, registry=ctx.metrics, capacity=settings.usage_buffer, ack_wait=settings.usage_ack_wait)
+    ctx.metrics.register(QuotaCollector(config.tenants, clock, usage_restored))
 
     # Heartbeats are checked against bounds, their subject and the registry before they
     # place anything (tierflow.placement.heartbeats); the rejected are counted and logged.
@@ -153,16 +193,21 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
         loops["count-peers"] = count_peers
     tasks = [asyncio.create_task(supervised(f"router {name}", loop, ctx.stopping), name=name) for name, loop in loops.items()]
     agent_loop_events = AgentLoopEvents(nc, router_id)  # sessions flagged or capped, onto NATS
+    # Once, then done (it retries its own failures): not a loop for `supervised`.
+    tasks.append(asyncio.create_task(_restore_usage(nc.jetstream(), config.tenants, router_id, clock, started_at, settings.usage_max_age,
+                                                    settings.usage_replicas, usage_restored, ctx.stopping), name="restore-usage"))  # fmt: skip
+    # Not among `tasks`: never cancelled (a batch in flight would be lost); it ends once stopping is set.
+    ledger_task = asyncio.create_task(ledger.run(ctx.stopping), name="usage-ledger")
     dispatcher = Dispatcher(
         nodes, models, transport, clock, metrics,
         policy=config.policy, tenants=config.tenants, sessions=sessions,
         max_attempts=settings.max_attempts, max_migrations=settings.max_migrations, resume_wait=settings.resume_wait,
         default_timeout=settings.request_timeout,
-        on_session=peers.note_session, on_suspect=peers.note_suspect, admission=admission,
+        on_session=peers.note_session, on_suspect=peers.note_suspect, admission=admission, on_usage=ledger.note,
         on_agent_loop=agent_loop_events.note,
     )
     api = OpenAIApi(dispatcher, models, nodes, clock, metrics, ctx.metrics, nats_connected=lambda: nc.is_connected)
-    await _until_ready(catalog_loaded, settings.ready_wait, ctx.stopping)
+    await _until_ready(catalog_loaded, settings.ready_wait, ctx.stopping, usage_restored)
     # With --tls-cert/--tls-key both front doors speak TLS only (clients bring no certificate:
     # tenants are told apart by their API keys).
     tls = ctx.tls.can_serve
@@ -192,6 +237,8 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     await ctx.stopping.wait()
 
     await asyncio.gather(shutdown(http, settings.drain_grace), stop_grpc_server(grpc_server, settings.drain_grace))
+    await ledger_task
+    await ledger.close()  # every usage record of the requests just drained, stored before NATS goes
     await peers.close()
     await agent_loop_events.close()
     for task in tasks:

@@ -211,6 +211,7 @@ class OpenAIApi:
     async def _generate(self, request: Request, *, chat: bool) -> Response | StreamingResponse:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self._ids()}"
         record = RequestRecord(request_id=request_id, api="chat" if chat else "completions", arrived=self._clock.monotonic())
+        tenant: Tenant | None = None
         try:
             tenant = request.auth if isinstance(request.auth, Tenant) else self._dispatcher.authenticate(bearer_token(request.headers.get("authorization")))
             body = self._parse(request.body, chat)
@@ -218,16 +219,24 @@ class OpenAIApi:
             params = await self._params(body, request_id, chat, request, tenant)
             logprobs = body.logprobs if chat else body.logprobs is not None
             if body.n > 1 or logprobs or (chat and (body.tools or body.response_format is not None)):
-                return await self._generate_choices(body, params, record, chat)
+                return self._limits(await self._generate_choices(body, params, record, chat), tenant)
             events = self._dispatcher.generate(params, record)
             self._metrics.in_flight.inc()
             if body.stream:
-                return await self._stream(events, body, record, chat)
-            return await self._complete(events, body, record, chat)
+                return self._limits(await self._stream(events, body, record, chat), tenant)
+            return self._limits(await self._complete(events, body, record, chat), tenant)
         except TierflowError as exc:
             record.failed(exc)
             finish_record(record, self._metrics, self._clock)
-            return error_response(exc)
+            return self._limits(error_response(exc), tenant)
+
+    def _limits(self, response: Response | StreamingResponse, tenant: Tenant | None) -> Response | StreamingResponse:
+        """OpenAI's x-ratelimit-* headers, for a tenant with a rate limit or a token quota
+        (`Tenant.ratelimit_headers`: a few numbers, read once per response). A streamed
+        answer's are as of its first token, while its own reservation is still held."""
+        if tenant is not None and (tenant.limiter is not None or tenant.quota is not None):
+            response.headers = (*response.headers, *tenant.ratelimit_headers(self._clock.now()))
+        return response
 
     def _parse(self, raw: bytes, chat: bool) -> ChatCompletionRequest | CompletionRequest:
         body = decode_body(raw, chat_decoder if chat else completion_decoder)

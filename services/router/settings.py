@@ -72,4 +72,15 @@ class Settings(Struct, kw_only=True):
     body_timeout: Annotated[float, Meta(ge=0)] = 30.0
     min_body_rate: Annotated[float, Meta(ge=0)] = 16384.0
     max_grpc_calls: Annotated[int, Meta(ge=0)] = 10_000
-
+    # The usage ledger (JetStream stream TIERFLOW_USAGE; tierflow.contracts.usage): every
+    # admitted request's record, kept `usage_max_age` seconds (0: for ever; the default,
+    # 35 days, covers a monthly bill), in `usage_replicas` copies on a NATS cluster (one on
+    # a single server). At most `usage_buffer` records wait to be stored while NATS is
+    # unreachable; more are dropped, counted and logged (with the record). A finished
+    # answer waits at most `usage_ack_wait` seconds for its record to be stored before it
+    # reports its usage, so a router killed right after it cannot forget it (one JetStream
+    # round trip at the answer's end; 0: never wait, a kill may lose the last records).
+    usage_max_age: Annotated[float, Meta(ge=0)] = 35 * 86400.0
+    usage_replicas: Annotated[int, Meta(ge=1, le=5)] = 3
+    usage_buffer: Annotated[int, Meta(gt=0)] = 100_000
+    usage_ack_wait: Annotated[float, Meta(ge=0, le=10)] = 0.25

@@ -5,6 +5,7 @@
     tierflow emulator calibrate     emulated vs published speeds
     tierflow loadtest run SPEC      drive the live fabric with a workload; JSON report + PNG plots
     tierflow sim SPEC               the same workload on a simulated fleet, in virtual time
+    tierflow usage                  what each tenant used (the usage ledger), by tenant, model, period
     tierflow <service> [--flags]    one service process (router, model-registry, ...)
 """
 
@@ -28,6 +29,7 @@ from tierflow.cli.status import status
 from tierflow.cli.tls_cli import app as tls_app
 from tierflow.cli.top import top
 from tierflow.cli.up import up
+from tierflow.cli.usage import usage
 
 __all__ = ["app", "main"]
 
@@ -64,6 +66,7 @@ app.command("status", help="Show services, nodes and models of a running fabric.
 app.command("top", help="Live view of nodes, models, tiers, queues and rates.")(top)
 app.add_typer(nodes_app, name="nodes")
 app.command("audit", help="Who changed what: registry admin calls, node cordons and drains, nodes started and stopped.")(audit)
+app.command("usage", help="What each tenant used: requests and tokens from the usage ledger, by tenant, model and period.")(usage)
 app.add_typer(keys_app, name="keys")
 app.add_typer(tls_app, name="tls")
 app.add_typer(nats_auth_app, name="nats-auth")
