@@ -152,7 +152,10 @@ async def main(ctx: ServiceContext, settings: Settings) -> None:
     peers = RouterPeers(nc, router_id, clock, sessions=sessions, nodes=nodes, interval=settings.presence_interval)
     await peers.start()
 
-    admission = Admission(AdmissionConfig(queue_budget_s=settings.queue_budget, max_queue_factor=settings.max_queue_factor)) if settings.queue_budget else None
+    admission = Admission(AdmissionConfig(
+        queue_budget_s=settings.queue_budget, max_queue_factor=settings.max_queue_factor,
+        headroom=settings.admission_headroom, idle_grace_s=settings.admission_idle_grace,
+    )) if settings.queue_budget else None  # fmt: skip
     if admission is not None:
         ctx.metrics.register(AdmissionCollector(admission))
 

@@ -35,6 +35,11 @@ class Settings(Struct, kw_only=True):
     # the rest get 429 + Retry-After at once. 0 turns admission off.
     queue_budget: Annotated[float, Meta(ge=0)] = 1.0
     max_queue_factor: Annotated[float, Meta(ge=0)] = 1.0  # the most queue above the batch slots, as a fraction of them
+    # Fair sharing inside the limit (issue 21): the batch slots kept free for tenants under
+    # their share while another is over it, and how long a tenant counts as active after
+    # its last request left (a client between two calls has not gone).
+    admission_headroom: Annotated[float, Meta(ge=0, lt=1)] = 0.125
+    admission_idle_grace: Annotated[float, Meta(ge=0, le=300)] = 5.0
     # How often the router announces itself (nodes drop the streams of a silent router).
     presence_interval: Annotated[float, Meta(gt=0, le=60)] = 1.0
     drain_grace: Annotated[float, Meta(ge=0)] = 5.0

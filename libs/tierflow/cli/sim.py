@@ -131,6 +131,7 @@ def sim(
     seed: Annotated[int | None, typer.Option(min=0, help="seed of the workload and the router's choices (default: the spec's)")] = None,
     rate_scale: Annotated[float | None, typer.Option(min=0.001, help="multiply every arrival rate by X (a trace: X times its rows, each keeping its tokens)")] = None,
     router_config: Annotated[Path | None, typer.Option(help="the router's configuration (tenants, placement), as `tierflow router --config`")] = None,
+    admission: Annotated[bool, typer.Option("--admission/--no-admission", help="run the router's admission (per-model limits shared by class and tenant, as live) or admit everything (default, as --queue-budget 0)")] = False,
     workers: Annotated[int, typer.Option(min=1, help="worker processes; independent deployment groups run side by side")] = 1,
     out: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("report.json"),
     plots: Annotated[Path | None, typer.Option(help="directory for PNG plots of the report (none when left out)")] = None,
@@ -147,6 +148,7 @@ def sim(
     from rich.console import Console
 
     from tierflow.cli.replay_cli import plan_trace_replay, trace_notes, trace_table
+    from tierflow.placement.admission import AdmissionConfig
     from tierflow.services.model_registry.fleet import FleetError
     from tierflow.sim import SimConfig, SimError
     from tierflow.workload.arrivals import run_length
@@ -169,6 +171,7 @@ def sim(
             nodes=nodes, duration_s=cap, rate_scale=rate_scale if rate_scale is not None and replay is None else 1.0,
             policy=policy, router_config=read_router_config(router_config), autoscale=autoscale,
             heartbeat_s=heartbeat_s, seed=seed, **({"hop_s": hop_s} if hop_s is not None else {}),
+            admission=AdmissionConfig() if admission else None,
         )  # fmt: skip
     except (SpecError, FleetError, SimError, ValueError) as exc:
         raise _fail(f"{exc}") from None
