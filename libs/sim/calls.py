@@ -62,7 +62,7 @@ class Call:
     The prompt: `prompt_tokens`, `prompt_hashes` (`tierflow.rdu.block_hashes` of its ids
     at the router's block size) and `prompt_ids`, the ids themselves only when the
     engines read them (None otherwise: see `engine_prompt`).
-    Router side: `tenant`, `route`, `placement`, the nodes `tried`, how many of those
+    Router side: `tenant`, `request_class`, `route`, `placement`, the nodes `tried`, how many of those
     answered queue_full (`overloaded`), the `attempt` count and the `last_failure`.
     Node side: the decode `node`, the `tier` the model was found in and the prompt tokens
     served from a prefix cache (`cached_tokens`), and the energy its finished legs drew (`energy_j`).
@@ -71,7 +71,7 @@ class Call:
     __slots__ = (
         "request_id", "run", "step", "model", "prompt_tokens", "prompt_hashes", "prompt_ids", "max_tokens", "sent_at",
         "tenant", "route", "placement", "tried", "overloaded", "attempt", "last_failure",
-        "node", "tier", "cached_tokens", "energy_j", "booked", "started",
+        "node", "tier", "cached_tokens", "energy_j", "booked", "started", "request_class",
     )  # fmt: skip
 
     def __init__(
@@ -107,6 +107,9 @@ class Call:
         self.energy_j = 0.0  # the Finished energy of its legs so far (prefill, then decode)
         self.booked = 0  # prompt tokens the router booked on `node` as queued for prefill (NodeTable.note_dispatch); -1 once ended
         self.started = False  # the router moved it into `node`'s batch (NodeTable.note_started); True once ended
+        # Its class where queues form (tierflow.placement.classes), as the router resolved it
+        # (`Tenant.request_class`); the node's engine queues it by class, then by `tenant`.
+        self.request_class = "standard"
 
     def engine_prompt(self) -> Sequence[int]:
         """The prompt for `EngineRequest.prompt_token_ids`: its ids when they were built,
