@@ -61,6 +61,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         preload=preload_models(profile, bundle, settings.node_id) if settings.preload == "hbm" else (),
         ddr_resident=[] if settings.preload == "cold" else None,
         kv_events=settings.kv_events_interval > 0,
+        starvation_s=settings.starvation_s, preemption=not settings.no_preemption,
     )
     identity = NodeIdentity(
         node_id=settings.node_id, role=role, deployment=deployment.name,

@@ -1,7 +1,8 @@
 """`NodeEngine`: one node as a discrete-event state machine.
 
-The chip runs one thing at a time: a weight load, a batched prefill, or one decode step
-of one model's running batch (it executes one model's graph at a time). The engine
+The chip runs one thing at a time: a weight load, a batched prefill, one decode step of
+one model's running batch (it executes one model's graph at a time), or the copy of a
+preempted sequence's KV to DDR. The engine
 commits to the next piece of work when the chip frees up, stamps events with the time
 that work ends, and hands them out from `advance(now)`. It never reads a clock: the
 decode-node shell drives it with wall time, the simulator with virtual time, and the
@@ -28,12 +29,14 @@ cache plus the copy of its tokens' KV back, and continues the same completion. A
 is preempted at most once, so every request finishes; one whose KV DDR cannot hold stays.
 
 Across models the chip is time-sliced round-robin (`time_slice` seconds per turn while
-others wait), among the models with work of the best class on the node (running or
-waiting; a starving class as above) when classes differ. Turning to a model whose weights are in DDR (or in storage) first runs the
-load, which takes real time, evicting the coldest idle models if HBM is short; a model
-with requests in flight is never evicted. Admission is FCFS across models too: once a
-model cannot get HBM (for weights or KV), models whose oldest waiter is younger stop
-admitting, so they drain and it gets its turn instead of starving.
+others wait), among the models with work of the best class on the node (decoding or
+waiting; a starving class as above) when classes differ; a slice under way is not cut
+short for a better class. Turning to a model whose weights are in DDR (or in storage)
+first runs the load, which takes real time, evicting the coldest idle models if HBM is
+short; a model with requests in flight is never evicted. Admission is FCFS across models
+too, per class: once a model cannot get HBM (for weights or KV), models whose oldest
+waiter is of a worse class, or of the same class and younger, stop admitting, so they
+drain and it gets its turn instead of starving.
 
 Fast mode (`token_events=False`), for the fleet simulator, which needs each request's
 start and finish but not its tokens: no `TokenGenerated` events, no token ids drawn, and
@@ -45,8 +48,9 @@ so a `submit` or `cancel` during a run cuts it at the first boundary the step-by
 engine would have seen it at. Step ends are summed exactly as step by step, so both modes
 emit the same `RequestStarted` and `RequestFinished` events and pass through the same
 snapshots. What fast mode keeps of the tokens is each request's gaps between them, as a
-small histogram (`tierflow.rdu.itl`): a run's gaps are counted once for its whole batch. (The fairness counters are read the
-same way: per model, a decode step count; nothing is charged per token.)
+small histogram (`tierflow.rdu.itl`): a run's gaps are counted once for its whole batch.
+The tenants' fairness counters are read the same way, from each model's decode step
+count: nothing is charged per token, and both modes read the same counters.
 
 Energy (`tierflow.rdu.energy`) is charged from the same clock-time accounting, in both
 modes: each piece of work costs the node's active power times its duration, all of it to
@@ -616,7 +620,7 @@ class NodeEngine:
                     run.cut(now)  # a sequence may leave the batch for it at the next step
             elif run.renew:
                 run.cut(max(now, self._slice_end))  # the slice no longer renews unseen
-        share = self._shares.tenant(rank, request.tenant, weight)
+        share = self._shares.enqueue(rank, request.tenant, weight)
         r = _Req(rid, m, n, max_tokens, now, target, reason, key, hashes, request.prefilled, resumed, share)
         if forced:
             r.tokens = forced
@@ -629,7 +633,6 @@ class NodeEngine:
         m.nq[rank] += 1
         m.n_waiting += 1
         self._n_waiting += 1
-        self._shares.enqueue(share, weight)
         self._class_n[rank] += 1
         if rank < self._top_rank:
             self._top_rank = rank
@@ -864,6 +867,19 @@ class NodeEngine:
         has waited `starvation_s` and longer than the best class's oldest; the oldest
         such goes first). (-1, inf) when no request has arrived."""
         nq = m.nq
+        n = m.n_waiting
+        for c in range(N_CLASSES):
+            if nq[c] == n:  # one class waits (the usual case): its oldest, if arrived
+                f = m.fifo[c]
+                while f and f[0].state != _WAITING:
+                    f.popleft()
+                since = f[0].arrival if f and f[0].arrival <= t else math.inf
+                q = m.resume[c]
+                if q and q[0].queued_at < since:
+                    since = q[0].queued_at
+                return (c, since) if since < math.inf else (-1, since)
+            if nq[c]:
+                break
         best = -1
         since_best = math.inf
         for c in range(N_CLASSES):
@@ -1455,7 +1471,9 @@ class NodeEngine:
         self._release(r)
         r.state = _DONE
         self._class_n[r.rank] -= 1
-        self._shares.idle(r.share)
+        share = r.share
+        if not share.queued and not share.admitted:
+            self._shares.idle(share)
 
     @staticmethod
     def _leave_batch(m: _Model, r: _Req, steps: int) -> None:

@@ -126,19 +126,18 @@ class FairShares:
         # active when no other is starts there
         self.mark: list[float] = [0.0] * N_CLASSES
 
-    def tenant(self, rank: int, name: str, weight: float) -> TenantShare:
+    def enqueue(self, rank: int, name: str, weight: float) -> TenantShare:
+        """One more request of tenant `name` waits in class `rank` (a submission): its
+        share, marked as becoming active if it had nothing on the node."""
         ts = self.tenants[rank].get(name)
         if ts is None:
             ts = self.tenants[rank][name] = TenantShare(name, rank, weight)
-        return ts
-
-    def enqueue(self, ts: TenantShare, weight: float) -> None:
-        """One more request of `ts` waits (a submission)."""
-        if not ts.active and not ts.fresh:
+        if not ts.queued and not ts.admitted and not ts.fresh:
             ts.fresh = True
-            self.fresh[ts.rank].append(ts)
+            self.fresh[rank].append(ts)
         ts.next_weight = weight
         ts.queued += 1
+        return ts
 
     def floor(self, rank: int) -> float:
         """Where a tenant becoming active in class `rank` starts: the least counter of the
