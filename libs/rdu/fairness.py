@@ -12,7 +12,9 @@ admits them in this order:
    nothing) plus tokens it decoded, one per sequence per step. A tenant that becomes
    active (its first waiting request after none waiting or running) starts at the least
    counter among the class's active tenants, so it cannot bank credit while idle; with
-   none active, at the highest counter a tenant left with (`FairShares.mark`).
+   none active, at the highest counter a tenant left with (`FairShares.mark`). Counters
+   are per node and per class. A tenant's weight is its latest request's, taken when it
+   becomes active: a weight changed mid-burst applies from its next busy period.
 3. **FIFO within a tenant** (a preempted request first: it resumes before its class's
    queue moves).
 
