@@ -85,6 +85,7 @@ class _Stream:
     stops: StopMatcher | None = None  # the request's stop strings (stops.py), if any
     prompt_len: int = 0  # the prompt proper, for a Finished the driver makes (a stop string)
     span: Span | None = None  # the request's node span (only when traces are exported): ended with the stream
+    request_class: str = "standard"  # where it queued (the engine's fair queuing); the node's metrics are per class
 
 
 def _end_span(span: Span | None, error: str = "", finished: messages.Finished | None = None) -> None:
@@ -193,6 +194,9 @@ class EngineDriver:
             prefilled=bool(request.kv_source),
             resume_from=len(resumed),
             output_token_ids=request.output_token_ids or None,
+            request_class=request.request_class,
+            tenant=request.tenant,
+            tenant_weight=request.tenant_weight,
         )
         transfer = self._kv_transfer_seconds(request, len(prompt)) if request.kv_source else 0.0
         if transfer <= 0 and not await self._admit(engine_request, reply, now):
@@ -204,6 +208,7 @@ class EngineDriver:
             router=subjects.router_of_reply(reply),
             deadline=now + request.timeout_s if request.timeout_s > 0 else math.inf, span=span,
             stops=StopMatcher(request.stop) if request.stop else None, prompt_len=len(request.prompt_token_ids),
+            request_class=request.request_class,
         )
         self._unannounced.append(stream)
         if transfer > 0:

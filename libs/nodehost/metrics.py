@@ -17,6 +17,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tierflow.rdu import EngineSnapshot
+from tierflow.rdu.fairness import CLASS_NAMES
 from tierflow.runtime import vllm_metrics as vllm
 
 __all__ = ["ModelMetrics", "NodeMetrics"]
@@ -47,6 +48,13 @@ class NodeMetrics:
         self.energy = Counter("tierflow_node_energy_joules", "Energy drawn for each model's work on the node, joules", labels, registry=registry)
         self.power = Gauge("tierflow_node_power_watts", "Power the node draws now, watts (0: no published figure)", ("node",), registry=registry)
         self._energy_seen: dict[tuple[str, str], float] = {}
+        # Fair queuing (tierflow.rdu.fairness): the queue and its waits per request class,
+        # and sequences preempted for interactive work.
+        self.queue_depth = Gauge("tierflow_node_queue_depth", "Requests waiting on the node per request class (preempted ones included)", ("node", "request_class"), registry=registry)
+        self.class_queue_time = Histogram("tierflow_node_class_queue_time_seconds", "Time queued on the node before entering a batch, per request class", ("node", "request_class"), buckets=_LATENCY_BUCKETS, registry=registry)
+        self.preemptions = Counter("tierflow_node_preemptions", "Sequences taken out of a full batch (KV parked in DDR) for interactive work", labels, registry=registry)
+        self._class_children: dict[tuple[str, str], tuple[Gauge, Histogram]] = {}
+        self._preemptions_seen: dict[tuple[str, str], int] = {}
         self.vllm = VllmEngineMetrics(registry)
 
     def set_energy(self, node: str, snap: EngineSnapshot) -> None:
@@ -62,6 +70,33 @@ class NodeMetrics:
             elif key not in seen:
                 self.energy.labels(node, m.name)  # present at 0 from the start
                 seen[key] = m.energy_joules
+
+    def _class(self, node: str, request_class: str) -> tuple[Gauge, Histogram]:
+        children = self._class_children.get((node, request_class))
+        if children is None:
+            children = self._class_children[(node, request_class)] = (
+                self.queue_depth.labels(node, request_class), self.class_queue_time.labels(node, request_class))
+        return children
+
+    def queued_for(self, node: str, request_class: str, seconds: float) -> None:
+        """A request of `request_class` entered a batch after `seconds` in the node's queue."""
+        self._class(node, request_class)[1].observe(seconds)
+
+    def set_queues(self, node: str, snap: EngineSnapshot) -> None:
+        """The engine's queue per class, and its preemptions: each model's counter moves by
+        those since the last call."""
+        for name, depth in zip(CLASS_NAMES, snap.queued_by_class):
+            self._class(node, name)[0].set(depth)
+        seen = self._preemptions_seen
+        for m in snap.models:
+            key = (node, m.name)
+            if key not in seen:
+                self.preemptions.labels(node, m.name)  # present at 0 from the start
+                seen[key] = 0
+            grown = m.preemptions - seen[key]
+            if grown > 0:
+                self.preemptions.labels(node, m.name).inc(grown)
+                seen[key] = m.preemptions
 
     def set_model_state(self, node: str, model: str, running: int, waiting: int, kv_usage: float) -> None:
         """A model's scheduler state on this node, as vLLM reports it (per model_name)."""

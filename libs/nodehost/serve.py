@@ -61,6 +61,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         preload=preload_models(profile, bundle, settings.node_id) if settings.preload == "hbm" else (),
         ddr_resident=[] if settings.preload == "cold" else None,
         kv_events=settings.kv_events_interval > 0,
+        starvation_s=settings.starvation_s, preemption=not settings.no_preemption,
     )
     identity = NodeIdentity(
         node_id=settings.node_id, role=role, deployment=deployment.name,
@@ -80,6 +81,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         ttft = s.first_token_at - s.received_at if s.tokens else 0.0  # type: ignore[attr-defined]
         decode_time = at - s.first_token_at if s.tokens > 1 else 0.0  # type: ignore[attr-defined]
         m.queue_time.observe(s.queue_time)  # type: ignore[attr-defined]
+        metrics.queued_for(settings.node_id, s.request_class, s.queue_time)  # type: ignore[attr-defined]
         if s.tokens:  # type: ignore[attr-defined]
             m.ttft.observe(ttft)
         m.prompt_tokens.inc(finished.prompt_tokens)
@@ -96,7 +98,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
             "completion_tokens_per_sec": round((finished.completion_tokens - 1) / decode_time, 2) if decode_time > 0 else 0.0,
             "prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
             "cached_tokens": finished.cached_tokens, "tier": s.tier, "finish_reason": finished.finish_reason,  # type: ignore[attr-defined]
-            "energy_j": round(finished.energy_j, 3),
+            "energy_j": round(finished.energy_j, 3), "request_class": s.request_class,  # type: ignore[attr-defined]
         })  # fmt: skip
 
     def dropped(request_id: str, model: str, reason: str) -> None:
@@ -151,6 +153,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
             "gen_ai.request.model": request.model, "gen_ai.response.id": request.request_id,
             "gen_ai.usage.input_tokens": len(request.prompt_token_ids) + len(request.resume_token_ids),
             "tierflow.node": settings.node_id, "tierflow.request_id": request.request_id,
+            "tierflow.request_class": request.request_class,
         })
         await driver.submit(request, reply, span)
 
@@ -172,6 +175,7 @@ async def serve_node(ctx: ServiceContext, settings: NodeSettings, *, role: str, 
         metrics.requests_waiting.labels(settings.node_id).set(snap.queue_depth)
         metrics.kv_cache_usage.labels(settings.node_id).set(snap.kv_usage)
         metrics.set_energy(settings.node_id, snap)
+        metrics.set_queues(settings.node_id, snap)
         for m in snap.models:
             metrics.set_model_state(settings.node_id, m.name, m.in_flight, m.queued, snap.kv_usage)
             for tier in ("hbm", "ddr", "loading", "cold"):

@@ -36,4 +36,9 @@ class NodeSettings(Struct, kw_only=True):
     # with a full snapshot at start, on a router's request and every kv_snapshot_every (0: never).
     kv_events_interval: Annotated[float, Meta(ge=0, le=10)] = 0.05
     kv_snapshot_every: Annotated[float, Meta(ge=0)] = 30.0
+    # Fair queuing (tierflow.rdu.fairness): a request class whose oldest request has waited
+    # this many seconds goes before the better classes. An interactive request may take a
+    # lower-class sequence's place in a full batch (its KV parked in DDR) unless `no_preemption`.
+    starvation_s: Annotated[float, Meta(gt=0)] = 30.0
+    no_preemption: bool = False
 

@@ -1,7 +1,8 @@
 """`NodeEngine`: one node as a discrete-event state machine.
 
-The chip runs one thing at a time: a weight load, a batched prefill, or one decode step
-of one model's running batch (it executes one model's graph at a time). The engine
+The chip runs one thing at a time: a weight load, a batched prefill, one decode step of
+one model's running batch (it executes one model's graph at a time), or the copy of a
+preempted sequence's KV to DDR. The engine
 commits to the next piece of work when the chip frees up, stamps events with the time
 that work ends, and hands them out from `advance(now)`. It never reads a clock: the
 decode-node shell drives it with wall time, the simulator with virtual time, and the
@@ -9,16 +10,33 @@ results do not depend on how often `advance` is called, because work only ever c
 requests that had arrived when it started.
 
 Scheduling, per model, is continuous batching under the deployment's batch limit:
-waiting requests are admitted FCFS (prefill first, like vLLM's default), their first
-token comes out of the prefill, then the batch decodes a step at a time. KV is reserved
-for prompt + max_tokens on admission, so admitted requests never get preempted.
+waiting requests are admitted prefill first (like vLLM's default), their first token
+comes out of the prefill, then the batch decodes a step at a time. KV is reserved for
+prompt + max_tokens on admission, so an admitted request never runs out of it. Who is
+admitted next (`tierflow.rdu.fairness`): the request class strictly (interactive, then
+standard, then batch; a class whose oldest request has waited `starvation_s` goes before
+the better ones), then the tenant of that class that has received the least service over
+its weight, then first come, first served within the tenant. With one class and one
+tenant that is plain FCFS.
+
+Preemption: when an interactive request is next and its model's batch is full with a
+standard or batch sequence in it, the lowest-class, most recently started such sequence
+leaves the batch. Its prompt's KV stays in the prefix cache (which spills it to DDR
+under pressure, as any cached block), the KV of the tokens it generated is copied to DDR
+(`KVCache.park`; the copy is a piece of chip work before the next admission), and it
+waits at the head of its class. It resumes as a prefill of its prompt against the prefix
+cache plus the copy of its tokens' KV back, and continues the same completion. A sequence
+is preempted at most once, so every request finishes; one whose KV DDR cannot hold stays.
 
 Across models the chip is time-sliced round-robin (`time_slice` seconds per turn while
-others wait). Turning to a model whose weights are in DDR (or in storage) first runs the
-load, which takes real time, evicting the coldest idle models if HBM is short; a model
-with requests in flight is never evicted. Admission is FCFS across models too: once a
-model cannot get HBM (for weights or KV), models whose oldest waiter is younger stop
-admitting, so they drain and it gets its turn instead of starving.
+others wait), among the models with work of the best class on the node (decoding or
+waiting; a starving class as above) when classes differ; a slice under way is not cut
+short for a better class. Turning to a model whose weights are in DDR (or in storage)
+first runs the load, which takes real time, evicting the coldest idle models if HBM is
+short; a model with requests in flight is never evicted. Admission is FCFS across models
+too, per class: once a model cannot get HBM (for weights or KV), models whose oldest
+waiter is of a worse class, or of the same class and younger, stop admitting, so they
+drain and it gets its turn instead of starving.
 
 Fast mode (`token_events=False`), for the fleet simulator, which needs each request's
 start and finish but not its tokens: no `TokenGenerated` events, no token ids drawn, and
@@ -31,6 +49,8 @@ engine would have seen it at. Step ends are summed exactly as step by step, so b
 emit the same `RequestStarted` and `RequestFinished` events and pass through the same
 snapshots. What fast mode keeps of the tokens is each request's gaps between them, as a
 small histogram (`tierflow.rdu.itl`): a run's gaps are counted once for its whole batch.
+The tenants' fairness counters are read the same way, from each model's decode step
+count: nothing is charged per token, and both modes read the same counters.
 
 Energy (`tierflow.rdu.energy`) is charged from the same clock-time accounting, in both
 modes: each piece of work costs the node's active power times its duration, all of it to
@@ -51,6 +71,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Final, Literal
 
 import numpy as np
@@ -73,6 +94,7 @@ from .events import (
     TokenGenerated,
 )
 from .energy import node_energy, power_for
+from .fairness import CLASS_NAMES, CLASS_RANK, DEFAULT_STARVATION_S, N_CLASSES, FairShares, TenantShare
 from .hardware import HardwareProfile
 from .itl import bucket, buckets
 from .kvcache import DEFAULT_BLOCK_SIZE, KVAllocation, KVCache, KvChanges, hashes_from_packed, pack_tokens
@@ -86,12 +108,15 @@ _WAITING: Final = 0
 _PREFILLING: Final = 1
 _RUNNING: Final = 2
 _DONE: Final = 3
+_PARKED: Final = 4  # preempted: waiting to resume, its generated tokens' KV in DDR
 
 _LOAD: Final = 0
 _PREFILL: Final = 1
 _DECODE: Final = 2
 _RUN: Final = 3  # fast mode: many decode steps of one batch
+_SWAP: Final = 4  # a preempted sequence's KV copied out to DDR
 _NUMPY_STEPS: Final = 32  # a run's energy and gaps vectorised past this many steps
+_ARRIVAL: Final = attrgetter("arrival")
 
 
 class _Req:
@@ -115,6 +140,16 @@ class _Req:
         "energy",
         "last_at",
         "itl",
+        "rank",
+        "share",
+        "queued_at",
+        "pass_hits",
+        "parked",
+        "preempted",
+        "joined_at",
+        "started_at",
+        "itl_acc",
+        "victim",
     )
 
     def __init__(
@@ -129,7 +164,8 @@ class _Req:
         key: int,
         hashes: list[int],
         prefilled: bool,
-        resumed: int = 0,
+        resumed: int,
+        share: TenantShare,
     ) -> None:
         self.id = rid
         self.model = model
@@ -154,6 +190,16 @@ class _Req:
         self.energy = 0.0
         self.last_at = 0.0  # fast mode: its first token's time
         self.itl: dict[int, int] | None = None  # fast mode: its model's `gaps` when it joined (corrected)
+        self.rank = share.rank  # its class (fairness.CLASS_NAMES)
+        self.share = share  # its tenant's service in that class
+        self.queued_at = arrival  # since when it waits: its arrival, or its preemption
+        self.pass_hits = 0  # prompt tokens its (latest) prefill found in the prefix cache
+        self.parked = 0  # bytes of its KV parked in DDR while preempted
+        self.preempted = 0  # times it left the batch for interactive work (at most once)
+        self.joined_at = 0  # its model's `steps` when it joined the batch (fairness counters)
+        self.started_at = 0.0  # when it was first admitted
+        self.itl_acc: dict[int, int] | None = None  # fast mode: its gaps before a preemption
+        self.victim = False  # decoding, below interactive, never preempted: may be preempted
 
 
 class _Model:
@@ -169,6 +215,18 @@ class _Model:
         "max_batch",
         "resident",
         "waiting",
+        "fifo",
+        "queues",
+        "resume",
+        "nq",
+        "n_waiting",
+        "n_parked",
+        "run_n",
+        "victims",
+        "steps",
+        "last_end",
+        "preemptions",
+        "blocked_rank",
         "running",
         "ctx_sum",
         "load_source",
@@ -196,13 +254,28 @@ class _Model:
         self.block_bytes = bundle.spec.kv_bytes_per_token * block_size
         self.max_batch = bundle.config.batch_size
         self.resident = math.ceil(resident_bytes(bundle.spec, profile))
+        # Waiting requests: every one in arrival order (`waiting`, and `fifo` per class:
+        # lazy, an entry whose request left the queue is dropped when it reaches the front),
+        # and exactly, per class, a FIFO per tenant (`queues`) and the preempted (`resume`).
         self.waiting: deque[_Req] = deque()
+        self.fifo: list[deque[_Req]] = [deque() for _ in range(N_CLASSES)]
+        self.queues: list[dict[TenantShare, deque[_Req]]] = [{} for _ in range(N_CLASSES)]
+        self.resume: list[deque[_Req]] = [deque() for _ in range(N_CLASSES)]
+        self.nq = [0] * N_CLASSES  # waiting per class, preempted ones included
+        self.n_waiting = 0
+        self.n_parked = 0
+        self.run_n = [0] * N_CLASSES  # admitted per class (prefilling or decoding)
+        self.victims = 0  # decoding below interactive and never preempted: may be preempted
+        self.steps = 0  # decode steps its batch has taken (fairness counters read it)
+        self.last_end = -math.inf  # when its last piece of work ended
+        self.preemptions = 0
+        self.blocked_rank = 0  # the class of the waiter `blocked_since` dates
         self.running: list[_Req] = []
         self.ctx_sum = 0  # prompt + generated tokens over the running batch
         self.load_source: Literal["ddr", "cold"] = "ddr"
         self.load_start = -math.inf
         self.load_end: float | None = None
-        self.blocked_since: float | None = None  # arrival of a waiter denied HBM (weights or KV)
+        self.blocked_since: float | None = None  # the oldest waiter of a class denied HBM (weights or KV)
         self.kv_blocked_epoch = -1  # KV release epoch at which its head last failed to fit
         self.energy = 0.0  # joules of its finished work (loads, prefills, decode steps)
         self.per_seq = 0.0  # joules each sequence in its batch has paid for decode steps so far
@@ -296,6 +369,8 @@ class NodeEngine:
         recent_hashes: int = 256,
         token_events: bool = True,
         kv_events: bool = False,
+        starvation_s: float = DEFAULT_STARVATION_S,
+        preemption: bool = True,
     ) -> None:
         """`preload`: models already in HBM; `ddr_resident`: models already in DDR (default:
         the whole bundle; the rest start cold, in host storage). `kv_cache_fraction` of HBM
@@ -303,11 +378,16 @@ class NodeEngine:
         `token_events=False` is fast mode (see the module docstring): same starts, finishes
         and snapshots, no tokens. `kv_events=True` logs the KV cache's changes for
         `drain_kv_events` (a node host publishes them to the routers' prefix index).
+        `starvation_s`: a class whose oldest request has waited this long goes before the
+        better classes waiting beside it (module docstring, `tierflow.rdu.fairness`).
+        `preemption=False`: interactive requests wait for a free batch slot like the rest.
         """
         if not bundle:
             raise ValueError("bundle is empty: a node serves at least one model")
         if max_queue < 0 or max_prefill_tokens <= 0 or time_slice <= 0 or block_size <= 0:
             raise ValueError("max_queue >= 0, and max_prefill_tokens, time_slice, block_size > 0")
+        if not starvation_s > 0:
+            raise ValueError(f"starvation_s must be > 0 seconds, got {starvation_s}")
         if not 0 < kv_cache_fraction < 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1), got {kv_cache_fraction}")
         names = [b.spec.name for b in bundle]
@@ -326,6 +406,12 @@ class NodeEngine:
         self._time_slice = time_slice
         self._switch_patience = switch_patience
         self._max_prefill_tokens = max_prefill_tokens
+        self._starvation = starvation_s
+        self._preemption = preemption
+        self._shares = FairShares()
+        self._class_n = [0] * N_CLASSES  # requests per class on the node, waiting or admitted
+        self._top_rank = N_CLASSES - 1  # the best class ever submitted (fast mode's run cuts)
+        self._preemptions = 0
         self._ledger = TransferLedger()
         kv_hbm = int(profile.hbm_capacity * kv_cache_fraction)
         weights_hbm = profile.hbm_capacity - kv_hbm
@@ -457,6 +543,15 @@ class NodeEngine:
                 f" and within max_tokens; got {resumed} of {n} prompt ids, max_tokens"
                 f" {request.max_tokens}",
             )
+        rank = CLASS_RANK.get(request.request_class)
+        if rank is None:
+            raise RequestRejected(
+                "invalid_request",
+                f"request_class must be one of {', '.join(CLASS_NAMES)}; got {request.request_class!r}",
+            )
+        weight = request.tenant_weight
+        if not (weight > 0 and math.isfinite(weight)):
+            raise RequestRejected("invalid_request", f"tenant_weight must be a positive number, got {weight!r}")
         n -= resumed  # the prompt proper; the resumed tokens are part of the completion
         seq_len = m.config.seq_len
         if n + request.max_tokens > seq_len:
@@ -517,16 +612,31 @@ class NodeEngine:
         run = self._pending
         if type(run) is _Run:
             if run.model is m:
-                if not m.waiting and len(m.running) < m.max_batch:
-                    run.cut(now)  # it is the new head: admissible from the next step
+                if len(m.running) < m.max_batch:
+                    # the new head, or of a class that may go where the waiting could not
+                    if not m.n_waiting or (m.kv_blocked_epoch != self._kv_epoch and self._fair(m, rank, now)):
+                        run.cut(now)  # admissible from the next step
+                elif rank == 0 and m.victims and self._fair(m, 0, now):
+                    run.cut(now)  # a sequence may leave the batch for it at the next step
             elif run.renew:
                 run.cut(max(now, self._slice_end))  # the slice no longer renews unseen
-        r = _Req(rid, m, n, max_tokens, now, target, reason, key, hashes, request.prefilled, resumed)
+        share = self._shares.enqueue(rank, request.tenant, weight)
+        r = _Req(rid, m, n, max_tokens, now, target, reason, key, hashes, request.prefilled, resumed, share)
         if forced:
             r.tokens = forced
         m.waiting.append(r)
-        self._requests[rid] = r
+        m.fifo[rank].append(r)
+        queue = m.queues[rank].get(share)
+        if queue is None:
+            queue = m.queues[rank][share] = deque()
+        queue.append(r)
+        m.nq[rank] += 1
+        m.n_waiting += 1
         self._n_waiting += 1
+        self._class_n[rank] += 1
+        if rank < self._top_rank:
+            self._top_rank = rank
+        self._requests[rid] = r
 
     def energy_of(self, request_id: str) -> float:
         """Joules charged to a request so far (its `RequestFinished.energy_j` if it ended now):
@@ -549,16 +659,24 @@ class NodeEngine:
         if type(run) is _Run:
             run.cut(-math.inf)  # freed KV, a slot or a queue place: decide at the next step
         m = r.model
-        if r.state == _WAITING:
-            m.waiting.remove(r)
-            self._n_waiting -= 1
+        if r.state == _WAITING or r.state == _PARKED:
+            self._unqueue(m, r, head=False)
+            if r.state == _PARKED:
+                self._kv.unpark(r.parked, restore=False)
+                r.parked = 0
             m.blocked_since = None  # recomputed at the next decision
         else:
             if r.state == _RUNNING:
                 m.running.remove(r)
                 m.ctx_sum -= r.prompt_len + r.generated
+                # fast mode: the steps of the run under way that its shell has seen (token
+                # mode has taken them one by one): the tenant's counter as in token mode
+                seen = bisect_right(run.ends, run.seen) if type(run) is _Run and run.model is m else 0
+                self._leave_batch(m, r, m.steps + seen)
             self._release(r)
         r.state = _DONE
+        self._class_n[r.rank] -= 1
+        self._shares.idle(r.share)
 
     def next_event_time(self) -> float | None:
         """When `advance` next has something to do; None when idle."""
@@ -578,6 +696,7 @@ class NodeEngine:
                     break
                 self._pending = None
                 self._free_at = end
+                work.model.last_end = end
                 self._busy += end - work.start
                 if self._active_w:
                     self._charge(work)
@@ -629,7 +748,7 @@ class NodeEngine:
             share = joules / len(work.batch)
             for r in work.batch:
                 r.energy += share
-        elif work.kind != _LOAD and m.running:
+        elif work.kind == _DECODE and m.running:
             m.per_seq += joules / len(m.running)
 
     def snapshot(self, now: float, *, node_hashes: bool = True) -> EngineSnapshot:
@@ -659,11 +778,12 @@ class NodeEngine:
                 weight_bytes=m.resident,
                 in_flight=w.pins(m.name),
                 last_used=w.last_used(m.name),
-                queued=len(m.waiting),
+                queued=m.n_waiting,
                 max_batch=m.max_batch,
                 config=m.config_name,
                 recent_prefix_hashes=kv.recent_hashes(m.name),
                 energy_joules=m.energy + run_energy if m is run_model else m.energy,
+                preemptions=m.preemptions,
             )
             for m in self._models
         ]
@@ -690,13 +810,36 @@ class NodeEngine:
             busy_seconds=busy,
             energy_joules=node_energy(power, busy, now - self._started),
             power_w=power_w,
+            queued_by_class=[sum(m.nq[c] for m in self._models) for c in range(N_CLASSES)],
+            preemptions=self._preemptions,
         )
 
     # ------------------------------------------------------------------ scheduling
+    @staticmethod
+    def _head(m: _Model) -> _Req | None:
+        """`m`'s earliest-arriving request still waiting (preempted ones aside)."""
+        w = m.waiting
+        while w:
+            r = w[0]
+            if r.state == _WAITING:
+                return r
+            w.popleft()
+        return None
+
+    def _since(self, m: _Model) -> float:
+        """When `m`'s longest-waiting request began to wait (arrived or not; inf: none)."""
+        head = self._head(m)
+        since = head.arrival if head is not None else math.inf
+        if m.n_parked:
+            for q in m.resume:
+                if q and q[0].queued_at < since:
+                    since = q[0].queued_at
+        return since
+
     def _next_start(self) -> float | None:
         if self._n_admitted:
             return self._free_at
-        earliest = min((m.waiting[0].arrival for m in self._models if m.waiting), default=None)
+        earliest = min((self._since(m) for m in self._models if m.n_waiting), default=None)
         if earliest is None:
             return None
         return max(self._free_at, earliest)
@@ -705,44 +848,146 @@ class NodeEngine:
         bs = self._block_size
         return -(-(r.prompt_len + r.max_tokens) // bs), (r.prompt_len + r.resumed - 1) // bs
 
-    def _fair(self, m: _Model, head: _Req) -> bool:
-        """FCFS across models: no admitting ahead of an older waiter denied HBM elsewhere."""
+    @staticmethod
+    def _oldest(m: _Model, c: int, t: float) -> float:
+        """Since when the longest-waiting request of class `c` on `m` that arrived by `t`
+        waits (inf: none has)."""
+        f = m.fifo[c]
+        while f and f[0].state != _WAITING:
+            f.popleft()
+        since = f[0].arrival if f and f[0].arrival <= t else math.inf
+        q = m.resume[c]
+        if q and q[0].queued_at < since:
+            since = q[0].queued_at
+        return since
+
+    def _serve_class(self, m: _Model, t: float) -> tuple[int, float]:
+        """The class `m` admits from next, and since when its oldest request waits: the
+        best class with a request arrived by `t`, unless a worse one starves (its oldest
+        has waited `starvation_s` and longer than the best class's oldest; the oldest
+        such goes first). (-1, inf) when no request has arrived."""
+        nq = m.nq
+        n = m.n_waiting
+        for c in range(N_CLASSES):
+            if nq[c] == n:  # one class waits (the usual case): its oldest, if arrived
+                f = m.fifo[c]
+                while f and f[0].state != _WAITING:
+                    f.popleft()
+                since = f[0].arrival if f and f[0].arrival <= t else math.inf
+                q = m.resume[c]
+                if q and q[0].queued_at < since:
+                    since = q[0].queued_at
+                return (c, since) if since < math.inf else (-1, since)
+            if nq[c]:
+                break
+        best = -1
+        since_best = math.inf
+        for c in range(N_CLASSES):
+            if not nq[c]:
+                continue
+            since = self._oldest(m, c, t)
+            if since == math.inf:
+                continue
+            if best < 0:
+                best, since_best = c, since
+            elif since < since_best and t - since > self._starvation:
+                best, since_best = c, since
+        return best, since_best
+
+    def _fair(self, m: _Model, rank: int, since: float) -> bool:
+        """No admitting ahead of a waiter denied HBM elsewhere: one of a better class, or of
+        the same class and older (FCFS across models, per class)."""
         for other in self._models:
-            since = other.blocked_since
-            if since is not None and other is not m and since < head.arrival:
+            b = other.blocked_since
+            if b is not None and other is not m and (other.blocked_rank < rank or (other.blocked_rank == rank and b < since)):
                 return False
         return True
 
+    def _pick(self, m: _Model, c: int, t: float) -> _Req:
+        """The request of class `c` (which has one arrived by `t`) `m` admits next: a
+        preempted one first, else the head of the tenant with the least effective counter
+        (`tierflow.rdu.fairness`; ties to the earlier arrival). Changes nothing."""
+        parked = m.resume[c]
+        if parked:
+            return parked[0]
+        queues = m.queues[c]
+        if len(queues) == 1:
+            for q in queues.values():
+                return q[0]
+        shares = self._shares
+        floor: float | None = None
+        best: _Req | None = None
+        best_v = 0.0
+        for ts, q in queues.items():
+            r = q[0]
+            if r.arrival > t:
+                continue
+            if ts.fresh:
+                if floor is None:
+                    floor = shares.floor(c)
+                v = shares.effective(ts, floor)
+            else:
+                v = ts.counter()
+            if best is None or v < best_v or (v == best_v and r.arrival < best.arrival):
+                best, best_v = r, v
+        assert best is not None, "the class has a request arrived"
+        return best
+
+    def _unqueue(self, m: _Model, r: _Req, *, head: bool) -> None:
+        """Take `r` (its queue's head when admitted, anywhere when cancelled) out of the queue."""
+        c = r.rank
+        if r.state == _PARKED:
+            q = m.resume[c]
+            m.n_parked -= 1
+        else:
+            q = m.queues[c][r.share]
+        if head:
+            q.popleft()
+        else:
+            q.remove(r)
+        if not q and r.state != _PARKED:
+            del m.queues[c][r.share]
+        m.nq[c] -= 1
+        m.n_waiting -= 1
+        self._n_waiting -= 1
+        r.share.queued -= 1
+
     def _admissible(self, m: _Model, t: float) -> bool:
-        """Can `m` (weights in HBM) admit its head request at `t`?"""
-        if not m.waiting or len(m.running) >= m.max_batch:
+        """Can `m` (weights in HBM) admit its next request at `t`?"""
+        if not m.n_waiting or len(m.running) >= m.max_batch or m.kv_blocked_epoch == self._kv_epoch:
             return False
-        head = m.waiting[0]
-        if head.arrival > t or m.kv_blocked_epoch == self._kv_epoch or not self._fair(m, head):
+        c, since = self._serve_class(m, t)
+        if c < 0 or not self._fair(m, c, since):
             return False
+        head = self._pick(m, c, t)
         total, max_hits = self._kv_args(head)
         if self._kv.fits(m.name, m.block_bytes, head.hashes, total, max_hit_blocks=max_hits):
             return True
         m.kv_blocked_epoch = self._kv_epoch
         if m.blocked_since is None:
-            m.blocked_since = head.arrival
+            m.blocked_since, m.blocked_rank = since, c
         return False
 
     def _runnable(self, m: _Model, t: float) -> bool:
         if self._weights.tier(m.name) == "hbm":
             return bool(m.running) or self._admissible(m, t)
-        if not m.waiting or m.waiting[0].arrival > t:
+        if not m.n_waiting:
+            return False
+        c, since = self._serve_class(m, t)
+        if c < 0:
             return False
         if self._weights.plan_load(m.name, t) is None:
             if m.blocked_since is None:
-                m.blocked_since = m.waiting[0].arrival
+                m.blocked_since, m.blocked_rank = since, c
             return False
-        return self._fair(m, m.waiting[0])
+        return self._fair(m, c, since)
 
     def _choose(self, t: float) -> _Model:
         """The model to run next: the current one until its slice ends, then, in rotation,
         one whose weights are already in HBM; a model that must be switched in goes first
         only once its oldest request has waited `switch_patience` (or nothing hot has work).
+        When the node holds work of several classes, the rotation is among the models
+        with work of the class to serve (`_class_turn`), if any of them can run.
 
         Plain rotation would alternate between two models that do not fit in HBM together,
         paying a DDR->HBM copy every time slice: a node thrashing on its own queue.
@@ -750,17 +995,32 @@ class NodeEngine:
         cur = self._current
         if cur is not None and t < self._slice_end and self._runnable(cur, t):
             return cur
+        classes = self._class_n
+        allowed = self._class_turn(t) if (classes[0] > 0) + (classes[1] > 0) + (classes[2] > 0) > 1 else None
+        chosen = self._rotate(t, allowed)
+        if chosen is None and allowed is not None:
+            chosen = self._rotate(t, None)
+        if chosen is None:
+            raise RuntimeError("scheduler invariant broken: requests are pending but no model can run")
+        self._current = chosen
+        self._slice_end = t + self._time_slice
+        return chosen
+
+    def _rotate(self, t: float, allowed: list[_Model] | None) -> _Model | None:
+        cur = self._current
         n = len(self._models)
         first = cur.index + 1 if cur is not None else 0
         while True:
             hot = cold = None
             for j in range(n):
                 m = self._models[(first + j) % n]
+                if allowed is not None and m not in allowed:
+                    continue
                 if not self._runnable(m, t):
                     continue
                 if self._weights.tier(m.name) == "hbm":
                     hot = hot or m
-                elif m.waiting and t - m.waiting[0].arrival >= self._switch_patience:
+                elif m.n_waiting and t - self._since(m) >= self._switch_patience:
                     hot = None
                     cold = m
                     break
@@ -768,25 +1028,65 @@ class NodeEngine:
                     cold = cold or m
             chosen = hot or cold
             if chosen is None:
-                raise RuntimeError("scheduler invariant broken: requests are pending but no model can run")
+                return None
             # Checking a later model may mark it blocked (no HBM to load it into), and an
             # older blocked waiter makes an earlier pick wait its turn (`_fair`): choose
             # again until the pick still holds. Each pass that changes the answer has set
             # some model's `blocked_since`, so this ends within a pass per model.
             if self._runnable(chosen, t):
-                break
-        self._current = chosen
-        self._slice_end = t + self._time_slice
-        return chosen
+                return chosen
+
+    def _class_turn(self, t: float) -> list[_Model] | None:
+        """The models whose turn it is when the node holds work of several classes: those
+        with work (decoding, or waiting and arrived) of the best class; or the one model
+        whose worse class starves (its oldest work has waited `starvation_s`, and longer
+        than any of the best class: a decoding batch waits since its model last ran).
+        None: every model with work."""
+        present: list[tuple[_Model, int, list[tuple[int, float]]]] = []
+        best = N_CLASSES
+        for m in self._models:
+            if not m.running and not m.n_waiting:
+                continue
+            work = [(c, m.last_end) for c in range(N_CLASSES) if m.run_n[c]]
+            for c in range(N_CLASSES):
+                if m.nq[c]:
+                    since = self._oldest(m, c, t)
+                    if since < math.inf:
+                        work.append((c, since))
+            if not work:
+                continue
+            top = min(c for c, _ in work)
+            present.append((m, top, work))
+            if top < best:
+                best = top
+        since_best = min((s for _, _, work in present for c, s in work if c == best), default=math.inf)
+        starving, oldest = None, since_best
+        for m, _, work in present:
+            for c, s in work:
+                if c > best and s < oldest and t - s > self._starvation:
+                    starving, oldest = m, s
+        if starving is not None:
+            return [starving]
+        turn = [m for m, top, _ in present if top == best]
+        return None if len(turn) == len(present) else turn
 
     def _begin(self, t: float, events: list[EngineEvent]) -> None:
         m = self._current
         if m is not None and m.running and t < self._slice_end:
-            head = m.waiting[0] if m.waiting else None
-            if head is None or head.arrival > t or len(m.running) >= m.max_batch:
-                # The common case, once per decode step: the same batch takes another step.
-                self._pending = self._decode_work(m, t)
-                return
+            # The common case, once per decode step: the same batch takes another step
+            # (nothing has arrived that could join it, or it is full and no interactive
+            # request waits that a sequence could leave it for).
+            if len(m.running) >= m.max_batch:
+                if not (m.victims and m.nq[0]):
+                    self._pending = self._decode_work(m, t)
+                    return
+            elif not m.n_parked:
+                w = m.waiting
+                while w and w[0].state != _WAITING:
+                    w.popleft()
+                if not w or w[0].arrival > t:
+                    self._pending = self._decode_work(m, t)
+                    return
         m = self._choose(t)
         if self._weights.tier(m.name) != "hbm":
             plan = self._weights.begin_load(m.name, t)
@@ -794,6 +1094,8 @@ class NodeEngine:
             m.blocked_since = None
             self._slice_end = m.load_end + self._time_slice
             self._pending = _Work(_LOAD, m, t, m.load_end, [])
+            return
+        if m.victims and m.nq[0] and len(m.running) >= m.max_batch and self._preempt(m, t):
             return
         batch = self._admit(m, t, events) if self._admissible(m, t) else []
         if batch:
@@ -804,6 +1106,62 @@ class NodeEngine:
             )
         else:
             self._pending = self._decode_work(m, t)
+
+    def _preempt(self, m: _Model, t: float) -> bool:
+        """An interactive request is next on `m` and its batch is full: the lowest-class,
+        most recently started sequence below interactive (never preempted before) leaves
+        it, its generated tokens' KV copied to DDR (the `_SWAP` work that follows), and
+        waits at the head of its class. False, changing nothing, if the interactive
+        request is not next (another class starves, or it is not fair to admit it now) or
+        DDR cannot hold the KV."""
+        c, since = self._serve_class(m, t)
+        if c != 0 or not self._fair(m, 0, since):
+            return False
+        victim: _Req | None = None
+        for r in m.running:
+            if r.victim and (
+                victim is None or r.rank > victim.rank or (r.rank == victim.rank and r.started_at >= victim.started_at)
+            ):
+                victim = r
+        if victim is None:
+            return False
+        nbytes = (victim.generated - victim.resumed) * m.spec.kv_bytes_per_token
+        seconds = self._kv.park(nbytes)
+        if seconds is None:
+            return False
+        r = victim
+        m.running.remove(r)
+        m.ctx_sum -= r.prompt_len + r.generated
+        r.energy += m.per_seq  # what it paid for the batch's steps so far (as `energy_of`)
+        if not self._token_events:  # its gaps so far, and when its last token came out
+            acc: dict[int, int] = {}
+            if r.itl is None:  # it joined after the batch's last run: one token, no gap yet
+                m.joined.remove(r)
+            else:
+                base = r.itl
+                for b, n in m.gaps.items():
+                    d = n - base.get(b, 0)
+                    if d:
+                        acc[b] = d
+                r.last_at = m.run_end
+            r.itl, r.itl_acc = None, acc
+        self._leave_batch(m, r, m.steps)
+        r.share.queued += 1  # before it stops being admitted: its tenant stays active
+        self._release(r)
+        r.state = _PARKED
+        r.parked = nbytes
+        r.preempted += 1
+        r.queued_at = t
+        r.prefilled = False  # its prompt's KV, if not in the cache any more, is computed here
+        m.resume[r.rank].append(r)
+        m.n_parked += 1
+        m.nq[r.rank] += 1
+        m.n_waiting += 1
+        self._n_waiting += 1
+        m.preemptions += 1
+        self._preemptions += 1
+        self._pending = _Work(_SWAP, m, t, t + seconds, [])
+        return True
 
     def _decode_work(self, m: _Model, t: float) -> _Work:
         if not self._token_events:
@@ -817,25 +1175,28 @@ class NodeEngine:
         """Fast mode: the batch's steps up to the first boundary that needs a decision.
 
         Inside the run every boundary is one where `_begin` would take its first branch,
-        or pass through `_choose` and `_admissible` without changing anything: the head
-        has not arrived yet, or the batch is full, or the head is refused for a reason no
-        step can change (no KV room since the last release, or an older waiter elsewhere).
-        Token mode passes `horizon`: the run stops at the last boundary by then, which is
-        a boundary `_begin` then sees as the step-by-step engine would.
+        or pass through `_choose`, `_preempt` and `_admissible` without changing anything:
+        nothing has arrived that could be admitted, or the batch is full (and no
+        interactive request is due that a sequence could leave it for), or what waits is
+        refused for a reason no step can change (no KV room since the last release, an
+        older waiter elsewhere, DDR full). Token mode passes `horizon`: the run stops at the
+        last boundary by then, which is a boundary `_begin` then sees as the step-by-step
+        engine would.
         """
         running = m.running
         steps = min([r.target - r.generated for r in running])
         until = math.inf
-        head = m.waiting[0] if m.waiting else None
-        if (
-            head is not None
-            and len(running) < m.max_batch
-            and m.kv_blocked_epoch != self._kv_epoch
-            and self._fair(m, head)
-        ):
-            until = head.arrival
+        if len(running) < m.max_batch:
+            if m.n_waiting and m.kv_blocked_epoch != self._kv_epoch:
+                until = self._admission_news(m, t)
+        elif m.victims and m.nq[0]:
+            f = m.fifo[0]
+            while f and f[0].state != _WAITING:
+                f.popleft()
+            if f and f[0].arrival > t and self._fair(m, 0, f[0].arrival):
+                until = f[0].arrival
         # no other model has work (nothing is prefilling while a batch decodes)
-        renew = self._n_waiting == len(m.waiting) and self._n_admitted == len(running)
+        renew = self._n_waiting == m.n_waiting and self._n_admitted == len(running)
         if not renew and self._slice_end < until:
             until = self._slice_end
         if horizon < math.inf:  # token mode: only the steps ending by `horizon`
@@ -846,14 +1207,44 @@ class NodeEngine:
             ends = m.cost.step_ends(len(running), m.ctx_sum, t, steps, until)
         return _Run(m, t, ends, renew)
 
+    def _admission_news(self, m: _Model, t: float) -> float:
+        """When `m` (room in its batch, not waiting for KV) may next admit: the head's
+        arrival if nothing has arrived (unless no request arriving then could go ahead of
+        the waiter another model holds HBM for). If arrived requests wait anyway (that
+        waiter goes first), at the next arrival a better class could bring, or when a class
+        begins to starve."""
+        head = self._head(m)
+        if not m.n_parked and (head is None or head.arrival > t):
+            if head is not None and self._fair(m, self._top_rank, head.arrival):
+                return head.arrival
+            return math.inf
+        until = math.inf
+        w = m.waiting
+        if w and w[-1].arrival > t:
+            nxt = w[bisect_right(w, t, key=_ARRIVAL)].arrival
+            if self._fair(m, self._top_rank, nxt):
+                until = nxt
+        arrived = [(c, s) for c in range(N_CLASSES) if m.nq[c] and (s := self._oldest(m, c, t)) < math.inf]
+        for c, s in arrived[1:]:  # the best class's own wait changes nothing
+            if not t - s > self._starvation and s + self._starvation < until:
+                until = s + self._starvation
+        return until
+
     def _admit(self, m: _Model, t: float, events: list[EngineEvent]) -> list[_Req]:
         batch: list[_Req] = []
         budget = self._max_prefill_tokens
         room = m.max_batch - len(m.running)
         weights = self._weights
-        while room and m.waiting:
-            r = m.waiting[0]
-            if r.arrival > t or (batch and r.prompt_len + r.resumed > budget) or not self._fair(m, r):
+        shares = self._shares
+        bs = self._block_size
+        while room and m.n_waiting:
+            c, since = self._serve_class(m, t)
+            if c < 0 or not self._fair(m, c, since):
+                break
+            if shares.fresh[c]:
+                shares.settle(c)  # lifts of tenants that became active (fairness.FairShares)
+            r = self._pick(m, c, t)
+            if batch and r.prompt_len + r.resumed > budget:
                 break
             total, max_hits = self._kv_args(r)
             alloc = self._kv.allocate(
@@ -861,19 +1252,30 @@ class NodeEngine:
             )
             if alloc is None:
                 m.kv_blocked_epoch = self._kv_epoch
-                m.blocked_since = r.arrival
+                m.blocked_since, m.blocked_rank = since, c
                 break
             m.blocked_since = None
-            m.waiting.popleft()
-            self._n_waiting -= 1
+            self._unqueue(m, r, head=True)
             self._n_admitted += 1
             room -= 1
             r.alloc = alloc
-            r.state = _PREFILLING
-            r.hit_tokens = alloc.hit_blocks * self._block_size
-            budget -= r.prompt_len + r.resumed - r.hit_tokens
+            hits = alloc.hit_blocks * bs
+            r.pass_hits = hits
+            new = r.prompt_len + r.resumed - hits
+            budget -= new
+            r.share.fixed += new
+            r.share.admitted += 1
+            m.run_n[c] += 1
             weights.pin(m.name)
             batch.append(r)
+            if r.state == _PARKED:  # resuming: its generated tokens' KV comes back from DDR
+                alloc.seconds += self._kv.unpark(r.parked)
+                r.parked = 0
+                r.state = _PREFILLING
+                continue
+            r.state = _PREFILLING
+            r.hit_tokens = hits
+            r.started_at = t
             tier: Literal["hbm", "ddr", "cold"] = "hbm"
             switch = 0.0
             if m.load_end is not None and r.arrival < m.load_end:
@@ -889,11 +1291,11 @@ class NodeEngine:
         written = 0
         for r in batch:
             copies += r.alloc.seconds  # type: ignore[union-attr]
-            new = r.prompt_len + r.resumed - r.hit_tokens
+            new = r.prompt_len + r.resumed - r.pass_hits
             if r.prefilled:
                 written += new
             else:
-                segments.append((new, r.hit_tokens))
+                segments.append((new, r.pass_hits))
         profile = self._profile
         write_bw = profile.node_hbm_bw * profile.hbm_efficiency
         copies += self._ledger.charge("net", "hbm", written * m.spec.kv_bytes_per_token, write_bw)
@@ -906,8 +1308,9 @@ class NodeEngine:
             self._weights.finish_load(m.name)
         elif work.kind == _PREFILL:
             self._finish_prefill(m, work, events)
-        else:
+        elif work.kind == _DECODE:
             self._decode(m, work.end, events)
+        # _SWAP: the KV is in DDR now; nothing else changes
 
     def _finish_prefill(self, m: _Model, work: _Work, events: list[EngineEvent]) -> None:
         t = work.end
@@ -926,12 +1329,22 @@ class NodeEngine:
                     r.tokens = completion_tokens(r.key, r.target, vocab)
                 tok = r.tokens[i]
                 events.append(TokenGenerated(r.id, t, i, tok, texts[tok]))
+            elif r.preempted:  # resumed: the gap since its last token before it left the batch
+                acc = r.itl_acc
+                if acc is not None:
+                    b = bucket(t - r.last_at)
+                    acc[b] = acc.get(b, 0) + 1
             r.generated = i = i + 1
+            r.share.fixed += 1
             if i >= r.target:
                 self._finish(r, t, events)
             else:
                 r.state = _RUNNING
                 r.energy -= m.per_seq
+                r.joined_at = r.share.join(m)
+                if r.rank and not r.preempted and self._preemption:
+                    r.victim = True
+                    m.victims += 1
                 if not self._token_events:
                     r.last_at = t
                     m.joined.append(r)
@@ -952,6 +1365,7 @@ class NodeEngine:
             if i >= r.target:
                 done.append(r)
         m.ctx_sum += len(m.running)
+        m.steps += 1
         if done:
             for r in done:
                 m.ctx_sum -= r.prompt_len + r.generated
@@ -981,6 +1395,7 @@ class NodeEngine:
             if r.generated >= r.target:
                 done.append(r)
         m.ctx_sum += steps * len(m.running)
+        m.steps += steps
         if done:
             for r in done:
                 m.ctx_sum -= r.prompt_len + r.generated
@@ -1040,16 +1455,39 @@ class NodeEngine:
         m.run_end = ends[-1]
 
     def _finish(self, r: _Req, t: float, events: list[EngineEvent]) -> None:
-        energy = r.energy + r.model.per_seq if r.state == _RUNNING else r.energy  # as energy_of
+        m = r.model
+        energy = r.energy + m.per_seq if r.state == _RUNNING else r.energy  # as energy_of
         base = r.itl
-        itl = () if base is None else tuple((b, n - base.get(b, 0)) for b, n in r.model.gaps.items() if n != base.get(b, 0))
+        itl = () if base is None else tuple((b, n - base.get(b, 0)) for b, n in m.gaps.items() if n != base.get(b, 0))
+        if r.itl_acc:  # fast mode, preempted once: its gaps before that too
+            gaps = dict(r.itl_acc)
+            for b, n in itl:
+                gaps[b] = gaps.get(b, 0) + n
+            itl = tuple((b, n) for b, n in gaps.items() if n)
         events.append(RequestFinished(r.id, t, r.reason, r.prompt_len, r.generated, r.hit_tokens, energy, itl))
+        if r.state == _RUNNING:
+            self._leave_batch(m, r, m.steps)
         del self._requests[r.id]
         self._release(r)
         r.state = _DONE
+        self._class_n[r.rank] -= 1
+        share = r.share
+        if not share.queued and not share.admitted:
+            self._shares.idle(share)
+
+    @staticmethod
+    def _leave_batch(m: _Model, r: _Req, steps: int) -> None:
+        """A decoding sequence leaves `m`'s batch after its step `steps`: its tenant's
+        counter keeps the tokens it decoded."""
+        r.share.leave(m, r.joined_at, steps)
+        if r.victim:
+            r.victim = False
+            m.victims -= 1
 
     def _release(self, r: _Req) -> None:
         self._kv.release(r.alloc)  # type: ignore[arg-type]
         self._kv_epoch += 1
         self._n_admitted -= 1
         self._weights.unpin(r.model.name)
+        r.model.run_n[r.rank] -= 1
+        r.share.admitted -= 1

@@ -71,6 +71,12 @@ class EngineRequest(msgspec.Struct):
     # asked for), emitted in place of drawn ones; it ends with them ("stop") or at
     # max_tokens ("length"). None: drawn as usual.
     output_token_ids: list[int] | None = None
+    # Who goes first where the queue forms (`tierflow.rdu.fairness`): the class in strict
+    # priority ("interactive", "standard", "batch"), then the tenants of a class by the
+    # service each has received over its weight (> 0).
+    request_class: str = "standard"
+    tenant: str = ""
+    tenant_weight: float = 1.0
 
 
 class RequestRejected(Exception):
@@ -135,6 +141,7 @@ class ModelState(msgspec.Struct, frozen=True):
     config: str = ""
     recent_prefix_hashes: list[int] = []  # this model's most recently used, newest first
     energy_joules: float = 0.0  # drawn for this model's finished work: loads, prefills, steps
+    preemptions: int = 0  # sequences taken out of its batch for interactive work, since start
 
 
 class TierCounts(msgspec.Struct, frozen=True):
@@ -168,3 +175,6 @@ class EngineSnapshot(msgspec.Struct, frozen=True):
     # published) and its power now; 0 on a profile without a power figure.
     energy_joules: float = 0.0
     power_w: float = 0.0
+    # waiting (preempted ones included) per request class, in `fairness.CLASS_NAMES` order
+    queued_by_class: list[int] = []
+    preemptions: int = 0  # all models, since start

@@ -12,7 +12,8 @@ its hash XOR a salt per model (one int, cheaper than a (model, hash) pair in a d
 ~10^5 blocks), so two models share a key only if 64-bit hashes collide, the same odds a
 prefix match already rests on. A request's allocation is
 reserved up front for prompt + max_tokens (TensorRT-LLM's "guaranteed no evict" policy:
-admitted requests are never preempted). Hit blocks are shared and pinned; the rest is
+an admitted request never runs out of KV; the engine preempts one only to make room for
+interactive work, its private KV parked in DDR by `park`). Hit blocks are shared and pinned; the rest is
 private until the prompt is computed, when its full blocks join the cache (`commit`).
 
 When HBM runs short, unpinned cached blocks are evicted and spill to DDR, itself
@@ -226,8 +227,9 @@ class KVCache:
         self.hbm_used = 0  # every HBM byte: pinned, cached-unpinned, private
         self.hbm_evictable = 0  # bytes in the two HBM segments
         self.hbm_reused_bytes = 0  # bytes in _hbm_reused
-        self.ddr_used = 0
+        self.ddr_used = 0  # cached blocks in DDR
         self.ddr_reused_bytes = 0  # bytes in _ddr_reused
+        self.ddr_parked = 0  # preempted sequences' KV held in DDR (`park`), out of the cache's room
         # The event log: (kind, model, unsalted hashes) or (kind, None, blocks); None: off.
         self._log: list[tuple[int, str | None, Sequence[object]]] | None = [] if events else None
         self._logged = 0
@@ -421,7 +423,7 @@ class KVCache:
         hbm_once, hbm_reused = self._hbm_once, self._hbm_reused
         ddr_once, ddr_reused, blocks = self._ddr_once, self._ddr_reused, self._blocks
         share = self._reused_share
-        ddr_capacity, ddr_used, ddr_reused_bytes = self.ddr_capacity, self.ddr_used, self.ddr_reused_bytes
+        ddr_capacity, ddr_used, ddr_reused_bytes = self.ddr_capacity - self.ddr_parked, self.ddr_used, self.ddr_reused_bytes
         evictable, reused_bytes = self.hbm_evictable, self.hbm_reused_bytes
         logging = self._log is not None
         spilled_blocks: list[_Block] = []
@@ -474,6 +476,36 @@ class KVCache:
         if removed_blocks:
             self._record(REMOVED, None, removed_blocks)
         return self._ledger.charge("hbm", "ddr", spilled, self._copy_bw)
+
+    def park(self, nbytes: int) -> float | None:
+        """Copy a preempted sequence's private KV (`nbytes`) to DDR and hold it there until
+        `unpark`; returns the copy's seconds, or None, changing nothing, if DDR cannot hold
+        it beside what is parked already. Cached DDR blocks make room, least useful first."""
+        if self.ddr_parked + nbytes > self.ddr_capacity:
+            return None
+        room = self.ddr_capacity - self.ddr_parked - nbytes
+        once, reused = self._ddr_once, self._ddr_reused
+        removed: list[_Block] = []
+        while self.ddr_used > room:
+            if once and (self.ddr_reused_bytes <= self._reused_share * self.ddr_used or not reused):
+                key, b = once.popitem(last=False)
+            else:
+                key, b = reused.popitem(last=False)
+                self.ddr_reused_bytes -= b.nbytes
+            self.ddr_used -= b.nbytes
+            del self._blocks[key]
+            removed.append(b)
+        if removed:
+            self._last_lookup = None
+            self._record(REMOVED, None, removed)
+        self.ddr_parked += nbytes
+        return self._ledger.charge("hbm", "ddr", nbytes, self._copy_bw)
+
+    def unpark(self, nbytes: int, *, restore: bool = True) -> float:
+        """Let go of parked KV: copied back to HBM (`restore`, returns the copy's seconds; the
+        HBM it lands in is the caller's new allocation) or dropped (its request ended)."""
+        self.ddr_parked -= nbytes
+        return self._ledger.charge("ddr", "hbm", nbytes, self._copy_bw) if restore else 0.0
 
     def commit(self, alloc: KVAllocation) -> None:
         """The prompt is computed: its full blocks become shareable cache entries."""

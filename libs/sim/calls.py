@@ -63,7 +63,7 @@ class Call:
     The prompt: `prompt_tokens`, `prompt_hashes` (`tierflow.rdu.block_hashes` of its ids
     at the router's block size) and `prompt_ids`, the ids themselves only when the
     engines read them (None otherwise: see `engine_prompt`).
-    Router side: `tenant`, `route`, `placement`, the nodes `tried`, how many of those
+    Router side: `tenant`, `request_class`, `route`, `placement`, the nodes `tried`, how many of those
     answered queue_full (`overloaded`), the `attempt` count and the `last_failure`, and
     its admission `ticket` (with the node's `queue_time`, fed back to admission).
     Node side: the decode `node`, the `tier` the model was found in and the prompt tokens
@@ -73,7 +73,7 @@ class Call:
     __slots__ = (
         "request_id", "run", "step", "model", "prompt_tokens", "prompt_hashes", "prompt_ids", "max_tokens", "sent_at",
         "tenant", "route", "placement", "tried", "overloaded", "attempt", "last_failure",
-        "node", "tier", "cached_tokens", "energy_j", "booked", "started", "ticket", "queue_time",
+        "node", "tier", "cached_tokens", "energy_j", "booked", "started", "ticket", "queue_time", "request_class",
     )  # fmt: skip
 
     def __init__(
@@ -111,6 +111,9 @@ class Call:
         self.started = False  # the router moved it into `node`'s batch (NodeTable.note_started); True once ended
         self.ticket: Ticket | None = None  # its hold on the model's admission limit (SimRouter.admit), released once it ends
         self.queue_time = 0.0  # how long its decode node queued it (`RequestStarted.queue_time`), for admission
+        # Its class where queues form (tierflow.placement.classes), as the router resolved it
+        # (`Tenant.request_class`); the node's engine queues it by class, then by `tenant`.
+        self.request_class = "standard"
 
     def engine_prompt(self) -> Sequence[int]:
         """The prompt for `EngineRequest.prompt_token_ids`: its ids when they were built,

@@ -3,6 +3,9 @@
 What `tierflow.nodehost` does around the engine in a live node, done here in virtual
 time and in the same order, so the router and the autoscaler see the same node:
 
+- a request joins the engine with its class, tenant and tenant weight (`Call.request_class`,
+  `Call.tenant`), as the driver passes a `GenerateRequest`'s, so the engine's fair queuing
+  (`tierflow.rdu.fairness`) treats a simulated tenant as a live one;
 - a cordoned node refuses new work as retryable ("node_cordoned"), and the engine's own
   refusals are retryable exactly when the driver says so (queue_full, model_not_in_bundle,
   draining);
@@ -147,10 +150,12 @@ class SimNode:
 
     def _admit(self, call: Call, now: float, *, prefilled: bool) -> None:
         max_tokens = 0 if self.identity.role == "prefill" else call.max_tokens
+        tenant = call.tenant  # queued by class, then by tenant and weight, as the driver passes them
         request = EngineRequest(
             request_id=call.request_id, model=call.model, max_tokens=max_tokens, ignore_eos=True, prefilled=prefilled,
             prompt_token_ids=call.engine_prompt(),  # type: ignore[arg-type]  # a PromptLength without token events: see there
-            prompt_block_hashes=call.prompt_hashes,
+            prompt_block_hashes=call.prompt_hashes, request_class=call.request_class,
+            tenant=tenant.name if tenant is not None else "", tenant_weight=tenant.weight if tenant is not None else 1.0,
         )  # fmt: skip
         try:
             self.engine.submit(request, now)

@@ -128,7 +128,7 @@ class SimRouter:
         if route is None or not tenant.allows_model(call.model):
             raise ModelNotFound(f"The model `{call.model}` does not exist or is not deployed.", param="model", code="model_not_found")
         call.route = route
-        request_class = tenant.request_class(call.run.plan.request_class)  # the spec tenant's; a 403 above the tenant's allowance
+        request_class = call.request_class = tenant.request_class(call.run.plan.request_class)  # the spec tenant's; a 403 above the tenant's allowance
         n_prompt = call.prompt_tokens
         if n_prompt + call.max_tokens > route.max_context:
             raise InvalidRequest(
