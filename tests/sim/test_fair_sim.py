@@ -58,7 +58,9 @@ def test_an_interactive_tenant_beside_a_batch_flood_keeps_its_ttft() -> None:
     alone, _ = _run(0.0, AdmissionConfig())
     unguarded, _ = _run(24 * STEADY, None)
     guarded, sim = _run(24 * STEADY, AdmissionConfig())
-    assert _p95(unguarded) > 10 * _p95(alone)  # the flood saturates the node: without admission the queue grows
+    # Without admission the nodes' class order and preemption keep the interactive tenant
+    # ahead too (tests/rdu/test_fair_queueing.py); with it, the flood is also held at the door.
+    assert _p95(unguarded) <= 1.2 * _p95(alone)
     assert len(guarded) == len(unguarded) and _p95(guarded) <= 1.2 * _p95(alone)  # every call, at its TTFT alone
     assert sim.router.admission is not None
     flows = {(f.tenant, f.request_class): f for f in sim.router.admission.flows()}
