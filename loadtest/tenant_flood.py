@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -184,7 +185,50 @@ def _spawn_flood(url: str, key: str, concurrency: int, seconds: float, max_token
     return subprocess.Popen(argv, cwd=REPO)
 
 
+FLOOD_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(key)s"
+wrk.body = %(body)s
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) ok = 0; refused = 0; failed = 0; backoff = 0 end
+-- A refused client waits before it calls again, as the openai client does on a 429
+-- (it honours Retry-After; here one second): a flood is not a spin loop.
+function delay() local d = backoff; backoff = 0; return d end
+function response(status, headers, body)
+  if status == 200 then ok = ok + 1
+  elseif status == 429 or status == 503 then refused = refused + 1; backoff = 1000
+  else failed = failed + 1 end
+end
+function done(summary, latency, requests)
+  local t = {ok = 0, refused = 0, failed = 0}
+  for _, thread in ipairs(threads) do
+    for k, _ in pairs(t) do t[k] = t[k] + thread:get(k) end
+  end
+  io.write(string.format("FLOOD ok=%%d refused=%%d failed=%%d\\n", t.ok, t.refused, t.failed))
+end
+"""
+
+
+def _spawn_wrk_flood(url: str, key: str, concurrency: int, seconds: float, max_tokens: int, out: Path, service_tier: str = "") -> subprocess.Popen[bytes]:
+    """The flood from Debian's `wrk` (C, one thread): the project's rule for load on 2 cores,
+    so the flood's own client takes a few percent of a core, not most of one."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True, **({"service_tier": service_tier} if service_tier else {})}  # fmt: skip
+    script = out.with_suffix(".lua")
+    script.write_text(FLOOD_LUA % {"key": key, "body": json.dumps(json.dumps(body))})
+    argv = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:.0f}s", "--timeout", "30s", "-s", str(script), f"{url}/chat/completions"]
+    return subprocess.Popen(argv, cwd=REPO, stdout=open(out.with_suffix(".wrk"), "w"), stderr=subprocess.STDOUT)
+
+
 def _load(out: Path) -> Calls:
+    wrk_out = out.with_suffix(".wrk")
+    if wrk_out.exists():
+        found = re.search(r"FLOOD ok=(\d+) refused=(\d+) failed=(\d+)", wrk_out.read_text())
+        if found is None:
+            raise RuntimeError("wrk printed no FLOOD line:\n" + wrk_out.read_text())
+        return Calls(ok=int(found[1]), refused=int(found[2]), failed=int(found[3]))
     data = json.loads(out.read_text())
     return Calls(ttft=data["ttft"], ok=data["ok"], refused=data["refused"], failed=data["failed"], errors=data["errors"])
 
@@ -222,7 +266,8 @@ async def _phase(fabric: Fabric, name: str, args: argparse.Namespace, tmp: Path,
     flood = None
     out = tmp / f"{name.replace(' ', '-')}.json"
     if flood_key is not None:
-        flood = _spawn_flood(url, flood_key, args.flood, args.seconds + args.ramp_s, args.max_tokens, out)
+        spawn = _spawn_wrk_flood if args.flood_client == "wrk" else _spawn_flood
+        flood = spawn(url, flood_key, args.flood, args.seconds + args.ramp_s, args.max_tokens, out)
         await asyncio.sleep(args.ramp_s)  # the flood fills the slots before the steady clients measure
     steady = await open_loop(url, "sk-steady", args.steady_rps, args.seconds, max_tokens=args.max_tokens, service_tier=steady_tier, seed=args.seed)
     flood_calls = None
@@ -361,6 +406,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steady-rps", type=float, default=10.0, help="the steady tenant's Poisson arrival rate")
     parser.add_argument("--flood", type=int, default=48, help="the flood's closed-loop clients (24x the steady tenant's ~2 in flight)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--flood-client", choices=("wrk", "openai"), default="wrk",
+                        help="the flood's client: Debian's wrk (C, the project's load generator) or openai (Python, ~1 core by itself)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slo-ms", type=float, default=1000.0, help="the TTFT SLO goodput and the interactive check are judged by")
     parser.add_argument("--bound", type=float, default=1.5, help="steady p95 beside the flood / alone must stay under this")

@@ -38,7 +38,7 @@ class Settings(Struct, kw_only=True):
     # Fair sharing inside the limit (issue 21): the batch slots kept free for tenants under
     # their share while another is over it, and how long a tenant counts as active after
     # its last request left (a client between two calls has not gone).
-    admission_headroom: Annotated[float, Meta(ge=0, lt=1)] = 0.125
+    admission_headroom: Annotated[float, Meta(ge=0, lt=1)] = 0.25
     admission_idle_grace: Annotated[float, Meta(ge=0, le=300)] = 5.0
     # How often the router announces itself (nodes drop the streams of a silent router).
     presence_interval: Annotated[float, Meta(gt=0, le=60)] = 1.0
