@@ -36,7 +36,7 @@ from typing import Final, Literal
 import msgspec
 from msgspec import Struct
 
-__all__ = ["Outcome", "OUTCOMES", "UsageRecord", "usage_decoder", "encoder", "total_tokens"]
+__all__ = ["Outcome", "OUTCOMES", "UsageRecord", "usage_decoder", "batch_decoder", "encoder", "total_tokens"]
 
 Outcome = Literal["ok", "error", "cancelled"]
 OUTCOMES: Final[tuple[str, ...]] = ("ok", "error", "cancelled")
@@ -69,4 +69,6 @@ def total_tokens(rec: UsageRecord) -> int:
 
 
 usage_decoder: Final = msgspec.json.Decoder(UsageRecord)
+batch_decoder: Final = msgspec.json.Decoder(list[UsageRecord] | UsageRecord)
+"""A ledger message: a JSON array of one tenant's records (a router's batch), or one record."""
 encoder: Final = msgspec.json.Encoder()

@@ -27,7 +27,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError, ServerError
 
 from tierflow.contracts import subjects
-from tierflow.contracts.usage import UsageRecord, total_tokens, usage_decoder
+from tierflow.contracts.usage import UsageRecord, batch_decoder, total_tokens
 
 __all__ = [
     "DEFAULT_MAX_AGE",
@@ -111,7 +111,8 @@ async def read_usage(
 ) -> AsyncIterator[UsageRecord]:
     """The ledger's records admitted in [since, until) (seconds since the epoch; None: no
     bound), of one tenant or all, oldest stored first, until caught up. Records this
-    version cannot decode are skipped (and counted in a log line)."""
+    version cannot decode are skipped (and counted in a log line). A message holds one
+    tenant's batch of records (a JSON array) or one record; a request id is yielded once."""
     subject = subjects.usage_of_tenant(tenant) if tenant else subjects.USAGE_SUBJECTS
     start = datetime.fromtimestamp(since - CLOCK_MARGIN, UTC) if since is not None else None
     try:
@@ -123,6 +124,7 @@ async def read_usage(
     except NotFoundError:
         raise UsageStreamMissing(f"no usage stream {subjects.USAGE_STREAM} yet; a router makes it when it starts") from None
     undecodable = 0
+    seen: set[str] = set()  # request ids read: each counts once (~100 bytes each, a window's worth)
     try:
         # Matching records = delivered so far + still pending (one snapshot of the server's).
         info = await sub.consumer_info()
@@ -134,12 +136,16 @@ async def read_usage(
             except nats.errors.TimeoutError:
                 return
             try:
-                rec = usage_decoder.decode(msg.data)
+                decoded = batch_decoder.decode(msg.data)
             except msgspec.DecodeError:
                 undecodable += 1
             else:
-                if (since is None or rec.admitted_at >= since) and (until is None or rec.admitted_at < until) and (not tenant or rec.tenant == tenant):
-                    yield rec
+                for rec in decoded if isinstance(decoded, list) else (decoded,):
+                    if rec.request_id in seen:
+                        continue  # a record stored twice (noted twice): counted once
+                    seen.add(rec.request_id)
+                    if (since is None or rec.admitted_at >= since) and (until is None or rec.admitted_at < until) and (not tenant or rec.tenant == tenant):
+                        yield rec
             if msg.metadata.num_pending == 0:
                 return
     finally:

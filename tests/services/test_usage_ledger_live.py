@@ -1,5 +1,5 @@
-"""The usage ledger on a real JetStream: records stored once (a repeat is deduplicated by its
-request id), publishes retried until the stream takes them, a full buffer counted and
+"""The usage ledger on a real JetStream: records stored once (a retried batch is deduplicated
+by its message id, a request noted twice is read once), publishes retried until the stream takes them, a full buffer counted and
 logged, the stream made idempotently, quotas rebuilt from it, and `tierflow usage`
 summing it (the CLI run as a user runs it)."""
 
@@ -17,12 +17,12 @@ import nats
 import pytest
 
 from tierflow.contracts import subjects
-from tierflow.contracts.usage import UsageRecord, usage_decoder
+from tierflow.contracts.usage import UsageRecord, batch_decoder
 from tierflow.placement import TenantDirectory
 from tierflow.runtime.clock import WallClock
 from tierflow.runtime.usage_stream import ensure_usage_stream, read_usage, summarize
 from tierflow.services.router.dispatch import RequestRecord
-from tierflow.services.router.usage_ledger import UsageLedger, restore_usage
+from tierflow.services.router.usage_ledger import UsageLedger, _Batch, _Generation, restore_usage
 
 
 def _record(request_id: str, tenant: str, *, prompt: int = 10, completion: int = 5, model: str = "m", outcome: str = "ok") -> RequestRecord:
@@ -54,20 +54,28 @@ async def test_records_are_stored_once_retried_until_the_stream_exists_and_read_
         info = await js.stream_info(subjects.USAGE_STREAM)
         assert info.config.num_replicas == 1 and info.config.max_age == 3600 and info.config.deny_purge
         assert ledger.note(_record("req-b", "acme.eu", prompt=7, completion=0, outcome="cancelled")) is None  # nobody waits for it
-        again = ledger.note(_record("req-a", "acme.eu"))  # the same request again (a retried publish): stored once
+        again = ledger.note(_record("req-a", "acme.eu"))  # the same request noted again: read once
         assert again is not None
         await asyncio.wait_for(again, 5)  # returns once acknowledged
         await ledger.flush(10)
         assert ledger.buffered == 0
-        assert ledger._stored._value.get() == 2 and ledger._duplicate._value.get() == 1  # type: ignore[attr-defined]
-        stored = await _stored(js, "acme.eu")
+        # The failed batch [req-a] retried whole, then one batch [req-b, req-a]: records stored.
+        assert ledger._stored._value.get() == 3 and ledger._duplicate._value.get() == 0  # type: ignore[attr-defined]
+        # A batch published again (its acknowledgement was lost) is stored once: the same message id.
+        resent = _Batch([UsageRecord(request_id="req-c", tenant="acme.eu", model="m", outcome="ok", status=200, router="r1", admitted_at=1.0, at=1.0)],
+                        subjects.usage("acme.eu", "r1"), "r1:req-c", _Generation(asyncio.get_running_loop().create_future()))  # fmt: skip
+        assert await ledger._publish(resent) and await ledger._publish(resent)
+        assert ledger._duplicate._value.get() == 1  # type: ignore[attr-defined]
+        stored = [r for r in await _stored(js, "acme.eu") if r.request_id != "req-c"]
         assert sorted(r.request_id for r in stored) == ["req-a", "req-b"]
         a = next(r for r in stored if r.request_id == "req-a")
         assert (a.tenant, a.router, a.prompt_tokens, a.cached_tokens, a.completion_tokens, a.energy_j, a.outcome) == ("acme.eu", "r1", 10, 4, 5, 2.5, "ok")
         b = next(r for r in stored if r.request_id == "req-b")
         assert (b.outcome, b.status, b.prompt_tokens, b.completion_tokens, b.energy_j) == ("cancelled", 499, 0, 0, None)  # no output: nothing charged
         msg = await js.get_last_msg(subjects.USAGE_STREAM, subjects.usage("acme.eu", "r1"))
-        assert msg.headers is not None and msg.headers["Nats-Msg-Id"] in ("req-a", "req-b") and usage_decoder.decode(msg.data).tenant == "acme.eu"
+        assert msg.headers is not None and msg.headers["Nats-Msg-Id"] == "r1:req-c"
+        batch = batch_decoder.decode(msg.data)
+        assert isinstance(batch, list) and [r.request_id for r in batch] == ["req-c"]
     finally:
         stopping.set()
         await task
