@@ -870,13 +870,7 @@ class NodeEngine:
         n = m.n_waiting
         for c in range(N_CLASSES):
             if nq[c] == n:  # one class waits (the usual case): its oldest, if arrived
-                f = m.fifo[c]
-                while f and f[0].state != _WAITING:
-                    f.popleft()
-                since = f[0].arrival if f and f[0].arrival <= t else math.inf
-                q = m.resume[c]
-                if q and q[0].queued_at < since:
-                    since = q[0].queued_at
+                since = self._oldest(m, c, t)
                 return (c, since) if since < math.inf else (-1, since)
             if nq[c]:
                 break

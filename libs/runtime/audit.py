@@ -29,12 +29,13 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError, ServerError
+from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter
 
 from tierflow.contracts import audit as contract
 from tierflow.contracts import subjects
 from tierflow.runtime.clock import Clock
+from tierflow.runtime.js_streams import ensure_stream
 
 __all__ = ["AuditLog", "ensure_audit_stream", "read_records", "AuditStreamMissing", "DEFAULT_MAX_AGE", "DEFAULT_MAX_MSGS"]
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_AGE: Final = 90 * 86400.0  # seconds: a quarter's history
 DEFAULT_MAX_MSGS: Final = 1_000_000
-_REPLICAS_NEED_CLUSTER: Final = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
 
 
 def _wanted(max_age: float, max_msgs: int, replicas: int) -> StreamConfig:
@@ -60,38 +60,10 @@ async def ensure_audit_stream(js: JetStreamContext, *, max_age: float = DEFAULT_
 
     `max_age` in seconds and `max_msgs` bound what is kept (0: no bound); `replicas`
     copies on a cluster (one on a single server, which can hold no more)."""
-    wanted = _wanted(max_age, max_msgs, replicas)
-    try:
-        have = (await js.stream_info(subjects.AUDIT_STREAM)).config
-    except NotFoundError:
-        try:
-            await js.add_stream(wanted)
-        except ServerError as exc:
-            if replicas <= 1 or exc.err_code != _REPLICAS_NEED_CLUSTER:
-                raise
-            wanted.num_replicas = 1
-            await js.add_stream(wanted)
-        log.info("audit stream %s created", subjects.AUDIT_STREAM, extra={"fields": {"max_age_s": max_age, "max_msgs": max_msgs, "replicas": wanted.num_replicas}})
-        return
-    update: dict[str, Any] = {}
-    if abs((have.max_age or 0.0) - (wanted.max_age or 0.0)) > 1e-6:
-        update["max_age"] = wanted.max_age or 0.0
-    if (have.max_msgs or -1) != wanted.max_msgs:
-        update["max_msgs"] = wanted.max_msgs
-    if (have.num_replicas or 1) < replicas:
-        update["num_replicas"] = replicas
-    if not update:
-        return
-    for name, value in update.items():
-        setattr(have, name, value)
-    try:
-        await js.update_stream(have)
-    except ServerError as exc:
-        if exc.err_code != _REPLICAS_NEED_CLUSTER:
-            raise
-        have.num_replicas = 1
-        await js.update_stream(have)
-    log.info("audit stream %s updated: %s", subjects.AUDIT_STREAM, update, extra={"fields": update})
+    done, changed = await ensure_stream(js, _wanted(max_age, max_msgs, replicas), limits=("max_age", "max_msgs"))
+    if done != "unchanged":
+        log.info("audit stream %s %s", subjects.AUDIT_STREAM, done,
+                 extra={"fields": {"max_age_s": max_age, "max_msgs": max_msgs, **changed}})  # fmt: skip
 
 
 _NOT_IN_TOKEN: Final = re.compile(r"[^A-Za-z0-9_-]")

@@ -18,16 +18,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError, ServerError
+from nats.js.errors import NotFoundError
 
 from tierflow.contracts import subjects
 from tierflow.contracts.usage import UsageRecord, batch_decoder, total_tokens
+from tierflow.runtime.js_streams import ensure_stream
 
 __all__ = [
     "DEFAULT_MAX_AGE",
@@ -48,8 +49,6 @@ DEFAULT_MAX_AGE: Final = 35 * 86400.0  # seconds: a month's bill and a few days 
 # acknowledgement was lost) is stored once. Readers drop repeats beyond it.
 DUPLICATE_WINDOW: Final = 600.0
 CLOCK_MARGIN: Final = 300.0  # seconds read before the asked start (server and router clocks differ)
-_REPLICAS_NEED_CLUSTER: Final = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
-_NAME_IN_USE: Final = 10058  # two routers made it at once, with different settings
 
 
 class UsageStreamMissing(LookupError):
@@ -70,40 +69,9 @@ async def ensure_usage_stream(js: JetStreamContext, *, max_age: float = DEFAULT_
     """Make the usage stream, or bring its retention and copies to these (idempotent: every
     router calls it at start). `max_age` in seconds (0: kept for ever); `replicas` copies
     on a cluster (one on a single server, which can hold no more)."""
-    wanted = _wanted(max_age, replicas)
-    try:
-        have = (await js.stream_info(subjects.USAGE_STREAM)).config
-    except NotFoundError:
-        try:
-            await js.add_stream(wanted)
-        except ServerError as exc:
-            if exc.err_code == _NAME_IN_USE:  # another router made it a moment ago
-                return await ensure_usage_stream(js, max_age=max_age, replicas=replicas)
-            if replicas <= 1 or exc.err_code != _REPLICAS_NEED_CLUSTER:
-                raise
-            wanted.num_replicas = 1
-            await js.add_stream(wanted)
-        log.info("usage stream %s created", subjects.USAGE_STREAM, extra={"fields": {"max_age_s": max_age, "replicas": wanted.num_replicas}})
-        return
-    update: dict[str, Any] = {}
-    if abs((have.max_age or 0.0) - (wanted.max_age or 0.0)) > 1e-6:
-        update["max_age"] = wanted.max_age or 0.0
-    if (have.num_replicas or 1) < replicas:
-        update["num_replicas"] = replicas
-    if not update:
-        return
-    for name, value in update.items():
-        setattr(have, name, value)
-    try:
-        await js.update_stream(have)
-    except ServerError as exc:
-        if exc.err_code != _REPLICAS_NEED_CLUSTER:
-            raise
-        if "max_age" not in update:
-            return  # only more copies were asked for, which a single server cannot hold
-        have.num_replicas = 1
-        await js.update_stream(have)
-    log.info("usage stream %s updated: %s", subjects.USAGE_STREAM, update, extra={"fields": update})
+    done, changed = await ensure_stream(js, _wanted(max_age, replicas))
+    if done != "unchanged":
+        log.info("usage stream %s %s", subjects.USAGE_STREAM, done, extra={"fields": {"max_age_s": max_age, **changed}})
 
 
 async def read_usage(
