@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -97,7 +98,8 @@ def test_a_router_killed_mid_window_neither_forgets_nor_double_counts_nor_oversh
     assert all(name in first for name in LIMIT_HEADERS)
     assert first["x-ratelimit-limit-tokens"] == str(QUOTA) and first["x-ratelimit-limit-requests"] == "100"
     assert int(first["x-ratelimit-remaining-tokens"]) == QUOTA - sum(answered.values())  # settled before the answer
-    assert first["x-ratelimit-reset-tokens"].endswith("s") and first["x-ratelimit-reset-requests"].endswith("ms")
+    # Go durations; the bucket refills one request in 20 ms, so by the time a busy box sends the answer it may be full ("0s").
+    assert first["x-ratelimit-reset-tokens"].endswith("s") and re.fullmatch(r"0s|\d+ms", first["x-ratelimit-reset-requests"])
     streamed = _ask(client, answered, stream=True)  # as of its first token: its own reservation still held
     assert int(streamed["x-ratelimit-remaining-tokens"]) < QUOTA - list(answered.values())[0]
     _ask(client, answered)
