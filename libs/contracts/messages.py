@@ -138,6 +138,10 @@ class NodeHeartbeat(Struct, kw_only=True):
     energy_j: Annotated[float, Meta(ge=0.0)] = 0.0
 
 
+RequestClass = Literal["interactive", "standard", "batch"]
+"""Where queues form, which work goes first: strict priority in this order (tierflow.placement.classes)."""
+
+
 class GenerateRequest(Struct, kw_only=True):
     """Router -> node: generate for one request; the stream goes to the message's reply subject."""
 
@@ -175,7 +179,7 @@ class GenerateRequest(Struct, kw_only=True):
     output_token_ids: TokenIds = []
     # Who goes first where the node's queue forms (tierflow.placement.classes): the class
     # in strict priority, then tenants of one class by weighted service received.
-    request_class: Literal["interactive", "standard", "batch"] = "standard"
+    request_class: RequestClass = "standard"
     tenant_weight: Annotated[float, Meta(gt=0.0, le=1e6)] = 1.0
 
 

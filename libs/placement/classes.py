@@ -14,13 +14,13 @@ weighted service, as virtual-time fair queuing (VTC, llm-d's flow control) does.
 
 from __future__ import annotations
 
-from typing import Final, Literal, get_args
+from typing import Final, get_args
 
+from tierflow.contracts.messages import RequestClass
 from tierflow.runtime.errors import InvalidRequest, PermissionDenied
 
 __all__ = ["RequestClass", "CLASSES", "CLASS_RANK", "OPENAI_SERVICE_TIERS", "resolve_class"]
 
-RequestClass = Literal["interactive", "standard", "batch"]
 CLASSES: Final[tuple[RequestClass, ...]] = get_args(RequestClass)
 CLASS_RANK: Final[dict[str, int]] = {name: rank for rank, name in enumerate(CLASSES)}
 """0 is served first: a lower rank always goes before a higher one where both wait."""

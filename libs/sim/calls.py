@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from tierflow.placement import ModelRoute, PlacementRequest, Tenant
 from tierflow.placement.admission import Ticket
+from tierflow.placement.tenants import Reservation
 from tierflow.workload.sessions import CallPlan
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class Call:
     __slots__ = (
         "request_id", "run", "step", "model", "prompt_tokens", "prompt_hashes", "prompt_ids", "max_tokens", "sent_at",
         "tenant", "route", "placement", "tried", "overloaded", "attempt", "last_failure",
-        "node", "tier", "cached_tokens", "energy_j", "booked", "started", "ticket", "queue_time", "request_class",
+        "node", "tier", "cached_tokens", "energy_j", "booked", "started", "ticket", "reservation", "queue_time", "request_class",
     )  # fmt: skip
 
     def __init__(
@@ -110,6 +111,7 @@ class Call:
         self.booked = 0  # prompt tokens the router booked on `node` as queued for prefill (NodeTable.note_dispatch); -1 once ended
         self.started = False  # the router moved it into `node`'s batch (NodeTable.note_started); True once ended
         self.ticket: Ticket | None = None  # its hold on the model's admission limit (SimRouter.admit), released once it ends
+        self.reservation: Reservation | None = None  # its tokens held against the tenant's quota, settled once it ends
         self.queue_time = 0.0  # how long its decode node queued it (`RequestStarted.queue_time`), for admission
         # Its class where queues form (tierflow.placement.classes), as the router resolved it
         # (`Tenant.request_class`); the node's engine queues it by class, then by `tenant`.

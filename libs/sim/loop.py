@@ -276,8 +276,7 @@ class Simulation:
     def _fail(self, call: Call, error: TierflowError, now: float) -> None:
         """The call ends in an error answer (the router gives up at `now`); the live
         driver ends its session there."""
-        self.router.release(call, now)  # its admission ticket
-        self.router.failed(call)  # its quota reservation, if any
+        self.router.failed(call, now)
         run = call.run
         self.records.append(failed_record(run, call.step, call.request_id, sent_at=call.sent_at, prompt_tokens=call.prompt_tokens, error=error))
         self._open_sessions -= 1

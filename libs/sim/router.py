@@ -57,7 +57,6 @@ from tierflow.placement import (
     session_key,
 )
 from tierflow.placement.admission import Admission, AdmissionConfig, capacity_of
-from tierflow.placement.tenants import Reservation
 from tierflow.placement.candidates import CandidateIndex
 from tierflow.placement.tables import ModelTable, NodeTable
 from tierflow.runtime.errors import InvalidRequest, ModelNotFound, NoCapacity, NodeFailure, RateLimited, TierflowError, Unauthenticated
@@ -104,7 +103,6 @@ class SimRouter:
         self._touched: set[str] = set()  # nodes whose view the router changed since then
         self.admission = Admission(admission) if admission is not None else None
         self._capacity_at = -math.inf  # when the admission's capacities were last read
-        self._reserved: dict[str, Reservation] = {}  # request id -> its quota reservation, until it ends
 
     # -- what the router hears ----------------------------------------------------------
     def heard(self, hb: messages.NodeHeartbeat, now: float, *, unchanged: bool = False) -> None:
@@ -136,9 +134,7 @@ class SimRouter:
                 f"and {call.max_tokens} for the completion.",
                 param="max_tokens", code="context_length_exceeded",
             )  # fmt: skip
-        reservation = tenant.admit(now, n_prompt, call.max_tokens)
-        if reservation is not None:
-            self._reserved[call.request_id] = reservation
+        call.reservation = tenant.admit(now, n_prompt, call.max_tokens)
         session = session_key(tenant.name, None, session_id) if session_id else ""
         call.placement = PlacementRequest(
             model=call.model,
@@ -257,13 +253,14 @@ class SimRouter:
             code="no_healthy_node", retryable=True,
         )  # fmt: skip
 
-    def failed(self, call: Call) -> None:
-        """The call ended in an error: its quota reservation is released (the simulator's
-        failures come before any output reaches the client, or end it at a node's loss,
-        which the live router would migrate; either way nothing is charged here)."""
-        reservation = self._reserved.pop(call.request_id, None)
-        if reservation is not None:
-            reservation.settle(0)
+    def failed(self, call: Call, now: float) -> None:
+        """The call ended in an error (the router gives up at `now`): its quota reservation is
+        released (the simulator's failures come before any output reaches the client, or end
+        it at a node's loss, which the live router would migrate; either way nothing is
+        charged here) and its admission ticket given back."""
+        if call.reservation is not None:
+            call.reservation.settle(0)
+        self.release(call, now)
 
     def deployment_mode(self, node_id: str) -> tuple[str, str]:
         """(deployment, mode) of a decode node as the router knows it."""
@@ -275,9 +272,8 @@ class SimRouter:
     def settle(self, call: Call, now: float, *, prompt_tokens: int, completion_tokens: int, decode_s: float) -> None:
         """The dispatcher's books once the node finished: quota reservation settled, session touched,
         the model's decode time (first token to last, as the router saw them) observed."""
-        reservation = self._reserved.pop(call.request_id, None)
-        if reservation is not None:
-            reservation.settle(prompt_tokens + completion_tokens)
+        if call.reservation is not None:
+            call.reservation.settle(prompt_tokens + completion_tokens)
         placement = call.placement
         if placement is not None and placement.session_id:
             self.sessions.touch(placement.session_id, call.node, call.model)
